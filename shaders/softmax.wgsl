@@ -1,0 +1,169 @@
+// Pass 2 of a tile step: the online-softmax update of one query (one split) per workgroup.
+//
+// Over this step's logits s_j: tile max and argmax (ties -> smaller row), new running max
+// m' = max(m, tile max), weights e_j = exp(s_j - m') written over the logits for pass 3,
+// and the running sums rescaled by r = exp(m - m') (see src/oracle/state.rs):
+//   sum' = r sum + sum_j e_j
+//   sum_shifted_logit' = r (sum_shifted_logit + sum (m - m')) + sum_j e_j (s_j - m')
+//   sum_sq' = r^2 sum_sq + sum_j e_j^2
+// r is kept in the state as `scale` for pass 3 (acc = acc * scale + P Y).
+// A state with sum == 0 has seen no row (buffers start zeroed); its max is ignored.
+
+struct Params {
+    n_queries: u32,
+    dim4: u32,
+    tile_rows: u32,
+    n_splits: u32,
+    split_base: u32,
+    split_len: u32,
+    range_end: u32,
+    step_offset: u32,
+    chunk_first_row: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
+}
+
+struct TileRows {
+    start: u32,
+    count: u32,
+}
+
+fn tile_rows(split: u32) -> TileRows {
+    let start = p.split_base + split * p.split_len + p.step_offset;
+    let end = min(p.split_base + (split + 1u) * p.split_len, p.range_end);
+    if start >= end {
+        return TileRows(start, 0u);
+    }
+    return TileRows(start, min(end - start, p.tile_rows));
+}
+
+struct QueryState {
+    max: f32,
+    sum: f32,
+    sum_shifted_logit: f32,
+    sum_sq: f32,
+    // global row index
+    argmax: u32,
+    scale: f32,
+    pad0: u32,
+    pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> logits: array<f32>;
+// split * B + q
+@group(0) @binding(2) var<storage, read_write> states: array<QueryState>;
+
+const WG: u32 = 64u;
+// Below every logit the kernels produce; avoids relying on infinities, which WGSL
+// implementations may assume absent.
+const LOWEST: f32 = -3.0e38;
+const NO_ROW: u32 = 0xffffffffu;
+
+var<workgroup> red_max: array<f32, WG>;
+var<workgroup> red_arg: array<u32, WG>;
+var<workgroup> red_sum: array<f32, WG>;
+var<workgroup> red_shift: array<f32, WG>;
+var<workgroup> red_sq: array<f32, WG>;
+
+@compute @workgroup_size(64, 1, 1)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let q = wid.x;
+    let split = wid.y;
+    if q >= p.n_queries {
+        return;
+    }
+    let tile = tile_rows(split);
+    let vq = split * p.n_queries + q;
+    if tile.count == 0u {
+        if li == 0u {
+            states[vq].scale = 1.0;
+        }
+        return;
+    }
+    let base = vq * p.tile_rows;
+
+    // Tile max and its first position. Each thread scans j = li, li + WG, ... in order,
+    // so a strict > keeps its first occurrence.
+    var m = LOWEST;
+    var arg = NO_ROW;
+    for (var j = li; j < tile.count; j += WG) {
+        let s = logits[base + j];
+        if s > m {
+            m = s;
+            arg = j;
+        }
+    }
+    red_max[li] = m;
+    red_arg[li] = arg;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
+        if li < stride {
+            let om = red_max[li + stride];
+            let oa = red_arg[li + stride];
+            let mine = red_max[li];
+            if om > mine || (om == mine && oa < red_arg[li]) {
+                red_max[li] = om;
+                red_arg[li] = oa;
+            }
+        }
+        workgroupBarrier();
+    }
+    let tile_max = red_max[0];
+    let tile_arg = red_arg[0];
+
+    let old = states[vq];
+    let has_old = old.sum > 0.0;
+    var m_new = tile_max;
+    if has_old {
+        m_new = max(old.max, tile_max);
+    }
+
+    var sum = 0.0;
+    var shift = 0.0;
+    var sq = 0.0;
+    for (var j = li; j < tile.count; j += WG) {
+        let d = logits[base + j] - m_new;
+        let e = exp(d);
+        logits[base + j] = e;
+        sum += e;
+        shift += e * d;
+        sq += e * e;
+    }
+    red_sum[li] = sum;
+    red_shift[li] = shift;
+    red_sq[li] = sq;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
+        if li < stride {
+            red_sum[li] += red_sum[li + stride];
+            red_shift[li] += red_shift[li + stride];
+            red_sq[li] += red_sq[li + stride];
+        }
+        workgroupBarrier();
+    }
+
+    if li == 0u {
+        let tile_row = p.chunk_first_row + tile.start + tile_arg;
+        var st: QueryState;
+        st.max = m_new;
+        if has_old {
+            let r = exp(old.max - m_new);
+            st.sum = r * old.sum + red_sum[0];
+            st.sum_shifted_logit = r * (old.sum_shifted_logit + old.sum * (old.max - m_new))
+                + red_shift[0];
+            st.sum_sq = r * r * old.sum_sq + red_sq[0];
+            // Rows arrive in increasing order within a split: on a tie the old one is smaller.
+            st.argmax = select(old.argmax, tile_row, tile_max > old.max);
+            st.scale = r;
+        } else {
+            st.sum = red_sum[0];
+            st.sum_shifted_logit = red_shift[0];
+            st.sum_sq = red_sq[0];
+            st.argmax = tile_row;
+            st.scale = 0.0;
+        }
+        states[vq] = st;
+    }
+}

@@ -1,0 +1,120 @@
+//! Throughput measurement: oracle evaluations against a plain sgemm of the same shape,
+//! measured side by side in one run (absolute times on a shared machine are noise; the
+//! ratios are what to compare).
+
+use std::time::Instant;
+
+use crate::dataset::Dataset;
+use crate::error::Result;
+use crate::oracle::{BackendKind, Oracle, Query, Times};
+use crate::path::Path;
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Measurement {
+    /// What was timed ("cpu oracle", "plain sgemm", ...)
+    pub what: String,
+    pub description: String,
+    pub n_samples: usize,
+    pub dim: usize,
+    pub n_queries: usize,
+    /// Median seconds per evaluation over `reps` timed runs (after one warm-up)
+    pub seconds: f64,
+    /// Useful flops per second: 4 B N D for an oracle evaluation, 2 B N D for one GEMM
+    pub gflops: f64,
+    pub reps: usize,
+}
+
+/// Median of `reps` timings of `f` after one untimed warm-up run.
+pub fn median_seconds(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Times one oracle evaluation of `n_queries` noise-like queries at t = 0.5.
+pub fn oracle_throughput(
+    ds: &Dataset,
+    kind: BackendKind,
+    n_queries: usize,
+    reps: usize,
+) -> Result<Measurement> {
+    let mut oracle = Oracle::new(ds, Path::RectifiedFlow, kind)?;
+    let dim = ds.dim();
+    // Deterministic pseudo-noise: the values do not change the work done.
+    let x: Vec<f32> = (0..n_queries * dim)
+        .map(|i| ((i as u64).wrapping_mul(2654435761) % 2000) as f32 / 1000.0 - 1.0)
+        .collect();
+    let seconds = median_seconds(reps, || {
+        oracle.evaluate(&Query {
+            x: &x,
+            t: Times::Scalar(0.5),
+            class: None,
+        })?;
+        Ok(())
+    })?;
+    let flops = 4.0 * n_queries as f64 * ds.n_samples() as f64 * dim as f64;
+    Ok(Measurement {
+        what: format!("{kind:?} oracle").to_lowercase(),
+        description: oracle.describe(),
+        n_samples: ds.n_samples(),
+        dim,
+        n_queries,
+        seconds,
+        gflops: flops / seconds / 1e9,
+        reps,
+    })
+}
+
+/// Times a plain multi-threaded sgemm (B x D) * (D x N) with the `gemm` crate: the rate a
+/// BLAS-backed `cdist` would run at on this machine, the ceiling for the CPU backend.
+pub fn sgemm_throughput(n_queries: usize, n_samples: usize, dim: usize, reps: usize) -> Result<Measurement> {
+    let lhs = vec![0.5f32; n_queries * dim];
+    let rhs = vec![0.25f32; n_samples * dim];
+    let mut dst = vec![0.0f32; n_queries * n_samples];
+    let threads = rayon::current_num_threads();
+    let seconds = median_seconds(reps, || {
+        // SAFETY: the strides describe row-major (B x D), (N x D) read as (D x N), and a
+        // row-major (B x N) destination, all within the allocations above.
+        unsafe {
+            gemm::gemm(
+                n_queries,
+                n_samples,
+                dim,
+                dst.as_mut_ptr(),
+                1,
+                n_samples as isize,
+                false,
+                lhs.as_ptr(),
+                1,
+                dim as isize,
+                rhs.as_ptr(),
+                dim as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(threads),
+            );
+        }
+        Ok(())
+    })?;
+    let flops = 2.0 * n_queries as f64 * n_samples as f64 * dim as f64;
+    Ok(Measurement {
+        what: "plain sgemm".into(),
+        description: format!("gemm crate, {threads} threads, (B x D) * (D x N)"),
+        n_samples,
+        dim,
+        n_queries,
+        seconds,
+        gflops: flops / seconds / 1e9,
+        reps,
+    })
+}

@@ -1,0 +1,258 @@
+//! IDX files (the MNIST family): `*-images-idx3-ubyte` (magic 0x00000803, N x H x W u8
+//! pixels) and `*-labels-idx1-ubyte` (magic 0x00000801, N u8 labels), raw or gzipped.
+//!
+//! The parsers take bytes (gzipped or not, recognised by the gzip magic), so files on disk
+//! and the embedded default dataset go through the same code. Every check is exact: the
+//! magic, the dimensions, and the number of data bytes (a truncated file or trailing bytes
+//! are errors that name the file).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use flate2::read::MultiGzDecoder;
+
+use super::spec::keep_first;
+use super::{Dataset, Dtype, RawRows, SampleShape};
+use crate::error::{Error, Result};
+
+/// Magic number of an IDX file of unsigned bytes with 3 dimensions (images).
+pub const IMAGES_MAGIC: u32 = 0x0000_0803;
+/// Magic number of an IDX file of unsigned bytes with 1 dimension (labels).
+pub const LABELS_MAGIC: u32 = 0x0000_0801;
+
+/// Decoded images: `pixels` is N x H x W, row-major.
+#[derive(Clone, Debug)]
+pub struct IdxImages {
+    pub n_images: usize,
+    pub height: usize,
+    pub width: usize,
+    pub pixels: Vec<u8>,
+}
+
+/// Decodes an images file from its bytes (gzipped or raw). `source` names it in errors.
+pub fn decode_images(bytes: &[u8], source: &Path) -> Result<IdxImages> {
+    let data = gunzip_if_needed(bytes, source)?;
+    let (dims, body) = parse_header(&data, IMAGES_MAGIC, 3, source)?;
+    let (n_images, height, width) = (dims[0], dims[1], dims[2]);
+    if n_images == 0 || height == 0 || width == 0 {
+        return Err(Error::data(
+            source,
+            format!("empty IDX images file ({n_images} images of {height}x{width})"),
+        ));
+    }
+    check_body_len(body.len(), &[n_images, height, width], source)?;
+    Ok(IdxImages {
+        n_images,
+        height,
+        width,
+        pixels: body.to_vec(),
+    })
+}
+
+/// Decodes a labels file from its bytes (gzipped or raw). `source` names it in errors.
+pub fn decode_labels(bytes: &[u8], source: &Path) -> Result<Vec<u32>> {
+    let data = gunzip_if_needed(bytes, source)?;
+    let (dims, body) = parse_header(&data, LABELS_MAGIC, 1, source)?;
+    check_body_len(body.len(), &dims, source)?;
+    Ok(body.iter().map(|&l| l as u32).collect())
+}
+
+/// Reads and decodes an images file.
+pub fn read_images(path: &Path) -> Result<IdxImages> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_images(&bytes, path)
+}
+
+/// Reads and decodes a labels file.
+pub fn read_labels(path: &Path) -> Result<Vec<u32>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_labels(&bytes, path)
+}
+
+/// The labels file that goes with an images file: the same name with `images-idx3`
+/// replaced by `labels-idx1` (so the same `.gz`-ness), when such a file exists.
+pub fn labels_path_for(images: &Path) -> Option<PathBuf> {
+    let name = images.file_name()?.to_str()?;
+    if !name.contains("images-idx3") {
+        return None;
+    }
+    let labels = images.with_file_name(name.replace("images-idx3", "labels-idx1"));
+    labels.is_file().then_some(labels)
+}
+
+/// Loads an images file, with the labels file found beside it by [`labels_path_for`]
+/// when there is one. `limit` keeps only the first samples.
+pub fn load(images: &Path, limit: Option<usize>, dtype: Dtype) -> Result<Dataset> {
+    let labels = labels_path_for(images);
+    load_pair(images, labels.as_deref(), limit, dtype)
+}
+
+/// Loads an images file and, when given, its labels file (no search beside the images).
+pub fn load_pair(
+    images: &Path,
+    labels: Option<&Path>,
+    limit: Option<usize>,
+    dtype: Dtype,
+) -> Result<Dataset> {
+    let decoded = read_images(images)?;
+    let labels = labels
+        .map(|path| read_labels(path).map(|l| (l, path)))
+        .transpose()?;
+    build(
+        images.display().to_string(),
+        decoded,
+        images,
+        labels.as_ref().map(|(l, p)| (l.as_slice(), *p)),
+        limit,
+        dtype,
+    )
+}
+
+/// Builds a dataset from in-memory IDX bytes (gzipped or raw), e.g. `include_bytes!` data.
+/// `name` names the dataset and the source in errors.
+pub fn from_bytes(
+    name: &str,
+    images: &[u8],
+    labels: Option<&[u8]>,
+    limit: Option<usize>,
+    dtype: Dtype,
+) -> Result<Dataset> {
+    let source = Path::new(name);
+    let decoded = decode_images(images, source)?;
+    let labels = labels.map(|b| decode_labels(b, source)).transpose()?;
+    build(
+        name.to_string(),
+        decoded,
+        source,
+        labels.as_deref().map(|l| (l, source)),
+        limit,
+        dtype,
+    )
+}
+
+fn build(
+    name: String,
+    images: IdxImages,
+    images_path: &Path,
+    labels: Option<(&[u32], &Path)>,
+    limit: Option<usize>,
+    dtype: Dtype,
+) -> Result<Dataset> {
+    if let Some((labels, labels_path)) = labels {
+        if labels.len() != images.n_images {
+            return Err(Error::data(
+                labels_path,
+                format!(
+                    "{} labels, but {} has {} images",
+                    labels.len(),
+                    images_path.display(),
+                    images.n_images
+                ),
+            ));
+        }
+    }
+    let n = keep_first(images_path, images.n_images, limit)?;
+    let dim = images.height * images.width;
+    Dataset::from_raw(
+        name,
+        SampleShape::image(1, images.height, images.width),
+        RawRows::U8Pixels(&images.pixels[..n * dim]),
+        labels.map(|(l, _)| l[..n].to_vec()),
+        dtype,
+    )
+}
+
+/// Decompresses gzip data (recognised by its magic bytes); raw data is borrowed as is.
+fn gunzip_if_needed<'a>(bytes: &'a [u8], source: &Path) -> Result<std::borrow::Cow<'a, [u8]>> {
+    if !bytes.starts_with(&[0x1f, 0x8b]) {
+        return Ok(bytes.into());
+    }
+    let mut out = Vec::with_capacity(bytes.len().saturating_mul(2));
+    MultiGzDecoder::new(bytes)
+        .read_to_end(&mut out)
+        .map_err(|e| Error::data(source, format!("cannot decompress gzip data: {e}")))?;
+    Ok(out.into())
+}
+
+/// Checks the magic number and reads `ndims` big-endian u32 dimensions; returns them and
+/// the data bytes that follow.
+fn parse_header<'a>(
+    data: &'a [u8],
+    magic: u32,
+    ndims: usize,
+    source: &Path,
+) -> Result<(Vec<usize>, &'a [u8])> {
+    let kind = if magic == IMAGES_MAGIC {
+        "images (idx3-ubyte)"
+    } else {
+        "labels (idx1-ubyte)"
+    };
+    let header_len = 4 + 4 * ndims;
+    if data.len() < 4 {
+        return Err(Error::data(
+            source,
+            format!(
+                "not an IDX {kind} file: {} bytes, too short for a header",
+                data.len()
+            ),
+        ));
+    }
+    let got = be_u32(&data[..4]);
+    if got != magic {
+        let hint = match got {
+            IMAGES_MAGIC => " (this is an images file)",
+            LABELS_MAGIC => " (this is a labels file)",
+            _ => "",
+        };
+        return Err(Error::data(
+            source,
+            format!("not an IDX {kind} file: magic 0x{got:08x}, expected 0x{magic:08x}{hint}"),
+        ));
+    }
+    if data.len() < header_len {
+        return Err(Error::data(
+            source,
+            format!(
+                "truncated IDX header: {} bytes, expected {header_len}",
+                data.len()
+            ),
+        ));
+    }
+    let dims = data[4..header_len]
+        .chunks_exact(4)
+        .map(|c| be_u32(c) as usize)
+        .collect();
+    Ok((dims, &data[header_len..]))
+}
+
+fn check_body_len(got: usize, dims: &[usize], source: &Path) -> Result<()> {
+    let dims_text = dims
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("x");
+    let expected = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::data(source, format!("IDX dimensions {dims_text} overflow")))?;
+    if got < expected {
+        return Err(Error::data(
+            source,
+            format!("truncated: header says {dims_text} = {expected} bytes of data, found {got}"),
+        ));
+    }
+    if got > expected {
+        return Err(Error::data(
+            source,
+            format!(
+                "{} unexpected bytes after the {dims_text} = {expected} bytes of data",
+                got - expected
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn be_u32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}

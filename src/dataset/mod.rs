@@ -1,0 +1,368 @@
+//! Datasets: every loader ends in one [`Dataset`] (N samples of one shape, optional
+//! labels, values stored as f32 or f16).
+//!
+//! Two decisions made here serve every backend:
+//! - **Centred storage.** The stored values are `y - mean` (mean over the whole dataset,
+//!   computed in f64). The logit expansion `x.y - |y|^2/2` loses digits to cancellation
+//!   when |y| is large; centring makes |y| small. Sample i in user coordinates is
+//!   `stored_i + mean`. All backends (and the f64 reference) read the same stored values,
+//!   so f16 storage means "the exact oracle of the f16-rounded dataset".
+//! - **Class-sorted rows.** Rows are stably sorted by label so that each class is one
+//!   contiguous row range: a class-conditional oracle is the same tiled pass over a
+//!   sub-range. `original_index` maps a stored row back to its index in the source.
+
+pub mod folder;
+pub mod idx;
+pub mod npy;
+pub mod spec;
+pub mod synthetic;
+
+pub use npy::{read_npy_f32, write_npy_f32};
+pub use spec::{load, DataSpec, Source, SPEC_HELP};
+
+use std::ops::Range;
+
+use half::f16;
+
+use crate::error::{Error, Result};
+
+/// How the dataset values are held in memory (and on the device).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    #[default]
+    F32,
+    F16,
+}
+
+impl Dtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 => 2,
+        }
+    }
+}
+
+/// Stored (centred) values, row-major N x D.
+#[derive(Clone, Debug)]
+pub enum Values {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+/// Source rows handed to [`Dataset::from_raw`], borrowed from a decoded file or a mapping.
+#[derive(Clone, Copy, Debug)]
+pub enum RawRows<'a> {
+    /// 8-bit pixels, mapped to [-1, 1] as p / 127.5 - 1.
+    U8Pixels(&'a [u8]),
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl RawRows<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            RawRows::U8Pixels(v) => v.len(),
+            RawRows::F32(v) => v.len(),
+            RawRows::F16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get(&self, k: usize) -> f64 {
+        match self {
+            RawRows::U8Pixels(v) => v[k] as f64 / 127.5 - 1.0,
+            RawRows::F32(v) => v[k] as f64,
+            RawRows::F16(v) => v[k].to_f64(),
+        }
+    }
+}
+
+/// What a sample is: an image (C x H x W, values in [-1, 1]) or a plain array (latents).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SampleShape {
+    /// Per-sample dimensions, e.g. [1, 28, 28] or [4, 32, 32] or [D].
+    pub dims: Vec<usize>,
+    /// True when the samples are pixels (render them as images).
+    pub is_image: bool,
+}
+
+impl SampleShape {
+    pub fn image(channels: usize, height: usize, width: usize) -> Self {
+        SampleShape {
+            dims: vec![channels, height, width],
+            is_image: true,
+        }
+    }
+
+    pub fn array(dims: Vec<usize>) -> Self {
+        SampleShape {
+            dims,
+            is_image: false,
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    /// (channels, height, width) when the sample can be viewed as a picture.
+    pub fn chw(&self) -> Option<(usize, usize, usize)> {
+        match self.dims[..] {
+            [c, h, w] => Some((c, h, w)),
+            [h, w] => Some((1, h, w)),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    /// A short human-readable description (the spec it was loaded from).
+    pub name: String,
+    pub shape: SampleShape,
+    n_samples: usize,
+    dim: usize,
+    values: Values,
+    mean: Vec<f32>,
+    sq_norms: Vec<f32>,
+    labels: Option<Vec<u32>>,
+    original_index: Vec<u32>,
+    /// (label, rows) for every label present, ascending.
+    class_rows: Vec<(u32, Range<usize>)>,
+}
+
+impl Dataset {
+    /// Builds a dataset from source rows (N x D, row-major): sorts rows by label, centres
+    /// them and stores them as `dtype`. `labels`, when given, has one entry per row.
+    pub fn from_raw(
+        name: impl Into<String>,
+        shape: SampleShape,
+        raw: RawRows<'_>,
+        labels: Option<Vec<u32>>,
+        dtype: Dtype,
+    ) -> Result<Dataset> {
+        let name = name.into();
+        let dim = shape.dim();
+        if dim == 0 || raw.is_empty() || raw.len() % dim != 0 {
+            return Err(Error::data(
+                &name,
+                format!(
+                    "{} values do not form samples of {dim} values each",
+                    raw.len()
+                ),
+            ));
+        }
+        let n_samples = raw.len() / dim;
+        if n_samples > u32::MAX as usize {
+            return Err(Error::data(&name, "more than 2^32 samples"));
+        }
+        if let Some(l) = &labels {
+            if l.len() != n_samples {
+                return Err(Error::data(
+                    &name,
+                    format!("{} labels for {n_samples} samples", l.len()),
+                ));
+            }
+        }
+
+        // Stable sort by label: each class becomes one contiguous range of rows.
+        let mut order: Vec<u32> = (0..n_samples as u32).collect();
+        if let Some(l) = &labels {
+            order.sort_by_key(|&i| l[i as usize]);
+        }
+
+        let mut mean64 = vec![0.0f64; dim];
+        for i in 0..n_samples {
+            for (k, m) in mean64.iter_mut().enumerate() {
+                *m += raw.get(i * dim + k);
+            }
+        }
+        let mean: Vec<f32> = mean64.iter().map(|m| (m / n_samples as f64) as f32).collect();
+
+        let mut sq_norms = Vec::with_capacity(n_samples);
+        let centred_row = |src: usize, k: usize| raw.get(src * dim + k) - mean[k] as f64;
+        let values = match dtype {
+            Dtype::F32 => {
+                let mut v = Vec::with_capacity(n_samples * dim);
+                for &src in &order {
+                    let start = v.len();
+                    v.extend((0..dim).map(|k| centred_row(src as usize, k) as f32));
+                    sq_norms.push(sq_norm(v[start..].iter().map(|&x| x as f64)));
+                }
+                Values::F32(v)
+            }
+            Dtype::F16 => {
+                let mut v = Vec::with_capacity(n_samples * dim);
+                for &src in &order {
+                    let start = v.len();
+                    v.extend((0..dim).map(|k| f16::from_f64(centred_row(src as usize, k))));
+                    sq_norms.push(sq_norm(v[start..].iter().map(|x| x.to_f64())));
+                }
+                Values::F16(v)
+            }
+        };
+
+        let labels = labels.map(|l| order.iter().map(|&i| l[i as usize]).collect::<Vec<_>>());
+        let class_rows = match &labels {
+            Some(l) => {
+                let mut rows: Vec<(u32, Range<usize>)> = Vec::new();
+                for (i, &c) in l.iter().enumerate() {
+                    match rows.last_mut() {
+                        Some((last, r)) if *last == c => r.end = i + 1,
+                        _ => rows.push((c, i..i + 1)),
+                    }
+                }
+                rows
+            }
+            None => Vec::new(),
+        };
+
+        Ok(Dataset {
+            name,
+            shape,
+            n_samples,
+            dim,
+            values,
+            mean,
+            sq_norms,
+            labels,
+            original_index: order,
+            class_rows,
+        })
+    }
+
+    pub fn n_samples(&self) -> usize {
+        self.n_samples
+    }
+
+    /// Values per sample (D).
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        match self.values {
+            Values::F32(_) => Dtype::F32,
+            Values::F16(_) => Dtype::F16,
+        }
+    }
+
+    /// Stored (centred) values, N x D in class-sorted row order.
+    pub fn values(&self) -> &Values {
+        &self.values
+    }
+
+    /// The dataset mean that was subtracted before storage (D values).
+    pub fn mean(&self) -> &[f32] {
+        &self.mean
+    }
+
+    /// |stored row|^2 per row, computed in f64 from the stored values.
+    pub fn sq_norms(&self) -> &[f32] {
+        &self.sq_norms
+    }
+
+    /// Labels in stored row order.
+    pub fn labels(&self) -> Option<&[u32]> {
+        self.labels.as_deref()
+    }
+
+    /// (label, number of samples) for every class present.
+    pub fn class_counts(&self) -> Vec<(u32, usize)> {
+        self.class_rows.iter().map(|(c, r)| (*c, r.len())).collect()
+    }
+
+    /// Source index of stored row `row`.
+    pub fn original_index(&self, row: usize) -> u32 {
+        self.original_index[row]
+    }
+
+    /// Stored row of source index `index` (inverse of [`Dataset::original_index`]).
+    pub fn row_of_original(&self, index: u32) -> Option<usize> {
+        self.original_index.iter().position(|&i| i == index)
+    }
+
+    /// The rows the oracle averages over: all of them, or the samples of one class.
+    pub fn rows_for(&self, class: Option<u32>) -> Result<Range<usize>> {
+        let Some(class) = class else {
+            return Ok(0..self.n_samples);
+        };
+        if self.labels.is_none() {
+            return Err(Error::Input(format!(
+                "--class {class}: dataset '{}' has no labels",
+                self.name
+            )));
+        }
+        self.class_rows
+            .iter()
+            .find(|(c, _)| *c == class)
+            .map(|(_, r)| r.clone())
+            .ok_or_else(|| {
+                Error::Input(format!(
+                    "--class {class}: dataset '{}' has no sample of that class",
+                    self.name
+                ))
+            })
+    }
+
+    /// Stored (centred) row as f32.
+    pub fn stored_row(&self, row: usize, out: &mut [f32]) {
+        let r = row * self.dim..(row + 1) * self.dim;
+        match &self.values {
+            Values::F32(v) => out.copy_from_slice(&v[r]),
+            Values::F16(v) => {
+                for (o, x) in out.iter_mut().zip(&v[r]) {
+                    *o = x.to_f32();
+                }
+            }
+        }
+    }
+
+    /// Sample `row` in user coordinates (stored + mean), f64.
+    pub fn sample_f64(&self, row: usize) -> Vec<f64> {
+        let mut out = vec![0.0f32; self.dim];
+        self.stored_row(row, &mut out);
+        out.iter()
+            .zip(&self.mean)
+            .map(|(&v, &m)| v as f64 + m as f64)
+            .collect()
+    }
+
+    /// Sample `row` in user coordinates (stored + mean), f32.
+    pub fn sample(&self, row: usize) -> Vec<f32> {
+        self.sample_f64(row).into_iter().map(|v| v as f32).collect()
+    }
+}
+
+fn sq_norm(values: impl Iterator<Item = f64>) -> f32 {
+    values.map(|x| x * x).sum::<f64>() as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_class_sorted_and_centred() {
+        let raw = [0.0f32, 10.0, 1.0, 11.0, 2.0, 12.0];
+        let ds = Dataset::from_raw(
+            "t",
+            SampleShape::array(vec![2]),
+            RawRows::F32(&raw),
+            Some(vec![1, 0, 1]),
+            Dtype::F32,
+        )
+        .unwrap();
+        assert_eq!(ds.rows_for(Some(0)).unwrap(), 0..1);
+        assert_eq!(ds.rows_for(Some(1)).unwrap(), 1..3);
+        assert_eq!(ds.original_index(0), 1);
+        assert_eq!(ds.sample(0), vec![1.0, 11.0]);
+        assert_eq!(ds.mean(), &[1.0, 11.0]);
+        assert!(ds.rows_for(Some(7)).is_err());
+    }
+}

@@ -1,0 +1,419 @@
+//! The one dataset spec syntax (`--data`), parsed into a [`DataSpec`] and loaded into a
+//! [`Dataset`]. See [`SPEC_HELP`] for the grammar.
+
+use std::path::{Path, PathBuf};
+
+use super::{folder, idx, npy, synthetic};
+use super::{Dataset, Dtype, RawRows, SampleShape};
+use crate::error::{Error, Result};
+
+/// The spec grammar, for `--help`.
+pub const SPEC_HELP: &str = "\
+Dataset spec, one of:
+  embedded                   the first 2000 Fashion-MNIST training images (1x28x28, 10
+                             classes), built into the binary
+  fashion-mnist[:train]      Fashion-MNIST training set (60000 images, 10 classes) from
+  fashion-mnist:test         /usr/share/datasets/fashion-mnist/ (test set: 10000 images);
+                             apt-get install dataset-fashion-mnist
+  PATH-idx3-ubyte[.gz]       IDX images (MNIST family), raw or gzipped; labels from the
+  idx:PATH                   *-labels-idx1-ubyte[.gz] file beside it when there is one
+  DIR | folder:DIR           PNG/JPEG images, all one size (gray -> 1 channel, else RGB);
+                             if DIR holds sub-folders, each is a class and the label is
+                             its index among the sorted sub-folder names
+  PATH.npy                   |u1 images (N,H,W), (N,C,H,W) or (N,H,W,C), C in {1,3}, as
+  npy:DATA.npy[,LABELS.npy]  pixels; <f4 / <f2 arrays (N,...) taken as they are (latents);
+                             LABELS: integer array of length N
+  gaussian:N,D[,SEED]        N samples of N(0, I) in D dimensions (SEED defaults to 0)
+  mixture:N,D,K[,SEED]       N samples of a K-component Gaussian mixture in D dimensions,
+                             labels = component
+Append @M to any of these to keep only the first M samples, e.g. fashion-mnist@3000.
+8-bit pixels are mapped to [-1, 1] as p/127.5 - 1.";
+
+/// Where Debian's `dataset-fashion-mnist` package puts the files.
+pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
+
+/// The embedded default dataset (see `scripts/make_embedded.sh` and
+/// `assets/LICENSE-fashion-mnist.txt`).
+const EMBEDDED_IMAGES: &[u8] =
+    include_bytes!("../../assets/fashion-mnist-2000-images-idx3-ubyte.gz");
+const EMBEDDED_LABELS: &[u8] =
+    include_bytes!("../../assets/fashion-mnist-2000-labels-idx1-ubyte.gz");
+
+/// Where the samples come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    Embedded,
+    FashionMnist {
+        test: bool,
+    },
+    Idx(PathBuf),
+    Folder(PathBuf),
+    Npy {
+        data: PathBuf,
+        labels: Option<PathBuf>,
+    },
+    Gaussian {
+        n_samples: usize,
+        dim: usize,
+        seed: u64,
+    },
+    Mixture {
+        n_samples: usize,
+        dim: usize,
+        k: usize,
+        seed: u64,
+    },
+}
+
+/// A parsed spec: a source and an optional limit (`@M`, keep the first M samples).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataSpec {
+    pub source: Source,
+    pub limit: Option<usize>,
+}
+
+/// Parses and loads a dataset spec (see [`SPEC_HELP`]). The dataset is named by the spec.
+pub fn load(spec: &str, dtype: Dtype) -> Result<Dataset> {
+    let parsed = DataSpec::parse(spec)?;
+    let mut ds = parsed.load(spec.trim(), dtype)?;
+    ds.name = spec.trim().to_string();
+    Ok(ds)
+}
+
+impl DataSpec {
+    /// Parses a spec without touching the file system beyond telling a directory from a
+    /// file for unprefixed paths.
+    pub fn parse(spec: &str) -> Result<DataSpec> {
+        let spec = spec.trim();
+        let (base, limit) = split_limit(spec)?;
+        let source = parse_source(spec, base)?;
+        Ok(DataSpec { source, limit })
+    }
+
+    /// Loads the samples; `spec` is the original text, for error messages.
+    pub fn load(&self, spec: &str, dtype: Dtype) -> Result<Dataset> {
+        let limit = self.limit;
+        match &self.source {
+            Source::Embedded => idx::from_bytes(
+                "embedded",
+                EMBEDDED_IMAGES,
+                Some(EMBEDDED_LABELS),
+                limit,
+                dtype,
+            ),
+            Source::FashionMnist { test } => {
+                let prefix = if *test { "t10k" } else { "train" };
+                let dir = Path::new(FASHION_MNIST_DIR);
+                let images = dir.join(format!("{prefix}-images-idx3-ubyte.gz"));
+                let labels = dir.join(format!("{prefix}-labels-idx1-ubyte.gz"));
+                for path in [&images, &labels] {
+                    if !path.is_file() {
+                        return Err(Error::data(
+                            path,
+                            "missing: install Fashion-MNIST with \
+                             `apt-get install dataset-fashion-mnist`",
+                        ));
+                    }
+                }
+                idx::load_pair(&images, Some(&labels), limit, dtype)
+            }
+            Source::Idx(path) => idx::load(path, limit, dtype),
+            Source::Folder(dir) => folder::load(dir, limit, dtype),
+            Source::Npy { data, labels } => npy::load(data, labels.as_deref(), limit, dtype),
+            &Source::Gaussian {
+                n_samples,
+                dim,
+                seed,
+            } => {
+                let n = synthetic_rows(spec, n_samples, limit)?;
+                let values = synthetic::gaussian(n, dim, seed);
+                Dataset::from_raw(
+                    spec,
+                    SampleShape::array(vec![dim]),
+                    RawRows::F32(&values),
+                    None,
+                    dtype,
+                )
+            }
+            &Source::Mixture {
+                n_samples,
+                dim,
+                k,
+                seed,
+            } => {
+                let n = synthetic_rows(spec, n_samples, limit)?;
+                let (values, labels) = synthetic::mixture(n, dim, k, seed);
+                Dataset::from_raw(
+                    spec,
+                    SampleShape::array(vec![dim]),
+                    RawRows::F32(&values),
+                    Some(labels),
+                    dtype,
+                )
+            }
+        }
+    }
+}
+
+/// How many of a source's `n_samples` to keep for `limit` (all when None); asking for more
+/// samples than `source` has is an error naming it.
+pub(crate) fn keep_first(source: &Path, n_samples: usize, limit: Option<usize>) -> Result<usize> {
+    match limit {
+        None => Ok(n_samples),
+        Some(m) if m <= n_samples => Ok(m),
+        Some(m) => Err(Error::data(
+            source,
+            format!("has {n_samples} samples; @{m} asks for more"),
+        )),
+    }
+}
+
+fn synthetic_rows(spec: &str, n_samples: usize, limit: Option<usize>) -> Result<usize> {
+    match limit {
+        Some(m) if m > n_samples => Err(spec_error(
+            spec,
+            format!("@{m} asks for more than the {n_samples} samples generated"),
+        )),
+        Some(m) => Ok(m),
+        None => Ok(n_samples),
+    }
+}
+
+fn spec_error(spec: &str, message: impl Into<String>) -> Error {
+    Error::Spec {
+        spec: spec.to_string(),
+        message: message.into(),
+    }
+}
+
+const FORMS: &str = "expected embedded, fashion-mnist[:test], a *-idx3-ubyte[.gz] file, a \
+                     directory, a .npy file, gaussian:N,D[,SEED] or mixture:N,D,K[,SEED] \
+                     (optionally followed by @M); see --help";
+
+/// Splits a trailing `@M`. A path may contain '@': only an all-digit tail is a limit,
+/// except after a dataset name, where anything after '@' must be a count.
+fn split_limit(spec: &str) -> Result<(&str, Option<usize>)> {
+    let Some((base, tail)) = spec.rsplit_once('@') else {
+        return Ok((spec, None));
+    };
+    if !tail.is_empty() && tail.bytes().all(|b| b.is_ascii_digit()) {
+        let m: usize = tail
+            .parse()
+            .map_err(|_| spec_error(spec, format!("sample count '@{tail}' is too large")))?;
+        if m == 0 {
+            return Err(spec_error(spec, "@0 keeps no samples"));
+        }
+        return Ok((base, Some(m)));
+    }
+    let named = base == "embedded"
+        || base.starts_with("fashion-mnist")
+        || base.starts_with("gaussian:")
+        || base.starts_with("mixture:");
+    if named {
+        return Err(spec_error(
+            spec,
+            format!("'@{tail}': '@' must be followed by a sample count, e.g. @1000"),
+        ));
+    }
+    Ok((spec, None))
+}
+
+fn parse_source(spec: &str, base: &str) -> Result<Source> {
+    match base {
+        "" => return Err(spec_error(spec, format!("empty spec; {FORMS}"))),
+        "embedded" => return Ok(Source::Embedded),
+        "fashion-mnist" | "fashion-mnist:train" => return Ok(Source::FashionMnist { test: false }),
+        "fashion-mnist:test" => return Ok(Source::FashionMnist { test: true }),
+        s if s.starts_with("fashion-mnist:") => {
+            return Err(spec_error(
+                spec,
+                "the Fashion-MNIST splits are fashion-mnist (train) and fashion-mnist:test",
+            ))
+        }
+        _ => {}
+    }
+
+    if let Some((prefix, rest)) = base.split_once(':') {
+        let path_arg = |what: &str| -> Result<PathBuf> {
+            if rest.is_empty() {
+                Err(spec_error(spec, format!("{prefix}: needs {what}")))
+            } else {
+                Ok(PathBuf::from(rest))
+            }
+        };
+        match prefix {
+            "idx" => return Ok(Source::Idx(path_arg("a path")?)),
+            "folder" => return Ok(Source::Folder(path_arg("a directory")?)),
+            "npy" => {
+                path_arg("a path")?;
+                return Ok(npy_source(rest));
+            }
+            "gaussian" => {
+                let nums = numbers(spec, rest, 2, 3, "gaussian:N,D[,SEED]")?;
+                return Ok(Source::Gaussian {
+                    n_samples: positive(spec, nums[0], "N")?,
+                    dim: positive(spec, nums[1], "D")?,
+                    seed: nums.get(2).copied().unwrap_or(0),
+                });
+            }
+            "mixture" => {
+                let nums = numbers(spec, rest, 3, 4, "mixture:N,D,K[,SEED]")?;
+                return Ok(Source::Mixture {
+                    n_samples: positive(spec, nums[0], "N")?,
+                    dim: positive(spec, nums[1], "D")?,
+                    k: positive(spec, nums[2], "K")?,
+                    seed: nums.get(3).copied().unwrap_or(0),
+                });
+            }
+            _ => {} // maybe a path with a ':' in it (or a drive letter)
+        }
+    }
+
+    if base.ends_with("-idx3-ubyte") || base.ends_with("-idx3-ubyte.gz") {
+        return Ok(Source::Idx(PathBuf::from(base)));
+    }
+    if base.ends_with(".npy") {
+        return Ok(npy_source(base));
+    }
+    let path = Path::new(base);
+    if path.is_dir() {
+        return Ok(Source::Folder(path.to_path_buf()));
+    }
+    if path.exists() {
+        return Err(spec_error(
+            spec,
+            format!(
+                "cannot tell the format of file '{base}' from its name; write idx:{base} \
+                 or npy:{base}"
+            ),
+        ));
+    }
+    Err(spec_error(
+        spec,
+        format!("not a dataset name and no such file or directory; {FORMS}"),
+    ))
+}
+
+/// `DATA.npy` or `DATA.npy,LABELS.npy` (a path that exists as given is never split).
+fn npy_source(rest: &str) -> Source {
+    if !Path::new(rest).exists() {
+        if let Some((data, labels)) = rest.rsplit_once(',') {
+            return Source::Npy {
+                data: PathBuf::from(data),
+                labels: Some(PathBuf::from(labels)),
+            };
+        }
+    }
+    Source::Npy {
+        data: PathBuf::from(rest),
+        labels: None,
+    }
+}
+
+fn numbers(spec: &str, text: &str, min: usize, max: usize, form: &str) -> Result<Vec<u64>> {
+    let nums = text
+        .split(',')
+        .map(|s| s.trim().parse::<u64>())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|_| spec_error(spec, format!("expected {form} with whole numbers")))?;
+    if nums.len() < min || nums.len() > max {
+        return Err(spec_error(
+            spec,
+            format!("expected {form}, got {} numbers", nums.len()),
+        ));
+    }
+    Ok(nums)
+}
+
+fn positive(spec: &str, v: u64, what: &str) -> Result<usize> {
+    match usize::try_from(v) {
+        Ok(v) if v > 0 => Ok(v),
+        _ => Err(spec_error(spec, format!("{what} must be at least 1"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> DataSpec {
+        DataSpec::parse(s).unwrap()
+    }
+
+    #[test]
+    fn grammar() {
+        assert_eq!(parse("embedded").source, Source::Embedded);
+        assert_eq!(
+            parse("fashion-mnist@3000"),
+            DataSpec {
+                source: Source::FashionMnist { test: false },
+                limit: Some(3000)
+            }
+        );
+        assert_eq!(
+            parse("fashion-mnist:test").source,
+            Source::FashionMnist { test: true }
+        );
+        assert_eq!(
+            parse("x/train-images-idx3-ubyte.gz").source,
+            Source::Idx("x/train-images-idx3-ubyte.gz".into())
+        );
+        assert_eq!(parse("idx:foo").source, Source::Idx("foo".into()));
+        assert_eq!(
+            parse("npy:a.npy,b.npy@7"),
+            DataSpec {
+                source: Source::Npy {
+                    data: "a.npy".into(),
+                    labels: Some("b.npy".into())
+                },
+                limit: Some(7)
+            }
+        );
+        assert_eq!(
+            parse("gaussian:10,4").source,
+            Source::Gaussian {
+                n_samples: 10,
+                dim: 4,
+                seed: 0
+            }
+        );
+        assert_eq!(
+            parse("mixture:10,4,3,9").source,
+            Source::Mixture {
+                n_samples: 10,
+                dim: 4,
+                k: 3,
+                seed: 9
+            }
+        );
+        // A '@' in a path that is not followed by a count is part of the path.
+        assert_eq!(
+            parse("run@home/x.npy").source,
+            Source::Npy {
+                data: "run@home/x.npy".into(),
+                labels: None
+            }
+        );
+    }
+
+    #[test]
+    fn bad_specs() {
+        for s in [
+            "",
+            "embedded@0",
+            "embedded@x",
+            "fashion-mnist:val",
+            "gaussian:10",
+            "gaussian:0,4",
+            "gaussian:a,b",
+            "mixture:10,4",
+            "idx:",
+            "no-such-thing",
+        ] {
+            assert!(
+                matches!(DataSpec::parse(s), Err(Error::Spec { .. })),
+                "{s:?} should be a spec error"
+            );
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! oracleflow: the exact closed-form ("oracle") velocity of flow matching over a whole
+//! training set, on any GPU (wgpu) or on the CPU, with the diagnostics of the two stages
+//! of generation.
+
+pub mod bench;
+pub mod dataset;
+pub mod error;
+pub mod oracle;
+pub mod output;
+pub mod path;
+pub mod render;
+
+pub use dataset::{Dataset, Dtype};
+pub use error::{Error, Result};
+pub use path::Path;

@@ -1,0 +1,211 @@
+//! Native CPU backend: f32, multi-threaded, the two GEMMs from the `gemm` crate.
+//!
+//! Same algorithm as the GPU kernels: stream the dataset in tiles of `TILE_ROWS` rows;
+//! per tile, logits S = X * Y_tile^T (one GEMM), online-softmax update per query,
+//! acc = acc * scale + P * Y_tile (second GEMM). Work is split into (query group,
+//! row block) tasks for rayon; row blocks of one query group are merged with the same
+//! rescale-and-add as tiles ([`SoftmaxState::merge`]).
+
+use std::ops::Range;
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::dataset::{Dataset, Values};
+use crate::error::Result;
+use crate::oracle::{Backend, CentredBatch, Posterior, SoftmaxState};
+
+/// Dataset rows per tile: S (B x 256) and the tile (256 x D) stay cache-sized.
+const TILE_ROWS: usize = 256;
+/// Fewest queries worth a task of their own (below this, GEMMs get too thin).
+const MIN_QUERY_GROUP: usize = 64;
+
+pub struct CpuBackend<'d> {
+    dataset: &'d Dataset,
+    threads: usize,
+}
+
+impl<'d> CpuBackend<'d> {
+    pub fn new(dataset: &'d Dataset) -> Self {
+        CpuBackend {
+            dataset,
+            threads: rayon::current_num_threads(),
+        }
+    }
+}
+
+/// Partial result of one task: states and weighted sums (not yet normalised).
+struct Partial {
+    states: Vec<SoftmaxState>,
+    acc: Vec<f32>,
+}
+
+impl Backend for CpuBackend<'_> {
+    fn describe(&self) -> String {
+        format!(
+            "cpu: {} threads, gemm crate, {:?} storage",
+            self.threads,
+            self.dataset.dtype()
+        )
+    }
+
+    fn posterior(&mut self, batch: &CentredBatch<'_>) -> Result<Posterior> {
+        let dim = self.dataset.dim();
+        let n_queries = batch.logit_coefs.len();
+        let rows = batch.rows.clone();
+
+        let group = n_queries.div_ceil(self.threads).max(MIN_QUERY_GROUP);
+        let query_groups: Vec<Range<usize>> = (0..n_queries)
+            .step_by(group)
+            .map(|q| q..(q + group).min(n_queries))
+            .collect();
+        let n_tiles = rows.len().div_ceil(TILE_ROWS);
+        let row_blocks = (self.threads / query_groups.len()).clamp(1, n_tiles.max(1));
+        let tiles_per_block = n_tiles.div_ceil(row_blocks);
+        let row_ranges: Vec<Range<usize>> = (0..row_blocks)
+            .map(|b| {
+                let start = rows.start + b * tiles_per_block * TILE_ROWS;
+                start.min(rows.end)..(start + tiles_per_block * TILE_ROWS).min(rows.end)
+            })
+            .filter(|r| !r.is_empty())
+            .collect();
+
+        let tasks: Vec<(usize, usize)> = (0..query_groups.len())
+            .flat_map(|g| (0..row_ranges.len()).map(move |b| (g, b)))
+            .collect();
+        let partials: Vec<Partial> = tasks
+            .par_iter()
+            .map(|&(g, b)| {
+                let qs = query_groups[g].clone();
+                run_task(
+                    self.dataset,
+                    &batch.x[qs.start * dim..qs.end * dim],
+                    &batch.logit_coefs[qs],
+                    row_ranges[b].clone(),
+                )
+            })
+            .collect();
+
+        // Merge the row blocks of each query group, in row order.
+        let mut mean = vec![0.0f32; n_queries * dim];
+        let mut stats = Vec::with_capacity(n_queries);
+        for (g, qs) in query_groups.iter().enumerate() {
+            let blocks = &partials[g * row_ranges.len()..(g + 1) * row_ranges.len()];
+            for (local, q) in qs.clone().enumerate() {
+                let out = &mut mean[q * dim..(q + 1) * dim];
+                let mut state = SoftmaxState::EMPTY;
+                for p in blocks {
+                    let (ra, rb) = state.merge(&p.states[local]);
+                    for (o, a) in out.iter_mut().zip(&p.acc[local * dim..(local + 1) * dim]) {
+                        *o = ra * *o + rb * a;
+                    }
+                }
+                let inv = 1.0 / state.sum;
+                out.iter_mut().for_each(|o| *o *= inv);
+                stats.push(state.stats());
+            }
+        }
+        Ok(Posterior { mean, stats })
+    }
+}
+
+/// One (query group, row block) task: the tiled online softmax over `rows`.
+fn run_task(ds: &Dataset, x: &[f32], coefs: &[[f32; 2]], rows: Range<usize>) -> Partial {
+    let dim = ds.dim();
+    let n_q = coefs.len();
+    let mut states = vec![SoftmaxState::EMPTY; n_q];
+    let mut acc = vec![0.0f32; n_q * dim];
+    let mut logits = vec![0.0f32; n_q * TILE_ROWS];
+    let mut converted = Vec::new();
+    let norms = ds.sq_norms();
+
+    for start in rows.clone().step_by(TILE_ROWS) {
+        let tile = start..(start + TILE_ROWS).min(rows.end);
+        let nt = tile.len();
+        let y: &[f32] = match ds.values() {
+            Values::F32(v) => &v[tile.start * dim..tile.end * dim],
+            Values::F16(v) => {
+                converted.clear();
+                converted.extend(v[tile.start * dim..tile.end * dim].iter().map(|h: &f16| h.to_f32()));
+                &converted
+            }
+        };
+        let s = &mut logits[..n_q * nt];
+        // S = X * Y_tile^T: (n_q x dim) * (dim x nt); column j of the rhs is row j of y.
+        sgemm(
+            Gemm { m: n_q, n: nt, k: dim },
+            s,
+            false,
+            (x, dim, 1),
+            (y, 1, dim),
+        );
+        for (q, row) in s.chunks_exact_mut(nt).enumerate() {
+            let [c_dot, c_norm] = coefs[q];
+            for (v, &n) in row.iter_mut().zip(&norms[tile.clone()]) {
+                *v = c_dot * *v - c_norm * n;
+            }
+            let scale = states[q].absorb_tile(row, tile.start as u32);
+            if scale != 1.0 {
+                acc[q * dim..(q + 1) * dim].iter_mut().for_each(|a| *a *= scale);
+            }
+        }
+        // acc += P * Y_tile: (n_q x nt) * (nt x dim)
+        sgemm(
+            Gemm { m: n_q, n: dim, k: nt },
+            &mut acc,
+            true,
+            (s, nt, 1),
+            (y, dim, 1),
+        );
+    }
+    Partial { states, acc }
+}
+
+#[derive(Clone, Copy)]
+struct Gemm {
+    m: usize,
+    n: usize,
+    k: usize,
+}
+
+/// dst (m x n, row-major, contiguous) = [dst +] lhs (m x k) * rhs (k x n), where each
+/// operand is (slice, row stride, column stride). Bounds are checked here so the unsafe
+/// call below cannot read or write outside the slices.
+fn sgemm(
+    g: Gemm,
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+) {
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(g.m > 0 && g.n > 0 && g.k > 0);
+    assert!(dst.len() >= g.m * g.n);
+    assert!(lhs.0.len() > last(g.m, g.k, lhs.1, lhs.2));
+    assert!(rhs.0.len() > last(g.k, g.n, rhs.1, rhs.2));
+    // SAFETY: every index the GEMM touches is within the slices (asserted above), and
+    // dst does not alias lhs or rhs (it is a unique borrow).
+    unsafe {
+        gemm::gemm(
+            g.m,
+            g.n,
+            g.k,
+            dst.as_mut_ptr(),
+            1,
+            g.n as isize,
+            accumulate,
+            lhs.0.as_ptr(),
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0.as_ptr(),
+            rhs.2 as isize,
+            rhs.1 as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}

@@ -1,0 +1,235 @@
+//! The oracle: for B queries x at times t, the exact marginal velocity over a dataset.
+//!
+//!   w_i    = softmax_i(-|x - alpha y_i|^2 / (2 sigma^2))
+//!   x1_hat = sum_i w_i y_i
+//!   u      = (alpha' - alpha sigma'/sigma) x1_hat + (sigma'/sigma) x
+//!
+//! Backends see only the centred problem (see `dataset`): queries shifted to
+//! `x - alpha * mean`, per-query logit coefficients, and a row range. They return the
+//! posterior mean of the stored rows and the per-query statistics; [`Oracle`] turns that
+//! into x1_hat and the velocity. The `reference` backend instead evaluates the definition
+//! directly in f64, so it shares no arithmetic with the fast paths it checks.
+
+pub mod cpu;
+pub mod gpu;
+pub mod reference;
+pub mod state;
+
+use std::ops::Range;
+
+use crate::dataset::Dataset;
+use crate::error::{Error, Result};
+use crate::path::Path;
+
+pub use state::{QueryStats, SoftmaxState};
+
+/// Which implementation evaluates the oracle.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// A real GPU when there is one, else `cpu`.
+    #[default]
+    Auto,
+    Gpu,
+    Cpu,
+    Reference,
+}
+
+/// Time of each query: one for all, or one per query.
+#[derive(Clone, Copy, Debug)]
+pub enum Times<'a> {
+    Scalar(f32),
+    PerQuery(&'a [f32]),
+}
+
+impl Times<'_> {
+    pub fn get(&self, q: usize) -> f32 {
+        match self {
+            Times::Scalar(t) => *t,
+            Times::PerQuery(ts) => ts[q],
+        }
+    }
+}
+
+/// One evaluation request.
+#[derive(Clone, Copy, Debug)]
+pub struct Query<'a> {
+    /// B x D, row-major, user coordinates.
+    pub x: &'a [f32],
+    pub t: Times<'a>,
+    /// Restrict the posterior to the samples of one class.
+    pub class: Option<u32>,
+}
+
+/// Everything one evaluation yields.
+#[derive(Clone, Debug, Default)]
+pub struct OracleOutput {
+    /// B x D
+    pub velocity: Vec<f32>,
+    /// B x D, the posterior mean of the data
+    pub x1_hat: Vec<f32>,
+    /// One per query; `top1_index` is the sample's index in the source dataset.
+    pub stats: Vec<QueryStats>,
+}
+
+/// The centred problem a fast backend solves: the posterior over `rows` for each query.
+pub struct CentredBatch<'a> {
+    /// B x D, `x - alpha * mean`
+    pub x: &'a [f32],
+    /// Per query (c_dot, c_norm): logit_i = c_dot * x.y_i - c_norm * |y_i|^2.
+    pub logit_coefs: &'a [[f32; 2]],
+    pub rows: Range<usize>,
+}
+
+/// Posterior mean of the stored rows (B x D) and per-query stats (row indices are stored rows).
+pub struct Posterior {
+    pub mean: Vec<f32>,
+    pub stats: Vec<QueryStats>,
+}
+
+/// A fast backend: built once for a dataset, reused across calls.
+pub trait Backend {
+    fn posterior(&mut self, batch: &CentredBatch<'_>) -> Result<Posterior>;
+    /// Human-readable description (for `info` and run.json).
+    fn describe(&self) -> String;
+}
+
+enum Engine<'d> {
+    Reference,
+    Fast(Box<dyn Backend + 'd>),
+}
+
+/// The oracle over one dataset, with one backend.
+pub struct Oracle<'d> {
+    dataset: &'d Dataset,
+    path: Path,
+    engine: Engine<'d>,
+    kind: BackendKind,
+}
+
+impl<'d> Oracle<'d> {
+    pub fn new(dataset: &'d Dataset, path: Path, kind: BackendKind) -> Result<Self> {
+        let (engine, kind) = match kind {
+            BackendKind::Reference => (Engine::Reference, kind),
+            BackendKind::Cpu => (Engine::Fast(Box::new(cpu::CpuBackend::new(dataset))), kind),
+            BackendKind::Gpu => (
+                Engine::Fast(Box::new(gpu::GpuBackend::new(dataset, false)?)),
+                kind,
+            ),
+            BackendKind::Auto => match gpu::GpuBackend::new(dataset, true) {
+                Ok(g) => (Engine::Fast(Box::new(g)), BackendKind::Gpu),
+                Err(_) => (
+                    Engine::Fast(Box::new(cpu::CpuBackend::new(dataset))),
+                    BackendKind::Cpu,
+                ),
+            },
+        };
+        Ok(Oracle {
+            dataset,
+            path,
+            engine,
+            kind,
+        })
+    }
+
+    /// The backend actually in use (`auto` resolved).
+    pub fn kind(&self) -> BackendKind {
+        self.kind
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.engine {
+            Engine::Reference => "reference (f64)".to_string(),
+            Engine::Fast(b) => b.describe(),
+        }
+    }
+
+    pub fn dataset(&self) -> &'d Dataset {
+        self.dataset
+    }
+
+    pub fn path(&self) -> Path {
+        self.path
+    }
+
+    pub fn evaluate(&mut self, query: &Query<'_>) -> Result<OracleOutput> {
+        let ds = self.dataset;
+        let dim = ds.dim();
+        if query.x.is_empty() || query.x.len() % dim != 0 {
+            return Err(Error::Input(format!(
+                "queries hold {} values, not a multiple of the sample size {dim}",
+                query.x.len()
+            )));
+        }
+        let n_queries = query.x.len() / dim;
+        if let Times::PerQuery(ts) = query.t {
+            if ts.len() != n_queries {
+                return Err(Error::Input(format!(
+                    "{} times for {n_queries} queries",
+                    ts.len()
+                )));
+            }
+        }
+        for q in 0..n_queries {
+            let t = query.t.get(q);
+            if !(0.0..=1.0).contains(&t) {
+                return Err(Error::Input(format!("time {t} is outside [0, 1]")));
+            }
+        }
+        let rows = ds.rows_for(query.class)?;
+        match &mut self.engine {
+            Engine::Reference => Ok(reference::evaluate(ds, self.path, query, rows)),
+            Engine::Fast(backend) => {
+                let coefs: Vec<_> = (0..n_queries)
+                    .map(|q| self.path.coefs(query.t.get(q) as f64))
+                    .collect();
+                let mut x = query.x.to_vec();
+                for (q, c) in coefs.iter().enumerate() {
+                    for (v, m) in x[q * dim..(q + 1) * dim].iter_mut().zip(ds.mean()) {
+                        *v -= (c.alpha * *m as f64) as f32;
+                    }
+                }
+                let logit_coefs: Vec<[f32; 2]> = coefs
+                    .iter()
+                    .map(|c| {
+                        let (a, b) = c.logit_coefs();
+                        [a as f32, b as f32]
+                    })
+                    .collect();
+                let post = backend.posterior(&CentredBatch {
+                    x: &x,
+                    logit_coefs: &logit_coefs,
+                    rows,
+                })?;
+                let mut x1_hat = post.mean;
+                let mut velocity = vec![0.0f32; x1_hat.len()];
+                for (q, c) in coefs.iter().enumerate() {
+                    let (a, b) = c.velocity_coefs();
+                    let r = q * dim..(q + 1) * dim;
+                    for ((h, v), (&xq, &m)) in x1_hat[r.clone()]
+                        .iter_mut()
+                        .zip(&mut velocity[r.clone()])
+                        .zip(query.x[r].iter().zip(ds.mean()))
+                    {
+                        let hat = *h as f64 + m as f64;
+                        *h = hat as f32;
+                        *v = (a * hat + b * xq as f64) as f32;
+                    }
+                }
+                let stats = post
+                    .stats
+                    .into_iter()
+                    .map(|s| QueryStats {
+                        top1_index: ds.original_index(s.top1_index as usize),
+                        ..s
+                    })
+                    .collect();
+                Ok(OracleOutput {
+                    velocity,
+                    x1_hat,
+                    stats,
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The online-softmax state of one query, and how two partial states merge.
+//!
+//! Over the logits s_i seen so far, with running max m and e_i = exp(s_i - m):
+//!   l = sum e_i,  t = sum e_i (s_i - m),  q = sum e_i^2,  acc = sum e_i y_i.
+//! Then top-1 weight = 1/l, entropy = ln l - t/l, ESS = l^2/q, posterior mean = acc/l.
+//! When the max grows from m to m', every sum is rescaled by r = exp(m - m')
+//! (q by r^2, and t also shifts by l (m - m')). Merging two states is that rescale and
+//! an add: exact and associative, so tiles, devices and machines combine the same way.
+
+/// Per-query diagnostics of the posterior.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct QueryStats {
+    /// max_i w_i
+    pub top1_weight: f32,
+    /// index of the sample with the largest weight (the nearest after scaling)
+    pub top1_index: u32,
+    /// -sum w ln w (nats)
+    pub entropy: f32,
+    /// effective sample size 1 / sum w^2
+    pub ess: f32,
+}
+
+/// Scalar part of one query's online-softmax state (the weighted sum lives beside it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SoftmaxState {
+    pub max: f32,
+    pub sum: f32,
+    pub sum_shifted_logit: f32,
+    pub sum_sq: f32,
+    pub argmax: u32,
+}
+
+impl Default for SoftmaxState {
+    fn default() -> Self {
+        SoftmaxState::EMPTY
+    }
+}
+
+impl SoftmaxState {
+    /// No sample seen yet.
+    pub const EMPTY: SoftmaxState = SoftmaxState {
+        max: f32::NEG_INFINITY,
+        sum: 0.0,
+        sum_shifted_logit: 0.0,
+        sum_sq: 0.0,
+        argmax: 0,
+    };
+
+    /// Merges `other` into `self`; returns the factors (for self, for other) by which the
+    /// two weighted sums must be scaled before they are added.
+    pub fn merge(&mut self, other: &SoftmaxState) -> (f32, f32) {
+        if other.sum == 0.0 {
+            return (1.0, 0.0);
+        }
+        if self.sum == 0.0 {
+            *self = *other;
+            return (0.0, 1.0);
+        }
+        let m = self.max.max(other.max);
+        let (ra, rb) = ((self.max - m).exp(), (other.max - m).exp());
+        let ta = ra * (self.sum_shifted_logit + self.sum * (self.max - m));
+        let tb = rb * (other.sum_shifted_logit + other.sum * (other.max - m));
+        let argmax = if other.max > self.max || (other.max == self.max && other.argmax < self.argmax)
+        {
+            other.argmax
+        } else {
+            self.argmax
+        };
+        *self = SoftmaxState {
+            max: m,
+            sum: ra * self.sum + rb * other.sum,
+            sum_shifted_logit: ta + tb,
+            sum_sq: ra * ra * self.sum_sq + rb * rb * other.sum_sq,
+            argmax,
+        };
+        (ra, rb)
+    }
+
+    pub fn stats(&self) -> QueryStats {
+        let l = self.sum;
+        QueryStats {
+            top1_weight: 1.0 / l,
+            top1_index: self.argmax,
+            entropy: (l.ln() - self.sum_shifted_logit / l).max(0.0),
+            ess: l * l / self.sum_sq,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state_of(logits: &[f32], offset: u32) -> SoftmaxState {
+        let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let argmax = logits.iter().position(|&s| s == m).unwrap() as u32 + offset;
+        let e: Vec<f32> = logits.iter().map(|s| (s - m).exp()).collect();
+        SoftmaxState {
+            max: m,
+            sum: e.iter().sum(),
+            sum_shifted_logit: e.iter().zip(logits).map(|(e, s)| e * (s - m)).sum(),
+            sum_sq: e.iter().map(|e| e * e).sum(),
+            argmax,
+        }
+    }
+
+    #[test]
+    fn merge_equals_state_of_concatenation() {
+        let a = [0.5f32, -3.0, 2.0];
+        let b = [4.0f32, 1.0];
+        let mut s = state_of(&a, 0);
+        s.merge(&state_of(&b, 3));
+        let whole = state_of(&[0.5, -3.0, 2.0, 4.0, 1.0], 0);
+        assert_eq!(s.argmax, whole.argmax);
+        for (x, y) in [
+            (s.sum, whole.sum),
+            (s.sum_shifted_logit, whole.sum_shifted_logit),
+            (s.sum_sq, whole.sum_sq),
+            (s.max, whole.max),
+        ] {
+            assert!((x - y).abs() < 1e-5 * y.abs().max(1.0), "{x} vs {y}");
+        }
+        let st = s.stats();
+        let w: Vec<f64> = [0.5f64, -3.0, 2.0, 4.0, 1.0].iter().map(|s| s.exp()).collect();
+        let z: f64 = w.iter().sum();
+        let h: f64 = -w.iter().map(|x| x / z * (x / z).ln()).sum::<f64>();
+        assert!((st.entropy as f64 - h).abs() < 1e-5);
+        assert!((st.top1_weight as f64 - 4f64.exp() / z).abs() < 1e-6);
+    }
+
+    #[test]
+    fn merging_empty_is_identity() {
+        let a = state_of(&[1.0, 2.0], 0);
+        let mut e = SoftmaxState::EMPTY;
+        assert_eq!(e.merge(&a), (0.0, 1.0));
+        assert_eq!(e, a);
+        let mut b = a;
+        assert_eq!(b.merge(&SoftmaxState::EMPTY), (1.0, 0.0));
+        assert_eq!(b, a);
+    }
+}
+
+impl SoftmaxState {
+    /// Absorbs one tile of logits (rows `first_row..`) in place: on return `logits[j]`
+    /// holds `exp(s_j - m_new)`, the weight to accumulate with, and the returned factor
+    /// `exp(m_old - m_new)` is what the existing weighted sum must be scaled by first.
+    pub fn absorb_tile(&mut self, logits: &mut [f32], first_row: u32) -> f32 {
+        let (mut tile_max, mut tile_arg) = (f32::NEG_INFINITY, 0usize);
+        for (j, &s) in logits.iter().enumerate() {
+            if s > tile_max {
+                tile_max = s;
+                tile_arg = j;
+            }
+        }
+        let empty = self.sum == 0.0;
+        let m_new = if empty {
+            tile_max
+        } else {
+            self.max.max(tile_max)
+        };
+        let (mut sum, mut shifted, mut sq) = (0.0f32, 0.0f32, 0.0f32);
+        for s in logits.iter_mut() {
+            let d = *s - m_new;
+            let e = d.exp();
+            sum += e;
+            shifted += e * d;
+            sq += e * e;
+            *s = e;
+        }
+        let scale = if empty {
+            0.0
+        } else {
+            (self.max - m_new).exp()
+        };
+        if empty || tile_max > self.max {
+            self.argmax = first_row + tile_arg as u32;
+        }
+        if empty {
+            self.sum_shifted_logit = shifted;
+        } else {
+            self.sum_shifted_logit =
+                scale * (self.sum_shifted_logit + self.sum * (self.max - m_new)) + shifted;
+        }
+        self.sum = scale * self.sum + sum;
+        self.sum_sq = scale * scale * self.sum_sq + sq;
+        self.max = m_new;
+        scale
+    }
+}
+
+#[cfg(test)]
+mod tile_tests {
+    use super::*;
+
+    #[test]
+    fn absorbing_tiles_equals_merging_states() {
+        let logits = [0.5f32, -3.0, 2.0, 4.0, 1.0, 4.0];
+        let mut s = SoftmaxState::EMPTY;
+        let mut a = logits[..2].to_vec();
+        assert_eq!(s.absorb_tile(&mut a, 0), 0.0);
+        let mut b = logits[2..].to_vec();
+        let r = s.absorb_tile(&mut b, 2);
+        assert!((r - (0.5f32 - 4.0).exp()).abs() < 1e-7);
+        assert_eq!(s.argmax, 3, "ties keep the first row");
+        let mut whole = SoftmaxState::EMPTY;
+        whole.absorb_tile(&mut logits.to_vec(), 0);
+        assert!((s.sum - whole.sum).abs() < 1e-6);
+        assert!((s.sum_shifted_logit - whole.sum_shifted_logit).abs() < 1e-5);
+        assert!((s.sum_sq - whole.sum_sq).abs() < 1e-6);
+    }
+}
