@@ -73,7 +73,12 @@ pub fn oracle_throughput(
 
 /// Times a plain multi-threaded sgemm (B x D) * (D x N) with the `gemm` crate: the rate a
 /// BLAS-backed `cdist` would run at on this machine, the ceiling for the CPU backend.
-pub fn sgemm_throughput(n_queries: usize, n_samples: usize, dim: usize, reps: usize) -> Result<Measurement> {
+pub fn sgemm_throughput(
+    n_queries: usize,
+    n_samples: usize,
+    dim: usize,
+    reps: usize,
+) -> Result<Measurement> {
     let lhs = vec![0.5f32; n_queries * dim];
     let rhs = vec![0.25f32; n_samples * dim];
     let mut dst = vec![0.0f32; n_queries * n_samples];

@@ -2,6 +2,7 @@
 //! training set, on any GPU (wgpu) or on the CPU, with the diagnostics of the two stages
 //! of generation.
 
+pub mod analysis;
 pub mod bench;
 pub mod dataset;
 pub mod error;
@@ -9,6 +10,9 @@ pub mod oracle;
 pub mod output;
 pub mod path;
 pub mod render;
+pub mod report;
+pub mod sample;
+pub mod schedule;
 
 pub use dataset::{Dataset, Dtype};
 pub use error::{Error, Result};

@@ -10,7 +10,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use oracleflow::dataset::{self, npy, Dataset, Dtype};
 use oracleflow::oracle::{BackendKind, Oracle, Query, Times};
 use oracleflow::output;
-use oracleflow::Path;
+use oracleflow::report;
+use oracleflow::sample::{Guidance, SampleOptions, Solver};
+use oracleflow::schedule::Schedule;
+use oracleflow::{analysis, bench, Path};
 
 #[derive(Parser)]
 #[command(
@@ -25,10 +28,86 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Sample with the oracle velocity and write pictures (samples, trajectories, nearest)
+    Sample(SampleArgs),
     /// Exact oracle velocity (= flow-matching training target) for given queries and times
     Velocity(VelocityArgs),
     /// Print the GPU adapter and a summary of the dataset
     Info(InfoArgs),
+    /// Measure oracle throughput (GFLOP/s = 4 B N D / time) beside a plain sgemm
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    oracle: OracleArgs,
+    /// Number of samples
+    #[arg(short = 'n', long, default_value_t = 64)]
+    n_samples: usize,
+    /// Solver steps from t = 0 to t = 1
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    #[arg(long, value_enum, default_value_t)]
+    solver: Solver,
+    /// Time shift s: t_m = s t / (1 + (s - 1) t); s < 1 spends more steps early
+    #[arg(long, default_value_t = 1.0)]
+    shift: f64,
+    /// Explicit time grid instead of --steps/--shift, e.g. 0,0.1,0.3,0.6,1
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["steps", "shift"])]
+    times: Option<Vec<f64>>,
+    /// Noise seed: sample i starts from noise fixed by (seed, i)
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Condition every sample on one class
+    #[arg(long, conflicts_with = "classes")]
+    class: Option<u32>,
+    /// `all`: a balanced set, sample i conditioned on the i-th class in turn
+    #[arg(long, value_parser = ["all"])]
+    classes: Option<String>,
+    /// Classifier-free guidance scale w: u = u_uncond + w (u_cond - u_uncond)
+    #[arg(long)]
+    cfg_scale: Option<f64>,
+    /// Guidance interval t_lo,t_hi (outside it: the conditional velocity)
+    #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [0.0, 1.0])]
+    cfg_interval: Vec<f64>,
+    /// Samples integrated together (each velocity evaluation streams the data once per batch)
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Rows of trajectory.png (samples spread over the set)
+    #[arg(long, default_value_t = 8)]
+    track: usize,
+    /// Columns (times) of trajectory.png
+    #[arg(long, default_value_t = 10)]
+    columns: usize,
+    /// Output directory
+    #[arg(long)]
+    out: PathBuf,
+    /// Overwrite existing files in the output directory
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    /// Queries per evaluation (B)
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Backends to time, in one run, beside a plain sgemm of the same shape
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [BackendKind::Cpu, BackendKind::Gpu])]
+    backends: Vec<BackendKind>,
+    /// Timed repetitions per measurement (median reported)
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Also write the measurements as JSON
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -98,7 +177,9 @@ struct InfoArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Sample(a) => sample(a),
         Command::Velocity(a) => velocity(a),
+        Command::Bench(a) => bench(a),
         Command::Info(a) => info(a),
     };
     match result {
@@ -156,7 +237,12 @@ fn velocity(a: VelocityArgs) -> Result<()> {
     }
 
     let mut oracle = Oracle::new(&ds, a.oracle.path, a.oracle.backend)?;
-    eprintln!("oracle: {} on {} ({} samples, D = {dim})", oracle.describe(), ds.name, ds.n_samples());
+    eprintln!(
+        "oracle: {} on {} ({} samples, D = {dim})",
+        oracle.describe(),
+        ds.name,
+        ds.n_samples()
+    );
 
     let bar = progress(n_queries as u64, "queries");
     let mut velocity = Vec::with_capacity(x.len());
@@ -195,6 +281,168 @@ fn velocity(a: VelocityArgs) -> Result<()> {
         .with_context(|| format!("writing {}", p.display()))?;
     }
     eprintln!("wrote {} ({n_queries} queries)", a.out.display());
+    Ok(())
+}
+
+fn sample(a: SampleArgs) -> Result<()> {
+    let files: Vec<PathBuf> = report::SAMPLE_FILES.iter().map(|f| a.out.join(f)).collect();
+    output::check_new(
+        &files.iter().map(|p| p.as_path()).collect::<Vec<_>>(),
+        a.force,
+    )?;
+    if a.n_samples == 0 {
+        bail!("-n must be at least 1");
+    }
+    let schedule = match &a.times {
+        Some(t) => Schedule::Explicit(t.clone()),
+        None => Schedule::Shifted {
+            steps: a.steps,
+            shift: a.shift,
+        },
+    };
+    let times = schedule.times()?;
+    if times[0] != 0.0 || *times.last().unwrap() != 1.0 {
+        bail!("--times must run from 0 to 1");
+    }
+
+    let ds = load(&a.data)?;
+    let classes: Vec<Option<u32>> = match (a.class, &a.classes) {
+        (Some(c), _) => {
+            ds.rows_for(Some(c))?;
+            vec![Some(c); a.n_samples]
+        }
+        (None, Some(_)) => {
+            let counts = ds.class_counts();
+            if counts.is_empty() {
+                bail!("--classes all: dataset {} has no labels", ds.name);
+            }
+            (0..a.n_samples)
+                .map(|i| Some(counts[i % counts.len()].0))
+                .collect()
+        }
+        (None, None) => vec![None; a.n_samples],
+    };
+    let guidance = match a.cfg_scale {
+        Some(scale) => {
+            if classes[0].is_none() {
+                bail!("--cfg-scale needs --class K or --classes all");
+            }
+            let (t_lo, t_hi) = (a.cfg_interval[0], a.cfg_interval[1]);
+            if !(0.0..=1.0).contains(&t_lo) || !(t_lo..=1.0).contains(&t_hi) {
+                bail!("--cfg-interval {t_lo},{t_hi}: need 0 <= t_lo <= t_hi <= 1");
+            }
+            Some(Guidance { scale, t_lo, t_hi })
+        }
+        None => None,
+    };
+    let tracked: Vec<usize> = (0..a.track.min(a.n_samples))
+        .map(|k| k * a.n_samples / a.track.min(a.n_samples))
+        .collect();
+    let options = SampleOptions {
+        schedule,
+        solver: a.solver,
+        seed: a.seed,
+        classes: classes.clone(),
+        guidance,
+        batch: a.batch.max(1),
+        tracked,
+    };
+
+    let mut oracle = Oracle::new(&ds, a.oracle.path, a.oracle.backend)?;
+    eprintln!(
+        "oracle: {} on {} ({} samples, D = {})",
+        oracle.describe(),
+        ds.name,
+        ds.n_samples(),
+        ds.dim()
+    );
+    let n_batches = a.n_samples.div_ceil(options.batch);
+    let bar = progress(((times.len() - 1) * n_batches) as u64, "steps");
+    let start = std::time::Instant::now();
+    let run = oracleflow::sample::sample(&mut oracle, &options, || bar.inc(1))?;
+    let sampling_seconds = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+
+    let neighbours = analysis::nearest_two(&ds, &run.samples);
+    let memorized = neighbours.iter().filter(|nb| nb.memorized()).count();
+    let per_sample: Vec<_> = (0..a.n_samples)
+        .map(|i| {
+            serde_json::json!({
+                "class": classes[i],
+                "nearest": neighbours[i].nearest,
+                "distance": neighbours[i].distance,
+                "second_distance": neighbours[i].second_distance,
+                "memorized": neighbours[i].memorized(),
+                "last_step": run.final_stats[i],
+            })
+        })
+        .collect();
+    let run_json = serde_json::json!({
+        "command": std::env::args().collect::<Vec<_>>(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "data": { "spec": ds.name, "n_samples": ds.n_samples(), "shape": ds.shape, "dtype": ds.dtype() },
+        "oracle": { "backend": oracle.kind(), "description": oracle.describe(), "path": a.oracle.path },
+        "sampling": {
+            "n": a.n_samples, "solver": a.solver, "steps": times.len() - 1, "shift": a.shift,
+            "times": times, "seed": a.seed, "batch": options.batch,
+            "class": a.class, "classes": a.classes, "guidance": guidance,
+        },
+        "timings": {
+            "sampling_seconds": sampling_seconds,
+            "oracle_evaluations": run.evaluations,
+            "seconds_per_evaluation": sampling_seconds / run.evaluations.max(1) as f64,
+        },
+        "memorized": { "count": memorized, "of": a.n_samples, "criterion": "d(nearest) / d(second nearest) < 1/3" },
+        "steps": run.steps,
+        "samples": per_sample,
+    });
+    report::write_sample_outputs(&a.out, &ds, &run, &neighbours, a.columns, &run_json)?;
+    eprintln!(
+        "wrote {}/{{samples,trajectory,nearest}}.png, samples.npy, steps.csv, run.json: {} samples in {:.1} s, {memorized} of {} memorized",
+        a.out.display(),
+        a.n_samples,
+        sampling_seconds,
+        a.n_samples
+    );
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    if let Some(p) = &a.json {
+        output::check_new(&[p.as_path()], a.force)?;
+    }
+    let ds = load(&a.data)?;
+    let (b, n, d) = (a.batch, ds.n_samples(), ds.dim());
+    println!(
+        "{}: N = {n}, D = {d}, B = {b}, {:?} storage; median of {} runs",
+        ds.name,
+        ds.dtype(),
+        a.reps
+    );
+    let mut results = vec![bench::sgemm_throughput(b, n, d, a.reps)?];
+    for &kind in &a.backends {
+        match bench::oracle_throughput(&ds, kind, b, a.reps) {
+            Ok(m) => results.push(m),
+            Err(e) => eprintln!("{kind:?}: not measured ({e})"),
+        }
+    }
+    let base = results[0].gflops;
+    for m in &results {
+        println!(
+            "{:<16} {:>10.4} s {:>9.2} GFLOP/s  ({:.2} x sgemm rate)  {}",
+            m.what,
+            m.seconds,
+            m.gflops,
+            m.gflops / base,
+            m.description
+        );
+    }
+    if let Some(p) = &a.json {
+        output::write_atomic(p, |w| {
+            serde_json::to_writer_pretty(&mut *w, &results)?;
+            writeln!(w)
+        })?;
+    }
     Ok(())
 }
 

@@ -31,7 +31,10 @@ impl PathCoefs {
     /// Velocity u = a * x1_hat + b * x with a = alpha' - alpha sigma'/sigma, b = sigma'/sigma.
     pub fn velocity_coefs(&self) -> (f64, f64) {
         let s = self.sigma_safe();
-        (self.d_alpha - self.alpha * self.d_sigma / s, self.d_sigma / s)
+        (
+            self.d_alpha - self.alpha * self.d_sigma / s,
+            self.d_sigma / s,
+        )
     }
 }
 

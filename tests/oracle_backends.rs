@@ -46,10 +46,16 @@ fn check(oracle: &mut Oracle, x: &[f32], t: f32, class: Option<u32>, what: &str)
     let eh = rel_err(&got.x1_hat, &want.x1_hat);
     let tol = tolerance(t);
     assert!(
-        got.velocity.iter().chain(&got.x1_hat).all(|v| v.is_finite()),
+        got.velocity
+            .iter()
+            .chain(&got.x1_hat)
+            .all(|v| v.is_finite()),
         "{what} t={t}: non-finite output"
     );
-    assert!(ev <= tol && eh <= tol, "{what} t={t}: velocity err {ev:.2e}, x1_hat err {eh:.2e} > {tol:.0e}");
+    assert!(
+        ev <= tol && eh <= tol,
+        "{what} t={t}: velocity err {ev:.2e}, x1_hat err {eh:.2e} > {tol:.0e}"
+    );
 
     let d = ds.dim();
     let (c_dot, _) = path.coefs(t as f64).logit_coefs();
@@ -57,15 +63,37 @@ fn check(oracle: &mut Oracle, x: &[f32], t: f32, class: Option<u32>, what: &str)
         .map(|r| ds.sq_norms()[r].sqrt() as f64)
         .fold(0.0, f64::max);
     for (i, (g, w)) in got.stats.iter().zip(&want.stats).enumerate() {
-        let xn = x[i * d..(i + 1) * d].iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+        let xn = x[i * d..(i + 1) * d]
+            .iter()
+            .map(|v| (*v as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
         let rounding = 1e-5 * (c_dot * (xn + y_max) * y_max * (d as f64).sqrt() + 1.0);
         if want.top2_gap[i] > rounding {
-            assert_eq!(g.top1_index, w.top1_index, "{what} t={t} query {i}: top-1 index");
+            assert_eq!(
+                g.top1_index, w.top1_index,
+                "{what} t={t} query {i}: top-1 index"
+            );
         }
         let close = |a: f32, b: f32, rel: f32| (a - b).abs() <= rel * b.abs().max(1.0);
-        assert!(close(g.top1_weight, w.top1_weight, 100.0 * tol as f32), "{what} t={t} q{i}: top-1 weight {} vs {}", g.top1_weight, w.top1_weight);
-        assert!(close(g.entropy, w.entropy, 100.0 * tol as f32), "{what} t={t} q{i}: entropy {} vs {}", g.entropy, w.entropy);
-        assert!(close(g.ess, w.ess, 100.0 * tol as f32), "{what} t={t} q{i}: ESS {} vs {}", g.ess, w.ess);
+        assert!(
+            close(g.top1_weight, w.top1_weight, 100.0 * tol as f32),
+            "{what} t={t} q{i}: top-1 weight {} vs {}",
+            g.top1_weight,
+            w.top1_weight
+        );
+        assert!(
+            close(g.entropy, w.entropy, 100.0 * tol as f32),
+            "{what} t={t} q{i}: entropy {} vs {}",
+            g.entropy,
+            w.entropy
+        );
+        assert!(
+            close(g.ess, w.ess, 100.0 * tol as f32),
+            "{what} t={t} q{i}: ESS {} vs {}",
+            g.ess,
+            w.ess
+        );
     }
     (ev, eh)
 }
@@ -75,7 +103,15 @@ pub fn random_sweep(kind: BackendKind) {
     if !enabled(kind) {
         return;
     }
-    let cases = [(1, 1, 1), (2, 5, 3), (37, 13, 7), (300, 67, 33), (1000, 3, 70), (2500, 100, 19), (1500, 784, 5)];
+    let cases = [
+        (1, 1, 1),
+        (2, 5, 3),
+        (37, 13, 7),
+        (300, 67, 33),
+        (1000, 3, 70),
+        (2500, 100, 19),
+        (1500, 784, 5),
+    ];
     for dtype in [Dtype::F32, Dtype::F16] {
         for (seed, &(n, d, b)) in cases.iter().enumerate() {
             let ds = gaussian_dataset(n, d, seed as u64, dtype);
@@ -111,7 +147,11 @@ pub fn per_query_times(kind: BackendKind) {
     let mut oracle = Oracle::new(&ds, Path::RectifiedFlow, kind).unwrap();
     let times: Vec<f32> = (0..12).map(|i| i as f32 / 12.0).collect();
     let x = path_queries(&ds, Path::RectifiedFlow, 0.5, times.len(), 3);
-    let q = Query { x: &x, t: Times::PerQuery(&times), class: None };
+    let q = Query {
+        x: &x,
+        t: Times::PerQuery(&times),
+        class: None,
+    };
     let got = oracle.evaluate(&q).unwrap();
     let want = reference::evaluate_f64(&ds, Path::RectifiedFlow, &q, 0..200);
     assert!(rel_err(&got.velocity, &want.velocity) <= 1e-4);
@@ -128,24 +168,59 @@ pub fn fashion_mnist(kind: BackendKind) {
     for (k, &t) in [0.0f32, 0.2, 0.5, 0.8, 0.95].iter().enumerate() {
         let x = path_queries(&ds, Path::RectifiedFlow, t, 16, 50 + k as u64);
         let (ev, eh) = check(&mut oracle, &x, t, None, &format!("{kind:?} fashion-mnist"));
-        let (cv, ch) = check(&mut oracle, &x, t, Some(3), &format!("{kind:?} fashion-mnist class 3"));
-        eprintln!("fashion-mnist {kind:?} t={t}: rel err {:.2e}, class 3: {:.2e}", ev.max(eh), cv.max(ch));
+        let (cv, ch) = check(
+            &mut oracle,
+            &x,
+            t,
+            Some(3),
+            &format!("{kind:?} fashion-mnist class 3"),
+        );
+        eprintln!(
+            "fashion-mnist {kind:?} t={t}: rel err {:.2e}, class 3: {:.2e}",
+            ev.max(eh),
+            cv.max(ch)
+        );
     }
 
     // The class subset as a dataset of its own.
     let rows = ds.rows_for(Some(3)).unwrap();
     let vals: Vec<f32> = rows.clone().flat_map(|r| ds.sample(r)).collect();
-    let sub = Dataset::from_raw("class 3", ds.shape.clone(), RawRows::F32(&vals), None, Dtype::F32).unwrap();
+    let sub = Dataset::from_raw(
+        "class 3",
+        ds.shape.clone(),
+        RawRows::F32(&vals),
+        None,
+        Dtype::F32,
+    )
+    .unwrap();
     let mut sub_oracle = Oracle::new(&sub, Path::RectifiedFlow, kind).unwrap();
     for t in [0.3f32, 0.9] {
         let x = path_queries(&ds, Path::RectifiedFlow, t, 8, 77);
-        let cond = oracle.evaluate(&Query { x: &x, t: Times::Scalar(t), class: Some(3) }).unwrap();
-        let alone = sub_oracle.evaluate(&Query { x: &x, t: Times::Scalar(t), class: None }).unwrap();
+        let cond = oracle
+            .evaluate(&Query {
+                x: &x,
+                t: Times::Scalar(t),
+                class: Some(3),
+            })
+            .unwrap();
+        let alone = sub_oracle
+            .evaluate(&Query {
+                x: &x,
+                t: Times::Scalar(t),
+                class: None,
+            })
+            .unwrap();
         let alone64: Vec<f64> = alone.velocity.iter().map(|&v| v as f64).collect();
-        assert!(rel_err(&cond.velocity, &alone64) <= 1e-4, "class-conditional differs from class subset at t={t}");
+        assert!(
+            rel_err(&cond.velocity, &alone64) <= 1e-4,
+            "class-conditional differs from class subset at t={t}"
+        );
         for (c, a) in cond.stats.iter().zip(&alone.stats) {
             // Subset indices are positions within the class; map them back.
-            assert_eq!(c.top1_index, ds.original_index(rows.start + a.top1_index as usize));
+            assert_eq!(
+                c.top1_index,
+                ds.original_index(rows.start + a.top1_index as usize)
+            );
         }
     }
 }
@@ -160,7 +235,13 @@ pub fn single_sample(kind: BackendKind) {
     let mut oracle = Oracle::new(&ds, Path::RectifiedFlow, kind).unwrap();
     for t in [0.0f32, 0.4, 0.9, 0.99] {
         let x = normal(&mut rng(5), 3 * 50);
-        let out = oracle.evaluate(&Query { x: &x, t: Times::Scalar(t), class: None }).unwrap();
+        let out = oracle
+            .evaluate(&Query {
+                x: &x,
+                t: Times::Scalar(t),
+                class: None,
+            })
+            .unwrap();
         let want: Vec<f64> = x
             .iter()
             .enumerate()
@@ -182,20 +263,42 @@ pub fn duplicated_samples(kind: BackendKind) {
     let base = gaussian_dataset(40, 20, 12, Dtype::F32);
     let vals: Vec<f32> = (0..40).flat_map(|r| base.sample(r)).collect();
     let twice: Vec<f32> = vals.iter().chain(&vals).copied().collect();
-    let dup = Dataset::from_raw("dup", SampleShape::array(vec![20]), RawRows::F32(&twice), None, Dtype::F32).unwrap();
-    let single = Dataset::from_raw("single", SampleShape::array(vec![20]), RawRows::F32(&vals), None, Dtype::F32).unwrap();
+    let dup = Dataset::from_raw(
+        "dup",
+        SampleShape::array(vec![20]),
+        RawRows::F32(&twice),
+        None,
+        Dtype::F32,
+    )
+    .unwrap();
+    let single = Dataset::from_raw(
+        "single",
+        SampleShape::array(vec![20]),
+        RawRows::F32(&vals),
+        None,
+        Dtype::F32,
+    )
+    .unwrap();
     let mut a = Oracle::new(&dup, Path::RectifiedFlow, kind).unwrap();
     let mut b = Oracle::new(&single, Path::RectifiedFlow, kind).unwrap();
     let t = 0.97;
     let x = path_queries(&single, Path::RectifiedFlow, t, 8, 9);
-    let q = Query { x: &x, t: Times::Scalar(t), class: None };
+    let q = Query {
+        x: &x,
+        t: Times::Scalar(t),
+        class: None,
+    };
     let (oa, ob) = (a.evaluate(&q).unwrap(), b.evaluate(&q).unwrap());
     let ob64: Vec<f64> = ob.x1_hat.iter().map(|&v| v as f64).collect();
     assert!(rel_err(&oa.x1_hat, &ob64) <= 1e-4);
     for (sa, sb) in oa.stats.iter().zip(&ob.stats) {
         assert!((sa.top1_weight - sb.top1_weight / 2.0).abs() < 1e-3);
         assert!((sa.ess - 2.0 * sb.ess).abs() < 1e-2 * sb.ess);
-        assert_eq!(sa.top1_index % 40, sb.top1_index, "top-1 is a copy of the same sample");
+        assert_eq!(
+            sa.top1_index % 40,
+            sb.top1_index,
+            "top-1 is a copy of the same sample"
+        );
         assert!(sa.top1_index < 40, "ties go to the first copy");
     }
 }
@@ -208,18 +311,34 @@ pub fn far_queries(kind: BackendKind) {
     let ds = gaussian_dataset(500, 16, 13, Dtype::F32);
     let mut oracle = Oracle::new(&ds, Path::RectifiedFlow, kind).unwrap();
     for scale in [1e3f32, 1e5] {
-        let x: Vec<f32> = normal(&mut rng(21), 4 * 16).iter().map(|v| v * scale).collect();
+        let x: Vec<f32> = normal(&mut rng(21), 4 * 16)
+            .iter()
+            .map(|v| v * scale)
+            .collect();
         for t in [0.0f32, 0.5, 0.99] {
-            let q = Query { x: &x, t: Times::Scalar(t), class: None };
+            let q = Query {
+                x: &x,
+                t: Times::Scalar(t),
+                class: None,
+            };
             let out = oracle.evaluate(&q).unwrap();
-            assert!(out.velocity.iter().chain(&out.x1_hat).all(|v| v.is_finite()), "scale {scale} t={t}");
+            assert!(
+                out.velocity
+                    .iter()
+                    .chain(&out.x1_hat)
+                    .all(|v| v.is_finite()),
+                "scale {scale} t={t}"
+            );
             for s in &out.stats {
                 assert!(s.top1_weight.is_finite() && s.entropy.is_finite() && s.ess.is_finite());
                 assert!(s.top1_weight > 0.0 && s.top1_weight <= 1.0 + 1e-6 && s.ess >= 1.0 - 1e-4);
             }
             if scale == 1e3 {
                 let want = reference::evaluate_f64(&ds, Path::RectifiedFlow, &q, 0..500);
-                assert!(rel_err(&out.x1_hat, &want.x1_hat) <= 1e-3, "scale {scale} t={t}");
+                assert!(
+                    rel_err(&out.x1_hat, &want.x1_hat) <= 1e-3,
+                    "scale {scale} t={t}"
+                );
             }
         }
     }
@@ -237,7 +356,13 @@ pub fn time_zero_is_uniform(kind: BackendKind) {
         .collect();
     let mut oracle = Oracle::new(&ds, Path::VpCosine, kind).unwrap();
     let x = normal(&mut rng(1), 5 * 9);
-    let out = oracle.evaluate(&Query { x: &x, t: Times::Scalar(0.0), class: None }).unwrap();
+    let out = oracle
+        .evaluate(&Query {
+            x: &x,
+            t: Times::Scalar(0.0),
+            class: None,
+        })
+        .unwrap();
     let want: Vec<f64> = (0..5).flat_map(|_| mean.clone()).collect();
     assert!(rel_err(&out.x1_hat, &want) <= 1e-5);
     for s in &out.stats {

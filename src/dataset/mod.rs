@@ -182,7 +182,10 @@ impl Dataset {
                 *m += raw.get(i * dim + k);
             }
         }
-        let mean: Vec<f32> = mean64.iter().map(|m| (m / n_samples as f64) as f32).collect();
+        let mean: Vec<f32> = mean64
+            .iter()
+            .map(|m| (m / n_samples as f64) as f32)
+            .collect();
 
         let mut sq_norms = Vec::with_capacity(n_samples);
         let centred_row = |src: usize, k: usize| raw.get(src * dim + k) - mean[k] as f64;

@@ -126,14 +126,22 @@ fn run_task(ds: &Dataset, x: &[f32], coefs: &[[f32; 2]], rows: Range<usize>) -> 
             Values::F32(v) => &v[tile.start * dim..tile.end * dim],
             Values::F16(v) => {
                 converted.clear();
-                converted.extend(v[tile.start * dim..tile.end * dim].iter().map(|h: &f16| h.to_f32()));
+                converted.extend(
+                    v[tile.start * dim..tile.end * dim]
+                        .iter()
+                        .map(|h: &f16| h.to_f32()),
+                );
                 &converted
             }
         };
         let s = &mut logits[..n_q * nt];
         // S = X * Y_tile^T: (n_q x dim) * (dim x nt); column j of the rhs is row j of y.
         sgemm(
-            Gemm { m: n_q, n: nt, k: dim },
+            Gemm {
+                m: n_q,
+                n: nt,
+                k: dim,
+            },
             s,
             false,
             (x, dim, 1),
@@ -146,12 +154,18 @@ fn run_task(ds: &Dataset, x: &[f32], coefs: &[[f32; 2]], rows: Range<usize>) -> 
             }
             let scale = states[q].absorb_tile(row, tile.start as u32);
             if scale != 1.0 {
-                acc[q * dim..(q + 1) * dim].iter_mut().for_each(|a| *a *= scale);
+                acc[q * dim..(q + 1) * dim]
+                    .iter_mut()
+                    .for_each(|a| *a *= scale);
             }
         }
         // acc += P * Y_tile: (n_q x nt) * (nt x dim)
         sgemm(
-            Gemm { m: n_q, n: dim, k: nt },
+            Gemm {
+                m: n_q,
+                n: dim,
+                k: nt,
+            },
             &mut acc,
             true,
             (s, nt, 1),

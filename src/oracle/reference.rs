@@ -43,7 +43,11 @@ pub fn evaluate_f64(
         let logits: Vec<f64> = samples
             .iter()
             .map(|y| {
-                let d2: f64 = x.iter().zip(y).map(|(a, b)| (a - c.alpha * b).powi(2)).sum();
+                let d2: f64 = x
+                    .iter()
+                    .zip(y)
+                    .map(|(a, b)| (a - c.alpha * b).powi(2))
+                    .sum();
                 -d2 / two_s2
             })
             .collect();

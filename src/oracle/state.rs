@@ -60,12 +60,12 @@ impl SoftmaxState {
         let (ra, rb) = ((self.max - m).exp(), (other.max - m).exp());
         let ta = ra * (self.sum_shifted_logit + self.sum * (self.max - m));
         let tb = rb * (other.sum_shifted_logit + other.sum * (other.max - m));
-        let argmax = if other.max > self.max || (other.max == self.max && other.argmax < self.argmax)
-        {
-            other.argmax
-        } else {
-            self.argmax
-        };
+        let argmax =
+            if other.max > self.max || (other.max == self.max && other.argmax < self.argmax) {
+                other.argmax
+            } else {
+                self.argmax
+            };
         *self = SoftmaxState {
             max: m,
             sum: ra * self.sum + rb * other.sum,
@@ -121,7 +121,10 @@ mod tests {
             assert!((x - y).abs() < 1e-5 * y.abs().max(1.0), "{x} vs {y}");
         }
         let st = s.stats();
-        let w: Vec<f64> = [0.5f64, -3.0, 2.0, 4.0, 1.0].iter().map(|s| s.exp()).collect();
+        let w: Vec<f64> = [0.5f64, -3.0, 2.0, 4.0, 1.0]
+            .iter()
+            .map(|s| s.exp())
+            .collect();
         let z: f64 = w.iter().sum();
         let h: f64 = -w.iter().map(|x| x / z * (x / z).ln()).sum::<f64>();
         assert!((st.entropy as f64 - h).abs() < 1e-5);
@@ -167,11 +170,7 @@ impl SoftmaxState {
             sq += e * e;
             *s = e;
         }
-        let scale = if empty {
-            0.0
-        } else {
-            (self.max - m_new).exp()
-        };
+        let scale = if empty { 0.0 } else { (self.max - m_new).exp() };
         if empty || tile_max > self.max {
             self.argmax = first_row + tile_arg as u32;
         }

@@ -13,7 +13,9 @@ pub fn rng(seed: u64) -> ChaCha8Rng {
 }
 
 pub fn normal(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.sample::<f32, _>(StandardNormal)).collect()
+    (0..n)
+        .map(|_| rng.sample::<f32, _>(StandardNormal))
+        .collect()
 }
 
 /// N x D unit Gaussians plus `offset` (an offset exercises the centring), with labels i % 3.

@@ -1,28 +1,579 @@
-//! wgpu backend (placeholder until the kernels land).
+//! wgpu backend: the tiled online-softmax passes of DESIGN §2 as four WGSL kernels.
+//!
+//! Built once per dataset: device, pipelines, the dataset resident in chunks
+//! ([`residency`]). A call streams the requested rows through tile steps; per step
+//!   1. `logits`:     S = c_dot * X Y_tile^T - c_norm |y|^2          (B x Nt, scratch)
+//!   2. `softmax`:    per query, new max, rescale factor, P = exp(S - m) in place, stats
+//!   3. `accumulate`: acc = acc * scale + P Y_tile                   (B x D)
+//! and after the last step `finalize` merges the splits and divides by the softmax sum.
+//!
+//! Splits: on a real GPU a small batch cannot fill the device (pass 3 has only B x D
+//! outputs), so the row range is cut into `splits` contiguous parts processed side by
+//! side, each with its own state and accumulator; they are merged at the end with the
+//! same rescale-and-add as [`SoftmaxState::merge`] (which merges the scalar states on the
+//! host, so the statistics use the shared formulas). On a software adapter splits = 1.
+//!
+//! All tile steps of one batch are recorded into one command encoder and one submit; a
+//! batch larger than the scratch buffers can bind is run as several sub-batches.
 
-use crate::dataset::Dataset;
+mod device;
+mod pipelines;
+mod residency;
+
+use std::ops::Range;
+
+use crate::dataset::{Dataset, Dtype};
 use crate::error::{Error, Result};
-use crate::oracle::{Backend, CentredBatch, Posterior};
+use crate::oracle::{Backend, CentredBatch, Posterior, QueryStats, SoftmaxState};
 
-pub struct GpuBackend {}
+pub use device::adapter_report;
+pub use pipelines::kernel_sources;
+
+use device::Gpu;
+use pipelines::{
+    GpuState, Kernels, StepParams, ACC_TILE_COLUMNS, FINALIZE_WORKGROUP, TILE_QUERIES,
+    TILE_ROWS_ALIGN,
+};
+use residency::{Chunk, Storage};
+
+/// Enough workgroups per dispatch to fill a large GPU a few times over.
+const TARGET_WORKGROUPS: usize = 1024;
+/// Most splits of the row range (each costs a B x D accumulator).
+const MAX_SPLITS: usize = 64;
+/// Fewest rows worth a split of their own.
+const MIN_SPLIT_ROWS: usize = 256;
+/// Tile width bounds (rows per split per step).
+const MIN_TILE_ROWS: usize = 64;
+const MAX_TILE_ROWS: usize = 1024;
+/// Tile width on software adapters: few dispatches, each still cache-sized.
+const CPU_TILE_ROWS: usize = 256;
+
+/// Knobs of [`GpuBackend::with_options`]; the defaults suit normal use.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Refuse software adapters (lavapipe): what `--backend auto` wants.
+    pub hardware_only: bool,
+    /// Largest dataset chunk buffer, in bytes (below the device's binding limit), e.g. to
+    /// force multi-chunk residency in tests.
+    pub max_chunk_bytes: Option<u64>,
+    /// Parts the row range is cut into and processed side by side (default: chosen from
+    /// the batch and the adapter; 1 on software adapters).
+    pub splits: Option<usize>,
+    /// Rows per split per tile step, rounded up to a multiple of 64 (default: chosen).
+    pub tile_rows: Option<usize>,
+    /// Compile the kernels without wgpu's runtime bounds checks (they bound their own
+    /// indices). Faster; off by default.
+    pub trusted_shaders: bool,
+}
+
+/// A query-sized buffer that grows when a larger batch arrives.
+struct Scratch {
+    label: &'static str,
+    usage: wgpu::BufferUsages,
+    buffer: Option<wgpu::Buffer>,
+}
+
+impl Scratch {
+    fn new(label: &'static str, usage: wgpu::BufferUsages) -> Scratch {
+        Scratch {
+            label,
+            usage,
+            buffer: None,
+        }
+    }
+
+    /// A buffer of at least `bytes` (grown by powers of two up to `cap`).
+    fn get(&mut self, device: &wgpu::Device, bytes: u64, cap: u64) -> &wgpu::Buffer {
+        let bytes = bytes.max(16);
+        if self.buffer.as_ref().is_none_or(|b| b.size() < bytes) {
+            let size = bytes.next_power_of_two().min(cap).max(bytes);
+            self.buffer = Some(device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(self.label),
+                size,
+                usage: self.usage,
+                mapped_at_creation: false,
+            }));
+        }
+        self.buffer.as_ref().expect("just made")
+    }
+}
+
+struct Buffers {
+    x: Scratch,
+    coefs: Scratch,
+    logits: Scratch,
+    states: Scratch,
+    acc: Scratch,
+    mean: Scratch,
+    params: Scratch,
+    readback: Scratch,
+}
+
+impl Buffers {
+    fn new() -> Buffers {
+        use wgpu::BufferUsages as U;
+        Buffers {
+            x: Scratch::new("queries", U::STORAGE | U::COPY_DST),
+            coefs: Scratch::new("logit coefs", U::STORAGE | U::COPY_DST),
+            logits: Scratch::new("logits", U::STORAGE),
+            states: Scratch::new("states", U::STORAGE | U::COPY_SRC),
+            acc: Scratch::new("acc", U::STORAGE),
+            mean: Scratch::new("mean", U::STORAGE | U::COPY_SRC),
+            params: Scratch::new("step params", U::UNIFORM | U::COPY_DST),
+            readback: Scratch::new("readback", U::MAP_READ | U::COPY_DST),
+        }
+    }
+}
+
+/// How one sub-batch is cut.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    splits: usize,
+    tile_rows: usize,
+}
+
+/// The oracle posterior on a GPU through wgpu.
+pub struct GpuBackend {
+    gpu: Gpu,
+    kernels: Kernels,
+    chunks: Vec<Chunk>,
+    storage: Storage,
+    dataset_dtype: Dtype,
+    n_samples: usize,
+    dim: usize,
+    /// vec4s per padded row
+    dim4: usize,
+    options: GpuOptions,
+    buffers: Buffers,
+}
 
 impl GpuBackend {
     /// `hardware_only`: refuse CPU adapters (lavapipe), as `--backend auto` wants.
-    pub fn new(_dataset: &Dataset, _hardware_only: bool) -> Result<Self> {
-        Err(Error::Gpu("not built yet".into()))
+    pub fn new(dataset: &Dataset, hardware_only: bool) -> Result<Self> {
+        Self::with_options(
+            dataset,
+            GpuOptions {
+                hardware_only,
+                ..Default::default()
+            },
+        )
+    }
+
+    pub fn with_options(dataset: &Dataset, options: GpuOptions) -> Result<Self> {
+        let want_f16 = dataset.dtype() == Dtype::F16;
+        let gpu = device::open(options.hardware_only, want_f16)?;
+        // f16 data on a device without SHADER_F16 is held as f32: exact, twice the memory.
+        let storage = if want_f16 && gpu.features.contains(wgpu::Features::SHADER_F16) {
+            Storage::F16
+        } else {
+            Storage::F32
+        };
+        let built = scoped(&gpu.device, || {
+            let kernels = Kernels::new(
+                &gpu.device,
+                storage == Storage::F16,
+                options.trusted_shaders,
+            )?;
+            let chunk_cap = options
+                .max_chunk_bytes
+                .map_or(gpu.max_binding_bytes(), |c| c.min(gpu.max_binding_bytes()));
+            let chunks = residency::upload(&gpu.device, dataset, storage, chunk_cap)?;
+            Ok((kernels, chunks))
+        });
+        let (kernels, chunks) = built.map_err(|e| match e {
+            Error::Gpu(m) => Error::Gpu(format!("{m} (uploading {})", dataset.name)),
+            e => e,
+        })?;
+        Ok(GpuBackend {
+            gpu,
+            kernels,
+            chunks,
+            storage,
+            dataset_dtype: dataset.dtype(),
+            n_samples: dataset.n_samples(),
+            dim: dataset.dim(),
+            dim4: dataset.dim().div_ceil(4),
+            options,
+            buffers: Buffers::new(),
+        })
+    }
+
+    /// Number of device buffers the dataset is held in.
+    pub fn n_chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Adapter name as the driver reports it.
+    pub fn adapter_name(&self) -> &str {
+        &self.gpu.info.name
+    }
+
+    fn max_binding(&self) -> u64 {
+        self.gpu.max_binding_bytes()
+    }
+
+    /// Most queries one submit can take: the queries, accumulator and mean (B x D each)
+    /// and the narrowest logits tile (B x 64) must each fit one binding, and B one
+    /// dispatch dimension.
+    fn max_queries_per_submit(&self) -> usize {
+        let limit = self.max_binding();
+        let by_rows = limit / (self.dim4 as u64 * 16);
+        let by_logits = limit / (MIN_TILE_ROWS as u64 * 4);
+        let by_grid = self.gpu.limits.max_compute_workgroups_per_dimension as u64;
+        by_rows.min(by_logits).min(by_grid).max(1) as usize
+    }
+
+    fn plan(&self, n_queries: usize, n_rows: usize) -> Plan {
+        let limit = self.max_binding() as usize;
+        let query_blocks = n_queries.div_ceil(TILE_QUERIES as usize);
+        let column_blocks = self.dim4.div_ceil(ACC_TILE_COLUMNS as usize);
+        let max_splits = (limit / (n_queries * self.dim4 * 16))
+            .min(limit / (n_queries * MIN_TILE_ROWS * 4))
+            .clamp(1, MAX_SPLITS);
+        let splits = self
+            .options
+            .splits
+            .unwrap_or_else(|| {
+                if self.gpu.is_cpu() {
+                    1
+                } else {
+                    TARGET_WORKGROUPS
+                        .div_ceil(query_blocks * column_blocks)
+                        .min(n_rows / MIN_SPLIT_ROWS)
+                }
+            })
+            .clamp(1, max_splits)
+            .min(n_rows);
+        let split_rows = n_rows.div_ceil(splits);
+        let tile_rows = self
+            .options
+            .tile_rows
+            .unwrap_or_else(|| {
+                if self.gpu.is_cpu() {
+                    CPU_TILE_ROWS
+                } else {
+                    MIN_TILE_ROWS * TARGET_WORKGROUPS.div_ceil(query_blocks * splits)
+                }
+            })
+            .clamp(MIN_TILE_ROWS, MAX_TILE_ROWS)
+            .min(split_rows.next_multiple_of(MIN_TILE_ROWS))
+            .min(limit / (splits * n_queries * 4))
+            .next_multiple_of(TILE_ROWS_ALIGN as usize);
+        Plan { splits, tile_rows }
+    }
+
+    /// One submit: queries `x` (n x D) against `rows`; writes n x D of `mean` and
+    /// pushes n stats.
+    fn run(
+        &mut self,
+        x: &[f32],
+        coefs: &[[f32; 2]],
+        rows: Range<usize>,
+        mean: &mut [f32],
+        stats: &mut Vec<QueryStats>,
+    ) -> Result<()> {
+        let n_queries = coefs.len();
+        let plan = self.plan(n_queries, rows.len());
+        let (dim, dim4) = (self.dim, self.dim4);
+        let steps = self.steps(n_queries, &rows, plan);
+
+        let device = self.gpu.device.clone();
+        let queue = self.gpu.queue.clone();
+        let limit = self.max_binding();
+        let align = self.gpu.limits.min_uniform_buffer_offset_alignment as u64;
+        let params_stride = (std::mem::size_of::<StepParams>() as u64).next_multiple_of(align);
+        let row_bytes = dim4 as u64 * 16;
+        let n_virtual = (plan.splits * n_queries) as u64;
+        let mean_bytes = n_queries as u64 * row_bytes;
+        let states_bytes = n_virtual * std::mem::size_of::<GpuState>() as u64;
+        let b = &mut self.buffers;
+        let x_buf = b.x.get(&device, mean_bytes, limit).clone();
+        let coefs_buf = b.coefs.get(&device, n_queries as u64 * 8, limit).clone();
+        let logits_buf = b
+            .logits
+            .get(&device, n_virtual * plan.tile_rows as u64 * 4, limit)
+            .clone();
+        let states_buf = b.states.get(&device, states_bytes, limit).clone();
+        let acc_buf = b.acc.get(&device, n_virtual * row_bytes, limit).clone();
+        let mean_buf = b.mean.get(&device, mean_bytes, limit).clone();
+        let params_buf = b
+            .params
+            .get(&device, (steps.len() as u64 + 1) * params_stride, u64::MAX)
+            .clone();
+        let readback = b
+            .readback
+            .get(&device, mean_bytes + states_bytes, u64::MAX)
+            .clone();
+
+        // Uploads: queries padded like the rows, coefficients, every step's parameters
+        // (the finalize parameters last).
+        if dim == dim4 * 4 {
+            queue.write_buffer(&x_buf, 0, bytemuck::cast_slice(x));
+        } else {
+            let mut padded = vec![0.0f32; n_queries * dim4 * 4];
+            for (dst, src) in padded.chunks_mut(dim4 * 4).zip(x.chunks(dim)) {
+                dst[..dim].copy_from_slice(src);
+            }
+            queue.write_buffer(&x_buf, 0, bytemuck::cast_slice(&padded));
+        }
+        queue.write_buffer(&coefs_buf, 0, bytemuck::cast_slice(coefs));
+        let mut params = vec![0u8; (steps.len() + 1) * params_stride as usize];
+        let finalize = StepParams {
+            n_queries: n_queries as u32,
+            dim4: dim4 as u32,
+            n_splits: plan.splits as u32,
+            ..Default::default()
+        };
+        for (i, p) in steps
+            .iter()
+            .map(|(_, p)| p)
+            .chain(std::iter::once(&finalize))
+            .enumerate()
+        {
+            let at = i * params_stride as usize;
+            params[at..at + std::mem::size_of::<StepParams>()]
+                .copy_from_slice(bytemuck::bytes_of(p));
+        }
+        queue.write_buffer(&params_buf, 0, &params);
+
+        let k = &self.kernels;
+        let params_binding = wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: &params_buf,
+            offset: 0,
+            size: wgpu::BufferSize::new(std::mem::size_of::<StepParams>() as u64),
+        });
+        let bind = |layout: &wgpu::BindGroupLayout, buffers: &[&wgpu::Buffer]| {
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: params_binding.clone(),
+            }];
+            entries.extend(
+                buffers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| wgpu::BindGroupEntry {
+                        binding: i as u32 + 1,
+                        resource: b.as_entire_binding(),
+                    }),
+            );
+            device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout,
+                entries: &entries,
+            })
+        };
+        let logits_groups: Vec<wgpu::BindGroup> = self
+            .chunks
+            .iter()
+            .map(|c| {
+                bind(
+                    &k.logits.layout,
+                    &[&x_buf, &coefs_buf, &c.values, &c.sq_norms, &logits_buf],
+                )
+            })
+            .collect();
+        let accumulate_groups: Vec<wgpu::BindGroup> = self
+            .chunks
+            .iter()
+            .map(|c| {
+                bind(
+                    &k.accumulate.layout,
+                    &[&logits_buf, &c.values, &states_buf, &acc_buf],
+                )
+            })
+            .collect();
+        let softmax_group = bind(&k.softmax.layout, &[&logits_buf, &states_buf]);
+        let finalize_group = bind(&k.finalize.layout, &[&acc_buf, &states_buf, &mean_buf]);
+
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("posterior"),
+        });
+        // Zero states mean "no row seen" (sum = 0); zero accumulators.
+        encoder.clear_buffer(&states_buf, 0, Some(states_bytes));
+        encoder.clear_buffer(&acc_buf, 0, Some(n_virtual * row_bytes));
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("tile steps"),
+                timestamp_writes: None,
+            });
+            let query_blocks = n_queries.div_ceil(TILE_QUERIES as usize) as u32;
+            let splits = plan.splits as u32;
+            for (i, (chunk, _)) in steps.iter().enumerate() {
+                let offset = [(i as u64 * params_stride) as u32];
+                pass.set_pipeline(&k.logits.pipeline);
+                pass.set_bind_group(0, &logits_groups[*chunk], &offset);
+                pass.dispatch_workgroups(
+                    (plan.tile_rows as u32).div_ceil(TILE_ROWS_ALIGN),
+                    query_blocks,
+                    splits,
+                );
+                pass.set_pipeline(&k.softmax.pipeline);
+                pass.set_bind_group(0, &softmax_group, &offset);
+                pass.dispatch_workgroups(n_queries as u32, splits, 1);
+                pass.set_pipeline(&k.accumulate.pipeline);
+                pass.set_bind_group(0, &accumulate_groups[*chunk], &offset);
+                pass.dispatch_workgroups(
+                    (dim4 as u32).div_ceil(ACC_TILE_COLUMNS),
+                    query_blocks,
+                    splits,
+                );
+            }
+            pass.set_pipeline(&k.finalize.pipeline);
+            pass.set_bind_group(
+                0,
+                &finalize_group,
+                &[(steps.len() as u64 * params_stride) as u32],
+            );
+            pass.dispatch_workgroups(
+                (dim4 as u32).div_ceil(FINALIZE_WORKGROUP),
+                n_queries as u32,
+                1,
+            );
+        }
+        encoder.copy_buffer_to_buffer(&mean_buf, 0, &readback, 0, mean_bytes);
+        encoder.copy_buffer_to_buffer(&states_buf, 0, &readback, mean_bytes, states_bytes);
+        queue.submit([encoder.finish()]);
+
+        let bytes = read_back(&device, &readback, mean_bytes + states_bytes)?;
+        let (mean_bytes_read, states_read) = bytes.split_at(mean_bytes as usize);
+        let device_mean: &[f32] = bytemuck::cast_slice(mean_bytes_read);
+        for (dst, src) in mean.chunks_mut(dim).zip(device_mean.chunks(dim4 * 4)) {
+            dst.copy_from_slice(&src[..dim]);
+        }
+        let states: &[GpuState] = bytemuck::cast_slice(states_read);
+        for q in 0..n_queries {
+            let mut merged = SoftmaxState::EMPTY;
+            for s in 0..plan.splits {
+                let g = states[s * n_queries + q];
+                merged.merge(&SoftmaxState {
+                    max: g.max,
+                    sum: g.sum,
+                    sum_shifted_logit: g.sum_shifted_logit,
+                    sum_sq: g.sum_sq,
+                    argmax: g.argmax,
+                });
+            }
+            stats.push(merged.stats());
+        }
+        Ok(())
+    }
+
+    /// The tile steps over `rows`: (chunk index, parameters) in order. Within each chunk
+    /// the rows are cut into `plan.splits` contiguous parts walked side by side.
+    fn steps(&self, n_queries: usize, rows: &Range<usize>, plan: Plan) -> Vec<(usize, StepParams)> {
+        let mut steps = Vec::new();
+        for (c, chunk) in self.chunks.iter().enumerate() {
+            let start = rows.start.max(chunk.rows.start);
+            let end = rows.end.min(chunk.rows.end);
+            if start >= end {
+                continue;
+            }
+            let split_len = (end - start).div_ceil(plan.splits);
+            for step_offset in (0..split_len).step_by(plan.tile_rows) {
+                steps.push((
+                    c,
+                    StepParams {
+                        n_queries: n_queries as u32,
+                        dim4: self.dim4 as u32,
+                        tile_rows: plan.tile_rows as u32,
+                        n_splits: plan.splits as u32,
+                        split_base: (start - chunk.rows.start) as u32,
+                        split_len: split_len as u32,
+                        range_end: (end - chunk.rows.start) as u32,
+                        step_offset: step_offset as u32,
+                        chunk_first_row: chunk.rows.start as u32,
+                        pad: [0; 3],
+                    },
+                ));
+            }
+        }
+        steps
+    }
+}
+
+/// Maps `buffer`, waits for the GPU, copies out the first `bytes`.
+fn read_back(device: &wgpu::Device, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    buffer.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
+        let _ = tx.send(r);
+    });
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+    rx.recv()
+        .map_err(|_| Error::Gpu("readback callback dropped".into()))?
+        .map_err(|e| Error::Gpu(format!("reading results back: {e}")))?;
+    let out = buffer
+        .get_mapped_range(0..bytes)
+        .map_err(|e| Error::Gpu(format!("reading results back: {e}")))?
+        .to_vec();
+    buffer.unmap();
+    Ok(out)
+}
+
+/// Runs `f` with wgpu's validation and out-of-memory errors turned into `Err` (by
+/// default wgpu panics on them).
+fn scoped<T>(device: &wgpu::Device, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let out = f();
+    let validation = pollster::block_on(validation.pop());
+    let oom = pollster::block_on(oom.pop());
+    match (validation.or(oom), out) {
+        (Some(e), _) => Err(Error::Gpu(e.to_string())),
+        (None, out) => out,
     }
 }
 
 impl Backend for GpuBackend {
-    fn posterior(&mut self, _batch: &CentredBatch<'_>) -> Result<Posterior> {
-        Err(Error::Gpu("not built yet".into()))
+    fn posterior(&mut self, batch: &CentredBatch<'_>) -> Result<Posterior> {
+        let n_queries = batch.logit_coefs.len();
+        let dim = self.dim;
+        if batch.x.len() != n_queries * dim {
+            return Err(Error::Input(format!(
+                "{} query values for {n_queries} queries of {dim} values",
+                batch.x.len()
+            )));
+        }
+        let rows = batch.rows.clone();
+        if rows.is_empty() || rows.end > self.n_samples {
+            return Err(Error::Input(format!(
+                "rows {rows:?} are empty or outside the {} samples",
+                self.n_samples
+            )));
+        }
+        let mut mean = vec![0.0f32; n_queries * dim];
+        let mut stats = Vec::with_capacity(n_queries);
+        let per_submit = self.max_queries_per_submit();
+        let device = self.gpu.device.clone();
+        for q0 in (0..n_queries).step_by(per_submit) {
+            let q1 = (q0 + per_submit).min(n_queries);
+            scoped(&device, || {
+                self.run(
+                    &batch.x[q0 * dim..q1 * dim],
+                    &batch.logit_coefs[q0..q1],
+                    rows.clone(),
+                    &mut mean[q0 * dim..q1 * dim],
+                    &mut stats,
+                )
+            })?;
+        }
+        Ok(Posterior { mean, stats })
     }
-    fn describe(&self) -> String {
-        "gpu".into()
-    }
-}
 
-/// Adapter description for `oracleflow info` (placeholder).
-pub fn adapter_report() -> Result<String> {
-    Err(Error::Gpu("not built yet".into()))
+    fn describe(&self) -> String {
+        let storage = match (self.dataset_dtype, self.storage) {
+            (Dtype::F16, Storage::F32) => "f16 data held as f32 (no SHADER_F16)",
+            (_, Storage::F16) => "f16 storage",
+            (_, Storage::F32) => "f32 storage",
+        };
+        let n = self.chunks.len();
+        format!(
+            "gpu: {} ({:?}, {:?}), {storage}, {n} chunk{}",
+            self.gpu.info.name,
+            self.gpu.info.backend,
+            self.gpu.info.device_type,
+            if n == 1 { "" } else { "s" }
+        )
+    }
 }

@@ -1,0 +1,175 @@
+//! Adapter choice and device creation: which GPU, which features, which limits.
+
+use std::fmt::Write as _;
+use std::sync::Once;
+
+use crate::error::{Error, Result};
+
+use super::pipelines::WORKGROUP_BYTES;
+
+/// An open device and what was negotiated for it.
+pub(super) struct Gpu {
+    pub info: wgpu::AdapterInfo,
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub features: wgpu::Features,
+    pub limits: wgpu::Limits,
+}
+
+impl Gpu {
+    /// Largest buffer one binding may cover (also a bound on any one buffer we make).
+    pub fn max_binding_bytes(&self) -> u64 {
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
+            & !15
+    }
+
+    pub fn is_cpu(&self) -> bool {
+        is_cpu_adapter(&self.info)
+    }
+}
+
+/// Software rasterisers report `DeviceType::Cpu` on Vulkan; on GL the name gives them away.
+fn is_cpu_adapter(info: &wgpu::AdapterInfo) -> bool {
+    let name = info.name.to_lowercase();
+    info.device_type == wgpu::DeviceType::Cpu
+        || ["llvmpipe", "lavapipe", "softpipe", "swiftshader", "warp"]
+            .iter()
+            .any(|s| name.contains(s))
+}
+
+fn instance() -> wgpu::Instance {
+    // lavapipe prints a warning at start-up when XDG_RUNTIME_DIR is unset; set it once,
+    // before any GPU work, to a directory that exists.
+    static XDG: Once = Once::new();
+    XDG.call_once(|| {
+        if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+            std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+        }
+    });
+    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+}
+
+fn adapter(hardware_only: bool) -> Result<wgpu::Adapter> {
+    let adapter = pollster::block_on(instance().request_adapter(&wgpu::RequestAdapterOptions {
+        power_preference: wgpu::PowerPreference::HighPerformance,
+        ..Default::default()
+    }))
+    .map_err(|e| Error::Gpu(format!("no adapter: {e}")))?;
+    let info = adapter.get_info();
+    if hardware_only && is_cpu_adapter(&info) {
+        return Err(Error::Gpu(format!(
+            "only a software adapter ({}, {:?}) is available",
+            info.name, info.backend
+        )));
+    }
+    Ok(adapter)
+}
+
+/// Opens the preferred adapter. Features: SHADER_F16 when the adapter has it and
+/// `want_f16`. Limits: the adapter's own for what the kernels need (binding and buffer
+/// sizes, workgroup memory and size, storage buffers per stage), downlevel defaults
+/// for the rest.
+pub(super) fn open(hardware_only: bool, want_f16: bool) -> Result<Gpu> {
+    let adapter = adapter(hardware_only)?;
+    let info = adapter.get_info();
+    let have = adapter.limits();
+    let features = if want_f16 {
+        adapter.features() & wgpu::Features::SHADER_F16
+    } else {
+        wgpu::Features::empty()
+    };
+
+    // The kernels bind at most 5 storage buffers, use 16 x 16 workgroups and 12 KiB of
+    // workgroup memory.
+    if have.max_storage_buffers_per_shader_stage < 5
+        || have.max_compute_workgroup_storage_size < WORKGROUP_BYTES
+        || have.max_compute_invocations_per_workgroup < 256
+    {
+        return Err(Error::Gpu(format!(
+            "adapter {} is too small: {} storage buffers per stage, {} B workgroup memory, \
+             {} invocations per workgroup",
+            info.name,
+            have.max_storage_buffers_per_shader_stage,
+            have.max_compute_workgroup_storage_size,
+            have.max_compute_invocations_per_workgroup
+        )));
+    }
+    let limits = wgpu::Limits {
+        max_storage_buffer_binding_size: have.max_storage_buffer_binding_size,
+        max_buffer_size: have.max_buffer_size,
+        max_storage_buffers_per_shader_stage: have.max_storage_buffers_per_shader_stage,
+        max_compute_workgroup_storage_size: have.max_compute_workgroup_storage_size,
+        max_compute_invocations_per_workgroup: have.max_compute_invocations_per_workgroup,
+        max_compute_workgroup_size_x: have.max_compute_workgroup_size_x,
+        max_compute_workgroup_size_y: have.max_compute_workgroup_size_y,
+        max_compute_workgroups_per_dimension: have.max_compute_workgroups_per_dimension,
+        ..wgpu::Limits::downlevel_defaults()
+    };
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("oracleflow"),
+        required_features: features,
+        required_limits: limits.clone(),
+        experimental_features: wgpu::ExperimentalFeatures::disabled(),
+        memory_hints: wgpu::MemoryHints::Performance,
+        trace: wgpu::Trace::Off,
+    }))
+    .map_err(|e| Error::Gpu(format!("opening {}: {e}", info.name)))?;
+    Ok(Gpu {
+        info,
+        device,
+        queue,
+        features,
+        limits,
+    })
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.0} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+/// What `oracleflow info` prints about the GPU: the adapter wgpu would pick (software
+/// ones included) and the limits and features that matter to the kernels.
+pub fn adapter_report() -> Result<String> {
+    let adapter = adapter(false)?;
+    let info = adapter.get_info();
+    let l = adapter.limits();
+    let f = adapter.features();
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    let mut s = String::new();
+    let _ = writeln!(s, "gpu: {}", info.name);
+    let _ = writeln!(
+        s,
+        "  backend: {:?}, device type: {:?}{}",
+        info.backend,
+        info.device_type,
+        if is_cpu_adapter(&info) {
+            " (software: `--backend auto` will not use it)"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(s, "  driver: {} {}", info.driver, info.driver_info);
+    let _ = writeln!(
+        s,
+        "  max storage buffer binding: {}, max buffer: {}",
+        mib(l.max_storage_buffer_binding_size),
+        mib(l.max_buffer_size)
+    );
+    let _ = writeln!(
+        s,
+        "  workgroup memory: {} KiB, invocations per workgroup: {}",
+        l.max_compute_workgroup_storage_size / 1024,
+        l.max_compute_invocations_per_workgroup
+    );
+    let _ = writeln!(
+        s,
+        "  SHADER_F16: {}, SUBGROUP: {} (subgroup size {}..{})",
+        yes(f.contains(wgpu::Features::SHADER_F16)),
+        yes(f.contains(wgpu::Features::SUBGROUP)),
+        info.subgroup_min_size,
+        info.subgroup_max_size
+    );
+    Ok(s.trim_end().to_string())
+}

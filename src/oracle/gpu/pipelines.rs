@@ -1,0 +1,249 @@
+//! The four kernels of a posterior evaluation, their bind group layouts and pipelines.
+//!
+//! One WGSL file per kernel under `shaders/`. The two kernels that read the dataset
+//! (`logits`, `accumulate`) come in an f32 and an f16 storage variant made from the same
+//! file: the host swaps the `alias YVec = vec4<f32>;` line and adds `enable f16;`.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::error::{Error, Result};
+
+const LOGITS_WGSL: &str = include_str!("../../../shaders/logits.wgsl");
+const SOFTMAX_WGSL: &str = include_str!("../../../shaders/softmax.wgsl");
+const ACCUMULATE_WGSL: &str = include_str!("../../../shaders/accumulate.wgsl");
+const FINALIZE_WGSL: &str = include_str!("../../../shaders/finalize.wgsl");
+
+const F32_STORAGE: &str = "alias YVec = vec4<f32>;";
+const F16_STORAGE: &str = "alias YVec = vec4<f16>;";
+
+/// Queries per workgroup in `logits` and `accumulate`.
+pub(super) const TILE_QUERIES: u32 = 64;
+/// Rows per workgroup in `logits`; tile widths are multiples of it.
+pub(super) const TILE_ROWS_ALIGN: u32 = 64;
+/// vec4 columns of D per workgroup in `accumulate`.
+pub(super) const ACC_TILE_COLUMNS: u32 = 32;
+/// Threads per workgroup in `finalize` (along the vec4 columns).
+pub(super) const FINALIZE_WORKGROUP: u32 = 64;
+/// Workgroup memory the kernels declare (the largest, `accumulate`: 768 vec4).
+pub(super) const WORKGROUP_BYTES: u32 = 768 * 16;
+
+/// Per-dispatch parameters (`struct Params` in every shader); one per tile step, bound at
+/// a dynamic offset of one uniform buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(super) struct StepParams {
+    pub n_queries: u32,
+    /// vec4s per (padded) row
+    pub dim4: u32,
+    /// rows per split per step (Nt), a multiple of [`TILE_ROWS_ALIGN`]
+    pub tile_rows: u32,
+    pub n_splits: u32,
+    /// chunk-local first row of split 0
+    pub split_base: u32,
+    /// rows per split
+    pub split_len: u32,
+    /// chunk-local end of the row range
+    pub range_end: u32,
+    /// rows of each split already done
+    pub step_offset: u32,
+    /// dataset row of the chunk's first row (for the argmax)
+    pub chunk_first_row: u32,
+    pub pad: [u32; 3],
+}
+
+/// `struct QueryState` in the shaders: the scalar online-softmax state of one query and
+/// split, plus the last step's rescale factor.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub(super) struct GpuState {
+    pub max: f32,
+    pub sum: f32,
+    pub sum_shifted_logit: f32,
+    pub sum_sq: f32,
+    pub argmax: u32,
+    pub scale: f32,
+    pub pad: [u32; 2],
+}
+
+/// Every kernel source the backend may compile, by name: the four files as they are, and
+/// the f16 storage variants. The shader validation test checks all of them.
+pub fn kernel_sources() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for f16 in [false, true] {
+        let suffix = if f16 { "f16" } else { "f32" };
+        out.push((
+            format!("logits ({suffix})"),
+            storage_variant(LOGITS_WGSL, f16),
+        ));
+        out.push((
+            format!("accumulate ({suffix})"),
+            storage_variant(ACCUMULATE_WGSL, f16),
+        ));
+    }
+    out.push(("softmax".into(), SOFTMAX_WGSL.into()));
+    out.push(("finalize".into(), FINALIZE_WGSL.into()));
+    out
+}
+
+fn storage_variant(source: &str, f16: bool) -> String {
+    assert!(
+        source.contains(F32_STORAGE),
+        "kernel lacks the storage alias line"
+    );
+    if f16 {
+        format!("enable f16;\n{}", source.replace(F32_STORAGE, F16_STORAGE))
+    } else {
+        source.to_string()
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Slot {
+    Params,
+    Read,
+    ReadWrite,
+}
+
+fn layout(device: &wgpu::Device, label: &str, slots: &[Slot]) -> wgpu::BindGroupLayout {
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = slots
+        .iter()
+        .enumerate()
+        .map(|(i, slot)| {
+            let (ty, has_dynamic_offset, min_binding_size) = match slot {
+                Slot::Params => (
+                    wgpu::BufferBindingType::Uniform,
+                    true,
+                    wgpu::BufferSize::new(std::mem::size_of::<StepParams>() as u64),
+                ),
+                Slot::Read => (
+                    wgpu::BufferBindingType::Storage { read_only: true },
+                    false,
+                    None,
+                ),
+                Slot::ReadWrite => (
+                    wgpu::BufferBindingType::Storage { read_only: false },
+                    false,
+                    None,
+                ),
+            };
+            wgpu::BindGroupLayoutEntry {
+                binding: i as u32,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty,
+                    has_dynamic_offset,
+                    min_binding_size,
+                },
+                count: None,
+            }
+        })
+        .collect();
+    device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some(label),
+        entries: &entries,
+    })
+}
+
+/// One compute pipeline with its bind group layout.
+pub(super) struct Kernel {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
+impl Kernel {
+    fn new(
+        device: &wgpu::Device,
+        name: &str,
+        source: String,
+        slots: &[Slot],
+        trusted: bool,
+    ) -> Kernel {
+        let layout = layout(device, name, slots);
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(name),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let desc = wgpu::ShaderModuleDescriptor {
+            label: Some(name),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        };
+        let module = if trusted {
+            // SAFETY: every kernel bounds its own indices (each load and store is guarded
+            // by the row count, query count or dim4 in its parameters, and the buffers
+            // are sized for them on the host) and every loop has a bound from uniforms.
+            unsafe {
+                device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
+            }
+        } else {
+            device.create_shader_module(desc)
+        };
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(name),
+            layout: Some(&pipeline_layout),
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &[],
+                // Every kernel writes its workgroup memory before reading it.
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
+        Kernel { pipeline, layout }
+    }
+}
+
+/// The pipelines of one backend, built once.
+pub(super) struct Kernels {
+    pub logits: Kernel,
+    pub softmax: Kernel,
+    pub accumulate: Kernel,
+    pub finalize: Kernel,
+}
+
+impl Kernels {
+    /// `f16_storage`: the dataset buffers hold f16 (needs SHADER_F16 on the device).
+    pub fn new(device: &wgpu::Device, f16_storage: bool, trusted: bool) -> Result<Kernels> {
+        use Slot::*;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let kernels = Kernels {
+            // params, x, coefs, rows, sq_norms, logits
+            logits: Kernel::new(
+                device,
+                "logits",
+                storage_variant(LOGITS_WGSL, f16_storage),
+                &[Params, Read, Read, Read, Read, ReadWrite],
+                trusted,
+            ),
+            // params, logits, states
+            softmax: Kernel::new(
+                device,
+                "softmax",
+                SOFTMAX_WGSL.into(),
+                &[Params, ReadWrite, ReadWrite],
+                trusted,
+            ),
+            // params, weights, rows, states, acc
+            accumulate: Kernel::new(
+                device,
+                "accumulate",
+                storage_variant(ACCUMULATE_WGSL, f16_storage),
+                &[Params, Read, Read, Read, ReadWrite],
+                trusted,
+            ),
+            // params, acc, states, mean
+            finalize: Kernel::new(
+                device,
+                "finalize",
+                FINALIZE_WGSL.into(),
+                &[Params, Read, Read, ReadWrite],
+                trusted,
+            ),
+        };
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(format!("building the kernels: {e}")));
+        }
+        Ok(kernels)
+    }
+}

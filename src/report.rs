@@ -1,0 +1,126 @@
+//! The files a sampling run leaves behind: pictures (PNG), arrays (.npy) and numbers
+//! (run.json, steps.csv). Everything is computed first and written last, each file atomically.
+
+use std::path::Path;
+
+use crate::analysis::Neighbours;
+use crate::dataset::{npy, Dataset};
+use crate::error::{Error, Result};
+use crate::output;
+use crate::render::{grid, save_png, stack_vertical, tile_grid, GridOptions};
+use crate::sample::SampleRun;
+
+/// The files `write_sample_outputs` writes into the output directory.
+pub const SAMPLE_FILES: [&str; 6] = [
+    "samples.png",
+    "samples.npy",
+    "trajectory.png",
+    "nearest.png",
+    "run.json",
+    "steps.csv",
+];
+
+/// Columns of the trajectory picture: the grid indices whose times are closest to
+/// `columns` evenly spaced times in [0, 1] (always including t = 0 and t = 1).
+pub fn trajectory_columns(times: &[f64], columns: usize) -> Vec<usize> {
+    let columns = columns.clamp(2, times.len());
+    let mut picked: Vec<usize> = (0..columns)
+        .map(|c| {
+            let target = c as f64 / (columns - 1) as f64;
+            (0..times.len())
+                .min_by(|&a, &b| {
+                    (times[a] - target)
+                        .abs()
+                        .total_cmp(&(times[b] - target).abs())
+                })
+                .unwrap()
+        })
+        .collect();
+    picked.dedup();
+    picked
+}
+
+/// Writes samples.png, samples.npy, trajectory.png, nearest.png, steps.csv and run.json.
+pub fn write_sample_outputs(
+    dir: &Path,
+    ds: &Dataset,
+    run: &SampleRun,
+    neighbours: &[Neighbours],
+    columns: usize,
+    run_json: &serde_json::Value,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let dim = ds.dim();
+    let shape = &ds.shape;
+    let opts = GridOptions::for_shape(shape);
+    let n = run.samples.len() / dim;
+    let samples: Vec<&[f32]> = run.samples.chunks(dim).collect();
+    let cols = (n as f64).sqrt().ceil() as usize;
+
+    // Build every picture before writing any file.
+    let samples_png = tile_grid(&samples, shape, cols, &opts);
+
+    let picked = trajectory_columns(&run.times, columns);
+    let rows =
+        |field: fn(&crate::sample::Trajectory) -> &Vec<Vec<f32>>| -> Vec<Vec<Option<&[f32]>>> {
+            run.trajectories
+                .iter()
+                .map(|tr| {
+                    picked
+                        .iter()
+                        .map(|&i| Some(field(tr)[i].as_slice()))
+                        .collect()
+                })
+                .collect()
+        };
+    let x_rows = rows(|tr| &tr.x);
+    let hat_rows = rows(|tr| &tr.x1_hat);
+    let trajectory_png = stack_vertical(
+        &[grid(&x_rows, shape, &opts), grid(&hat_rows, shape, &opts)],
+        4 * opts.pad.max(2),
+        [90, 90, 90],
+    );
+
+    let nearest: Vec<Vec<f32>> = neighbours
+        .iter()
+        .map(|nb| ds.sample(nb.nearest_row))
+        .collect();
+    let pairs_per_row = 8.min(n.max(1));
+    let nearest_rows: Vec<Vec<Option<&[f32]>>> = samples
+        .chunks(pairs_per_row)
+        .zip(nearest.chunks(pairs_per_row))
+        .map(|(s, nb)| {
+            s.iter()
+                .zip(nb)
+                .flat_map(|(s, nb)| [Some(*s), Some(nb.as_slice()), None])
+                .collect()
+        })
+        .collect();
+    let nearest_png = grid(&nearest_rows, shape, &opts);
+
+    let mut sample_shape = vec![n];
+    sample_shape.extend(&shape.dims);
+    npy::write_npy_f32(&dir.join("samples.npy"), &sample_shape, &run.samples)?;
+    save_png(&dir.join("samples.png"), &samples_png)?;
+    save_png(&dir.join("trajectory.png"), &trajectory_png)?;
+    save_png(&dir.join("nearest.png"), &nearest_png)?;
+    output::write_atomic(&dir.join("steps.csv"), |w| {
+        writeln!(
+            w,
+            "step,t,mean_top1_weight,mean_entropy,mean_ess,frac_top1_above_half"
+        )?;
+        for (i, s) in run.steps.iter().enumerate() {
+            writeln!(
+                w,
+                "{i},{},{},{},{},{}",
+                s.t, s.mean_top1_weight, s.mean_entropy, s.mean_ess, s.frac_top1_above_half
+            )?;
+        }
+        Ok(())
+    })?;
+    output::write_atomic(&dir.join("run.json"), |w| {
+        serde_json::to_writer_pretty(&mut *w, run_json)?;
+        writeln!(w)
+    })?;
+    Ok(())
+}
