@@ -100,7 +100,7 @@ pub fn write_sample_outputs(
 
     let mut sample_shape = vec![n];
     sample_shape.extend(&shape.dims);
-    npy::write_npy_f32(&dir.join("samples.npy"), &sample_shape, &run.samples)?;
+    npy::write_npy_f32(dir.join("samples.npy"), &sample_shape, &run.samples)?;
     save_png(&dir.join("samples.png"), &samples_png)?;
     save_png(&dir.join("trajectory.png"), &trajectory_png)?;
     save_png(&dir.join("nearest.png"), &nearest_png)?;

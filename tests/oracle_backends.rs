@@ -10,6 +10,7 @@
 //!   carries an absolute error of about eps * |x||y| * sqrt(D), so the logit error grows as
 //!   1/sigma^2 and the softmax weights of near neighbours move by that much. The velocity
 //!   also divides by sigma, amplifying x1_hat's rounding.
+//!
 //! Top-1 index: equal, except where the reference's best and second logits are closer than
 //! the logit rounding bound above (a true near-tie).
 

@@ -148,7 +148,7 @@ impl Dataset {
     ) -> Result<Dataset> {
         let name = name.into();
         let dim = shape.dim();
-        if dim == 0 || raw.is_empty() || raw.len() % dim != 0 {
+        if dim == 0 || raw.is_empty() || !raw.len().is_multiple_of(dim) {
             return Err(Error::data(
                 &name,
                 format!(

@@ -155,7 +155,7 @@ impl<'d> Oracle<'d> {
     pub fn evaluate(&mut self, query: &Query<'_>) -> Result<OracleOutput> {
         let ds = self.dataset;
         let dim = ds.dim();
-        if query.x.is_empty() || query.x.len() % dim != 0 {
+        if query.x.is_empty() || !query.x.len().is_multiple_of(dim) {
             return Err(Error::Input(format!(
                 "queries hold {} values, not a multiple of the sample size {dim}",
                 query.x.len()

@@ -1,0 +1,286 @@
+//! The `oracleflow` binary end to end: files written and readable, bad input refused with
+//! one line naming the problem, nothing half-written, nothing overwritten without --force.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use oracleflow::dataset::{self, npy, Dtype};
+use oracleflow::oracle::{reference, Query, Times};
+
+fn oracleflow(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_oracleflow"))
+        .args(args)
+        .env("ORACLEFLOW_TEST", "1")
+        .output()
+        .expect("run oracleflow")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn sample_writes_pictures_arrays_and_run_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let args = [
+        "sample",
+        "--data",
+        "embedded@300",
+        "-n",
+        "6",
+        "--steps",
+        "8",
+        "--backend",
+        "cpu",
+        "--track",
+        "3",
+        "--columns",
+        "5",
+        "--out",
+        out_s,
+    ];
+    let o = oracleflow(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        files_in(&out),
+        [
+            "nearest.png",
+            "run.json",
+            "samples.npy",
+            "samples.png",
+            "steps.csv",
+            "trajectory.png"
+        ]
+    );
+    let (shape, samples) = npy::read_npy_f32(out.join("samples.npy")).unwrap();
+    assert_eq!(shape, vec![6, 1, 28, 28]);
+    assert!(samples.iter().all(|v| v.is_finite()));
+    let traj = image::open(out.join("trajectory.png")).unwrap();
+    // 5 columns of 84 px cells; two blocks (x_t, x1_hat) of 3 rows.
+    assert!(traj.width() >= 5 * 84 && traj.height() >= 6 * 84);
+    image::open(out.join("samples.png")).unwrap();
+    image::open(out.join("nearest.png")).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(json["sampling"]["n"], 6);
+    assert_eq!(json["steps"].as_array().unwrap().len(), 8);
+    assert_eq!(json["memorized"]["count"], 6, "the oracle memorizes");
+    assert_eq!(
+        std::fs::read_to_string(out.join("steps.csv"))
+            .unwrap()
+            .lines()
+            .count(),
+        9
+    );
+
+    // A second run into the same directory is refused, and changes nothing.
+    let before = std::fs::read(out.join("run.json")).unwrap();
+    let o = oracleflow(&args);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(out.join("run.json")).unwrap(), before);
+    let mut forced = args.to_vec();
+    forced.push("--force");
+    assert!(oracleflow(&forced).status.success());
+}
+
+#[test]
+fn velocity_matches_the_reference_and_writes_stats() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset::load("embedded@500", Dtype::F32).unwrap();
+    let x = common::path_queries(&ds, oracleflow::Path::RectifiedFlow, 0.6, 5, 1);
+    let q = dir.path().join("q.npy");
+    npy::write_npy_f32(&q, &[5, 1, 28, 28], &x).unwrap();
+    let (v, h, s) = (
+        dir.path().join("v.npy"),
+        dir.path().join("h.npy"),
+        dir.path().join("s.csv"),
+    );
+    let o = oracleflow(&[
+        "velocity",
+        "--data",
+        "embedded@500",
+        "--queries",
+        q.to_str().unwrap(),
+        "--t",
+        "0.6",
+        "--out",
+        v.to_str().unwrap(),
+        "--x1-hat",
+        h.to_str().unwrap(),
+        "--stats",
+        s.to_str().unwrap(),
+        "--backend",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (shape, got) = npy::read_npy_f32(&v).unwrap();
+    assert_eq!(shape, vec![5, 1, 28, 28]);
+    let want = reference::evaluate_f64(
+        &ds,
+        oracleflow::Path::RectifiedFlow,
+        &Query {
+            x: &x,
+            t: Times::Scalar(0.6),
+            class: None,
+        },
+        0..500,
+    );
+    assert!(common::rel_err(&got, &want.velocity) < 1e-4);
+    let (_, hat) = npy::read_npy_f32(&h).unwrap();
+    assert!(common::rel_err(&hat, &want.x1_hat) < 1e-4);
+    let csv = std::fs::read_to_string(&s).unwrap();
+    assert_eq!(
+        csv.lines().next().unwrap(),
+        "query,t,top1_weight,top1_index,entropy,ess"
+    );
+    assert_eq!(csv.lines().count(), 6);
+    let first: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();
+    assert_eq!(first[3].parse::<u32>().unwrap(), want.stats[0].top1_index);
+}
+
+#[test]
+fn bad_input_fails_with_one_line_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let v = d.join("v.npy");
+    let vs = v.to_str().unwrap();
+
+    // Missing queries file: named in the error.
+    let o = oracleflow(&[
+        "velocity",
+        "--data",
+        "embedded@50",
+        "--queries",
+        "/nonexistent/q.npy",
+        "--t",
+        "0.5",
+        "--out",
+        vs,
+    ]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("/nonexistent/q.npy") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+
+    // Queries of the wrong size.
+    let q = d.join("q.npy");
+    npy::write_npy_f32(&q, &[2, 5], &[0.0; 10]).unwrap();
+    let o = oracleflow(&[
+        "velocity",
+        "--data",
+        "embedded@50",
+        "--queries",
+        q.to_str().unwrap(),
+        "--t",
+        "0.5",
+        "--out",
+        vs,
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("q.npy"), "{}", stderr(&o));
+
+    // Not an npy file at all.
+    let junk = d.join("junk.npy");
+    std::fs::write(&junk, b"hello").unwrap();
+    let o = oracleflow(&[
+        "velocity",
+        "--data",
+        "embedded@50",
+        "--queries",
+        junk.to_str().unwrap(),
+        "--t",
+        "0.5",
+        "--out",
+        vs,
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("junk.npy"), "{}", stderr(&o));
+
+    // A bad data spec and a time outside [0, 1].
+    let o = oracleflow(&[
+        "velocity",
+        "--data",
+        "nonsense:1",
+        "--queries",
+        q.to_str().unwrap(),
+        "--t",
+        "0.5",
+        "--out",
+        vs,
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("nonsense"),
+        "{}",
+        stderr(&o)
+    );
+    npy::write_npy_f32(&q, &[1, 784], &[0.0; 784]).unwrap();
+    let o = oracleflow(&[
+        "velocity",
+        "--data",
+        "embedded@50",
+        "--queries",
+        q.to_str().unwrap(),
+        "--t",
+        "1.5",
+        "--out",
+        vs,
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("1.5"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A class the data does not have.
+    let o = oracleflow(&[
+        "sample",
+        "--data",
+        "gaussian:20,4",
+        "--class",
+        "3",
+        "-n",
+        "2",
+        "--out",
+        d.join("s").to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("no labels"),
+        "{}",
+        stderr(&o)
+    );
+
+    assert_eq!(
+        files_in(d),
+        ["junk.npy", "q.npy"],
+        "no output was left behind"
+    );
+}
+
+#[test]
+fn info_reports_dataset() {
+    let o = oracleflow(&["info", "--data", "embedded"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("samples: 2000") && out.contains("[1, 28, 28]"),
+        "{out}"
+    );
+}
