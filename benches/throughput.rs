@@ -12,7 +12,10 @@ use oracleflow::dataset::{self, Dtype};
 use oracleflow::oracle::BackendKind;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() {
@@ -37,11 +40,5 @@ fn main() {
             Err(e) => println!("{kind:?}: not measured: {e}"),
         }
     }
-    let base = rows[0].gflops;
-    for m in &rows {
-        println!(
-            "{:<14} {:>9.4} s/eval {:>8.2} GFLOP/s  {:>5.2} x sgemm  {}",
-            m.what, m.seconds, m.gflops, m.gflops / base, m.description
-        );
-    }
+    print!("{}", oracleflow::bench::table(&rows));
 }

@@ -123,3 +123,20 @@ pub fn sgemm_throughput(
         reps,
     })
 }
+
+/// One line per measurement, with its rate relative to the first (the plain sgemm).
+pub fn table(rows: &[Measurement]) -> String {
+    let base = rows.first().map_or(1.0, |m| m.gflops);
+    rows.iter()
+        .map(|m| {
+            format!(
+                "{:<14} {:>9.4} s/eval {:>8.2} GFLOP/s  {:>5.2} x sgemm  {}\n",
+                m.what,
+                m.seconds,
+                m.gflops,
+                m.gflops / base,
+                m.description
+            )
+        })
+        .collect()
+}

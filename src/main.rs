@@ -426,17 +426,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             Err(e) => eprintln!("{kind:?}: not measured ({e})"),
         }
     }
-    let base = results[0].gflops;
-    for m in &results {
-        println!(
-            "{:<16} {:>10.4} s {:>9.2} GFLOP/s  ({:.2} x sgemm rate)  {}",
-            m.what,
-            m.seconds,
-            m.gflops,
-            m.gflops / base,
-            m.description
-        );
-    }
+    print!("{}", bench::table(&results));
     if let Some(p) = &a.json {
         output::write_atomic(p, |w| {
             serde_json::to_writer_pretty(&mut *w, &results)?;

@@ -161,93 +161,45 @@ fn bad_input_fails_with_one_line_and_writes_nothing() {
     let v = d.join("v.npy");
     let vs = v.to_str().unwrap();
 
-    // Missing queries file: named in the error.
-    let o = oracleflow(&[
-        "velocity",
-        "--data",
-        "embedded@50",
-        "--queries",
-        "/nonexistent/q.npy",
-        "--t",
-        "0.5",
-        "--out",
-        vs,
-    ]);
-    assert!(!o.status.success());
-    let err = stderr(&o);
-    assert!(
-        err.contains("/nonexistent/q.npy") && err.trim().lines().count() == 1,
-        "{err}"
-    );
+    let velocity = |queries: &Path, data: &str, t: &str| {
+        oracleflow(&[
+            "velocity",
+            "--data",
+            data,
+            "--queries",
+            queries.to_str().unwrap(),
+            "--t",
+            t,
+            "--out",
+            vs,
+        ])
+    };
+    let fails_naming = |o: Output, what: &str| {
+        let err = stderr(&o);
+        assert!(!o.status.success(), "should fail: {what}");
+        assert!(
+            err.contains(what) && err.trim().lines().count() == 1,
+            "error should name {what}: {err}"
+        );
+    };
 
+    // Missing queries file.
+    fails_naming(
+        velocity(Path::new("/nonexistent/q.npy"), "embedded@50", "0.5"),
+        "/nonexistent/q.npy",
+    );
     // Queries of the wrong size.
     let q = d.join("q.npy");
     npy::write_npy_f32(&q, &[2, 5], &[0.0; 10]).unwrap();
-    let o = oracleflow(&[
-        "velocity",
-        "--data",
-        "embedded@50",
-        "--queries",
-        q.to_str().unwrap(),
-        "--t",
-        "0.5",
-        "--out",
-        vs,
-    ]);
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("q.npy"), "{}", stderr(&o));
-
+    fails_naming(velocity(&q, "embedded@50", "0.5"), "q.npy");
     // Not an npy file at all.
     let junk = d.join("junk.npy");
     std::fs::write(&junk, b"hello").unwrap();
-    let o = oracleflow(&[
-        "velocity",
-        "--data",
-        "embedded@50",
-        "--queries",
-        junk.to_str().unwrap(),
-        "--t",
-        "0.5",
-        "--out",
-        vs,
-    ]);
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("junk.npy"), "{}", stderr(&o));
-
+    fails_naming(velocity(&junk, "embedded@50", "0.5"), "junk.npy");
     // A bad data spec and a time outside [0, 1].
-    let o = oracleflow(&[
-        "velocity",
-        "--data",
-        "nonsense:1",
-        "--queries",
-        q.to_str().unwrap(),
-        "--t",
-        "0.5",
-        "--out",
-        vs,
-    ]);
-    assert!(
-        !o.status.success() && stderr(&o).contains("nonsense"),
-        "{}",
-        stderr(&o)
-    );
+    fails_naming(velocity(&q, "nonsense:1", "0.5"), "nonsense");
     npy::write_npy_f32(&q, &[1, 784], &[0.0; 784]).unwrap();
-    let o = oracleflow(&[
-        "velocity",
-        "--data",
-        "embedded@50",
-        "--queries",
-        q.to_str().unwrap(),
-        "--t",
-        "1.5",
-        "--out",
-        vs,
-    ]);
-    assert!(
-        !o.status.success() && stderr(&o).contains("1.5"),
-        "{}",
-        stderr(&o)
-    );
+    fails_naming(velocity(&q, "embedded@50", "1.5"), "1.5");
 
     // A class the data does not have.
     let o = oracleflow(&[

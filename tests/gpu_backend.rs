@@ -442,6 +442,7 @@ fn throughput_probe() {
             &ds,
             GpuOptions {
                 tile_rows: tile,
+                trusted_shaders: std::env::var("TRUSTED").is_ok(),
                 ..Default::default()
             },
         );

@@ -13,8 +13,7 @@
 
 use std::borrow::Cow;
 use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use half::f16;
 use memmap2::Mmap;
@@ -348,9 +347,8 @@ pub fn read_npy_f32(path: impl AsRef<Path>) -> Result<(Vec<usize>, Vec<f32>)> {
     Ok((header.shape, values))
 }
 
-/// Writes `data` (C order, product(shape) values) as a `<f4` `.npy` file. The file is
-/// written under a temporary name in the same directory and renamed into place, so an
-/// error leaves no half-written file at `path`.
+/// Writes `data` (C order, product(shape) values) as a `<f4` `.npy` file, atomically
+/// (see [`crate::output::write_atomic`]): an error leaves no half-written file at `path`.
 pub fn write_npy_f32(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> Result<()> {
     let path = path.as_ref();
     let n: usize = shape.iter().product();
@@ -379,10 +377,7 @@ pub fn write_npy_f32(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> R
     header.push_str(&" ".repeat(total - preamble - header.len() - 1));
     header.push('\n');
 
-    let tmp = temp_path(path);
-    let result = (|| -> std::io::Result<()> {
-        let file = File::create(&tmp)?;
-        let mut w = std::io::BufWriter::new(file);
+    crate::output::write_atomic(path, |w| {
         w.write_all(MAGIC)?;
         w.write_all(&[version, 0])?;
         if version == 1 {
@@ -392,30 +387,11 @@ pub fn write_npy_f32(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> R
         }
         w.write_all(header.as_bytes())?;
         if cfg!(target_endian = "little") {
-            w.write_all(bytemuck::cast_slice(data))?;
+            w.write_all(bytemuck::cast_slice(data))
         } else {
-            for v in data {
-                w.write_all(&v.to_le_bytes())?;
-            }
+            data.iter().try_for_each(|v| w.write_all(&v.to_le_bytes()))
         }
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
     })
-}
-
-/// `.NAME.tmpPID` beside `path`.
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out.npy".into());
-    path.with_file_name(format!(".{name}.tmp{}", std::process::id()))
 }
 
 fn map_file(path: &Path) -> Result<Mmap> {
