@@ -93,10 +93,19 @@ fn w_block(jj: u32, ly: u32) -> mat4x4<f32> {
     );
 }
 
-fn store(vq: u32, q: u32, c: u32, sum: vec4<f32>) {
-    if q < p.n_queries && c < p.dim4 {
-        let k = vq * p.dim4 + c;
-        acc[k] = acc[k] * states[vq].scale + sum;
+// acc = acc * scale + sum for query q of the split starting at vq0, columns c and c + 16.
+fn store(vq0: u32, q: u32, c: u32, sum0: vec4<f32>, sum1: vec4<f32>) {
+    if q >= p.n_queries {
+        return;
+    }
+    let vq = vq0 + q;
+    let scale = states[vq].scale;
+    let k = vq * p.dim4 + c;
+    if c < p.dim4 {
+        acc[k] = acc[k] * scale + sum0;
+    }
+    if c + 16u < p.dim4 {
+        acc[k + 16u] = acc[k + 16u] * scale + sum1;
     }
 }
 
@@ -158,9 +167,10 @@ fn main(
         workgroupBarrier();
     }
 
-    for (var i = 0u; i < 4u; i++) {
-        let q = q0 + lid.y + 16u * i;
-        store(vq0 + q, q, c0 + lid.x, sums0[i]);
-        store(vq0 + q, q, c0 + lid.x + 16u, sums1[i]);
-    }
+    // Constant matrix indices only: a dynamically indexed matrix would be moved to memory.
+    let c = c0 + lid.x;
+    store(vq0, q0 + lid.y, c, sums0[0], sums1[0]);
+    store(vq0, q0 + lid.y + 16u, c, sums0[1], sums1[1]);
+    store(vq0, q0 + lid.y + 32u, c, sums0[2], sums1[2]);
+    store(vq0, q0 + lid.y + 48u, c, sums0[3], sums1[3]);
 }

@@ -133,19 +133,25 @@ fn main(
         workgroupBarrier();
     }
 
-    let out_base = split * p.n_queries;
-    for (var i = 0u; i < 4u; i++) {
-        let q = q0 + lid.y + 16u * i;
-        if q >= p.n_queries {
-            break;
-        }
-        let c = coefs[q];
-        for (var j = 0u; j < 4u; j++) {
-            let r = r0 + lid.x + 16u * j;
-            if r < tile.count {
-                logits[(out_base + q) * p.tile_rows + r] =
-                    c.x * dots[j][i] - c.y * sq_norms[tile.start + r];
-            }
+    // Constant matrix indices only: a dynamically indexed matrix would be moved to memory.
+    let rows = transpose(dots);
+    store_query(split, q0 + lid.y, r0 + lid.x, tile, rows[0]);
+    store_query(split, q0 + lid.y + 16u, r0 + lid.x, tile, rows[1]);
+    store_query(split, q0 + lid.y + 32u, r0 + lid.x, tile, rows[2]);
+    store_query(split, q0 + lid.y + 48u, r0 + lid.x, tile, rows[3]);
+}
+
+// Logits of query q at rows r, r + 16, r + 32, r + 48 (those inside the tile).
+fn store_query(split: u32, q: u32, r: u32, tile: TileRows, dots: vec4<f32>) {
+    if q >= p.n_queries {
+        return;
+    }
+    let c = coefs[q];
+    let out = (split * p.n_queries + q) * p.tile_rows;
+    for (var j = 0u; j < 4u; j++) {
+        let rj = r + 16u * j;
+        if rj < tile.count {
+            logits[out + rj] = c.x * dots[j] - c.y * sq_norms[tile.start + rj];
         }
     }
 }

@@ -32,8 +32,9 @@ impl Schedule {
                 if !(*shift > 0.0 && shift.is_finite()) {
                     return Err(Error::Input(format!("--shift {shift} must be > 0")));
                 }
+                // Clamped: s t / (1 + (s - 1) t) can round to 1 + eps at t = 1.
                 (0..=*steps)
-                    .map(|i| shift_time(i as f64 / *steps as f64, *shift))
+                    .map(|i| shift_time(i as f64 / *steps as f64, *shift).clamp(0.0, 1.0))
                     .collect()
             }
             Schedule::Explicit(t) => t.clone(),

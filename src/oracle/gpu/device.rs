@@ -34,9 +34,15 @@ impl Gpu {
 fn is_cpu_adapter(info: &wgpu::AdapterInfo) -> bool {
     let name = info.name.to_lowercase();
     info.device_type == wgpu::DeviceType::Cpu
-        || ["llvmpipe", "lavapipe", "softpipe", "swiftshader", "warp"]
-            .iter()
-            .any(|s| name.contains(s))
+        || [
+            "llvmpipe",
+            "lavapipe",
+            "softpipe",
+            "swiftshader",
+            "microsoft basic render",
+        ]
+        .iter()
+        .any(|s| name.contains(s))
 }
 
 fn instance() -> wgpu::Instance {

@@ -2,9 +2,11 @@
 //!
 //! Built once per dataset: device, pipelines, the dataset resident in chunks
 //! ([`residency`]). A call streams the requested rows through tile steps; per step
-//!   1. `logits`:     S = c_dot * X Y_tile^T - c_norm |y|^2          (B x Nt, scratch)
-//!   2. `softmax`:    per query, new max, rescale factor, P = exp(S - m) in place, stats
-//!   3. `accumulate`: acc = acc * scale + P Y_tile                   (B x D)
+//!
+//! 1. `logits`:     S = c_dot * X Y_tile^T - c_norm |y|^2          (B x Nt, scratch)
+//! 2. `softmax`:    per query, new max, rescale factor, P = exp(S - m) in place, stats
+//! 3. `accumulate`: acc = acc * scale + P Y_tile                   (B x D)
+//!
 //! and after the last step `finalize` merges the splits and divides by the softmax sum.
 //!
 //! Splits: on a real GPU a small batch cannot fill the device (pass 3 has only B x D
@@ -13,8 +15,10 @@
 //! same rescale-and-add as [`SoftmaxState::merge`] (which merges the scalar states on the
 //! host, so the statistics use the shared formulas). On a software adapter splits = 1.
 //!
-//! All tile steps of one batch are recorded into one command encoder and one submit; a
-//! batch larger than the scratch buffers can bind is run as several sub-batches.
+//! The tile steps over one chunk are recorded into one compute pass and one submit (a
+//! bound on the work per submission, which some platforms time out); all are queued
+//! before waiting once for the readback. A batch larger than the scratch buffers can
+//! bind runs as several sub-batches.
 
 mod device;
 mod pipelines;
@@ -59,8 +63,15 @@ pub struct GpuOptions {
     /// Parts the row range is cut into and processed side by side (default: chosen from
     /// the batch and the adapter; 1 on software adapters).
     pub splits: Option<usize>,
-    /// Rows per split per tile step, rounded up to a multiple of 64 (default: chosen).
+    /// Rows per split per tile step, rounded up to a multiple of 64, at most 1024
+    /// (default: chosen).
     pub tile_rows: Option<usize>,
+    /// Hold f16 data as f32 even where the device has SHADER_F16: the path taken on
+    /// devices without it (exact: every f16 is an f32).
+    pub f16_as_f32: bool,
+    /// Most queries evaluated together (default: as many as the scratch buffers can
+    /// bind); larger batches run as several sub-batches.
+    pub max_sub_batch: Option<usize>,
     /// Compile the kernels without wgpu's runtime bounds checks (they bound their own
     /// indices). Faster; off by default.
     pub trusted_shaders: bool,
@@ -163,11 +174,13 @@ impl GpuBackend {
         let want_f16 = dataset.dtype() == Dtype::F16;
         let gpu = device::open(options.hardware_only, want_f16)?;
         // f16 data on a device without SHADER_F16 is held as f32: exact, twice the memory.
-        let storage = if want_f16 && gpu.features.contains(wgpu::Features::SHADER_F16) {
-            Storage::F16
-        } else {
-            Storage::F32
-        };
+        let storage =
+            if want_f16 && !options.f16_as_f32 && gpu.features.contains(wgpu::Features::SHADER_F16)
+            {
+                Storage::F16
+            } else {
+                Storage::F32
+            };
         let built = scoped(&gpu.device, || {
             let kernels = Kernels::new(
                 &gpu.device,
@@ -181,7 +194,7 @@ impl GpuBackend {
             Ok((kernels, chunks))
         });
         let (kernels, chunks) = built.map_err(|e| match e {
-            Error::Gpu(m) => Error::Gpu(format!("{m} (uploading {})", dataset.name)),
+            Error::Gpu(m) => Error::Gpu(format!("{m} (setting up for {})", dataset.name)),
             e => e,
         })?;
         Ok(GpuBackend {
@@ -203,24 +216,22 @@ impl GpuBackend {
         self.chunks.len()
     }
 
-    /// Adapter name as the driver reports it.
-    pub fn adapter_name(&self) -> &str {
-        &self.gpu.info.name
-    }
-
     fn max_binding(&self) -> u64 {
         self.gpu.max_binding_bytes()
     }
 
-    /// Most queries one submit can take: the queries, accumulator and mean (B x D each)
+    /// Most queries one sub-batch can take: the queries, accumulator and mean (B x D each)
     /// and the narrowest logits tile (B x 64) must each fit one binding, and B one
     /// dispatch dimension.
-    fn max_queries_per_submit(&self) -> usize {
+    fn max_sub_batch(&self) -> usize {
         let limit = self.max_binding();
         let by_rows = limit / (self.dim4 as u64 * 16);
         let by_logits = limit / (MIN_TILE_ROWS as u64 * 4);
         let by_grid = self.gpu.limits.max_compute_workgroups_per_dimension as u64;
-        by_rows.min(by_logits).min(by_grid).max(1) as usize
+        let most = by_rows.min(by_logits).min(by_grid).max(1) as usize;
+        self.options
+            .max_sub_batch
+            .map_or(most, |m| m.clamp(1, most))
     }
 
     fn plan(&self, n_queries: usize, n_rows: usize) -> Plan {
@@ -244,7 +255,11 @@ impl GpuBackend {
             })
             .clamp(1, max_splits)
             .min(n_rows);
-        let split_rows = n_rows.div_ceil(splits);
+        // Every bound below is a multiple of the workgroup's 64 rows; the logits scratch
+        // (splits x B x tile_rows) must fit one binding (at least 64 wide, by max_splits).
+        let align = TILE_ROWS_ALIGN as usize;
+        let split_rows = n_rows.div_ceil(splits).next_multiple_of(align);
+        let by_memory = limit / (splits * n_queries * 4) / align * align;
         let tile_rows = self
             .options
             .tile_rows
@@ -255,14 +270,14 @@ impl GpuBackend {
                     MIN_TILE_ROWS * TARGET_WORKGROUPS.div_ceil(query_blocks * splits)
                 }
             })
+            .next_multiple_of(align)
             .clamp(MIN_TILE_ROWS, MAX_TILE_ROWS)
-            .min(split_rows.next_multiple_of(MIN_TILE_ROWS))
-            .min(limit / (splits * n_queries * 4))
-            .next_multiple_of(TILE_ROWS_ALIGN as usize);
+            .min(split_rows)
+            .min(by_memory);
         Plan { splits, tile_rows }
     }
 
-    /// One submit: queries `x` (n x D) against `rows`; writes n x D of `mean` and
+    /// One sub-batch: queries `x` (n x D) against `rows`; writes n x D of `mean` and
     /// pushes n stats.
     fn run(
         &mut self,
@@ -280,6 +295,7 @@ impl GpuBackend {
         let device = self.gpu.device.clone();
         let queue = self.gpu.queue.clone();
         let limit = self.max_binding();
+        let max_buffer = self.gpu.limits.max_buffer_size;
         let align = self.gpu.limits.min_uniform_buffer_offset_alignment as u64;
         let params_stride = (std::mem::size_of::<StepParams>() as u64).next_multiple_of(align);
         let row_bytes = dim4 as u64 * 16;
@@ -298,11 +314,15 @@ impl GpuBackend {
         let mean_buf = b.mean.get(&device, mean_bytes, limit).clone();
         let params_buf = b
             .params
-            .get(&device, (steps.len() as u64 + 1) * params_stride, u64::MAX)
+            .get(
+                &device,
+                (steps.len() as u64 + 1) * params_stride,
+                max_buffer,
+            )
             .clone();
         let readback = b
             .readback
-            .get(&device, mean_bytes + states_bytes, u64::MAX)
+            .get(&device, mean_bytes + states_bytes, max_buffer)
             .clone();
 
         // Uploads: queries padded like the rows, coefficients, every step's parameters
@@ -385,39 +405,49 @@ impl GpuBackend {
         let softmax_group = bind(&k.softmax.layout, &[&logits_buf, &states_buf]);
         let finalize_group = bind(&k.finalize.layout, &[&acc_buf, &states_buf, &mean_buf]);
 
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("posterior"),
-        });
+        // One pass and one submit per chunk, queued without waiting; the finalize and the
+        // copies to the readback buffer go last.
+        let query_blocks = n_queries.div_ceil(TILE_QUERIES as usize) as u32;
+        let splits = plan.splits as u32;
+        let mut encoder = device.create_command_encoder(&Default::default());
         // Zero states mean "no row seen" (sum = 0); zero accumulators.
         encoder.clear_buffer(&states_buf, 0, Some(states_bytes));
         encoder.clear_buffer(&acc_buf, 0, Some(n_virtual * row_bytes));
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("tile steps"),
-                timestamp_writes: None,
-            });
-            let query_blocks = n_queries.div_ceil(TILE_QUERIES as usize) as u32;
-            let splits = plan.splits as u32;
-            for (i, (chunk, _)) in steps.iter().enumerate() {
-                let offset = [(i as u64 * params_stride) as u32];
-                pass.set_pipeline(&k.logits.pipeline);
-                pass.set_bind_group(0, &logits_groups[*chunk], &offset);
-                pass.dispatch_workgroups(
-                    (plan.tile_rows as u32).div_ceil(TILE_ROWS_ALIGN),
-                    query_blocks,
-                    splits,
-                );
-                pass.set_pipeline(&k.softmax.pipeline);
-                pass.set_bind_group(0, &softmax_group, &offset);
-                pass.dispatch_workgroups(n_queries as u32, splits, 1);
-                pass.set_pipeline(&k.accumulate.pipeline);
-                pass.set_bind_group(0, &accumulate_groups[*chunk], &offset);
-                pass.dispatch_workgroups(
-                    (dim4 as u32).div_ceil(ACC_TILE_COLUMNS),
-                    query_blocks,
-                    splits,
-                );
+        let mut first = 0;
+        for group in steps.chunk_by(|a, b| a.0 == b.0) {
+            let chunk = group[0].0;
+            {
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                for i in first..first + group.len() {
+                    let offset = [(i as u64 * params_stride) as u32];
+                    pass.set_pipeline(&k.logits.pipeline);
+                    pass.set_bind_group(0, &logits_groups[chunk], &offset);
+                    pass.dispatch_workgroups(
+                        (plan.tile_rows as u32).div_ceil(TILE_ROWS_ALIGN),
+                        query_blocks,
+                        splits,
+                    );
+                    pass.set_pipeline(&k.softmax.pipeline);
+                    pass.set_bind_group(0, &softmax_group, &offset);
+                    pass.dispatch_workgroups(n_queries as u32, splits, 1);
+                    pass.set_pipeline(&k.accumulate.pipeline);
+                    pass.set_bind_group(0, &accumulate_groups[chunk], &offset);
+                    pass.dispatch_workgroups(
+                        (dim4 as u32).div_ceil(ACC_TILE_COLUMNS),
+                        query_blocks,
+                        splits,
+                    );
+                }
             }
+            first += group.len();
+            let done = std::mem::replace(
+                &mut encoder,
+                device.create_command_encoder(&Default::default()),
+            );
+            queue.submit([done.finish()]);
+        }
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
             pass.set_pipeline(&k.finalize.pipeline);
             pass.set_bind_group(
                 0,
@@ -505,10 +535,11 @@ fn read_back(device: &wgpu::Device, buffer: &wgpu::Buffer, bytes: u64) -> Result
         .map_err(|e| Error::Gpu(format!("reading results back: {e}")))?;
     let out = buffer
         .get_mapped_range(0..bytes)
-        .map_err(|e| Error::Gpu(format!("reading results back: {e}")))?
-        .to_vec();
+        .map(|view| view.to_vec())
+        .map_err(|e| Error::Gpu(format!("reading results back: {e}")));
+    // Unmapped on every path: a mapped buffer cannot be used by the next submission.
     buffer.unmap();
-    Ok(out)
+    out
 }
 
 /// Runs `f` with wgpu's validation and out-of-memory errors turned into `Err` (by
@@ -544,10 +575,10 @@ impl Backend for GpuBackend {
         }
         let mut mean = vec![0.0f32; n_queries * dim];
         let mut stats = Vec::with_capacity(n_queries);
-        let per_submit = self.max_queries_per_submit();
+        let per_batch = self.max_sub_batch();
         let device = self.gpu.device.clone();
-        for q0 in (0..n_queries).step_by(per_submit) {
-            let q1 = (q0 + per_submit).min(n_queries);
+        for q0 in (0..n_queries).step_by(per_batch) {
+            let q1 = (q0 + per_batch).min(n_queries);
             scoped(&device, || {
                 self.run(
                     &batch.x[q0 * dim..q1 * dim],
@@ -563,7 +594,7 @@ impl Backend for GpuBackend {
 
     fn describe(&self) -> String {
         let storage = match (self.dataset_dtype, self.storage) {
-            (Dtype::F16, Storage::F32) => "f16 data held as f32 (no SHADER_F16)",
+            (Dtype::F16, Storage::F32) => "f16 data held as f32",
             (_, Storage::F16) => "f16 storage",
             (_, Storage::F32) => "f32 storage",
         };
