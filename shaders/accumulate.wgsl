@@ -9,51 +9,8 @@
 // held as two 4x4 matrices. The loop runs over the tile's rows 16 at a time through
 // workgroup tiles of P (64 x 16) and Y (16 x 32 vec4).
 //
-// The next line is the storage type of the dataset; the host swaps it for vec4<f16>
-// (and adds `enable f16;`) for f16 datasets. Arithmetic is f32 either way.
-alias YVec = vec4<f32>;
+// p, QueryState, tile_rows, TILE_Q and YVec are in common.wgsl, which the host puts first.
 
-struct Params {
-    n_queries: u32,
-    dim4: u32,
-    tile_rows: u32,
-    n_splits: u32,
-    split_base: u32,
-    split_len: u32,
-    range_end: u32,
-    step_offset: u32,
-    chunk_first_row: u32,
-    pad0: u32,
-    pad1: u32,
-    pad2: u32,
-}
-
-struct TileRows {
-    start: u32,
-    count: u32,
-}
-
-fn tile_rows(split: u32) -> TileRows {
-    let start = p.split_base + split * p.split_len + p.step_offset;
-    let end = min(p.split_base + (split + 1u) * p.split_len, p.range_end);
-    if start >= end {
-        return TileRows(start, 0u);
-    }
-    return TileRows(start, min(end - start, p.tile_rows));
-}
-
-struct QueryState {
-    max: f32,
-    sum: f32,
-    sum_shifted_logit: f32,
-    sum_sq: f32,
-    argmax: u32,
-    scale: f32,
-    pad0: u32,
-    pad1: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
 // the weights, (split * B + q) * tile_rows + j, read four rows at a time
 @group(0) @binding(1) var<storage, read> weights: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> y: array<YVec>;
@@ -61,7 +18,6 @@ struct QueryState {
 // (split * B + q) * dim4 + c
 @group(0) @binding(4) var<storage, read_write> acc: array<vec4<f32>>;
 
-const TILE_Q: u32 = 64u;
 // vec4 columns per workgroup
 const TILE_C: u32 = 32u;
 // rows per step

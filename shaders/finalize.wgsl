@@ -4,41 +4,14 @@
 //
 // the same rescale-and-add as `SoftmaxState::merge` (the host merges the scalar states
 // with that function for the statistics). One thread per (query, vec4 column).
+//
+// p, QueryState and LOWEST are in common.wgsl, which the host puts first.
 
-struct Params {
-    n_queries: u32,
-    dim4: u32,
-    tile_rows: u32,
-    n_splits: u32,
-    split_base: u32,
-    split_len: u32,
-    range_end: u32,
-    step_offset: u32,
-    chunk_first_row: u32,
-    pad0: u32,
-    pad1: u32,
-    pad2: u32,
-}
-
-struct QueryState {
-    max: f32,
-    sum: f32,
-    sum_shifted_logit: f32,
-    sum_sq: f32,
-    argmax: u32,
-    scale: f32,
-    pad0: u32,
-    pad1: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
 // (split * B + q) * dim4 + c
 @group(0) @binding(1) var<storage, read> acc: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> states: array<QueryState>;
 // q * dim4 + c
 @group(0) @binding(3) var<storage, read_write> mean: array<vec4<f32>>;
-
-const LOWEST: f32 = -3.0e38;
 
 @compute @workgroup_size(64, 1, 1)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {

@@ -10,41 +10,8 @@
 // neighbouring threads read neighbouring shared-memory slots. K (the sample dimension)
 // advances 16 values per step through workgroup tiles of X and Y.
 //
-// The next line is the storage type of the dataset; the host swaps it for vec4<f16>
-// (and adds `enable f16;`) for f16 datasets. Arithmetic is f32 either way.
-alias YVec = vec4<f32>;
+// p, tile_rows, TileRows, TILE_Q and YVec are in common.wgsl, which the host puts first.
 
-struct Params {
-    n_queries: u32,
-    dim4: u32,
-    tile_rows: u32,
-    n_splits: u32,
-    split_base: u32,
-    split_len: u32,
-    range_end: u32,
-    step_offset: u32,
-    chunk_first_row: u32,
-    pad0: u32,
-    pad1: u32,
-    pad2: u32,
-}
-
-// Chunk-local rows of one split at this step: [start, start + count), count <= tile_rows.
-struct TileRows {
-    start: u32,
-    count: u32,
-}
-
-fn tile_rows(split: u32) -> TileRows {
-    let start = p.split_base + split * p.split_len + p.step_offset;
-    let end = min(p.split_base + (split + 1u) * p.split_len, p.range_end);
-    if start >= end {
-        return TileRows(start, 0u);
-    }
-    return TileRows(start, min(end - start, p.tile_rows));
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
 // B x dim4, queries padded like the rows
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 // per query (c_dot, c_norm)
@@ -55,7 +22,6 @@ fn tile_rows(split: u32) -> TileRows {
 // (split * B + q) * tile_rows + j
 @group(0) @binding(5) var<storage, read_write> logits: array<f32>;
 
-const TILE_Q: u32 = 64u;
 const TILE_R: u32 = 64u;
 // vec4s of K per step
 const K4: u32 = 4u;

@@ -8,57 +8,14 @@
 //   sum_sq' = r^2 sum_sq + sum_j e_j^2
 // r is kept in the state as `scale` for pass 3 (acc = acc * scale + P Y).
 // A state with sum == 0 has seen no row (buffers start zeroed); its max is ignored.
+//
+// p, QueryState, tile_rows and LOWEST are in common.wgsl, which the host puts first.
 
-struct Params {
-    n_queries: u32,
-    dim4: u32,
-    tile_rows: u32,
-    n_splits: u32,
-    split_base: u32,
-    split_len: u32,
-    range_end: u32,
-    step_offset: u32,
-    chunk_first_row: u32,
-    pad0: u32,
-    pad1: u32,
-    pad2: u32,
-}
-
-struct TileRows {
-    start: u32,
-    count: u32,
-}
-
-fn tile_rows(split: u32) -> TileRows {
-    let start = p.split_base + split * p.split_len + p.step_offset;
-    let end = min(p.split_base + (split + 1u) * p.split_len, p.range_end);
-    if start >= end {
-        return TileRows(start, 0u);
-    }
-    return TileRows(start, min(end - start, p.tile_rows));
-}
-
-struct QueryState {
-    max: f32,
-    sum: f32,
-    sum_shifted_logit: f32,
-    sum_sq: f32,
-    // global row index
-    argmax: u32,
-    scale: f32,
-    pad0: u32,
-    pad1: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> logits: array<f32>;
 // split * B + q
 @group(0) @binding(2) var<storage, read_write> states: array<QueryState>;
 
 const WG: u32 = 64u;
-// Below every logit the kernels produce; avoids relying on infinities, which WGSL
-// implementations may assume absent.
-const LOWEST: f32 = -3.0e38;
 const NO_ROW: u32 = 0xffffffffu;
 
 var<workgroup> red_max: array<f32, WG>;

@@ -1,13 +1,16 @@
 //! The four kernels of a posterior evaluation, their bind group layouts and pipelines.
 //!
-//! One WGSL file per kernel under `shaders/`. The two kernels that read the dataset
-//! (`logits`, `accumulate`) come in an f32 and an f16 storage variant made from the same
-//! file: the host swaps the `alias YVec = vec4<f32>;` line and adds `enable f16;`.
+//! One WGSL file per kernel under `shaders/`, compiled after `shaders/common.wgsl` (the
+//! declarations every kernel shares: `Params`, `QueryState`, `tile_rows`, ...). The two
+//! kernels that read the dataset (`logits`, `accumulate`) come in an f32 and an f16 storage
+//! variant made from the same files: the host swaps the `alias YVec = vec4<f32>;` line of
+//! common.wgsl and puts `enable f16;` first.
 
 use bytemuck::{Pod, Zeroable};
 
 use crate::error::{Error, Result};
 
+const COMMON_WGSL: &str = include_str!("../../../shaders/common.wgsl");
 const LOGITS_WGSL: &str = include_str!("../../../shaders/logits.wgsl");
 const SOFTMAX_WGSL: &str = include_str!("../../../shaders/softmax.wgsl");
 const ACCUMULATE_WGSL: &str = include_str!("../../../shaders/accumulate.wgsl");
@@ -27,7 +30,7 @@ pub(super) const FINALIZE_WORKGROUP: u32 = 64;
 /// Workgroup memory the kernels declare (the largest, `accumulate`: 768 vec4).
 pub(super) const WORKGROUP_BYTES: u32 = 768 * 16;
 
-/// Per-dispatch parameters (`struct Params` in every shader); one per tile step, bound at
+/// Per-dispatch parameters (`struct Params` in common.wgsl); one per tile step, bound at
 /// a dynamic offset of one uniform buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
@@ -51,7 +54,7 @@ pub(super) struct StepParams {
     pub pad: [u32; 3],
 }
 
-/// `struct QueryState` in the shaders: the scalar online-softmax state of one query and
+/// `struct QueryState` in common.wgsl: the scalar online-softmax state of one query and
 /// split, plus the last step's rescale factor.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
@@ -65,35 +68,39 @@ pub(super) struct GpuState {
     pub pad: [u32; 2],
 }
 
-/// Every kernel source the backend may compile, by name: the four files as they are, and
-/// the f16 storage variants. The shader validation test checks all of them.
+/// Every kernel source the backend may compile, by name: each of the four kernels after
+/// common.wgsl, and the f16 storage variants. The shader validation test checks all of them.
 pub fn kernel_sources() -> Vec<(String, String)> {
     let mut out = Vec::new();
     for f16 in [false, true] {
         let suffix = if f16 { "f16" } else { "f32" };
         out.push((
             format!("logits ({suffix})"),
-            storage_variant(LOGITS_WGSL, f16),
+            module_source(LOGITS_WGSL, f16),
         ));
         out.push((
             format!("accumulate ({suffix})"),
-            storage_variant(ACCUMULATE_WGSL, f16),
+            module_source(ACCUMULATE_WGSL, f16),
         ));
     }
-    out.push(("softmax".into(), SOFTMAX_WGSL.into()));
-    out.push(("finalize".into(), FINALIZE_WGSL.into()));
+    out.push(("softmax".into(), module_source(SOFTMAX_WGSL, false)));
+    out.push(("finalize".into(), module_source(FINALIZE_WGSL, false)));
     out
 }
 
-fn storage_variant(source: &str, f16: bool) -> String {
+/// The module compiled for a kernel: common.wgsl, then the kernel's own file. With `f16`,
+/// `enable f16;` goes first (a directive must precede every declaration) and the storage
+/// alias of common.wgsl becomes vec4<f16>.
+fn module_source(kernel: &str, f16: bool) -> String {
     assert!(
-        source.contains(F32_STORAGE),
-        "kernel lacks the storage alias line"
+        COMMON_WGSL.contains(F32_STORAGE),
+        "common.wgsl lacks the storage alias line"
     );
     if f16 {
-        format!("enable f16;\n{}", source.replace(F32_STORAGE, F16_STORAGE))
+        let common = COMMON_WGSL.replace(F32_STORAGE, F16_STORAGE);
+        format!("enable f16;\n{common}\n{kernel}")
     } else {
-        source.to_string()
+        format!("{COMMON_WGSL}\n{kernel}")
     }
 }
 
@@ -212,7 +219,7 @@ impl Kernels {
             logits: Kernel::new(
                 device,
                 "logits",
-                storage_variant(LOGITS_WGSL, f16_storage),
+                module_source(LOGITS_WGSL, f16_storage),
                 &[Params, Read, Read, Read, Read, ReadWrite],
                 trusted,
             ),
@@ -220,7 +227,7 @@ impl Kernels {
             softmax: Kernel::new(
                 device,
                 "softmax",
-                SOFTMAX_WGSL.into(),
+                module_source(SOFTMAX_WGSL, false),
                 &[Params, ReadWrite, ReadWrite],
                 trusted,
             ),
@@ -228,7 +235,7 @@ impl Kernels {
             accumulate: Kernel::new(
                 device,
                 "accumulate",
-                storage_variant(ACCUMULATE_WGSL, f16_storage),
+                module_source(ACCUMULATE_WGSL, f16_storage),
                 &[Params, Read, Read, Read, ReadWrite],
                 trusted,
             ),
@@ -236,7 +243,7 @@ impl Kernels {
             finalize: Kernel::new(
                 device,
                 "finalize",
-                FINALIZE_WGSL.into(),
+                module_source(FINALIZE_WGSL, false),
                 &[Params, Read, Read, ReadWrite],
                 trusted,
             ),
