@@ -5,7 +5,8 @@
 //! - 1e-4 for t <= 0.95 in f32 and f16 storage. f16 storage is held to the same bound
 //!   because the reference reads the same f16-rounded (centred) values: storage precision
 //!   is a property of the dataset, not an error of the kernels; accumulation is f32 either way.
-//! - 2e-3 for 0.95 < t <= 0.99. The logits are c_dot * x.y - c_norm |y|^2 with
+//! - 2e-4 for 0.95 < t <= 0.99 (measured worst 3.9e-5: rf, f16, N=1000, D=3, t=0.99).
+//!   The logits are c_dot * x.y - c_norm |y|^2 with
 //!   c_dot = alpha / sigma^2 (9900 at t = 0.99 for rectified flow); the f32 dot product
 //!   carries an absolute error of about eps * |x||y| * sqrt(D), so the logit error grows as
 //!   1/sigma^2 and the softmax weights of near neighbours move by that much. The velocity
@@ -28,7 +29,7 @@ fn tolerance(t: f32) -> f64 {
     if t <= 0.95 {
         1e-4
     } else {
-        2e-3
+        2e-4
     }
 }
 
@@ -411,3 +412,27 @@ macro_rules! backend_suite {
 
 backend_suite!(cpu, BackendKind::Cpu);
 backend_suite!(gpu, BackendKind::Gpu);
+
+/// What f16 storage costs against the f32 dataset (a property of the data, not of a
+/// kernel): x1_hat moves by about the f16 rounding of the pixels (2^-11 relative).
+#[test]
+fn f16_storage_against_f32_data() {
+    let f32_ds = oracleflow::dataset::load("fashion-mnist@2000", Dtype::F32).unwrap();
+    let f16_ds = oracleflow::dataset::load("fashion-mnist@2000", Dtype::F16).unwrap();
+    let mut a = Oracle::new(&f32_ds, Path::RectifiedFlow, BackendKind::Cpu).unwrap();
+    let mut b = Oracle::new(&f16_ds, Path::RectifiedFlow, BackendKind::Cpu).unwrap();
+    for t in [0.1f32, 0.5, 0.9, 0.99] {
+        let x = path_queries(&f32_ds, Path::RectifiedFlow, t, 16, 5);
+        let q = Query {
+            x: &x,
+            t: Times::Scalar(t),
+            class: None,
+        };
+        let (oa, ob) = (a.evaluate(&q).unwrap(), b.evaluate(&q).unwrap());
+        let hat64: Vec<f64> = oa.x1_hat.iter().map(|&v| v as f64).collect();
+        let v64: Vec<f64> = oa.velocity.iter().map(|&v| v as f64).collect();
+        let (eh, ev) = (rel_err(&ob.x1_hat, &hat64), rel_err(&ob.velocity, &v64));
+        eprintln!("f16 vs f32 storage, fashion-mnist t={t}: x1_hat {eh:.1e}, velocity {ev:.1e}");
+        assert!(eh <= 2e-3, "t={t}: x1_hat moved by {eh:.1e}");
+    }
+}
