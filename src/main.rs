@@ -71,7 +71,7 @@ struct SampleArgs {
     #[arg(long)]
     cfg_scale: Option<f64>,
     /// Guidance interval t_lo,t_hi (outside it: the conditional velocity)
-    #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [0.0, 1.0])]
+    #[arg(long, value_delimiter = ',', default_values_t = [0.0, 1.0])]
     cfg_interval: Vec<f64>,
     /// Samples integrated together (each velocity evaluation streams the data once per batch)
     #[arg(long, default_value_t = 256)]
@@ -327,7 +327,9 @@ fn sample(a: SampleArgs) -> Result<()> {
             if classes[0].is_none() {
                 bail!("--cfg-scale needs --class K or --classes all");
             }
-            let (t_lo, t_hi) = (a.cfg_interval[0], a.cfg_interval[1]);
+            let [t_lo, t_hi] = a.cfg_interval[..] else {
+                bail!("--cfg-interval takes two times, t_lo,t_hi");
+            };
             if !(0.0..=1.0).contains(&t_lo) || !(t_lo..=1.0).contains(&t_hi) {
                 bail!("--cfg-interval {t_lo},{t_hi}: need 0 <= t_lo <= t_hi <= 1");
             }

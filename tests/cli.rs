@@ -100,6 +100,63 @@ fn sample_writes_pictures_arrays_and_run_json() {
 }
 
 #[test]
+fn sample_with_classes_and_guidance_stays_in_class() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cfg");
+    let o = oracleflow(&[
+        "sample",
+        "--data",
+        "embedded@400",
+        "-n",
+        "10",
+        "--steps",
+        "10",
+        "--classes",
+        "all",
+        "--cfg-scale",
+        "2.5",
+        "--cfg-interval",
+        "0.1,0.6",
+        "--backend",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(json["sampling"]["guidance"]["t_lo"], 0.1);
+    let ds = dataset::load("embedded@400", Dtype::F32).unwrap();
+    for (i, s) in json["samples"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(s["class"], i as u64 % 10, "balanced classes");
+        let row = ds
+            .row_of_original(s["nearest"].as_u64().unwrap() as u32)
+            .unwrap();
+        assert_eq!(
+            ds.labels().unwrap()[row] as u64,
+            i as u64 % 10,
+            "sample {i} lands in its class"
+        );
+    }
+    let o = oracleflow(&[
+        "sample",
+        "--cfg-scale",
+        "2",
+        "--cfg-interval",
+        "0.5",
+        "--class",
+        "1",
+        "--out",
+        dir.path().join("x").to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("two times"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
 fn velocity_matches_the_reference_and_writes_stats() {
     let dir = tempfile::tempdir().unwrap();
     let ds = dataset::load("embedded@500", Dtype::F32).unwrap();
