@@ -161,15 +161,28 @@ impl SoftmaxState {
         } else {
             self.max.max(tile_max)
         };
-        let (mut sum, mut shifted, mut sq) = (0.0f32, 0.0f32, 0.0f32);
-        for s in logits.iter_mut() {
+        // Eight independent partial sums per quantity, so the loop vectorizes (a single
+        // running sum is a serial dependency the compiler may not reorder).
+        const LANES: usize = 8;
+        let mut lanes = [[0.0f32; LANES]; 3];
+        let mut absorb = |lane: usize, s: &mut f32| {
             let d = *s - m_new;
-            let e = d.exp();
-            sum += e;
-            shifted += e * d;
-            sq += e * e;
+            let e = exp_nonpositive(d);
+            lanes[0][lane] += e;
+            lanes[1][lane] += e * d;
+            lanes[2][lane] += e * e;
             *s = e;
+        };
+        let mut chunks = logits.chunks_exact_mut(LANES);
+        for chunk in &mut chunks {
+            for (lane, s) in chunk.iter_mut().enumerate() {
+                absorb(lane, s);
+            }
         }
+        for (lane, s) in chunks.into_remainder().iter_mut().enumerate() {
+            absorb(lane, s);
+        }
+        let [sum, shifted, sq] = lanes.map(|l| l.iter().sum::<f32>());
         let scale = if empty { 0.0 } else { (self.max - m_new).exp() };
         if empty || tile_max > self.max {
             self.argmax = first_row + tile_arg as u32;
@@ -187,9 +200,56 @@ impl SoftmaxState {
     }
 }
 
+/// e^d for d <= 0 (a softmax weight), branch-free so that loops over it vectorize:
+/// e^d = 2^k e^r with k = round(d / ln 2), |r| <= ln 2 / 2, e^r from Cephes' expf
+/// polynomial (about 1 ulp), 2^k built from its exponent bits. Below -87 (where e^d
+/// would leave the normal f32 range) it returns 0.
+#[inline(always)]
+pub fn exp_nonpositive(d: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split in two so that k * LN2_HI is exact for the k that occur here.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5 * 2^23 rounds to an integer and leaves it in the low mantissa bits.
+    const ROUNDER: f32 = 12_582_912.0;
+    let x = d.max(-87.0);
+    let shifted = x * LOG2E + ROUNDER;
+    let k = shifted - ROUNDER;
+    let r = x - k * LN2_HI - k * LN2_LO;
+    let mut p = 1.987_569_2e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e_r = p * r * r + r + 1.0;
+    let k_int = shifted.to_bits().wrapping_sub(ROUNDER.to_bits()) as i32;
+    let two_k = f32::from_bits(((k_int + 127) as u32) << 23);
+    if d < -87.0 {
+        0.0
+    } else {
+        e_r * two_k
+    }
+}
+
 #[cfg(test)]
 mod tile_tests {
     use super::*;
+
+    #[test]
+    fn exp_nonpositive_is_within_two_ulp() {
+        let mut worst = 0.0f64;
+        for i in 0..=200_000 {
+            let d = -87.0 * i as f32 / 200_000.0;
+            let want = (d as f64).exp();
+            let rel = ((exp_nonpositive(d) as f64 - want) / want).abs();
+            worst = worst.max(rel);
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst:e}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(-88.0), 0.0);
+        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+    }
 
     #[test]
     fn absorbing_tiles_equals_merging_states() {
