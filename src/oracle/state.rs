@@ -221,7 +221,7 @@ pub fn exp_nonpositive(d: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
     let k_int = shifted.to_bits().wrapping_sub(ROUNDER.to_bits()) as i32;
     let two_k = f32::from_bits(((k_int + 127) as u32) << 23);
