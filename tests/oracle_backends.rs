@@ -374,6 +374,26 @@ pub fn time_zero_is_uniform(kind: BackendKind) {
     }
 }
 
+/// A NaN or infinite query is refused with an error, never a panic or a NaN velocity.
+pub fn non_finite_queries_are_refused(kind: BackendKind) {
+    if !enabled(kind) {
+        return;
+    }
+    let ds = gaussian_dataset(10, 4, 15, Dtype::F32);
+    let mut oracle = Oracle::new(&ds, Path::RectifiedFlow, kind).unwrap();
+    for bad in [f32::NAN, f32::INFINITY] {
+        let x = [0.0, 1.0, 2.0, 3.0, 0.0, bad, 0.0, 0.0];
+        let err = oracle
+            .evaluate(&Query {
+                x: &x,
+                t: Times::Scalar(0.5),
+                class: None,
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("query 1"), "{err}");
+    }
+}
+
 macro_rules! backend_suite {
     ($name:ident, $kind:expr) => {
         mod $name {
@@ -406,12 +426,21 @@ macro_rules! backend_suite {
             fn time_zero_is_uniform_average() {
                 time_zero_is_uniform($kind);
             }
+            #[test]
+            fn non_finite_queries_are_refused_with_an_error() {
+                non_finite_queries_are_refused($kind);
+            }
         }
     };
 }
 
 backend_suite!(cpu, BackendKind::Cpu);
 backend_suite!(gpu, BackendKind::Gpu);
+
+#[test]
+fn reference_refuses_non_finite_queries() {
+    non_finite_queries_are_refused(BackendKind::Reference);
+}
 
 /// What f16 storage costs against the f32 dataset (a property of the data, not of a
 /// kernel): x1_hat moves by about the f16 rounding of the pixels (2^-11 relative).

@@ -182,6 +182,16 @@ impl Dataset {
                 *m += raw.get(i * dim + k);
             }
         }
+        // NaN/Inf would poison every posterior (through the mean, every row): name the sample.
+        if mean64.iter().any(|m| !m.is_finite()) {
+            let bad = (0..raw.len())
+                .find(|&k| !raw.get(k).is_finite())
+                .unwrap_or(0);
+            return Err(Error::data(
+                &name,
+                format!("sample {} holds a non-finite value", bad / dim),
+            ));
+        }
         let mean: Vec<f32> = mean64
             .iter()
             .map(|m| (m / n_samples as f64) as f32)
@@ -209,6 +219,17 @@ impl Dataset {
                 Values::F16(v)
             }
         };
+
+        // Values beyond the storage range (65504 for f16) become infinite when stored.
+        if let Some(row) = sq_norms.iter().position(|v| !v.is_finite()) {
+            return Err(Error::data(
+                &name,
+                format!(
+                    "sample {} does not fit {dtype:?} storage (|value| too large; try --dtype f32)",
+                    order[row]
+                ),
+            ));
+        }
 
         let labels = labels.map(|l| order.iter().map(|&i| l[i as usize]).collect::<Vec<_>>());
         let class_rows = match &labels {
@@ -367,5 +388,23 @@ mod tests {
         assert_eq!(ds.sample(0), vec![1.0, 11.0]);
         assert_eq!(ds.mean(), &[1.0, 11.0]);
         assert!(ds.rows_for(Some(7)).is_err());
+    }
+
+    #[test]
+    fn non_finite_or_f16_overflowing_values_are_refused() {
+        let shape = || SampleShape::array(vec![2]);
+        let nan = [0.0f32, 1.0, f32::NAN, 2.0];
+        let err = Dataset::from_raw("d.npy", shape(), RawRows::F32(&nan), None, Dtype::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("d.npy") && err.contains("sample 1"), "{err}");
+        // 100 zeros and one 1e5: only the last sample leaves f16's range once centred.
+        let mut big = vec![0.0f32; 202];
+        big[200] = 1e5;
+        assert!(Dataset::from_raw("b", shape(), RawRows::F32(&big), None, Dtype::F32).is_ok());
+        let err = Dataset::from_raw("b", shape(), RawRows::F32(&big), None, Dtype::F16)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sample 100") && err.contains("F16"), "{err}");
     }
 }

@@ -162,6 +162,13 @@ impl<'d> Oracle<'d> {
             )));
         }
         let n_queries = query.x.len() / dim;
+        if let Some(k) = query.x.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Input(format!(
+                "query {} holds a non-finite value ({})",
+                k / dim,
+                query.x[k]
+            )));
+        }
         if let Times::PerQuery(ts) = query.t {
             if ts.len() != n_queries {
                 return Err(Error::Input(format!(
