@@ -9,6 +9,7 @@ pub mod error;
 pub mod oracle;
 pub mod output;
 pub mod path;
+pub mod plot;
 pub mod render;
 pub mod report;
 pub mod sample;

@@ -400,7 +400,7 @@ fn sample(a: SampleArgs) -> Result<()> {
     });
     report::write_sample_outputs(&a.out, &ds, &run, &neighbours, a.columns, &run_json)?;
     eprintln!(
-        "wrote {}/{{samples,trajectory,nearest}}.png, samples.npy, steps.csv, run.json: {} samples in {:.1} s, {memorized} of {} memorized",
+        "wrote {}/{{samples,trajectory,nearest,stages}}.png, samples.npy, steps.csv, run.json: {} samples in {:.1} s, {memorized} of {} memorized",
         a.out.display(),
         a.n_samples,
         sampling_seconds,

@@ -7,15 +7,17 @@ use crate::analysis::Neighbours;
 use crate::dataset::{npy, Dataset};
 use crate::error::{Error, Result};
 use crate::output;
+use crate::plot::{line_chart, Series};
 use crate::render::{grid, save_png, stack_vertical, tile_grid, GridOptions};
 use crate::sample::SampleRun;
 
 /// The files `write_sample_outputs` writes into the output directory.
-pub const SAMPLE_FILES: [&str; 6] = [
+pub const SAMPLE_FILES: [&str; 7] = [
     "samples.png",
     "samples.npy",
     "trajectory.png",
     "nearest.png",
+    "stages.png",
     "run.json",
     "steps.csv",
 ];
@@ -40,7 +42,57 @@ pub fn trajectory_columns(times: &[f64], columns: usize) -> Vec<usize> {
     picked
 }
 
-/// Writes samples.png, samples.npy, trajectory.png, nearest.png, steps.csv and run.json.
+/// The two stages over t: mean top-1 weight, share of samples past 0.5, and the entropy
+/// relative to a uniform posterior over the whole dataset; a marker where the mean
+/// top-1 weight first reaches 0.5 (navigation gives way to refinement).
+pub fn stages_chart(run: &SampleRun, n_dataset: usize) -> Result<image::RgbImage> {
+    let ln_n = (n_dataset.max(2) as f64).ln();
+    let curve = |f: fn(&crate::sample::StepSummary) -> f64| -> Vec<(f64, f64)> {
+        run.steps.iter().map(|s| (s.t, f(s))).collect()
+    };
+    let entropy: Vec<(f64, f64)> = run
+        .steps
+        .iter()
+        .map(|s| (s.t, s.mean_entropy / ln_n))
+        .collect();
+    let series = [
+        Series {
+            name: "mean top-1 weight",
+            points: curve(|s| s.mean_top1_weight),
+        },
+        Series {
+            name: "share with top-1 weight > 0.5",
+            points: curve(|s| s.frac_top1_above_half),
+        },
+        Series {
+            name: "mean entropy / ln N",
+            points: entropy,
+        },
+    ];
+    let crossing = run
+        .steps
+        .iter()
+        .find(|s| s.mean_top1_weight >= 0.5)
+        .map(|s| s.t);
+    let label = crossing.map(|t| format!("top-1 weight 0.5 at t = {t:.3}"));
+    let markers: Vec<(f64, &str)> = crossing
+        .iter()
+        .zip(&label)
+        .map(|(&t, l)| (t, l.as_str()))
+        .collect();
+    line_chart(
+        &format!("Navigation, then refinement (N = {n_dataset})"),
+        "t (0 = noise, 1 = data)",
+        "fraction",
+        &series,
+        (0.0, 1.0),
+        (0.0, 1.05),
+        &markers,
+    )
+}
+
+/// Writes samples.png, samples.npy, trajectory.png, nearest.png, stages.png, steps.csv
+/// and run.json.
 pub fn write_sample_outputs(
     dir: &Path,
     ds: &Dataset,
@@ -97,6 +149,7 @@ pub fn write_sample_outputs(
         })
         .collect();
     let nearest_png = grid(&nearest_rows, shape, &opts);
+    let stages_png = stages_chart(run, ds.n_samples())?;
 
     let mut sample_shape = vec![n];
     sample_shape.extend(&shape.dims);
@@ -104,6 +157,7 @@ pub fn write_sample_outputs(
     save_png(&dir.join("samples.png"), &samples_png)?;
     save_png(&dir.join("trajectory.png"), &trajectory_png)?;
     save_png(&dir.join("nearest.png"), &nearest_png)?;
+    save_png(&dir.join("stages.png"), &stages_png)?;
     output::write_atomic(&dir.join("steps.csv"), |w| {
         writeln!(
             w,

@@ -63,6 +63,7 @@ fn sample_writes_pictures_arrays_and_run_json() {
             "run.json",
             "samples.npy",
             "samples.png",
+            "stages.png",
             "steps.csv",
             "trajectory.png"
         ]
@@ -75,6 +76,7 @@ fn sample_writes_pictures_arrays_and_run_json() {
     assert!(traj.width() >= 5 * 84 && traj.height() >= 6 * 84);
     image::open(out.join("samples.png")).unwrap();
     image::open(out.join("nearest.png")).unwrap();
+    image::open(out.join("stages.png")).unwrap();
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
     assert_eq!(json["sampling"]["n"], 6);

@@ -1,0 +1,157 @@
+//! Line charts as images (stage curves over t), drawn with `plotters` into an RGB buffer.
+//! Text uses DejaVu Sans embedded in the binary, so no system font is needed.
+
+use std::sync::Once;
+
+use image::RgbImage;
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use crate::error::{Error, Result};
+
+/// One curve: a name for the legend and its (x, y) points.
+pub struct Series<'a> {
+    pub name: &'a str,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Curve colours, in order.
+const PALETTE: [RGBColor; 5] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+];
+
+fn register_font() {
+    static FONT: Once = Once::new();
+    FONT.call_once(|| {
+        // The embedded font is valid; if registration ever failed, text would be missing
+        // from the chart but the curves would still be drawn.
+        let _ = plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            dejavu::sans::regular(),
+        );
+    });
+}
+
+/// A line chart over x in `x_range`, y in `y_range`, with optional vertical markers.
+pub fn line_chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series<'_>],
+    x_range: (f64, f64),
+    y_range: (f64, f64),
+    markers: &[(f64, &str)],
+) -> Result<RgbImage> {
+    register_font();
+    let (w, h) = (900u32, 520u32);
+    let mut buf = vec![0u8; (w * h * 3) as usize];
+    draw(
+        &mut buf,
+        (w, h),
+        title,
+        x_label,
+        y_label,
+        series,
+        x_range,
+        y_range,
+        markers,
+    )
+    .map_err(|e| Error::Input(format!("drawing chart '{title}': {e}")))?;
+    Ok(RgbImage::from_raw(w, h, buf).expect("buffer sized w * h * 3"))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn draw(
+    buf: &mut [u8],
+    size: (u32, u32),
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series<'_>],
+    x_range: (f64, f64),
+    y_range: (f64, f64),
+    markers: &[(f64, &str)],
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let root = BitMapBackend::with_buffer(buf, size).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x_range.0..x_range.1, y_range.0..y_range.1)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .label_style(("sans-serif", 15))
+        .draw()?;
+    for &(x, label) in markers {
+        let grey = RGBColor(120, 120, 120);
+        chart.draw_series(LineSeries::new(
+            [(x, y_range.0), (x, y_range.1)],
+            grey.stroke_width(1),
+        ))?;
+        chart.draw_series(std::iter::once(Text::new(
+            label.to_string(),
+            (x + 0.01 * (x_range.1 - x_range.0), y_range.1),
+            ("sans-serif", 14).into_font().color(&grey),
+        )))?;
+    }
+    for (i, s) in series.iter().enumerate() {
+        let colour = PALETTE[i % PALETTE.len()];
+        chart
+            .draw_series(LineSeries::new(
+                s.points.iter().copied(),
+                colour.stroke_width(2),
+            ))?
+            .label(s.name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .label_font(("sans-serif", 15))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chart_draws_curves_and_text() {
+        let s = Series {
+            name: "rising",
+            points: (0..=10)
+                .map(|i| (i as f64 / 10.0, (i as f64 / 10.0).powi(2)))
+                .collect(),
+        };
+        let img = line_chart(
+            "test",
+            "t",
+            "y",
+            &[s],
+            (0.0, 1.0),
+            (0.0, 1.0),
+            &[(0.5, "half")],
+        )
+        .unwrap();
+        assert_eq!(img.dimensions(), (900, 520));
+        let coloured = img.pixels().filter(|p| p.0 == [31, 119, 180]).count();
+        assert!(coloured > 200, "curve drawn ({coloured} px)");
+        let dark = img.pixels().filter(|p| p.0.iter().all(|&c| c < 80)).count();
+        assert!(dark > 300, "text and axes drawn ({dark} px)");
+    }
+}
