@@ -2,6 +2,13 @@
 // by the kernel's own file (`src/oracle/gpu/pipelines.rs`), so a kernel file holds only its
 // own bindings, constants and entry point.
 //
+// Before this file the host puts `const` lines generated from its own constants, so the
+// tile sizes it dispatches by are the ones the kernels are compiled with:
+//   TILE_Q       queries per workgroup in `logits` and `accumulate` (`TILE_QUERIES`)
+//   TILE_R       rows per workgroup in `logits` (`TILE_ROWS_ALIGN`)
+//   TILE_C       vec4 columns per workgroup in `accumulate` (`ACC_TILE_COLUMNS`)
+//   FINALIZE_WG  threads per workgroup in `finalize` (`FINALIZE_WORKGROUP`)
+//
 // The next line is the storage type of the dataset, read by `logits` and `accumulate`; the
 // host swaps it for vec4<f16> (and puts `enable f16;` first) for f16 datasets. Arithmetic
 // is f32 either way.
@@ -39,9 +46,6 @@ struct QueryState {
 
 // Binding 0 of every kernel, at a dynamic offset of one uniform buffer.
 @group(0) @binding(0) var<uniform> p: Params;
-
-// Queries per workgroup in `logits` and `accumulate` (`TILE_QUERIES` on the host).
-const TILE_Q: u32 = 64u;
 
 // Below every logit the kernels produce; avoids relying on infinities, which WGSL
 // implementations may assume absent.

@@ -16,7 +16,6 @@
 @group(0) @binding(2) var<storage, read_write> states: array<QueryState>;
 
 const WG: u32 = 64u;
-const NO_ROW: u32 = 0xffffffffu;
 
 var<workgroup> red_max: array<f32, WG>;
 var<workgroup> red_arg: array<u32, WG>;
@@ -42,9 +41,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let base = vq * p.tile_rows;
 
     // Tile max and its first position. Each thread scans j = li, li + WG, ... in order,
-    // so a strict > keeps its first occurrence.
+    // so a strict > keeps its first occurrence. The position starts at the tile's first
+    // row (as in the CPU backend): if no logit beats LOWEST (all NaN, say) the argmax is
+    // still a row of the tile, never an index past the dataset.
     var m = LOWEST;
-    var arg = NO_ROW;
+    var arg = 0u;
     for (var j = li; j < tile.count; j += WG) {
         let s = logits[base + j];
         if s > m {

@@ -1,7 +1,6 @@
 //! Adapter choice and device creation: which GPU, which features, which limits.
 
 use std::fmt::Write as _;
-use std::sync::Once;
 
 use crate::error::{Error, Result};
 
@@ -18,10 +17,13 @@ pub(super) struct Gpu {
 
 impl Gpu {
     /// Largest buffer one binding may cover (also a bound on any one buffer we make).
+    /// At most 4 GiB - 1 even where the device allows more (Metal's binding limit is its
+    /// buffer limit): the kernels index with u32, and every element is at least a byte.
     pub fn max_binding_bytes(&self) -> u64 {
         self.limits
             .max_storage_buffer_binding_size
             .min(self.limits.max_buffer_size)
+            .min(u32::MAX as u64)
             & !15
     }
 
@@ -46,14 +48,8 @@ fn is_cpu_adapter(info: &wgpu::AdapterInfo) -> bool {
 }
 
 fn instance() -> wgpu::Instance {
-    // lavapipe prints a warning at start-up when XDG_RUNTIME_DIR is unset; set it once,
-    // before any GPU work, to a directory that exists.
-    static XDG: Once = Once::new();
-    XDG.call_once(|| {
-        if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
-            std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
-        }
-    });
+    // lavapipe prints a harmless warning at start-up when XDG_RUNTIME_DIR is unset; it is
+    // not set here (changing the environment while other threads may read it is unsound).
     wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
 }
 

@@ -15,15 +15,23 @@
 //! same rescale-and-add as [`SoftmaxState::merge`] (which merges the scalar states on the
 //! host, so the statistics use the shared formulas). On a software adapter splits = 1.
 //!
-//! The tile steps over one chunk are recorded into one compute pass and one submit (a
-//! bound on the work per submission, which some platforms time out); all are queued
-//! before waiting once for the readback. A batch larger than the scratch buffers can
-//! bind runs as several sub-batches.
+//! The tile steps are recorded into compute passes of at most `MAX_STEPS_PER_SUBMIT` (64)
+//! steps over one chunk, one submit each: a long row range becomes several moderate
+//! submissions rather than one (some platforms reset a device whose submission runs for
+//! seconds). Each step is still B x tile_rows x D work, so this bounds the steps per
+//! submission, not the time. All submissions are queued before waiting once for the
+//! readback. A batch larger than the scratch buffers can bind runs as several sub-batches.
+//!
+//! The bind groups of a call are kept with the scratch buffers they bind and reused by
+//! later calls while those buffers are; a chunk's groups are made when a call first reads
+//! it. After a failed call (out of memory, say) the scratch buffers and groups are dropped
+//! and made afresh by the next call.
 
 mod device;
 mod pipelines;
 mod residency;
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use crate::dataset::{Dataset, Dtype};
@@ -38,7 +46,7 @@ use pipelines::{
     GpuState, Kernels, StepParams, ACC_TILE_COLUMNS, FINALIZE_WORKGROUP, TILE_QUERIES,
     TILE_ROWS_ALIGN,
 };
-use residency::{Chunk, Storage};
+use residency::Chunk;
 
 /// Enough workgroups per dispatch to fill a large GPU a few times over.
 const TARGET_WORKGROUPS: usize = 1024;
@@ -51,6 +59,8 @@ const MIN_TILE_ROWS: usize = 64;
 const MAX_TILE_ROWS: usize = 1024;
 /// Tile width on software adapters: few dispatches, each still cache-sized.
 const CPU_TILE_ROWS: usize = 256;
+/// Most tile steps recorded into one submission.
+const MAX_STEPS_PER_SUBMIT: usize = 64;
 
 /// Knobs of [`GpuBackend::with_options`]; the defaults suit normal use.
 #[derive(Clone, Debug, Default)]
@@ -118,6 +128,45 @@ struct Buffers {
     mean: Scratch,
     params: Scratch,
     readback: Scratch,
+    groups: Option<BindGroups>,
+}
+
+/// The bind groups over one set of scratch buffers.
+struct BindGroups {
+    /// The buffers bound: params, x, coefs, logits, states, acc, mean.
+    bound: [wgpu::Buffer; 7],
+    /// Per dataset chunk (logits, accumulate), made when a call first reads the chunk.
+    chunks: Vec<Option<(wgpu::BindGroup, wgpu::BindGroup)>>,
+    softmax: wgpu::BindGroup,
+    finalize: wgpu::BindGroup,
+}
+
+/// A bind group of `layout`: the step parameters at binding 0 (one `StepParams` at a
+/// dynamic offset), then `buffers` whole.
+fn bind_group(
+    device: &wgpu::Device,
+    layout: &wgpu::BindGroupLayout,
+    params: &wgpu::Buffer,
+    buffers: &[&wgpu::Buffer],
+) -> wgpu::BindGroup {
+    let params = wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+        buffer: params,
+        offset: 0,
+        size: wgpu::BufferSize::new(std::mem::size_of::<StepParams>() as u64),
+    });
+    let entries: Vec<wgpu::BindGroupEntry> = std::iter::once(params)
+        .chain(buffers.iter().map(|b| b.as_entire_binding()))
+        .enumerate()
+        .map(|(i, resource)| wgpu::BindGroupEntry {
+            binding: i as u32,
+            resource,
+        })
+        .collect();
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout,
+        entries: &entries,
+    })
 }
 
 impl Buffers {
@@ -132,6 +181,7 @@ impl Buffers {
             mean: Scratch::new("mean", U::STORAGE | U::COPY_SRC),
             params: Scratch::new("step params", U::UNIFORM | U::COPY_DST),
             readback: Scratch::new("readback", U::MAP_READ | U::COPY_DST),
+            groups: None,
         }
     }
 }
@@ -148,7 +198,8 @@ pub struct GpuBackend {
     gpu: Gpu,
     kernels: Kernels,
     chunks: Vec<Chunk>,
-    storage: Storage,
+    /// How the values are held on the device (f16 data may be held as f32).
+    storage: Dtype,
     dataset_dtype: Dtype,
     n_samples: usize,
     dim: usize,
@@ -177,16 +228,12 @@ impl GpuBackend {
         let storage =
             if want_f16 && !options.f16_as_f32 && gpu.features.contains(wgpu::Features::SHADER_F16)
             {
-                Storage::F16
+                Dtype::F16
             } else {
-                Storage::F32
+                Dtype::F32
             };
         let built = scoped(&gpu.device, || {
-            let kernels = Kernels::new(
-                &gpu.device,
-                storage == Storage::F16,
-                options.trusted_shaders,
-            )?;
+            let kernels = Kernels::new(&gpu.device, storage == Dtype::F16, options.trusted_shaders);
             let chunk_cap = options
                 .max_chunk_bytes
                 .map_or(gpu.max_binding_bytes(), |c| c.min(gpu.max_binding_bytes()));
@@ -216,15 +263,11 @@ impl GpuBackend {
         self.chunks.len()
     }
 
-    fn max_binding(&self) -> u64 {
-        self.gpu.max_binding_bytes()
-    }
-
     /// Most queries one sub-batch can take: the queries, accumulator and mean (B x D each)
     /// and the narrowest logits tile (B x 64) must each fit one binding, and B one
     /// dispatch dimension.
     fn max_sub_batch(&self) -> usize {
-        let limit = self.max_binding();
+        let limit = self.gpu.max_binding_bytes();
         let by_rows = limit / (self.dim4 as u64 * 16);
         let by_logits = limit / (MIN_TILE_ROWS as u64 * 4);
         let by_grid = self.gpu.limits.max_compute_workgroups_per_dimension as u64;
@@ -235,7 +278,7 @@ impl GpuBackend {
     }
 
     fn plan(&self, n_queries: usize, n_rows: usize) -> Plan {
-        let limit = self.max_binding() as usize;
+        let limit = self.gpu.max_binding_bytes() as usize;
         let query_blocks = n_queries.div_ceil(TILE_QUERIES as usize);
         let column_blocks = self.dim4.div_ceil(ACC_TILE_COLUMNS as usize);
         let max_splits = (limit / (n_queries * self.dim4 * 16))
@@ -294,7 +337,7 @@ impl GpuBackend {
 
         let device = self.gpu.device.clone();
         let queue = self.gpu.queue.clone();
-        let limit = self.max_binding();
+        let limit = self.gpu.max_binding_bytes();
         let max_buffer = self.gpu.limits.max_buffer_size;
         let align = self.gpu.limits.min_uniform_buffer_offset_alignment as u64;
         let params_stride = (std::mem::size_of::<StepParams>() as u64).next_multiple_of(align);
@@ -356,57 +399,67 @@ impl GpuBackend {
         }
         queue.write_buffer(&params_buf, 0, &params);
 
+        // Bind groups: those of the previous call while it used the same buffers, plus
+        // the groups of the chunks this call reads for the first time.
         let k = &self.kernels;
-        let params_binding = wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-            buffer: &params_buf,
-            offset: 0,
-            size: wgpu::BufferSize::new(std::mem::size_of::<StepParams>() as u64),
-        });
-        let bind = |layout: &wgpu::BindGroupLayout, buffers: &[&wgpu::Buffer]| {
-            let mut entries = vec![wgpu::BindGroupEntry {
-                binding: 0,
-                resource: params_binding.clone(),
-            }];
-            entries.extend(
-                buffers
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| wgpu::BindGroupEntry {
-                        binding: i as u32 + 1,
-                        resource: b.as_entire_binding(),
-                    }),
-            );
-            device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: None,
-                layout,
-                entries: &entries,
-            })
-        };
-        let logits_groups: Vec<wgpu::BindGroup> = self
-            .chunks
-            .iter()
-            .map(|c| {
-                bind(
-                    &k.logits.layout,
-                    &[&x_buf, &coefs_buf, &c.values, &c.sq_norms, &logits_buf],
+        let bound = [
+            params_buf.clone(),
+            x_buf.clone(),
+            coefs_buf.clone(),
+            logits_buf.clone(),
+            states_buf.clone(),
+            acc_buf.clone(),
+            mean_buf.clone(),
+        ];
+        if b.groups.as_ref().is_none_or(|g| g.bound != bound) {
+            b.groups = Some(BindGroups {
+                chunks: self.chunks.iter().map(|_| None).collect(),
+                softmax: bind_group(
+                    &device,
+                    &k.softmax.layout,
+                    &params_buf,
+                    &[&logits_buf, &states_buf],
+                ),
+                finalize: bind_group(
+                    &device,
+                    &k.finalize.layout,
+                    &params_buf,
+                    &[&acc_buf, &states_buf, &mean_buf],
+                ),
+                bound,
+            });
+        }
+        let groups = b.groups.as_mut().expect("just made");
+        for &(c, _) in &steps {
+            let chunk = &self.chunks[c];
+            groups.chunks[c].get_or_insert_with(|| {
+                (
+                    bind_group(
+                        &device,
+                        &k.logits.layout,
+                        &params_buf,
+                        &[
+                            &x_buf,
+                            &coefs_buf,
+                            &chunk.values,
+                            &chunk.sq_norms,
+                            &logits_buf,
+                        ],
+                    ),
+                    bind_group(
+                        &device,
+                        &k.accumulate.layout,
+                        &params_buf,
+                        &[&logits_buf, &chunk.values, &states_buf, &acc_buf],
+                    ),
                 )
-            })
-            .collect();
-        let accumulate_groups: Vec<wgpu::BindGroup> = self
-            .chunks
-            .iter()
-            .map(|c| {
-                bind(
-                    &k.accumulate.layout,
-                    &[&logits_buf, &c.values, &states_buf, &acc_buf],
-                )
-            })
-            .collect();
-        let softmax_group = bind(&k.softmax.layout, &[&logits_buf, &states_buf]);
-        let finalize_group = bind(&k.finalize.layout, &[&acc_buf, &states_buf, &mean_buf]);
+            });
+        }
+        let groups = &*groups;
 
-        // One pass and one submit per chunk, queued without waiting; the finalize and the
-        // copies to the readback buffer go last.
+        // One pass and one submit per run of at most MAX_STEPS_PER_SUBMIT steps over one
+        // chunk, queued without waiting; the finalize and the copies to the readback buffer
+        // go last.
         let query_blocks = n_queries.div_ceil(TILE_QUERIES as usize) as u32;
         let splits = plan.splits as u32;
         let mut encoder = device.create_command_encoder(&Default::default());
@@ -414,24 +467,28 @@ impl GpuBackend {
         encoder.clear_buffer(&states_buf, 0, Some(states_bytes));
         encoder.clear_buffer(&acc_buf, 0, Some(n_virtual * row_bytes));
         let mut first = 0;
-        for group in steps.chunk_by(|a, b| a.0 == b.0) {
-            let chunk = group[0].0;
+        for group in steps
+            .chunk_by(|a, b| a.0 == b.0)
+            .flat_map(|g| g.chunks(MAX_STEPS_PER_SUBMIT))
+        {
+            let (logits_group, accumulate_group) =
+                groups.chunks[group[0].0].as_ref().expect("made above");
             {
                 let mut pass = encoder.begin_compute_pass(&Default::default());
                 for i in first..first + group.len() {
                     let offset = [(i as u64 * params_stride) as u32];
                     pass.set_pipeline(&k.logits.pipeline);
-                    pass.set_bind_group(0, &logits_groups[chunk], &offset);
+                    pass.set_bind_group(0, logits_group, &offset);
                     pass.dispatch_workgroups(
                         (plan.tile_rows as u32).div_ceil(TILE_ROWS_ALIGN),
                         query_blocks,
                         splits,
                     );
                     pass.set_pipeline(&k.softmax.pipeline);
-                    pass.set_bind_group(0, &softmax_group, &offset);
+                    pass.set_bind_group(0, &groups.softmax, &offset);
                     pass.dispatch_workgroups(n_queries as u32, splits, 1);
                     pass.set_pipeline(&k.accumulate.pipeline);
-                    pass.set_bind_group(0, &accumulate_groups[chunk], &offset);
+                    pass.set_bind_group(0, accumulate_group, &offset);
                     pass.dispatch_workgroups(
                         (dim4 as u32).div_ceil(ACC_TILE_COLUMNS),
                         query_blocks,
@@ -451,7 +508,7 @@ impl GpuBackend {
             pass.set_pipeline(&k.finalize.pipeline);
             pass.set_bind_group(
                 0,
-                &finalize_group,
+                &groups.finalize,
                 &[(steps.len() as u64 * params_stride) as u32],
             );
             pass.dispatch_workgroups(
@@ -464,28 +521,21 @@ impl GpuBackend {
         encoder.copy_buffer_to_buffer(&states_buf, 0, &readback, mean_bytes, states_bytes);
         queue.submit([encoder.finish()]);
 
-        let bytes = read_back(&device, &readback, mean_bytes + states_bytes)?;
-        let (mean_bytes_read, states_read) = bytes.split_at(mean_bytes as usize);
-        let device_mean: &[f32] = bytemuck::cast_slice(mean_bytes_read);
-        for (dst, src) in mean.chunks_mut(dim).zip(device_mean.chunks(dim4 * 4)) {
-            dst.copy_from_slice(&src[..dim]);
-        }
-        let states: &[GpuState] = bytemuck::cast_slice(states_read);
-        for q in 0..n_queries {
-            let mut merged = SoftmaxState::EMPTY;
-            for s in 0..plan.splits {
-                let g = states[s * n_queries + q];
-                merged.merge(&SoftmaxState {
-                    max: g.max,
-                    sum: g.sum,
-                    sum_shifted_logit: g.sum_shifted_logit,
-                    sum_sq: g.sum_sq,
-                    argmax: g.argmax,
-                });
+        read_back(&device, &readback, mean_bytes + states_bytes, |bytes| {
+            let (mean_read, states_read) = bytes.split_at(mean_bytes as usize);
+            let device_mean = pod_slice::<f32>(mean_read);
+            for (dst, src) in mean.chunks_mut(dim).zip(device_mean.chunks(dim4 * 4)) {
+                dst.copy_from_slice(&src[..dim]);
             }
-            stats.push(merged.stats());
-        }
-        Ok(())
+            let states = pod_slice::<GpuState>(states_read);
+            for q in 0..n_queries {
+                let mut merged = SoftmaxState::EMPTY;
+                for s in 0..plan.splits {
+                    merged.merge(&states[s * n_queries + q].into());
+                }
+                stats.push(merged.stats());
+            }
+        })
     }
 
     /// The tile steps over `rows`: (chunk index, parameters) in order. Within each chunk
@@ -521,8 +571,13 @@ impl GpuBackend {
     }
 }
 
-/// Maps `buffer`, waits for the GPU, copies out the first `bytes`.
-fn read_back(device: &wgpu::Device, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+/// Maps `buffer`, waits for the GPU, hands its first `bytes` to `read` and unmaps it.
+fn read_back(
+    device: &wgpu::Device,
+    buffer: &wgpu::Buffer,
+    bytes: u64,
+    read: impl FnOnce(&[u8]),
+) -> Result<()> {
     let (tx, rx) = std::sync::mpsc::channel();
     buffer.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
         let _ = tx.send(r);
@@ -535,11 +590,20 @@ fn read_back(device: &wgpu::Device, buffer: &wgpu::Buffer, bytes: u64) -> Result
         .map_err(|e| Error::Gpu(format!("reading results back: {e}")))?;
     let out = buffer
         .get_mapped_range(0..bytes)
-        .map(|view| view.to_vec())
+        .map(|view| read(&view))
         .map_err(|e| Error::Gpu(format!("reading results back: {e}")));
     // Unmapped on every path: a mapped buffer cannot be used by the next submission.
     buffer.unmap();
     out
+}
+
+/// `bytes` as a slice of `T`: cast in place where aligned (mapped memory is, in practice),
+/// copied otherwise.
+fn pod_slice<T: bytemuck::Pod>(bytes: &[u8]) -> Cow<'_, [T]> {
+    match bytemuck::try_cast_slice(bytes) {
+        Ok(values) => Cow::Borrowed(values),
+        Err(_) => Cow::Owned(bytemuck::pod_collect_to_vec(bytes)),
+    }
 }
 
 /// Runs `f` with wgpu's validation and out-of-memory errors turned into `Err` (by
@@ -579,7 +643,7 @@ impl Backend for GpuBackend {
         let device = self.gpu.device.clone();
         for q0 in (0..n_queries).step_by(per_batch) {
             let q1 = (q0 + per_batch).min(n_queries);
-            scoped(&device, || {
+            let done = scoped(&device, || {
                 self.run(
                     &batch.x[q0 * dim..q1 * dim],
                     &batch.logit_coefs[q0..q1],
@@ -587,16 +651,21 @@ impl Backend for GpuBackend {
                     &mut mean[q0 * dim..q1 * dim],
                     &mut stats,
                 )
-            })?;
+            });
+            if done.is_err() {
+                // A buffer whose creation failed is unusable: start afresh next call.
+                self.buffers = Buffers::new();
+            }
+            done?;
         }
         Ok(Posterior { mean, stats })
     }
 
     fn describe(&self) -> String {
         let storage = match (self.dataset_dtype, self.storage) {
-            (Dtype::F16, Storage::F32) => "f16 data held as f32",
-            (_, Storage::F16) => "f16 storage",
-            (_, Storage::F32) => "f32 storage",
+            (Dtype::F16, Dtype::F32) => "f16 data held as f32",
+            (_, Dtype::F16) => "f16 storage",
+            (_, Dtype::F32) => "f32 storage",
         };
         let n = self.chunks.len();
         format!(

@@ -1,14 +1,16 @@
 //! The four kernels of a posterior evaluation, their bind group layouts and pipelines.
 //!
 //! One WGSL file per kernel under `shaders/`, compiled after `shaders/common.wgsl` (the
-//! declarations every kernel shares: `Params`, `QueryState`, `tile_rows`, ...). The two
-//! kernels that read the dataset (`logits`, `accumulate`) come in an f32 and an f16 storage
-//! variant made from the same files: the host swaps the `alias YVec = vec4<f32>;` line of
-//! common.wgsl and puts `enable f16;` first.
+//! declarations every kernel shares: `Params`, `QueryState`, `tile_rows`, ...), which is
+//! itself preceded by `const` lines generated from the tile constants below: they are
+//! written once, here, and the kernels are compiled with the values the host dispatches
+//! by. The two kernels that read the dataset (`logits`, `accumulate`) come in an f32 and
+//! an f16 storage variant made from the same files: the host swaps the
+//! `alias YVec = vec4<f32>;` line of common.wgsl and puts `enable f16;` first.
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::error::{Error, Result};
+use crate::oracle::SoftmaxState;
 
 const COMMON_WGSL: &str = include_str!("../../../shaders/common.wgsl");
 const LOGITS_WGSL: &str = include_str!("../../../shaders/logits.wgsl");
@@ -19,16 +21,34 @@ const FINALIZE_WGSL: &str = include_str!("../../../shaders/finalize.wgsl");
 const F32_STORAGE: &str = "alias YVec = vec4<f32>;";
 const F16_STORAGE: &str = "alias YVec = vec4<f16>;";
 
-/// Queries per workgroup in `logits` and `accumulate`.
+/// Queries per workgroup in `logits` and `accumulate` (`TILE_Q` in WGSL).
 pub(super) const TILE_QUERIES: u32 = 64;
-/// Rows per workgroup in `logits`; tile widths are multiples of it.
+/// Rows per workgroup in `logits`; tile widths are multiples of it (`TILE_R` in WGSL).
 pub(super) const TILE_ROWS_ALIGN: u32 = 64;
-/// vec4 columns of D per workgroup in `accumulate`.
+/// vec4 columns of D per workgroup in `accumulate` (`TILE_C` in WGSL).
 pub(super) const ACC_TILE_COLUMNS: u32 = 32;
-/// Threads per workgroup in `finalize` (along the vec4 columns).
+/// Threads per workgroup in `finalize`, along the vec4 columns (`FINALIZE_WG` in WGSL).
 pub(super) const FINALIZE_WORKGROUP: u32 = 64;
-/// Workgroup memory the kernels declare (the largest, `accumulate`: 768 vec4).
+/// Workgroup memory the kernels declare, at most (the largest, `accumulate`: 768 vec4).
+/// The unit test below checks it against every compiled module.
 pub(super) const WORKGROUP_BYTES: u32 = 768 * 16;
+
+// `logits` and `accumulate` run 16 x 16 threads, each holding a 4 x 4 block of queries x
+// rows (`logits`) or 4 queries x 2 vec4 columns (`accumulate`): the tiles follow from that
+// layout, which the kernels spell out (strides of 16 lanes).
+const _: () = assert!(TILE_QUERIES == 16 * 4 && TILE_ROWS_ALIGN == 16 * 4);
+const _: () = assert!(ACC_TILE_COLUMNS == 16 * 2);
+
+/// The WGSL `const` declarations of the tile constants, put before common.wgsl.
+fn generated_constants() -> String {
+    format!(
+        "// Generated from src/oracle/gpu/pipelines.rs.\n\
+         const TILE_Q: u32 = {TILE_QUERIES}u;\n\
+         const TILE_R: u32 = {TILE_ROWS_ALIGN}u;\n\
+         const TILE_C: u32 = {ACC_TILE_COLUMNS}u;\n\
+         const FINALIZE_WG: u32 = {FINALIZE_WORKGROUP}u;\n"
+    )
+}
 
 /// Per-dispatch parameters (`struct Params` in common.wgsl); one per tile step, bound at
 /// a dynamic offset of one uniform buffer.
@@ -68,6 +88,18 @@ pub(super) struct GpuState {
     pub pad: [u32; 2],
 }
 
+impl From<GpuState> for SoftmaxState {
+    fn from(g: GpuState) -> SoftmaxState {
+        SoftmaxState {
+            max: g.max,
+            sum: g.sum,
+            sum_shifted_logit: g.sum_shifted_logit,
+            sum_sq: g.sum_sq,
+            argmax: g.argmax,
+        }
+    }
+}
+
 /// Every kernel source the backend may compile, by name: each of the four kernels after
 /// common.wgsl, and the f16 storage variants. The shader validation test checks all of them.
 pub fn kernel_sources() -> Vec<(String, String)> {
@@ -88,19 +120,20 @@ pub fn kernel_sources() -> Vec<(String, String)> {
     out
 }
 
-/// The module compiled for a kernel: common.wgsl, then the kernel's own file. With `f16`,
-/// `enable f16;` goes first (a directive must precede every declaration) and the storage
-/// alias of common.wgsl becomes vec4<f16>.
+/// The module compiled for a kernel: the generated constants, common.wgsl, then the
+/// kernel's own file. With `f16`, `enable f16;` goes first (a directive must precede every
+/// declaration) and the storage alias of common.wgsl becomes vec4<f16>.
 fn module_source(kernel: &str, f16: bool) -> String {
     assert!(
         COMMON_WGSL.contains(F32_STORAGE),
         "common.wgsl lacks the storage alias line"
     );
+    let constants = generated_constants();
     if f16 {
         let common = COMMON_WGSL.replace(F32_STORAGE, F16_STORAGE);
-        format!("enable f16;\n{common}\n{kernel}")
+        format!("enable f16;\n{constants}\n{common}\n{kernel}")
     } else {
-        format!("{COMMON_WGSL}\n{kernel}")
+        format!("{constants}\n{COMMON_WGSL}\n{kernel}")
     }
 }
 
@@ -211,10 +244,10 @@ pub(super) struct Kernels {
 
 impl Kernels {
     /// `f16_storage`: the dataset buffers hold f16 (needs SHADER_F16 on the device).
-    pub fn new(device: &wgpu::Device, f16_storage: bool, trusted: bool) -> Result<Kernels> {
+    /// Compilation errors are wgpu validation errors: call inside an error scope.
+    pub fn new(device: &wgpu::Device, f16_storage: bool, trusted: bool) -> Kernels {
         use Slot::*;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let kernels = Kernels {
+        Kernels {
             // params, x, coefs, rows, sq_norms, logits
             logits: Kernel::new(
                 device,
@@ -247,10 +280,47 @@ impl Kernels {
                 &[Params, Read, Read, ReadWrite],
                 trusted,
             ),
-        };
-        if let Some(e) = pollster::block_on(scope.pop()) {
-            return Err(Error::Gpu(format!("building the kernels: {e}")));
         }
-        Ok(kernels)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The workgroup memory and sizes of the compiled modules agree with the host's
+    /// constants (the tile constants themselves are generated into the modules).
+    #[test]
+    fn compiled_kernels_match_the_host_constants() {
+        let mut largest = 0;
+        for (name, source) in kernel_sources() {
+            let module = naga::front::wgsl::parse_str(&source)
+                .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&source)));
+            let mut layouter = naga::proc::Layouter::default();
+            layouter.update(module.to_ctx()).unwrap();
+            let bytes: u32 = module
+                .global_variables
+                .iter()
+                .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+                .map(|(_, g)| layouter[g.ty].size)
+                .sum();
+            assert!(
+                bytes <= WORKGROUP_BYTES,
+                "{name}: {bytes} B of workgroup memory"
+            );
+            largest = largest.max(bytes);
+            let [entry] = &module.entry_points[..] else {
+                panic!("{name}: one entry point expected");
+            };
+            let expected = if name.starts_with("finalize") {
+                [FINALIZE_WORKGROUP, 1, 1]
+            } else if name.starts_with("softmax") {
+                [64, 1, 1]
+            } else {
+                [16, 16, 1]
+            };
+            assert_eq!(entry.workgroup_size, expected, "{name}");
+        }
+        assert_eq!(largest, WORKGROUP_BYTES);
     }
 }

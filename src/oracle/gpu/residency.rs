@@ -3,11 +3,16 @@
 //! Each row is padded with zeros to a multiple of 4 values so the kernels read it as
 //! vec4s; zeros change neither dot products nor the weighted sums. A chunk's buffer is no
 //! larger than one storage binding may cover (and `max_chunk_bytes` when given), so a
-//! dataset of any size is a list of bindable buffers.
+//! dataset larger than one binding is a list of bindable buffers.
+//!
+//! The whole dataset is resident: every chunk stays on the device for the backend's
+//! lifetime. Streaming rows through staging buffers, for datasets larger than device
+//! memory, is not implemented; such a dataset fails at upload with an `Err` (the device's
+//! out-of-memory error, caught by the caller's error scope).
 
 use std::ops::Range;
 
-use crate::dataset::{Dataset, Values};
+use crate::dataset::{Dataset, Dtype, Values};
 use crate::error::{Error, Result};
 
 /// Rows of one chunk and their buffers.
@@ -20,32 +25,17 @@ pub(super) struct Chunk {
     pub sq_norms: wgpu::Buffer,
 }
 
-/// How the values are held on the device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Storage {
-    F32,
-    F16,
-}
-
-impl Storage {
-    pub fn bytes(self) -> u64 {
-        match self {
-            Storage::F32 => 4,
-            Storage::F16 => 2,
-        }
-    }
-}
-
-/// Uploads the dataset in chunks of at most `max_chunk_bytes` each.
+/// Uploads the dataset in chunks of at most `max_chunk_bytes` each, its values held as
+/// `storage` (f16 data may be held as f32; f32 data is always held as f32).
 pub(super) fn upload(
     device: &wgpu::Device,
     dataset: &Dataset,
-    storage: Storage,
+    storage: Dtype,
     max_chunk_bytes: u64,
 ) -> Result<Vec<Chunk>> {
     let dim = dataset.dim();
     let dim_padded = dim.div_ceil(4) * 4;
-    let row_bytes = dim_padded as u64 * storage.bytes();
+    let row_bytes = (dim_padded * storage.bytes()) as u64;
     let rows_per_chunk = (max_chunk_bytes / row_bytes) as usize;
     if rows_per_chunk == 0 {
         return Err(Error::Gpu(format!(
@@ -93,10 +83,10 @@ fn fill_rows(
     dataset: &Dataset,
     rows: Range<usize>,
     dim_padded: usize,
-    storage: Storage,
+    storage: Dtype,
 ) -> Result<()> {
     let dim = dataset.dim();
-    let row_bytes = dim_padded * storage.bytes() as usize;
+    let row_bytes = dim_padded * storage.bytes();
     let block_rows = ((4 << 20) / row_bytes).max(1);
     let mut view = buffer
         .get_mapped_range_mut(..)
@@ -109,22 +99,22 @@ fn fill_rows(
         for row in block_start..block_end {
             let r = row * dim..(row + 1) * dim;
             match (dataset.values(), storage) {
-                (Values::F32(v), Storage::F32) => {
+                (Values::F32(v), Dtype::F32) => {
                     bytes.extend_from_slice(bytemuck::cast_slice(&v[r]));
                     bytes.resize(bytes.len() + (dim_padded - dim) * 4, 0);
                 }
-                (Values::F16(v), Storage::F16) => {
+                (Values::F16(v), Dtype::F16) => {
                     bytes.extend_from_slice(bytemuck::cast_slice(&v[r]));
                     bytes.resize(bytes.len() + (dim_padded - dim) * 2, 0);
                 }
                 // f16 data on a device without SHADER_F16: held as f32, which is exact.
-                (Values::F16(v), Storage::F32) => {
+                (Values::F16(v), Dtype::F32) => {
                     for x in &v[r] {
                         bytes.extend_from_slice(&x.to_f32().to_ne_bytes());
                     }
                     bytes.resize(bytes.len() + (dim_padded - dim) * 4, 0);
                 }
-                (Values::F32(_), Storage::F16) => {
+                (Values::F32(_), Dtype::F16) => {
                     unreachable!("f32 datasets are held as f32")
                 }
             }
