@@ -32,6 +32,9 @@ enum Command {
     Sample(SampleArgs),
     /// Exact oracle velocity (= flow-matching training target) for given queries and times
     Velocity(VelocityArgs),
+    /// Stage curves: posterior top-1 weight, entropy and training-target difference along
+    /// the path, for one or several datasets (the navigation -> refinement transition)
+    Stages(StagesArgs),
     /// Print the GPU adapter and a summary of the dataset
     Info(InfoArgs),
     /// Measure oracle throughput (GFLOP/s = 4 B N D / time) beside a plain sgemm
@@ -86,6 +89,33 @@ struct SampleArgs {
     #[arg(long)]
     out: PathBuf,
     /// Overwrite existing files in the output directory
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct StagesArgs {
+    /// Datasets (repeat --data to compare several, e.g. gaussian:1400,512 and gaussian:1400,8192)
+    #[arg(long, required = true, long_help = dataset::SPEC_HELP)]
+    data: Vec<String>,
+    #[arg(long, value_enum, default_value_t)]
+    dtype: Dtype,
+    #[command(flatten)]
+    oracle: OracleArgs,
+    /// (training sample, noise) pairs averaged at each time
+    #[arg(long, default_value_t = 256)]
+    pairs: usize,
+    /// Intervals of the time grid on [0, t_max]
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Last time of the grid (< 1)
+    #[arg(long, default_value_t = 0.5)]
+    t_max: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output directory (stages.png, stages.csv, stages.json)
+    #[arg(long)]
+    out: PathBuf,
     #[arg(long)]
     force: bool,
 }
@@ -180,6 +210,7 @@ fn main() -> ExitCode {
         Command::Sample(a) => sample(a),
         Command::Velocity(a) => velocity(a),
         Command::Bench(a) => bench(a),
+        Command::Stages(a) => stages(a),
         Command::Info(a) => info(a),
     };
     match result {
@@ -406,6 +437,62 @@ fn sample(a: SampleArgs) -> Result<()> {
         sampling_seconds,
         a.n_samples
     );
+    Ok(())
+}
+
+fn stages(a: StagesArgs) -> Result<()> {
+    let files: Vec<PathBuf> = report::STAGE_FILES.iter().map(|f| a.out.join(f)).collect();
+    output::check_new(
+        &files.iter().map(|p| p.as_path()).collect::<Vec<_>>(),
+        a.force,
+    )?;
+    if a.pairs == 0 || a.steps == 0 || !(a.t_max > 0.0 && a.t_max < 1.0) {
+        bail!("need --pairs >= 1, --steps >= 1 and 0 < --t-max < 1");
+    }
+    let times: Vec<f64> = (0..=a.steps)
+        .map(|i| a.t_max * i as f64 / a.steps as f64)
+        .collect();
+    let mut results = Vec::new();
+    let mut summaries = Vec::new();
+    for spec in &a.data {
+        let ds = dataset::load(spec, a.dtype)?;
+        let mut oracle = Oracle::new(&ds, a.oracle.path, a.oracle.backend)?;
+        eprintln!(
+            "{spec}: N = {}, D = {} on {}",
+            ds.n_samples(),
+            ds.dim(),
+            oracle.describe()
+        );
+        let bar = progress(times.len() as u64, "times");
+        let curve = analysis::stage_curve(&mut oracle, &times, a.pairs, a.seed, || bar.inc(1))?;
+        bar.finish_and_clear();
+        let r = report::StageResult {
+            data: spec.clone(),
+            n_samples: ds.n_samples(),
+            dim: ds.dim(),
+            curve,
+        };
+        let (t50, t99) = r.crossings();
+        println!(
+            "{spec}: mean top-1 weight reaches 0.5 at t = {}, 0.99 at t = {}",
+            t50.map_or("-".into(), |t| format!("{t:.3}")),
+            t99.map_or("-".into(), |t| format!("{t:.3}"))
+        );
+        summaries.push(serde_json::json!({
+            "data": spec, "n_samples": ds.n_samples(), "dim": ds.dim(),
+            "backend": oracle.describe(), "t_top1_half": t50, "t_top1_saturated": t99,
+            "curve": r.curve,
+        }));
+        results.push(r);
+    }
+    let json = serde_json::json!({
+        "command": std::env::args().collect::<Vec<_>>(),
+        "path": a.oracle.path, "pairs": a.pairs, "seed": a.seed, "times": times,
+        "saturation_level": 0.99,
+        "datasets": summaries,
+    });
+    report::write_stage_outputs(&a.out, &results, &json)?;
+    eprintln!("wrote {}/stages.{{png,csv,json}}", a.out.display());
     Ok(())
 }
 

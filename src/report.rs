@@ -178,3 +178,142 @@ pub fn write_sample_outputs(
     })?;
     Ok(())
 }
+
+/// The files `write_stage_outputs` writes.
+pub const STAGE_FILES: [&str; 3] = ["stages.png", "stages.csv", "stages.json"];
+
+/// One dataset's stage curve, as `oracleflow stages` measured it.
+pub struct StageResult {
+    pub data: String,
+    pub n_samples: usize,
+    pub dim: usize,
+    pub curve: Vec<crate::analysis::StagePoint>,
+}
+
+impl StageResult {
+    fn series(&self, f: fn(&crate::analysis::StagePoint) -> f64) -> Vec<(f64, f64)> {
+        self.curve.iter().map(|p| (p.t, f(p))).collect()
+    }
+
+    /// Times at which the mean top-1 weight reaches 0.5 and 0.99.
+    pub fn crossings(&self) -> (Option<f64>, Option<f64>) {
+        let top1 = self.series(|p| p.mean_top1_weight);
+        (
+            crate::analysis::crossing(&top1, 0.5),
+            crate::analysis::crossing(&top1, 0.99),
+        )
+    }
+}
+
+/// One dataset: all its curves on [0, 1]. Several: the mean top-1 weight of each (the
+/// scaling study: how the transition moves with N and D).
+pub fn stages_comparison_chart(results: &[StageResult]) -> Result<image::RgbImage> {
+    let t_max = results
+        .iter()
+        .flat_map(|r| r.curve.last().map(|p| p.t))
+        .fold(0.0, f64::max);
+    let x_range = (0.0, t_max.max(1e-3));
+    if let [r] = results {
+        let d0 = r
+            .curve
+            .first()
+            .map_or(1.0, |p| p.target_difference)
+            .max(1e-30);
+        let ln_n = (r.n_samples.max(2) as f64).ln();
+        let (t50, _) = r.crossings();
+        let label = t50.map(|t| format!("top-1 weight 0.5 at t = {t:.3}"));
+        let markers: Vec<(f64, &str)> = t50
+            .iter()
+            .zip(&label)
+            .map(|(&t, l)| (t, l.as_str()))
+            .collect();
+        let series = [
+            Series {
+                name: "mean top-1 weight",
+                points: r.series(|p| p.mean_top1_weight),
+            },
+            Series {
+                name: "top-1 is the sample x_t came from",
+                points: r.series(|p| p.own_sample_rate),
+            },
+            Series {
+                name: "mean entropy / ln N",
+                points: r
+                    .curve
+                    .iter()
+                    .map(|p| (p.t, p.mean_entropy / ln_n))
+                    .collect(),
+            },
+            Series {
+                name: "target difference / its value at t = 0",
+                points: r
+                    .curve
+                    .iter()
+                    .map(|p| (p.t, p.target_difference / d0))
+                    .collect(),
+            },
+        ];
+        line_chart(
+            &format!("{} (N = {}, D = {})", r.data, r.n_samples, r.dim),
+            "t (0 = noise, 1 = data)",
+            "fraction",
+            &series,
+            x_range,
+            (0.0, 1.05),
+            &markers,
+        )
+    } else {
+        let series: Vec<Series> = results
+            .iter()
+            .map(|r| Series {
+                name: &r.data,
+                points: r.series(|p| p.mean_top1_weight),
+            })
+            .collect();
+        line_chart(
+            "Mean top-1 posterior weight along the path",
+            "t (0 = noise, 1 = data)",
+            "mean top-1 weight",
+            &series,
+            x_range,
+            (0.0, 1.05),
+            &[],
+        )
+    }
+}
+
+/// Writes stages.png, stages.csv (one row per dataset and time) and stages.json.
+pub fn write_stage_outputs(
+    dir: &Path,
+    results: &[StageResult],
+    json: &serde_json::Value,
+) -> Result<()> {
+    let chart = stages_comparison_chart(results)?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    save_png(&dir.join("stages.png"), &chart)?;
+    output::write_atomic(&dir.join("stages.csv"), |w| {
+        writeln!(w, "data,n_samples,dim,t,mean_top1_weight,own_sample_rate,mean_entropy,mean_ess,target_difference")?;
+        for r in results {
+            for p in &r.curve {
+                writeln!(
+                    w,
+                    "{},{},{},{},{},{},{},{},{}",
+                    r.data,
+                    r.n_samples,
+                    r.dim,
+                    p.t,
+                    p.mean_top1_weight,
+                    p.own_sample_rate,
+                    p.mean_entropy,
+                    p.mean_ess,
+                    p.target_difference
+                )?;
+            }
+        }
+        Ok(())
+    })?;
+    output::write_atomic(&dir.join("stages.json"), |w| {
+        serde_json::to_writer_pretty(&mut *w, json)?;
+        writeln!(w)
+    })
+}
