@@ -316,11 +316,7 @@ fn velocity(a: VelocityArgs) -> Result<()> {
 }
 
 fn sample(a: SampleArgs) -> Result<()> {
-    let files: Vec<PathBuf> = report::SAMPLE_FILES.iter().map(|f| a.out.join(f)).collect();
-    output::check_new(
-        &files.iter().map(|p| p.as_path()).collect::<Vec<_>>(),
-        a.force,
-    )?;
+    output::check_new_in(&a.out, &report::SAMPLE_FILES, a.force)?;
     if a.n_samples == 0 {
         bail!("-n must be at least 1");
     }
@@ -441,11 +437,7 @@ fn sample(a: SampleArgs) -> Result<()> {
 }
 
 fn stages(a: StagesArgs) -> Result<()> {
-    let files: Vec<PathBuf> = report::STAGE_FILES.iter().map(|f| a.out.join(f)).collect();
-    output::check_new(
-        &files.iter().map(|p| p.as_path()).collect::<Vec<_>>(),
-        a.force,
-    )?;
+    output::check_new_in(&a.out, &report::STAGE_FILES, a.force)?;
     if a.pairs == 0 || a.steps == 0 || !(a.t_max > 0.0 && a.t_max < 1.0) {
         bail!("need --pairs >= 1, --steps >= 1 and 0 < --t-max < 1");
     }
@@ -517,10 +509,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     }
     print!("{}", bench::table(&results));
     if let Some(p) = &a.json {
-        output::write_atomic(p, |w| {
-            serde_json::to_writer_pretty(&mut *w, &results)?;
-            writeln!(w)
-        })?;
+        output::write_json(p, &serde_json::to_value(&results)?)?;
     }
     Ok(())
 }

@@ -20,6 +20,23 @@ pub fn check_new(paths: &[&Path], force: bool) -> Result<()> {
     Ok(())
 }
 
+/// [`check_new`] for the files `names` inside `dir`.
+pub fn check_new_in(dir: &Path, names: &[&str], force: bool) -> Result<()> {
+    let paths: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
+    check_new(
+        &paths.iter().map(|p| p.as_path()).collect::<Vec<_>>(),
+        force,
+    )
+}
+
+/// Writes a JSON value, pretty-printed, atomically.
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    write_atomic(path, |w| {
+        serde_json::to_writer_pretty(&mut *w, value)?;
+        writeln!(w)
+    })
+}
+
 /// Writes `path` atomically with whatever `fill` writes.
 pub fn write_atomic(
     path: &Path,

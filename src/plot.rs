@@ -37,61 +37,48 @@ fn register_font() {
     });
 }
 
-/// A line chart over x in `x_range`, y in `y_range`, with optional vertical markers.
-pub fn line_chart(
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    series: &[Series<'_>],
-    x_range: (f64, f64),
-    y_range: (f64, f64),
-    markers: &[(f64, &str)],
-) -> Result<RgbImage> {
+/// A line chart's frame: title, axis labels and ranges, vertical markers (x, label).
+pub struct Chart<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+    pub x_range: (f64, f64),
+    pub y_range: (f64, f64),
+    pub markers: &'a [(f64, &'a str)],
+}
+
+/// Draws `series` in `chart` (900 x 520 px).
+pub fn line_chart(chart: &Chart<'_>, series: &[Series<'_>]) -> Result<RgbImage> {
     register_font();
     let (w, h) = (900u32, 520u32);
     let mut buf = vec![0u8; (w * h * 3) as usize];
-    draw(
-        &mut buf,
-        (w, h),
-        title,
-        x_label,
-        y_label,
-        series,
-        x_range,
-        y_range,
-        markers,
-    )
-    .map_err(|e| Error::Input(format!("drawing chart '{title}': {e}")))?;
+    draw(&mut buf, (w, h), chart, series)
+        .map_err(|e| Error::Input(format!("drawing chart '{}': {e}", chart.title)))?;
     Ok(RgbImage::from_raw(w, h, buf).expect("buffer sized w * h * 3"))
 }
 
-#[allow(clippy::too_many_arguments)]
 fn draw(
     buf: &mut [u8],
     size: (u32, u32),
-    title: &str,
-    x_label: &str,
-    y_label: &str,
+    c: &Chart<'_>,
     series: &[Series<'_>],
-    x_range: (f64, f64),
-    y_range: (f64, f64),
-    markers: &[(f64, &str)],
 ) -> std::result::Result<(), Box<dyn std::error::Error>> {
     let root = BitMapBackend::with_buffer(buf, size).into_drawing_area();
     root.fill(&WHITE)?;
+    let (x_range, y_range) = (c.x_range, c.y_range);
     let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
+        .caption(c.title, ("sans-serif", 22))
         .margin(14)
         .x_label_area_size(44)
         .y_label_area_size(60)
         .build_cartesian_2d(x_range.0..x_range.1, y_range.0..y_range.1)?;
     chart
         .configure_mesh()
-        .x_desc(x_label)
-        .y_desc(y_label)
+        .x_desc(c.x_label)
+        .y_desc(c.y_label)
         .label_style(("sans-serif", 15))
         .draw()?;
-    for &(x, label) in markers {
+    for &(x, label) in c.markers {
         let grey = RGBColor(120, 120, 120);
         chart.draw_series(LineSeries::new(
             [(x, y_range.0), (x, y_range.1)],
@@ -138,16 +125,15 @@ mod tests {
                 .map(|i| (i as f64 / 10.0, (i as f64 / 10.0).powi(2)))
                 .collect(),
         };
-        let img = line_chart(
-            "test",
-            "t",
-            "y",
-            &[s],
-            (0.0, 1.0),
-            (0.0, 1.0),
-            &[(0.5, "half")],
-        )
-        .unwrap();
+        let chart = Chart {
+            title: "test",
+            x_label: "t",
+            y_label: "y",
+            x_range: (0.0, 1.0),
+            y_range: (0.0, 1.0),
+            markers: &[(0.5, "half")],
+        };
+        let img = line_chart(&chart, &[s]).unwrap();
         assert_eq!(img.dimensions(), (900, 520));
         let coloured = img.pixels().filter(|p| p.0 == [31, 119, 180]).count();
         assert!(coloured > 200, "curve drawn ({coloured} px)");

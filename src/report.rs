@@ -7,9 +7,16 @@ use crate::analysis::Neighbours;
 use crate::dataset::{npy, Dataset};
 use crate::error::{Error, Result};
 use crate::output;
-use crate::plot::{line_chart, Series};
+use crate::plot::{line_chart, Chart, Series};
 use crate::render::{grid, save_png, stack_vertical, tile_grid, GridOptions};
 use crate::sample::SampleRun;
+
+const T_AXIS: &str = "t (0 = noise, 1 = data)";
+
+/// A marker where the mean top-1 weight first reaches 0.5: navigation gives way to refinement.
+fn transition_marker(t_half: Option<f64>) -> Option<(f64, String)> {
+    t_half.map(|t| (t, format!("top-1 weight 0.5 at t = {t:.3}")))
+}
 
 /// The files `write_sample_outputs` writes into the output directory.
 pub const SAMPLE_FILES: [&str; 7] = [
@@ -69,25 +76,23 @@ pub fn stages_chart(run: &SampleRun, n_dataset: usize) -> Result<image::RgbImage
             points: entropy,
         },
     ];
-    let crossing = run
+    let top1: Vec<(f64, f64)> = run
         .steps
         .iter()
-        .find(|s| s.mean_top1_weight >= 0.5)
-        .map(|s| s.t);
-    let label = crossing.map(|t| format!("top-1 weight 0.5 at t = {t:.3}"));
-    let markers: Vec<(f64, &str)> = crossing
-        .iter()
-        .zip(&label)
-        .map(|(&t, l)| (t, l.as_str()))
+        .map(|s| (s.t, s.mean_top1_weight))
         .collect();
+    let marker = transition_marker(crate::analysis::crossing(&top1, 0.5));
+    let markers: Vec<(f64, &str)> = marker.iter().map(|(t, l)| (*t, l.as_str())).collect();
     line_chart(
-        &format!("Navigation, then refinement (N = {n_dataset})"),
-        "t (0 = noise, 1 = data)",
-        "fraction",
+        &Chart {
+            title: &format!("Navigation, then refinement (N = {n_dataset})"),
+            x_label: T_AXIS,
+            y_label: "fraction",
+            x_range: (0.0, 1.0),
+            y_range: (0.0, 1.05),
+            markers: &markers,
+        },
         &series,
-        (0.0, 1.0),
-        (0.0, 1.05),
-        &markers,
     )
 }
 
@@ -172,11 +177,7 @@ pub fn write_sample_outputs(
         }
         Ok(())
     })?;
-    output::write_atomic(&dir.join("run.json"), |w| {
-        serde_json::to_writer_pretty(&mut *w, run_json)?;
-        writeln!(w)
-    })?;
-    Ok(())
+    output::write_json(&dir.join("run.json"), run_json)
 }
 
 /// The files `write_stage_outputs` writes.
@@ -220,13 +221,8 @@ pub fn stages_comparison_chart(results: &[StageResult]) -> Result<image::RgbImag
             .map_or(1.0, |p| p.target_difference)
             .max(1e-30);
         let ln_n = (r.n_samples.max(2) as f64).ln();
-        let (t50, _) = r.crossings();
-        let label = t50.map(|t| format!("top-1 weight 0.5 at t = {t:.3}"));
-        let markers: Vec<(f64, &str)> = t50
-            .iter()
-            .zip(&label)
-            .map(|(&t, l)| (t, l.as_str()))
-            .collect();
+        let marker = transition_marker(r.crossings().0);
+        let markers: Vec<(f64, &str)> = marker.iter().map(|(t, l)| (*t, l.as_str())).collect();
         let series = [
             Series {
                 name: "mean top-1 weight",
@@ -254,13 +250,15 @@ pub fn stages_comparison_chart(results: &[StageResult]) -> Result<image::RgbImag
             },
         ];
         line_chart(
-            &format!("{} (N = {}, D = {})", r.data, r.n_samples, r.dim),
-            "t (0 = noise, 1 = data)",
-            "fraction",
+            &Chart {
+                title: &format!("{} (N = {}, D = {})", r.data, r.n_samples, r.dim),
+                x_label: T_AXIS,
+                y_label: "fraction",
+                x_range,
+                y_range: (0.0, 1.05),
+                markers: &markers,
+            },
             &series,
-            x_range,
-            (0.0, 1.05),
-            &markers,
         )
     } else {
         let series: Vec<Series> = results
@@ -271,13 +269,15 @@ pub fn stages_comparison_chart(results: &[StageResult]) -> Result<image::RgbImag
             })
             .collect();
         line_chart(
-            "Mean top-1 posterior weight along the path",
-            "t (0 = noise, 1 = data)",
-            "mean top-1 weight",
+            &Chart {
+                title: "Mean top-1 posterior weight along the path",
+                x_label: T_AXIS,
+                y_label: "mean top-1 weight",
+                x_range,
+                y_range: (0.0, 1.05),
+                markers: &[],
+            },
             &series,
-            x_range,
-            (0.0, 1.05),
-            &[],
         )
     }
 }
@@ -312,8 +312,5 @@ pub fn write_stage_outputs(
         }
         Ok(())
     })?;
-    output::write_atomic(&dir.join("stages.json"), |w| {
-        serde_json::to_writer_pretty(&mut *w, json)?;
-        writeln!(w)
-    })
+    output::write_json(&dir.join("stages.json"), json)
 }
