@@ -205,6 +205,12 @@ struct InfoArgs {
 }
 
 fn main() -> ExitCode {
+    // Mesa's Vulkan drivers print "error: XDG_RUNTIME_DIR is invalid or not set" when the
+    // variable is missing (containers, CI), which reads like our own failure. Set it while
+    // the process is still single-threaded, the only time changing the environment is sound.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sample(a) => sample(a),
