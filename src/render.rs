@@ -12,7 +12,7 @@
 //!   not comparable between cells.
 //! - **Channels** (both kinds): C >= 3 shows the first three channels as R, G, B (for a
 //!   4-channel latent the 4th is not shown); C = 1 or 2 shows the first channel as gray.
-//! - **No picture shape** (dims neither [C, H, W] nor [H, W], e.g. a flat [D] vector):
+//! - **No picture shape** (dims neither `[C, H, W]` nor `[H, W]`, e.g. a flat `[D]` vector):
 //!   the D values fill a near-square gray tile row by row (width `ceil(sqrt(D))`), the
 //!   unused tail padded with mid-gray.
 //!

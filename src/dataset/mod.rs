@@ -85,7 +85,7 @@ impl RawRows<'_> {
 /// What a sample is: an image (C x H x W, values in [-1, 1]) or a plain array (latents).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct SampleShape {
-    /// Per-sample dimensions, e.g. [1, 28, 28] or [4, 32, 32] or [D].
+    /// Per-sample dimensions, e.g. `[1, 28, 28]`, `[4, 32, 32]` or `[D]`.
     pub dims: Vec<usize>,
     /// True when the samples are pixels (render them as images).
     pub is_image: bool,

@@ -1,7 +1,7 @@
 //! wgpu backend: the tiled online-softmax passes of DESIGN §2 as four WGSL kernels.
 //!
 //! Built once per dataset: device, pipelines, the dataset resident in chunks
-//! ([`residency`]). A call streams the requested rows through tile steps; per step
+//! (`residency`). A call streams the requested rows through tile steps; per step
 //!
 //! 1. `logits`:     S = c_dot * X Y_tile^T - c_norm |y|^2          (B x Nt, scratch)
 //! 2. `softmax`:    per query, new max, rescale factor, P = exp(S - m) in place, stats
