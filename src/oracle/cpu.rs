@@ -19,6 +19,8 @@ use crate::oracle::{Backend, CentredBatch, Posterior, SoftmaxState};
 const TILE_ROWS: usize = 256;
 /// Fewest queries worth a task of their own (below this, GEMMs get too thin).
 const MIN_QUERY_GROUP: usize = 64;
+/// Most f32 values held in partial accumulators at once (1 GiB).
+const ACC_BUDGET_FLOATS: usize = 1 << 28;
 
 pub struct CpuBackend<'d> {
     dataset: &'d Dataset,
@@ -60,7 +62,11 @@ impl Backend for CpuBackend<'_> {
             .map(|q| q..(q + group).min(n_queries))
             .collect();
         let n_tiles = rows.len().div_ceil(TILE_ROWS);
-        let row_blocks = (self.threads / query_groups.len()).clamp(1, n_tiles.max(1));
+        // Row blocks depend on the rows and the thread count, not on the batch, so a query's
+        // result is bitwise the same whatever batch it arrives in (capped only when the
+        // per-block accumulators of a huge batch would exceed ACC_BUDGET_FLOATS).
+        let budget_blocks = (ACC_BUDGET_FLOATS / (n_queries * dim).max(1)).max(1);
+        let row_blocks = self.threads.min(n_tiles).min(budget_blocks).max(1);
         let tiles_per_block = n_tiles.div_ceil(row_blocks);
         let row_ranges: Vec<Range<usize>> = (0..row_blocks)
             .map(|b| {
