@@ -266,6 +266,129 @@ fn multi_chunk_residency() {
     run_case(&mut gpu, &ds, 4, 0..n, 6, "all rows, 5 chunks");
 }
 
+/// Largest relative difference of the means of `a` and `b` (per query, like `check`);
+/// asserts equal top-1 rows.
+fn agree(a: &Posterior, b: &Posterior, d: usize, what: &str) -> f64 {
+    assert_eq!(a.mean.len(), b.mean.len(), "{what}: mean size");
+    let mut worst = 0.0f64;
+    for (q, (ma, mb)) in a.mean.chunks(d).zip(b.mean.chunks(d)).enumerate() {
+        let err: f64 = ma
+            .iter()
+            .zip(mb)
+            .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let norm: f64 = mb.iter().map(|&y| y as f64 * y as f64).sum::<f64>().sqrt();
+        let rel = if norm > 0.0 { err / norm } else { err };
+        assert!(
+            rel <= MEAN_TOL,
+            "{what}: query {q}: streamed vs resident {rel:e}"
+        );
+        assert_eq!(
+            a.stats[q].top1_index, b.stats[q].top1_index,
+            "{what}: query {q}: top-1 row, streamed vs resident"
+        );
+        worst = worst.max(rel);
+    }
+    worst
+}
+
+#[test]
+fn streaming_through_a_two_slot_ring() {
+    if skip() {
+        return;
+    }
+    // D = 13 (padded to 16): 100 rows per chunk, 5 chunks; a budget of 250 rows streams
+    // them through a ring of 2 slots of 100 rows.
+    let (n, d) = (450, 13);
+    for dtype in [Dtype::F32, Dtype::F16] {
+        let ds = gaussian_dataset(n, d, dtype, 30);
+        let row_bytes = 16 * dtype.bytes() as u64;
+        let base = GpuOptions {
+            max_chunk_bytes: Some(100 * row_bytes),
+            tile_rows: Some(64),
+            ..Default::default()
+        };
+        let mut resident = backend(&ds, base.clone());
+        let mut streamed = backend(
+            &ds,
+            GpuOptions {
+                max_resident_bytes: Some(250 * (row_bytes + 4)),
+                ..base.clone()
+            },
+        );
+        let desc = streamed.describe();
+        assert!(!resident.is_streaming(), "{}", resident.describe());
+        assert!(streamed.is_streaming(), "{desc}");
+        assert_eq!(streamed.n_chunks(), 5, "{desc}");
+        assert!(desc.contains("5 chunks"), "{desc}");
+        assert!(desc.contains("streaming through 2 device slots"), "{desc}");
+        if dtype == Dtype::F16 {
+            assert!(desc.contains("f16 storage"), "{desc}");
+        }
+        // Full range, ranges spanning chunks, repeats (slots already holding their
+        // chunks), ranges that reload slots, a single chunk, batches of several sizes.
+        let cases: [(usize, Range<usize>); 8] = [
+            (11, 0..n),
+            (4, 130..420),
+            (70, 0..150),
+            (1, 0..150),
+            (9, 250..n),
+            (5, 0..150),
+            (3, 120..180),
+            (33, 399..401),
+        ];
+        for (i, (b, rows)) in cases.into_iter().enumerate() {
+            let what = format!("{dtype:?} streamed, B={b}, rows {rows:?}");
+            let (x, coefs) = queries(&ds, b, rows.clone(), 300 + i as u64);
+            let batch = CentredBatch {
+                x: &x,
+                logit_coefs: &coefs,
+                rows: rows.clone(),
+            };
+            let got = streamed
+                .posterior(&batch)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            check(&ds, &x, &coefs, rows.clone(), &got, &what);
+            let want = resident.posterior(&batch).unwrap();
+            let diff = agree(&got, &want, d, &what);
+            eprintln!("{what}: streamed vs resident {diff:.2e}");
+        }
+    }
+}
+
+#[test]
+fn streaming_sub_batches_and_long_chunks() {
+    if skip() {
+        return;
+    }
+    // Sub-batches re-stream the chunks; 64-row tiles over 5000-row chunks take more than
+    // one submission per chunk (MAX_STEPS_PER_SUBMIT = 64 steps).
+    let (n, d) = (11000, 4);
+    let ds = gaussian_dataset(n, d, Dtype::F32, 31);
+    let mut gpu = backend(
+        &ds,
+        GpuOptions {
+            max_chunk_bytes: Some(5000 * 16),
+            max_resident_bytes: Some(10000 * 20),
+            max_sub_batch: Some(16),
+            tile_rows: Some(64),
+            ..Default::default()
+        },
+    );
+    assert!(gpu.is_streaming(), "{}", gpu.describe());
+    assert_eq!(gpu.n_chunks(), 3, "{}", gpu.describe());
+    run_case(&mut gpu, &ds, 40, 0..n, 32, "streamed, 3 sub-batches");
+    run_case(
+        &mut gpu,
+        &ds,
+        7,
+        4000..10500,
+        33,
+        "streamed, rows 4000..10500",
+    );
+}
+
 #[test]
 fn splits_merge_like_one_pass() {
     if skip() {

@@ -1,7 +1,9 @@
 //! wgpu backend: the tiled online-softmax passes of DESIGN §2 as four WGSL kernels.
 //!
-//! Built once per dataset: device, pipelines, the dataset resident in chunks
-//! (`residency`). A call streams the requested rows through tile steps; per step
+//! Built once per dataset: device, pipelines, the dataset in chunks (`residency`):
+//! resident on the device, or, when it exceeds the device-memory budget, streamed
+//! through a ring of chunk-sized slots, chunk k+1 uploading while chunk k computes. A
+//! call walks the requested rows in tile steps; per step
 //!
 //! 1. `logits`:     S = c_dot * X Y_tile^T - c_norm |y|^2          (B x Nt, scratch)
 //! 2. `softmax`:    per query, new max, rescale factor, P = exp(S - m) in place, stats
@@ -23,9 +25,10 @@
 //! readback. A batch larger than the scratch buffers can bind runs as several sub-batches.
 //!
 //! The bind groups of a call are kept with the scratch buffers they bind and reused by
-//! later calls while those buffers are; a chunk's groups are made when a call first reads
-//! it. After a failed call (out of memory, say) the scratch buffers and groups are dropped
-//! and made afresh by the next call.
+//! later calls while those buffers are; a dataset buffer's groups (a resident chunk's, or
+//! a ring slot's, whichever chunk it holds) are made when a call first reads it. After a
+//! failed call (out of memory, say) the scratch buffers and groups are dropped and made
+//! afresh by the next call, and what the ring slots hold is forgotten.
 
 mod device;
 mod pipelines;
@@ -46,7 +49,7 @@ use pipelines::{
     GpuState, Kernels, StepParams, ACC_TILE_COLUMNS, FINALIZE_WORKGROUP, TILE_QUERIES,
     TILE_ROWS_ALIGN,
 };
-use residency::Chunk;
+use residency::Residency;
 
 /// Enough workgroups per dispatch to fill a large GPU a few times over.
 const TARGET_WORKGROUPS: usize = 1024;
@@ -85,7 +88,17 @@ pub struct GpuOptions {
     /// Compile the kernels without wgpu's runtime bounds checks (they bound their own
     /// indices). Faster; off by default.
     pub trusted_shaders: bool,
+    /// Device memory the dataset may take, in bytes; a larger dataset is streamed through
+    /// a ring of chunk-sized slots (chunks cut so the ring fits the budget) instead of
+    /// being resident. Default: 4 x the adapter's `max_buffer_size`. wgpu exposes no
+    /// free-memory query, so the default keeps the dataset resident (the faster path)
+    /// unless it is clearly larger than any device would hold; set a budget to stream
+    /// smaller datasets (a device whose memory is shared with other work, say).
+    pub max_resident_bytes: Option<u64>,
 }
+
+/// Default device-memory budget of the dataset, in multiples of `max_buffer_size`.
+const DEFAULT_BUDGET_BUFFERS: u64 = 4;
 
 /// A query-sized buffer that grows when a larger batch arrives.
 struct Scratch {
@@ -135,7 +148,8 @@ struct Buffers {
 struct BindGroups {
     /// The buffers bound: params, x, coefs, logits, states, acc, mean.
     bound: [wgpu::Buffer; 7],
-    /// Per dataset chunk (logits, accumulate), made when a call first reads the chunk.
+    /// Per dataset buffer (resident chunk or ring slot): (logits, accumulate), made when
+    /// a call first reads the buffer.
     chunks: Vec<Option<(wgpu::BindGroup, wgpu::BindGroup)>>,
     softmax: wgpu::BindGroup,
     finalize: wgpu::BindGroup,
@@ -197,7 +211,7 @@ struct Plan {
 pub struct GpuBackend {
     gpu: Gpu,
     kernels: Kernels,
-    chunks: Vec<Chunk>,
+    residency: Residency,
     /// How the values are held on the device (f16 data may be held as f32).
     storage: Dtype,
     dataset_dtype: Dtype,
@@ -237,17 +251,32 @@ impl GpuBackend {
             let chunk_cap = options
                 .max_chunk_bytes
                 .map_or(gpu.max_binding_bytes(), |c| c.min(gpu.max_binding_bytes()));
-            let chunks = residency::upload(&gpu.device, dataset, storage, chunk_cap)?;
-            Ok((kernels, chunks))
+            let budget = options.max_resident_bytes.unwrap_or(
+                gpu.limits
+                    .max_buffer_size
+                    .saturating_mul(DEFAULT_BUDGET_BUFFERS),
+            );
+            let residency = if residency::resident_bytes(dataset, storage) > budget {
+                Residency::Streaming(residency::stream(
+                    &gpu.device,
+                    dataset,
+                    storage,
+                    chunk_cap,
+                    budget,
+                )?)
+            } else {
+                Residency::Resident(residency::upload(&gpu.device, dataset, storage, chunk_cap)?)
+            };
+            Ok((kernels, residency))
         });
-        let (kernels, chunks) = built.map_err(|e| match e {
+        let (kernels, residency) = built.map_err(|e| match e {
             Error::Gpu(m) => Error::Gpu(format!("{m} (setting up for {})", dataset.name)),
             e => e,
         })?;
         Ok(GpuBackend {
             gpu,
             kernels,
-            chunks,
+            residency,
             storage,
             dataset_dtype: dataset.dtype(),
             n_samples: dataset.n_samples(),
@@ -258,9 +287,14 @@ impl GpuBackend {
         })
     }
 
-    /// Number of device buffers the dataset is held in.
+    /// Number of chunks the dataset is cut into (each a device buffer when resident).
     pub fn n_chunks(&self) -> usize {
-        self.chunks.len()
+        self.residency.n_chunks()
+    }
+
+    /// Whether the dataset is streamed through a ring of device slots.
+    pub fn is_streaming(&self) -> bool {
+        self.residency.is_streaming()
     }
 
     /// Most queries one sub-batch can take: the queries, accumulator and mean (B x D each)
@@ -413,7 +447,7 @@ impl GpuBackend {
         ];
         if b.groups.as_ref().is_none_or(|g| g.bound != bound) {
             b.groups = Some(BindGroups {
-                chunks: self.chunks.iter().map(|_| None).collect(),
+                chunks: (0..self.residency.n_buffers()).map(|_| None).collect(),
                 softmax: bind_group(
                     &device,
                     &k.softmax.layout,
@@ -429,10 +463,17 @@ impl GpuBackend {
                 bound,
             });
         }
-        let groups = b.groups.as_mut().expect("just made");
+        // The dataset buffer each chunk of the call is read from, in call order.
+        let mut buffer_of = Vec::new();
         for &(c, _) in &steps {
-            let chunk = &self.chunks[c];
-            groups.chunks[c].get_or_insert_with(|| {
+            if buffer_of.last().is_none_or(|&(last, _)| last != c) {
+                buffer_of.push((c, self.residency.buffer_of(c, buffer_of.len())));
+            }
+        }
+        let groups = b.groups.as_mut().expect("just made");
+        for &(_, i) in &buffer_of {
+            let chunk = self.residency.buffer(i);
+            groups.chunks[i].get_or_insert_with(|| {
                 (
                     bind_group(
                         &device,
@@ -466,13 +507,28 @@ impl GpuBackend {
         // Zero states mean "no row seen" (sum = 0); zero accumulators.
         encoder.clear_buffer(&states_buf, 0, Some(states_bytes));
         encoder.clear_buffer(&acc_buf, 0, Some(n_virtual * row_bytes));
+        // Streaming: chunk k is queued for upload into its slot just before its first
+        // submit (after the submits of chunk k - 1), see `residency` for the ordering.
         let mut first = 0;
+        let mut ordinal = 0;
+        let mut current: Option<usize> = None;
         for group in steps
             .chunk_by(|a, b| a.0 == b.0)
             .flat_map(|g| g.chunks(MAX_STEPS_PER_SUBMIT))
         {
-            let (logits_group, accumulate_group) =
-                groups.chunks[group[0].0].as_ref().expect("made above");
+            let c = group[0].0;
+            if current.is_some_and(|cur| cur != c) {
+                ordinal += 1;
+            }
+            let (chunk, i) = buffer_of[ordinal];
+            debug_assert_eq!(chunk, c);
+            if current != Some(c) {
+                current = Some(c);
+                if let Residency::Streaming(stream) = &mut self.residency {
+                    stream.load(&device, &queue, i, c)?;
+                }
+            }
+            let (logits_group, accumulate_group) = groups.chunks[i].as_ref().expect("made above");
             {
                 let mut pass = encoder.begin_compute_pass(&Default::default());
                 for i in first..first + group.len() {
@@ -501,7 +557,10 @@ impl GpuBackend {
                 &mut encoder,
                 device.create_command_encoder(&Default::default()),
             );
-            queue.submit([done.finish()]);
+            let index = queue.submit([done.finish()]);
+            if let Residency::Streaming(stream) = &mut self.residency {
+                stream.read_by(i, index);
+            }
         }
         {
             let mut pass = encoder.begin_compute_pass(&Default::default());
@@ -542,9 +601,10 @@ impl GpuBackend {
     /// the rows are cut into `plan.splits` contiguous parts walked side by side.
     fn steps(&self, n_queries: usize, rows: &Range<usize>, plan: Plan) -> Vec<(usize, StepParams)> {
         let mut steps = Vec::new();
-        for (c, chunk) in self.chunks.iter().enumerate() {
-            let start = rows.start.max(chunk.rows.start);
-            let end = rows.end.min(chunk.rows.end);
+        for c in 0..self.residency.n_chunks() {
+            let chunk_rows = self.residency.chunk_rows(c);
+            let start = rows.start.max(chunk_rows.start);
+            let end = rows.end.min(chunk_rows.end);
             if start >= end {
                 continue;
             }
@@ -557,11 +617,11 @@ impl GpuBackend {
                         dim4: self.dim4 as u32,
                         tile_rows: plan.tile_rows as u32,
                         n_splits: plan.splits as u32,
-                        split_base: (start - chunk.rows.start) as u32,
+                        split_base: (start - chunk_rows.start) as u32,
                         split_len: split_len as u32,
-                        range_end: (end - chunk.rows.start) as u32,
+                        range_end: (end - chunk_rows.start) as u32,
                         step_offset: step_offset as u32,
-                        chunk_first_row: chunk.rows.start as u32,
+                        chunk_first_row: chunk_rows.start as u32,
                         pad: [0; 3],
                     },
                 ));
@@ -653,8 +713,10 @@ impl Backend for GpuBackend {
                 )
             });
             if done.is_err() {
-                // A buffer whose creation failed is unusable: start afresh next call.
+                // A buffer whose creation failed is unusable: start afresh next call; what
+                // the ring slots hold is unknown.
                 self.buffers = Buffers::new();
+                self.residency.invalidate();
             }
             done?;
         }
@@ -667,9 +729,22 @@ impl Backend for GpuBackend {
             (_, Dtype::F16) => "f16 storage",
             (_, Dtype::F32) => "f32 storage",
         };
-        let n = self.chunks.len();
+        let n = self.residency.n_chunks();
+        let streaming = if self.residency.is_streaming() {
+            format!(
+                ", streaming through {} device slot{}",
+                self.residency.n_buffers(),
+                if self.residency.n_buffers() == 1 {
+                    ""
+                } else {
+                    "s"
+                }
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "gpu: {} ({:?}, {:?}), {storage}, {n} chunk{}",
+            "gpu: {} ({:?}, {:?}), {storage}, {n} chunk{}{streaming}",
             self.gpu.info.name,
             self.gpu.info.backend,
             self.gpu.info.device_type,

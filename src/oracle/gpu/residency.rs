@@ -1,19 +1,56 @@
-//! The dataset on the device: chunks of whole rows, uploaded once.
+//! The dataset on the device: chunks of whole rows, either all resident or streamed
+//! through a small ring of chunk-sized buffers.
 //!
 //! Each row is padded with zeros to a multiple of 4 values so the kernels read it as
 //! vec4s; zeros change neither dot products nor the weighted sums. A chunk's buffer is no
 //! larger than one storage binding may cover (and `max_chunk_bytes` when given), so a
 //! dataset larger than one binding is a list of bindable buffers.
 //!
-//! The whole dataset is resident: every chunk stays on the device for the backend's
-//! lifetime. Streaming rows through staging buffers, for datasets larger than device
-//! memory, is not implemented; such a dataset fails at upload with an `Err` (the device's
-//! out-of-memory error, caught by the caller's error scope).
+//! Resident (the default): every chunk is uploaded once and stays on the device for the
+//! backend's lifetime. A dataset larger than device memory then fails at upload with an
+//! `Err` (the device's out-of-memory error, caught by the caller's error scope).
+//!
+//! Streaming (when the dataset is larger than the device-memory budget,
+//! `GpuOptions::max_resident_bytes`): the rows stay on the host, packed once in the
+//! device layout, and the device holds only [`RING_SLOTS`] chunk-sized slots. A call
+//! walks the chunks overlapping its row range in order; the i-th of them goes to slot
+//! i % RING_SLOTS, uploaded with `queue.write_buffer` just before the first submission
+//! that reads it. The kernels, bind group layouts and step parameters are those of the
+//! resident path: a slot is bound exactly like a resident chunk (its tail past the
+//! chunk's rows is never read: the kernels stop at the chunk-local `range_end`).
+//!
+//! Why a slot is never overwritten while a submitted compute may still read it (wgpu
+//! 30, `Queue::write_buffer` docs and wgpu-core's `queue_write_staging_buffer_impl`):
+//! the data is copied at once into fresh staging memory, and the copy into the slot runs
+//! "on the next call to `Queue::submit()`, just before the explicitly submitted
+//! commands", in the queue's single timeline. wgpu-core records that copy into its
+//! pending-writes command buffer after a barrier from the slot's tracked state (the
+//! STORAGE reads of earlier submissions) to COPY_DST. So a write issued after the submit
+//! that last read the slot is ordered after that compute, and before the submit issued
+//! next, which is the one that reads the new chunk. We never write a slot between the
+//! submit of the chunk it holds and that chunk's last submit (chunks are walked in
+//! order, each written once before its first submit), so no write can overtake a read.
+//!
+//! What bounds memory and gives the overlap: each write allocates a staging buffer
+//! that lives until the next submission finishes. Before writing slot s we wait for the
+//! last submission that read s (chunk i - RING_SLOTS) to complete, so at most
+//! RING_SLOTS chunks are in flight, and the host copies chunk i into staging while the
+//! device still computes chunk i - 1 (the previous slot): upload of k+1 overlaps compute
+//! of k. A slot that already holds the wanted chunk (from the previous call, which waited
+//! for all its work) is not written again: calls over at most RING_SLOTS chunks upload
+//! nothing after the first.
+//!
+//! The cost of streaming: one host copy of the dataset in the storage layout (the
+//! backend does not keep the `Dataset`), and one host-to-device copy of every chunk a
+//! call reads, per sub-batch.
 
 use std::ops::Range;
 
 use crate::dataset::{Dataset, Dtype, Values};
 use crate::error::{Error, Result};
+
+/// Device buffers of a streaming backend.
+pub(super) const RING_SLOTS: usize = 2;
 
 /// Rows of one chunk and their buffers.
 pub(super) struct Chunk {
@@ -23,6 +60,205 @@ pub(super) struct Chunk {
     pub values: wgpu::Buffer,
     /// one f32 per row
     pub sq_norms: wgpu::Buffer,
+}
+
+/// Where the dataset lives.
+pub(super) enum Residency {
+    /// Every chunk on the device.
+    Resident(Vec<Chunk>),
+    Streaming(Stream),
+}
+
+/// The rows on the host and a ring of device slots.
+pub(super) struct Stream {
+    /// Dataset rows of each chunk.
+    pub chunks: Vec<Range<usize>>,
+    /// RING_SLOTS buffers, each as large as the largest chunk (`rows` unused: see `held`).
+    pub slots: Vec<Chunk>,
+    /// The chunk each slot holds (None: unknown, e.g. after a failed call).
+    held: Vec<Option<usize>>,
+    /// The last submission that read each slot.
+    last_read: Vec<Option<wgpu::SubmissionIndex>>,
+    /// All rows, padded and converted as on the device.
+    host_values: Vec<u8>,
+    host_sq_norms: Vec<f32>,
+    row_bytes: usize,
+}
+
+impl Residency {
+    /// Number of chunks the dataset is cut into.
+    pub fn n_chunks(&self) -> usize {
+        match self {
+            Residency::Resident(c) => c.len(),
+            Residency::Streaming(s) => s.chunks.len(),
+        }
+    }
+
+    /// Dataset rows of chunk `c`.
+    pub fn chunk_rows(&self, c: usize) -> Range<usize> {
+        match self {
+            Residency::Resident(chunks) => chunks[c].rows.clone(),
+            Residency::Streaming(s) => s.chunks[c].clone(),
+        }
+    }
+
+    /// Number of device buffers chunks are bound from (chunks, or ring slots).
+    pub fn n_buffers(&self) -> usize {
+        match self {
+            Residency::Resident(c) => c.len(),
+            Residency::Streaming(s) => s.slots.len(),
+        }
+    }
+
+    /// Device buffers of buffer `i` (see [`Residency::buffer_of`]).
+    pub fn buffer(&self, i: usize) -> &Chunk {
+        match self {
+            Residency::Resident(c) => &c[i],
+            Residency::Streaming(s) => &s.slots[i],
+        }
+    }
+
+    /// The buffer that will hold the `ordinal`-th chunk read by a call, chunk `c`.
+    pub fn buffer_of(&self, c: usize, ordinal: usize) -> usize {
+        match self {
+            Residency::Resident(_) => c,
+            Residency::Streaming(s) => ordinal % s.slots.len(),
+        }
+    }
+
+    pub fn is_streaming(&self) -> bool {
+        matches!(self, Residency::Streaming(_))
+    }
+
+    /// Forgets what the slots hold (after a failed call).
+    pub fn invalidate(&mut self) {
+        if let Residency::Streaming(s) = self {
+            s.held.iter_mut().for_each(|h| *h = None);
+            s.last_read.iter_mut().for_each(|h| *h = None);
+        }
+    }
+}
+
+impl Stream {
+    /// Makes slot `slot` hold chunk `c`, to be read by the next submission: waits for the
+    /// last submission that read the slot, then queues the upload (see the module docs
+    /// for why this ordering is safe).
+    pub fn load(
+        &mut self,
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        slot: usize,
+        c: usize,
+    ) -> Result<()> {
+        if self.held[slot] == Some(c) {
+            return Ok(());
+        }
+        if let Some(index) = self.last_read[slot].take() {
+            device
+                .poll(wgpu::PollType::Wait {
+                    submission_index: Some(index),
+                    timeout: None,
+                })
+                .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        }
+        let rows = self.chunks[c].clone();
+        let dst = &self.slots[slot];
+        queue.write_buffer(
+            &dst.values,
+            0,
+            &self.host_values[rows.start * self.row_bytes..rows.end * self.row_bytes],
+        );
+        queue.write_buffer(
+            &dst.sq_norms,
+            0,
+            bytemuck::cast_slice(&self.host_sq_norms[rows]),
+        );
+        self.held[slot] = Some(c);
+        Ok(())
+    }
+
+    /// Records that `index` read slot `slot`.
+    pub fn read_by(&mut self, slot: usize, index: wgpu::SubmissionIndex) {
+        self.last_read[slot] = Some(index);
+    }
+}
+
+/// Rows per chunk and bytes per (padded) row.
+fn rows_per_chunk(dataset: &Dataset, storage: Dtype, max_chunk_bytes: u64) -> Result<(usize, u64)> {
+    let dim_padded = dataset.dim().div_ceil(4) * 4;
+    let row_bytes = (dim_padded * storage.bytes()) as u64;
+    let rows_per_chunk = (max_chunk_bytes / row_bytes) as usize;
+    if rows_per_chunk == 0 {
+        return Err(Error::Gpu(format!(
+            "one sample ({row_bytes} bytes) exceeds the largest buffer the GPU can bind \
+             ({max_chunk_bytes} bytes)"
+        )));
+    }
+    Ok((rows_per_chunk, row_bytes))
+}
+
+/// Device bytes the whole dataset takes resident (values and squared norms).
+pub(super) fn resident_bytes(dataset: &Dataset, storage: Dtype) -> u64 {
+    let dim_padded = dataset.dim().div_ceil(4) * 4;
+    dataset.n_samples() as u64 * (dim_padded * storage.bytes() + 4) as u64
+}
+
+/// Sets up streaming: chunks of at most `max_chunk_bytes`, further cut so that the
+/// RING_SLOTS slots (values and squared norms) fit `budget` bytes; the rows packed on the
+/// host.
+pub(super) fn stream(
+    device: &wgpu::Device,
+    dataset: &Dataset,
+    storage: Dtype,
+    max_chunk_bytes: u64,
+    budget: u64,
+) -> Result<Stream> {
+    let (by_binding, row_bytes) = rows_per_chunk(dataset, storage, max_chunk_bytes)?;
+    let by_budget = (budget / RING_SLOTS as u64 / (row_bytes + 4)) as usize;
+    if by_budget == 0 {
+        return Err(Error::Gpu(format!(
+            "a device-memory budget of {budget} bytes cannot hold {RING_SLOTS} samples of \
+             {row_bytes} bytes for streaming"
+        )));
+    }
+    let rows_per_chunk = by_binding.min(by_budget);
+    let n = dataset.n_samples();
+    let chunks: Vec<Range<usize>> = (0..n)
+        .step_by(rows_per_chunk)
+        .map(|start| start..(start + rows_per_chunk).min(n))
+        .collect();
+    let slot_rows = chunks.iter().map(|r| r.len()).max().unwrap_or(1) as u64;
+    let slots = (0..RING_SLOTS.min(chunks.len()))
+        .map(|_| Chunk {
+            rows: 0..0,
+            values: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("dataset ring slot"),
+                size: slot_rows * row_bytes,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+            sq_norms: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("dataset ring slot sq_norms"),
+                size: slot_rows * 4,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+        })
+        .collect::<Vec<_>>();
+    let mut host_values = vec![0u8; n * row_bytes as usize];
+    let dim_padded = dataset.dim().div_ceil(4) * 4;
+    fill_rows(dataset, 0..n, dim_padded, storage, |offset, bytes| {
+        host_values[offset..offset + bytes.len()].copy_from_slice(bytes);
+    });
+    Ok(Stream {
+        held: vec![None; slots.len()],
+        last_read: vec![None; slots.len()],
+        chunks,
+        slots,
+        host_values,
+        host_sq_norms: dataset.sq_norms().to_vec(),
+        row_bytes: row_bytes as usize,
+    })
 }
 
 /// Uploads the dataset in chunks of at most `max_chunk_bytes` each, its values held as
@@ -35,14 +271,7 @@ pub(super) fn upload(
 ) -> Result<Vec<Chunk>> {
     let dim = dataset.dim();
     let dim_padded = dim.div_ceil(4) * 4;
-    let row_bytes = (dim_padded * storage.bytes()) as u64;
-    let rows_per_chunk = (max_chunk_bytes / row_bytes) as usize;
-    if rows_per_chunk == 0 {
-        return Err(Error::Gpu(format!(
-            "one sample ({row_bytes} bytes) exceeds the largest buffer the GPU can bind \
-             ({max_chunk_bytes} bytes)"
-        )));
-    }
+    let (rows_per_chunk, row_bytes) = rows_per_chunk(dataset, storage, max_chunk_bytes)?;
     let n = dataset.n_samples();
     let mut chunks = Vec::with_capacity(n.div_ceil(rows_per_chunk));
     for start in (0..n).step_by(rows_per_chunk) {
@@ -53,9 +282,22 @@ pub(super) fn upload(
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: true,
         });
-        fill_rows(&values, dataset, rows.clone(), dim_padded, storage)?;
+        {
+            let mut view = values
+                .get_mapped_range_mut(..)
+                .map_err(|e| Error::Gpu(format!("mapping dataset rows: {e}")))?;
+            fill_rows(
+                dataset,
+                rows.clone(),
+                dim_padded,
+                storage,
+                |offset, bytes| {
+                    view.slice(offset..offset + bytes.len())
+                        .copy_from_slice(bytes);
+                },
+            );
+        }
         values.unmap();
-
         let sq_norms = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("dataset sq_norms"),
             size: rows.len() as u64 * 4,
@@ -76,21 +318,18 @@ pub(super) fn upload(
     Ok(chunks)
 }
 
-/// Writes `rows` into a buffer mapped at creation, converting and padding a block of rows
-/// at a time (a few MiB of host memory however large the chunk).
+/// Converts and pads `rows` a block at a time (a few MiB of host memory however many
+/// rows), handing each block to `write` with its byte offset from the first row.
 fn fill_rows(
-    buffer: &wgpu::Buffer,
     dataset: &Dataset,
     rows: Range<usize>,
     dim_padded: usize,
     storage: Dtype,
-) -> Result<()> {
+    mut write: impl FnMut(usize, &[u8]),
+) {
     let dim = dataset.dim();
     let row_bytes = dim_padded * storage.bytes();
     let block_rows = ((4 << 20) / row_bytes).max(1);
-    let mut view = buffer
-        .get_mapped_range_mut(..)
-        .map_err(|e| Error::Gpu(format!("mapping dataset rows: {e}")))?;
     let mut bytes: Vec<u8> = Vec::with_capacity(block_rows * row_bytes);
     let mut block_start = rows.start;
     while block_start < rows.end {
@@ -120,9 +359,7 @@ fn fill_rows(
             }
         }
         let offset = (block_start - rows.start) * row_bytes;
-        view.slice(offset..offset + bytes.len())
-            .copy_from_slice(&bytes);
+        write(offset, &bytes);
         block_start = block_end;
     }
-    Ok(())
 }
