@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use oracleflow::dataset::{self, npy, Dataset, Dtype};
+use oracleflow::oracle::gpu::GpuOptions;
 use oracleflow::oracle::{BackendKind, Oracle, Query, Times};
 use oracleflow::output;
 use oracleflow::report;
@@ -158,6 +159,20 @@ struct OracleArgs {
     /// Where to evaluate: auto = a real GPU if present, else cpu
     #[arg(long, value_enum, default_value_t)]
     backend: BackendKind,
+    /// GPU memory the dataset may occupy, in MiB; a larger dataset is streamed through the
+    /// GPU chunk by chunk on every evaluation (default: keep it resident when it fits)
+    #[arg(long)]
+    gpu_memory_mib: Option<u64>,
+}
+
+impl OracleArgs {
+    fn build<'d>(&self, ds: &'d Dataset) -> Result<Oracle<'d>> {
+        let gpu = GpuOptions {
+            max_resident_bytes: self.gpu_memory_mib.map(|m| m << 20),
+            ..GpuOptions::default()
+        };
+        Ok(Oracle::with_gpu_options(ds, self.path, self.backend, gpu)?)
+    }
 }
 
 #[derive(Args)]
@@ -273,7 +288,7 @@ fn velocity(a: VelocityArgs) -> Result<()> {
         bail!("time {bad} is outside [0, 1]");
     }
 
-    let mut oracle = Oracle::new(&ds, a.oracle.path, a.oracle.backend)?;
+    let mut oracle = a.oracle.build(&ds)?;
     eprintln!(
         "oracle: {} on {} ({} samples, D = {dim})",
         oracle.describe(),
@@ -383,7 +398,7 @@ fn sample(a: SampleArgs) -> Result<()> {
         tracked,
     };
 
-    let mut oracle = Oracle::new(&ds, a.oracle.path, a.oracle.backend)?;
+    let mut oracle = a.oracle.build(&ds)?;
     eprintln!(
         "oracle: {} on {} ({} samples, D = {})",
         oracle.describe(),
@@ -454,7 +469,7 @@ fn stages(a: StagesArgs) -> Result<()> {
     let mut summaries = Vec::new();
     for spec in &a.data {
         let ds = dataset::load(spec, a.dtype)?;
-        let mut oracle = Oracle::new(&ds, a.oracle.path, a.oracle.backend)?;
+        let mut oracle = a.oracle.build(&ds)?;
         eprintln!(
             "{spec}: N = {}, D = {} on {}",
             ds.n_samples(),

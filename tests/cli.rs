@@ -295,3 +295,38 @@ fn info_reports_dataset() {
         "{out}"
     );
 }
+
+#[test]
+fn gpu_streaming_under_a_memory_budget_matches_cpu() {
+    if common::skip_gpu() {
+        return;
+    }
+    // 600 x 784 f32 values are 1.8 MiB: a 1 MiB budget makes the GPU stream the dataset.
+    let dir = tempfile::tempdir().unwrap();
+    let ds = dataset::load("embedded@600", Dtype::F32).unwrap();
+    let x = common::path_queries(&ds, oracleflow::Path::RectifiedFlow, 0.4, 6, 2);
+    let q = dir.path().join("q.npy");
+    npy::write_npy_f32(&q, &[6, 784], &x).unwrap();
+    let run = |backend: &str, extra: &[&str]| {
+        let out = dir.path().join(format!("{backend}.npy"));
+        let mut args = vec![
+            "velocity",
+            "--data",
+            "embedded@600",
+            "--queries",
+            q.to_str().unwrap(),
+            "--t",
+            "0.4",
+        ];
+        args.extend(["--backend", backend, "--out", out.to_str().unwrap()]);
+        args.extend(extra);
+        let o = oracleflow(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        (npy::read_npy_f32(&out).unwrap().1, stderr(&o))
+    };
+    let (cpu, _) = run("cpu", &[]);
+    let (gpu, log) = run("gpu", &["--gpu-memory-mib", "1"]);
+    assert!(log.contains("streaming"), "{log}");
+    let cpu64: Vec<f64> = cpu.iter().map(|&v| v as f64).collect();
+    assert!(common::rel_err(&gpu, &cpu64) < 1e-5);
+}

@@ -109,14 +109,31 @@ pub struct Oracle<'d> {
 
 impl<'d> Oracle<'d> {
     pub fn new(dataset: &'d Dataset, path: Path, kind: BackendKind) -> Result<Self> {
+        Self::with_gpu_options(dataset, path, kind, gpu::GpuOptions::default())
+    }
+
+    /// As [`Oracle::new`], with GPU settings (e.g. a device-memory budget beyond which the
+    /// dataset is streamed). `hardware_only` is set from `kind`.
+    pub fn with_gpu_options(
+        dataset: &'d Dataset,
+        path: Path,
+        kind: BackendKind,
+        gpu_options: gpu::GpuOptions,
+    ) -> Result<Self> {
+        let gpu_backend = |hardware_only: bool| {
+            gpu::GpuBackend::with_options(
+                dataset,
+                gpu::GpuOptions {
+                    hardware_only,
+                    ..gpu_options.clone()
+                },
+            )
+        };
         let (engine, kind) = match kind {
             BackendKind::Reference => (Engine::Reference, kind),
             BackendKind::Cpu => (Engine::Fast(Box::new(cpu::CpuBackend::new(dataset))), kind),
-            BackendKind::Gpu => (
-                Engine::Fast(Box::new(gpu::GpuBackend::new(dataset, false)?)),
-                kind,
-            ),
-            BackendKind::Auto => match gpu::GpuBackend::new(dataset, true) {
+            BackendKind::Gpu => (Engine::Fast(Box::new(gpu_backend(false)?)), kind),
+            BackendKind::Auto => match gpu_backend(true) {
                 Ok(g) => (Engine::Fast(Box::new(g)), BackendKind::Gpu),
                 Err(_) => (
                     Engine::Fast(Box::new(cpu::CpuBackend::new(dataset))),
