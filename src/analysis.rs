@@ -25,40 +25,65 @@ impl Neighbours {
     }
 }
 
-/// Brute-force two nearest neighbours of each point (n x D), by direct differences in f64
-/// (exact, unlike the expanded dot products the oracle uses). O(n N D): fine for the
-/// handfuls of samples one looks at.
+/// Candidates kept per point from the f32 screening pass before exact refinement.
+const CANDIDATES: usize = 8;
+/// Dataset rows per screening tile.
+const SCREEN_ROWS: usize = 1024;
+
+/// The two nearest training samples of each point (n x D, user coordinates).
+///
+/// Two passes, as DESIGN §2 suggests for precision: a fast screen ranks every row by
+/// |y|^2 - 2 p.y (one GEMM per tile, f32, rows split across threads) and keeps the
+/// `CANDIDATES` best rows per point; then the distances of those candidates are
+/// recomputed exactly by direct differences in f64. The expanded form alone would lose
+/// the small distances that matter here (a memorized sample sits at distance ~0).
 pub fn nearest_two(ds: &Dataset, points: &[f32]) -> Vec<Neighbours> {
     let dim = ds.dim();
+    let n = points.len() / dim;
+    if n == 0 {
+        return Vec::new();
+    }
     let mean = ds.mean();
-    points
-        .par_chunks(dim)
-        .map(|p| {
-            // Compare in centred coordinates: |p - y|^2 = |(p - mean) - stored|^2.
-            let pc: Vec<f64> = p
+    // Centred points, to compare with the stored (centred) rows.
+    let centred: Vec<f32> = points
+        .chunks(dim)
+        .flat_map(|p| p.iter().zip(mean).map(|(&a, &m)| a - m))
+        .collect();
+    let blocks = rayon::current_num_threads().max(1);
+    let per_block = ds.n_samples().div_ceil(blocks).div_ceil(SCREEN_ROWS) * SCREEN_ROWS;
+    let partial: Vec<Vec<Vec<(f32, usize)>>> = (0..ds.n_samples())
+        .step_by(per_block.max(1))
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|start| screen(ds, &centred, start..(start + per_block).min(ds.n_samples())))
+        .collect();
+
+    (0..n)
+        .into_par_iter()
+        .map(|q| {
+            // Exact distances in f64: |p - y| = |(p - mean) - stored|.
+            let pc: Vec<f64> = points[q * dim..(q + 1) * dim]
                 .iter()
                 .zip(mean)
                 .map(|(&a, &m)| a as f64 - m as f64)
                 .collect();
             let mut row = vec![0.0f32; dim];
-            let (mut best, mut second) = ((f64::INFINITY, 0usize), (f64::INFINITY, 0usize));
-            for r in 0..ds.n_samples() {
-                ds.stored_row(r, &mut row);
-                let d2: f64 = pc
-                    .iter()
-                    .zip(&row)
-                    .map(|(a, &b)| (a - b as f64).powi(2))
-                    .sum();
-                if d2 < best.0 {
-                    second = best;
-                    best = (d2, r);
-                } else if d2 < second.0 {
-                    second = (d2, r);
-                }
-            }
-            if ds.n_samples() == 1 {
-                second = best;
-            }
+            let mut exact: Vec<(f64, usize)> = partial
+                .iter()
+                .flat_map(|block| block[q].iter().map(|&(_, r)| r))
+                .map(|r| {
+                    ds.stored_row(r, &mut row);
+                    let d2: f64 = pc
+                        .iter()
+                        .zip(&row)
+                        .map(|(a, &b)| (a - b as f64).powi(2))
+                        .sum();
+                    (d2, r)
+                })
+                .collect();
+            exact.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            let best = exact[0];
+            let second = *exact.get(1).unwrap_or(&best);
             Neighbours {
                 nearest: ds.original_index(best.1),
                 nearest_row: best.1,
@@ -68,6 +93,46 @@ pub fn nearest_two(ds: &Dataset, points: &[f32]) -> Vec<Neighbours> {
             }
         })
         .collect()
+}
+
+/// The screening pass over `rows`: per point, the `CANDIDATES` rows with the smallest
+/// |y|^2 - 2 p.y (ascending).
+fn screen(ds: &Dataset, centred: &[f32], rows: std::ops::Range<usize>) -> Vec<Vec<(f32, usize)>> {
+    use crate::oracle::cpu::{sgemm, stored_rows_f32, Gemm};
+    let dim = ds.dim();
+    let n = centred.len() / dim;
+    let mut best: Vec<Vec<(f32, usize)>> = vec![Vec::with_capacity(CANDIDATES + 1); n];
+    let mut dots = vec![0.0f32; n * SCREEN_ROWS];
+    let mut scratch = Vec::new();
+    for start in rows.clone().step_by(SCREEN_ROWS) {
+        let tile = start..(start + SCREEN_ROWS).min(rows.end);
+        let nt = tile.len();
+        let y = stored_rows_f32(ds, tile.clone(), &mut scratch);
+        let s = &mut dots[..n * nt];
+        sgemm(
+            Gemm {
+                m: n,
+                n: nt,
+                k: dim,
+            },
+            s,
+            false,
+            (centred, dim, 1),
+            (y, 1, dim),
+        );
+        for (q, scores) in s.chunks_exact(nt).enumerate() {
+            let list = &mut best[q];
+            for (j, (&dot, &norm)) in scores.iter().zip(&ds.sq_norms()[tile.clone()]).enumerate() {
+                let score = norm - 2.0 * dot;
+                if list.len() < CANDIDATES || score < list[list.len() - 1].0 {
+                    let at = list.partition_point(|&(v, _)| v <= score);
+                    list.insert(at, (score, tile.start + j));
+                    list.truncate(CANDIDATES);
+                }
+            }
+        }
+    }
+    best
 }
 
 /// The posterior along the path at one time, averaged over (training sample, noise) pairs.
@@ -173,6 +238,79 @@ pub fn crossing(points: &[(f64, f64)], level: f64) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::dataset::{Dtype, RawRows, SampleShape};
+    use rand::{Rng, SeedableRng};
+
+    /// Every distance by direct differences: the definition nearest_two must match.
+    fn brute_force(ds: &Dataset, p: &[f32]) -> Vec<(f64, usize)> {
+        let mut d: Vec<(f64, usize)> = (0..ds.n_samples())
+            .map(|r| {
+                let y = ds.sample_f64(r);
+                (
+                    y.iter()
+                        .zip(p)
+                        .map(|(a, &b)| (a - b as f64).powi(2))
+                        .sum::<f64>()
+                        .sqrt(),
+                    r,
+                )
+            })
+            .collect();
+        d.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        d
+    }
+
+    #[test]
+    fn nearest_two_matches_brute_force() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let (n, d) = (2500, 37);
+        let vals: Vec<f32> = (0..n * d).map(|_| rng.random_range(-1.0..1.0f32)).collect();
+        for dtype in [Dtype::F32, Dtype::F16] {
+            let ds = Dataset::from_raw(
+                "t",
+                SampleShape::array(vec![d]),
+                RawRows::F32(&vals),
+                None,
+                dtype,
+            )
+            .unwrap();
+            // Points: exact training samples (distance 0), near ones, and random ones.
+            let mut points: Vec<f32> = Vec::new();
+            for k in 0..12 {
+                let base = ds.sample(k * 150);
+                let jitter = [0.0f32, 1e-3, 0.3][k % 3];
+                points.extend(
+                    base.iter()
+                        .map(|v| v + jitter * rng.random_range(-1.0..1.0f32)),
+                );
+            }
+            let got = nearest_two(&ds, &points);
+            for (q, nb) in got.iter().enumerate() {
+                let want = brute_force(&ds, &points[q * d..(q + 1) * d]);
+                assert_eq!(nb.nearest_row, want[0].1, "{dtype:?} point {q}");
+                assert!(
+                    (nb.distance - want[0].0).abs() < 1e-9
+                        && (nb.second_distance - want[1].0).abs() < 1e-9
+                );
+                if q % 3 == 0 {
+                    assert!(
+                        nb.distance < 1e-6 && nb.memorized(),
+                        "{dtype:?} point {q} is a training sample"
+                    );
+                }
+            }
+        }
+        let ds = Dataset::from_raw(
+            "t",
+            SampleShape::array(vec![d]),
+            RawRows::F32(&vals),
+            None,
+            Dtype::F32,
+        )
+        .unwrap();
+        assert!(nearest_two(&ds, &[]).is_empty());
+    }
 
     #[test]
     fn crossing_interpolates() {

@@ -128,18 +128,7 @@ fn run_task(ds: &Dataset, x: &[f32], coefs: &[[f32; 2]], rows: Range<usize>) -> 
     for start in rows.clone().step_by(TILE_ROWS) {
         let tile = start..(start + TILE_ROWS).min(rows.end);
         let nt = tile.len();
-        let y: &[f32] = match ds.values() {
-            Values::F32(v) => &v[tile.start * dim..tile.end * dim],
-            Values::F16(v) => {
-                converted.clear();
-                converted.extend(
-                    v[tile.start * dim..tile.end * dim]
-                        .iter()
-                        .map(|h: &f16| h.to_f32()),
-                );
-                &converted
-            }
-        };
+        let y = stored_rows_f32(ds, tile.clone(), &mut converted);
         let s = &mut logits[..n_q * nt];
         // S = X * Y_tile^T: (n_q x dim) * (dim x nt); column j of the rhs is row j of y.
         sgemm(
@@ -181,17 +170,38 @@ fn run_task(ds: &Dataset, x: &[f32], coefs: &[[f32; 2]], rows: Range<usize>) -> 
     Partial { states, acc }
 }
 
+/// Stored rows `rows` as f32: borrowed when stored as f32, else converted into `scratch`.
+pub(crate) fn stored_rows_f32<'a>(
+    ds: &'a Dataset,
+    rows: Range<usize>,
+    scratch: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    let dim = ds.dim();
+    match ds.values() {
+        Values::F32(v) => &v[rows.start * dim..rows.end * dim],
+        Values::F16(v) => {
+            scratch.clear();
+            scratch.extend(
+                v[rows.start * dim..rows.end * dim]
+                    .iter()
+                    .map(|h: &f16| h.to_f32()),
+            );
+            scratch
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
-struct Gemm {
-    m: usize,
-    n: usize,
-    k: usize,
+pub(crate) struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
 }
 
 /// dst (m x n, row-major, contiguous) = [dst +] lhs (m x k) * rhs (k x n), where each
 /// operand is (slice, row stride, column stride). Bounds are checked here so the unsafe
 /// call below cannot read or write outside the slices.
-fn sgemm(
+pub(crate) fn sgemm(
     g: Gemm,
     dst: &mut [f32],
     accumulate: bool,
