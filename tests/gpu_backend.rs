@@ -9,6 +9,8 @@
 //! scale) and of the sums; 1e-4 relative on the mean leaves room for that and catches
 //! any indexing, masking or rescaling bug, which all give errors of order 1.
 
+mod common;
+
 use std::ops::Range;
 
 use oracleflow::dataset::{RawRows, SampleShape};
@@ -22,10 +24,6 @@ use rand_distr::StandardNormal;
 const MEAN_TOL: f64 = 1e-4;
 /// Statistics are ratios of f32 sums (1/l, ln l - t/l, l^2/q).
 const STATS_TOL: f64 = 1e-3;
-
-fn skip() -> bool {
-    std::env::var("ORACLEFLOW_SKIP_GPU").is_ok_and(|v| v == "1")
-}
 
 fn backend(ds: &Dataset, options: GpuOptions) -> GpuBackend {
     GpuBackend::with_options(ds, options).unwrap_or_else(|e| {
@@ -199,7 +197,7 @@ fn run_case(
 
 #[test]
 fn sizes_that_are_not_tile_multiples() {
-    if skip() {
+    if common::skip_gpu() {
         return;
     }
     for (i, &(n, d, b)) in [(1, 1, 1), (7, 3, 5), (300, 67, 33), (1000, 784, 9)]
@@ -221,7 +219,7 @@ fn sizes_that_are_not_tile_multiples() {
 
 #[test]
 fn row_sub_range_starting_mid_tile() {
-    if skip() {
+    if common::skip_gpu() {
         return;
     }
     let ds = gaussian_dataset(700, 20, Dtype::F32, 1);
@@ -239,7 +237,7 @@ fn row_sub_range_starting_mid_tile() {
 
 #[test]
 fn multi_chunk_residency() {
-    if skip() {
+    if common::skip_gpu() {
         return;
     }
     let (n, d) = (450, 12);
@@ -295,7 +293,7 @@ fn agree(a: &Posterior, b: &Posterior, d: usize, what: &str) -> f64 {
 
 #[test]
 fn streaming_through_a_two_slot_ring() {
-    if skip() {
+    if common::skip_gpu() {
         return;
     }
     // D = 13 (padded to 16): 100 rows per chunk, 5 chunks; a budget of 250 rows streams
@@ -359,7 +357,7 @@ fn streaming_through_a_two_slot_ring() {
 
 #[test]
 fn streaming_sub_batches_and_long_chunks() {
-    if skip() {
+    if common::skip_gpu() {
         return;
     }
     // Sub-batches re-stream the chunks; 64-row tiles over 5000-row chunks take more than
@@ -391,7 +389,7 @@ fn streaming_sub_batches_and_long_chunks() {
 
 #[test]
 fn splits_merge_like_one_pass() {
-    if skip() {
+    if common::skip_gpu() {
         return;
     }
     // Software adapters use one split; force several so the merge path runs here too,
@@ -414,7 +412,7 @@ fn splits_merge_like_one_pass() {
 
 #[test]
 fn f16_storage() {
-    if skip() {
+    if common::skip_gpu() {
         return;
     }
     let (n, d) = (300, 67);
@@ -444,7 +442,7 @@ fn f16_storage() {
 
 #[test]
 fn one_backend_serves_calls_of_any_batch_size() {
-    if skip() {
+    if common::skip_gpu() {
         return;
     }
     let (n, d) = (400, 40);
@@ -468,7 +466,7 @@ fn one_backend_serves_calls_of_any_batch_size() {
 
 #[test]
 fn batches_larger_than_one_submission() {
-    if skip() {
+    if common::skip_gpu() {
         return;
     }
     let (n, d) = (150, 9);
@@ -485,7 +483,7 @@ fn batches_larger_than_one_submission() {
 
 #[test]
 fn the_largest_shapes() {
-    if skip() {
+    if common::skip_gpu() {
         return;
     }
     // B = 4096 queries of D = 8195 values (not a multiple of 4): 128 MiB of queries, more
@@ -499,7 +497,7 @@ fn the_largest_shapes() {
 
 #[test]
 fn long_chunks_span_several_submissions() {
-    if skip() {
+    if common::skip_gpu() {
         return;
     }
     // 64-row tiles over 4500 rows of one chunk: 71 tile steps, more than one submission
@@ -521,7 +519,7 @@ fn long_chunks_span_several_submissions() {
 
 #[test]
 fn nan_logits_keep_a_valid_argmax() {
-    if skip() {
+    if common::skip_gpu() {
         return;
     }
     // A NaN query makes every logit of the tile NaN: no logit beats the running maximum,
@@ -553,7 +551,7 @@ fn nan_logits_keep_a_valid_argmax() {
 
 #[test]
 fn trusted_shaders_agree() {
-    if skip() {
+    if common::skip_gpu() {
         return;
     }
     // Without wgpu's bounds checks an indexing bug would read or write out of bounds
@@ -574,7 +572,7 @@ fn trusted_shaders_agree() {
 
 #[test]
 fn ties_go_to_the_smaller_row() {
-    if skip() {
+    if common::skip_gpu() {
         return;
     }
     // Rows 3 and 9 identical, query on them: equal logits, top-1 must be row 3.
@@ -616,7 +614,7 @@ fn ties_go_to_the_smaller_row() {
 
 #[test]
 fn bad_inputs_are_errors() {
-    if skip() {
+    if common::skip_gpu() {
         return;
     }
     let ds = gaussian_dataset(10, 4, Dtype::F32, 31);
@@ -639,7 +637,7 @@ fn bad_inputs_are_errors() {
 
 #[test]
 fn hardware_only_refuses_software_adapters() {
-    if skip() {
+    if common::skip_gpu() {
         return;
     }
     let ds = gaussian_dataset(4, 4, Dtype::F32, 32);
@@ -655,7 +653,7 @@ fn hardware_only_refuses_software_adapters() {
 
 #[test]
 fn adapter_report_names_the_limits() {
-    if skip() {
+    if common::skip_gpu() {
         return;
     }
     let report = adapter_report().expect("an adapter");
