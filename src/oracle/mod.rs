@@ -105,6 +105,8 @@ pub struct Oracle<'d> {
     path: Path,
     engine: Engine<'d>,
     kind: BackendKind,
+    /// Why `auto` did not use a GPU (shown by `describe`, so run.json says why).
+    fallback_reason: Option<String>,
 }
 
 impl<'d> Oracle<'d> {
@@ -129,16 +131,20 @@ impl<'d> Oracle<'d> {
                 },
             )
         };
+        let mut fallback_reason = None;
         let (engine, kind) = match kind {
             BackendKind::Reference => (Engine::Reference, kind),
             BackendKind::Cpu => (Engine::Fast(Box::new(cpu::CpuBackend::new(dataset))), kind),
             BackendKind::Gpu => (Engine::Fast(Box::new(gpu_backend(false)?)), kind),
             BackendKind::Auto => match gpu_backend(true) {
                 Ok(g) => (Engine::Fast(Box::new(g)), BackendKind::Gpu),
-                Err(_) => (
-                    Engine::Fast(Box::new(cpu::CpuBackend::new(dataset))),
-                    BackendKind::Cpu,
-                ),
+                Err(e) => {
+                    fallback_reason = Some(e.to_string());
+                    (
+                        Engine::Fast(Box::new(cpu::CpuBackend::new(dataset))),
+                        BackendKind::Cpu,
+                    )
+                }
             },
         };
         Ok(Oracle {
@@ -146,6 +152,7 @@ impl<'d> Oracle<'d> {
             path,
             engine,
             kind,
+            fallback_reason,
         })
     }
 
@@ -155,9 +162,13 @@ impl<'d> Oracle<'d> {
     }
 
     pub fn describe(&self) -> String {
-        match &self.engine {
+        let what = match &self.engine {
             Engine::Reference => "reference (f64)".to_string(),
             Engine::Fast(b) => b.describe(),
+        };
+        match &self.fallback_reason {
+            Some(why) => format!("{what} (auto: no GPU used: {why})"),
+            None => what,
         }
     }
 
