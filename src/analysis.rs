@@ -150,6 +150,23 @@ pub struct StagePoint {
     pub target_difference: f64,
 }
 
+/// The grid of a stage curve: `steps` equal intervals on [0, t_max], t_max < 1.
+pub fn stage_times(steps: usize, t_max: f64) -> crate::error::Result<Vec<f64>> {
+    if steps == 0 {
+        return Err(crate::error::Error::Input(
+            "--steps must be at least 1".into(),
+        ));
+    }
+    if !(t_max > 0.0 && t_max < 1.0) {
+        return Err(crate::error::Error::Input(format!(
+            "--t-max {t_max} must lie in (0, 1)"
+        )));
+    }
+    Ok((0..=steps)
+        .map(|i| t_max * i as f64 / steps as f64)
+        .collect())
+}
+
 /// The stage curve of a dataset: at each time of `times` (each < 1), `n_pairs` queries
 /// x_t = alpha y_j + sigma x0 built from random training samples y_j and noise x0 (the
 /// same pairs at every time, fixed by `seed`), through the oracle.
@@ -161,6 +178,11 @@ pub fn stage_curve(
     mut tick: impl FnMut(),
 ) -> crate::error::Result<Vec<StagePoint>> {
     use rand::{Rng, SeedableRng};
+    if n_pairs == 0 {
+        return Err(crate::error::Error::Input(
+            "--pairs must be at least 1".into(),
+        ));
+    }
     let ds = oracle.dataset();
     let path = oracle.path();
     let dim = ds.dim();

@@ -24,6 +24,21 @@ pub struct Measurement {
     pub reps: usize,
 }
 
+/// Checks the batch size and repetitions of a benchmark.
+pub fn check_settings(n_queries: usize, reps: usize) -> Result<()> {
+    if n_queries == 0 {
+        return Err(crate::error::Error::Input(
+            "--batch must be at least 1".into(),
+        ));
+    }
+    if reps == 0 {
+        return Err(crate::error::Error::Input(
+            "--reps must be at least 1".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Median of `reps` timings of `f` after one untimed warm-up run.
 pub fn median_seconds(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;

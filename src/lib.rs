@@ -6,6 +6,7 @@ pub mod analysis;
 pub mod bench;
 pub mod dataset;
 pub mod error;
+pub mod field;
 pub mod oracle;
 pub mod output;
 pub mod path;

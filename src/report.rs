@@ -6,10 +6,11 @@ use std::path::Path;
 use crate::analysis::Neighbours;
 use crate::dataset::{npy, Dataset};
 use crate::error::{Error, Result};
+use crate::oracle::QueryStats;
 use crate::output;
 use crate::plot::{line_chart, Chart, Series};
 use crate::render::{grid, save_png, stack_vertical, tile_grid, GridOptions};
-use crate::sample::SampleRun;
+use crate::sample::{Conditioning, Guidance, SampleRun, Solver};
 
 const T_AXIS: &str = "t (0 = noise, 1 = data)";
 
@@ -94,6 +95,99 @@ pub fn stages_chart(run: &SampleRun, n_dataset: usize) -> Result<image::RgbImage
         },
         &series,
     )
+}
+
+/// The settings of a sampling run, as run.json records them under "sampling".
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SamplingSettings {
+    pub n: usize,
+    pub solver: Solver,
+    pub steps: usize,
+    pub shift: f64,
+    pub times: Vec<f64>,
+    pub seed: u64,
+    pub batch: usize,
+    /// `--class K`
+    pub class: Option<u32>,
+    /// `--classes all`
+    pub classes: Option<&'static str>,
+    pub guidance: Option<Guidance>,
+}
+
+impl SamplingSettings {
+    pub fn set_conditioning(&mut self, conditioning: Conditioning) {
+        (self.class, self.classes) = match conditioning {
+            Conditioning::Unconditional => (None, None),
+            Conditioning::Class(c) => (Some(c), None),
+            Conditioning::Balanced => (None, Some("all")),
+        };
+    }
+}
+
+/// The field that was integrated, as run.json records it under "oracle".
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FieldRecord {
+    pub backend: crate::oracle::BackendKind,
+    pub description: String,
+    pub path: crate::Path,
+}
+
+/// run.json of a sampling run: every setting, the backend, timings, per-step means and,
+/// per sample, its class, nearest training sample and whether it is memorized.
+pub fn sample_run_json(
+    ds: &Dataset,
+    field: &FieldRecord,
+    settings: &SamplingSettings,
+    run: &SampleRun,
+    classes: &[Option<u32>],
+    neighbours: &[Neighbours],
+    sampling_seconds: f64,
+) -> serde_json::Value {
+    let memorized = neighbours.iter().filter(|nb| nb.memorized()).count();
+    let per_sample: Vec<_> = neighbours
+        .iter()
+        .enumerate()
+        .map(|(i, nb)| {
+            serde_json::json!({
+                "class": classes[i],
+                "nearest": nb.nearest,
+                "distance": nb.distance,
+                "second_distance": nb.second_distance,
+                "memorized": nb.memorized(),
+                "last_step": run.final_stats[i],
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "command": std::env::args().collect::<Vec<_>>(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "data": { "spec": ds.name, "n_samples": ds.n_samples(), "shape": ds.shape, "dtype": ds.dtype() },
+        "oracle": field,
+        "sampling": settings,
+        "timings": {
+            "sampling_seconds": sampling_seconds,
+            "oracle_evaluations": run.evaluations,
+            "seconds_per_evaluation": sampling_seconds / run.evaluations.max(1) as f64,
+        },
+        "memorized": { "count": memorized, "of": neighbours.len(), "criterion": "d(nearest) / d(second nearest) < 1/3" },
+        "steps": run.steps,
+        "samples": per_sample,
+    })
+}
+
+/// Per-query stats of `velocity --stats`: one CSV row per query.
+pub fn write_query_stats_csv(path: &Path, times: &[f32], stats: &[QueryStats]) -> Result<()> {
+    output::write_atomic(path, |w| {
+        writeln!(w, "query,t,top1_weight,top1_index,entropy,ess")?;
+        for (q, s) in stats.iter().enumerate() {
+            writeln!(
+                w,
+                "{q},{},{},{},{},{}",
+                times[q], s.top1_weight, s.top1_index, s.entropy, s.ess
+            )?;
+        }
+        Ok(())
+    })
 }
 
 /// Writes samples.png, samples.npy, trajectory.png, nearest.png, stages.png, steps.csv
@@ -188,6 +282,8 @@ pub struct StageResult {
     pub data: String,
     pub n_samples: usize,
     pub dim: usize,
+    /// The oracle's description (backend)
+    pub backend: String,
     pub curve: Vec<crate::analysis::StagePoint>,
 }
 
@@ -282,12 +378,44 @@ pub fn stages_comparison_chart(results: &[StageResult]) -> Result<image::RgbImag
     }
 }
 
+/// The settings of a stage-curve run, as stages.json records them.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StageSettings {
+    pub path: crate::Path,
+    pub pairs: usize,
+    pub seed: u64,
+    pub times: Vec<f64>,
+}
+
+/// stages.json: the settings, and per dataset its crossings and curve.
+pub fn stages_json(settings: &StageSettings, results: &[StageResult]) -> serde_json::Value {
+    let datasets: Vec<_> = results
+        .iter()
+        .map(|r| {
+            let (t50, t99) = r.crossings();
+            serde_json::json!({
+                "data": r.data, "n_samples": r.n_samples, "dim": r.dim,
+                "backend": r.backend, "t_top1_half": t50, "t_top1_saturated": t99,
+                "curve": r.curve,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "command": std::env::args().collect::<Vec<_>>(),
+        "path": settings.path, "pairs": settings.pairs, "seed": settings.seed,
+        "times": settings.times,
+        "saturation_level": 0.99,
+        "datasets": datasets,
+    })
+}
+
 /// Writes stages.png, stages.csv (one row per dataset and time) and stages.json.
 pub fn write_stage_outputs(
     dir: &Path,
+    settings: &StageSettings,
     results: &[StageResult],
-    json: &serde_json::Value,
 ) -> Result<()> {
+    let json = stages_json(settings, results);
     let chart = stages_comparison_chart(results)?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     save_png(&dir.join("stages.png"), &chart)?;
@@ -312,5 +440,5 @@ pub fn write_stage_outputs(
         }
         Ok(())
     })?;
-    output::write_json(&dir.join("stages.json"), json)
+    output::write_json(&dir.join("stages.json"), &json)
 }

@@ -1,15 +1,19 @@
-//! Sampling: integrate dx/dt = u(x, t) from noise (t = 0) to data (t = 1) with the oracle.
+//! Sampling: integrate dx/dt = u(x, t) from noise (t = 0) to data (t = 1) with any
+//! [`VelocityField`] (the oracle by default).
 //!
-//! The solver state is f64 (so solver order is visible down to small errors); the field is
-//! evaluated in f32 by the oracle. The final step to t = 1 returns the posterior mean
-//! x1_hat at the step's start, never dividing by sigma(1) = 0.
+//! The solver state is f64 (so solver order is visible down to small errors); the oracle
+//! evaluates in f32. The final step to t = 1 returns the posterior mean x1_hat at the
+//! step's start, never dividing by sigma(1) = 0.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
+use crate::dataset::Dataset;
 use crate::error::{Error, Result};
-use crate::oracle::{Oracle, Query, QueryStats, Times};
+pub use crate::field::Guidance;
+use crate::field::{FieldEval, Guided, VelocityField};
+use crate::oracle::QueryStats;
 use crate::schedule::Schedule;
 
 /// ODE solver.
@@ -35,125 +39,31 @@ impl Solver {
     }
 }
 
-/// Classifier-free guidance with the oracle: `u = u_uncond + scale (u_cond - u_uncond)`
-/// for t in [t_lo, t_hi]; outside the interval the conditional velocity alone.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
-pub struct Guidance {
-    pub scale: f64,
-    pub t_lo: f64,
-    pub t_hi: f64,
-}
-
-impl Guidance {
-    fn active(&self, t: f64) -> bool {
-        (self.t_lo..=self.t_hi).contains(&t)
-    }
-}
-
-/// One evaluation of a velocity field for a batch.
-#[derive(Clone, Debug, Default)]
-pub struct FieldEval {
-    pub velocity: Vec<f64>,
-    pub x1_hat: Vec<f64>,
-    pub stats: Vec<QueryStats>,
-}
-
-/// A velocity field over batches of states (B x D, f64) at one time.
-pub trait Field {
-    fn dim(&self) -> usize;
-    fn eval(&mut self, x: &[f64], t: f64) -> Result<FieldEval>;
-}
-
-/// The oracle as a field: per-sample classes (None = unconditional) and optional guidance.
-pub struct OracleField<'o, 'd> {
-    pub oracle: &'o mut Oracle<'d>,
-    /// One per sample of the batch being integrated.
-    pub classes: Vec<Option<u32>>,
-    pub guidance: Option<Guidance>,
-    /// Oracle evaluations made (each streams the relevant rows once).
-    pub evaluations: usize,
-}
-
-impl OracleField<'_, '_> {
-    fn evaluate(&mut self, x: &[f32], t: f64, class: Option<u32>) -> Result<FieldEval> {
-        self.evaluations += 1;
-        let out = self.oracle.evaluate(&Query {
-            x,
-            t: Times::Scalar(t as f32),
-            class,
-        })?;
-        Ok(FieldEval {
-            velocity: out.velocity.iter().map(|&v| v as f64).collect(),
-            x1_hat: out.x1_hat.iter().map(|&v| v as f64).collect(),
-            stats: out.stats,
-        })
-    }
-}
-
-impl Field for OracleField<'_, '_> {
-    fn dim(&self) -> usize {
-        self.oracle.dataset().dim()
-    }
-
-    fn eval(&mut self, x: &[f64], t: f64) -> Result<FieldEval> {
-        let dim = self.dim();
-        let n = x.len() / dim;
-        assert_eq!(n, self.classes.len(), "one class entry per sample");
-        let mut out = FieldEval {
-            velocity: vec![0.0; x.len()],
-            x1_hat: vec![0.0; x.len()],
-            stats: vec![QueryStats::default(); n],
-        };
-        // One oracle call per distinct class: each streams only that class's rows.
-        let mut groups: Vec<(Option<u32>, Vec<usize>)> = Vec::new();
-        for (i, c) in self.classes.iter().enumerate() {
-            match groups.iter_mut().find(|(g, _)| g == c) {
-                Some((_, members)) => members.push(i),
-                None => groups.push((*c, vec![i])),
-            }
-        }
-        for (class, members) in groups {
-            let xs: Vec<f32> = members
-                .iter()
-                .flat_map(|&i| x[i * dim..(i + 1) * dim].iter().map(|&v| v as f32))
-                .collect();
-            let mut eval = self.evaluate(&xs, t, class)?;
-            if let (Some(g), Some(_)) = (self.guidance, class) {
-                if g.active(t) {
-                    let uncond = self.evaluate(&xs, t, None)?;
-                    // u is affine in x1_hat at fixed (x, t), so guiding both keeps them consistent.
-                    for (c, u) in eval.velocity.iter_mut().zip(&uncond.velocity) {
-                        *c = u + g.scale * (*c - u);
-                    }
-                    for (c, u) in eval.x1_hat.iter_mut().zip(&uncond.x1_hat) {
-                        *c = u + g.scale * (*c - u);
-                    }
-                }
-            }
-            for (k, &i) in members.iter().enumerate() {
-                let (src, dst) = (k * dim..(k + 1) * dim, i * dim..(i + 1) * dim);
-                out.velocity[dst.clone()].copy_from_slice(&eval.velocity[src.clone()]);
-                out.x1_hat[dst].copy_from_slice(&eval.x1_hat[src]);
-                out.stats[i] = eval.stats[k];
-            }
-        }
-        Ok(out)
-    }
-}
-
 fn axpy(x: &[f64], h: f64, k: &[f64]) -> Vec<f64> {
     x.iter().zip(k).map(|(a, b)| a + h * b).collect()
 }
 
-/// One step from t0 to t1. Returns the new state and the field at (x, t0).
+/// The field at one time for the whole batch.
+fn eval_at(
+    field: &mut dyn VelocityField,
+    x: &[f64],
+    t: f64,
+    classes: &[Option<u32>],
+) -> Result<FieldEval> {
+    field.evaluate(x, &vec![t; classes.len()], classes)
+}
+
+/// One step from t0 to t1 for states `x` with one class entry each. Returns the new state
+/// and the field at (x, t0).
 pub fn step(
-    field: &mut dyn Field,
+    field: &mut dyn VelocityField,
     solver: Solver,
     x: &[f64],
+    classes: &[Option<u32>],
     t0: f64,
     t1: f64,
 ) -> Result<(Vec<f64>, FieldEval)> {
-    let k1 = field.eval(x, t0)?;
+    let k1 = eval_at(field, x, t0, classes)?;
     if t1 >= 1.0 {
         let x1 = k1.x1_hat.clone();
         return Ok((x1, k1));
@@ -162,7 +72,7 @@ pub fn step(
     let next = match solver {
         Solver::Euler => axpy(x, h, &k1.velocity),
         Solver::Heun => {
-            let k2 = field.eval(&axpy(x, h, &k1.velocity), t1)?.velocity;
+            let k2 = eval_at(field, &axpy(x, h, &k1.velocity), t1, classes)?.velocity;
             x.iter()
                 .zip(k1.velocity.iter().zip(&k2))
                 .map(|(a, (p, q))| a + 0.5 * h * (p + q))
@@ -170,9 +80,9 @@ pub fn step(
         }
         Solver::Rk4 => {
             let tm = t0 + 0.5 * h;
-            let k2 = field.eval(&axpy(x, 0.5 * h, &k1.velocity), tm)?.velocity;
-            let k3 = field.eval(&axpy(x, 0.5 * h, &k2), tm)?.velocity;
-            let k4 = field.eval(&axpy(x, h, &k3), t1)?.velocity;
+            let k2 = eval_at(field, &axpy(x, 0.5 * h, &k1.velocity), tm, classes)?.velocity;
+            let k3 = eval_at(field, &axpy(x, 0.5 * h, &k2), tm, classes)?.velocity;
+            let k4 = eval_at(field, &axpy(x, h, &k3), t1, classes)?.velocity;
             (0..x.len())
                 .map(|i| x[i] + h / 6.0 * (k1.velocity[i] + 2.0 * k2[i] + 2.0 * k3[i] + k4[i]))
                 .collect()
@@ -183,15 +93,16 @@ pub fn step(
 
 /// Integrates over `times`; `on_step(i, x_i, field at (x_i, t_i))` sees every step.
 pub fn integrate(
-    field: &mut dyn Field,
+    field: &mut dyn VelocityField,
     solver: Solver,
     times: &[f64],
     x0: Vec<f64>,
+    classes: &[Option<u32>],
     mut on_step: impl FnMut(usize, &[f64], &FieldEval),
 ) -> Result<Vec<f64>> {
     let mut x = x0;
     for (i, w) in times.windows(2).enumerate() {
-        let (next, eval) = step(field, solver, &x, w[0], w[1])?;
+        let (next, eval) = step(field, solver, &x, classes, w[0], w[1])?;
         on_step(i, &x, &eval);
         x = next;
     }
@@ -205,6 +116,71 @@ pub fn initial_noise(seed: u64, index: usize, dim: usize) -> Vec<f64> {
     (0..dim)
         .map(|_| rng.sample::<f32, _>(StandardNormal) as f64)
         .collect()
+}
+
+/// Which class each sample is conditioned on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Conditioning {
+    #[default]
+    Unconditional,
+    /// Every sample on one class.
+    Class(u32),
+    /// A balanced set: sample i on the i-th class (in label order) in turn.
+    Balanced,
+}
+
+impl Conditioning {
+    /// The class of each of `n` samples; checks that the dataset has the class(es).
+    pub fn classes(self, ds: &Dataset, n: usize) -> Result<Vec<Option<u32>>> {
+        match self {
+            Conditioning::Unconditional => Ok(vec![None; n]),
+            Conditioning::Class(c) => {
+                ds.rows_for(Some(c))?;
+                Ok(vec![Some(c); n])
+            }
+            Conditioning::Balanced => {
+                let counts = ds.class_counts();
+                if counts.is_empty() {
+                    return Err(Error::Input(format!(
+                        "--classes all: dataset {} has no labels",
+                        ds.name
+                    )));
+                }
+                Ok((0..n).map(|i| Some(counts[i % counts.len()].0)).collect())
+            }
+        }
+    }
+}
+
+/// Checks the sample count and batch size (before any work: the CLI calls it first too).
+pub fn check_counts(n_samples: usize, batch: usize) -> Result<()> {
+    if n_samples == 0 {
+        return Err(Error::Input("-n must be at least 1".into()));
+    }
+    if batch == 0 {
+        return Err(Error::Input("--batch must be at least 1".into()));
+    }
+    Ok(())
+}
+
+/// The time grid of a sampling run: the schedule's, which must run from 0 to 1.
+pub fn sampling_times(schedule: &Schedule) -> Result<Vec<f64>> {
+    let times = schedule.times()?;
+    if times[0] != 0.0 || *times.last().unwrap() != 1.0 {
+        return Err(Error::Input(format!(
+            "--times must run from 0 to 1 (got {} .. {})",
+            times[0],
+            times.last().unwrap()
+        )));
+    }
+    Ok(times)
+}
+
+/// Rows of the trajectory picture: `track` samples spread evenly over `n`.
+pub fn spread_samples(n: usize, track: usize) -> Vec<usize> {
+    let k = track.min(n);
+    (0..k).map(|i| i * n / k).collect()
 }
 
 /// What to sample.
@@ -222,7 +198,7 @@ pub struct SampleOptions {
     pub tracked: Vec<usize>,
 }
 
-/// Mean diagnostics over all samples at one grid time.
+/// Mean diagnostics over all samples at one grid time (NaN where the field has no stats).
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct StepSummary {
     pub t: f64,
@@ -247,30 +223,45 @@ pub struct SampleRun {
     /// n x D, the final samples
     pub samples: Vec<f32>,
     pub noise: Vec<f32>,
-    /// Stats of the last evaluation (at the last grid time before 1) per sample
-    pub final_stats: Vec<QueryStats>,
+    /// Stats of the last evaluation (at the last grid time before 1) per sample, where the
+    /// field gives them
+    pub final_stats: Vec<Option<QueryStats>>,
     pub steps: Vec<StepSummary>,
     pub trajectories: Vec<Trajectory>,
+    /// Field evaluations made (for the oracle: dataset passes)
     pub evaluations: usize,
 }
 
-/// Samples `options.classes.len()` trajectories in batches; `tick` is called after every
-/// step of every batch (for a progress bar).
+/// Samples `options.classes.len()` trajectories of `field` in batches; `tick` is called
+/// after every step of every batch (for a progress bar).
 pub fn sample(
-    oracle: &mut Oracle<'_>,
+    field: &mut dyn VelocityField,
     options: &SampleOptions,
     mut tick: impl FnMut(),
 ) -> Result<SampleRun> {
-    let times = options.schedule.times()?;
-    if *times.first().unwrap() != 0.0 {
-        return Err(Error::Input("a sampling grid must start at t = 0".into()));
+    let times = sampling_times(&options.schedule)?;
+    check_counts(options.classes.len(), options.batch)?;
+    if options.classes.iter().any(|c| c.is_some()) && !field.accepts_classes() {
+        return Err(Error::Input(format!(
+            "classes were asked for, but the field ({}) has none",
+            field.describe()
+        )));
     }
-    if options.batch == 0 || options.classes.is_empty() {
+    if options.guidance.is_some() && options.classes.iter().all(|c| c.is_none()) {
         return Err(Error::Input(
-            "need at least one sample and a batch of at least 1".into(),
+            "--cfg-scale needs --class K or --classes all".into(),
         ));
     }
-    let dim = oracle.dataset().dim();
+    let evaluations_before = field.evaluations();
+    let mut guided;
+    let field: &mut dyn VelocityField = match options.guidance {
+        Some(guidance) => {
+            guided = Guided { field, guidance };
+            &mut guided
+        }
+        None => field,
+    };
+    let dim = field.dim();
     let n = options.classes.len();
     let n_steps = times.len() - 1;
     let mut run = SampleRun {
@@ -304,22 +295,29 @@ pub fn sample(
             .flat_map(|i| initial_noise(options.seed, i, dim))
             .collect();
         run.noise.extend(to_f32(&x0));
-        let mut field = OracleField {
-            oracle,
-            classes: options.classes[start..end].to_vec(),
-            guidance: options.guidance,
-            evaluations: 0,
-        };
-        let mut last_stats = Vec::new();
+        let mut last_stats = vec![None; end - start];
         let trajectories = &mut run.trajectories;
         let steps = &mut run.steps;
-        let x = integrate(&mut field, options.solver, &times, x0, |i, x, eval| {
+        let classes = &options.classes[start..end];
+        let x = integrate(field, options.solver, &times, x0, classes, |i, x, eval| {
             let s = &mut steps[i];
-            for st in &eval.stats {
-                s.mean_top1_weight += st.top1_weight as f64;
-                s.mean_entropy += st.entropy as f64;
-                s.mean_ess += st.ess as f64;
-                s.frac_top1_above_half += (st.top1_weight > 0.5) as u8 as f64;
+            match &eval.stats {
+                Some(stats) => {
+                    for st in stats {
+                        s.mean_top1_weight += st.top1_weight as f64;
+                        s.mean_entropy += st.entropy as f64;
+                        s.mean_ess += st.ess as f64;
+                        s.frac_top1_above_half += (st.top1_weight > 0.5) as u8 as f64;
+                    }
+                    last_stats = stats.iter().map(|&st| Some(st)).collect();
+                }
+                None => {
+                    s.mean_top1_weight = f64::NAN;
+                    s.mean_entropy = f64::NAN;
+                    s.mean_ess = f64::NAN;
+                    s.frac_top1_above_half = f64::NAN;
+                    last_stats = vec![None; last_stats.len()];
+                }
             }
             for tr in trajectories
                 .iter_mut()
@@ -329,10 +327,8 @@ pub fn sample(
                 tr.x.push(to_f32(&x[r.clone()]));
                 tr.x1_hat.push(to_f32(&eval.x1_hat[r]));
             }
-            last_stats = eval.stats.clone();
             tick();
         })?;
-        run.evaluations += field.evaluations;
         for tr in run
             .trajectories
             .iter_mut()
@@ -345,6 +341,7 @@ pub fn sample(
         run.samples.extend(to_f32(&x));
         run.final_stats.extend(last_stats);
     }
+    run.evaluations = field.evaluations() - evaluations_before;
     for s in &mut run.steps {
         s.mean_top1_weight /= n as f64;
         s.mean_entropy /= n as f64;

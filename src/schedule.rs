@@ -32,9 +32,14 @@ impl Schedule {
                 if !(*shift > 0.0 && shift.is_finite()) {
                     return Err(Error::Input(format!("--shift {shift} must be > 0")));
                 }
-                // Clamped: s t / (1 + (s - 1) t) can round to 1 + eps at t = 1.
+                // The ends are set exactly: s t / (1 + (s - 1) t) rounds to 1 - eps or
+                // 1 + eps at t = 1 for some s (0.3 gives 0.9999999999999999).
                 (0..=*steps)
-                    .map(|i| shift_time(i as f64 / *steps as f64, *shift).clamp(0.0, 1.0))
+                    .map(|i| match i {
+                        0 => 0.0,
+                        i if i == *steps => 1.0,
+                        i => shift_time(i as f64 / *steps as f64, *shift).clamp(0.0, 1.0),
+                    })
                     .collect()
             }
             Schedule::Explicit(t) => t.clone(),
@@ -69,6 +74,25 @@ mod tests {
             .unwrap();
             assert_eq!((t[0], t[20]), (0.0, 1.0), "endpoints for s = {s}");
             assert!(t.windows(2).all(|w| w[1] > w[0]), "monotone for s = {s}");
+        }
+    }
+
+    #[test]
+    fn every_shift_ends_exactly_at_zero_and_one() {
+        // A sweep over shifts and step counts, including the paper's 0.3 (which once gave
+        // a last time of 0.9999999999999999).
+        for k in 1..=400 {
+            let s = k as f64 * 0.0125;
+            for steps in [1, 2, 7, 10, 50, 200] {
+                let t = Schedule::Shifted { steps, shift: s }.times().unwrap();
+                assert_eq!(t[0], 0.0, "s = {s}, steps = {steps}");
+                assert_eq!(t[steps], 1.0, "s = {s}, steps = {steps}");
+                for (i, ti) in t.iter().enumerate().take(steps).skip(1) {
+                    let want = s * (i as f64 / steps as f64)
+                        / (1.0 + (s - 1.0) * (i as f64 / steps as f64));
+                    assert!((ti - want).abs() < 1e-15, "s = {s} step {i}");
+                }
+            }
         }
     }
 

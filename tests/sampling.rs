@@ -5,10 +5,9 @@ mod common;
 use common::rel_err;
 use oracleflow::analysis::nearest_two;
 use oracleflow::dataset::{self, Dataset, Dtype};
+use oracleflow::field::{FieldEval, OracleField, VelocityField};
 use oracleflow::oracle::{BackendKind, Oracle, QueryStats};
-use oracleflow::sample::{
-    initial_noise, integrate, sample, Field, FieldEval, Guidance, SampleOptions, Solver,
-};
+use oracleflow::sample::{initial_noise, integrate, sample, Guidance, SampleOptions, Solver};
 use oracleflow::schedule::Schedule;
 use oracleflow::Path;
 
@@ -18,15 +17,32 @@ struct ExactField {
     path: Path,
 }
 
-impl Field for ExactField {
+impl VelocityField for ExactField {
     fn dim(&self) -> usize {
         self.data[0].len()
     }
-    fn eval(&mut self, x: &[f64], t: f64) -> oracleflow::Result<FieldEval> {
-        let c = self.path.coefs(t);
-        let (a, b) = c.velocity_coefs();
-        let mut out = FieldEval::default();
-        for xq in x.chunks(self.dim()) {
+    fn describe(&self) -> String {
+        "exact f64 oracle".into()
+    }
+    fn accepts_classes(&self) -> bool {
+        false
+    }
+    fn evaluations(&self) -> usize {
+        0
+    }
+    fn evaluate(
+        &mut self,
+        x: &[f64],
+        t: &[f64],
+        _classes: &[Option<u32>],
+    ) -> oracleflow::Result<FieldEval> {
+        let mut out = FieldEval {
+            stats: Some(Vec::new()),
+            ..Default::default()
+        };
+        for (q, xq) in x.chunks(self.dim()).enumerate() {
+            let c = self.path.coefs(t[q]);
+            let (a, b) = c.velocity_coefs();
             let logits: Vec<f64> = self
                 .data
                 .iter()
@@ -46,7 +62,7 @@ impl Field for ExactField {
                 out.x1_hat.push(hat);
                 out.velocity.push(a * hat + b * xq[k]);
             }
-            out.stats.push(QueryStats::default());
+            out.stats.as_mut().unwrap().push(QueryStats::default());
         }
         Ok(out)
     }
@@ -71,6 +87,7 @@ fn error_at(
         solver,
         &grid_to(t_end, steps),
         x0.to_vec(),
+        &[None],
         |_, _, _| {},
     )
     .unwrap();
@@ -137,6 +154,7 @@ fn solver_orders_on_two_symmetric_samples() {
         Solver::Rk4,
         &grid_to(t_end, 4096),
         x0.clone(),
+        &[None],
         |_, _, _| {},
     )
     .unwrap();
@@ -148,19 +166,15 @@ fn oracle_field_follows_the_exact_one_sample_trajectory() {
     // Through the real oracle (cpu, f32): RK4 reaches the exact x_t to f32 accuracy.
     let ds = common::gaussian_dataset(1, 8, 3, Dtype::F32);
     let y = ds.sample_f64(0);
-    let mut oracle = Oracle::new(&ds, Path::VpCosine, BackendKind::Cpu).unwrap();
+    let oracle = Oracle::new(&ds, Path::VpCosine, BackendKind::Cpu).unwrap();
     let x0 = initial_noise(5, 0, 8);
-    let mut field = oracleflow::sample::OracleField {
-        oracle: &mut oracle,
-        classes: vec![None],
-        guidance: None,
-        evaluations: 0,
-    };
+    let mut field = OracleField::new(oracle);
     let x = integrate(
         &mut field,
         Solver::Rk4,
         &grid_to(0.9, 64),
         x0.clone(),
+        &[None],
         |_, _, _| {},
     )
     .unwrap();
@@ -199,7 +213,8 @@ fn small_real() -> Dataset {
 #[test]
 fn cfg_with_scale_one_or_outside_interval_is_conditional() {
     let ds = small_real();
-    let mut oracle = Oracle::new(&ds, Path::RectifiedFlow, BackendKind::Cpu).unwrap();
+    let mut oracle =
+        OracleField::new(Oracle::new(&ds, Path::RectifiedFlow, BackendKind::Cpu).unwrap());
     let classes = vec![Some(2), Some(5), Some(2), Some(7)];
     let cond = sample(&mut oracle, &options(4, 8, classes.clone(), None), || {}).unwrap();
     let unit = Guidance {
@@ -278,7 +293,7 @@ fn oracle_samples_memorize_training_images() {
         if !common::enabled(kind) {
             continue;
         }
-        let mut oracle = Oracle::new(&ds, Path::RectifiedFlow, kind).unwrap();
+        let mut oracle = OracleField::new(Oracle::new(&ds, Path::RectifiedFlow, kind).unwrap());
         let mut opts = options(6, 12, vec![None; 6], None);
         opts.solver = Solver::Heun;
         let run = sample(&mut oracle, &opts, || {}).unwrap();
@@ -293,7 +308,8 @@ fn oracle_samples_memorize_training_images() {
             );
             assert!(n.memorized());
             assert_eq!(
-                n.nearest, run.final_stats[i].top1_index,
+                n.nearest,
+                run.final_stats[i].unwrap().top1_index,
                 "{kind:?} sample {i}: nearest = last top-1"
             );
         }
@@ -305,7 +321,8 @@ fn oracle_samples_memorize_training_images() {
 #[test]
 fn same_seed_same_samples_across_batch_sizes() {
     let ds = small_real();
-    let mut oracle = Oracle::new(&ds, Path::RectifiedFlow, BackendKind::Cpu).unwrap();
+    let mut oracle =
+        OracleField::new(Oracle::new(&ds, Path::RectifiedFlow, BackendKind::Cpu).unwrap());
     let mut a = options(5, 6, vec![None; 5], None);
     let run_a = sample(&mut oracle, &a, || {}).unwrap();
     let again = sample(&mut oracle, &a, || {}).unwrap();
@@ -337,7 +354,7 @@ fn same_seed_same_samples_across_batch_sizes() {
     let top = |r: &oracleflow::sample::SampleRun| {
         r.final_stats
             .iter()
-            .map(|s| s.top1_index)
+            .map(|s| s.unwrap().top1_index)
             .collect::<Vec<_>>()
     };
     assert_eq!(top(&run_a), top(&run_b));

@@ -51,6 +51,15 @@ impl Times<'_> {
     }
 }
 
+/// The one check of a query time: t must lie in [0, 1] (0 = noise, 1 = data).
+pub fn check_time(t: f32) -> Result<()> {
+    if (0.0..=1.0).contains(&t) {
+        Ok(())
+    } else {
+        Err(Error::Input(format!("time {t} is outside [0, 1]")))
+    }
+}
+
 /// One evaluation request.
 #[derive(Clone, Copy, Debug)]
 pub struct Query<'a> {
@@ -205,12 +214,7 @@ impl<'d> Oracle<'d> {
                 )));
             }
         }
-        for q in 0..n_queries {
-            let t = query.t.get(q);
-            if !(0.0..=1.0).contains(&t) {
-                return Err(Error::Input(format!("time {t} is outside [0, 1]")));
-            }
-        }
+        (0..n_queries).try_for_each(|q| check_time(query.t.get(q)))?;
         let rows = ds.rows_for(query.class)?;
         match &mut self.engine {
             Engine::Reference => Ok(reference::evaluate(ds, self.path, query, rows)),

@@ -1,0 +1,40 @@
+//! `oracleflow info`: the GPU adapter, and a summary of a dataset.
+
+use anyhow::Result;
+use clap::Args;
+
+use oracleflow::dataset::{self, Dtype};
+
+#[derive(Args)]
+pub struct InfoArgs {
+    /// Also load and summarise a dataset
+    #[arg(long, long_help = dataset::SPEC_HELP)]
+    data: Option<String>,
+    #[arg(long, value_enum, default_value_t)]
+    dtype: Dtype,
+}
+
+pub fn run(a: InfoArgs) -> Result<()> {
+    match oracleflow::oracle::gpu::adapter_report() {
+        Ok(report) => println!("{report}"),
+        Err(e) => println!("gpu: none ({e})"),
+    }
+    println!("cpu: {} threads", rayon::current_num_threads());
+    if let Some(spec) = a.data {
+        let ds = dataset::load(&spec, a.dtype)?;
+        println!("dataset: {}", ds.name);
+        println!("  samples: {}", ds.n_samples());
+        println!(
+            "  sample shape: {:?} ({}) = {} values",
+            ds.shape.dims,
+            if ds.shape.is_image { "image" } else { "array" },
+            ds.dim()
+        );
+        println!("  storage: {:?}", ds.dtype());
+        match ds.labels() {
+            Some(_) => println!("  classes: {:?}", ds.class_counts()),
+            None => println!("  classes: none (unlabelled)"),
+        }
+    }
+    Ok(())
+}

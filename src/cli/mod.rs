@@ -1,0 +1,54 @@
+//! The commands: one file each, plus the argument groups they share (`args`).
+//!
+//! Each command reads its arguments, calls the library and shows its errors; checks and
+//! file formats live in the library, so the Python binding and the CLI agree.
+
+mod args;
+mod bench;
+mod info;
+mod sample;
+mod stages;
+mod velocity;
+
+use anyhow::Result;
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Sample with the oracle velocity and write pictures (samples, trajectories, nearest)
+    Sample(sample::SampleArgs),
+    /// Exact oracle velocity (= flow-matching training target) for given queries and times
+    Velocity(velocity::VelocityArgs),
+    /// Stage curves: posterior top-1 weight, entropy and training-target difference along
+    /// the path, for one or several datasets (the navigation -> refinement transition)
+    Stages(stages::StagesArgs),
+    /// Print the GPU adapter and a summary of the dataset
+    Info(info::InfoArgs),
+    /// Measure oracle throughput (GFLOP/s = 4 B N D / time) beside a plain sgemm
+    Bench(bench::BenchArgs),
+}
+
+impl Command {
+    pub fn run(self) -> Result<()> {
+        match self {
+            Command::Sample(a) => sample::run(a),
+            Command::Velocity(a) => velocity::run(a),
+            Command::Stages(a) => stages::run(a),
+            Command::Info(a) => info::run(a),
+            Command::Bench(a) => bench::run(a),
+        }
+    }
+}
+
+/// A progress bar on stderr; indicatif draws nothing when stderr is not a terminal.
+pub fn progress(len: u64, unit: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}} {unit} ({{eta}} left)"
+        ))
+        .expect("valid template"),
+    );
+    bar
+}

@@ -1,0 +1,78 @@
+//! `oracleflow stages`: stage curves along the path for one or several datasets.
+
+use anyhow::Result;
+use clap::Args;
+
+use oracleflow::dataset::{self, Dtype};
+use oracleflow::report::{self, StageResult, StageSettings};
+use oracleflow::{analysis, output};
+
+use super::args::{OracleArgs, OutDirArgs};
+use super::progress;
+
+#[derive(Args)]
+pub struct StagesArgs {
+    /// Datasets (repeat --data to compare several, e.g. gaussian:1400,512 and gaussian:1400,8192)
+    #[arg(long, required = true, long_help = dataset::SPEC_HELP)]
+    data: Vec<String>,
+    #[arg(long, value_enum, default_value_t)]
+    dtype: Dtype,
+    #[command(flatten)]
+    oracle: OracleArgs,
+    /// (training sample, noise) pairs averaged at each time
+    #[arg(long, default_value_t = 256)]
+    pairs: usize,
+    /// Intervals of the time grid on [0, t_max]
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Last time of the grid (< 1)
+    #[arg(long, default_value_t = 0.5)]
+    t_max: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output directory (stages.png, stages.csv, stages.json)
+    #[command(flatten)]
+    out: OutDirArgs,
+}
+
+pub fn run(a: StagesArgs) -> Result<()> {
+    output::check_new_in(&a.out.out, &report::STAGE_FILES, a.out.force)?;
+    let times = analysis::stage_times(a.steps, a.t_max)?;
+    let mut results = Vec::new();
+    for spec in &a.data {
+        let ds = dataset::load(spec, a.dtype)?;
+        let mut oracle = a.oracle.build(&ds)?;
+        eprintln!(
+            "{spec}: N = {}, D = {} on {}",
+            ds.n_samples(),
+            ds.dim(),
+            oracle.describe()
+        );
+        let bar = progress(times.len() as u64, "times");
+        let curve = analysis::stage_curve(&mut oracle, &times, a.pairs, a.seed, || bar.inc(1))?;
+        bar.finish_and_clear();
+        let r = StageResult {
+            data: spec.clone(),
+            n_samples: ds.n_samples(),
+            dim: ds.dim(),
+            backend: oracle.describe(),
+            curve,
+        };
+        let (t50, t99) = r.crossings();
+        println!(
+            "{spec}: mean top-1 weight reaches 0.5 at t = {}, 0.99 at t = {}",
+            t50.map_or("-".into(), |t| format!("{t:.3}")),
+            t99.map_or("-".into(), |t| format!("{t:.3}"))
+        );
+        results.push(r);
+    }
+    let settings = StageSettings {
+        path: a.oracle.path,
+        pairs: a.pairs,
+        seed: a.seed,
+        times,
+    };
+    report::write_stage_outputs(&a.out.out, &settings, &results)?;
+    eprintln!("wrote {}/stages.{{png,csv,json}}", a.out.out.display());
+    Ok(())
+}

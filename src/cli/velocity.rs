@@ -1,0 +1,126 @@
+//! `oracleflow velocity`: the exact oracle velocity (the flow-matching training target)
+//! for queries and times read from .npy files.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use oracleflow::dataset::npy;
+use oracleflow::oracle::{check_time, Query, Times};
+use oracleflow::{output, report};
+
+use super::args::{DataArgs, OracleArgs};
+use super::progress;
+
+#[derive(Args)]
+pub struct VelocityArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    oracle: OracleArgs,
+    /// Queries x_t, a .npy of shape (B, ...) with D values per query
+    #[arg(long)]
+    queries: PathBuf,
+    /// One time for every query (0 = noise, 1 = data)
+    #[arg(long, conflicts_with = "times", required_unless_present = "times")]
+    t: Option<f32>,
+    /// One time per query, a .npy of B values
+    #[arg(long)]
+    times: Option<PathBuf>,
+    /// Condition on one class (the oracle over that class's samples only)
+    #[arg(long)]
+    class: Option<u32>,
+    /// Velocity output (.npy, same shape as the queries)
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write the posterior mean x1_hat (.npy)
+    #[arg(long)]
+    x1_hat: Option<PathBuf>,
+    /// Also write per-query stats (CSV: top-1 weight and index, entropy, ESS)
+    #[arg(long)]
+    stats: Option<PathBuf>,
+    /// Queries per oracle call (bounds memory; each call streams the dataset once)
+    #[arg(long, default_value_t = 1024)]
+    batch: usize,
+    /// Overwrite existing output files
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run(a: VelocityArgs) -> Result<()> {
+    let outputs: Vec<&std::path::Path> = [Some(&a.out), a.x1_hat.as_ref(), a.stats.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|p| p.as_path())
+        .collect();
+    output::check_new(&outputs, a.force)?;
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+
+    let ds = a.data.load()?;
+    let dim = ds.dim();
+    let (shape, x) = npy::read_npy_f32(&a.queries)?;
+    if shape.is_empty() || shape[1..].iter().product::<usize>() != dim {
+        bail!(
+            "{}: queries of shape {shape:?} do not hold {dim} values per query (dataset {})",
+            a.queries.display(),
+            ds.name
+        );
+    }
+    let n_queries = shape[0];
+    let times = match (&a.times, a.t) {
+        (Some(p), _) => {
+            let (tshape, t) = npy::read_npy_f32(p)?;
+            if t.len() != n_queries {
+                bail!(
+                    "{}: {} times (shape {tshape:?}) for {n_queries} queries",
+                    p.display(),
+                    t.len()
+                );
+            }
+            t
+        }
+        (None, Some(t)) => vec![t; n_queries],
+        (None, None) => unreachable!("clap requires --t or --times"),
+    };
+    // Checked before the oracle is built (and before any work).
+    times.iter().try_for_each(|&t| check_time(t))?;
+
+    let mut oracle = a.oracle.build(&ds)?;
+    eprintln!(
+        "oracle: {} on {} ({} samples, D = {dim})",
+        oracle.describe(),
+        ds.name,
+        ds.n_samples()
+    );
+
+    let bar = progress(n_queries as u64, "queries");
+    let mut velocity = Vec::with_capacity(x.len());
+    let mut x1_hat = Vec::with_capacity(x.len());
+    let mut stats = Vec::with_capacity(n_queries);
+    for start in (0..n_queries).step_by(a.batch) {
+        let end = (start + a.batch).min(n_queries);
+        let out = oracle.evaluate(&Query {
+            x: &x[start * dim..end * dim],
+            t: Times::PerQuery(&times[start..end]),
+            class: a.class,
+        })?;
+        velocity.extend(out.velocity);
+        x1_hat.extend(out.x1_hat);
+        stats.extend(out.stats);
+        bar.inc((end - start) as u64);
+    }
+    bar.finish_and_clear();
+
+    npy::write_npy_f32(&a.out, &shape, &velocity)?;
+    if let Some(p) = &a.x1_hat {
+        npy::write_npy_f32(p, &shape, &x1_hat)?;
+    }
+    if let Some(p) = &a.stats {
+        report::write_query_stats_csv(p, &times, &stats)?;
+    }
+    eprintln!("wrote {} ({n_queries} queries)", a.out.display());
+    Ok(())
+}
