@@ -32,7 +32,7 @@ const SCREEN_ROWS: usize = 1024;
 
 /// The two nearest training samples of each point (n x D, user coordinates).
 ///
-/// Two passes, as DESIGN §2 suggests for precision: a fast screen ranks every row by
+/// Two passes, as docs/DESIGN.md §2 suggests for precision: a fast screen ranks every row by
 /// |y|^2 - 2 p.y (one GEMM per tile, f32, rows split across threads) and keeps the
 /// `CANDIDATES` best rows per point; then the distances of those candidates are
 /// recomputed exactly by direct differences in f64. The expanded form alone would lose
