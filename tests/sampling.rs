@@ -358,8 +358,20 @@ fn same_seed_same_samples_across_batch_sizes() {
             .collect::<Vec<_>>()
     };
     assert_eq!(top(&run_a), top(&run_b));
-    // A longer run starts its first samples from the same noise.
+    // The noise of sample i is ChaCha8 seeded with the seed, on stream i, drawn here.
     let dim = ds.dim();
-    assert_eq!(initial_noise(7, 3, dim), initial_noise(7, 3, dim));
+    for i in 0..5 {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        rng.set_stream(i as u64);
+        let want: Vec<f32> = (0..dim)
+            .map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal))
+            .collect();
+        assert_eq!(
+            &run_a.noise[i * dim..(i + 1) * dim],
+            want.as_slice(),
+            "noise of sample {i}"
+        );
+    }
     assert_ne!(initial_noise(7, 3, dim), initial_noise(8, 3, dim));
 }

@@ -1,0 +1,322 @@
+//! Every sampling and velocity option run through the binary, with what it must change in
+//! the files: dtype, solver, batch, path, shift, per-query times, class, bench, the contents
+//! of run.json and steps.csv, and the `auto` backend's choice and reason.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use oracleflow::dataset::{self, npy, Dtype};
+use oracleflow::oracle::{reference, Query, Times};
+
+fn oracleflow(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_oracleflow"))
+        .args(args)
+        .output()
+        .expect("run oracleflow")
+}
+
+fn ok(args: &[&str]) {
+    let o = oracleflow(args);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// Runs `sample` on embedded@200 with the cpu backend and extra args; returns the out dir.
+fn sample(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let out = dir.join(name);
+    let mut args = vec![
+        "sample",
+        "--data",
+        "embedded@200",
+        "--backend",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    ok(&args);
+    out
+}
+
+/// Oracle evaluations of one batch: every step has the solver's stages, except the last
+/// (to t = 1), which is one evaluation returning x1_hat.
+fn evaluations_per_batch(steps: usize, per_step: usize) -> u64 {
+    ((steps - 1) * per_step + 1) as u64
+}
+
+#[test]
+fn solvers_batches_and_run_json_contents() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (solver, per_step) in [("euler", 1), ("heun", 2), ("rk4", 4)] {
+        let out = sample(d, solver, &["-n", "5", "--steps", "6", "--solver", solver]);
+        let j = json(&out.join("run.json"));
+        assert_eq!(j["sampling"]["solver"], solver);
+        assert_eq!(
+            j["timings"]["oracle_evaluations"],
+            evaluations_per_batch(6, per_step)
+        );
+        // run.json: the grid, per-step means at each grid time, per-sample records.
+        let times: Vec<f64> = j["sampling"]["times"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(times.len(), 7);
+        assert_eq!((times[0], times[6]), (0.0, 1.0));
+        let steps = j["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 6);
+        let csv = std::fs::read_to_string(out.join("steps.csv")).unwrap();
+        let mut lines = csv.lines();
+        assert_eq!(
+            lines.next().unwrap(),
+            "step,t,mean_top1_weight,mean_entropy,mean_ess,frac_top1_above_half"
+        );
+        for (i, (line, s)) in lines.zip(steps).enumerate() {
+            let f: Vec<f64> = line.split(',').map(|v| v.parse().unwrap()).collect();
+            assert_eq!(f[0] as usize, i);
+            assert!((f[1] - times[i]).abs() <= 1e-15);
+            assert!((s["t"].as_f64().unwrap() - times[i]).abs() <= 1e-15);
+            // serde_json parses floats to within 1 ulp (no float_roundtrip feature).
+            let same = |a: f64, b: f64| (a - b).abs() <= 1e-15 * a.abs().max(1.0);
+            assert!(same(f[2], s["mean_top1_weight"].as_f64().unwrap()));
+            assert!(same(f[3], s["mean_entropy"].as_f64().unwrap()));
+            assert!(same(f[4], s["mean_ess"].as_f64().unwrap()));
+            assert!(same(f[5], s["frac_top1_above_half"].as_f64().unwrap()));
+            assert!((0.0..=1.0).contains(&f[2]) && f[3] >= 0.0 && f[4] >= 1.0);
+        }
+        let samples = j["samples"].as_array().unwrap();
+        assert_eq!(samples.len(), 5);
+        for s in samples {
+            assert!(s["distance"].as_f64().unwrap() <= s["second_distance"].as_f64().unwrap());
+            assert_eq!(
+                s["memorized"].as_bool().unwrap(),
+                s["distance"].as_f64().unwrap() < s["second_distance"].as_f64().unwrap() / 3.0
+            );
+            assert!(s["last_step"]["top1_weight"].as_f64().unwrap() > 0.0);
+        }
+        assert_eq!(j["data"]["n_samples"], 200);
+        assert_eq!(j["oracle"]["backend"], "cpu");
+    }
+
+    // A batch below the sample count: three batches, the same samples (cpu rows are split
+    // independently of the batch).
+    let whole = sample(d, "whole", &["-n", "5", "--steps", "6", "--batch", "5"]);
+    let split = sample(d, "split", &["-n", "5", "--steps", "6", "--batch", "2"]);
+    let j = json(&split.join("run.json"));
+    assert_eq!(j["sampling"]["batch"], 2);
+    assert_eq!(
+        j["timings"]["oracle_evaluations"],
+        3 * evaluations_per_batch(6, 2)
+    );
+    assert_eq!(
+        std::fs::read(whole.join("samples.npy")).unwrap(),
+        std::fs::read(split.join("samples.npy")).unwrap()
+    );
+}
+
+#[test]
+fn dtype_path_and_shift_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let f16 = sample(d, "f16", &["-n", "4", "--steps", "10", "--dtype", "f16"]);
+    let j = json(&f16.join("run.json"));
+    assert_eq!(j["data"]["dtype"], "f16");
+    assert!(j["oracle"]["description"].as_str().unwrap().contains("F16"));
+    assert_eq!(j["memorized"]["count"], 4);
+
+    let vp = sample(
+        d,
+        "vp",
+        &["-n", "4", "--steps", "10", "--path", "vp-cosine"],
+    );
+    let j = json(&vp.join("run.json"));
+    assert_eq!(j["oracle"]["path"], "vp-cosine");
+    assert_eq!(j["memorized"]["count"], 4);
+    let rf = sample(d, "rf", &["-n", "4", "--steps", "10"]);
+    assert_ne!(
+        std::fs::read(vp.join("steps.csv")).unwrap(),
+        std::fs::read(rf.join("steps.csv")).unwrap(),
+        "the path changes the trajectory"
+    );
+
+    // Every shift gives a grid from exactly 0 to exactly 1 (0.3 once ended at 1 - 1e-16).
+    for shift in ["0.1", "0.3", "0.5", "0.7", "2"] {
+        let out = sample(
+            d,
+            &format!("shift{shift}"),
+            &["-n", "2", "--steps", "7", "--shift", shift],
+        );
+        let j = json(&out.join("run.json"));
+        let times = j["sampling"]["times"].as_array().unwrap();
+        assert_eq!(times[0], 0.0);
+        assert_eq!(times[7], 1.0, "shift {shift}");
+        let s: f64 = shift.parse().unwrap();
+        let t1 = s * (1.0 / 7.0) / (1.0 + (s - 1.0) / 7.0);
+        assert!((times[1].as_f64().unwrap() - t1).abs() < 1e-15);
+    }
+}
+
+#[test]
+fn auto_backend_says_what_it_chose_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("auto");
+    ok(&[
+        "sample",
+        "--data",
+        "embedded@100",
+        "-n",
+        "2",
+        "--steps",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let j = json(&out.join("run.json"));
+    let description = j["oracle"]["description"].as_str().unwrap();
+    // Whatever the machine: a hardware GPU is used, or cpu with the reason.
+    match j["oracle"]["backend"].as_str().unwrap() {
+        "gpu" => assert!(!description.contains("no GPU used"), "{description}"),
+        "cpu" => assert!(
+            description.contains("auto: no GPU used: "),
+            "the fallback says why: {description}"
+        ),
+        other => panic!("auto chose {other}"),
+    }
+    // With the Vulkan loader pointed at nothing, there is no adapter at all (or only a
+    // non-Vulkan one): still cpu-or-gpu, never a failure.
+    let out = dir.path().join("no-icd");
+    let o = Command::new(env!("CARGO_BIN_EXE_oracleflow"))
+        .args([
+            "sample",
+            "--data",
+            "embedded@100",
+            "-n",
+            "2",
+            "--steps",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .env("VK_ICD_FILENAMES", "/nonexistent.json")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j = json(&out.join("run.json"));
+    if j["oracle"]["backend"] == "cpu" {
+        assert!(j["oracle"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("no GPU used"));
+    }
+}
+
+#[test]
+fn velocity_per_query_times_and_class() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ds = dataset::load("embedded@300", Dtype::F32).unwrap();
+    let times = [0.1f32, 0.5, 0.8, 0.95];
+    let x: Vec<f32> = times
+        .iter()
+        .enumerate()
+        .flat_map(|(k, &t)| {
+            common::path_queries(&ds, oracleflow::Path::RectifiedFlow, t, 1, k as u64)
+        })
+        .collect();
+    let (q, tp, v) = (d.join("q.npy"), d.join("t.npy"), d.join("v.npy"));
+    npy::write_npy_f32(&q, &[4, 784], &x).unwrap();
+    npy::write_npy_f32(&tp, &[4], &times).unwrap();
+    for class in [None, Some(3u32)] {
+        let class_s = class.map(|c| c.to_string());
+        let mut args = vec![
+            "velocity",
+            "--data",
+            "embedded@300",
+            "--backend",
+            "cpu",
+            "--queries",
+            q.to_str().unwrap(),
+            "--times",
+            tp.to_str().unwrap(),
+            "--out",
+            v.to_str().unwrap(),
+            "--force",
+        ];
+        if let Some(c) = &class_s {
+            args.extend(["--class", c.as_str()]);
+        }
+        ok(&args);
+        let (shape, got) = npy::read_npy_f32(&v).unwrap();
+        assert_eq!(shape, vec![4, 784]);
+        // The reference over the rows the test picks by label.
+        let labels = ds.labels().unwrap();
+        let rows: Vec<usize> = (0..ds.n_samples())
+            .filter(|&r| class.is_none_or(|c| labels[r] == c))
+            .collect();
+        let range = rows[0]..rows[rows.len() - 1] + 1;
+        assert_eq!(
+            range.len(),
+            rows.len(),
+            "class rows are contiguous when stored"
+        );
+        let want = reference::evaluate_f64(
+            &ds,
+            oracleflow::Path::RectifiedFlow,
+            &Query {
+                x: &x,
+                t: Times::PerQuery(&times),
+                class,
+            },
+            range,
+        );
+        let err = common::rel_err(&got, &want.velocity);
+        assert!(err < 1e-4, "class {class:?}: {err:.1e}");
+    }
+}
+
+#[test]
+fn bench_measures_and_writes_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = dir.path().join("bench.json");
+    let o = oracleflow(&[
+        "bench",
+        "--data",
+        "embedded@200",
+        "--batch",
+        "8",
+        "--reps",
+        "1",
+        "--backends",
+        "cpu",
+        "--json",
+        j.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("sgemm") && table.contains("cpu"), "{table}");
+    let rows = json(&j);
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        assert_eq!(
+            (
+                r["n_samples"].as_u64(),
+                r["dim"].as_u64(),
+                r["n_queries"].as_u64()
+            ),
+            (Some(200), Some(784), Some(8))
+        );
+        assert!(r["seconds"].as_f64().unwrap() > 0.0 && r["gflops"].as_f64().unwrap() > 0.0);
+    }
+}
