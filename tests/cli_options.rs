@@ -167,11 +167,12 @@ fn dtype_path_and_shift_options() {
     }
 }
 
-#[test]
-fn auto_backend_says_what_it_chose_and_why() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("auto");
-    ok(&[
+/// A 2-sample run with `--backend auto` (the default) and an optional Vulkan ICD override;
+/// returns run.json's "oracle" record.
+fn auto_run(dir: &Path, name: &str, icd: Option<&str>) -> serde_json::Value {
+    let out = dir.join(name);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_oracleflow"));
+    cmd.args([
         "sample",
         "--data",
         "embedded@100",
@@ -180,44 +181,32 @@ fn auto_backend_says_what_it_chose_and_why() {
         "--steps",
         "4",
         "--out",
-        out.to_str().unwrap(),
-    ]);
-    let j = json(&out.join("run.json"));
-    let description = j["oracle"]["description"].as_str().unwrap();
-    // Whatever the machine: a hardware GPU is used, or cpu with the reason.
-    match j["oracle"]["backend"].as_str().unwrap() {
-        "gpu" => assert!(!description.contains("no GPU used"), "{description}"),
-        "cpu" => assert!(
-            description.contains("auto: no GPU used: "),
-            "the fallback says why: {description}"
-        ),
-        other => panic!("auto chose {other}"),
+    ])
+    .arg(&out);
+    if let Some(icd) = icd {
+        cmd.env("VK_ICD_FILENAMES", icd);
     }
-    // With the Vulkan loader pointed at nothing, there is no adapter at all (or only a
-    // non-Vulkan one): still cpu-or-gpu, never a failure.
-    let out = dir.path().join("no-icd");
-    let o = Command::new(env!("CARGO_BIN_EXE_oracleflow"))
-        .args([
-            "sample",
-            "--data",
-            "embedded@100",
-            "-n",
-            "2",
-            "--steps",
-            "4",
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .env("VK_ICD_FILENAMES", "/nonexistent.json")
-        .output()
-        .unwrap();
+    let o = cmd.output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let j = json(&out.join("run.json"));
-    if j["oracle"]["backend"] == "cpu" {
-        assert!(j["oracle"]["description"]
-            .as_str()
-            .unwrap()
-            .contains("no GPU used"));
+    json(&out.join("run.json"))["oracle"].clone()
+}
+
+#[test]
+fn auto_backend_says_what_it_chose_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    // Whatever the machine: a hardware GPU is used, or cpu with the reason. With the Vulkan
+    // loader pointed at nothing there is no Vulkan adapter: still never a failure.
+    for (name, icd) in [("auto", None), ("no-icd", Some("/nonexistent.json"))] {
+        let j = auto_run(dir.path(), name, icd);
+        let description = j["description"].as_str().unwrap();
+        match j["backend"].as_str().unwrap() {
+            "gpu" => assert!(!description.contains("no GPU used"), "{description}"),
+            "cpu" => assert!(
+                description.contains("auto: no GPU used: "),
+                "{name}: the fallback says why: {description}"
+            ),
+            other => panic!("auto chose {other}"),
+        }
     }
 }
 
