@@ -4,14 +4,15 @@
 //! which runs the same WGSL. Set ORACLEFLOW_SKIP_GPU=1 to skip; otherwise a missing
 //! adapter fails the tests loudly. Sizes are small: lavapipe does a few GFLOP/s.
 //!
-//! Tolerances: the backend computes logits, weights and weighted sums in f32, so the
-//! posterior mean carries f32 rounding of the logits (~1e-7 relative, times the logit
-//! scale) and of the sums; 1e-4 relative on the mean leaves room for that and catches
-//! any indexing, masking or rescaling bug, which all give errors of order 1.
+//! Data, queries, the f64 reference and the tolerances are shared with the backend suite
+//! (`tests/common/backend.rs`); here are the GPU-only cases (chunks, streaming, splits,
+//! submissions, f16 kernels, NaN tiles, trusted shaders, adapters).
 
 mod common;
 
 use std::ops::Range;
+
+use common::backend::*;
 
 use oracleflow::dataset::{RawRows, SampleShape};
 use oracleflow::oracle::gpu::{adapter_report, GpuBackend, GpuOptions};
@@ -21,200 +22,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
-const MEAN_TOL: f64 = 1e-4;
-/// Statistics are ratios of f32 sums (1/l, ln l - t/l, l^2/q).
-const STATS_TOL: f64 = 1e-3;
-
 fn backend(ds: &Dataset, options: GpuOptions) -> GpuBackend {
     GpuBackend::with_options(ds, options).unwrap_or_else(|e| {
         panic!("no usable GPU adapter ({e}); set ORACLEFLOW_SKIP_GPU=1 to skip the GPU tests")
     })
-}
-
-fn gaussian_dataset(n: usize, d: usize, dtype: Dtype, seed: u64) -> Dataset {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let vals: Vec<f32> = (0..n * d).map(|_| rng.sample(StandardNormal)).collect();
-    Dataset::from_raw(
-        "gaussian",
-        SampleShape::array(vec![d]),
-        RawRows::F32(&vals),
-        None,
-        dtype,
-    )
-    .unwrap()
-}
-
-fn stored(ds: &Dataset, row: usize) -> Vec<f32> {
-    let mut out = vec![0.0; ds.dim()];
-    ds.stored_row(row, &mut out);
-    out
-}
-
-/// Queries on the rectified-flow path near rows of `rows`: x = t y + (1 - t) z with t in
-/// [0.05, 0.9], and their logit coefficients c_dot = t/(1-t)^2, c_norm = t^2/(2(1-t)^2).
-fn queries(
-    ds: &Dataset,
-    n_queries: usize,
-    rows: Range<usize>,
-    seed: u64,
-) -> (Vec<f32>, Vec<[f32; 2]>) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let d = ds.dim();
-    let mut x = Vec::with_capacity(n_queries * d);
-    let mut coefs = Vec::with_capacity(n_queries);
-    for _ in 0..n_queries {
-        let t: f64 = rng.random_range(0.05..0.9);
-        let y = stored(ds, rng.random_range(rows.clone()));
-        for v in y {
-            let z: f64 = rng.sample(StandardNormal);
-            x.push((t * v as f64 + (1.0 - t) * z) as f32);
-        }
-        let s2 = (1.0 - t) * (1.0 - t);
-        coefs.push([(t / s2) as f32, (t * t / (2.0 * s2)) as f32]);
-    }
-    (x, coefs)
-}
-
-/// The posterior of one query, computed directly in f64.
-struct Reference {
-    mean: Vec<f64>,
-    top1_weight: f64,
-    top1_index: usize,
-    entropy: f64,
-    ess: f64,
-}
-
-fn reference(ds: &Dataset, x: &[f32], coef: [f32; 2], rows: Range<usize>) -> Reference {
-    let d = ds.dim();
-    let ys: Vec<Vec<f32>> = rows.clone().map(|r| stored(ds, r)).collect();
-    let logits: Vec<f64> = ys
-        .iter()
-        .map(|y| {
-            let dot: f64 = x.iter().zip(y).map(|(&a, &b)| a as f64 * b as f64).sum();
-            let sq: f64 = y.iter().map(|&b| b as f64 * b as f64).sum();
-            coef[0] as f64 * dot - coef[1] as f64 * sq
-        })
-        .collect();
-    let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let e: Vec<f64> = logits.iter().map(|s| (s - m).exp()).collect();
-    let z: f64 = e.iter().sum();
-    let w: Vec<f64> = e.iter().map(|e| e / z).collect();
-    let mut mean = vec![0.0; d];
-    for (wi, y) in w.iter().zip(&ys) {
-        for (m, &v) in mean.iter_mut().zip(y) {
-            *m += wi * v as f64;
-        }
-    }
-    // First maximum: ties go to the smaller row, as in the backends.
-    let top = logits.iter().position(|&s| s == m).unwrap();
-    Reference {
-        mean,
-        top1_weight: w[top],
-        top1_index: rows.start + top,
-        entropy: -w
-            .iter()
-            .filter(|&&w| w > 0.0)
-            .map(|w| w * w.ln())
-            .sum::<f64>(),
-        ess: 1.0 / w.iter().map(|w| w * w).sum::<f64>(),
-    }
-}
-
-/// Largest relative error of the mean over the batch; asserts everything else.
-fn check(
-    ds: &Dataset,
-    x: &[f32],
-    coefs: &[[f32; 2]],
-    rows: Range<usize>,
-    got: &Posterior,
-    what: &str,
-) -> f64 {
-    let d = ds.dim();
-    assert_eq!(got.mean.len(), coefs.len() * d, "{what}: mean size");
-    assert_eq!(got.stats.len(), coefs.len(), "{what}: stats count");
-    let mut worst = 0.0f64;
-    for (q, &coef) in coefs.iter().enumerate() {
-        let r = reference(ds, &x[q * d..(q + 1) * d], coef, rows.clone());
-        let mean = &got.mean[q * d..(q + 1) * d];
-        let err: f64 = mean
-            .iter()
-            .zip(&r.mean)
-            .map(|(&a, &b)| (a as f64 - b).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        let norm: f64 = r.mean.iter().map(|b| b * b).sum::<f64>().sqrt();
-        // A single centred row is all zeros: then the mean must be exactly zero too.
-        let rel = if norm > 0.0 { err / norm } else { err };
-        assert!(
-            rel <= MEAN_TOL,
-            "{what}: query {q}: relative error of the mean {rel:e} (|ref| = {norm})"
-        );
-        worst = worst.max(rel);
-        let s = got.stats[q];
-        assert_eq!(
-            s.top1_index as usize, r.top1_index,
-            "{what}: query {q}: top-1 row"
-        );
-        for (name, a, b) in [
-            ("top-1 weight", s.top1_weight as f64, r.top1_weight),
-            ("ESS", s.ess as f64, r.ess),
-        ] {
-            assert!(
-                (a - b).abs() <= STATS_TOL * b.abs(),
-                "{what}: query {q}: {name} {a} vs {b}"
-            );
-        }
-        // Entropy is near 0 for a one-hot posterior: absolute tolerance there.
-        assert!(
-            (s.entropy as f64 - r.entropy).abs() <= STATS_TOL * r.entropy.max(1.0),
-            "{what}: query {q}: entropy {} vs {}",
-            s.entropy,
-            r.entropy
-        );
-    }
-    eprintln!("{what}: max relative error of the mean {worst:.2e}");
-    worst
-}
-
-fn run_case(
-    gpu: &mut GpuBackend,
-    ds: &Dataset,
-    n_queries: usize,
-    rows: Range<usize>,
-    seed: u64,
-    what: &str,
-) -> f64 {
-    let (x, coefs) = queries(ds, n_queries, rows.clone(), seed);
-    let got = gpu
-        .posterior(&CentredBatch {
-            x: &x,
-            logit_coefs: &coefs,
-            rows: rows.clone(),
-        })
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    check(ds, &x, &coefs, rows, &got, what)
-}
-
-#[test]
-fn sizes_that_are_not_tile_multiples() {
-    if common::skip_gpu() {
-        return;
-    }
-    for (i, &(n, d, b)) in [(1, 1, 1), (7, 3, 5), (300, 67, 33), (1000, 784, 9)]
-        .iter()
-        .enumerate()
-    {
-        let ds = gaussian_dataset(n, d, Dtype::F32, i as u64);
-        let mut gpu = backend(&ds, GpuOptions::default());
-        run_case(
-            &mut gpu,
-            &ds,
-            b,
-            0..n,
-            100 + i as u64,
-            &format!("N={n} D={d} B={b}"),
-        );
-    }
 }
 
 #[test]
@@ -222,7 +33,7 @@ fn row_sub_range_starting_mid_tile() {
     if common::skip_gpu() {
         return;
     }
-    let ds = gaussian_dataset(700, 20, Dtype::F32, 1);
+    let ds = unit_gaussian_dataset(700, 20, Dtype::F32, 1);
     // 64-row tiles: the range starts 37 rows into the first and ends mid-tile.
     let mut gpu = backend(
         &ds,
@@ -241,7 +52,7 @@ fn multi_chunk_residency() {
         return;
     }
     let (n, d) = (450, 12);
-    let ds = gaussian_dataset(n, d, Dtype::F32, 4);
+    let ds = unit_gaussian_dataset(n, d, Dtype::F32, 4);
     // 100 rows of 12 f32 per chunk: 5 chunks.
     let mut gpu = backend(
         &ds,
@@ -300,7 +111,7 @@ fn streaming_through_a_two_slot_ring() {
     // them through a ring of 2 slots of 100 rows.
     let (n, d) = (450, 13);
     for dtype in [Dtype::F32, Dtype::F16] {
-        let ds = gaussian_dataset(n, d, dtype, 30);
+        let ds = unit_gaussian_dataset(n, d, dtype, 30);
         let row_bytes = 16 * dtype.bytes() as u64;
         let base = GpuOptions {
             max_chunk_bytes: Some(100 * row_bytes),
@@ -338,7 +149,7 @@ fn streaming_through_a_two_slot_ring() {
         ];
         for (i, (b, rows)) in cases.into_iter().enumerate() {
             let what = format!("{dtype:?} streamed, B={b}, rows {rows:?}");
-            let (x, coefs) = queries(&ds, b, rows.clone(), 300 + i as u64);
+            let (x, coefs) = centred_queries(&ds, b, rows.clone(), 300 + i as u64);
             let batch = CentredBatch {
                 x: &x,
                 logit_coefs: &coefs,
@@ -347,7 +158,7 @@ fn streaming_through_a_two_slot_ring() {
             let got = streamed
                 .posterior(&batch)
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
-            check(&ds, &x, &coefs, rows.clone(), &got, &what);
+            check_posterior(&ds, &x, &coefs, rows.clone(), &got, &what);
             let want = resident.posterior(&batch).unwrap();
             let diff = agree(&got, &want, d, &what);
             eprintln!("{what}: streamed vs resident {diff:.2e}");
@@ -363,7 +174,7 @@ fn streaming_sub_batches_and_long_chunks() {
     // Sub-batches re-stream the chunks; 64-row tiles over 5000-row chunks take more than
     // one submission per chunk (MAX_STEPS_PER_SUBMIT = 64 steps).
     let (n, d) = (11000, 4);
-    let ds = gaussian_dataset(n, d, Dtype::F32, 31);
+    let ds = unit_gaussian_dataset(n, d, Dtype::F32, 31);
     let mut gpu = backend(
         &ds,
         GpuOptions {
@@ -395,7 +206,7 @@ fn splits_merge_like_one_pass() {
     // Software adapters use one split; force several so the merge path runs here too,
     // over several chunks and a sub-range whose splits have unequal tile counts.
     let (n, d) = (900, 30);
-    let ds = gaussian_dataset(n, d, Dtype::F32, 7);
+    let ds = unit_gaussian_dataset(n, d, Dtype::F32, 7);
     let mut gpu = backend(
         &ds,
         GpuOptions {
@@ -416,7 +227,7 @@ fn f16_storage() {
         return;
     }
     let (n, d) = (300, 67);
-    let ds = gaussian_dataset(n, d, Dtype::F16, 10);
+    let ds = unit_gaussian_dataset(n, d, Dtype::F16, 10);
     let mut gpu = backend(&ds, GpuOptions::default());
     let desc = gpu.describe();
     // lavapipe has SHADER_F16, so the f16 kernels run here.
@@ -446,7 +257,7 @@ fn one_backend_serves_calls_of_any_batch_size() {
         return;
     }
     let (n, d) = (400, 40);
-    let ds = gaussian_dataset(n, d, Dtype::F32, 13);
+    let ds = unit_gaussian_dataset(n, d, Dtype::F32, 13);
     let mut gpu = backend(&ds, GpuOptions::default());
     // Grows the scratch buffers, then reuses them with a smaller batch.
     for (i, &(b, ref rows)) in [(3, 0..n), (70, 10..390), (5, 100..300), (130, 0..n)]
@@ -470,7 +281,7 @@ fn batches_larger_than_one_submission() {
         return;
     }
     let (n, d) = (150, 9);
-    let ds = gaussian_dataset(n, d, Dtype::F32, 14);
+    let ds = unit_gaussian_dataset(n, d, Dtype::F32, 14);
     let mut gpu = backend(
         &ds,
         GpuOptions {
@@ -490,7 +301,7 @@ fn the_largest_shapes() {
     // than lavapipe's 128 MiB binding limit, so this also runs as two sub-batches there.
     // Few rows keep it affordable on a CPU adapter.
     let (n, d, b) = (3, 8195, 4096);
-    let ds = gaussian_dataset(n, d, Dtype::F32, 16);
+    let ds = unit_gaussian_dataset(n, d, Dtype::F32, 16);
     let mut gpu = backend(&ds, GpuOptions::default());
     run_case(&mut gpu, &ds, b, 0..n, 17, "N=3 D=8195 B=4096");
 }
@@ -503,7 +314,7 @@ fn long_chunks_span_several_submissions() {
     // 64-row tiles over 4500 rows of one chunk: 71 tile steps, more than one submission
     // holds; the state carries over between them.
     let (n, d) = (4500, 5);
-    let ds = gaussian_dataset(n, d, Dtype::F32, 33);
+    let ds = unit_gaussian_dataset(n, d, Dtype::F32, 33);
     let mut gpu = backend(
         &ds,
         GpuOptions {
@@ -525,7 +336,7 @@ fn nan_logits_keep_a_valid_argmax() {
     // A NaN query makes every logit of the tile NaN: no logit beats the running maximum,
     // and the argmax must still be a row of the tile (not an index past the dataset).
     let (n, d) = (10, 4);
-    let ds = gaussian_dataset(n, d, Dtype::F32, 36);
+    let ds = unit_gaussian_dataset(n, d, Dtype::F32, 36);
     for splits in [1, 2] {
         let mut gpu = backend(
             &ds,
@@ -557,7 +368,7 @@ fn trusted_shaders_agree() {
     // Without wgpu's bounds checks an indexing bug would read or write out of bounds
     // silently; the same cases must still match (a sub-range over chunks and splits).
     let (n, d) = (500, 21);
-    let ds = gaussian_dataset(n, d, Dtype::F32, 18);
+    let ds = unit_gaussian_dataset(n, d, Dtype::F32, 18);
     let mut gpu = backend(
         &ds,
         GpuOptions {
@@ -617,7 +428,7 @@ fn bad_inputs_are_errors() {
     if common::skip_gpu() {
         return;
     }
-    let ds = gaussian_dataset(10, 4, Dtype::F32, 31);
+    let ds = unit_gaussian_dataset(10, 4, Dtype::F32, 31);
     let mut gpu = backend(&ds, GpuOptions::default());
     let x = [0.0f32; 8];
     for (x, coefs, rows) in [
@@ -640,7 +451,7 @@ fn hardware_only_refuses_software_adapters() {
     if common::skip_gpu() {
         return;
     }
-    let ds = gaussian_dataset(4, 4, Dtype::F32, 32);
+    let ds = unit_gaussian_dataset(4, 4, Dtype::F32, 32);
     match GpuBackend::new(&ds, true) {
         Ok(gpu) => assert!(!gpu.describe().contains("Cpu"), "{}", gpu.describe()),
         Err(e) => {
@@ -678,7 +489,7 @@ fn throughput_probe() {
         (20000, 784, 16, None),
         (1000, 8190, 64, None),
     ] {
-        let ds = gaussian_dataset(n, d, Dtype::F32, 40);
+        let ds = unit_gaussian_dataset(n, d, Dtype::F32, 40);
         let mut gpu = backend(
             &ds,
             GpuOptions {
@@ -686,7 +497,7 @@ fn throughput_probe() {
                 ..Default::default()
             },
         );
-        let (x, coefs) = queries(&ds, b, 0..n, 41);
+        let (x, coefs) = centred_queries(&ds, b, 0..n, 41);
         let batch = CentredBatch {
             x: &x,
             logit_coefs: &coefs,

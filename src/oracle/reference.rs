@@ -4,7 +4,7 @@
 use std::ops::Range;
 
 use crate::dataset::Dataset;
-use crate::oracle::{OracleOutput, Query, QueryStats};
+use crate::oracle::{CentredBatch, OracleOutput, Query, QueryStats};
 use crate::path::Path;
 
 /// The reference result in full precision, with what tests need to judge near-ties.
@@ -97,4 +97,70 @@ pub fn evaluate(ds: &Dataset, path: Path, query: &Query<'_>, rows: Range<usize>)
         x1_hat: r.x1_hat.iter().map(|&v| v as f32).collect(),
         stats: r.stats,
     }
+}
+
+/// The posterior of one query of a centred batch, in f64.
+#[derive(Clone, Debug)]
+pub struct PosteriorF64 {
+    /// Posterior mean of the stored (centred) rows.
+    pub mean: Vec<f64>,
+    pub top1_weight: f64,
+    /// Stored row (first maximum: ties go to the smaller row, as in the backends).
+    pub top1_index: usize,
+    pub entropy: f64,
+    pub ess: f64,
+}
+
+/// The problem a fast backend solves ([`crate::oracle::Backend::posterior`]), from its
+/// definition in f64: logits `c_dot x.y - c_norm |y|^2` over the stored rows of the range,
+/// softmax, weighted mean. The ground truth of the backend-level tests.
+pub fn posterior_f64(ds: &Dataset, batch: &CentredBatch<'_>) -> Vec<PosteriorF64> {
+    let d = ds.dim();
+    let mut row = vec![0.0f32; d];
+    let ys: Vec<Vec<f64>> = batch
+        .rows
+        .clone()
+        .map(|r| {
+            ds.stored_row(r, &mut row);
+            row.iter().map(|&v| v as f64).collect()
+        })
+        .collect();
+    batch
+        .logit_coefs
+        .iter()
+        .enumerate()
+        .map(|(q, coef)| {
+            let x = &batch.x[q * d..(q + 1) * d];
+            let logits: Vec<f64> = ys
+                .iter()
+                .map(|y| {
+                    let dot: f64 = x.iter().zip(y).map(|(&a, b)| a as f64 * b).sum();
+                    let sq: f64 = y.iter().map(|b| b * b).sum();
+                    coef[0] as f64 * dot - coef[1] as f64 * sq
+                })
+                .collect();
+            let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = logits.iter().map(|s| (s - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            let w: Vec<f64> = e.iter().map(|e| e / z).collect();
+            let mut mean = vec![0.0; d];
+            for (wi, y) in w.iter().zip(&ys) {
+                for (m, v) in mean.iter_mut().zip(y) {
+                    *m += wi * v;
+                }
+            }
+            let top = logits.iter().position(|&s| s == m).unwrap_or(0);
+            PosteriorF64 {
+                mean,
+                top1_weight: w[top],
+                top1_index: batch.rows.start + top,
+                entropy: -w
+                    .iter()
+                    .filter(|&&w| w > 0.0)
+                    .map(|w| w * w.ln())
+                    .sum::<f64>(),
+                ess: 1.0 / w.iter().map(|w| w * w).sum::<f64>(),
+            }
+        })
+        .collect()
 }

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: seeded data, queries on the path, errors.
 #![allow(dead_code)]
 
+pub mod backend;
+
 use oracleflow::dataset::{Dataset, Dtype, RawRows, SampleShape};
 use oracleflow::oracle::BackendKind;
 use oracleflow::Path;
