@@ -243,10 +243,9 @@ impl Backend for GpuBackend {
         }
         let mut mean = vec![0.0f32; n_queries * dim];
         let mut stats = Vec::with_capacity(n_queries);
-        let per_batch = plan::max_sub_batch(&self.limits, self.dim4, self.options.max_sub_batch);
+        let most = plan::max_sub_batch(&self.limits, self.dim4, self.options.max_sub_batch);
         let device = self.gpu.device.clone();
-        for q0 in (0..n_queries).step_by(per_batch) {
-            let q1 = (q0 + per_batch).min(n_queries);
+        for Range { start: q0, end: q1 } in plan::sub_batches(n_queries, most) {
             let done = scoped(&device, || {
                 self.run(
                     &batch.x[q0 * dim..q1 * dim],

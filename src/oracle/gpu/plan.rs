@@ -90,6 +90,14 @@ pub(super) fn max_sub_batch(limits: &Limits, dim4: usize, option: Option<usize>)
     option.map_or(most, |m| m.clamp(1, most))
 }
 
+/// The queries of each sub-batch of `n_queries`, at most `most` (from [`max_sub_batch`])
+/// each, in order.
+pub(super) fn sub_batches(n_queries: usize, most: usize) -> impl Iterator<Item = Range<usize>> {
+    (0..n_queries)
+        .step_by(most)
+        .map(move |q0| q0..(q0 + most).min(n_queries))
+}
+
 /// How one sub-batch is cut: `splits` parts of the row range side by side, each walked
 /// `tile_rows` rows per step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -367,5 +375,448 @@ impl Plan {
             self.n_queries as u32,
             1,
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Limits of a device with storage bindings of `binding` bytes, buffers of `buffer`
+    /// bytes and `grid` workgroups per dispatch dimension.
+    fn limits(binding: u64, buffer: u64, grid: u32, is_cpu: bool) -> Limits {
+        Limits::new(
+            &wgpu::Limits {
+                max_storage_buffer_binding_size: binding,
+                max_buffer_size: buffer,
+                max_compute_workgroups_per_dimension: grid,
+                ..wgpu::Limits::downlevel_defaults()
+            },
+            is_cpu,
+        )
+    }
+
+    /// From a tiny device to a large one, software and hardware.
+    fn devices() -> Vec<Limits> {
+        let mut out = Vec::new();
+        for is_cpu in [false, true] {
+            out.push(limits(4096, 1 << 20, 65535, is_cpu));
+            out.push(limits(64 << 10, 1 << 20, 100, is_cpu));
+            out.push(limits(128 << 20, 256 << 20, 65535, is_cpu));
+            out.push(limits(u64::MAX, u64::MAX, 65535, is_cpu));
+        }
+        out
+    }
+
+    fn options(splits: Option<usize>, tile_rows: Option<usize>) -> GpuOptions {
+        GpuOptions {
+            splits,
+            tile_rows,
+            ..Default::default()
+        }
+    }
+
+    /// Chunks of `per_chunk` rows (the last one shorter) over `n` rows.
+    fn chunks(n: usize, per_chunk: usize) -> Vec<Range<usize>> {
+        (0..n)
+            .step_by(per_chunk)
+            .map(|r| r..(r + per_chunk).min(n))
+            .collect()
+    }
+
+    /// Checks everything a plan promises: the rows of `rows` are each visited exactly once
+    /// (computed per tile as the kernels do, `tile_rows` in common.wgsl) and in increasing
+    /// order within each split, the submissions partition the steps, every buffer fits its
+    /// binding and every grid its dispatch limit. `what` names the case in failures.
+    fn check(
+        plan: &Plan,
+        limits: &Limits,
+        rows: &Range<usize>,
+        chunk_rows: &[Range<usize>],
+        what: &str,
+    ) {
+        let cut = plan.cut;
+        assert!(
+            cut.splits >= 1 && cut.splits <= MAX_SPLITS.min(rows.len()),
+            "{what}: {cut:?}"
+        );
+        assert!(
+            cut.tile_rows >= MIN_TILE_ROWS && cut.tile_rows <= MAX_TILE_ROWS,
+            "{what}: {cut:?}"
+        );
+        assert_eq!(
+            cut.tile_rows % TILE_ROWS_ALIGN as usize,
+            0,
+            "{what}: {cut:?}"
+        );
+
+        let n_samples = chunk_rows.last().map_or(0, |c| c.end);
+        let mut seen = vec![0u32; n_samples];
+        let mut last_of_split: Vec<Option<usize>> = vec![None; cut.splits];
+        for step in &plan.steps {
+            let p = &step.params;
+            let chunk = &chunk_rows[step.chunk];
+            assert_eq!(p.chunk_first_row as usize, chunk.start, "{what}");
+            assert!(p.range_end as usize <= chunk.len(), "{what}: {p:?}");
+            assert_eq!(
+                (p.n_queries as usize, p.dim4 as usize),
+                (plan.n_queries, plan.dim4)
+            );
+            assert_eq!(
+                (p.n_splits as usize, p.tile_rows as usize),
+                (cut.splits, cut.tile_rows)
+            );
+            for split in 0..p.n_splits {
+                let start = p.split_base + split * p.split_len + p.step_offset;
+                let end = (p.split_base + (split + 1) * p.split_len).min(p.range_end);
+                if start >= end {
+                    continue;
+                }
+                let count = (end - start).min(p.tile_rows);
+                let first = (p.chunk_first_row + start) as usize;
+                if let Some(last) = last_of_split[split as usize] {
+                    assert!(
+                        first > last,
+                        "{what}: split {split} goes back to row {first}"
+                    );
+                }
+                last_of_split[split as usize] = Some(first + count as usize - 1);
+                for n in &mut seen[first..first + count as usize] {
+                    *n += 1;
+                }
+            }
+        }
+        for (r, &n) in seen.iter().enumerate() {
+            let want = u32::from(rows.contains(&r));
+            assert_eq!(n, want, "{what}: row {r} visited {n} times");
+        }
+
+        // Submissions: the steps in order, at most MAX_STEPS_PER_SUBMIT each, one chunk
+        // each; every chunk overlapping the rows is read once, in order.
+        let mut next = 0;
+        for s in &plan.submits {
+            assert_eq!(s.steps.start, next, "{what}");
+            assert!(
+                !s.steps.is_empty() && s.steps.len() <= MAX_STEPS_PER_SUBMIT,
+                "{what}"
+            );
+            for step in &plan.steps[s.steps.clone()] {
+                assert_eq!(step.chunk, plan.reads[s.read], "{what}");
+            }
+            next = s.steps.end;
+        }
+        assert_eq!(next, plan.steps.len(), "{what}");
+        let overlapping: Vec<usize> = (0..chunk_rows.len())
+            .filter(|&c| chunk_rows[c].start < rows.end && rows.start < chunk_rows[c].end)
+            .collect();
+        assert_eq!(plan.reads, overlapping, "{what}");
+
+        // Every bound buffer within one binding, the others within one buffer.
+        let s = &plan.sizes;
+        for (name, bytes) in [
+            ("x", s.x),
+            ("coefs", s.coefs),
+            ("logits", s.logits),
+            ("states", s.states),
+            ("acc", s.acc),
+            ("mean", s.mean),
+        ] {
+            assert!(
+                bytes <= limits.max_binding_bytes,
+                "{what}: {name} {bytes} B"
+            );
+        }
+        assert!(s.readback <= limits.max_buffer_size, "{what}: readback");
+        assert!(s.params <= limits.max_buffer_size, "{what}: params");
+        assert_eq!(s.x, (plan.n_queries * plan.dim4 * 16) as u64, "{what}");
+        let n_virtual = (cut.splits * plan.n_queries) as u64;
+        assert_eq!(s.logits, n_virtual * cut.tile_rows as u64 * 4, "{what}");
+        assert_eq!(s.acc, n_virtual * plan.dim4 as u64 * 16, "{what}");
+        for grid in [
+            plan.logits_grid(),
+            plan.softmax_grid(),
+            plan.accumulate_grid(),
+            plan.finalize_grid(),
+        ] {
+            assert!(
+                grid.iter()
+                    .all(|&g| g >= 1 && g <= limits.max_workgroups_per_dimension),
+                "{what}: grid {grid:?}"
+            );
+        }
+        // The logits grid covers a whole tile, the accumulate and finalize grids every
+        // vec4 column, the query grids every query.
+        let [rows_x, queries_y, splits_z] = plan.logits_grid();
+        assert!(rows_x * TILE_ROWS_ALIGN >= cut.tile_rows as u32, "{what}");
+        assert!(queries_y * TILE_QUERIES >= plan.n_queries as u32, "{what}");
+        assert_eq!(splits_z as usize, cut.splits, "{what}");
+        assert!(
+            plan.accumulate_grid()[0] * ACC_TILE_COLUMNS >= plan.dim4 as u32,
+            "{what}"
+        );
+        assert!(
+            plan.finalize_grid()[0] * FINALIZE_WORKGROUP >= plan.dim4 as u32,
+            "{what}"
+        );
+    }
+
+    #[test]
+    fn limits_keep_bindings_u32_indexable_and_16_byte_aligned() {
+        assert_eq!(
+            limits(u64::MAX, u64::MAX, 1, false).max_binding_bytes,
+            u32::MAX as u64 - 15
+        );
+        assert_eq!(limits(1000, 1 << 20, 1, false).max_binding_bytes, 992);
+        // Metal: the binding limit is the buffer limit.
+        assert_eq!(
+            limits(1 << 30, 1 << 20, 1, false).max_binding_bytes,
+            1 << 20
+        );
+        let l = limits(1 << 20, 1 << 20, 1, false);
+        assert_eq!(l.uniform_offset_alignment, 256);
+    }
+
+    #[test]
+    fn chunk_cap_and_dataset_budget() {
+        let l = limits(1 << 20, 1 << 24, 65535, false);
+        let default = GpuOptions::default();
+        assert_eq!(chunk_cap(&l, &default), 1 << 20);
+        let small = GpuOptions {
+            max_chunk_bytes: Some(1000),
+            ..Default::default()
+        };
+        assert_eq!(chunk_cap(&l, &small), 1000);
+        let large = GpuOptions {
+            max_chunk_bytes: Some(1 << 40),
+            ..Default::default()
+        };
+        assert_eq!(chunk_cap(&l, &large), 1 << 20, "never past one binding");
+        assert_eq!(dataset_budget(&l, &default), 4 << 24);
+        let budget = GpuOptions {
+            max_resident_bytes: Some(12345),
+            ..Default::default()
+        };
+        assert_eq!(dataset_budget(&l, &budget), 12345);
+        let huge = limits(u64::MAX, u64::MAX, 65535, false);
+        assert_eq!(dataset_budget(&huge, &default), u64::MAX, "saturates");
+    }
+
+    #[test]
+    fn sub_batches_fit_every_binding_and_the_grid() {
+        for l in devices() {
+            for dim4 in [1, 4, 196, 768, 25_000] {
+                let most = max_sub_batch(&l, dim4, None);
+                assert!(most >= 1);
+                if (dim4 as u64 * 16) > l.max_binding_bytes {
+                    // Not even one row fits: the dataset upload refuses it first.
+                    continue;
+                }
+                let what = format!("{l:?}, dim4 {dim4}: {most}");
+                assert!(
+                    most as u64 * dim4 as u64 * 16 <= l.max_binding_bytes,
+                    "{what}"
+                );
+                assert!(
+                    most as u64 * MIN_TILE_ROWS as u64 * 4 <= l.max_binding_bytes,
+                    "{what}"
+                );
+                assert!(
+                    most as u64 <= l.max_workgroups_per_dimension as u64,
+                    "{what}"
+                );
+                // The option only lowers it, and at least one query goes.
+                assert_eq!(max_sub_batch(&l, dim4, Some(0)), 1);
+                assert_eq!(max_sub_batch(&l, dim4, Some(7)), most.min(7));
+                assert_eq!(max_sub_batch(&l, dim4, Some(usize::MAX)), most);
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_larger_than_a_sub_batch_is_cut_into_plans_that_fit() {
+        // Tiny bindings: 4096 B hold 16 queries of 64 logits, 64 queries of D <= 4.
+        let l = limits(4096, 1 << 20, 65535, false);
+        let most = max_sub_batch(&l, 1, None);
+        assert_eq!(most, 16);
+        let n_queries = 3 * most + 5;
+        let batches: Vec<Range<usize>> = sub_batches(n_queries, most).collect();
+        assert_eq!(batches.len(), 4);
+        let mut next = 0;
+        for b in &batches {
+            assert_eq!(b.start, next);
+            assert!(!b.is_empty() && b.len() <= most);
+            next = b.end;
+            let rows = 3..1000;
+            let chunk_rows = chunks(1000, 300);
+            let plan = Plan::new(&l, &GpuOptions::default(), b.len(), 1, &rows, &chunk_rows);
+            check(&plan, &l, &rows, &chunk_rows, &format!("queries {b:?}"));
+        }
+        assert_eq!(next, n_queries);
+        assert_eq!(sub_batches(0, most).count(), 0);
+    }
+
+    #[test]
+    fn every_plan_covers_every_row_once() {
+        let forced = [
+            (None, None),
+            (Some(5), None),
+            (None, Some(100)),
+            (Some(3), Some(1)),
+            (Some(1000), Some(5000)),
+        ];
+        let mut n_plans = 0;
+        for l in devices() {
+            for dim in [1, 3, 13, 16, 784] {
+                let dim4 = usize::div_ceil(dim, 4);
+                if (dim4 as u64 * 16) > l.max_binding_bytes {
+                    continue;
+                }
+                let most = max_sub_batch(&l, dim4, None);
+                for n_queries in [1, 7, 65, most] {
+                    let n_queries = n_queries.min(most);
+                    for (n, per_chunk, rows) in [
+                        (1, 1, 0..1),
+                        (300, 300, 0..300),
+                        (300, 300, 17..18),
+                        (5000, 5000, 63..4097),
+                        (5000, 700, 0..5000),
+                        (5000, 700, 699..1401),
+                        (9000, 100, 50..8950),
+                        (70_000, 65_536, 0..70_000),
+                    ] {
+                        let chunk_rows = chunks(n, per_chunk);
+                        for (splits, tile_rows) in forced {
+                            let plan = Plan::new(
+                                &l,
+                                &options(splits, tile_rows),
+                                n_queries,
+                                dim4,
+                                &rows,
+                                &chunk_rows,
+                            );
+                            let what = format!(
+                                "{l:?} D={dim} B={n_queries} rows {rows:?} of {n} by {per_chunk}, \
+                                 forced {splits:?} {tile_rows:?}"
+                            );
+                            check(&plan, &l, &rows, &chunk_rows, &what);
+                            n_plans += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(n_plans > 1000, "{n_plans} plans checked");
+    }
+
+    #[test]
+    fn software_adapters_take_one_split_of_cpu_sized_tiles() {
+        let l = limits(128 << 20, 256 << 20, 65535, true);
+        let c = cut(&l, &GpuOptions::default(), 4, 4, 100_000);
+        assert_eq!(
+            c,
+            Cut {
+                splits: 1,
+                tile_rows: CPU_TILE_ROWS
+            }
+        );
+        // Fewer rows than a tile: the tile shrinks to them (rounded to 64).
+        let c = cut(&l, &GpuOptions::default(), 4, 4, 70);
+        assert_eq!(
+            c,
+            Cut {
+                splits: 1,
+                tile_rows: 128
+            }
+        );
+    }
+
+    #[test]
+    fn hardware_splits_a_small_batch_to_fill_the_device() {
+        let l = limits(128 << 20, 256 << 20, 65535, false);
+        // One query, D = 16: 1024 workgroups wanted, one per split: the most splits, and
+        // 1024-row tiles (1024 / (1 query block x 64 splits) = 16 workgroups of 64 rows).
+        let c = cut(&l, &GpuOptions::default(), 1, 4, 1_000_000);
+        assert_eq!(
+            c,
+            Cut {
+                splits: MAX_SPLITS,
+                tile_rows: 1024
+            }
+        );
+        // Splits only where each has MIN_SPLIT_ROWS rows.
+        let c = cut(&l, &GpuOptions::default(), 1, 4, 1000);
+        assert_eq!(c.splits, 1000 / MIN_SPLIT_ROWS);
+        assert_eq!(c.tile_rows, 384, "one split's 334 rows, rounded up to 64");
+        // A full batch (16 query blocks x 8 column blocks) fills the device alone.
+        let c = cut(&l, &GpuOptions::default(), 1024, 256, 1_000_000);
+        assert_eq!(
+            c,
+            Cut {
+                splits: 8,
+                tile_rows: 512
+            }
+        );
+    }
+
+    #[test]
+    fn many_chunks_one_read_each_and_bounded_submissions() {
+        let l = limits(128 << 20, 256 << 20, 65535, true);
+        // 64-row tiles: a 100-row chunk is 2 steps, a 10 000-row chunk 157 (3 submissions).
+        let opts = options(None, Some(64));
+        let mut chunk_rows = chunks(5000, 100);
+        chunk_rows.push(5000..15_000);
+        let rows = 150..15_000;
+        let plan = Plan::new(&l, &opts, 3, 2, &rows, &chunk_rows);
+        check(&plan, &l, &rows, &chunk_rows, "many chunks");
+        assert_eq!(plan.reads, (1..=50).collect::<Vec<_>>());
+        let last: Vec<&Submit> = plan.submits.iter().filter(|s| s.read == 49).collect();
+        let lens: Vec<usize> = last.iter().map(|s| s.steps.len()).collect();
+        assert_eq!(lens, [64, 64, 29]);
+        assert_eq!(plan.submits.len(), 49 + 3);
+    }
+
+    #[test]
+    fn params_hold_every_step_then_the_finalize_at_aligned_offsets() {
+        let l = limits(128 << 20, 256 << 20, 65535, true);
+        let rows = 10..1000;
+        let chunk_rows = chunks(1000, 300);
+        let plan = Plan::new(&l, &options(Some(2), Some(64)), 5, 4, &rows, &chunk_rows);
+        let bytes = plan.params_bytes();
+        assert_eq!(bytes.len() as u64, plan.sizes.params);
+        let stride = plan.sizes.params_stride as usize;
+        assert_eq!(stride % 256, 0);
+        let at = |i: usize| -> StepParams {
+            let offset = plan.params_offset(i) as usize;
+            assert_eq!(offset, i * stride);
+            bytemuck::pod_read_unaligned(&bytes[offset..offset + std::mem::size_of::<StepParams>()])
+        };
+        for (i, step) in plan.steps.iter().enumerate() {
+            assert_eq!(bytemuck::bytes_of(&at(i)), bytemuck::bytes_of(&step.params));
+        }
+        let finalize = at(plan.steps.len());
+        assert_eq!(
+            (finalize.n_queries, finalize.dim4, finalize.n_splits),
+            (5, 4, 2)
+        );
+    }
+
+    #[test]
+    fn padded_dims_size_buffers_by_vec4() {
+        // D = 13 is held as 4 vec4 per row.
+        let l = limits(128 << 20, 256 << 20, 65535, false);
+        let rows = 0..500;
+        let plan = Plan::new(
+            &l,
+            &options(Some(1), Some(64)),
+            3,
+            13usize.div_ceil(4),
+            &rows,
+            &chunks(500, 500),
+        );
+        assert_eq!(plan.sizes.x, 3 * 4 * 16);
+        assert_eq!(plan.sizes.mean, 3 * 4 * 16);
+        assert_eq!(plan.sizes.readback, 3 * 4 * 16 + 3 * 32);
+        assert_eq!(plan.accumulate_grid(), [1, 1, 1]);
+        assert_eq!(plan.finalize_grid(), [1, 3, 1]);
     }
 }
