@@ -6,7 +6,7 @@
 //! resident chunk's, or a ring slot's, whichever chunk it holds) are made when a call
 //! first reads it.
 
-use super::pipelines::{Kernel, Kernels, StepParams};
+use super::pipelines::{binding_names, Kernel, Kernels, StepParams};
 use super::plan::{Limits, Sizes};
 use super::residency::Residency;
 
@@ -87,27 +87,24 @@ impl BindGroups {
 }
 
 /// A bind group of `kernel`: the step parameters at binding 0 (one `StepParams` at a
-/// dynamic offset), then `buffers` whole at bindings 1, 2, ... (the order of its
-/// `layout_entries`).
+/// dynamic offset), then `buffers` whole at bindings 1, 2, ..., each named by the WGSL
+/// variable it binds: the names must be those of the kernel's layout table, in order.
 fn bind_group(
     device: &wgpu::Device,
     kernel: &Kernel,
     params: &wgpu::Buffer,
-    buffers: &[&wgpu::Buffer],
+    buffers: &[(&str, &wgpu::Buffer)],
 ) -> wgpu::BindGroup {
-    debug_assert_eq!(
-        buffers.len() + 1,
-        kernel.kind.layout().len(),
-        "{:?}",
-        kernel.kind
-    );
+    let names: Vec<&str> = buffers.iter().map(|&(name, _)| name).collect();
+    let layout_names: Vec<&str> = binding_names(kernel.kind).iter().map(|&(_, n)| n).collect();
+    assert_eq!(names, layout_names[1..], "bind group of {:?}", kernel.kind);
     let params = wgpu::BindingResource::Buffer(wgpu::BufferBinding {
         buffer: params,
         offset: 0,
         size: wgpu::BufferSize::new(std::mem::size_of::<StepParams>() as u64),
     });
     let entries: Vec<wgpu::BindGroupEntry> = std::iter::once(params)
-        .chain(buffers.iter().map(|b| b.as_entire_binding()))
+        .chain(buffers.iter().map(|(_, b)| b.as_entire_binding()))
         .enumerate()
         .map(|(i, resource)| wgpu::BindGroupEntry {
             binding: i as u32,
@@ -186,13 +183,17 @@ impl Buffers {
                     device,
                     &kernels.softmax,
                     params,
-                    &[&bufs.logits, &bufs.states],
+                    &[("logits", &bufs.logits), ("states", &bufs.states)],
                 ),
                 finalize: bind_group(
                     device,
                     &kernels.finalize,
                     params,
-                    &[&bufs.acc, &bufs.states, &bufs.mean],
+                    &[
+                        ("acc", &bufs.acc),
+                        ("states", &bufs.states),
+                        ("mean", &bufs.mean),
+                    ],
                 ),
                 bound,
             });
@@ -207,18 +208,23 @@ impl Buffers {
                         &kernels.logits,
                         params,
                         &[
-                            &bufs.x,
-                            &bufs.coefs,
-                            &chunk.values,
-                            &chunk.sq_norms,
-                            &bufs.logits,
+                            ("x", &bufs.x),
+                            ("coefs", &bufs.coefs),
+                            ("y", &chunk.values),
+                            ("sq_norms", &chunk.sq_norms),
+                            ("logits", &bufs.logits),
                         ],
                     ),
                     bind_group(
                         device,
                         &kernels.accumulate,
                         params,
-                        &[&bufs.logits, &chunk.values, &bufs.states, &bufs.acc],
+                        &[
+                            ("weights", &bufs.logits),
+                            ("y", &chunk.values),
+                            ("states", &bufs.states),
+                            ("acc", &bufs.acc),
+                        ],
                     ),
                 )
             });

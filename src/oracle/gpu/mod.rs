@@ -59,7 +59,8 @@ use crate::oracle::{Backend, CentredBatch, Posterior, QueryStats};
 pub use device::adapter_report;
 pub use options::GpuOptions;
 pub use pipelines::{
-    kernel_sources, kernel_variants, layout_entries, BindingKind, KernelKind, STEP_PARAMS_BYTES,
+    binding_names, kernel_sources, kernel_variants, layout_entries, BindingKind, KernelKind,
+    STEP_PARAMS_BYTES,
 };
 
 use buffers::Buffers;

@@ -157,32 +157,39 @@ impl KernelKind {
         module_source(self.wgsl(), f16 && self.reads_dataset())
     }
 
-    /// The kernel's bindings in binding order: entry i is binding i. The bind groups
-    /// (`buffers.rs`) bind the step parameters, then the listed buffers, in this order.
-    pub fn layout(self) -> &'static [BindingKind] {
+    /// The kernel's bindings in binding order (entry i is binding i), each with the name
+    /// of its WGSL variable. The bind groups (`buffers.rs`) bind the step parameters,
+    /// then buffers by these names, in this order.
+    pub fn layout(self) -> &'static [(BindingKind, &'static str)] {
         use BindingKind::*;
         match self {
-            // params, x, coefs, rows, sq_norms, logits
             KernelKind::Logits => &[
-                Uniform,
-                ReadOnlyStorage,
-                ReadOnlyStorage,
-                ReadOnlyStorage,
-                ReadOnlyStorage,
-                ReadWriteStorage,
+                (Uniform, "p"),
+                (ReadOnlyStorage, "x"),
+                (ReadOnlyStorage, "coefs"),
+                (ReadOnlyStorage, "y"),
+                (ReadOnlyStorage, "sq_norms"),
+                (ReadWriteStorage, "logits"),
             ],
-            // params, logits (overwritten by the weights), states
-            KernelKind::Softmax => &[Uniform, ReadWriteStorage, ReadWriteStorage],
-            // params, weights, rows, states, acc
+            // The logits are overwritten by the weights.
+            KernelKind::Softmax => &[
+                (Uniform, "p"),
+                (ReadWriteStorage, "logits"),
+                (ReadWriteStorage, "states"),
+            ],
             KernelKind::Accumulate => &[
-                Uniform,
-                ReadOnlyStorage,
-                ReadOnlyStorage,
-                ReadOnlyStorage,
-                ReadWriteStorage,
+                (Uniform, "p"),
+                (ReadOnlyStorage, "weights"),
+                (ReadOnlyStorage, "y"),
+                (ReadOnlyStorage, "states"),
+                (ReadWriteStorage, "acc"),
             ],
-            // params, acc, states, mean
-            KernelKind::Finalize => &[Uniform, ReadOnlyStorage, ReadOnlyStorage, ReadWriteStorage],
+            KernelKind::Finalize => &[
+                (Uniform, "p"),
+                (ReadOnlyStorage, "acc"),
+                (ReadOnlyStorage, "states"),
+                (ReadWriteStorage, "mean"),
+            ],
         }
     }
 }
@@ -195,7 +202,17 @@ pub fn layout_entries(kernel: KernelKind) -> Vec<(u32, BindingKind)> {
         .layout()
         .iter()
         .enumerate()
-        .map(|(i, &kind)| (i as u32, kind))
+        .map(|(i, &(kind, _))| (i as u32, kind))
+        .collect()
+}
+
+/// The WGSL variable bound at each binding of `kernel`, as (binding, name).
+pub fn binding_names(kernel: KernelKind) -> Vec<(u32, &'static str)> {
+    kernel
+        .layout()
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, name))| (i as u32, name))
         .collect()
 }
 
