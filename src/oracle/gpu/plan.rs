@@ -424,10 +424,9 @@ mod tests {
             .collect()
     }
 
-    /// Checks everything a plan promises: the rows of `rows` are each visited exactly once
-    /// (computed per tile as the kernels do, `tile_rows` in common.wgsl) and in increasing
-    /// order within each split, the submissions partition the steps, every buffer fits its
-    /// binding and every grid its dispatch limit. `what` names the case in failures.
+    /// Checks everything a plan promises: a valid cut, each row of `rows` visited exactly
+    /// once, submissions that partition the steps, every buffer within its binding and
+    /// every grid within the dispatch limit. `what` names the case in failures.
     fn check(
         plan: &Plan,
         limits: &Limits,
@@ -449,7 +448,16 @@ mod tests {
             0,
             "{what}: {cut:?}"
         );
+        check_coverage(plan, rows, chunk_rows, what);
+        check_submits(plan, rows, chunk_rows, what);
+        check_sizes_and_grids(plan, limits, what);
+    }
 
+    /// Each row of `rows` visited exactly once, computed per tile as the kernels do
+    /// (`tile_rows` in common.wgsl), and in increasing order within each split (the
+    /// kernels' tie rule relies on it); no other row visited.
+    fn check_coverage(plan: &Plan, rows: &Range<usize>, chunk_rows: &[Range<usize>], what: &str) {
+        let cut = plan.cut;
         let n_samples = chunk_rows.last().map_or(0, |c| c.end);
         let mut seen = vec![0u32; n_samples];
         let mut last_of_split: Vec<Option<usize>> = vec![None; cut.splits];
@@ -490,9 +498,11 @@ mod tests {
             let want = u32::from(rows.contains(&r));
             assert_eq!(n, want, "{what}: row {r} visited {n} times");
         }
+    }
 
-        // Submissions: the steps in order, at most MAX_STEPS_PER_SUBMIT each, one chunk
-        // each; every chunk overlapping the rows is read once, in order.
+    /// Submissions: the steps in order, at most MAX_STEPS_PER_SUBMIT each, one chunk
+    /// each; every chunk overlapping the rows is read once, in order.
+    fn check_submits(plan: &Plan, rows: &Range<usize>, chunk_rows: &[Range<usize>], what: &str) {
         let mut next = 0;
         for s in &plan.submits {
             assert_eq!(s.steps.start, next, "{what}");
@@ -510,9 +520,12 @@ mod tests {
             .filter(|&c| chunk_rows[c].start < rows.end && rows.start < chunk_rows[c].end)
             .collect();
         assert_eq!(plan.reads, overlapping, "{what}");
+    }
 
-        // Every bound buffer within one binding, the others within one buffer.
-        let s = &plan.sizes;
+    /// Every bound buffer within one binding, the others within one buffer; every grid
+    /// within the dispatch limit and covering its tile, columns and queries.
+    fn check_sizes_and_grids(plan: &Plan, limits: &Limits, what: &str) {
+        let (cut, s) = (plan.cut, &plan.sizes);
         for (name, bytes) in [
             ("x", s.x),
             ("coefs", s.coefs),
