@@ -16,17 +16,6 @@ pub(super) struct Gpu {
 }
 
 impl Gpu {
-    /// Largest buffer one binding may cover (also a bound on any one buffer we make).
-    /// At most 4 GiB - 1 even where the device allows more (Metal's binding limit is its
-    /// buffer limit): the kernels index with u32, and every element is at least a byte.
-    pub fn max_binding_bytes(&self) -> u64 {
-        self.limits
-            .max_storage_buffer_binding_size
-            .min(self.limits.max_buffer_size)
-            .min(u32::MAX as u64)
-            & !15
-    }
-
     pub fn is_cpu(&self) -> bool {
         is_cpu_adapter(&self.info)
     }

@@ -100,23 +100,148 @@ impl From<GpuState> for SoftmaxState {
     }
 }
 
+/// The four kernels of a posterior evaluation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelKind {
+    Logits,
+    Softmax,
+    Accumulate,
+    Finalize,
+}
+
+/// How a kernel binds one buffer (every binding is in group 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BindingKind {
+    /// `var<uniform>`: the step parameters, at a dynamic offset.
+    Uniform,
+    /// `var<storage, read>`
+    ReadOnlyStorage,
+    /// `var<storage, read_write>`
+    ReadWriteStorage,
+}
+
+impl KernelKind {
+    pub const ALL: [KernelKind; 4] = [
+        KernelKind::Logits,
+        KernelKind::Softmax,
+        KernelKind::Accumulate,
+        KernelKind::Finalize,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelKind::Logits => "logits",
+            KernelKind::Softmax => "softmax",
+            KernelKind::Accumulate => "accumulate",
+            KernelKind::Finalize => "finalize",
+        }
+    }
+
+    fn wgsl(self) -> &'static str {
+        match self {
+            KernelKind::Logits => LOGITS_WGSL,
+            KernelKind::Softmax => SOFTMAX_WGSL,
+            KernelKind::Accumulate => ACCUMULATE_WGSL,
+            KernelKind::Finalize => FINALIZE_WGSL,
+        }
+    }
+
+    /// Whether the kernel reads the dataset, and so comes in an f16 storage variant.
+    pub fn reads_dataset(self) -> bool {
+        matches!(self, KernelKind::Logits | KernelKind::Accumulate)
+    }
+
+    /// The module compiled for the kernel (`f16`: the f16 storage variant, for kernels
+    /// that read the dataset).
+    pub fn source(self, f16: bool) -> String {
+        module_source(self.wgsl(), f16 && self.reads_dataset())
+    }
+
+    /// The kernel's bindings in binding order (entry i is binding i), each with the name
+    /// of its WGSL variable. The bind groups (`buffers.rs`) bind the step parameters,
+    /// then buffers by these names, in this order.
+    pub fn layout(self) -> &'static [(BindingKind, &'static str)] {
+        use BindingKind::*;
+        match self {
+            KernelKind::Logits => &[
+                (Uniform, "p"),
+                (ReadOnlyStorage, "x"),
+                (ReadOnlyStorage, "coefs"),
+                (ReadOnlyStorage, "y"),
+                (ReadOnlyStorage, "sq_norms"),
+                (ReadWriteStorage, "logits"),
+            ],
+            // The logits are overwritten by the weights.
+            KernelKind::Softmax => &[
+                (Uniform, "p"),
+                (ReadWriteStorage, "logits"),
+                (ReadWriteStorage, "states"),
+            ],
+            KernelKind::Accumulate => &[
+                (Uniform, "p"),
+                (ReadOnlyStorage, "weights"),
+                (ReadOnlyStorage, "y"),
+                (ReadOnlyStorage, "states"),
+                (ReadWriteStorage, "acc"),
+            ],
+            KernelKind::Finalize => &[
+                (Uniform, "p"),
+                (ReadOnlyStorage, "acc"),
+                (ReadOnlyStorage, "states"),
+                (ReadWriteStorage, "mean"),
+            ],
+        }
+    }
+}
+
+/// The bind group layout entries of `kernel` as (binding, kind): what `Kernels::new`
+/// builds the wgpu layouts from, and what the shader validation test compares with the
+/// shaders' own declarations.
+pub fn layout_entries(kernel: KernelKind) -> Vec<(u32, BindingKind)> {
+    kernel
+        .layout()
+        .iter()
+        .enumerate()
+        .map(|(i, &(kind, _))| (i as u32, kind))
+        .collect()
+}
+
+/// The WGSL variable bound at each binding of `kernel`, as (binding, name).
+pub fn binding_names(kernel: KernelKind) -> Vec<(u32, &'static str)> {
+    kernel
+        .layout()
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, name))| (i as u32, name))
+        .collect()
+}
+
+/// Bytes of the uniform at binding 0 (`StepParams`, `struct Params` in common.wgsl): the
+/// layouts' minimum binding size.
+pub const STEP_PARAMS_BYTES: u64 = std::mem::size_of::<StepParams>() as u64;
+
 /// Every kernel source the backend may compile, by name: each of the four kernels after
 /// common.wgsl, and the f16 storage variants. The shader validation test checks all of them.
 pub fn kernel_sources() -> Vec<(String, String)> {
+    kernel_variants()
+        .into_iter()
+        .map(|(name, _, source)| (name, source))
+        .collect()
+}
+
+/// [`kernel_sources`] with the kernel each source is compiled for.
+pub fn kernel_variants() -> Vec<(String, KernelKind, String)> {
     let mut out = Vec::new();
-    for f16 in [false, true] {
-        let suffix = if f16 { "f16" } else { "f32" };
-        out.push((
-            format!("logits ({suffix})"),
-            module_source(LOGITS_WGSL, f16),
-        ));
-        out.push((
-            format!("accumulate ({suffix})"),
-            module_source(ACCUMULATE_WGSL, f16),
-        ));
+    for kernel in KernelKind::ALL {
+        if kernel.reads_dataset() {
+            for (f16, suffix) in [(false, "f32"), (true, "f16")] {
+                let name = format!("{} ({suffix})", kernel.name());
+                out.push((name, kernel, kernel.source(f16)));
+            }
+        } else {
+            out.push((kernel.name().to_string(), kernel, kernel.source(false)));
+        }
     }
-    out.push(("softmax".into(), module_source(SOFTMAX_WGSL, false)));
-    out.push(("finalize".into(), module_source(FINALIZE_WGSL, false)));
     out
 }
 
@@ -137,37 +262,29 @@ fn module_source(kernel: &str, f16: bool) -> String {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Slot {
-    Params,
-    Read,
-    ReadWrite,
-}
-
-fn layout(device: &wgpu::Device, label: &str, slots: &[Slot]) -> wgpu::BindGroupLayout {
-    let entries: Vec<wgpu::BindGroupLayoutEntry> = slots
-        .iter()
-        .enumerate()
-        .map(|(i, slot)| {
-            let (ty, has_dynamic_offset, min_binding_size) = match slot {
-                Slot::Params => (
+fn layout(device: &wgpu::Device, kernel: KernelKind) -> wgpu::BindGroupLayout {
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = layout_entries(kernel)
+        .into_iter()
+        .map(|(binding, kind)| {
+            let (ty, has_dynamic_offset, min_binding_size) = match kind {
+                BindingKind::Uniform => (
                     wgpu::BufferBindingType::Uniform,
                     true,
-                    wgpu::BufferSize::new(std::mem::size_of::<StepParams>() as u64),
+                    wgpu::BufferSize::new(STEP_PARAMS_BYTES),
                 ),
-                Slot::Read => (
+                BindingKind::ReadOnlyStorage => (
                     wgpu::BufferBindingType::Storage { read_only: true },
                     false,
                     None,
                 ),
-                Slot::ReadWrite => (
+                BindingKind::ReadWriteStorage => (
                     wgpu::BufferBindingType::Storage { read_only: false },
                     false,
                     None,
                 ),
             };
             wgpu::BindGroupLayoutEntry {
-                binding: i as u32,
+                binding,
                 visibility: wgpu::ShaderStages::COMPUTE,
                 ty: wgpu::BindingType::Buffer {
                     ty,
@@ -179,26 +296,22 @@ fn layout(device: &wgpu::Device, label: &str, slots: &[Slot]) -> wgpu::BindGroup
         })
         .collect();
     device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-        label: Some(label),
+        label: Some(kernel.name()),
         entries: &entries,
     })
 }
 
 /// One compute pipeline with its bind group layout.
 pub(super) struct Kernel {
+    pub kind: KernelKind,
     pub pipeline: wgpu::ComputePipeline,
     pub layout: wgpu::BindGroupLayout,
 }
 
 impl Kernel {
-    fn new(
-        device: &wgpu::Device,
-        name: &str,
-        source: String,
-        slots: &[Slot],
-        trusted: bool,
-    ) -> Kernel {
-        let layout = layout(device, name, slots);
+    fn new(device: &wgpu::Device, kind: KernelKind, f16_storage: bool, trusted: bool) -> Kernel {
+        let name = kind.name();
+        let layout = layout(device, kind);
         let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
             label: Some(name),
             bind_group_layouts: &[Some(&layout)],
@@ -206,7 +319,7 @@ impl Kernel {
         });
         let desc = wgpu::ShaderModuleDescriptor {
             label: Some(name),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
+            source: wgpu::ShaderSource::Wgsl(kind.source(f16_storage).into()),
         };
         let module = if trusted {
             // SAFETY: every kernel bounds its own indices (each load and store is guarded
@@ -230,7 +343,11 @@ impl Kernel {
             },
             cache: None,
         });
-        Kernel { pipeline, layout }
+        Kernel {
+            kind,
+            pipeline,
+            layout,
+        }
     }
 }
 
@@ -246,40 +363,12 @@ impl Kernels {
     /// `f16_storage`: the dataset buffers hold f16 (needs SHADER_F16 on the device).
     /// Compilation errors are wgpu validation errors: call inside an error scope.
     pub fn new(device: &wgpu::Device, f16_storage: bool, trusted: bool) -> Kernels {
-        use Slot::*;
+        let kernel = |kind| Kernel::new(device, kind, f16_storage, trusted);
         Kernels {
-            // params, x, coefs, rows, sq_norms, logits
-            logits: Kernel::new(
-                device,
-                "logits",
-                module_source(LOGITS_WGSL, f16_storage),
-                &[Params, Read, Read, Read, Read, ReadWrite],
-                trusted,
-            ),
-            // params, logits, states
-            softmax: Kernel::new(
-                device,
-                "softmax",
-                module_source(SOFTMAX_WGSL, false),
-                &[Params, ReadWrite, ReadWrite],
-                trusted,
-            ),
-            // params, weights, rows, states, acc
-            accumulate: Kernel::new(
-                device,
-                "accumulate",
-                module_source(ACCUMULATE_WGSL, f16_storage),
-                &[Params, Read, Read, Read, ReadWrite],
-                trusted,
-            ),
-            // params, acc, states, mean
-            finalize: Kernel::new(
-                device,
-                "finalize",
-                module_source(FINALIZE_WGSL, false),
-                &[Params, Read, Read, ReadWrite],
-                trusted,
-            ),
+            logits: kernel(KernelKind::Logits),
+            softmax: kernel(KernelKind::Softmax),
+            accumulate: kernel(KernelKind::Accumulate),
+            finalize: kernel(KernelKind::Finalize),
         }
     }
 }

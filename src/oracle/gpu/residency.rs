@@ -102,6 +102,11 @@ impl Residency {
         }
     }
 
+    /// Dataset rows of every chunk, in order.
+    pub fn all_chunk_rows(&self) -> Vec<Range<usize>> {
+        (0..self.n_chunks()).map(|c| self.chunk_rows(c)).collect()
+    }
+
     /// Number of device buffers chunks are bound from (chunks, or ring slots).
     pub fn n_buffers(&self) -> usize {
         match self {
@@ -124,6 +129,15 @@ impl Residency {
             Residency::Resident(_) => c,
             Residency::Streaming(s) => ordinal % s.slots.len(),
         }
+    }
+
+    /// The buffer of each chunk of `reads`, the chunks a call reads in order.
+    pub fn buffers_of(&self, reads: &[usize]) -> Vec<usize> {
+        reads
+            .iter()
+            .enumerate()
+            .map(|(ordinal, &c)| self.buffer_of(c, ordinal))
+            .collect()
     }
 
     pub fn is_streaming(&self) -> bool {

@@ -1,0 +1,33 @@
+//! The backend's options: plain data, read by the planning (`plan`) and at setup.
+
+/// Knobs of [`GpuBackend::with_options`](super::GpuBackend::with_options); the defaults suit normal use.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Refuse software adapters (lavapipe): what `--backend auto` wants.
+    pub hardware_only: bool,
+    /// Largest dataset chunk buffer, in bytes (below the device's binding limit), e.g. to
+    /// force multi-chunk residency in tests.
+    pub max_chunk_bytes: Option<u64>,
+    /// Parts the row range is cut into and processed side by side (default: chosen from
+    /// the batch and the adapter; 1 on software adapters).
+    pub splits: Option<usize>,
+    /// Rows per split per tile step, rounded up to a multiple of 64, at most 1024
+    /// (default: chosen).
+    pub tile_rows: Option<usize>,
+    /// Hold f16 data as f32 even where the device has SHADER_F16: the path taken on
+    /// devices without it (exact: every f16 is an f32).
+    pub f16_as_f32: bool,
+    /// Most queries evaluated together (default: as many as the scratch buffers can
+    /// bind); larger batches run as several sub-batches.
+    pub max_sub_batch: Option<usize>,
+    /// Compile the kernels without wgpu's runtime bounds checks (they bound their own
+    /// indices). Faster; off by default.
+    pub trusted_shaders: bool,
+    /// Device memory the dataset may take, in bytes; a larger dataset is streamed through
+    /// a ring of chunk-sized slots (chunks cut so the ring fits the budget) instead of
+    /// being resident. Default: 4 x the adapter's `max_buffer_size`. wgpu exposes no
+    /// free-memory query, so the default keeps the dataset resident (the faster path)
+    /// unless it is clearly larger than any device would hold; set a budget to stream
+    /// smaller datasets (a device whose memory is shared with other work, say).
+    pub max_resident_bytes: Option<u64>,
+}

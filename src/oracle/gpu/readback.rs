@@ -1,0 +1,71 @@
+//! The read-back phase: wait for the GPU, map the readback buffer, and turn its bytes
+//! (the padded mean, then the per-split states) into the caller's mean and stats.
+
+use std::borrow::Cow;
+
+use crate::error::{Error, Result};
+use crate::oracle::{QueryStats, SoftmaxState};
+
+use super::pipelines::GpuState;
+use super::plan::Plan;
+
+/// Maps `buffer`, waits for the GPU, hands its first `bytes` to `read` and unmaps it.
+pub(super) fn read_back(
+    device: &wgpu::Device,
+    buffer: &wgpu::Buffer,
+    bytes: u64,
+    read: impl FnOnce(&[u8]),
+) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    buffer.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
+        let _ = tx.send(r);
+    });
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+    rx.recv()
+        .map_err(|_| Error::Gpu("readback callback dropped".into()))?
+        .map_err(|e| Error::Gpu(format!("reading results back: {e}")))?;
+    let out = buffer
+        .get_mapped_range(0..bytes)
+        .map(|view| read(&view))
+        .map_err(|e| Error::Gpu(format!("reading results back: {e}")));
+    // Unmapped on every path: a mapped buffer cannot be used by the next submission.
+    buffer.unmap();
+    out
+}
+
+/// Unpacks the readback bytes of `plan` (`plan.sizes.readback` of them): writes the
+/// n x `dim` mean (dropping the row padding) and pushes n stats, each the merge of the
+/// query's split states (host-side, with the shared [`SoftmaxState::merge`]).
+pub(super) fn unpack(
+    bytes: &[u8],
+    plan: &Plan,
+    dim: usize,
+    mean: &mut [f32],
+    stats: &mut Vec<QueryStats>,
+) {
+    let (mean_read, states_read) = bytes.split_at(plan.sizes.mean as usize);
+    let device_mean = pod_slice::<f32>(mean_read);
+    for (dst, src) in mean.chunks_mut(dim).zip(device_mean.chunks(plan.dim4 * 4)) {
+        dst.copy_from_slice(&src[..dim]);
+    }
+    let states = pod_slice::<GpuState>(states_read);
+    let n_queries = plan.n_queries;
+    for q in 0..n_queries {
+        let mut merged = SoftmaxState::EMPTY;
+        for s in 0..plan.cut.splits {
+            merged.merge(&states[s * n_queries + q].into());
+        }
+        stats.push(merged.stats());
+    }
+}
+
+/// `bytes` as a slice of `T`: cast in place where aligned (mapped memory is, in practice),
+/// copied otherwise.
+fn pod_slice<T: bytemuck::Pod>(bytes: &[u8]) -> Cow<'_, [T]> {
+    match bytemuck::try_cast_slice(bytes) {
+        Ok(values) => Cow::Borrowed(values),
+        Err(_) => Cow::Owned(bytemuck::pod_collect_to_vec(bytes)),
+    }
+}
