@@ -1,4 +1,4 @@
-//! wgpu backend: the tiled online-softmax passes of DESIGN §2 as four WGSL kernels.
+//! wgpu backend: the tiled online-softmax passes of docs/DESIGN.md §2 as four WGSL kernels.
 //!
 //! Built once per dataset: device, pipelines, the dataset in chunks (`residency`):
 //! resident on the device, or, when it exceeds the device-memory budget, streamed
