@@ -294,8 +294,9 @@ fn bench_measures_and_writes_json() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(table.contains("sgemm") && table.contains("cpu"), "{table}");
-    let rows = json(&j);
-    let rows = rows.as_array().unwrap();
+    let j = json(&j);
+    assert!(j["threads"].as_u64().unwrap() >= 1 && j["cpu_model"].is_string());
+    let rows = j["measurements"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     for r in rows {
         assert_eq!(
@@ -308,4 +309,49 @@ fn bench_measures_and_writes_json() {
         );
         assert!(r["seconds"].as_f64().unwrap() > 0.0 && r["gflops"].as_f64().unwrap() > 0.0);
     }
+}
+
+/// `bench --peers` smoke run: the numpy peers run on the same data and agree with ours to
+/// 1e-4 (numpy is required under CI; elsewhere the test says it skipped them).
+#[test]
+fn bench_peers_agree_with_ours() {
+    let numpy = Command::new("python3")
+        .args(["-c", "import numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !numpy && std::env::var("CI").is_err() {
+        eprintln!("SKIPPED bench --peers: python3 with numpy is missing (pip install numpy)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let j = dir.path().join("peers.json");
+    let o = oracleflow(&[
+        "bench",
+        "--data",
+        "embedded@300",
+        "--batch",
+        "4",
+        "--reps",
+        "1",
+        "--backends",
+        "cpu",
+        "--peers",
+        "--peer-times",
+        "0.3,0.8",
+        "--json",
+        j.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j = json(&j);
+    let peers = j["peers"].as_array().unwrap();
+    for name in ["numpy_full", "numpy_chunked"] {
+        let rows: Vec<_> = peers.iter().filter(|r| r["what"] == name).collect();
+        assert_eq!(rows.len(), 2, "{name} at both times");
+        for r in rows {
+            assert_eq!(r["agrees"], true, "{r}");
+            assert!(r["rel_error"].as_f64().unwrap() <= 1e-4);
+            assert!(r["ours_faster_by"].as_f64().unwrap() > 0.0);
+        }
+    }
+    assert_eq!(peers.iter().filter(|r| r["what"] == "ours: cpu").count(), 2);
 }

@@ -2,6 +2,8 @@
 //! measured side by side in one run (absolute times on a shared machine are noise; the
 //! ratios are what to compare).
 
+pub mod peers;
+
 use std::time::Instant;
 
 use crate::dataset::Dataset;
