@@ -3,9 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+// Usage errors are bad input: exit code 2 (anyhow::bail! would give 1).
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use oracleflow::bail_input as bail;
 
 use oracleflow::dataset::{self, npy, Dataset, Dtype};
 use oracleflow::oracle::gpu::GpuOptions;
@@ -237,8 +239,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("error: {}", oracleflow::error::one_line(&e));
+            ExitCode::from(oracleflow::error::exit_code(&e))
         }
     }
 }
@@ -341,6 +343,9 @@ fn sample(a: SampleArgs) -> Result<()> {
     if a.n_samples == 0 {
         bail!("-n must be at least 1");
     }
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
     let schedule = match &a.times {
         Some(t) => Schedule::Explicit(t.clone()),
         None => Schedule::Shifted {
@@ -394,7 +399,7 @@ fn sample(a: SampleArgs) -> Result<()> {
         seed: a.seed,
         classes: classes.clone(),
         guidance,
-        batch: a.batch.max(1),
+        batch: a.batch,
         tracked,
     };
 
