@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::limits::{check_alloc, product};
 use super::{folder, idx, npy, synthetic};
 use super::{Dataset, Dtype, RawRows, SampleShape};
 use crate::error::{Error, Result};
@@ -126,6 +127,8 @@ impl DataSpec {
                 seed,
             } => {
                 let n = synthetic_rows(spec, n_samples, limit)?;
+                // The generated f32 values, then the dataset's storage of them.
+                check_alloc(spec, product(&[n, dim, 4 + dtype.bytes()]))?;
                 let values = synthetic::gaussian(n, dim, seed);
                 Dataset::from_raw(
                     spec,
@@ -142,6 +145,12 @@ impl DataSpec {
                 seed,
             } => {
                 let n = synthetic_rows(spec, n_samples, limit)?;
+                // Component means, generated values and labels, then the dataset's storage.
+                let needed = product(&[k, dim, 4]).zip(product(&[
+                    n,
+                    dim.saturating_mul(4 + dtype.bytes()).saturating_add(4),
+                ]));
+                check_alloc(spec, needed.and_then(|(a, b)| a.checked_add(b)))?;
                 let (values, labels) = synthetic::mixture(n, dim, k, seed);
                 Dataset::from_raw(
                     spec,
@@ -152,19 +161,6 @@ impl DataSpec {
                 )
             }
         }
-    }
-}
-
-/// How many of a source's `n_samples` to keep for `limit` (all when None); asking for more
-/// samples than `source` has is an error naming it.
-pub(crate) fn keep_first(source: &Path, n_samples: usize, limit: Option<usize>) -> Result<usize> {
-    match limit {
-        None => Ok(n_samples),
-        Some(m) if m <= n_samples => Ok(m),
-        Some(m) => Err(Error::data(
-            source,
-            format!("has {n_samples} samples; @{m} asks for more"),
-        )),
     }
 }
 
