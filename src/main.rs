@@ -289,6 +289,7 @@ fn velocity(a: VelocityArgs) -> Result<()> {
     if let Some(bad) = times.iter().find(|t| !(0.0..=1.0).contains(*t)) {
         bail!("time {bad} is outside [0, 1]");
     }
+    ds.rows_for(a.class)?;
 
     let mut oracle = a.oracle.build(&ds)?;
     eprintln!(

@@ -49,7 +49,12 @@ pub fn check_writable_dir(dir: &Path) -> Result<()> {
         match std::fs::metadata(probe) {
             Ok(m) if m.is_dir() => break,
             Ok(_) => return Err(Error::output(probe, "exists and is not a directory")),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
                 probe = match probe.parent() {
                     Some(p) if !p.as_os_str().is_empty() => p,
                     _ => Path::new("."),

@@ -351,7 +351,8 @@ pub fn read_labels(path: &Path, n_samples: usize, data: &Path) -> Result<Vec<u32
 }
 
 /// Reads an array as f32 values: `<f4`, `<f2`, `<f8` or `|u1` (u8 values as they are,
-/// 0 ..= 255, not rescaled). Returns (shape, values in C order).
+/// 0 ..= 255, not rescaled). Returns (shape, values in C order). NaN, infinities and f64
+/// values beyond f32's range are errors naming the file and the first such index.
 pub fn read_npy_f32(path: impl AsRef<Path>) -> Result<(Vec<usize>, Vec<f32>)> {
     let path = path.as_ref();
     let bytes = read_file(path)?;
@@ -373,6 +374,16 @@ pub fn read_npy_f32(path: impl AsRef<Path>) -> Result<(Vec<usize>, Vec<f32>)> {
         product(&[header.n_elements(), 4]),
     )?;
     let values = to_f32_values(&bytes[header.data_offset..], header.dtype);
+    // Queries and times feed every posterior: a NaN would silently poison the results.
+    if let Some(k) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::data(
+            path,
+            format!(
+                "value {k} (flat index) is {}, expected finite numbers",
+                values[k]
+            ),
+        ));
+    }
     Ok((header.shape, values))
 }
 
