@@ -31,8 +31,8 @@ fn main() -> ExitCode {
     match Cli::parse().command.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("error: {}", oracleflow::error::one_line(&e));
+            ExitCode::from(oracleflow::error::exit_code(&e))
         }
     }
 }

@@ -164,6 +164,16 @@ pub fn check_counts(n_samples: usize, batch: usize) -> Result<()> {
     Ok(())
 }
 
+/// Guidance needs conditional samples.
+pub fn check_guidance(classes: &[Option<u32>], guidance: Option<Guidance>) -> Result<()> {
+    if guidance.is_some() && classes.iter().all(|c| c.is_none()) {
+        return Err(Error::Input(
+            "--cfg-scale needs --class K or --classes all".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// The time grid of a sampling run: the schedule's, which must run from 0 to 1.
 pub fn sampling_times(schedule: &Schedule) -> Result<Vec<f64>> {
     let times = schedule.times()?;
@@ -247,11 +257,7 @@ pub fn sample(
             field.describe()
         )));
     }
-    if options.guidance.is_some() && options.classes.iter().all(|c| c.is_none()) {
-        return Err(Error::Input(
-            "--cfg-scale needs --class K or --classes all".into(),
-        ));
-    }
+    check_guidance(&options.classes, options.guidance)?;
     let evaluations_before = field.evaluations();
     let mut guided;
     let field: &mut dyn VelocityField = match options.guidance {

@@ -111,6 +111,9 @@ fn streaming_through_a_two_slot_ring() {
     // them through a ring of 2 slots of 100 rows.
     let (n, d) = (450, 13);
     for dtype in [Dtype::F32, Dtype::F16] {
+        if dtype == Dtype::F16 && !common::gpu_f16_available() {
+            continue;
+        }
         let ds = unit_gaussian_dataset(n, d, dtype, 30);
         let row_bytes = 16 * dtype.bytes() as u64;
         let base = GpuOptions {
@@ -223,7 +226,7 @@ fn splits_merge_like_one_pass() {
 
 #[test]
 fn f16_storage() {
-    if common::skip_gpu() {
+    if !common::gpu_f16_available() {
         return;
     }
     let (n, d) = (300, 67);

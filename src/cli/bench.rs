@@ -50,7 +50,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     bench::check_settings(a.batch, a.reps)?;
     if a.peers && !a.peers_dir.join("common.py").is_file() {
-        bail!(
+        oracleflow::bail_input!(
             "--peers-dir {}: no peer scripts there (common.py missing)",
             a.peers_dir.display()
         );

@@ -95,6 +95,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let ds = a.data.load()?;
     let conditioning = a.conditioning();
     let classes = conditioning.classes(&ds, a.n_samples)?;
+    sample::check_guidance(&classes, guidance)?;
     let options = SampleOptions {
         schedule,
         solver: a.solver,

@@ -3,8 +3,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
+// Usage errors are bad input: exit code 2 (anyhow::bail! would give 1).
 use clap::Args;
+use oracleflow::bail_input as bail;
 
 use oracleflow::dataset::npy;
 use oracleflow::oracle::{check_time, Query, Times};
@@ -87,6 +89,7 @@ pub fn run(a: VelocityArgs) -> Result<()> {
     };
     // Checked before the oracle is built (and before any work).
     times.iter().try_for_each(|&t| check_time(t))?;
+    ds.rows_for(a.class)?;
 
     let mut oracle = a.oracle.build(&ds)?;
     eprintln!(

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use image::{ColorType, DynamicImage};
 use rayon::prelude::*;
 
-use super::spec::keep_first;
+use super::limits::{check_alloc, keep_first, product};
 use super::{Dataset, Dtype, RawRows, SampleShape};
 use crate::error::{Error, Result};
 
@@ -78,6 +78,19 @@ pub fn load(dir: &Path, limit: Option<usize>, dtype: Dtype) -> Result<Dataset> {
     let listing = list(dir)?;
     let n = keep_first(dir, listing.files.len(), limit)?;
     let files = &listing.files[..n];
+
+    // All images are one size (checked below), so the first header tells the memory the
+    // decoded images (RGB at most) and the dataset will take: refuse before decoding.
+    let (w, h) = image::ImageReader::open(&files[0])
+        .map_err(|e| Error::io(&files[0], e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io(&files[0], e))?
+        .into_dimensions()
+        .map_err(|e| Error::data(&files[0], format!("cannot decode image: {e}")))?;
+    check_alloc(
+        &format!("{}: {n} images of {w}x{h} pixels", dir.display()),
+        product(&[n, w as usize, h as usize, 3, 1 + dtype.bytes()]),
+    )?;
 
     let decoded: Vec<Decoded> = files
         .par_iter()

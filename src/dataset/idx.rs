@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use flate2::read::MultiGzDecoder;
 
-use super::spec::keep_first;
+use super::limits::{check_alloc, keep_first, product, read_file};
 use super::{Dataset, Dtype, RawRows, SampleShape};
 use crate::error::{Error, Result};
 
@@ -31,42 +31,38 @@ pub struct IdxImages {
 
 /// Decodes an images file from its bytes (gzipped or raw). `source` names it in errors.
 pub fn decode_images(bytes: &[u8], source: &Path) -> Result<IdxImages> {
-    let data = gunzip_if_needed(bytes, source)?;
-    let (dims, body) = parse_header(&data, IMAGES_MAGIC, 3, source)?;
-    let (n_images, height, width) = (dims[0], dims[1], dims[2]);
-    if n_images == 0 || height == 0 || width == 0 {
-        return Err(Error::data(
-            source,
-            format!("empty IDX images file ({n_images} images of {height}x{width})"),
-        ));
-    }
-    check_body_len(body.len(), &[n_images, height, width], source)?;
+    let (dims, pixels) = decode(bytes, IMAGES_MAGIC, 3, source, |dims| {
+        if dims.contains(&0) {
+            let [n, h, w] = dims else { unreachable!() };
+            return Err(Error::data(
+                source,
+                format!("empty IDX images file ({n} images of {h}x{w})"),
+            ));
+        }
+        Ok(())
+    })?;
     Ok(IdxImages {
-        n_images,
-        height,
-        width,
-        pixels: body.to_vec(),
+        n_images: dims[0],
+        height: dims[1],
+        width: dims[2],
+        pixels,
     })
 }
 
 /// Decodes a labels file from its bytes (gzipped or raw). `source` names it in errors.
 pub fn decode_labels(bytes: &[u8], source: &Path) -> Result<Vec<u32>> {
-    let data = gunzip_if_needed(bytes, source)?;
-    let (dims, body) = parse_header(&data, LABELS_MAGIC, 1, source)?;
-    check_body_len(body.len(), &dims, source)?;
+    let (_, body) = decode(bytes, LABELS_MAGIC, 1, source, |_| Ok(()))?;
     Ok(body.iter().map(|&l| l as u32).collect())
 }
 
 /// Reads and decodes an images file.
 pub fn read_images(path: &Path) -> Result<IdxImages> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode_images(&bytes, path)
+    decode_images(&read_file(path)?, path)
 }
 
 /// Reads and decodes a labels file.
 pub fn read_labels(path: &Path) -> Result<Vec<u32>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode_labels(&bytes, path)
+    decode_labels(&read_file(path)?, path)
 }
 
 /// The labels file that goes with an images file: the same name with `images-idx3`
@@ -162,42 +158,48 @@ fn build(
     )
 }
 
-/// Decompresses gzip data (recognised by its magic bytes); raw data is borrowed as is.
-fn gunzip_if_needed<'a>(bytes: &'a [u8], source: &Path) -> Result<std::borrow::Cow<'a, [u8]>> {
-    if !bytes.starts_with(&[0x1f, 0x8b]) {
-        return Ok(bytes.into());
-    }
-    let mut out = Vec::with_capacity(bytes.len().saturating_mul(2));
-    MultiGzDecoder::new(bytes)
-        .read_to_end(&mut out)
-        .map_err(|e| Error::data(source, format!("cannot decompress gzip data: {e}")))?;
-    Ok(out.into())
-}
-
-/// Checks the magic number and reads `ndims` big-endian u32 dimensions; returns them and
-/// the data bytes that follow.
-fn parse_header<'a>(
-    data: &'a [u8],
+/// Reads the header and the data that follows it from raw or gzipped bytes (gzip is
+/// recognised by its magic), checking the magic, `check_dims`, the memory the data needs
+/// (before allocating it) and that exactly that much data follows. Gzip is decompressed
+/// as a stream, so a gzip bomb or a lying header never allocates more than the header
+/// announces.
+fn decode(
+    bytes: &[u8],
     magic: u32,
     ndims: usize,
     source: &Path,
-) -> Result<(Vec<usize>, &'a [u8])> {
+    check_dims: impl FnOnce(&[usize]) -> Result<()>,
+) -> Result<(Vec<usize>, Vec<u8>)> {
+    let gzipped = bytes.starts_with(&[0x1f, 0x8b]);
+    let mut reader: Box<dyn Read + '_> = if gzipped {
+        Box::new(MultiGzDecoder::new(bytes))
+    } else {
+        Box::new(bytes)
+    };
+    let gz_err =
+        |e: std::io::Error| Error::data(source, format!("cannot decompress gzip data: {e}"));
+
     let kind = if magic == IMAGES_MAGIC {
         "images (idx3-ubyte)"
     } else {
         "labels (idx1-ubyte)"
     };
     let header_len = 4 + 4 * ndims;
-    if data.len() < 4 {
+    let mut header = Vec::with_capacity(header_len);
+    (&mut reader)
+        .take(header_len as u64)
+        .read_to_end(&mut header)
+        .map_err(gz_err)?;
+    if header.len() < 4 {
         return Err(Error::data(
             source,
             format!(
                 "not an IDX {kind} file: {} bytes, too short for a header",
-                data.len()
+                header.len()
             ),
         ));
     }
-    let got = be_u32(&data[..4]);
+    let got = be_u32(&header[..4]);
     if got != magic {
         let hint = match got {
             IMAGES_MAGIC => " (this is an images file)",
@@ -209,48 +211,59 @@ fn parse_header<'a>(
             format!("not an IDX {kind} file: magic 0x{got:08x}, expected 0x{magic:08x}{hint}"),
         ));
     }
-    if data.len() < header_len {
+    if header.len() < header_len {
         return Err(Error::data(
             source,
             format!(
                 "truncated IDX header: {} bytes, expected {header_len}",
-                data.len()
+                header.len()
             ),
         ));
     }
-    let dims = data[4..header_len]
+    let dims: Vec<usize> = header[4..]
         .chunks_exact(4)
         .map(|c| be_u32(c) as usize)
         .collect();
-    Ok((dims, &data[header_len..]))
-}
-
-fn check_body_len(got: usize, dims: &[usize], source: &Path) -> Result<()> {
+    check_dims(&dims)?;
     let dims_text = dims
         .iter()
         .map(|d| d.to_string())
         .collect::<Vec<_>>()
         .join("x");
-    let expected = dims
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| Error::data(source, format!("IDX dimensions {dims_text} overflow")))?;
-    if got < expected {
-        return Err(Error::data(
-            source,
-            format!("truncated: header says {dims_text} = {expected} bytes of data, found {got}"),
-        ));
-    }
-    if got > expected {
+    let expected = product(&dims);
+    check_alloc(
+        &format!("{}: IDX data of {dims_text} bytes", source.display()),
+        expected,
+    )?;
+    let expected = expected.expect("checked above") as usize;
+
+    // Read at most one byte past the data: enough to tell trailing bytes.
+    let mut body = Vec::with_capacity(expected);
+    (&mut reader)
+        .take(expected as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(gz_err)?;
+    if body.len() < expected {
         return Err(Error::data(
             source,
             format!(
-                "{} unexpected bytes after the {dims_text} = {expected} bytes of data",
-                got - expected
+                "truncated: header says {dims_text} = {expected} bytes of data, found {}",
+                body.len()
             ),
         ));
     }
-    Ok(())
+    if body.len() > expected {
+        let extra = if gzipped {
+            "unexpected bytes".to_string()
+        } else {
+            format!("{} unexpected bytes", bytes.len() - header_len - expected)
+        };
+        return Err(Error::data(
+            source,
+            format!("{extra} after the {dims_text} = {expected} bytes of data"),
+        ));
+    }
+    Ok((dims, body))
 }
 
 fn be_u32(b: &[u8]) -> u32 {

@@ -13,6 +13,7 @@
 
 pub mod folder;
 pub mod idx;
+pub mod limits;
 pub mod npy;
 pub mod spec;
 pub mod synthetic;
@@ -161,6 +162,14 @@ impl Dataset {
         if n_samples > u32::MAX as usize {
             return Err(Error::data(&name, "more than 2^32 samples"));
         }
+        // Stored values, row norms, row order and labels; refused before allocating.
+        limits::check_alloc(
+            &format!("{name}: a dataset of {n_samples} samples x {dim} values"),
+            limits::product(&[
+                n_samples,
+                dim.saturating_mul(dtype.bytes()).saturating_add(12),
+            ]),
+        )?;
         if let Some(l) = &labels {
             if l.len() != n_samples {
                 return Err(Error::data(

@@ -18,7 +18,7 @@ use std::path::Path;
 use half::f16;
 use memmap2::Mmap;
 
-use super::spec::keep_first;
+use super::limits::{check_alloc, keep_first, product, read_file};
 use super::{Dataset, Dtype, RawRows, SampleShape};
 use crate::error::{Error, Result};
 
@@ -158,6 +158,17 @@ pub fn parse_header(bytes: &[u8], source: &Path) -> Result<NpyHeader> {
         .iter()
         .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| bad(format!("shape {:?} overflows", header.shape)))?;
+    // A header may claim any size: refuse what memory cannot hold before a reader
+    // allocates it (a truncated file is the likelier story, but the user needs to know
+    // either way, and a sparse file really can be that large).
+    check_alloc(
+        &format!(
+            "{}: .npy data of shape {} {descr}",
+            source.display(),
+            shape_text(&header.shape)
+        ),
+        Some(expected as u64),
+    )?;
     let got = bytes.len() - data_offset;
     if got < expected {
         return Err(bad(format!(
@@ -204,6 +215,20 @@ pub fn load(
         .transpose()?;
     let n = keep_first(data, n_total, limit)?;
     let dim: usize = rest.iter().product();
+    // Copies made on the way to storage: channels-last pixels are transposed, f64 (and
+    // unaligned data) converted to f32; then the dataset's own storage.
+    let copy = match (header.dtype, rest.len()) {
+        (NpyDtype::U8, 3) => 1,
+        (NpyDtype::F64, _) => 4,
+        _ => 0,
+    };
+    check_alloc(
+        &format!(
+            "{}: a dataset of {n} samples x {dim} values",
+            data.display()
+        ),
+        product(&[n, dim, copy + dtype.bytes()]),
+    )?;
     let body = &map[header.data_offset..header.data_offset + n * dim * header.dtype.size()];
     let labels = labels.map(|l| l[..n].to_vec());
     let name = data.display().to_string();
@@ -270,7 +295,7 @@ pub fn load(
 
 /// Reads a labels file: integers, shape (N,) or (N, 1), N = `n_samples` of `data`.
 pub fn read_labels(path: &Path, n_samples: usize, data: &Path) -> Result<Vec<u32>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = read_file(path)?;
     let header = parse_header(&bytes, path)?;
     if !header.dtype.is_integer() {
         return Err(Error::data(
@@ -326,10 +351,11 @@ pub fn read_labels(path: &Path, n_samples: usize, data: &Path) -> Result<Vec<u32
 }
 
 /// Reads an array as f32 values: `<f4`, `<f2`, `<f8` or `|u1` (u8 values as they are,
-/// 0 ..= 255, not rescaled). Returns (shape, values in C order).
+/// 0 ..= 255, not rescaled). Returns (shape, values in C order). NaN, infinities and f64
+/// values beyond f32's range are errors naming the file and the first such index.
 pub fn read_npy_f32(path: impl AsRef<Path>) -> Result<(Vec<usize>, Vec<f32>)> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = read_file(path)?;
     let header = parse_header(&bytes, path)?;
     if !matches!(
         header.dtype,
@@ -343,7 +369,21 @@ pub fn read_npy_f32(path: impl AsRef<Path>) -> Result<(Vec<usize>, Vec<f32>)> {
             ),
         ));
     }
+    check_alloc(
+        &format!("{}: {} f32 values", path.display(), header.n_elements()),
+        product(&[header.n_elements(), 4]),
+    )?;
     let values = to_f32_values(&bytes[header.data_offset..], header.dtype);
+    // Queries and times feed every posterior: a NaN would silently poison the results.
+    if let Some(k) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::data(
+            path,
+            format!(
+                "value {k} (flat index) is {}, expected finite numbers",
+                values[k]
+            ),
+        ));
+    }
     Ok((header.shape, values))
 }
 

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::limits::{check_alloc, product};
 use super::{folder, idx, npy, synthetic};
 use super::{Dataset, Dtype, RawRows, SampleShape};
 use crate::error::{Error, Result};
@@ -14,7 +15,8 @@ Dataset spec, one of:
                              classes), built into the binary
   fashion-mnist[:train]      Fashion-MNIST training set (60000 images, 10 classes) from
   fashion-mnist:test         /usr/share/datasets/fashion-mnist/ (test set: 10000 images);
-                             apt-get install dataset-fashion-mnist
+                             apt-get install dataset-fashion-mnist, or point
+                             ORACLEFLOW_FASHION_MNIST_DIR at a folder of the .gz files
   PATH-idx3-ubyte[.gz]       IDX images (MNIST family), raw or gzipped; labels from the
   idx:PATH                   *-labels-idx1-ubyte[.gz] file beside it when there is one
   DIR | folder:DIR           PNG/JPEG images, all one size (gray -> 1 channel, else RGB);
@@ -31,6 +33,27 @@ Append @M to any of these to keep only the first M samples, e.g. fashion-mnist@3
 
 /// Where Debian's `dataset-fashion-mnist` package puts the files.
 pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
+
+/// Environment variable naming another directory holding the Fashion-MNIST files.
+pub const FASHION_MNIST_DIR_ENV: &str = "ORACLEFLOW_FASHION_MNIST_DIR";
+
+/// The Fashion-MNIST directory: `$ORACLEFLOW_FASHION_MNIST_DIR` when set, else
+/// [`FASHION_MNIST_DIR`].
+pub fn fashion_mnist_dir() -> PathBuf {
+    std::env::var_os(FASHION_MNIST_DIR_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(FASHION_MNIST_DIR))
+}
+
+/// The (images, labels) files of a Fashion-MNIST split in [`fashion_mnist_dir`].
+pub fn fashion_mnist_files(test: bool) -> (PathBuf, PathBuf) {
+    let prefix = if test { "t10k" } else { "train" };
+    let dir = fashion_mnist_dir();
+    (
+        dir.join(format!("{prefix}-images-idx3-ubyte.gz")),
+        dir.join(format!("{prefix}-labels-idx1-ubyte.gz")),
+    )
+}
 
 /// The embedded default dataset (see `scripts/make_embedded.sh` and
 /// `assets/LICENSE-fashion-mnist.txt`).
@@ -102,16 +125,15 @@ impl DataSpec {
                 dtype,
             ),
             Source::FashionMnist { test } => {
-                let prefix = if *test { "t10k" } else { "train" };
-                let dir = Path::new(FASHION_MNIST_DIR);
-                let images = dir.join(format!("{prefix}-images-idx3-ubyte.gz"));
-                let labels = dir.join(format!("{prefix}-labels-idx1-ubyte.gz"));
+                let (images, labels) = fashion_mnist_files(*test);
                 for path in [&images, &labels] {
                     if !path.is_file() {
                         return Err(Error::data(
                             path,
-                            "missing: install Fashion-MNIST with \
-                             `apt-get install dataset-fashion-mnist`",
+                            format!(
+                                "missing: install Fashion-MNIST with `apt-get install \
+                                 dataset-fashion-mnist` (or set {FASHION_MNIST_DIR_ENV})"
+                            ),
                         ));
                     }
                 }
@@ -126,6 +148,8 @@ impl DataSpec {
                 seed,
             } => {
                 let n = synthetic_rows(spec, n_samples, limit)?;
+                // The generated f32 values, then the dataset's storage of them.
+                check_alloc(spec, product(&[n, dim, 4 + dtype.bytes()]))?;
                 let values = synthetic::gaussian(n, dim, seed);
                 Dataset::from_raw(
                     spec,
@@ -142,6 +166,12 @@ impl DataSpec {
                 seed,
             } => {
                 let n = synthetic_rows(spec, n_samples, limit)?;
+                // Component means, generated values and labels, then the dataset's storage.
+                let needed = product(&[k, dim, 4]).zip(product(&[
+                    n,
+                    dim.saturating_mul(4 + dtype.bytes()).saturating_add(4),
+                ]));
+                check_alloc(spec, needed.and_then(|(a, b)| a.checked_add(b)))?;
                 let (values, labels) = synthetic::mixture(n, dim, k, seed);
                 Dataset::from_raw(
                     spec,
@@ -152,19 +182,6 @@ impl DataSpec {
                 )
             }
         }
-    }
-}
-
-/// How many of a source's `n_samples` to keep for `limit` (all when None); asking for more
-/// samples than `source` has is an error naming it.
-pub(crate) fn keep_first(source: &Path, n_samples: usize, limit: Option<usize>) -> Result<usize> {
-    match limit {
-        None => Ok(n_samples),
-        Some(m) if m <= n_samples => Ok(m),
-        Some(m) => Err(Error::data(
-            source,
-            format!("has {n_samples} samples; @{m} asks for more"),
-        )),
     }
 }
 
