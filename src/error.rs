@@ -48,6 +48,10 @@ pub enum Error {
     /// A bug or a broken invariant, not the user's input.
     #[error("internal error: {0}")]
     Internal(String),
+
+    /// Ctrl-C: the work stopped at the next evaluation, before any output was written.
+    #[error("interrupted (Ctrl-C): stopped before writing any output")]
+    Interrupted,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -84,6 +88,7 @@ impl Error {
             | Error::Output { .. }
             | Error::TooLarge { .. } => 2,
             Error::Gpu(_) | Error::Internal(_) => 1,
+            Error::Interrupted => 130,
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod dataset;
 pub mod error;
 pub mod field;
+pub mod interrupt;
 pub mod oracle;
 pub mod output;
 pub mod path;

@@ -14,7 +14,9 @@ use clap::Parser;
 #[command(
     name = "oracleflow",
     version,
-    about = "Exact closed-form (oracle) flow-matching velocity over a whole dataset, on any GPU or CPU"
+    about = "Exact closed-form (oracle) flow-matching velocity over a whole dataset, on any GPU or CPU",
+    after_help = "Exit codes: 0 success, 1 internal or device error, 2 bad input or usage \
+                  (the error names the file or flag), 130 interrupted by Ctrl-C (no output written)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -28,7 +30,9 @@ fn main() -> ExitCode {
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
         std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
     }
-    match Cli::parse().command.run() {
+    let cli = Cli::parse();
+    oracleflow::interrupt::install();
+    match cli.command.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", oracleflow::error::one_line(&e));

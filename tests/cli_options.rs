@@ -355,3 +355,53 @@ fn bench_peers_agree_with_ours() {
     }
     assert_eq!(peers.iter().filter(|r| r["what"] == "ours: cpu").count(), 2);
 }
+
+/// Ctrl-C: the run stops within about a second (at the next evaluation), exits 130 and
+/// leaves no output file behind.
+#[test]
+fn ctrl_c_stops_with_130_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_oracleflow"))
+        .args([
+            "sample",
+            "--data",
+            "gaussian:4000,256",
+            "--backend",
+            "cpu",
+            "-n",
+            "64",
+            "--steps",
+            "100000",
+            "--out",
+        ])
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let sent = std::time::Instant::now();
+    assert!(Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            sent.elapsed().as_secs() < 20,
+            "still running 20 s after Ctrl-C"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "files left: {left:?}");
+}

@@ -190,6 +190,8 @@ impl<'d> Oracle<'d> {
     }
 
     pub fn evaluate(&mut self, query: &Query<'_>) -> Result<OracleOutput> {
+        // Every command's long work is a sequence of evaluations: stop here on Ctrl-C.
+        crate::interrupt::check()?;
         let ds = self.dataset;
         let dim = ds.dim();
         if query.x.is_empty() || !query.x.len().is_multiple_of(dim) {
