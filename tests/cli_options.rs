@@ -405,3 +405,48 @@ fn ctrl_c_stops_with_130_and_writes_nothing() {
         .unwrap_or_default();
     assert!(left.is_empty(), "files left: {left:?}");
 }
+
+/// `convert` writes the dataset's values (f32, or f16 rounded) in source order with its
+/// labels beside it, and the result loads back as the same dataset.
+#[test]
+fn convert_round_trips_in_source_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dataset::load("embedded@120", Dtype::F32).unwrap();
+    // f32: the centring (stored = y - mean) rounds once each way; f16: half precision.
+    for (dtype, tol) in [("f32", 1e-6f32), ("f16", 1e-3)] {
+        let out = dir.path().join(format!("sub/{dtype}.npy"));
+        ok(&[
+            "convert",
+            "embedded@120",
+            "--out",
+            out.to_str().unwrap(),
+            "--dtype",
+            dtype,
+        ]);
+        let labels = dir.path().join(format!("sub/{dtype}.labels.npy"));
+        let spec = format!("npy:{},{}", out.display(), labels.display());
+        let back = dataset::load(&spec, Dtype::F32).unwrap();
+        assert_eq!((back.n_samples(), back.dim()), (120, 784));
+        for i in 0..120u32 {
+            let (a, b) = (
+                src.row_of_original(i).unwrap(),
+                back.row_of_original(i).unwrap(),
+            );
+            let (va, vb) = (src.sample(a), back.sample(b));
+            let err = va
+                .iter()
+                .zip(&vb)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+            assert!(err <= tol, "{dtype} sample {i}: {err}");
+            assert_eq!(
+                src.labels().unwrap()[a],
+                back.labels().unwrap()[b],
+                "label of {i}"
+            );
+        }
+        // Not overwritten without --force.
+        let o = oracleflow(&["convert", "embedded@10", "--out", out.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(2));
+    }
+}

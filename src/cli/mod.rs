@@ -5,6 +5,7 @@
 
 mod args;
 mod bench;
+mod convert;
 mod info;
 mod sample;
 mod stages;
@@ -27,6 +28,8 @@ pub enum Command {
     Info(info::InfoArgs),
     /// Measure oracle throughput (GFLOP/s = 4 B N D / time) beside a plain sgemm
     Bench(bench::BenchArgs),
+    /// Write any dataset spec to an .npy file (f32 or f16), labels beside it
+    Convert(convert::ConvertArgs),
 }
 
 impl Command {
@@ -37,6 +40,7 @@ impl Command {
             Command::Stages(a) => stages::run(a),
             Command::Info(a) => info::run(a),
             Command::Bench(a) => bench::run(a),
+            Command::Convert(a) => convert::run(a),
         }
     }
 }

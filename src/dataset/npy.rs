@@ -402,8 +402,26 @@ pub fn write_npy_f32(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> R
             ),
         ));
     }
+    write_npy_with(path, "<f4", shape, |w| {
+        if cfg!(target_endian = "little") {
+            w.write_all(bytemuck::cast_slice(data))
+        } else {
+            data.iter().try_for_each(|v| w.write_all(&v.to_le_bytes()))
+        }
+    })
+}
+
+/// Writes a `.npy` file of dtype `descr` (e.g. `<f4`, `<f2`, `<i8`) and `shape` whose
+/// little-endian C-order body `fill` streams, atomically: the caller never holds the whole
+/// array, and an error leaves no half-written file at `path`.
+pub fn write_npy_with(
+    path: &Path,
+    descr: &str,
+    shape: &[usize],
+    fill: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> Result<()> {
     let mut header = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': {}, }}",
+        "{{'descr': '{descr}', 'fortran_order': False, 'shape': {}, }}",
         shape_text(shape)
     );
     // Version 1.0: 10-byte preamble; pad the header with spaces and a final newline so
@@ -426,11 +444,7 @@ pub fn write_npy_f32(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> R
             w.write_all(&(header.len() as u32).to_le_bytes())?;
         }
         w.write_all(header.as_bytes())?;
-        if cfg!(target_endian = "little") {
-            w.write_all(bytemuck::cast_slice(data))
-        } else {
-            data.iter().try_for_each(|v| w.write_all(&v.to_le_bytes()))
-        }
+        fill(w)
     })
 }
 
