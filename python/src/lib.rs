@@ -180,6 +180,12 @@ fn dataset_from_array(
     dtype: Dtype,
 ) -> PyResult<Dataset> {
     let a = as_array("data", data)?;
+    if !(is::<u8>(&a) || is::<f32>(&a) || is::<half::f16>(&a)) {
+        return Err(value_err(format!(
+            "data: dtype {} is not supported (pass float32, float16 or uint8 pixels)",
+            a.dtype()
+        )));
+    }
     let shape = a.shape().to_vec();
     if shape.len() < 2 {
         return Err(value_err(format!(
@@ -200,15 +206,10 @@ fn dataset_from_array(
         let v = Values::<f32>::of(&a)?;
         let raw = RawRows::F32(v.slice());
         py.detach(|| Dataset::from_raw(name, sample_shape, raw, labels, dtype))
-    } else if is::<half::f16>(&a) {
+    } else {
         let v = Values::<half::f16>::of(&a)?;
         let raw = RawRows::F16(v.slice());
         py.detach(|| Dataset::from_raw(name, sample_shape, raw, labels, dtype))
-    } else {
-        return Err(value_err(format!(
-            "data: dtype {} is not supported (pass float32, float16 or uint8 pixels)",
-            a.dtype()
-        )));
     };
     result.map_err(py_err)
 }
