@@ -67,8 +67,9 @@ class Oracle:
     def nearest(
         self, x: _Floats, k: int = 2
     ) -> Tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-        """The k nearest samples of each point, exactly: indices (B, k) into the source
-        data and Euclidean distances (B, k), nearest first."""
+        """The k nearest samples of each point: indices (B, k) into the source data and
+        Euclidean distances (B, k, exact float64 for the candidates of a float32
+        screening pass), nearest first."""
 
 @overload
 def sample(

@@ -558,9 +558,10 @@ impl Oracle {
 
     /// nearest(x, k=2) -> (indices, distances)
     ///
-    /// The k nearest dataset samples of each point of x (B, ...), exactly (Euclidean,
-    /// distances computed in float64 after a float32 screening pass): indices (B, k)
-    /// int64 into the source data and distances (B, k) float64, nearest first.
+    /// The k nearest dataset samples of each point of x (B, ...) in Euclidean distance:
+    /// indices (B, k) int64 into the source data and distances (B, k) float64, nearest
+    /// first (ties: lower index first). A float32 screening pass keeps the k + 6 best
+    /// candidates per point, whose distances are then computed exactly in float64.
     #[pyo3(signature = (x, k=2))]
     fn nearest<'py>(
         &self,

@@ -157,7 +157,8 @@ def test_gil_released_during_engine_calls(embedded):
     done = threading.Event()
 
     def work():
-        embedded.velocity(x, 0.5)
+        for _ in range(4):
+            embedded.velocity(x, 0.5)
         done.set()
 
     worker = threading.Thread(target=work)
@@ -166,6 +167,7 @@ def test_gil_released_during_engine_calls(embedded):
         ticks.append(time.perf_counter())
         time.sleep(0.001)
     worker.join()
-    # With the GIL held the loop would stall for the whole call (one gap ~ alone).
+    # With the GIL held the loop would stall for each whole call (gaps ~ alone); released,
+    # it ticks every millisecond or so throughout the four calls.
     gaps = np.diff(ticks)
-    assert len(ticks) > 5 and gaps.max() < 0.5 * max(alone, 0.05), (alone, gaps.max(), len(ticks))
+    assert len(ticks) >= 3 and gaps.max() < 0.5 * max(alone, 0.05), (alone, gaps.max(), len(ticks))
