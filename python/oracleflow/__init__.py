@@ -8,6 +8,11 @@
 
 The engine is the Rust library behind the `oracleflow` command line, with the same
 results (same bytes for the same inputs and seed) and the same error messages.
+
+Known issue: an Oracle with backend "auto" or "gpu" opens the Vulkan drivers; Mesa's
+(lavapipe, radv) carry their own LLVM, and triton (imported by torch.optim and
+torch.compile) crashes when it is loaded after them. Import triton first (create the
+torch optimizer before the Oracle, or `import torch._dynamo`), or use backend="cpu".
 """
 
 from ._oracleflow import Oracle, __version__, sample

@@ -251,12 +251,18 @@ fn query_classes(cls: Option<&Bound<'_, PyAny>>, n_queries: usize) -> PyResult<V
 
 /// Per-query times: one float for all, or B values (any shape holding B values).
 fn query_times(t: &Bound<'_, PyAny>, n_queries: usize) -> PyResult<Vec<f32>> {
-    if let Ok(t) = t.extract::<f64>() {
-        return Ok(vec![t as f32; n_queries]);
+    // Arrays go the array way: numpy 2 deprecates float() of a one-element array.
+    if t.cast::<PyUntypedArray>().is_err() {
+        if let Ok(t) = t.extract::<f64>() {
+            return Ok(vec![t as f32; n_queries]);
+        }
     }
     let a = as_array("t", t)?;
     let values = float_values("t", &a)?;
     let values = values.slice();
+    if a.ndim() == 0 {
+        return Ok(vec![values[0]; n_queries]);
+    }
     if values.len() != n_queries {
         return Err(value_err(format!(
             "t: shape {} does not hold one time for each of the {n_queries} queries",
@@ -525,7 +531,9 @@ impl Oracle {
     /// flow-matching training target. x: (B, ...) float32 with the dataset's values per
     /// query (other float dtypes are converted). t: a float in [0, 1] or B times (0 =
     /// noise, 1 = data). cls: None, an int (the oracle over that class's samples only)
-    /// or B ints (-1 = unconditional). Returns float32 shaped like x.
+    /// or B ints (-1 = unconditional). Returns float32 shaped like x. Same bytes for the
+    /// same batch (as the CLI's `velocity`); a query in another batch agrees to float32
+    /// rounding (the CPU GEMM blocks by batch size).
     #[pyo3(signature = (x, t, *, cls=None))]
     fn velocity<'py>(
         &self,

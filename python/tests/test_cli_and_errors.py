@@ -47,6 +47,22 @@ def test_velocity_same_bytes_as_cli(embedded, tmp_path):
         assert x1_hat.tobytes() == np.load(tmp_path / "h.npy").tobytes(), args
 
 
+def test_large_batch_and_npy_data_same_bytes_as_cli(tmp_path):
+    """More queries than one engine call takes (1024): cut the same way as the CLI."""
+    rng = np.random.default_rng(1)
+    data = rng.standard_normal((300, 2, 5)).astype(np.float32)
+    x = rng.standard_normal((1100, 2, 5)).astype(np.float32)
+    np.save(tmp_path / "data.npy", data)
+    np.save(tmp_path / "q.npy", x)
+    run_cli("velocity", "--data", f"npy:{tmp_path / 'data.npy'}", "--backend", "cpu",
+            "--queries", tmp_path / "q.npy", "--t", "0.8", "--out", tmp_path / "v.npy")
+    from_spec = oracleflow.Oracle(f"npy:{tmp_path / 'data.npy'}", backend="cpu")
+    from_array = oracleflow.Oracle(data, backend="cpu")
+    want = np.load(tmp_path / "v.npy").tobytes()
+    assert from_spec.velocity(x, 0.8).tobytes() == want
+    assert from_array.velocity(x, 0.8).tobytes() == want
+
+
 @pytest.mark.parametrize(
     "cli,kwargs",
     [

@@ -91,6 +91,13 @@ def test_per_query_times_and_layouts(random_oracle):
     assert rel_err(u, want_u) <= TOL
     assert np.array_equal(oracle.velocity(x, ts.astype(np.float32)[:, None]), u)
     assert np.array_equal(oracle.velocity(x, list(ts.astype(np.float32))), u)
+    # One time: a float, a numpy scalar or a 0-d array; one query: a (1,) array.
+    u5 = oracle.velocity(x, 0.5)
+    for t in (np.float32(0.5), np.array(0.5), np.full(24, 0.5)):
+        assert np.array_equal(oracle.velocity(x, t), u5)
+    # Bytes depend on the batch (the CPU GEMM takes another path for one row), so a lone
+    # query agrees to float32 rounding, not bit for bit.
+    assert rel_err(oracle.velocity(x[:1], np.array([0.5])), u5[:1]) <= 1e-6
     # A Fortran-ordered or strided view is read in C order (copied), float64 converted.
     xf = np.asfortranarray(x)
     assert np.array_equal(oracle.velocity(xf, ts), u)
