@@ -25,24 +25,46 @@ impl Neighbours {
     }
 }
 
-/// Candidates kept per point from the f32 screening pass before exact refinement.
-const CANDIDATES: usize = 8;
+/// Extra candidates kept per point, beyond the k wanted, from the f32 screening pass
+/// before exact refinement (8 in all for the nearest two).
+const SCREEN_MARGIN: usize = 6;
 /// Dataset rows per screening tile.
 const SCREEN_ROWS: usize = 1024;
 
-/// The two nearest training samples of each point (n x D, user coordinates).
+/// The two nearest training samples of each point (n x D, user coordinates); see
+/// [`nearest_k`].
+pub fn nearest_two(ds: &Dataset, points: &[f32]) -> Vec<Neighbours> {
+    nearest_k(ds, points, 2)
+        .into_iter()
+        .map(|near| {
+            let best = near[0];
+            let second = *near.get(1).unwrap_or(&best);
+            Neighbours {
+                nearest: ds.original_index(best.0),
+                nearest_row: best.0,
+                distance: best.1,
+                second: ds.original_index(second.0),
+                second_distance: second.1,
+            }
+        })
+        .collect()
+}
+
+/// The `k` nearest training samples of each point (n x D, user coordinates): per point,
+/// min(k, N) pairs (stored row, Euclidean distance), nearest first (ties: lower row first).
 ///
 /// Two passes, as docs/DESIGN.md §2 suggests for precision: a fast screen ranks every row by
 /// |y|^2 - 2 p.y (one GEMM per tile, f32, rows split across threads) and keeps the
-/// `CANDIDATES` best rows per point; then the distances of those candidates are
+/// `k + SCREEN_MARGIN` best rows per point; then the distances of those candidates are
 /// recomputed exactly by direct differences in f64. The expanded form alone would lose
 /// the small distances that matter here (a memorized sample sits at distance ~0).
-pub fn nearest_two(ds: &Dataset, points: &[f32]) -> Vec<Neighbours> {
+pub fn nearest_k(ds: &Dataset, points: &[f32], k: usize) -> Vec<Vec<(usize, f64)>> {
     let dim = ds.dim();
     let n = points.len() / dim;
-    if n == 0 {
-        return Vec::new();
+    if n == 0 || k == 0 {
+        return vec![Vec::new(); n];
     }
+    let keep = k + SCREEN_MARGIN;
     let mean = ds.mean();
     // Centred points, to compare with the stored (centred) rows.
     let centred: Vec<f32> = points
@@ -55,7 +77,10 @@ pub fn nearest_two(ds: &Dataset, points: &[f32]) -> Vec<Neighbours> {
         .step_by(per_block.max(1))
         .collect::<Vec<_>>()
         .into_par_iter()
-        .map(|start| screen(ds, &centred, start..(start + per_block).min(ds.n_samples())))
+        .map(|start| {
+            let rows = start..(start + per_block).min(ds.n_samples());
+            screen(ds, &centred, rows, keep)
+        })
         .collect();
 
     (0..n)
@@ -82,26 +107,24 @@ pub fn nearest_two(ds: &Dataset, points: &[f32]) -> Vec<Neighbours> {
                 })
                 .collect();
             exact.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-            let best = exact[0];
-            let second = *exact.get(1).unwrap_or(&best);
-            Neighbours {
-                nearest: ds.original_index(best.1),
-                nearest_row: best.1,
-                distance: best.0.sqrt(),
-                second: ds.original_index(second.1),
-                second_distance: second.0.sqrt(),
-            }
+            exact.truncate(k);
+            exact.into_iter().map(|(d2, r)| (r, d2.sqrt())).collect()
         })
         .collect()
 }
 
-/// The screening pass over `rows`: per point, the `CANDIDATES` rows with the smallest
+/// The screening pass over `rows`: per point, the `keep` rows with the smallest
 /// |y|^2 - 2 p.y (ascending).
-fn screen(ds: &Dataset, centred: &[f32], rows: std::ops::Range<usize>) -> Vec<Vec<(f32, usize)>> {
+fn screen(
+    ds: &Dataset,
+    centred: &[f32],
+    rows: std::ops::Range<usize>,
+    keep: usize,
+) -> Vec<Vec<(f32, usize)>> {
     use crate::oracle::cpu::{sgemm, stored_rows_f32, Gemm};
     let dim = ds.dim();
     let n = centred.len() / dim;
-    let mut best: Vec<Vec<(f32, usize)>> = vec![Vec::with_capacity(CANDIDATES + 1); n];
+    let mut best: Vec<Vec<(f32, usize)>> = vec![Vec::with_capacity(keep + 1); n];
     let mut dots = vec![0.0f32; n * SCREEN_ROWS];
     let mut scratch = Vec::new();
     for start in rows.clone().step_by(SCREEN_ROWS) {
@@ -124,10 +147,10 @@ fn screen(ds: &Dataset, centred: &[f32], rows: std::ops::Range<usize>) -> Vec<Ve
             let list = &mut best[q];
             for (j, (&dot, &norm)) in scores.iter().zip(&ds.sq_norms()[tile.clone()]).enumerate() {
                 let score = norm - 2.0 * dot;
-                if list.len() < CANDIDATES || score < list[list.len() - 1].0 {
+                if list.len() < keep || score < list[list.len() - 1].0 {
                     let at = list.partition_point(|&(v, _)| v <= score);
                     list.insert(at, (score, tile.start + j));
-                    list.truncate(CANDIDATES);
+                    list.truncate(keep);
                 }
             }
         }

@@ -96,8 +96,9 @@ pub struct Posterior {
     pub stats: Vec<QueryStats>,
 }
 
-/// A fast backend: built once for a dataset, reused across calls.
-pub trait Backend {
+/// A fast backend: built once for a dataset, reused across calls. `Send` so an oracle can
+/// work on another thread (the Python binding releases the GIL around evaluations).
+pub trait Backend: Send {
     fn posterior(&mut self, batch: &CentredBatch<'_>) -> Result<Posterior>;
     /// Human-readable description (for `info` and run.json).
     fn describe(&self) -> String;
