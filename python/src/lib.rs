@@ -15,6 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyTuple};
 
 use oracleflow::dataset::{self, RawRows, SampleShape};
+use oracleflow::field::OracleField;
 use oracleflow::oracle::gpu::GpuOptions;
 use oracleflow::oracle::{BackendKind, Oracle as Engine, Query, QueryStats, Times};
 use oracleflow::sample::{Guidance, SampleOptions, Solver};
@@ -44,7 +45,7 @@ self_cell::self_cell!(
 fn py_err(e: Error) -> PyErr {
     let message = e.to_string();
     match &e {
-        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+        Error::Io { error, .. } if error.kind() == std::io::ErrorKind::NotFound => {
             PyFileNotFoundError::new_err(message)
         }
         // The dataset loaders name a missing file as "<path>: missing ...".
@@ -353,6 +354,27 @@ impl Oracle {
                 // lock; the oracle holds no state between calls that a panic could break.
                 let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
                 f(&mut engine)
+            })
+        })
+        .map_err(py_err)
+    }
+
+    /// Runs `f` on the engine as a velocity field (the solvers integrate fields, which own
+    /// their oracle), with the GIL released. The oracle is lent to the field for the call
+    /// and put back afterwards; a cheap f64-reference oracle holds its place meanwhile.
+    fn with_field<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl for<'d> FnOnce(&mut OracleField<'d>) -> oracleflow::Result<T> + Send,
+    ) -> PyResult<T> {
+        py.detach(|| {
+            self.cell.with_dependent(|ds, engine| {
+                let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
+                let stand_in = Engine::new(ds, engine.path(), BackendKind::Reference)?;
+                let mut field = OracleField::new(std::mem::replace(&mut *engine, stand_in));
+                let result = f(&mut field);
+                *engine = field.into_oracle();
+                result
             })
         })
         .map_err(py_err)
@@ -722,8 +744,8 @@ fn sample<'py>(
             Vec::new()
         },
     };
-    let run = oracle.with_engine(py, |engine| {
-        oracleflow::sample::sample(engine, &options, || {})
+    let run = oracle.with_field(py, |field| {
+        oracleflow::sample::sample(field, &options, || {})
     })?;
     let mut shape = vec![n];
     shape.extend(&ds.shape.dims);
