@@ -146,8 +146,13 @@ pub struct StagePoint {
     pub mean_ess: f64,
     /// |u_cond - u*(x_t, t)|^2 / D averaged over pairs, where u_cond = alpha' y + sigma' x0
     /// is the conditional (training) target: how far the exact marginal velocity is from
-    /// what a flow-matching loss regresses on (paper Fig. 2a).
+    /// what a flow-matching loss regresses on (paper Fig. 2a). At t = 0 on the rf path
+    /// (x_t = x0, u* = mean - x0, u_cond = y - x0) it is |y - mean|^2 / D averaged over the
+    /// pairs: the dataset's total variance / D in expectation.
     pub target_difference: f64,
+    /// Share of queries whose top-1 sample is the nearest training sample of the sample
+    /// x_t was built from (for training queries: that sample itself, up to duplicates)
+    pub nearest_rate: f64,
 }
 
 /// The grid of a stage curve: `steps` equal intervals on [0, t_max], t_max < 1.
@@ -167,17 +172,40 @@ pub fn stage_times(steps: usize, t_max: f64) -> crate::error::Result<Vec<f64>> {
         .collect())
 }
 
+/// The (training row, noise index) pairs of a stage curve: `n_pairs` rows drawn uniformly
+/// (with replacement) from `0..n_rows` by ChaCha8 seeded with `seed`; pair k's noise is
+/// `sample::initial_noise(seed, k, D)`. Public so a test can rebuild the same queries.
+pub fn stage_pairs(seed: u64, n_pairs: usize, n_rows: usize) -> Vec<usize> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n_pairs).map(|_| rng.random_range(0..n_rows)).collect()
+}
+
 /// The stage curve of a dataset: at each time of `times` (each < 1), `n_pairs` queries
 /// x_t = alpha y_j + sigma x0 built from random training samples y_j and noise x0 (the
-/// same pairs at every time, fixed by `seed`), through the oracle.
+/// same pairs at every time, fixed by `seed`, see [`stage_pairs`]), through the oracle.
 pub fn stage_curve(
     oracle: &mut crate::oracle::Oracle<'_>,
     times: &[f64],
     n_pairs: usize,
     seed: u64,
+    tick: impl FnMut(),
+) -> crate::error::Result<Vec<StagePoint>> {
+    stage_curve_from(oracle, times, n_pairs, seed, None, tick)
+}
+
+/// [`stage_curve`] with the y_j drawn from `queries` (e.g. a held-out test set) when given,
+/// instead of from the training set. The posterior can then not pick y_j itself: late in
+/// the path it settles on y_j's nearest training sample, which `nearest_rate` tracks
+/// (`own_sample_rate` is NaN: no training sample is "the one x_t came from").
+pub fn stage_curve_from(
+    oracle: &mut crate::oracle::Oracle<'_>,
+    times: &[f64],
+    n_pairs: usize,
+    seed: u64,
+    queries: Option<&Dataset>,
     mut tick: impl FnMut(),
 ) -> crate::error::Result<Vec<StagePoint>> {
-    use rand::{Rng, SeedableRng};
     if n_pairs == 0 {
         return Err(crate::error::Error::Input(
             "--pairs must be at least 1".into(),
@@ -186,11 +214,29 @@ pub fn stage_curve(
     let ds = oracle.dataset();
     let path = oracle.path();
     let dim = ds.dim();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let rows: Vec<usize> = (0..n_pairs)
-        .map(|_| rng.random_range(0..ds.n_samples()))
-        .collect();
-    let ys: Vec<Vec<f64>> = rows.iter().map(|&r| ds.sample_f64(r)).collect();
+    let source = queries.unwrap_or(ds);
+    if source.dim() != dim {
+        return Err(crate::error::Error::Input(format!(
+            "--queries-from {}: samples of {} values, but {} has {dim}",
+            source.name,
+            source.dim(),
+            ds.name
+        )));
+    }
+    let rows = stage_pairs(seed, n_pairs, source.n_samples());
+    let ys: Vec<Vec<f64>> = rows.iter().map(|&r| source.sample_f64(r)).collect();
+    // The training sample each y_j is closest to: itself for training queries (up to exact
+    // duplicates), found exactly for held-out ones.
+    let targets: Vec<u32> = match queries {
+        None => rows.iter().map(|&r| ds.original_index(r)).collect(),
+        Some(q) => {
+            let points: Vec<f32> = rows.iter().flat_map(|&r| q.sample(r)).collect();
+            nearest_two(ds, &points)
+                .iter()
+                .map(|nb| nb.nearest)
+                .collect()
+        }
+    };
     let noise: Vec<Vec<f64>> = (0..n_pairs)
         .map(|k| crate::sample::initial_noise(seed, k, dim))
         .collect();
@@ -222,7 +268,10 @@ pub fn stage_curve(
         };
         for (k, s) in out.stats.iter().enumerate() {
             p.mean_top1_weight += s.top1_weight as f64;
-            p.own_sample_rate += (s.top1_index == ds.original_index(rows[k])) as u8 as f64;
+            if queries.is_none() {
+                p.own_sample_rate += (s.top1_index == ds.original_index(rows[k])) as u8 as f64;
+            }
+            p.nearest_rate += (s.top1_index == targets[k]) as u8 as f64;
             p.mean_entropy += s.entropy as f64;
             p.mean_ess += s.ess as f64;
             let u = &out.velocity[k * dim..(k + 1) * dim];
@@ -236,7 +285,11 @@ pub fn stage_curve(
         }
         let n = n_pairs as f64;
         p.mean_top1_weight /= n;
-        p.own_sample_rate /= n;
+        p.own_sample_rate = match queries {
+            None => p.own_sample_rate / n,
+            Some(_) => f64::NAN,
+        };
+        p.nearest_rate /= n;
         p.mean_entropy /= n;
         p.mean_ess /= n;
         p.target_difference /= n;
@@ -244,6 +297,15 @@ pub fn stage_curve(
         tick();
     }
     Ok(curve)
+}
+
+/// The levels of the mean top-1 weight whose first crossing times the studies report.
+pub const TOP1_LEVELS: [f64; 3] = [0.5, 0.9, 0.99];
+
+/// First times at which the mean top-1 weight of `curve` reaches each of [`TOP1_LEVELS`].
+pub fn top1_crossings(curve: &[StagePoint]) -> [Option<f64>; 3] {
+    let top1: Vec<(f64, f64)> = curve.iter().map(|p| (p.t, p.mean_top1_weight)).collect();
+    TOP1_LEVELS.map(|level| crossing(&top1, level))
 }
 
 /// The first time at which `value` reaches `level`, interpolated linearly between grid times.
