@@ -15,6 +15,9 @@ pub struct Neighbours {
     pub distance: f64,
     /// Source index of the second nearest (equals `nearest` when N = 1)
     pub second: u32,
+    /// Stored row of the second nearest
+    #[serde(skip)]
+    pub second_row: usize,
     pub second_distance: f64,
 }
 
@@ -89,6 +92,7 @@ pub fn nearest_two(ds: &Dataset, points: &[f32]) -> Vec<Neighbours> {
                 nearest_row: best.1,
                 distance: best.0.sqrt(),
                 second: ds.original_index(second.1),
+                second_row: second.1,
                 second_distance: second.0.sqrt(),
             }
         })
