@@ -41,6 +41,16 @@ const SCREEN_ROWS: usize = 1024;
 /// recomputed exactly by direct differences in f64. The expanded form alone would lose
 /// the small distances that matter here (a memorized sample sits at distance ~0).
 pub fn nearest_two(ds: &Dataset, points: &[f32]) -> Vec<Neighbours> {
+    nearest_two_in(ds, points, 0..ds.n_samples())
+}
+
+/// [`nearest_two`] among the stored rows `rows` only (e.g. one class's,
+/// `Dataset::rows_for`). `rows` must not be empty.
+pub fn nearest_two_in(
+    ds: &Dataset,
+    points: &[f32],
+    rows: std::ops::Range<usize>,
+) -> Vec<Neighbours> {
     let dim = ds.dim();
     let n = points.len() / dim;
     if n == 0 {
@@ -53,12 +63,13 @@ pub fn nearest_two(ds: &Dataset, points: &[f32]) -> Vec<Neighbours> {
         .flat_map(|p| p.iter().zip(mean).map(|(&a, &m)| a - m))
         .collect();
     let blocks = rayon::current_num_threads().max(1);
-    let per_block = ds.n_samples().div_ceil(blocks).div_ceil(SCREEN_ROWS) * SCREEN_ROWS;
-    let partial: Vec<Vec<Vec<(f32, usize)>>> = (0..ds.n_samples())
+    let per_block = rows.len().div_ceil(blocks).div_ceil(SCREEN_ROWS) * SCREEN_ROWS;
+    let partial: Vec<Vec<Vec<(f32, usize)>>> = rows
+        .clone()
         .step_by(per_block.max(1))
         .collect::<Vec<_>>()
         .into_par_iter()
-        .map(|start| screen(ds, &centred, start..(start + per_block).min(ds.n_samples())))
+        .map(|start| screen(ds, &centred, start..(start + per_block).min(rows.end)))
         .collect();
 
     (0..n)
@@ -195,19 +206,23 @@ pub fn stage_curve(
     seed: u64,
     tick: impl FnMut(),
 ) -> crate::error::Result<Vec<StagePoint>> {
-    stage_curve_from(oracle, times, n_pairs, seed, None, tick)
+    stage_curve_from(oracle, times, n_pairs, seed, None, None, tick)
 }
 
 /// [`stage_curve`] with the y_j drawn from `queries` (e.g. a held-out test set) when given,
 /// instead of from the training set. The posterior can then not pick y_j itself: late in
 /// the path it settles on y_j's nearest training sample, which `nearest_rate` tracks
 /// (`own_sample_rate` is NaN: no training sample is "the one x_t came from").
+///
+/// With `class`, the posterior is the class-conditional one (over that class's training
+/// samples) and the y_j are drawn from that class's samples of the query set.
 pub fn stage_curve_from(
     oracle: &mut crate::oracle::Oracle<'_>,
     times: &[f64],
     n_pairs: usize,
     seed: u64,
     queries: Option<&Dataset>,
+    class: Option<u32>,
     mut tick: impl FnMut(),
 ) -> crate::error::Result<Vec<StagePoint>> {
     if n_pairs == 0 {
@@ -227,7 +242,12 @@ pub fn stage_curve_from(
             ds.name
         )));
     }
-    let rows = stage_pairs(seed, n_pairs, source.n_samples());
+    let train_rows = ds.rows_for(class)?;
+    let source_rows = source.rows_for(class)?;
+    let rows: Vec<usize> = stage_pairs(seed, n_pairs, source_rows.len())
+        .into_iter()
+        .map(|r| source_rows.start + r)
+        .collect();
     let ys: Vec<Vec<f64>> = rows.iter().map(|&r| source.sample_f64(r)).collect();
     // The training sample each y_j is closest to: itself for training queries (up to exact
     // duplicates), found exactly for held-out ones.
@@ -235,7 +255,7 @@ pub fn stage_curve_from(
         None => rows.iter().map(|&r| ds.original_index(r)).collect(),
         Some(q) => {
             let points: Vec<f32> = rows.iter().flat_map(|&r| q.sample(r)).collect();
-            nearest_two(ds, &points)
+            nearest_two_in(ds, &points, train_rows)
                 .iter()
                 .map(|nb| nb.nearest)
                 .collect()
@@ -264,7 +284,7 @@ pub fn stage_curve_from(
         let out = oracle.evaluate(&crate::oracle::Query {
             x: &x,
             t: crate::oracle::Times::Scalar(t as f32),
-            class: None,
+            class,
         })?;
         let mut p = StagePoint {
             t,

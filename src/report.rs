@@ -355,6 +355,8 @@ pub struct StageResult {
     pub backend: String,
     /// `--queries-from`: the spec the y_j of x_t came from, when not the training set
     pub queries_from: Option<String>,
+    /// `--class`: the class-conditional posterior of that class
+    pub class: Option<u32>,
     pub curve: Vec<crate::analysis::StagePoint>,
 }
 
@@ -426,13 +428,16 @@ pub fn stages_comparison_chart(results: &[StageResult]) -> Result<image::RgbImag
         ];
         line_chart(
             &Chart {
-                title: &match &r.queries_from {
-                    None => format!("{} (N = {}, D = {})", r.data, r.n_samples, r.dim),
-                    Some(q) => format!(
-                        "{} (N = {}, D = {}), x_t built from {q}",
-                        r.data, r.n_samples, r.dim
-                    ),
-                },
+                title: &format!(
+                    "{}{} (N = {}, D = {}){}",
+                    r.data,
+                    r.class.map_or(String::new(), |c| format!(", class {c}")),
+                    r.n_samples,
+                    r.dim,
+                    r.queries_from
+                        .as_ref()
+                        .map_or(String::new(), |q| format!(", x_t built from {q}"))
+                ),
                 x_label: T_AXIS,
                 y_label: "fraction",
                 x_range,
@@ -484,6 +489,7 @@ pub fn stages_json(settings: &StageSettings, results: &[StageResult]) -> serde_j
                 "curve": r.curve,
                 "t_top1_0.9": t90,
                 "queries_from": r.queries_from,
+                "class": r.class,
                 "nearest_rate_at_t_max": r.curve.last().map(|p| p.nearest_rate),
             })
         })

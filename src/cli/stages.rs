@@ -26,6 +26,9 @@ pub struct StagesArgs {
     /// posterior then refines towards each query's nearest training sample
     #[arg(long, value_name = "SPEC")]
     queries_from: Option<String>,
+    /// The class-conditional posterior of one class (queries from that class only)
+    #[arg(long)]
+    class: Option<u32>,
     /// Intervals of the time grid on [0, t_max]
     #[arg(long, default_value_t = 50)]
     steps: usize,
@@ -64,15 +67,20 @@ pub fn run(a: StagesArgs) -> Result<()> {
             a.pairs,
             a.seed,
             queries.as_ref(),
+            a.class,
             || bar.inc(1),
         )?;
         bar.finish_and_clear();
         let r = StageResult {
             data: spec.clone(),
-            n_samples: ds.n_samples(),
+            n_samples: match a.class {
+                Some(c) => ds.rows_for(Some(c))?.len(),
+                None => ds.n_samples(),
+            },
             dim: ds.dim(),
             backend: oracle.describe(),
             queries_from: a.queries_from.clone(),
+            class: a.class,
             curve,
         };
         let [t50, t90, t99] = r.crossing_times();

@@ -121,8 +121,8 @@ struct CfgArgs {
     scale: f64,
     /// Guidance intervals t_lo,t_hi, one setting each (repeat the flag); the unguided
     /// baseline always comes first. Default: 0,1 0,0.1 0.1,0.6 0.9,1
-    #[arg(long = "interval", value_delimiter = ',', num_args = 2, action = clap::ArgAction::Append)]
-    intervals: Vec<f64>,
+    #[arg(long = "interval", value_name = "T_LO,T_HI", value_parser = parse_interval)]
+    intervals: Vec<[f64; 2]>,
     /// Noise seed (every setting starts from the same noise)
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -134,12 +134,25 @@ struct CfgArgs {
     out: OutDirArgs,
 }
 
+/// `t_lo,t_hi` (checked further by `Guidance::new`).
+fn parse_interval(s: &str) -> std::result::Result<[f64; 2], String> {
+    let v: Vec<f64> = s
+        .split(',')
+        .map(|x| x.trim().parse::<f64>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| format!("'{s}': {e}"))?;
+    match v[..] {
+        [lo, hi] => Ok([lo, hi]),
+        _ => Err(format!("'{s}': expected two times t_lo,t_hi")),
+    }
+}
+
 fn run_cfg(a: CfgArgs) -> Result<()> {
     output::check_new_in(&a.out.out, &cfg::FILES, a.out.force)?;
     let intervals = if a.intervals.is_empty() {
         cfg::DEFAULT_INTERVALS.to_vec()
     } else {
-        a.intervals.chunks(2).map(|c| [c[0], c[1]]).collect()
+        a.intervals
     };
     let opts = cfg::CfgOptions {
         per_class: a.per_class,
