@@ -90,7 +90,7 @@ pub fn stages_chart(run: &SampleRun, n_dataset: usize) -> Result<image::RgbImage
         &Chart {
             title: &format!("Navigation, then refinement (N = {n_dataset})"),
             x_label: T_AXIS,
-            y_label: "fraction",
+            y_label: "fraction (0 to 1)",
             x_range: (0.0, 1.0),
             y_range: (0.0, 1.05),
             markers: &markers,
@@ -439,7 +439,7 @@ pub fn stages_comparison_chart(results: &[StageResult]) -> Result<image::RgbImag
                         .map_or(String::new(), |q| format!(", x_t built from {q}"))
                 ),
                 x_label: T_AXIS,
-                y_label: "fraction",
+                y_label: "fraction (0 to 1)",
                 x_range,
                 y_range: (0.0, 1.05),
                 markers: &markers,

@@ -55,8 +55,9 @@ pub fn run(a: StagesArgs) -> Result<()> {
         let ds = dataset::load(spec, a.dtype)?;
         let mut oracle = a.oracle.build(&ds)?;
         eprintln!(
-            "{spec}: N = {}, D = {} on {}",
-            ds.n_samples(),
+            "{spec}{}: N = {}, D = {} on {}",
+            a.class.map_or(String::new(), |c| format!(", class {c}")),
+            ds.rows_for(a.class)?.len(),
             ds.dim(),
             oracle.describe()
         );
