@@ -598,6 +598,47 @@ mod tests {
     }
 
     #[test]
+    fn annotated_grid_draws_text_in_its_margins() {
+        let shape = SampleShape::image(1, 4, 4);
+        let v = [1.0f32; 16];
+        let cells = vec![vec![Some(&v[..]), Some(&v[..])]; 2];
+        let ann = Annotations {
+            title: Some("Title".into()),
+            column_labels: vec!["t = 0".into(), "t = 1".into()],
+            row_labels: vec!["x_t".into(), "x1_hat".into()],
+            captions: vec![vec![(0, 2, "d1/d2 = 0.10".into())]; 2],
+            group: 0,
+            group_gap: 0,
+        };
+        let o = GridOptions {
+            scale: 10,
+            pad: 2,
+            background: [255; 3],
+        };
+        let img = annotated_grid(&cells, &shape, &o, &ann).unwrap();
+        let plain = grid(&cells, &shape, &o);
+        assert!(img.width() > plain.width() && img.height() > plain.height());
+        // Dark text pixels appear above the cells, left of them and under each row.
+        let dark = |x0: u32, x1: u32, y0: u32, y1: u32| {
+            (y0..y1)
+                .flat_map(|y| (x0..x1).map(move |x| (x, y)))
+                .filter(|&(x, y)| img.get_pixel(x, y).0.iter().all(|&c| c < 100))
+                .count()
+        };
+        let left = img.width() - plain.width() + 2;
+        let top = 30 + 22;
+        assert!(dark(0, img.width(), 0, 30) > 10, "title");
+        assert!(dark(left, img.width(), 30, top) > 10, "column labels");
+        assert!(dark(0, left - 2, top, img.height()) > 10, "row labels");
+        assert!(
+            dark(left, img.width(), top + 2 + 40, top + 2 + 40 + 21) > 10,
+            "caption"
+        );
+        // The cells themselves are drawn unchanged (white, value 1).
+        assert_eq!(img.get_pixel(left + 5, top + 5).0, [255; 3]);
+    }
+
+    #[test]
     #[should_panic(expected = "needs 4")]
     fn wrong_sample_length_panics() {
         let shape = SampleShape::image(1, 2, 2);

@@ -36,20 +36,18 @@ pub fn picture(ds: &Dataset, samples: &[f32], nb: &[Neighbours]) -> Result<image
         let end = (start + TRIPLES_PER_ROW).min(shown);
         let mut row: Vec<Option<&[f32]>> = Vec::new();
         let mut caps = Vec::new();
-        for i in start..end {
+        for (i, n) in nb.iter().enumerate().take(end).skip(start) {
             row.push(Some(&samples[i * dim..(i + 1) * dim]));
             row.push(Some(&images[i][0]));
             row.push(Some(&images[i][1]));
-            let n = &nb[i];
             caps.push((
                 3 * (i - start),
                 3,
                 format!(
-                    "#{i}: d1 = {:.2}, d2 = {:.2}, d1/d2 = {:.2}{}",
+                    "d1 = {:.2}, d2 = {:.2}, d1/d2 = {:.2}",
                     n.distance,
                     n.second_distance,
-                    n.distance / n.second_distance.max(1e-300),
-                    if n.memorized() { " mem." } else { "" }
+                    n.distance / n.second_distance.max(1e-300)
                 ),
             ));
         }
@@ -66,8 +64,9 @@ pub fn picture(ds: &Dataset, samples: &[f32], nb: &[Neighbours]) -> Result<image
         &GridOptions::for_shape(&ds.shape),
         &Annotations {
             title: Some(format!(
-                "Nearest training samples in {} (Euclidean distance; memorized: d1/d2 < 1/3), first {shown} of {}",
+                "Nearest training samples in {} (Euclidean distance in data units; memorized: d1/d2 < 1/3), samples 0 to {} of {}, row-major",
                 ds.name,
+                shown.saturating_sub(1),
                 nb.len()
             )),
             column_labels,
