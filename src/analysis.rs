@@ -15,6 +15,9 @@ pub struct Neighbours {
     pub distance: f64,
     /// Source index of the second nearest (equals `nearest` when N = 1)
     pub second: u32,
+    /// Stored row of the second nearest
+    #[serde(skip)]
+    pub second_row: usize,
     pub second_distance: f64,
 }
 
@@ -34,7 +37,17 @@ const SCREEN_ROWS: usize = 1024;
 /// The two nearest training samples of each point (n x D, user coordinates); see
 /// [`nearest_k`].
 pub fn nearest_two(ds: &Dataset, points: &[f32]) -> Vec<Neighbours> {
-    nearest_k(ds, points, 2)
+    nearest_two_in(ds, points, 0..ds.n_samples())
+}
+
+/// [`nearest_two`] among the stored rows `rows` only (e.g. one class's,
+/// `Dataset::rows_for`). `rows` must not be empty.
+pub fn nearest_two_in(
+    ds: &Dataset,
+    points: &[f32],
+    rows: std::ops::Range<usize>,
+) -> Vec<Neighbours> {
+    nearest_k_in(ds, points, 2, rows)
         .into_iter()
         .map(|near| {
             let best = near[0];
@@ -44,6 +57,7 @@ pub fn nearest_two(ds: &Dataset, points: &[f32]) -> Vec<Neighbours> {
                 nearest_row: best.0,
                 distance: best.1,
                 second: ds.original_index(second.0),
+                second_row: second.0,
                 second_distance: second.1,
             }
         })
@@ -59,6 +73,16 @@ pub fn nearest_two(ds: &Dataset, points: &[f32]) -> Vec<Neighbours> {
 /// recomputed exactly by direct differences in f64. The expanded form alone would lose
 /// the small distances that matter here (a memorized sample sits at distance ~0).
 pub fn nearest_k(ds: &Dataset, points: &[f32], k: usize) -> Vec<Vec<(usize, f64)>> {
+    nearest_k_in(ds, points, k, 0..ds.n_samples())
+}
+
+/// [`nearest_k`] among the stored rows `rows` only.
+pub fn nearest_k_in(
+    ds: &Dataset,
+    points: &[f32],
+    k: usize,
+    rows: std::ops::Range<usize>,
+) -> Vec<Vec<(usize, f64)>> {
     let dim = ds.dim();
     let n = points.len() / dim;
     if n == 0 || k == 0 {
@@ -72,15 +96,13 @@ pub fn nearest_k(ds: &Dataset, points: &[f32], k: usize) -> Vec<Vec<(usize, f64)
         .flat_map(|p| p.iter().zip(mean).map(|(&a, &m)| a - m))
         .collect();
     let blocks = rayon::current_num_threads().max(1);
-    let per_block = ds.n_samples().div_ceil(blocks).div_ceil(SCREEN_ROWS) * SCREEN_ROWS;
-    let partial: Vec<Vec<Vec<(f32, usize)>>> = (0..ds.n_samples())
+    let per_block = rows.len().div_ceil(blocks).div_ceil(SCREEN_ROWS) * SCREEN_ROWS;
+    let partial: Vec<Vec<Vec<(f32, usize)>>> = rows
+        .clone()
         .step_by(per_block.max(1))
         .collect::<Vec<_>>()
         .into_par_iter()
-        .map(|start| {
-            let rows = start..(start + per_block).min(ds.n_samples());
-            screen(ds, &centred, rows, keep)
-        })
+        .map(|start| screen(ds, &centred, start..(start + per_block).min(rows.end), keep))
         .collect();
 
     (0..n)
@@ -169,8 +191,13 @@ pub struct StagePoint {
     pub mean_ess: f64,
     /// |u_cond - u*(x_t, t)|^2 / D averaged over pairs, where u_cond = alpha' y + sigma' x0
     /// is the conditional (training) target: how far the exact marginal velocity is from
-    /// what a flow-matching loss regresses on (paper Fig. 2a).
+    /// what a flow-matching loss regresses on (paper Fig. 2a). At t = 0 on the rf path
+    /// (x_t = x0, u* = mean - x0, u_cond = y - x0) it is |y - mean|^2 / D averaged over the
+    /// pairs: the dataset's total variance / D in expectation.
     pub target_difference: f64,
+    /// Share of queries whose top-1 sample is the nearest training sample of the sample
+    /// x_t was built from (for training queries: that sample itself, up to duplicates)
+    pub nearest_rate: f64,
 }
 
 /// The grid of a stage curve: `steps` equal intervals on [0, t_max], t_max < 1.
@@ -190,17 +217,44 @@ pub fn stage_times(steps: usize, t_max: f64) -> crate::error::Result<Vec<f64>> {
         .collect())
 }
 
+/// The (training row, noise index) pairs of a stage curve: `n_pairs` rows drawn uniformly
+/// (with replacement) from `0..n_rows` by ChaCha8 seeded with `seed`; pair k's noise is
+/// `sample::initial_noise(seed, k, D)`. Public so a test can rebuild the same queries.
+pub fn stage_pairs(seed: u64, n_pairs: usize, n_rows: usize) -> Vec<usize> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n_pairs).map(|_| rng.random_range(0..n_rows)).collect()
+}
+
 /// The stage curve of a dataset: at each time of `times` (each < 1), `n_pairs` queries
 /// x_t = alpha y_j + sigma x0 built from random training samples y_j and noise x0 (the
-/// same pairs at every time, fixed by `seed`), through the oracle.
+/// same pairs at every time, fixed by `seed`, see [`stage_pairs`]), through the oracle.
 pub fn stage_curve(
     oracle: &mut crate::oracle::Oracle<'_>,
     times: &[f64],
     n_pairs: usize,
     seed: u64,
+    tick: impl FnMut(),
+) -> crate::error::Result<Vec<StagePoint>> {
+    stage_curve_from(oracle, times, n_pairs, seed, None, None, tick)
+}
+
+/// [`stage_curve`] with the y_j drawn from `queries` (e.g. a held-out test set) when given,
+/// instead of from the training set. The posterior can then not pick y_j itself: late in
+/// the path it settles on y_j's nearest training sample, which `nearest_rate` tracks
+/// (`own_sample_rate` is NaN: no training sample is "the one x_t came from").
+///
+/// With `class`, the posterior is the class-conditional one (over that class's training
+/// samples) and the y_j are drawn from that class's samples of the query set.
+pub fn stage_curve_from(
+    oracle: &mut crate::oracle::Oracle<'_>,
+    times: &[f64],
+    n_pairs: usize,
+    seed: u64,
+    queries: Option<&Dataset>,
+    class: Option<u32>,
     mut tick: impl FnMut(),
 ) -> crate::error::Result<Vec<StagePoint>> {
-    use rand::{Rng, SeedableRng};
     if n_pairs == 0 {
         return Err(crate::error::Error::Input(
             "--pairs must be at least 1".into(),
@@ -209,11 +263,34 @@ pub fn stage_curve(
     let ds = oracle.dataset();
     let path = oracle.path();
     let dim = ds.dim();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let rows: Vec<usize> = (0..n_pairs)
-        .map(|_| rng.random_range(0..ds.n_samples()))
+    let source = queries.unwrap_or(ds);
+    if source.dim() != dim {
+        return Err(crate::error::Error::Input(format!(
+            "--queries-from {}: samples of {} values, but {} has {dim}",
+            source.name,
+            source.dim(),
+            ds.name
+        )));
+    }
+    let train_rows = ds.rows_for(class)?;
+    let source_rows = source.rows_for(class)?;
+    let rows: Vec<usize> = stage_pairs(seed, n_pairs, source_rows.len())
+        .into_iter()
+        .map(|r| source_rows.start + r)
         .collect();
-    let ys: Vec<Vec<f64>> = rows.iter().map(|&r| ds.sample_f64(r)).collect();
+    let ys: Vec<Vec<f64>> = rows.iter().map(|&r| source.sample_f64(r)).collect();
+    // The training sample each y_j is closest to: itself for training queries (up to exact
+    // duplicates), found exactly for held-out ones.
+    let targets: Vec<u32> = match queries {
+        None => rows.iter().map(|&r| ds.original_index(r)).collect(),
+        Some(q) => {
+            let points: Vec<f32> = rows.iter().flat_map(|&r| q.sample(r)).collect();
+            nearest_two_in(ds, &points, train_rows)
+                .iter()
+                .map(|nb| nb.nearest)
+                .collect()
+        }
+    };
     let noise: Vec<Vec<f64>> = (0..n_pairs)
         .map(|k| crate::sample::initial_noise(seed, k, dim))
         .collect();
@@ -237,7 +314,7 @@ pub fn stage_curve(
         let out = oracle.evaluate(&crate::oracle::Query {
             x: &x,
             t: crate::oracle::Times::Scalar(t as f32),
-            class: None,
+            class,
         })?;
         let mut p = StagePoint {
             t,
@@ -245,7 +322,10 @@ pub fn stage_curve(
         };
         for (k, s) in out.stats.iter().enumerate() {
             p.mean_top1_weight += s.top1_weight as f64;
-            p.own_sample_rate += (s.top1_index == ds.original_index(rows[k])) as u8 as f64;
+            if queries.is_none() {
+                p.own_sample_rate += (s.top1_index == ds.original_index(rows[k])) as u8 as f64;
+            }
+            p.nearest_rate += (s.top1_index == targets[k]) as u8 as f64;
             p.mean_entropy += s.entropy as f64;
             p.mean_ess += s.ess as f64;
             let u = &out.velocity[k * dim..(k + 1) * dim];
@@ -259,7 +339,11 @@ pub fn stage_curve(
         }
         let n = n_pairs as f64;
         p.mean_top1_weight /= n;
-        p.own_sample_rate /= n;
+        p.own_sample_rate = match queries {
+            None => p.own_sample_rate / n,
+            Some(_) => f64::NAN,
+        };
+        p.nearest_rate /= n;
         p.mean_entropy /= n;
         p.mean_ess /= n;
         p.target_difference /= n;
@@ -267,6 +351,15 @@ pub fn stage_curve(
         tick();
     }
     Ok(curve)
+}
+
+/// The levels of the mean top-1 weight whose first crossing times the studies report.
+pub const TOP1_LEVELS: [f64; 3] = [0.5, 0.9, 0.99];
+
+/// First times at which the mean top-1 weight of `curve` reaches each of [`TOP1_LEVELS`].
+pub fn top1_crossings(curve: &[StagePoint]) -> [Option<f64>; 3] {
+    let top1: Vec<(f64, f64)> = curve.iter().map(|p| (p.t, p.mean_top1_weight)).collect();
+    TOP1_LEVELS.map(|level| crossing(&top1, level))
 }
 
 /// The first time at which `value` reaches `level`, interpolated linearly between grid times.

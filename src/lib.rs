@@ -16,6 +16,7 @@ pub mod render;
 pub mod report;
 pub mod sample;
 pub mod schedule;
+pub mod study;
 
 pub use dataset::{Dataset, Dtype};
 pub use error::{Error, Result};

@@ -15,14 +15,52 @@ pub struct Series<'a> {
     pub points: Vec<(f64, f64)>,
 }
 
-/// Curve colours, in order.
-const PALETTE: [RGBColor; 5] = [
+/// Curve colours, in order (matplotlib's tab10).
+const PALETTE: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
     RGBColor(255, 127, 14),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
 ];
+
+/// One line of text to draw on a picture: top-left corner, pixel size, colour.
+pub struct TextItem {
+    pub x: i32,
+    pub y: i32,
+    pub size: u32,
+    pub text: String,
+    pub rgb: [u8; 3],
+}
+
+/// Pixel width of `text` at `size` in the embedded font (to lay out captions).
+pub fn text_width(text: &str, size: u32) -> u32 {
+    register_font();
+    let font = ("sans-serif", size as f64).into_font();
+    font.box_size(text).map_or(0, |(w, _)| w)
+}
+
+/// Draws `items` onto `img` with the embedded DejaVu Sans (for grids of samples with
+/// their times, labels and distances).
+pub fn draw_text(img: &mut RgbImage, items: &[TextItem]) -> Result<()> {
+    register_font();
+    let (w, h) = img.dimensions();
+    let root = BitMapBackend::with_buffer(img.as_mut(), (w, h)).into_drawing_area();
+    for it in items {
+        let [r, g, b] = it.rgb;
+        let style = ("sans-serif", it.size as f64)
+            .into_font()
+            .color(&RGBColor(r, g, b));
+        root.draw_text(&it.text, &style, (it.x, it.y))
+            .map_err(|e| Error::Input(format!("drawing text '{}': {e}", it.text)))?;
+    }
+    root.present()
+        .map_err(|e| Error::Input(format!("drawing text: {e}")))?;
+    Ok(())
+}
 
 fn register_font() {
     static FONT: Once = Once::new();
@@ -77,6 +115,7 @@ fn draw(
         .x_desc(c.x_label)
         .y_desc(c.y_label)
         .label_style(("sans-serif", 15))
+        .axis_desc_style(("sans-serif", 17))
         .draw()?;
     for &(x, label) in c.markers {
         let grey = RGBColor(120, 120, 120);

@@ -99,18 +99,165 @@ pub fn grid(cells: &[Vec<Option<&[f32]>>], shape: &SampleShape, opts: &GridOptio
     for (r, row) in cells.iter().enumerate() {
         for (c, cell) in row.iter().enumerate() {
             let Some(sample) = cell else { continue };
-            let pixels = render_cell(sample, shape);
             let x0 = opts.pad + c as u32 * (sw + opts.pad);
             let y0 = opts.pad + r as u32 * (sh + opts.pad);
-            for y in 0..sh {
-                for x in 0..sw {
-                    let p = pixels[((y / scale) * cw + x / scale) as usize];
-                    img.put_pixel(x0 + x, y0 + y, Rgb(p));
-                }
-            }
+            blit_cell(&mut img, sample, shape, scale, (x0, y0));
         }
     }
     img
+}
+
+/// Draws one sample's cell, upscaled by `scale`, with its top-left corner at `at`.
+fn blit_cell(img: &mut RgbImage, sample: &[f32], shape: &SampleShape, scale: u32, at: (u32, u32)) {
+    let (cw, ch) = cell_size(shape);
+    let pixels = render_cell(sample, shape);
+    for y in 0..ch * scale {
+        for x in 0..cw * scale {
+            let p = pixels[((y / scale) * cw + x / scale) as usize];
+            img.put_pixel(at.0 + x, at.1 + y, Rgb(p));
+        }
+    }
+}
+
+/// Text around a grid of samples (see [`annotated_grid`]).
+#[derive(Clone, Debug, Default)]
+pub struct Annotations {
+    /// One line above everything.
+    pub title: Option<String>,
+    /// A label above each column (an empty string for none), e.g. the time of the column.
+    pub column_labels: Vec<String>,
+    /// A label left of each row, e.g. the setting the row shows.
+    pub row_labels: Vec<String>,
+    /// Under each row: (first column, columns spanned, text), centred under the span,
+    /// e.g. the distances of a (sample, nearest) pair.
+    pub captions: Vec<Vec<(usize, usize, String)>>,
+    /// Columns come in groups of this many (e.g. sample | nearest), with `group_gap`
+    /// extra pixels between groups; 0 = no groups.
+    pub group: usize,
+    pub group_gap: u32,
+}
+
+/// Pixel sizes of the annotation fonts.
+const TITLE_PX: u32 = 18;
+const LABEL_PX: u32 = 14;
+const CAPTION_PX: u32 = 13;
+
+/// [`grid`] with text: a title, column labels above, row labels to the left and a
+/// caption band under every row (when any row has captions). Cells keep the sizes of
+/// [`grid`]; the text is black on the background, in the embedded DejaVu Sans.
+pub fn annotated_grid(
+    cells: &[Vec<Option<&[f32]>>],
+    shape: &SampleShape,
+    opts: &GridOptions,
+    ann: &Annotations,
+) -> Result<RgbImage> {
+    use crate::plot::{draw_text, text_width, TextItem};
+    let (cw, ch) = cell_size(shape);
+    let scale = opts.scale.max(1);
+    let (sw, sh) = (cw * scale, ch * scale);
+    let rows = cells.len() as u32;
+    let cols = cells
+        .iter()
+        .map(Vec::len)
+        .max()
+        .unwrap_or(0)
+        .max(ann.column_labels.len()) as u32;
+    let title_h = if ann.title.is_some() {
+        TITLE_PX + 12
+    } else {
+        0
+    };
+    let labels_h = if ann.column_labels.iter().any(|l| !l.is_empty()) {
+        LABEL_PX + 8
+    } else {
+        0
+    };
+    let caption_h = if ann.captions.iter().any(|r| !r.is_empty()) {
+        CAPTION_PX + 8
+    } else {
+        0
+    };
+    let left_w = ann
+        .row_labels
+        .iter()
+        .map(|l| text_width(l, LABEL_PX))
+        .max()
+        .map_or(0, |w| w + 12);
+    let gaps = |c: usize| match ann.group {
+        0 => 0,
+        g => (c / g) as u32 * ann.group_gap,
+    };
+    let grid_w = left_w + cols * sw + (cols + 1) * opts.pad + gaps(cols.saturating_sub(1) as usize);
+    let title_w = ann
+        .title
+        .as_deref()
+        .map_or(0, |t| text_width(t, TITLE_PX) + 16);
+    let width = grid_w.max(title_w);
+    let top = title_h + labels_h;
+    let row_h = sh + opts.pad + caption_h;
+    let height = top + opts.pad + rows * row_h;
+    let mut img = RgbImage::from_pixel(width, height, Rgb(opts.background));
+    let cell_x = |c: usize| left_w + opts.pad + c as u32 * (sw + opts.pad) + gaps(c);
+    let cell_y = |r: usize| top + opts.pad + r as u32 * row_h;
+
+    for (r, row) in cells.iter().enumerate() {
+        for (c, cell) in row.iter().enumerate() {
+            if let Some(sample) = cell {
+                blit_cell(&mut img, sample, shape, scale, (cell_x(c), cell_y(r)));
+            }
+        }
+    }
+
+    let black = [0, 0, 0];
+    let mut text = Vec::new();
+    if let Some(t) = &ann.title {
+        text.push(TextItem {
+            x: 8,
+            y: 6,
+            size: TITLE_PX,
+            text: t.clone(),
+            rgb: black,
+        });
+    }
+    // Centred in a span of cells starting at column c, clamped to the picture.
+    let centred = |c: usize, span: usize, w: u32| -> i32 {
+        let last = c + span.max(1) - 1;
+        let span_w = cell_x(last) + sw - cell_x(c);
+        (cell_x(c) as i32 + (span_w as i32 - w as i32) / 2).max(0)
+    };
+    for (c, l) in ann.column_labels.iter().enumerate() {
+        if !l.is_empty() {
+            text.push(TextItem {
+                x: centred(c, 1, text_width(l, LABEL_PX)),
+                y: (title_h + 3) as i32,
+                size: LABEL_PX,
+                text: l.clone(),
+                rgb: black,
+            });
+        }
+    }
+    for (r, l) in ann.row_labels.iter().enumerate().take(rows as usize) {
+        text.push(TextItem {
+            x: 6,
+            y: (cell_y(r) + sh / 2) as i32 - LABEL_PX as i32 / 2,
+            size: LABEL_PX,
+            text: l.clone(),
+            rgb: black,
+        });
+    }
+    for (r, caps) in ann.captions.iter().enumerate().take(rows as usize) {
+        for (c, span, l) in caps {
+            text.push(TextItem {
+                x: centred(*c, *span, text_width(l, CAPTION_PX)),
+                y: (cell_y(r) + sh + 3) as i32,
+                size: CAPTION_PX,
+                text: l.clone(),
+                rgb: black,
+            });
+        }
+    }
+    draw_text(&mut img, &text)?;
+    Ok(img)
 }
 
 /// `samples` laid out row-major in `cols` columns (the last row may be short); see
@@ -448,6 +595,47 @@ mod tests {
         assert_eq!(back, img);
         // Only the PNG itself is left in the directory (no temporary file).
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn annotated_grid_draws_text_in_its_margins() {
+        let shape = SampleShape::image(1, 4, 4);
+        let v = [1.0f32; 16];
+        let cells = vec![vec![Some(&v[..]), Some(&v[..])]; 2];
+        let ann = Annotations {
+            title: Some("Title".into()),
+            column_labels: vec!["t = 0".into(), "t = 1".into()],
+            row_labels: vec!["x_t".into(), "x1_hat".into()],
+            captions: vec![vec![(0, 2, "d1/d2 = 0.10".into())]; 2],
+            group: 0,
+            group_gap: 0,
+        };
+        let o = GridOptions {
+            scale: 10,
+            pad: 2,
+            background: [255; 3],
+        };
+        let img = annotated_grid(&cells, &shape, &o, &ann).unwrap();
+        let plain = grid(&cells, &shape, &o);
+        assert!(img.width() > plain.width() && img.height() > plain.height());
+        // Dark text pixels appear above the cells, left of them and under each row.
+        let dark = |x0: u32, x1: u32, y0: u32, y1: u32| {
+            (y0..y1)
+                .flat_map(|y| (x0..x1).map(move |x| (x, y)))
+                .filter(|&(x, y)| img.get_pixel(x, y).0.iter().all(|&c| c < 100))
+                .count()
+        };
+        let left = img.width() - plain.width() + 2;
+        let top = 30 + 22;
+        assert!(dark(0, img.width(), 0, 30) > 10, "title");
+        assert!(dark(left, img.width(), 30, top) > 10, "column labels");
+        assert!(dark(0, left - 2, top, img.height()) > 10, "row labels");
+        assert!(
+            dark(left, img.width(), top + 2 + 40, top + 2 + 40 + 21) > 10,
+            "caption"
+        );
+        // The cells themselves are drawn unchanged (white, value 1).
+        assert_eq!(img.get_pixel(left + 5, top + 5).0, [255; 3]);
     }
 
     #[test]

@@ -9,7 +9,9 @@ use crate::error::{Error, Result};
 use crate::oracle::QueryStats;
 use crate::output;
 use crate::plot::{line_chart, Chart, Series};
-use crate::render::{grid, save_png, stack_vertical, tile_grid, GridOptions};
+use crate::render::{
+    annotated_grid, save_png, stack_vertical, tile_grid, Annotations, GridOptions,
+};
 use crate::sample::{Conditioning, Guidance, SampleRun, Solver};
 
 const T_AXIS: &str = "t (0 = noise, 1 = data)";
@@ -88,7 +90,7 @@ pub fn stages_chart(run: &SampleRun, n_dataset: usize) -> Result<image::RgbImage
         &Chart {
             title: &format!("Navigation, then refinement (N = {n_dataset})"),
             x_label: T_AXIS,
-            y_label: "fraction",
+            y_label: "fraction (0 to 1)",
             x_range: (0.0, 1.0),
             y_range: (0.0, 1.05),
             markers: &markers,
@@ -190,6 +192,61 @@ pub fn write_query_stats_csv(path: &Path, times: &[f32], stats: &[QueryStats]) -
     })
 }
 
+/// nearest.png of a sampling run: compact (sample, nearest training sample) pairs, eight
+/// to a row, with d(nearest) / d(second nearest) under each pair (< 1/3: memorized).
+pub fn nearest_pairs_picture(
+    ds: &Dataset,
+    samples: &[&[f32]],
+    neighbours: &[Neighbours],
+    opts: &GridOptions,
+) -> Result<image::RgbImage> {
+    let nearest: Vec<Vec<f32>> = neighbours
+        .iter()
+        .map(|nb| ds.sample(nb.nearest_row))
+        .collect();
+    let per_row = 8.min(samples.len().max(1));
+    let mut cells = Vec::new();
+    let mut captions = Vec::new();
+    for (s, nb) in samples
+        .chunks(per_row)
+        .zip(neighbours.chunks(per_row).zip(nearest.chunks(per_row)))
+    {
+        let (nbs, imgs) = nb;
+        cells.push(
+            s.iter()
+                .zip(imgs)
+                .flat_map(|(s, y)| [Some(*s), Some(y.as_slice())])
+                .collect::<Vec<_>>(),
+        );
+        captions.push(
+            nbs.iter()
+                .enumerate()
+                .map(|(k, nb)| {
+                    let ratio = nb.distance / nb.second_distance.max(1e-300);
+                    let mark = if nb.memorized() { " (mem.)" } else { "" };
+                    (2 * k, 2, format!("d1/d2 = {ratio:.2}{mark}"))
+                })
+                .collect(),
+        );
+    }
+    annotated_grid(
+        &cells,
+        &ds.shape,
+        opts,
+        &Annotations {
+            title: Some(
+                "Pairs: sample | its nearest training sample. d1/d2: distance to the nearest / to the second nearest (< 1/3: memorized)"
+                    .into(),
+            ),
+            column_labels: Vec::new(),
+            row_labels: Vec::new(),
+            captions,
+            group: 2,
+            group_gap: 14,
+        },
+    )
+}
+
 /// Writes samples.png, samples.npy, trajectory.png, nearest.png, stages.png, steps.csv
 /// and run.json.
 pub fn write_sample_outputs(
@@ -226,28 +283,40 @@ pub fn write_sample_outputs(
         };
     let x_rows = rows(|tr| &tr.x);
     let hat_rows = rows(|tr| &tr.x1_hat);
+    let t_labels: Vec<String> = picked
+        .iter()
+        .map(|&i| format!("t = {:.2}", run.times[i]))
+        .collect();
+    let band = |cells: &[Vec<Option<&[f32]>>], title: &str| {
+        annotated_grid(
+            cells,
+            shape,
+            &opts,
+            &Annotations {
+                title: Some(title.to_string()),
+                column_labels: t_labels.clone(),
+                row_labels: run
+                    .trajectories
+                    .iter()
+                    .map(|tr| format!("#{}", tr.sample))
+                    .collect(),
+                ..Annotations::default()
+            },
+        )
+    };
     let trajectory_png = stack_vertical(
-        &[grid(&x_rows, shape, &opts), grid(&hat_rows, shape, &opts)],
+        &[
+            band(&x_rows, "x_t: the state along the path (rows: samples)")?,
+            band(
+                &hat_rows,
+                "x1_hat: the posterior mean E[x1 | x_t] at the same times",
+            )?,
+        ],
         4 * opts.pad.max(2),
         [90, 90, 90],
     );
 
-    let nearest: Vec<Vec<f32>> = neighbours
-        .iter()
-        .map(|nb| ds.sample(nb.nearest_row))
-        .collect();
-    let pairs_per_row = 8.min(n.max(1));
-    let nearest_rows: Vec<Vec<Option<&[f32]>>> = samples
-        .chunks(pairs_per_row)
-        .zip(nearest.chunks(pairs_per_row))
-        .map(|(s, nb)| {
-            s.iter()
-                .zip(nb)
-                .flat_map(|(s, nb)| [Some(*s), Some(nb.as_slice()), None])
-                .collect()
-        })
-        .collect();
-    let nearest_png = grid(&nearest_rows, shape, &opts);
+    let nearest_png = nearest_pairs_picture(ds, &samples, neighbours, &opts)?;
     let stages_png = stages_chart(run, ds.n_samples())?;
 
     let mut sample_shape = vec![n];
@@ -284,6 +353,10 @@ pub struct StageResult {
     pub dim: usize,
     /// The oracle's description (backend)
     pub backend: String,
+    /// `--queries-from`: the spec the y_j of x_t came from, when not the training set
+    pub queries_from: Option<String>,
+    /// `--class`: the class-conditional posterior of that class
+    pub class: Option<u32>,
     pub curve: Vec<crate::analysis::StagePoint>,
 }
 
@@ -294,11 +367,13 @@ impl StageResult {
 
     /// Times at which the mean top-1 weight reaches 0.5 and 0.99.
     pub fn crossings(&self) -> (Option<f64>, Option<f64>) {
-        let top1 = self.series(|p| p.mean_top1_weight);
-        (
-            crate::analysis::crossing(&top1, 0.5),
-            crate::analysis::crossing(&top1, 0.99),
-        )
+        let [t50, _, t99] = self.crossing_times();
+        (t50, t99)
+    }
+
+    /// Times at which the mean top-1 weight reaches each of `analysis::TOP1_LEVELS`.
+    pub fn crossing_times(&self) -> [Option<f64>; 3] {
+        crate::analysis::top1_crossings(&self.curve)
     }
 }
 
@@ -324,9 +399,15 @@ pub fn stages_comparison_chart(results: &[StageResult]) -> Result<image::RgbImag
                 name: "mean top-1 weight",
                 points: r.series(|p| p.mean_top1_weight),
             },
-            Series {
-                name: "top-1 is the sample x_t came from",
-                points: r.series(|p| p.own_sample_rate),
+            match r.queries_from {
+                None => Series {
+                    name: "top-1 is the sample x_t came from",
+                    points: r.series(|p| p.own_sample_rate),
+                },
+                Some(_) => Series {
+                    name: "top-1 is the query's nearest training sample",
+                    points: r.series(|p| p.nearest_rate),
+                },
             },
             Series {
                 name: "mean entropy / ln N",
@@ -347,9 +428,18 @@ pub fn stages_comparison_chart(results: &[StageResult]) -> Result<image::RgbImag
         ];
         line_chart(
             &Chart {
-                title: &format!("{} (N = {}, D = {})", r.data, r.n_samples, r.dim),
+                title: &format!(
+                    "{}{} (N = {}, D = {}){}",
+                    r.data,
+                    r.class.map_or(String::new(), |c| format!(", class {c}")),
+                    r.n_samples,
+                    r.dim,
+                    r.queries_from
+                        .as_ref()
+                        .map_or(String::new(), |q| format!(", x_t built from {q}"))
+                ),
                 x_label: T_AXIS,
-                y_label: "fraction",
+                y_label: "fraction (0 to 1)",
                 x_range,
                 y_range: (0.0, 1.05),
                 markers: &markers,
@@ -392,11 +482,15 @@ pub fn stages_json(settings: &StageSettings, results: &[StageResult]) -> serde_j
     let datasets: Vec<_> = results
         .iter()
         .map(|r| {
-            let (t50, t99) = r.crossings();
+            let [t50, t90, t99] = r.crossing_times();
             serde_json::json!({
                 "data": r.data, "n_samples": r.n_samples, "dim": r.dim,
                 "backend": r.backend, "t_top1_half": t50, "t_top1_saturated": t99,
                 "curve": r.curve,
+                "t_top1_0.9": t90,
+                "queries_from": r.queries_from,
+                "class": r.class,
+                "nearest_rate_at_t_max": r.curve.last().map(|p| p.nearest_rate),
             })
         })
         .collect();
@@ -420,12 +514,12 @@ pub fn write_stage_outputs(
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     save_png(&dir.join("stages.png"), &chart)?;
     output::write_atomic(&dir.join("stages.csv"), |w| {
-        writeln!(w, "data,n_samples,dim,t,mean_top1_weight,own_sample_rate,mean_entropy,mean_ess,target_difference")?;
+        writeln!(w, "data,n_samples,dim,t,mean_top1_weight,own_sample_rate,mean_entropy,mean_ess,target_difference,nearest_rate")?;
         for r in results {
             for p in &r.curve {
                 writeln!(
                     w,
-                    "{},{},{},{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{},{},{},{}",
                     r.data,
                     r.n_samples,
                     r.dim,
@@ -434,7 +528,8 @@ pub fn write_stage_outputs(
                     p.own_sample_rate,
                     p.mean_entropy,
                     p.mean_ess,
-                    p.target_difference
+                    p.target_difference,
+                    p.nearest_rate
                 )?;
             }
         }

@@ -7,8 +7,11 @@ mod args;
 mod bench;
 mod convert;
 mod info;
+mod nearest;
 mod sample;
 mod stages;
+mod study;
+mod transition;
 mod velocity;
 
 use anyhow::Result;
@@ -24,6 +27,14 @@ pub enum Command {
     /// Stage curves: posterior top-1 weight, entropy and training-target difference along
     /// the path, for one or several datasets (the navigation -> refinement transition)
     Stages(stages::StagesArgs),
+    /// When the posterior collapses onto one training sample, against D and N (unit
+    /// Gaussians), beside the paper's values
+    Transition(transition::TransitionArgs),
+    /// Exact nearest and second-nearest training samples of samples in a .npy, and the
+    /// memorized share
+    Nearest(nearest::NearestArgs),
+    /// The paper's studies: shift (few-step time shift), cfg (guidance intervals)
+    Study(study::StudyArgs),
     /// Print the GPU adapter and a summary of the dataset
     Info(info::InfoArgs),
     /// Measure oracle throughput (GFLOP/s = 4 B N D / time) beside a plain sgemm
@@ -38,6 +49,9 @@ impl Command {
             Command::Sample(a) => sample::run(a),
             Command::Velocity(a) => velocity::run(a),
             Command::Stages(a) => stages::run(a),
+            Command::Transition(a) => transition::run(a),
+            Command::Nearest(a) => nearest::run(a),
+            Command::Study(a) => study::run(a),
             Command::Info(a) => info::run(a),
             Command::Bench(a) => bench::run(a),
             Command::Convert(a) => convert::run(a),

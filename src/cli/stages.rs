@@ -22,6 +22,13 @@ pub struct StagesArgs {
     /// (training sample, noise) pairs averaged at each time
     #[arg(long, default_value_t = 256)]
     pairs: usize,
+    /// Build x_t from the samples of this dataset instead (e.g. fashion-mnist:test): the
+    /// posterior then refines towards each query's nearest training sample
+    #[arg(long, value_name = "SPEC")]
+    queries_from: Option<String>,
+    /// The class-conditional posterior of one class (queries from that class only)
+    #[arg(long)]
+    class: Option<u32>,
     /// Intervals of the time grid on [0, t_max]
     #[arg(long, default_value_t = 50)]
     steps: usize,
@@ -38,32 +45,61 @@ pub struct StagesArgs {
 pub fn run(a: StagesArgs) -> Result<()> {
     output::check_new_in(&a.out.out, &report::STAGE_FILES, a.out.force)?;
     let times = analysis::stage_times(a.steps, a.t_max)?;
+    let queries = a
+        .queries_from
+        .as_deref()
+        .map(|spec| dataset::load(spec, Dtype::F32))
+        .transpose()?;
     let mut results = Vec::new();
     for spec in &a.data {
         let ds = dataset::load(spec, a.dtype)?;
         let mut oracle = a.oracle.build(&ds)?;
         eprintln!(
-            "{spec}: N = {}, D = {} on {}",
-            ds.n_samples(),
+            "{spec}{}: N = {}, D = {} on {}",
+            a.class.map_or(String::new(), |c| format!(", class {c}")),
+            ds.rows_for(a.class)?.len(),
             ds.dim(),
             oracle.describe()
         );
         let bar = progress(times.len() as u64, "times");
-        let curve = analysis::stage_curve(&mut oracle, &times, a.pairs, a.seed, || bar.inc(1))?;
+        let curve = analysis::stage_curve_from(
+            &mut oracle,
+            &times,
+            a.pairs,
+            a.seed,
+            queries.as_ref(),
+            a.class,
+            || bar.inc(1),
+        )?;
         bar.finish_and_clear();
         let r = StageResult {
             data: spec.clone(),
-            n_samples: ds.n_samples(),
+            n_samples: match a.class {
+                Some(c) => ds.rows_for(Some(c))?.len(),
+                None => ds.n_samples(),
+            },
             dim: ds.dim(),
             backend: oracle.describe(),
+            queries_from: a.queries_from.clone(),
+            class: a.class,
             curve,
         };
-        let (t50, t99) = r.crossings();
+        let [t50, t90, t99] = r.crossing_times();
+        let fmt = |t: Option<f64>| t.map_or("-".into(), |t| format!("{t:.3}"));
         println!(
-            "{spec}: mean top-1 weight reaches 0.5 at t = {}, 0.99 at t = {}",
-            t50.map_or("-".into(), |t| format!("{t:.3}")),
-            t99.map_or("-".into(), |t| format!("{t:.3}"))
+            "{spec}: mean top-1 weight reaches 0.5 at t = {}, 0.9 at t = {}, 0.99 at t = {}",
+            fmt(t50),
+            fmt(t90),
+            fmt(t99)
         );
+        if let (Some(q), Some(last)) = (&a.queries_from, r.curve.last()) {
+            println!(
+                "  queries from {q}: at t = {:.3} the top-1 sample is the query's nearest training sample for {:.1}% of {} queries",
+                last.t,
+                100.0 * last.nearest_rate,
+                a.pairs
+            );
+        }
         results.push(r);
     }
     let settings = StageSettings {
