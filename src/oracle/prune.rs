@@ -1,0 +1,873 @@
+//! Exact pruning for the CPU backend (DESIGN.md section 6): skip the samples whose weight
+//! cannot reach an f32 result, and certify how much weight was skipped.
+//!
+//! **Index (once per dataset, deterministic).** A k-dimensional PCA basis V (subspace
+//! iteration on a seeded subsample's covariance) gives every stored row its projection
+//! Py = V y and residual norm |Ry| = |y - V^T V y|. Within each class (so that a
+//! class-conditional row range is a union of tiles) a PCA tree, split at the median of the
+//! node's principal direction in the projected space, orders the rows into tiles of
+//! `LEAF_ROWS / 2 ..= LEAF_ROWS` nearby samples. Each tile keeps its projected centroid c,
+//! projected radius r = max |Py - c|, the range [rlo, rhi] of its residual norms and max |y|.
+//!
+//! **Bounds.** For any y, |x - a y|^2 = |Px - a Py|^2 + |Rx - a Ry|^2
+//! >= |Px - a Py|^2 + (|Rx| - a |Ry|)^2 (triangle inequality in each part). Over a tile,
+//! |Px - a Py| >= |Px - a c| - a r and | |Rx| - a|Ry| | >= dist(|Rx|, a [rlo, rhi]). With the
+//! backends' logits s = c_dot x.y - c_norm |y|^2 = (|x|^2 - |x - a y|^2) / (2 sigma^2)
+//! (a = 2 c_norm / c_dot, 1 / (2 sigma^2) = c_dot^2 / (4 c_norm), exact identities), a lower
+//! bound L on |x - a y|^2 gives the upper bound ub = (|x|^2 - L) / (2 sigma^2) on s.
+//!
+//! **Rounding.** The f32 logits differ from the exact ones by at most
+//! err = (D + 4) 2^-24 (c_dot |x| |y|max + c_norm |y|max^2) (the classic dot-product bound
+//! plus the products and the stored f32 norm), and the f32 projections behind L by far less
+//! than the margin `LB_MARGIN (|x| + a |y|max)^2` taken off L. So every logit the dense
+//! f32 pass would compute for a sample of the tile is at most ub + err.
+//!
+//! **Order and the running max.** Per query, the tile whose projected centroid is nearest
+//! is evaluated first, exactly (f64): its largest logit minus err, m0, is a lower bound on
+//! the f32 maximum the final result will have (that sample is never skipped, see below),
+//! so every later decision can use m0 as the running max without any rescaling.
+//!
+//! **Skipping, and why it cannot change an f32 result.** Weights are measured in units of
+//! exp(m0), in which the final normaliser l is >= 1. Tiles are skipped whole, smallest
+//! bound first, while the sum of their bounds n_tile exp(ub + err - m0) stays within
+//! 2^-31; then, inside the visited tiles, single samples whose bound exp(ub_i + err - m0)
+//! is below 2^-31 / (samples in visited tiles) are skipped. Everything skipped therefore
+//! weighs at most 2^-30 of l in total: the normaliser moves by a relative 2^-30, and
+//! x1_hat = acc / l by at most 2^-30 max|y - x1_hat|, both 64 times under f32's relative
+//! rounding 2^-24 (dense accumulation itself commits errors of that size at every add).
+//! The sum of the skipped bounds, rescaled to the final (m, l), is each query's certificate
+//! (`QueryStats::skipped_mass_bound`).
+//!
+//! **Sparse accumulation.** A visited tile's logits are computed only for the union over
+//! the query group of the samples that survived, with one gather and one small GEMM; the
+//! weighted sum then takes only the columns whose weight is non-zero for some query.
+//!
+//! **Fallback.** When the tile bounds leave more than `DENSE_SWITCH` of the (query, sample)
+//! pairs (early t, unstructured data), [`posterior`] returns `None` and the caller runs the
+//! plain dense pass; the test costs O(B (T k + D k)), well under 1% of a dense evaluation.
+
+use std::ops::Range;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+use rayon::prelude::*;
+
+use crate::dataset::Dataset;
+use crate::oracle::cpu::{sgemm, stored_rows_f32, Gemm};
+use crate::oracle::{CentredBatch, Posterior, QueryStats, SoftmaxState};
+
+/// Dimensions of the projection behind the per-sample bounds.
+pub const PROJ_DIMS: usize = 64;
+/// Most rows per tile (tiles hold between half this and this).
+pub const LEAF_ROWS: usize = 64;
+/// Fewest rows in a range for which pruning is tried.
+pub const MIN_PRUNE_ROWS: usize = 2 * LEAF_ROWS;
+/// Share of (query, sample) pairs left by the tile bounds above which dense is cheaper.
+pub const DENSE_SWITCH: f64 = 0.5;
+/// Rows of the seeded subsample whose covariance gives the basis.
+const BASIS_SAMPLE: usize = 4096;
+const BASIS_ITERS: usize = 12;
+const SEED: u64 = 0x5eed_0f_7113;
+/// Relative weight budget (units of the final normaliser) for whole tiles, then samples.
+const TILE_BUDGET: f64 = 1.0 / (1u64 << 31) as f64;
+const SAMPLE_BUDGET: f64 = 1.0 / (1u64 << 31) as f64;
+/// Share of (|x| + a |y|max)^2 taken off every distance bound for the f32 projections.
+const LB_MARGIN: f64 = 1e-3;
+
+/// One tile: positions `start..start + len` of the tile order.
+#[derive(Clone, Debug)]
+struct Tile {
+    start: usize,
+    len: usize,
+    radius: f64,
+    resid_lo: f64,
+    resid_hi: f64,
+    max_norm: f64,
+}
+
+/// The per-dataset pruning index (see the module docs).
+pub struct PruneIndex {
+    dim: usize,
+    k: usize,
+    /// k x D, orthonormal rows
+    basis: Vec<f32>,
+    /// stored row at each position of the tile order
+    perm: Vec<u32>,
+    /// N x k projections, tile order
+    proj: Vec<f32>,
+    /// |Py|^2, tile order
+    proj_sq: Vec<f64>,
+    /// |Ry|, tile order
+    resid: Vec<f32>,
+    tiles: Vec<Tile>,
+    /// T x k projected centroids
+    centres: Vec<f64>,
+    /// (stored rows, tiles) of each class (or of the whole dataset without labels)
+    segments: Vec<(Range<usize>, Range<usize>)>,
+}
+
+impl PruneIndex {
+    pub fn build(ds: &Dataset) -> PruneIndex {
+        let (n, dim) = (ds.n_samples(), ds.dim());
+        let basis = pca_basis(ds);
+        let k = basis.len() / dim;
+
+        // Projections and residual norms of every stored row, in row blocks.
+        const BLOCK: usize = 2048;
+        let starts: Vec<usize> = (0..n).step_by(BLOCK).collect();
+        let blocks: Vec<(Vec<f32>, Vec<f32>)> = starts
+            .par_iter()
+            .map(|&s| {
+                let rows = s..(s + BLOCK).min(n);
+                let nr = rows.len();
+                let mut scratch = Vec::new();
+                let y = stored_rows_f32(ds, rows, &mut scratch);
+                let (p, r) = project(y, nr, dim, &basis, k);
+                (p, r)
+            })
+            .collect();
+        let mut proj_rows = Vec::with_capacity(n * k);
+        let mut resid_rows = Vec::with_capacity(n);
+        for (p, r) in blocks {
+            proj_rows.extend(p);
+            resid_rows.extend(r);
+        }
+
+        let seg_rows: Vec<Range<usize>> = match ds.labels() {
+            Some(_) => ds
+                .class_counts()
+                .iter()
+                .map(|(c, _)| ds.rows_for(Some(*c)).expect("class present"))
+                .collect(),
+            None => vec![0..n],
+        };
+        let mut perm = Vec::with_capacity(n);
+        let mut tiles = Vec::new();
+        let mut segments = Vec::new();
+        for rows in seg_rows {
+            let mut ids: Vec<u32> = rows.clone().map(|r| r as u32).collect();
+            let leaves = split(&mut ids, &proj_rows, k);
+            let first_tile = tiles.len();
+            let mut pos = perm.len();
+            for len in leaves {
+                tiles.push(Tile {
+                    start: pos,
+                    len,
+                    radius: 0.0,
+                    resid_lo: 0.0,
+                    resid_hi: 0.0,
+                    max_norm: 0.0,
+                });
+                pos += len;
+            }
+            perm.extend(ids);
+            segments.push((rows, first_tile..tiles.len()));
+        }
+
+        let mut proj = Vec::with_capacity(n * k);
+        let mut proj_sq = Vec::with_capacity(n);
+        let mut resid = Vec::with_capacity(n);
+        for &row in &perm {
+            let p = &proj_rows[row as usize * k..(row as usize + 1) * k];
+            proj.extend_from_slice(p);
+            proj_sq.push(p.iter().map(|&v| (v as f64).powi(2)).sum());
+            resid.push(resid_rows[row as usize]);
+        }
+        let norms = ds.sq_norms();
+        let mut centres = vec![0.0f64; tiles.len() * k];
+        for (t, tile) in tiles.iter_mut().enumerate() {
+            let c = &mut centres[t * k..(t + 1) * k];
+            let pos = tile.start..tile.start + tile.len;
+            for i in pos.clone() {
+                for (cj, &v) in c.iter_mut().zip(&proj[i * k..(i + 1) * k]) {
+                    *cj += v as f64;
+                }
+            }
+            c.iter_mut().for_each(|v| *v /= tile.len as f64);
+            let (mut rad, mut lo, mut hi, mut mx) = (0.0f64, f64::INFINITY, 0.0f64, 0.0f64);
+            for i in pos {
+                let d2: f64 = c
+                    .iter()
+                    .zip(&proj[i * k..(i + 1) * k])
+                    .map(|(a, &b)| (a - b as f64).powi(2))
+                    .sum();
+                rad = rad.max(d2.sqrt());
+                lo = lo.min(resid[i] as f64);
+                hi = hi.max(resid[i] as f64);
+                mx = mx.max((norms[perm[i] as usize] as f64).sqrt());
+            }
+            // Rounded outwards, so that f64 rounding here cannot tighten a bound.
+            tile.radius = rad * (1.0 + 1e-9);
+            tile.resid_lo = lo * (1.0 - 1e-9);
+            tile.resid_hi = hi * (1.0 + 1e-9);
+            tile.max_norm = mx * (1.0 + 1e-9);
+        }
+        PruneIndex {
+            dim,
+            k,
+            basis,
+            perm,
+            proj,
+            proj_sq,
+            resid,
+            tiles,
+            centres,
+            segments,
+        }
+    }
+
+    pub fn n_tiles(&self) -> usize {
+        self.tiles.len()
+    }
+
+    pub fn proj_dims(&self) -> usize {
+        self.k
+    }
+
+    /// Tiles covering exactly `rows` (all rows, or one class), if any.
+    fn tiles_for(&self, rows: &Range<usize>) -> Option<Range<usize>> {
+        let n = self.perm.len();
+        if *rows == (0..n) {
+            return Some(0..self.tiles.len());
+        }
+        self.segments
+            .iter()
+            .find(|(r, _)| r == rows)
+            .map(|(_, t)| t.clone())
+    }
+}
+
+/// Projections (nr x k) and residual norms of `nr` rows `y` (nr x dim).
+fn project(y: &[f32], nr: usize, dim: usize, basis: &[f32], k: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut p = vec![0.0f32; nr * k];
+    // (nr x dim) * (dim x k): element (d, j) of the rhs is basis[j * dim + d].
+    sgemm(
+        Gemm { m: nr, n: k, k: dim },
+        &mut p,
+        false,
+        (y, dim, 1),
+        (basis, 1, dim),
+    );
+    let mut back = vec![0.0f32; nr * dim];
+    sgemm(
+        Gemm { m: nr, n: dim, k },
+        &mut back,
+        false,
+        (&p, k, 1),
+        (basis, dim, 1),
+    );
+    let r = y
+        .chunks_exact(dim)
+        .zip(back.chunks_exact(dim))
+        .map(|(a, b)| {
+            a.iter()
+                .zip(b)
+                .map(|(&u, &v)| (u as f64 - v as f64).powi(2))
+                .sum::<f64>()
+                .sqrt() as f32
+        })
+        .collect();
+    (p, r)
+}
+
+/// k orthonormal directions of largest variance (approximately: any orthonormal basis
+/// keeps the bounds valid, a better one only makes them tighter). k = D gives the identity.
+fn pca_basis(ds: &Dataset) -> Vec<f32> {
+    let (n, dim) = (ds.n_samples(), ds.dim());
+    let k = PROJ_DIMS.min(dim);
+    if k == dim {
+        let mut id = vec![0.0f32; dim * dim];
+        (0..dim).for_each(|i| id[i * dim + i] = 1.0);
+        return id;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(SEED);
+    let m = BASIS_SAMPLE.min(n);
+    let mut rows: Vec<usize> = if m == n {
+        (0..n).collect()
+    } else {
+        rand::seq::index::sample(&mut rng, n, m).into_vec()
+    };
+    rows.sort_unstable();
+    let mut s = vec![0.0f32; m * dim];
+    for (i, &r) in rows.iter().enumerate() {
+        ds.stored_row(r, &mut s[i * dim..(i + 1) * dim]);
+    }
+    // C = S^T S (dim x dim); the stored rows are already centred.
+    let mut c = vec![0.0f32; dim * dim];
+    sgemm(
+        Gemm {
+            m: dim,
+            n: dim,
+            k: m,
+        },
+        &mut c,
+        false,
+        (&s, 1, dim),
+        (&s, dim, 1),
+    );
+    let mut v: Vec<f64> = (0..k * dim)
+        .map(|_| rng.sample::<f64, _>(StandardNormal))
+        .collect();
+    orthonormalise(&mut v, dim, &mut rng);
+    let mut v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+    let mut w = vec![0.0f32; dim * k];
+    for _ in 0..BASIS_ITERS {
+        // W = C V^T (dim x k); element (d, j) of the rhs is v32[j * dim + d].
+        sgemm(
+            Gemm { m: dim, n: k, k: dim },
+            &mut w,
+            false,
+            (&c, dim, 1),
+            (&v32, 1, dim),
+        );
+        for j in 0..k {
+            for d in 0..dim {
+                v[j * dim + d] = w[d * k + j] as f64;
+            }
+        }
+        orthonormalise(&mut v, dim, &mut rng);
+        v32 = v.iter().map(|&x| x as f32).collect();
+    }
+    v32
+}
+
+/// Modified Gram-Schmidt (twice, for f64 orthogonality) on the rows of `v` (k x dim);
+/// a row that collapses (rank-deficient data) is replaced by a fresh random one.
+fn orthonormalise(v: &mut [f64], dim: usize, rng: &mut ChaCha8Rng) {
+    let k = v.len() / dim;
+    for j in 0..k {
+        for attempt in 0..4 {
+            for _ in 0..2 {
+                for i in 0..j {
+                    let (head, tail) = v.split_at_mut(j * dim);
+                    let (vi, vj) = (&head[i * dim..(i + 1) * dim], &mut tail[..dim]);
+                    let dot: f64 = vi.iter().zip(vj.iter()).map(|(a, b)| a * b).sum();
+                    vj.iter_mut().zip(vi).for_each(|(b, a)| *b -= dot * a);
+                }
+            }
+            let vj = &mut v[j * dim..(j + 1) * dim];
+            let norm = vj.iter().map(|x| x * x).sum::<f64>().sqrt();
+            if norm > 1e-8 || attempt == 3 {
+                vj.iter_mut().for_each(|x| *x /= norm.max(1e-300));
+                break;
+            }
+            vj.iter_mut()
+                .for_each(|x| *x = rng.sample::<f64, _>(StandardNormal));
+        }
+    }
+}
+
+/// PCA-tree split of `ids` (stored rows) in place; returns the leaf sizes in order.
+fn split(ids: &mut [u32], proj: &[f32], k: usize) -> Vec<usize> {
+    let n = ids.len();
+    if n <= LEAF_ROWS {
+        return vec![n];
+    }
+    let row = |i: u32| &proj[i as usize * k..(i as usize + 1) * k];
+    let mut mean = vec![0.0f64; k];
+    for &i in ids.iter() {
+        mean.iter_mut()
+            .zip(row(i))
+            .for_each(|(m, &v)| *m += v as f64);
+    }
+    mean.iter_mut().for_each(|m| *m /= n as f64);
+    let centred = |i: u32| row(i).iter().zip(&mean).map(|(&v, m)| v as f64 - m);
+    // Power iteration for the node's principal direction, from its farthest point.
+    let far = *ids
+        .iter()
+        .max_by(|&&a, &&b| {
+            let (da, db) = (
+                centred(a).map(|x| x * x).sum::<f64>(),
+                centred(b).map(|x| x * x).sum::<f64>(),
+            );
+            da.total_cmp(&db).then(b.cmp(&a))
+        })
+        .expect("non-empty");
+    let mut dir: Vec<f64> = centred(far).collect();
+    for _ in 0..4 {
+        let mut w = vec![0.0f64; k];
+        for &i in ids.iter() {
+            let s: f64 = centred(i).zip(&dir).map(|(a, b)| a * b).sum();
+            w.iter_mut().zip(centred(i)).for_each(|(w, a)| *w += s * a);
+        }
+        let norm = w.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if norm == 0.0 {
+            break;
+        }
+        dir = w.into_iter().map(|x| x / norm).collect();
+    }
+    let mut keyed: Vec<(f64, u32)> = ids
+        .iter()
+        .map(|&i| (centred(i).zip(&dir).map(|(a, b)| a * b).sum(), i))
+        .collect();
+    let mid = n / 2;
+    keyed.select_nth_unstable_by(mid, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    // Within each half, keep the rows ascending (only membership matters).
+    let (lo, hi) = keyed.split_at_mut(mid);
+    lo.sort_unstable_by_key(|e| e.1);
+    hi.sort_unstable_by_key(|e| e.1);
+    for (slot, e) in ids.iter_mut().zip(&keyed) {
+        *slot = e.1;
+    }
+    let (l, r) = ids.split_at_mut(mid);
+    let (mut a, b) = if n > 8192 {
+        rayon::join(|| split(l, proj, k), || split(r, proj, k))
+    } else {
+        (split(l, proj, k), split(r, proj, k))
+    };
+    a.extend(b);
+    a
+}
+
+/// Per-query quantities behind the bounds.
+struct QueryBound {
+    /// false at alpha = 0 (all logits equal): nothing can be skipped
+    prunable: bool,
+    a: f64,
+    /// 1 / (2 sigma^2)
+    inv: f64,
+    c_dot: f64,
+    c_norm: f64,
+    x_sq: f64,
+    x_norm: f64,
+    resid: f64,
+    px_sq: f64,
+    /// lower bound on the f32 maximum logit (see the module docs)
+    m0: f64,
+    /// ln of the per-sample skip threshold
+    ln_sample_thr: f64,
+    /// certificate so far, in units of exp(m0)
+    cert: f64,
+    needed_tiles: usize,
+}
+
+impl QueryBound {
+    /// Bound on how far an f32 logit of a row with |y| <= y_max is above the exact one.
+    fn err(&self, y_max: f64, dim: usize) -> f64 {
+        (dim + 4) as f64
+            * f64::powi(2.0, -24)
+            * (self.c_dot * self.x_norm * y_max + self.c_norm * y_max * y_max)
+    }
+
+    /// ln of the bound on one f32 weight exp(s - m0), from a lower bound l2 on
+    /// |x - a y|^2 (before the margin) for rows with |y| <= y_max.
+    fn ln_weight(&self, l2: f64, y_max: f64, err: f64) -> f64 {
+        let margin = LB_MARGIN * (self.x_norm + self.a * y_max).powi(2);
+        let lb = (l2 - margin).max(0.0);
+        self.inv * (self.x_sq - lb) + err - self.m0
+    }
+}
+
+/// The tiled pruned posterior of `batch`, or `None` where dense evaluation is the better
+/// choice (rows not a union of tiles, bounds too loose). `kept`, when given, receives per
+/// query the stored rows whose logits were computed (for tests of the certificate).
+pub fn posterior(
+    ds: &Dataset,
+    index: &PruneIndex,
+    batch: &CentredBatch<'_>,
+    threads: usize,
+    kept: Option<&mut Vec<Vec<u32>>>,
+) -> Option<Posterior> {
+    let dim = index.dim;
+    let k = index.k;
+    let n_q = batch.logit_coefs.len();
+    let tile_range = index.tiles_for(&batch.rows)?;
+    let n_rows = batch.rows.len();
+    if n_rows < MIN_PRUNE_ROWS {
+        return None;
+    }
+    let tiles = &index.tiles[tile_range.clone()];
+    let x = batch.x;
+
+    // Query projections and residual norms.
+    let (px, rx) = project(x, n_q, dim, &index.basis, k);
+    let mut qb: Vec<QueryBound> = (0..n_q)
+        .into_par_iter()
+        .map(|q| {
+            let [c_dot, c_norm] = batch.logit_coefs[q].map(|v| v as f64);
+            let xq = &x[q * dim..(q + 1) * dim];
+            let x_sq: f64 = xq.iter().map(|&v| (v as f64).powi(2)).sum();
+            let pq = &px[q * k..(q + 1) * k];
+            let prunable = c_dot > 0.0 && c_norm > 0.0 && c_dot.is_finite() && c_norm.is_finite();
+            let mut b = QueryBound {
+                prunable,
+                a: if prunable { 2.0 * c_norm / c_dot } else { 0.0 },
+                inv: if prunable {
+                    c_dot * c_dot / (4.0 * c_norm)
+                } else {
+                    0.0
+                },
+                c_dot,
+                c_norm,
+                x_sq,
+                x_norm: x_sq.sqrt(),
+                resid: rx[q] as f64,
+                px_sq: pq.iter().map(|&v| (v as f64).powi(2)).sum(),
+                m0: f64::NEG_INFINITY,
+                ln_sample_thr: f64::NEG_INFINITY,
+                cert: 0.0,
+                needed_tiles: tiles.len(),
+            };
+            if prunable {
+                b.m0 = seed_max(ds, index, &b, xq, pq, tile_range.clone());
+            }
+            b
+        })
+        .collect();
+
+    // Tile screening: per query, skip the tiles of smallest bound within the budget.
+    let needed: Vec<Vec<bool>> = qb
+        .par_iter_mut()
+        .enumerate()
+        .map(|(q, b)| {
+            let mut need = vec![true; tiles.len()];
+            if !b.prunable {
+                return need;
+            }
+            let pq = &px[q * k..(q + 1) * k];
+            let mut w: Vec<(f64, usize)> = tiles
+                .iter()
+                .enumerate()
+                .map(|(t, tile)| {
+                    let c = &index.centres[(tile_range.start + t) * k..][..k];
+                    let dp: f64 = pq
+                        .iter()
+                        .zip(c)
+                        .map(|(&p, &c)| (p as f64 - b.a * c).powi(2))
+                        .sum::<f64>()
+                        .sqrt();
+                    let lp = (dp - b.a * tile.radius).max(0.0);
+                    let gap = (b.a * tile.resid_lo - b.resid)
+                        .max(b.resid - b.a * tile.resid_hi)
+                        .max(0.0);
+                    let err = b.err(tile.max_norm, dim);
+                    let lw = b.ln_weight(lp * lp + gap * gap, tile.max_norm, err);
+                    ((tile.len as f64).ln() + lw, t)
+                })
+                .collect();
+            w.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            let mut cum = 0.0f64;
+            for &(lw, t) in &w {
+                let wt = lw.exp();
+                if cum + wt > TILE_BUDGET {
+                    break;
+                }
+                cum += wt;
+                need[t] = false;
+            }
+            b.cert = cum;
+            b.needed_tiles = need.iter().filter(|&&v| v).count();
+            let visited: usize = tiles
+                .iter()
+                .zip(&need)
+                .filter(|(_, &v)| v)
+                .map(|(t, _)| t.len)
+                .sum();
+            b.ln_sample_thr = (SAMPLE_BUDGET / visited.max(1) as f64).ln();
+            need
+        })
+        .collect();
+    let pairs: usize = needed
+        .iter()
+        .map(|need| {
+            tiles
+                .iter()
+                .zip(need)
+                .filter(|(_, &v)| v)
+                .map(|(t, _)| t.len)
+                .sum::<usize>()
+        })
+        .sum();
+    if pairs as f64 > DENSE_SWITCH * (n_q * n_rows) as f64 {
+        return None;
+    }
+
+    // Per query group: per-sample bounds, then exact logits and sparse accumulation.
+    let group = n_q.div_ceil(threads.max(1)).max(1);
+    let groups: Vec<Range<usize>> = (0..n_q)
+        .step_by(group)
+        .map(|q| q..(q + group).min(n_q))
+        .collect();
+    let record = kept.is_some();
+    let results: Vec<GroupResult> = groups
+        .par_iter()
+        .map(|qs| {
+            run_group(
+                ds,
+                index,
+                batch,
+                &px,
+                &qb[qs.clone()],
+                &needed[qs.clone()],
+                qs.clone(),
+                tile_range.clone(),
+                record,
+            )
+        })
+        .collect();
+
+    let mut mean = vec![0.0f32; n_q * dim];
+    let mut stats = Vec::with_capacity(n_q);
+    let mut kept_rows = Vec::new();
+    for (qs, r) in groups.iter().zip(results) {
+        for (local, q) in qs.clone().enumerate() {
+            let st = r.states[local];
+            if st.sum == 0.0 || !st.sum.is_finite() {
+                return None;
+            }
+            let inv = 1.0 / st.sum;
+            for (o, a) in mean[q * dim..(q + 1) * dim]
+                .iter_mut()
+                .zip(&r.acc[local * dim..(local + 1) * dim])
+            {
+                *o = a * inv;
+            }
+            let b = &qb[q];
+            // The certificate in units of the final (m, l).
+            let cert = (b.cert + r.cert[local]) * (b.m0 - st.max as f64).exp() / st.sum as f64;
+            stats.push(QueryStats {
+                skipped_mass_bound: cert as f32,
+                tiles_skipped: 1.0 - b.needed_tiles as f32 / tiles.len() as f32,
+                samples_skipped: 1.0 - r.computed[local] as f32 / n_rows as f32,
+                ..st.stats()
+            });
+        }
+        kept_rows.extend(r.kept);
+    }
+    if let Some(k) = kept {
+        *k = kept_rows;
+    }
+    Some(Posterior { mean, stats })
+}
+
+/// Exact (f64) largest logit over the nearest tile (by projected centroid), minus its
+/// rounding bound.
+fn seed_max(
+    ds: &Dataset,
+    index: &PruneIndex,
+    b: &QueryBound,
+    xq: &[f32],
+    pq: &[f32],
+    tile_range: Range<usize>,
+) -> f64 {
+    let tiles = &index.tiles[tile_range.clone()];
+    let first = tile_range.start;
+    let k = index.k;
+    let mut best = (f64::INFINITY, 0usize);
+    for t in 0..tiles.len() {
+        let c = &index.centres[(first + t) * k..][..k];
+        let d2: f64 = pq
+            .iter()
+            .zip(c)
+            .map(|(&p, &c)| (p as f64 - b.a * c).powi(2))
+            .sum();
+        if d2 < best.0 {
+            best = (d2, t);
+        }
+    }
+    let tile = &tiles[best.1];
+    let norms = ds.sq_norms();
+    let mut y = vec![0.0f32; index.dim];
+    let mut m = f64::NEG_INFINITY;
+    for pos in tile.start..tile.start + tile.len {
+        let row = index.perm[pos] as usize;
+        ds.stored_row(row, &mut y);
+        let dot: f64 = xq.iter().zip(&y).map(|(&a, &b)| a as f64 * b as f64).sum();
+        m = m.max(b.c_dot * dot - b.c_norm * norms[row] as f64);
+    }
+    m - b.err(tile.max_norm, index.dim)
+}
+
+struct GroupResult {
+    states: Vec<SoftmaxState>,
+    acc: Vec<f32>,
+    /// per-sample skips' bounds, units of exp(m0)
+    cert: Vec<f64>,
+    computed: Vec<usize>,
+    kept: Vec<Vec<u32>>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_group(
+    ds: &Dataset,
+    index: &PruneIndex,
+    batch: &CentredBatch<'_>,
+    px: &[f32],
+    qb: &[QueryBound],
+    needed: &[Vec<bool>],
+    qs: Range<usize>,
+    tile_range: Range<usize>,
+    record: bool,
+) -> GroupResult {
+    let (dim, k) = (index.dim, index.k);
+    let gq = qs.len();
+    let norms = ds.sq_norms();
+    let mut r = GroupResult {
+        states: vec![SoftmaxState::EMPTY; gq],
+        acc: vec![0.0f32; gq * dim],
+        cert: vec![0.0; gq],
+        computed: vec![0; gq],
+        kept: vec![Vec::new(); if record { gq } else { 0 }],
+    };
+    let mut qlist: Vec<usize> = Vec::with_capacity(gq);
+    let mut pxs = vec![0.0f32; gq * k];
+    let mut dots = vec![0.0f32; gq * LEAF_ROWS];
+    let mut surv = vec![false; gq * LEAF_ROWS];
+    let mut union: Vec<usize> = Vec::with_capacity(LEAF_ROWS);
+    let mut qsurv: Vec<usize> = Vec::with_capacity(gq);
+    let mut ybuf = vec![0.0f32; LEAF_ROWS * dim];
+    let mut xbuf = vec![0.0f32; gq * dim];
+    let mut logits = vec![0.0f32; gq * LEAF_ROWS];
+    let mut cols: Vec<usize> = Vec::with_capacity(LEAF_ROWS);
+    let mut pbuf = vec![0.0f32; gq * LEAF_ROWS];
+    let mut ycols = vec![0.0f32; LEAF_ROWS * dim];
+    let mut tmp = vec![0.0f32; gq * dim];
+
+    for (t, tile) in index.tiles[tile_range].iter().enumerate() {
+        qlist.clear();
+        qlist.extend((0..gq).filter(|&l| needed[l][t]));
+        if qlist.is_empty() {
+            continue;
+        }
+        let nt = tile.len;
+        let pos0 = tile.start;
+        // Per-sample bounds: projected dot products of the needing queries with the tile.
+        for (i, &l) in qlist.iter().enumerate() {
+            let q = qs.start + l;
+            pxs[i * k..(i + 1) * k].copy_from_slice(&px[q * k..(q + 1) * k]);
+        }
+        let nq = qlist.len();
+        sgemm(
+            Gemm { m: nq, n: nt, k },
+            &mut dots[..nq * nt],
+            false,
+            (&pxs[..nq * k], k, 1),
+            (&index.proj[pos0 * k..(pos0 + nt) * k], 1, k),
+        );
+        let surv = &mut surv[..nq * nt];
+        for (i, &l) in qlist.iter().enumerate() {
+            let b = &qb[l];
+            let row = &mut surv[i * nt..(i + 1) * nt];
+            if !b.prunable {
+                row.iter_mut().for_each(|s| *s = true);
+                continue;
+            }
+            let err = b.err(tile.max_norm, dim);
+            // Skipped samples of this tile: count and largest bound (one exp per tile).
+            let (mut n_skip, mut worst) = (0usize, f64::NEG_INFINITY);
+            for (j, s) in row.iter_mut().enumerate() {
+                let p = pos0 + j;
+                let dp2 = (b.px_sq - 2.0 * b.a * dots[i * nt + j] as f64
+                    + b.a * b.a * index.proj_sq[p])
+                    .max(0.0);
+                let gap = b.resid - b.a * index.resid[p] as f64;
+                let lw = b.ln_weight(dp2 + gap * gap, tile.max_norm, err);
+                *s = lw > b.ln_sample_thr;
+                if !*s {
+                    n_skip += 1;
+                    worst = worst.max(lw);
+                }
+            }
+            if n_skip > 0 {
+                r.cert[l] += n_skip as f64 * worst.exp();
+            }
+        }
+        union.clear();
+        union.extend((0..nt).filter(|&j| (0..nq).any(|i| surv[i * nt + j])));
+        qsurv.clear();
+        qsurv.extend(
+            (0..nq)
+                .filter(|&i| surv[i * nt..(i + 1) * nt].iter().any(|&s| s))
+                .map(|i| qlist[i]),
+        );
+        if union.is_empty() {
+            continue;
+        }
+        let (nu, nqs) = (union.len(), qsurv.len());
+        for (u, &j) in union.iter().enumerate() {
+            ds.stored_row(
+                index.perm[pos0 + j] as usize,
+                &mut ybuf[u * dim..(u + 1) * dim],
+            );
+        }
+        for (i, &l) in qsurv.iter().enumerate() {
+            let q = qs.start + l;
+            xbuf[i * dim..(i + 1) * dim].copy_from_slice(&batch.x[q * dim..(q + 1) * dim]);
+        }
+        let s = &mut logits[..nqs * nu];
+        sgemm(
+            Gemm {
+                m: nqs,
+                n: nu,
+                k: dim,
+            },
+            s,
+            false,
+            (&xbuf[..nqs * dim], dim, 1),
+            (&ybuf[..nu * dim], 1, dim),
+        );
+        for (i, &l) in qsurv.iter().enumerate() {
+            let q = qs.start + l;
+            let [c_dot, c_norm] = batch.logit_coefs[q];
+            let row = &mut s[i * nu..(i + 1) * nu];
+            for (v, &j) in row.iter_mut().zip(&union) {
+                *v = c_dot * *v - c_norm * norms[index.perm[pos0 + j] as usize];
+            }
+            let st = &mut r.states[l];
+            let (was_empty, old_max) = (st.sum == 0.0, st.max);
+            let scale = st.absorb_tile(row, 0);
+            // absorb_tile numbered the columns 0..; map a new argmax to its stored row.
+            if was_empty || st.max > old_max {
+                st.argmax = index.perm[pos0 + union[st.argmax as usize]];
+            }
+            if scale != 1.0 {
+                r.acc[l * dim..(l + 1) * dim]
+                    .iter_mut()
+                    .for_each(|a| *a *= scale);
+            }
+            r.computed[l] += nu;
+            if record {
+                r.kept[l].extend(union.iter().map(|&j| index.perm[pos0 + j]));
+            }
+        }
+        // Sparse accumulation: only the columns with a non-zero weight for some query.
+        cols.clear();
+        cols.extend((0..nu).filter(|&u| (0..nqs).any(|i| s[i * nu + u] != 0.0)));
+        if cols.is_empty() {
+            continue;
+        }
+        let nc = cols.len();
+        let (p, y): (&[f32], &[f32]) = if nc == nu {
+            (&s[..nqs * nu], &ybuf[..nu * dim])
+        } else {
+            for i in 0..nqs {
+                for (c, &u) in cols.iter().enumerate() {
+                    pbuf[i * nc + c] = s[i * nu + u];
+                }
+            }
+            for (c, &u) in cols.iter().enumerate() {
+                ycols[c * dim..(c + 1) * dim].copy_from_slice(&ybuf[u * dim..(u + 1) * dim]);
+            }
+            (&pbuf[..nqs * nc], &ycols[..nc * dim])
+        };
+        sgemm(
+            Gemm {
+                m: nqs,
+                n: dim,
+                k: nc,
+            },
+            &mut tmp[..nqs * dim],
+            false,
+            (p, nc, 1),
+            (y, dim, 1),
+        );
+        for (i, &l) in qsurv.iter().enumerate() {
+            r.acc[l * dim..(l + 1) * dim]
+                .iter_mut()
+                .zip(&tmp[i * dim..(i + 1) * dim])
+                .for_each(|(a, t)| *a += t);
+        }
+    }
+    r
+}
