@@ -146,7 +146,10 @@ fn main() {
         "target/prune-bench".to_string(),
     ));
     let python: String = env_or("ORACLEFLOW_PRUNE_PYTHON", "python3".to_string());
-    let gaussian: String = env_or("ORACLEFLOW_PRUNE_GAUSSIAN", "gaussian:60000,784".to_string());
+    let gaussian: String = env_or(
+        "ORACLEFLOW_PRUNE_GAUSSIAN",
+        "gaussian:60000,784".to_string(),
+    );
     let ideal_q: usize = env_or("ORACLEFLOW_PRUNE_IDEAL_Q", 8);
     std::fs::create_dir_all(&out).expect("output folder");
     let mut summary = String::new();
@@ -191,7 +194,10 @@ fn main() {
         write_npy_f32(out.join("queries.npy"), &[dense.len(), b, d], &xs).expect("npy");
         let ts: Vec<f32> = dense.iter().map(|e| e.t as f32).collect();
         write_npy_f32(out.join("times.npy"), &[dense.len()], &ts).expect("times.npy");
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peers/numpy_chunked.py");
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/benches/peers/numpy_chunked.py"
+        );
         match std::process::Command::new(&python)
             .arg(script)
             .arg(&out)
@@ -306,7 +312,9 @@ fn main() {
             median(late.clone())
         ));
     }
-    say(format!("largest certificate (skipped mass bound): {max_cert:e}"));
+    say(format!(
+        "largest certificate (skipped mass bound): {max_cert:e}"
+    ));
     drop(samples);
 
     if gaussian != "none" {

@@ -147,14 +147,23 @@ impl<'d> Oracle<'d> {
         let mut fallback_reason = None;
         let (engine, kind) = match kind {
             BackendKind::Reference => (Engine::Reference, kind),
-            BackendKind::Cpu => (Engine::Fast(Box::new(cpu::CpuBackend::with_options(dataset, cpu_options))), kind),
+            BackendKind::Cpu => (
+                Engine::Fast(Box::new(cpu::CpuBackend::with_options(
+                    dataset,
+                    cpu_options,
+                ))),
+                kind,
+            ),
             BackendKind::Gpu => (Engine::Fast(Box::new(gpu_backend(false)?)), kind),
             BackendKind::Auto => match gpu_backend(true) {
                 Ok(g) => (Engine::Fast(Box::new(g)), BackendKind::Gpu),
                 Err(e) => {
                     fallback_reason = Some(e.to_string());
                     (
-                        Engine::Fast(Box::new(cpu::CpuBackend::with_options(dataset, cpu_options))),
+                        Engine::Fast(Box::new(cpu::CpuBackend::with_options(
+                            dataset,
+                            cpu_options,
+                        ))),
                         BackendKind::Cpu,
                     )
                 }
