@@ -1,11 +1,12 @@
 """PSPC-style peer: the exact oracle with numpy, chunked online softmax + matmul expansion.
 
-    python3 benches/peers/numpy_chunked.py DIR
+    python3 benches/peers/numpy_chunked.py DIR [EVERY]
 
 Reads DIR/data.npy (N x D, user coordinates), DIR/queries.npy (E x B x D, the states of
 E evaluations) and DIR/times.npy (E), evaluates the rectified-flow oracle velocity of each
 evaluation in f32 (BLAS sgemm for both products, as the usual numpy/PyTorch loops do) and
-writes DIR/numpy_times.csv (eval, seconds) and DIR/numpy_velocity_last.npy.
+writes DIR/numpy_times.csv (eval, seconds) and DIR/numpy_velocity_last.npy. With EVERY > 1
+only every EVERY-th evaluation is timed (a reduced replay where the full one is too slow).
 """
 import sys
 import time
@@ -38,13 +39,16 @@ def oracle(y, y_sq, x, t):
 
 def main():
     d = sys.argv[1]
+    every = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     y = np.load(f"{d}/data.npy").astype(np.float32)
     xs = np.load(f"{d}/queries.npy").astype(np.float32)
     ts = np.load(f"{d}/times.npy")
-    y_sq = (y * y).sum(axis=1)[None, :].astype(np.float32)
+    y_sq = (y * y).sum(axis=1).astype(np.float32)
     rows = ["eval,seconds"]
     v = None
     for i, (x, t) in enumerate(zip(xs, ts)):
+        if i % every:
+            continue
         start = time.perf_counter()
         v = oracle(y, y_sq, np.ascontiguousarray(x), float(t))
         rows.append(f"{i},{time.perf_counter() - start:.6f}")
@@ -52,7 +56,7 @@ def main():
         f.write("\n".join(rows) + "\n")
     np.save(f"{d}/numpy_velocity_last.npy", v)
     total = sum(float(r.split(",")[1]) for r in rows[1:])
-    print(f"numpy peer: {len(ts)} evaluations, {total:.2f} s (numpy {np.__version__})")
+    print(f"numpy peer: {len(rows) - 1} evaluations, {total:.2f} s (numpy {np.__version__})")
 
 
 if __name__ == "__main__":

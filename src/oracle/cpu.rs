@@ -41,8 +41,9 @@ pub struct CpuBackend<'d> {
     dataset: &'d Dataset,
     threads: usize,
     options: CpuOptions,
-    /// Built on the first pruned call (once per backend, so once per dataset and run).
-    index: Option<PruneIndex>,
+    /// Built on the first pruned call (once per backend, so once per dataset and run);
+    /// `Some(None)` when the data has no structure for the bounds (always dense).
+    index: Option<Option<PruneIndex>>,
     record_kept: bool,
     kept: Vec<Vec<u32>>,
     last_pruned: bool,
@@ -69,11 +70,13 @@ impl<'d> CpuBackend<'d> {
         self.options
     }
 
-    /// Builds the pruning index now (else the first pruned call does); returns its tile count.
-    pub fn prepare(&mut self) -> usize {
+    /// Builds the pruning index now (else the first pruned call does); returns its tile
+    /// count, or `None` when the data gives the bounds nothing to use (then dense runs).
+    pub fn prepare(&mut self) -> Option<usize> {
         self.index
             .get_or_insert_with(|| PruneIndex::build(self.dataset))
-            .n_tiles()
+            .as_ref()
+            .map(|i| i.n_tiles())
     }
 
     /// Keep, per query of each call, the stored rows whose logits were computed (tests).
@@ -100,7 +103,9 @@ struct Partial {
 
 impl Backend for CpuBackend<'_> {
     fn describe(&self) -> String {
-        let mode = if self.options.prune {
+        let mode = if matches!(self.index, Some(None)) {
+            "exact pruning off: no low-dimensional structure for its bounds, dense".to_string()
+        } else if self.options.prune {
             format!(
                 "exact pruning ({}-row tiles, {}-d projection bounds)",
                 prune::LEAF_ROWS,
@@ -121,11 +126,13 @@ impl Backend for CpuBackend<'_> {
         self.kept.clear();
         if self.options.prune && batch.rows.len() >= prune::MIN_PRUNE_ROWS {
             self.prepare();
-            let index = self.index.as_ref().expect("built above");
-            let kept = self.record_kept.then_some(&mut self.kept);
-            if let Some(post) = prune::posterior(self.dataset, index, batch, self.threads, kept) {
-                self.last_pruned = true;
-                return Ok(post);
+            if let Some(Some(index)) = &self.index {
+                let kept = self.record_kept.then_some(&mut self.kept);
+                if let Some(post) = prune::posterior(self.dataset, index, batch, self.threads, kept)
+                {
+                    self.last_pruned = true;
+                    return Ok(post);
+                }
             }
         }
         self.dense_posterior(batch)

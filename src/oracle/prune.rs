@@ -46,7 +46,10 @@
 //! groups of at most `EXACT_GROUP`, one rayon task each, so that a group's union of
 //! survivors stays close to each query's own.
 //!
-//! **Fallback.** The per-sample bounds of `PROBE_QUERIES` spread-out queries are evaluated
+//! **Fallback.** Once per dataset: when the projection leaves more than
+//! `MAX_RESIDUAL_SHARE` of the variance (isotropic data such as `gaussian:60000,784`), no
+//! index is built and every call is dense, having spent only the basis. Per call: the
+//! per-sample bounds of `PROBE_QUERIES` spread-out queries are evaluated
 //! first; when they leave more than `DENSE_SWITCH` of the (query, sample) pairs (early t,
 //! unstructured data, alpha = 0), [`posterior`] returns `None` and the caller runs the plain
 //! dense pass. That test costs O(B (T k + D k)) plus the probe's screening, about 1-3% of a
@@ -82,9 +85,13 @@ pub const DENSE_SWITCH: f64 = 0.1;
 const PROBE_QUERIES: usize = 8;
 /// Most queries sharing one gathered union of survivors (more inflate the union).
 const EXACT_GROUP: usize = 32;
+/// Largest share of the variance left outside the projection for which an index is built.
+/// The residual term of the bounds loses about 2 a |Rx| |Ry| / (2 sigma^2) nats, so with most
+/// of the variance outside the projection they prune nothing before t is close to 1.
+pub const MAX_RESIDUAL_SHARE: f64 = 0.5;
 /// Rows of the seeded subsample whose covariance gives the basis.
-const BASIS_SAMPLE: usize = 4096;
-const BASIS_ITERS: usize = 12;
+const BASIS_SAMPLE: usize = 2048;
+const BASIS_ITERS: usize = 10;
 const SEED: u64 = 0x005e_ed0f_7113;
 /// Relative weight budget (units of the final normaliser) for whole tiles, then samples.
 const TILE_BUDGET: f64 = 1.0 / (1u64 << 31) as f64;
@@ -118,16 +125,25 @@ pub struct PruneIndex {
     /// |Ry|, tile order
     resid: Vec<f32>,
     tiles: Vec<Tile>,
-    /// T x k projected centroids
-    centres: Vec<f64>,
+    /// T x k projected centroids (f32 for the GEMM with the queries' projections)
+    centres: Vec<f32>,
+    /// |c|^2 per tile
+    centre_sq: Vec<f64>,
     /// (stored rows, tiles) of each class (or of the whole dataset without labels)
     segments: Vec<(Range<usize>, Range<usize>)>,
 }
 
 impl PruneIndex {
-    pub fn build(ds: &Dataset) -> PruneIndex {
+    /// The index, or `None` when the data has no low-dimensional structure for the bounds
+    /// to use (the projection leaves over `MAX_RESIDUAL_SHARE` of the variance, e.g.
+    /// isotropic Gaussians): then only the basis (about 1% of one dense evaluation at
+    /// B = 256) was spent and every call runs dense.
+    pub fn build(ds: &Dataset) -> Option<PruneIndex> {
         let (n, dim) = (ds.n_samples(), ds.dim());
-        let basis = pca_basis(ds);
+        let (basis, residual_share) = pca_basis(ds);
+        if residual_share > MAX_RESIDUAL_SHARE {
+            return None;
+        }
         let k = basis.len() / dim;
 
         // Projections and residual norms of every stored row, in row blocks.
@@ -201,7 +217,9 @@ impl PruneIndex {
                     *cj += v as f64;
                 }
             }
-            c.iter_mut().for_each(|v| *v /= tile.len as f64);
+            // Rounded to f32 here, so the radius is measured from the centre the queries use.
+            c.iter_mut()
+                .for_each(|v| *v = (*v / tile.len as f64) as f32 as f64);
             let (mut rad, mut lo, mut hi, mut mx) = (0.0f64, f64::INFINITY, 0.0f64, 0.0f64);
             for i in pos {
                 let d2: f64 = c
@@ -220,7 +238,7 @@ impl PruneIndex {
             tile.resid_hi = hi * (1.0 + 1e-9);
             tile.max_norm = mx * (1.0 + 1e-9);
         }
-        PruneIndex {
+        Some(PruneIndex {
             dim,
             k,
             basis,
@@ -229,9 +247,13 @@ impl PruneIndex {
             proj_sq,
             resid,
             tiles,
-            centres,
+            centre_sq: centres
+                .chunks_exact(k)
+                .map(|c| c.iter().map(|&v| (v as f32 as f64).powi(2)).sum())
+                .collect(),
+            centres: centres.iter().map(|&v| v as f32).collect(),
             segments,
-        }
+        })
     }
 
     pub fn n_tiles(&self) -> usize {
@@ -294,13 +316,14 @@ fn project(y: &[f32], nr: usize, dim: usize, basis: &[f32], k: usize) -> (Vec<f3
 
 /// k orthonormal directions of largest variance (approximately: any orthonormal basis
 /// keeps the bounds valid, a better one only makes them tighter). k = D gives the identity.
-fn pca_basis(ds: &Dataset) -> Vec<f32> {
+/// Also returns the share of the (subsample's) variance the basis leaves in the residual.
+fn pca_basis(ds: &Dataset) -> (Vec<f32>, f64) {
     let (n, dim) = (ds.n_samples(), ds.dim());
     let k = PROJ_DIMS.min(dim);
     if k == dim {
         let mut id = vec![0.0f32; dim * dim];
         (0..dim).for_each(|i| id[i * dim + i] = 1.0);
-        return id;
+        return (id, 0.0);
     }
     let mut rng = ChaCha8Rng::seed_from_u64(SEED);
     let m = BASIS_SAMPLE.min(n);
@@ -354,7 +377,32 @@ fn pca_basis(ds: &Dataset) -> Vec<f32> {
         orthonormalise(&mut v, dim, &mut rng);
         v32 = v.iter().map(|&x| x as f32).collect();
     }
-    v32
+    // Captured variance: sum_j v_j^T C v_j, against trace(C).
+    sgemm(
+        Gemm {
+            m: dim,
+            n: k,
+            k: dim,
+        },
+        &mut w,
+        false,
+        (&c, dim, 1),
+        (&v32, 1, dim),
+    );
+    let captured: f64 = (0..k)
+        .map(|j| {
+            (0..dim)
+                .map(|d| v[j * dim + d] * w[d * k + j] as f64)
+                .sum::<f64>()
+        })
+        .sum();
+    let trace: f64 = (0..dim).map(|d| c[d * dim + d] as f64).sum();
+    let residual = if trace > 0.0 {
+        (1.0 - captured / trace).max(0.0)
+    } else {
+        0.0
+    };
+    (v32, residual)
 }
 
 /// Modified Gram-Schmidt (twice, for f64 orthogonality) on the rows of `v` (k x dim);
@@ -509,103 +557,115 @@ pub fn posterior(
 
     // Query projections and residual norms.
     let (px, rx) = project(x, n_q, dim, &index.basis, k);
-    let mut qb: Vec<QueryBound> = (0..n_q)
-        .into_par_iter()
-        .map(|q| {
-            let [c_dot, c_norm] = batch.logit_coefs[q].map(|v| v as f64);
-            let xq = &x[q * dim..(q + 1) * dim];
-            let x_sq: f64 = xq.iter().map(|&v| (v as f64).powi(2)).sum();
-            let pq = &px[q * k..(q + 1) * k];
-            let prunable = c_dot > 0.0 && c_norm > 0.0 && c_dot.is_finite() && c_norm.is_finite();
-            let mut b = QueryBound {
-                prunable,
-                a: if prunable { 2.0 * c_norm / c_dot } else { 0.0 },
-                inv: if prunable {
-                    c_dot * c_dot / (4.0 * c_norm)
-                } else {
-                    0.0
-                },
-                c_dot,
-                c_norm,
-                x_sq,
-                x_norm: x_sq.sqrt(),
-                resid: rx[q] as f64,
-                px_sq: pq.iter().map(|&v| (v as f64).powi(2)).sum(),
-                m0: f64::NEG_INFINITY,
-                seed_tile: 0,
-                ln_sample_thr: f64::NEG_INFINITY,
-                cert: 0.0,
-                needed_tiles: tiles.len(),
-            };
-            if prunable {
-                (b.m0, b.seed_tile) = seed_max(ds, index, &b, xq, pq, tile_range.clone());
+    // Projected query . tile centroid, all pairs (n_q x T): one GEMM. Its f32 rounding,
+    // and that of the expanded distance below, is far inside LB_MARGIN.
+    let n_tiles = tiles.len();
+    let mut pc = vec![0.0f32; n_q * n_tiles];
+    sgemm(
+        Gemm {
+            m: n_q,
+            n: n_tiles,
+            k,
+        },
+        &mut pc,
+        false,
+        (&px, k, 1),
+        (
+            &index.centres[tile_range.start * k..tile_range.end * k],
+            1,
+            k,
+        ),
+    );
+    // Per query: the quantities behind its bounds, its seed, and the tiles it needs.
+    let bound = |q: usize| -> (QueryBound, Vec<bool>) {
+        let [c_dot, c_norm] = batch.logit_coefs[q].map(|v| v as f64);
+        let xq = &x[q * dim..(q + 1) * dim];
+        let x_sq: f64 = xq.iter().map(|&v| (v as f64).powi(2)).sum();
+        let pq = &px[q * k..(q + 1) * k];
+        let prunable = c_dot > 0.0 && c_norm > 0.0 && c_dot.is_finite() && c_norm.is_finite();
+        let mut b = QueryBound {
+            prunable,
+            a: if prunable { 2.0 * c_norm / c_dot } else { 0.0 },
+            inv: if prunable {
+                c_dot * c_dot / (4.0 * c_norm)
+            } else {
+                0.0
+            },
+            c_dot,
+            c_norm,
+            x_sq,
+            x_norm: x_sq.sqrt(),
+            resid: rx[q] as f64,
+            px_sq: pq.iter().map(|&v| (v as f64).powi(2)).sum(),
+            m0: f64::NEG_INFINITY,
+            seed_tile: 0,
+            ln_sample_thr: f64::NEG_INFINITY,
+            cert: 0.0,
+            needed_tiles: tiles.len(),
+        };
+        let mut need = vec![true; tiles.len()];
+        if !prunable {
+            return (b, need);
+        }
+        // |Px - a c|^2 per tile; the nearest tile seeds the running max.
+        let c_sq = &index.centre_sq[tile_range.clone()];
+        let dp2: Vec<f64> = pc[q * n_tiles..(q + 1) * n_tiles]
+            .iter()
+            .zip(c_sq)
+            .map(|(&d, &cs)| (b.px_sq - 2.0 * b.a * d as f64 + b.a * b.a * cs).max(0.0))
+            .collect();
+        b.seed_tile = (0..n_tiles)
+            .min_by(|&i, &j| dp2[i].total_cmp(&dp2[j]).then(i.cmp(&j)))
+            .expect("tiles");
+        b.m0 = seed_max(ds, index, &b, xq, &tiles[b.seed_tile]);
+        // Tile screening: skip the tiles of smallest bound within the budget.
+        let mut w: Vec<(f64, usize)> = tiles
+            .iter()
+            .zip(&dp2)
+            .enumerate()
+            .map(|(t, (tile, &dp2))| {
+                let lp = (dp2.sqrt() - b.a * tile.radius).max(0.0);
+                let gap = (b.a * tile.resid_lo - b.resid)
+                    .max(b.resid - b.a * tile.resid_hi)
+                    .max(0.0);
+                let err = b.err(tile.max_norm, dim);
+                let lw = b.ln_weight(lp * lp + gap * gap, tile.max_norm, err);
+                ((tile.len as f64).ln() + lw, t)
+            })
+            .collect();
+        w.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let mut cum = 0.0f64;
+        for &(lw, t) in &w {
+            let wt = lw.exp();
+            if cum + wt > TILE_BUDGET {
+                break;
             }
-            b
-        })
-        .collect();
+            cum += wt;
+            need[t] = false;
+        }
+        b.cert = cum;
+        b.needed_tiles = need.iter().filter(|&&v| v).count();
+        let visited: usize = tiles
+            .iter()
+            .zip(&need)
+            .filter(|(_, &v)| v)
+            .map(|(t, _)| t.len)
+            .sum();
+        b.ln_sample_thr = (SAMPLE_BUDGET / visited.max(1) as f64).ln();
+        (b, need)
+    };
 
-    // Tile screening: per query, skip the tiles of smallest bound within the budget.
-    let needed: Vec<Vec<bool>> = qb
-        .par_iter_mut()
-        .enumerate()
-        .map(|(q, b)| {
-            let mut need = vec![true; tiles.len()];
-            if !b.prunable {
-                return need;
-            }
-            let pq = &px[q * k..(q + 1) * k];
-            let mut w: Vec<(f64, usize)> = tiles
-                .iter()
-                .enumerate()
-                .map(|(t, tile)| {
-                    let c = &index.centres[(tile_range.start + t) * k..][..k];
-                    let dp: f64 = pq
-                        .iter()
-                        .zip(c)
-                        .map(|(&p, &c)| (p as f64 - b.a * c).powi(2))
-                        .sum::<f64>()
-                        .sqrt();
-                    let lp = (dp - b.a * tile.radius).max(0.0);
-                    let gap = (b.a * tile.resid_lo - b.resid)
-                        .max(b.resid - b.a * tile.resid_hi)
-                        .max(0.0);
-                    let err = b.err(tile.max_norm, dim);
-                    let lw = b.ln_weight(lp * lp + gap * gap, tile.max_norm, err);
-                    ((tile.len as f64).ln() + lw, t)
-                })
-                .collect();
-            w.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-            let mut cum = 0.0f64;
-            for &(lw, t) in &w {
-                let wt = lw.exp();
-                if cum + wt > TILE_BUDGET {
-                    break;
-                }
-                cum += wt;
-                need[t] = false;
-            }
-            b.cert = cum;
-            b.needed_tiles = need.iter().filter(|&&v| v).count();
-            let visited: usize = tiles
-                .iter()
-                .zip(&need)
-                .filter(|(_, &v)| v)
-                .map(|(t, _)| t.len)
-                .sum();
-            b.ln_sample_thr = (SAMPLE_BUDGET / visited.max(1) as f64).ln();
-            need
-        })
-        .collect();
-    // Fallback test on a few spread-out queries: when the per-sample bounds would leave
-    // more than DENSE_SWITCH of their pairs, the dense pass is cheaper.
+    // Fallback test first, on a few spread-out queries: when their per-sample bounds leave
+    // more than DENSE_SWITCH of their pairs, the dense pass is cheaper (and little was spent).
     let probe: Vec<usize> = (0..n_q).step_by((n_q / PROBE_QUERIES).max(1)).collect();
+    let probed: Vec<(QueryBound, Vec<bool>)> = probe.par_iter().map(|&q| bound(q)).collect();
     let mut probe_masks = vec![0u64; probe.len() * tiles.len()];
     let mut probe_cert = vec![0.0f64; probe.len()];
     let survivors = screen(
         index,
         &px,
-        &qb,
-        &needed,
+        &probed.iter().map(|p| &p.0).collect::<Vec<_>>(),
+        &probed.iter().map(|p| &p.1[..]).collect::<Vec<_>>(),
         &probe,
         tile_range.clone(),
         &mut probe_masks,
@@ -614,6 +674,8 @@ pub fn posterior(
     if survivors as f64 > DENSE_SWITCH * (probe.len() * n_rows) as f64 {
         return None;
     }
+    let (qb, needed): (Vec<QueryBound>, Vec<Vec<bool>>) =
+        (0..n_q).into_par_iter().map(bound).unzip();
 
     // Per query group: per-sample bounds, then exact logits and sparse accumulation.
     // Queries in tree order of their nearest tile: neighbours share survivors, so each
@@ -631,8 +693,8 @@ pub fn posterior(
             screen(
                 index,
                 &px,
-                &qb,
-                &needed,
+                &qs.iter().map(|&q| &qb[q]).collect::<Vec<_>>(),
+                &qs.iter().map(|&q| &needed[q][..]).collect::<Vec<_>>(),
                 qs,
                 tile_range.clone(),
                 &mut masks,
@@ -691,32 +753,8 @@ fn round_up_f32(v: f64) -> f32 {
     }
 }
 
-/// Exact (f64) largest logit over the nearest tile (by projected centroid), minus its
-/// rounding bound.
-fn seed_max(
-    ds: &Dataset,
-    index: &PruneIndex,
-    b: &QueryBound,
-    xq: &[f32],
-    pq: &[f32],
-    tile_range: Range<usize>,
-) -> (f64, usize) {
-    let tiles = &index.tiles[tile_range.clone()];
-    let first = tile_range.start;
-    let k = index.k;
-    let mut best = (f64::INFINITY, 0usize);
-    for t in 0..tiles.len() {
-        let c = &index.centres[(first + t) * k..][..k];
-        let d2: f64 = pq
-            .iter()
-            .zip(c)
-            .map(|(&p, &c)| (p as f64 - b.a * c).powi(2))
-            .sum();
-        if d2 < best.0 {
-            best = (d2, t);
-        }
-    }
-    let tile = &tiles[best.1];
+/// Exact (f64) largest logit over `tile`, minus its rounding bound.
+fn seed_max(ds: &Dataset, index: &PruneIndex, b: &QueryBound, xq: &[f32], tile: &Tile) -> f64 {
     let norms = ds.sq_norms();
     let mut y = vec![0.0f32; index.dim];
     let mut m = f64::NEG_INFINITY;
@@ -726,7 +764,7 @@ fn seed_max(
         let dot: f64 = xq.iter().zip(&y).map(|(&a, &b)| a as f64 * b as f64).sum();
         m = m.max(b.c_dot * dot - b.c_norm * norms[row] as f64);
     }
-    (m - b.err(tile.max_norm, index.dim), best.1)
+    m - b.err(tile.max_norm, index.dim)
 }
 
 struct GroupResult {
@@ -738,15 +776,16 @@ struct GroupResult {
     kept: Vec<Vec<u32>>,
 }
 
-/// Per-sample bounds for queries `qids` over their needed tiles: bit j of
+/// Per-sample bounds for queries `qids` (with their bounds `qb` and needed tiles `needed`,
+/// in the same order) over their needed tiles: bit j of
 /// `masks[i * T + t]` is set when sample j of tile t must be computed for query qids[i];
 /// the skipped samples' bounds go to `cert` (units of exp(m0)). Returns the set bits.
 #[allow(clippy::too_many_arguments)]
 fn screen(
     index: &PruneIndex,
     px: &[f32],
-    qb: &[QueryBound],
-    needed: &[Vec<bool>],
+    qb: &[&QueryBound],
+    needed: &[&[bool]],
     qids: &[usize],
     tile_range: Range<usize>,
     masks: &mut [u64],
@@ -760,7 +799,7 @@ fn screen(
     let mut count = 0usize;
     for (t, tile) in index.tiles[tile_range].iter().enumerate() {
         qlist.clear();
-        qlist.extend((0..qids.len()).filter(|&i| needed[qids[i]][t]));
+        qlist.extend((0..qids.len()).filter(|&i| needed[i][t]));
         if qlist.is_empty() {
             continue;
         }
@@ -778,7 +817,7 @@ fn screen(
             (&index.proj[pos0 * k..(pos0 + nt) * k], 1, k),
         );
         for (i, &l) in qlist.iter().enumerate() {
-            let b = &qb[qids[l]];
+            let b = qb[l];
             let mask = &mut masks[l * n_t + t];
             if !b.prunable {
                 *mask = if nt == 64 { u64::MAX } else { (1u64 << nt) - 1 };
@@ -786,25 +825,34 @@ fn screen(
                 continue;
             }
             let err = b.err(tile.max_norm, dim);
-            // Skipped samples of this tile: count and largest bound (one exp per tile).
-            let (mut n_skip, mut worst) = (0usize, f64::NEG_INFINITY);
+            // Survival lw > ln_thr, with lw = ln_weight(l2), is l2 < l2_max (solved once
+            // per tile); the skipped samples' bound comes from their smallest l2.
+            let margin = LB_MARGIN * (b.x_norm + b.a * tile.max_norm).powi(2);
+            let lb_max = b.x_sq - (b.ln_sample_thr + b.m0 - err) / b.inv;
+            let l2_max = if lb_max > 0.0 {
+                lb_max + margin
+            } else {
+                f64::NEG_INFINITY
+            };
+            let (mut n_skip, mut l2_min_skipped) = (0usize, f64::INFINITY);
             let mut m = 0u64;
+            let (a, a2) = (b.a, b.a * b.a);
             for j in 0..nt {
                 let p = pos0 + j;
-                let dp2 = (b.px_sq - 2.0 * b.a * dots[i * nt + j] as f64
-                    + b.a * b.a * index.proj_sq[p])
-                    .max(0.0);
-                let gap = b.resid - b.a * index.resid[p] as f64;
-                let lw = b.ln_weight(dp2 + gap * gap, tile.max_norm, err);
-                if lw > b.ln_sample_thr {
+                let dp2 =
+                    (b.px_sq - 2.0 * a * dots[i * nt + j] as f64 + a2 * index.proj_sq[p]).max(0.0);
+                let gap = b.resid - a * index.resid[p] as f64;
+                let l2 = dp2 + gap * gap;
+                if l2 < l2_max {
                     m |= 1 << j;
                 } else {
                     n_skip += 1;
-                    worst = worst.max(lw);
+                    l2_min_skipped = l2_min_skipped.min(l2);
                 }
             }
             if n_skip > 0 {
-                cert[l] += n_skip as f64 * worst.exp();
+                let lw = b.ln_weight(l2_min_skipped, tile.max_norm, err);
+                cert[l] += n_skip as f64 * lw.exp();
             }
             count += m.count_ones() as usize;
             *mask = m;
