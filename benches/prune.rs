@@ -75,7 +75,7 @@ impl oracleflow::sample::Field for Both<'_, '_> {
             let out = o.evaluate(&q);
             (out, start.elapsed().as_secs_f64())
         };
-        let ((d, dense_s), (p, pruned_s)) = if self.log.len() % 2 == 0 {
+        let ((d, dense_s), (p, pruned_s)) = if self.log.len().is_multiple_of(2) {
             let d = timed(&mut self.dense);
             (d, timed(&mut self.pruned))
         } else {
