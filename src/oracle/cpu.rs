@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use crate::dataset::{Dataset, Values};
 use crate::error::Result;
+use crate::oracle::prune::{self, PruneIndex};
 use crate::oracle::{Backend, CentredBatch, Posterior, SoftmaxState};
 
 /// Dataset rows per tile: S (B x 256) and the tile (256 x D) stay cache-sized.
@@ -22,17 +23,75 @@ const MIN_QUERY_GROUP: usize = 64;
 /// Most f32 values held in partial accumulators at once (1 GiB).
 const ACC_BUDGET_FLOATS: usize = 1 << 28;
 
+/// Settings of the CPU backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuOptions {
+    /// Exact pruning (see [`crate::oracle::prune`]); false keeps the plain dense pass
+    /// (`--exact-dense`). Either way the result is the f32 oracle to within rounding.
+    pub prune: bool,
+}
+
+impl Default for CpuOptions {
+    fn default() -> Self {
+        CpuOptions { prune: true }
+    }
+}
+
 pub struct CpuBackend<'d> {
     dataset: &'d Dataset,
     threads: usize,
+    options: CpuOptions,
+    /// Built on the first pruned call (once per backend, so once per dataset and run);
+    /// `Some(None)` when the data has no structure for the bounds (always dense).
+    index: Option<Option<PruneIndex>>,
+    record_kept: bool,
+    kept: Vec<Vec<u32>>,
+    last_pruned: bool,
 }
 
 impl<'d> CpuBackend<'d> {
     pub fn new(dataset: &'d Dataset) -> Self {
+        Self::with_options(dataset, CpuOptions::default())
+    }
+
+    pub fn with_options(dataset: &'d Dataset, options: CpuOptions) -> Self {
         CpuBackend {
             dataset,
             threads: rayon::current_num_threads(),
+            options,
+            index: None,
+            record_kept: false,
+            kept: Vec::new(),
+            last_pruned: false,
         }
+    }
+
+    pub fn options(&self) -> CpuOptions {
+        self.options
+    }
+
+    /// Builds the pruning index now (else the first pruned call does); returns its tile
+    /// count, or `None` when the data gives the bounds nothing to use (then dense runs).
+    pub fn prepare(&mut self) -> Option<usize> {
+        self.index
+            .get_or_insert_with(|| PruneIndex::build(self.dataset))
+            .as_ref()
+            .map(|i| i.n_tiles())
+    }
+
+    /// Keep, per query of each call, the stored rows whose logits were computed (tests).
+    pub fn record_kept_rows(&mut self, on: bool) {
+        self.record_kept = on;
+    }
+
+    /// Rows recorded by the last pruned call (empty after a dense one).
+    pub fn kept_rows(&self) -> &[Vec<u32>] {
+        &self.kept
+    }
+
+    /// Whether the last call was pruned (false: it fell back to the dense pass).
+    pub fn last_was_pruned(&self) -> bool {
+        self.last_pruned
     }
 }
 
@@ -44,14 +103,45 @@ struct Partial {
 
 impl Backend for CpuBackend<'_> {
     fn describe(&self) -> String {
+        let mode = if matches!(self.index, Some(None)) {
+            "exact pruning off: no low-dimensional structure for its bounds, dense".to_string()
+        } else if self.options.prune {
+            format!(
+                "exact pruning ({}-row tiles, {}-d projection bounds)",
+                prune::LEAF_ROWS,
+                prune::PROJ_DIMS.min(self.dataset.dim())
+            )
+        } else {
+            "exact dense".to_string()
+        };
         format!(
-            "cpu: {} threads, gemm crate, {:?} storage",
+            "cpu: {} threads, gemm crate, {:?} storage, {mode}",
             self.threads,
             self.dataset.dtype()
         )
     }
 
     fn posterior(&mut self, batch: &CentredBatch<'_>) -> Result<Posterior> {
+        self.last_pruned = false;
+        self.kept.clear();
+        if self.options.prune && batch.rows.len() >= prune::MIN_PRUNE_ROWS {
+            self.prepare();
+            if let Some(Some(index)) = &self.index {
+                let kept = self.record_kept.then_some(&mut self.kept);
+                if let Some(post) = prune::posterior(self.dataset, index, batch, self.threads, kept)
+                {
+                    self.last_pruned = true;
+                    return Ok(post);
+                }
+            }
+        }
+        self.dense_posterior(batch)
+    }
+}
+
+impl CpuBackend<'_> {
+    /// The plain pass over every row (also the fallback when bounds cannot prune).
+    fn dense_posterior(&self, batch: &CentredBatch<'_>) -> Result<Posterior> {
         let dim = self.dataset.dim();
         let n_queries = batch.logit_coefs.len();
         let rows = batch.rows.clone();

@@ -12,6 +12,7 @@
 
 pub mod cpu;
 pub mod gpu;
+pub mod prune;
 pub mod reference;
 pub mod state;
 
@@ -132,6 +133,18 @@ impl<'d> Oracle<'d> {
         kind: BackendKind,
         gpu_options: gpu::GpuOptions,
     ) -> Result<Self> {
+        Self::with_options(dataset, path, kind, gpu_options, cpu::CpuOptions::default())
+    }
+
+    /// As [`Oracle::with_gpu_options`], with CPU settings too (e.g. `prune: false` for
+    /// `--exact-dense`).
+    pub fn with_options(
+        dataset: &'d Dataset,
+        path: Path,
+        kind: BackendKind,
+        gpu_options: gpu::GpuOptions,
+        cpu_options: cpu::CpuOptions,
+    ) -> Result<Self> {
         let gpu_backend = |hardware_only: bool| {
             gpu::GpuBackend::with_options(
                 dataset,
@@ -144,14 +157,23 @@ impl<'d> Oracle<'d> {
         let mut fallback_reason = None;
         let (engine, kind) = match kind {
             BackendKind::Reference => (Engine::Reference, kind),
-            BackendKind::Cpu => (Engine::Fast(Box::new(cpu::CpuBackend::new(dataset))), kind),
+            BackendKind::Cpu => (
+                Engine::Fast(Box::new(cpu::CpuBackend::with_options(
+                    dataset,
+                    cpu_options,
+                ))),
+                kind,
+            ),
             BackendKind::Gpu => (Engine::Fast(Box::new(gpu_backend(false)?)), kind),
             BackendKind::Auto => match gpu_backend(true) {
                 Ok(g) => (Engine::Fast(Box::new(g)), BackendKind::Gpu),
                 Err(e) => {
                     fallback_reason = Some(e.to_string());
                     (
-                        Engine::Fast(Box::new(cpu::CpuBackend::new(dataset))),
+                        Engine::Fast(Box::new(cpu::CpuBackend::with_options(
+                            dataset,
+                            cpu_options,
+                        ))),
                         BackendKind::Cpu,
                     )
                 }

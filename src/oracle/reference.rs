@@ -84,6 +84,7 @@ pub fn evaluate_f64(
             top1_index: ds.original_index(rows.start + arg),
             entropy: entropy.max(0.0) as f32,
             ess: (1.0 / sum_sq) as f32,
+            ..QueryStats::default()
         });
         out.top2_gap.push(best - second);
     }

@@ -18,6 +18,13 @@ pub struct QueryStats {
     pub entropy: f32,
     /// effective sample size 1 / sum w^2
     pub ess: f32,
+    /// Exact pruning's certificate: an upper bound on the total weight (relative to the
+    /// normaliser) of the samples whose logits were never computed. 0 on the dense path.
+    pub skipped_mass_bound: f32,
+    /// Share of the dataset's tiles skipped whole for this query (0 on the dense path).
+    pub tiles_skipped: f32,
+    /// Share of the samples whose logit was not computed for this query (0 when dense).
+    pub samples_skipped: f32,
 }
 
 /// Scalar part of one query's online-softmax state (the weighted sum lives beside it).
@@ -83,6 +90,7 @@ impl SoftmaxState {
             top1_index: self.argmax,
             entropy: (l.ln() - self.sum_shifted_logit / l).max(0.0),
             ess: l * l / self.sum_sq,
+            ..QueryStats::default()
         }
     }
 }

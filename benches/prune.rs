@@ -1,0 +1,391 @@
+//! Exact pruning over a whole sampling trajectory, beside our dense pass and a numpy peer,
+//! all in one run on the same machine.
+//!
+//!     cargo bench --bench prune
+//!
+//! A Heun trajectory (uniform grid, rectified flow, cpu) is integrated twice: with the plain
+//! dense pass and with exact pruning. Every evaluation's queries are saved as .npy and
+//! replayed by `benches/peers/numpy_replay.py` (PSPC-style chunked online softmax with the
+//! matmul expansion; numpy + OpenBLAS). Per step it reports the speed-up of pruning over
+//! dense beside the ideal (1 / the fraction of samples an exact pruner must keep: all but a
+//! tail of relative weight below 2^-24, from the dense weights of a few queries), the
+//! skipped fractions and the largest certificate; then dense vs pruned on unstructured
+//! data (gaussian), where pruning must fall back to dense.
+//!
+//! Environment: ORACLEFLOW_PRUNE_DATA (default fashion-mnist), ORACLEFLOW_PRUNE_B (256),
+//! ORACLEFLOW_PRUNE_STEPS (50), ORACLEFLOW_PRUNE_OUT (target/prune-bench),
+//! ORACLEFLOW_PRUNE_PYTHON (python3; "none" skips the peer), ORACLEFLOW_PRUNE_GAUSSIAN
+//! (a --data spec, default gaussian:60000,784; "none" skips), ORACLEFLOW_PRUNE_IDEAL_Q (8).
+//! Writes prune_steps.csv, prune_speedup.png and summary.txt in the output folder.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use oracleflow::dataset::{self, write_npy_f32, Dataset, Dtype};
+use oracleflow::field::{FieldEval, VelocityField};
+use oracleflow::oracle::cpu::CpuOptions;
+use oracleflow::oracle::gpu::GpuOptions;
+use oracleflow::oracle::prune::PruneIndex;
+use oracleflow::oracle::{BackendKind, Oracle, Query, QueryStats, Times};
+use oracleflow::plot::{line_chart, Chart, Series};
+use oracleflow::sample::{initial_noise, integrate, Solver};
+use oracleflow::schedule::Schedule;
+use oracleflow::Path;
+use rayon::prelude::*;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One evaluation: both oracles on the same states, timed back to back.
+struct Eval {
+    t: f64,
+    dense_s: f64,
+    pruned_s: f64,
+    x: Vec<f32>,
+    stats: Vec<QueryStats>,
+    /// |u_pruned - u_dense| / |u_dense|
+    rel_diff: f64,
+}
+
+/// A field that evaluates both oracles at every call (alternating which goes first, so
+/// that load changes on a shared machine hit both alike) and advances with the pruned one.
+struct Both<'a, 'd> {
+    dense: Oracle<'d>,
+    pruned: Oracle<'d>,
+    log: &'a mut Vec<Eval>,
+}
+
+impl VelocityField for Both<'_, '_> {
+    fn dim(&self) -> usize {
+        self.dense.dataset().dim()
+    }
+    fn describe(&self) -> String {
+        "dense and pruned oracles, side by side".into()
+    }
+    fn accepts_classes(&self) -> bool {
+        false
+    }
+    fn evaluations(&self) -> usize {
+        self.log.len()
+    }
+    fn evaluate(
+        &mut self,
+        x: &[f64],
+        t: &[f64],
+        _classes: &[Option<u32>],
+    ) -> oracleflow::Result<FieldEval> {
+        let t = t[0];
+        let xs: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+        let q = Query {
+            x: &xs,
+            t: Times::Scalar(t as f32),
+            class: None,
+        };
+        let timed = |o: &mut Oracle<'_>| {
+            let start = Instant::now();
+            let out = o.evaluate(&q);
+            (out, start.elapsed().as_secs_f64())
+        };
+        let ((d, dense_s), (p, pruned_s)) = if self.log.len().is_multiple_of(2) {
+            let d = timed(&mut self.dense);
+            (d, timed(&mut self.pruned))
+        } else {
+            let p = timed(&mut self.pruned);
+            (timed(&mut self.dense), p)
+        };
+        let (d, p) = (d?, p?);
+        let num: f64 = p
+            .velocity
+            .iter()
+            .zip(&d.velocity)
+            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+            .sum();
+        let den: f64 = d.velocity.iter().map(|&b| (b as f64).powi(2)).sum();
+        self.log.push(Eval {
+            t,
+            dense_s,
+            pruned_s,
+            x: xs,
+            stats: p.stats.clone(),
+            rel_diff: (num / den.max(1e-300)).sqrt(),
+        });
+        Ok(FieldEval {
+            velocity: p.velocity.iter().map(|&v| v as f64).collect(),
+            x1_hat: p.x1_hat.iter().map(|&v| v as f64).collect(),
+            stats: Some(p.stats),
+        })
+    }
+}
+
+fn oracle(ds: &Dataset, prune: bool) -> Oracle<'_> {
+    Oracle::with_options(
+        ds,
+        Path::RectifiedFlow,
+        BackendKind::Cpu,
+        GpuOptions::default(),
+        CpuOptions { prune },
+    )
+    .expect("cpu oracle")
+}
+
+fn trajectory(ds: &Dataset, b: usize, times: &[f64]) -> Vec<Eval> {
+    let mut log = Vec::new();
+    let x0: Vec<f64> = (0..b).flat_map(|i| initial_noise(7, i, ds.dim())).collect();
+    let mut field = Both {
+        dense: oracle(ds, false),
+        pruned: oracle(ds, true),
+        log: &mut log,
+    };
+    let classes = vec![None; x0.len() / field.dim()];
+    integrate(&mut field, Solver::Heun, times, x0, &classes, |_, _, _| {}).expect("trajectory");
+    log
+}
+
+/// Fraction of samples an exact pruner must keep for query x at t: all but the largest
+/// set of smallest weights whose total is below 2^-24 of the whole (f64, from the data).
+fn ideal_keep(ds: &Dataset, samples: &[Vec<f32>], x: &[f32], t: f64) -> f64 {
+    let c = Path::RectifiedFlow.coefs(t);
+    let two_s2 = 2.0 * c.sigma_safe().powi(2);
+    let mut logits: Vec<f64> = samples
+        .par_iter()
+        .map(|y| {
+            let d2: f64 = x
+                .iter()
+                .zip(y)
+                .map(|(&a, &b)| (a as f64 - c.alpha * b as f64).powi(2))
+                .sum();
+            -d2 / two_s2
+        })
+        .collect();
+    let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    logits.iter_mut().for_each(|s| *s = (*s - m).exp());
+    let z: f64 = logits.iter().sum();
+    logits.sort_unstable_by(|a, b| a.total_cmp(b));
+    let (mut tail, mut dropped) = (0.0, 0usize);
+    for w in &logits {
+        if tail + w >= z * 2f64.powi(-24) {
+            break;
+        }
+        tail += w;
+        dropped += 1;
+    }
+    1.0 - dropped as f64 / ds.n_samples() as f64
+}
+
+fn main() {
+    let spec: String = env_or("ORACLEFLOW_PRUNE_DATA", "fashion-mnist".to_string());
+    let b: usize = env_or("ORACLEFLOW_PRUNE_B", 256);
+    let steps: usize = env_or("ORACLEFLOW_PRUNE_STEPS", 50);
+    let out = PathBuf::from(env_or(
+        "ORACLEFLOW_PRUNE_OUT",
+        "target/prune-bench".to_string(),
+    ));
+    let python: String = env_or("ORACLEFLOW_PRUNE_PYTHON", "python3".to_string());
+    let gaussian: String = env_or(
+        "ORACLEFLOW_PRUNE_GAUSSIAN",
+        "gaussian:60000,784".to_string(),
+    );
+    let ideal_q: usize = env_or("ORACLEFLOW_PRUNE_IDEAL_Q", 8);
+    std::fs::create_dir_all(&out).expect("output folder");
+    let mut summary = String::new();
+    let mut say = |s: String| {
+        println!("{s}");
+        summary.push_str(&s);
+        summary.push('\n');
+    };
+
+    let ds = dataset::load(&spec, Dtype::F32).unwrap_or_else(|e| panic!("{e}"));
+    let (n, d) = (ds.n_samples(), ds.dim());
+    say(format!(
+        "{spec}: N = {n}, D = {d}, B = {b}, {steps}-step Heun (rf), cpu, {} threads",
+        rayon::current_num_threads()
+    ));
+    // Timed here for the report; the pruned oracle builds its own on first use, inside its
+    // first evaluation, so the pruned total includes one build.
+    let start = Instant::now();
+    let built = PruneIndex::build(&ds);
+    let build_s = start.elapsed().as_secs_f64();
+    match built {
+        Some(index) => say(format!(
+            "index: {} tiles, {}-d projection, built in {build_s:.2} s (the pruned total includes one)",
+            index.n_tiles(),
+            index.proj_dims(),
+        )),
+        None => say("index: none (no low-dimensional structure): pruned runs dense".into()),
+    }
+
+    let times = Schedule::uniform(steps).times().expect("grid");
+    let evals = trajectory(&ds, b, &times);
+    let dense_total: f64 = evals.iter().map(|e| e.dense_s).sum();
+    let pruned_evals: f64 = evals.iter().map(|e| e.pruned_s).sum();
+    let pruned_total = pruned_evals;
+    let dense = &evals;
+
+    // The numpy peer replays the dense trajectory's queries.
+    let mut numpy: Option<Vec<f64>> = None;
+    if python != "none" {
+        let data: Vec<f32> = (0..n).flat_map(|i| ds.sample(i)).collect();
+        write_npy_f32(out.join("data.npy"), &[n, d], &data).expect("data.npy");
+        drop(data);
+        let xs: Vec<f32> = dense.iter().flat_map(|e| e.x.iter().copied()).collect();
+        write_npy_f32(out.join("queries.npy"), &[dense.len(), b, d], &xs).expect("npy");
+        let ts: Vec<f32> = dense.iter().map(|e| e.t as f32).collect();
+        write_npy_f32(out.join("times.npy"), &[dense.len()], &ts).expect("times.npy");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peers/numpy_replay.py");
+        match std::process::Command::new(&python)
+            .arg(script)
+            .arg(&out)
+            .status()
+        {
+            Ok(s) if s.success() => {
+                let csv = std::fs::read_to_string(out.join("numpy_times.csv")).expect("csv");
+                numpy = Some(
+                    csv.lines()
+                        .skip(1)
+                        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+                        .collect(),
+                );
+            }
+            other => say(format!("numpy peer not measured ({other:?})")),
+        }
+        for f in ["data.npy", "queries.npy"] {
+            let _ = std::fs::remove_file(out.join(f));
+        }
+    }
+
+    // Ideal keep fraction from the dense weights of the first few queries of every eval.
+    let samples: Vec<Vec<f32>> = (0..n).map(|i| ds.sample(i)).collect();
+    let mut csv = String::from(
+        "eval,t,dense_s,pruned_s,numpy_s,speedup,ideal_keep,kept,tiles_skipped,max_cert\n",
+    );
+    let (mut pts_speed, mut pts_ideal) = (Vec::new(), Vec::new());
+    let mut max_cert = 0.0f32;
+    say("   t   dense s  pruned s  speed-up  ideal  kept    tiles skipped  max cert".into());
+    let mut max_diff = 0.0f64;
+    for (i, e) in evals.iter().enumerate() {
+        let (de, pe) = (e, e);
+        max_diff = max_diff.max(e.rel_diff);
+        let keep: f64 = (0..ideal_q.min(b))
+            .map(|q| ideal_keep(&ds, &samples, &de.x[q * d..(q + 1) * d], de.t))
+            .sum::<f64>()
+            / ideal_q.min(b) as f64;
+        let mean = |f: fn(&QueryStats) -> f32| {
+            pe.stats.iter().map(|s| f(s) as f64).sum::<f64>() / pe.stats.len() as f64
+        };
+        let kept = 1.0 - mean(|s| s.samples_skipped);
+        let tiles = mean(|s| s.tiles_skipped);
+        let cert = pe
+            .stats
+            .iter()
+            .map(|s| s.skipped_mass_bound)
+            .fold(0.0, f32::max);
+        max_cert = max_cert.max(cert);
+        let speed = e.dense_s / e.pruned_s;
+        let np = numpy.as_ref().map_or(f64::NAN, |v| v[i]);
+        csv.push_str(&format!(
+            "{i},{:.4},{:.5},{:.5},{np:.5},{speed:.3},{keep:.6},{kept:.6},{tiles:.6},{cert:e}\n",
+            e.t, e.dense_s, e.pruned_s
+        ));
+        say(format!(
+            "{:5.3} {:8.4} {:9.4} {speed:8.1}x {keep:7.4} {kept:7.4} {tiles:8.4} {cert:14.3e}",
+            e.t, e.dense_s, e.pruned_s
+        ));
+        pts_speed.push((de.t, speed.log10()));
+        pts_ideal.push((de.t, (1.0 / keep.max(1.0 / n as f64)).log10()));
+    }
+    std::fs::write(out.join("prune_steps.csv"), csv).expect("csv");
+    let y_hi = pts_ideal
+        .iter()
+        .chain(&pts_speed)
+        .map(|p| p.1)
+        .fold(1.0, f64::max)
+        .ceil();
+    let y_lo = pts_speed.iter().map(|p| p.1).fold(0.0, f64::min).floor();
+    let img = line_chart(
+        &Chart {
+            title: "exact pruning vs dense per evaluation (Heun, cpu)",
+            x_label: "t",
+            y_label: "log10 speed-up",
+            x_range: (0.0, 1.0),
+            y_range: (y_lo, y_hi),
+            markers: &[],
+        },
+        &[
+            Series {
+                name: "pruned vs dense (measured)",
+                points: pts_speed,
+            },
+            Series {
+                name: "ideal: 1 / fraction an exact pruner must keep",
+                points: pts_ideal,
+            },
+        ],
+    )
+    .expect("chart");
+    img.save(out.join("prune_speedup.png")).expect("png");
+
+    say(format!(
+        "trajectory total ({} evaluations): dense {dense_total:.2} s, pruned {pruned_total:.2} s \
+         (incl. its index build), speed-up {:.2}x; largest |u_pruned - u_dense| / |u_dense| \
+         {max_diff:.1e}",
+        evals.len(),
+        dense_total / pruned_total
+    ));
+    if let Some(np) = &numpy {
+        let t: f64 = np.iter().sum();
+        say(format!(
+            "numpy peer (chunked online softmax, OpenBLAS): {t:.2} s; pruned is {:.2}x faster",
+            t / pruned_total
+        ));
+    }
+    let late: Vec<f64> = evals
+        .iter()
+        .filter(|e| e.t >= 0.6)
+        .map(|e| e.dense_s / e.pruned_s)
+        .collect();
+    if !late.is_empty() {
+        say(format!(
+            "per-evaluation speed-up for t >= 0.6: min {:.1}x, median {:.1}x",
+            late.iter().cloned().fold(f64::INFINITY, f64::min),
+            median(late.clone())
+        ));
+    }
+    say(format!(
+        "largest certificate (skipped mass bound): {max_cert:e}"
+    ));
+    drop(samples);
+
+    if gaussian != "none" {
+        let g = dataset::load(&gaussian, Dtype::F32).unwrap_or_else(|e| panic!("{e}"));
+        let g_steps = (steps / 5).max(2);
+        let g_times = Schedule::uniform(g_steps).times().expect("grid");
+        let gb = b.min(64);
+        let ge = trajectory(&g, gb, &g_times);
+        let td: f64 = ge.iter().map(|e| e.dense_s).sum();
+        let tp: f64 = ge.iter().map(|e| e.pruned_s).sum();
+        let pruned_evals = ge
+            .iter()
+            .filter(|e| e.stats.iter().any(|s| s.samples_skipped > 0.0))
+            .count();
+        say(format!(
+            "{gaussian}: {g_steps}-step Heun, B = {gb}: dense {td:.2} s, pruned {tp:.2} s \
+             (incl. the structure test; {pruned_evals} of {} evaluations pruned), \
+             pruned/dense = {:.3}",
+            ge.len(),
+            tp / td
+        ));
+    }
+    let mut f = std::fs::File::create(out.join("summary.txt")).expect("summary");
+    f.write_all(summary.as_bytes()).expect("summary");
+    println!("wrote {}", out.display());
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_unstable_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}

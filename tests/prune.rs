@@ -1,0 +1,276 @@
+//! Exact pruning (cpu): same results as the dense pass and the f64 reference, a certificate
+//! that bounds the truly skipped mass, the same samples, and the fallback to dense.
+
+mod common;
+
+use common::{path_queries, rel_err};
+use oracleflow::dataset::{self, Dataset, Dtype};
+use oracleflow::oracle::cpu::{CpuBackend, CpuOptions};
+use oracleflow::oracle::gpu::GpuOptions;
+use oracleflow::oracle::{
+    reference, Backend, BackendKind, CentredBatch, Oracle, Query, QueryStats, Times,
+};
+use oracleflow::sample::{self, SampleOptions, Solver};
+use oracleflow::schedule::Schedule;
+use oracleflow::Path;
+
+fn cpu(ds: &Dataset, path: Path, prune: bool) -> Oracle<'_> {
+    Oracle::with_options(
+        ds,
+        path,
+        BackendKind::Cpu,
+        GpuOptions::default(),
+        CpuOptions { prune },
+    )
+    .unwrap()
+}
+
+/// Clustered data: 12 tight, well separated clusters (labels = cluster).
+fn clustered() -> Dataset {
+    let (v, l) = dataset::synthetic::mixture_with(1200, 96, 12, 5, 3.0, 0.3);
+    Dataset::from_raw(
+        "mixture",
+        dataset::SampleShape::array(vec![96]),
+        dataset::RawRows::F32(&v),
+        Some(l),
+        Dtype::F32,
+    )
+    .unwrap()
+}
+
+fn datasets() -> Vec<(&'static str, Dataset)> {
+    vec![
+        // D > the projection's 64 dimensions, so the residual bounds are exercised.
+        ("random", common::gaussian_dataset(900, 100, 3, Dtype::F32)),
+        ("clustered", clustered()),
+        (
+            "fashion-mnist",
+            dataset::load("embedded@1500", Dtype::F32).unwrap(),
+        ),
+    ]
+}
+
+const TIMES: [f32; 8] = [0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.99, 0.999];
+
+#[test]
+fn pruned_equals_dense_and_reference() {
+    let mut pruned_evals = 0;
+    let mut worst = 0.0f64;
+    for (name, ds) in datasets() {
+        for path in [Path::RectifiedFlow, Path::VpCosine] {
+            let mut pruned = cpu(&ds, path, true);
+            let mut dense = cpu(&ds, path, false);
+            assert!(pruned.describe().contains("exact pruning"));
+            assert!(dense.describe().contains("exact dense"));
+            for (i, &t) in TIMES.iter().enumerate() {
+                for class in [None, Some(1)] {
+                    let x = path_queries(&ds, path, t, 12, 100 + i as u64);
+                    let q = Query {
+                        x: &x,
+                        t: Times::Scalar(t),
+                        class,
+                    };
+                    let p = pruned.evaluate(&q).unwrap();
+                    let d = dense.evaluate(&q).unwrap();
+                    let rows = ds.rows_for(class).unwrap();
+                    let want = reference::evaluate_f64(&ds, path, &q, rows);
+                    let what = format!("{name} {} t={t} class={class:?}", path.name());
+                    let as64 = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+                    // Within 1e-6 of dense, plus twice dense's own f32 error where that is
+                    // larger (two f32 results with independent rounding, e.g. the velocity
+                    // (x1_hat - x) / sigma near t = 1): pruning adds nothing beyond rounding.
+                    for (got, den, truth, field) in [
+                        (&p.velocity, &d.velocity, &want.velocity, "velocity"),
+                        (&p.x1_hat, &d.x1_hat, &want.x1_hat, "x1_hat"),
+                    ] {
+                        let vs_dense = rel_err(got, &as64(den));
+                        let dense_err = rel_err(den, truth);
+                        let ours_err = rel_err(got, truth);
+                        worst = worst.max(vs_dense / (1e-6 + dense_err));
+                        assert!(
+                            vs_dense <= 1e-6 + 2.0 * dense_err,
+                            "{what} {field}: {vs_dense:.2e} from dense (dense vs f64 {dense_err:.2e})"
+                        );
+                        assert!(
+                            ours_err <= 1e-6 + 2.0 * dense_err,
+                            "{what} {field}: {ours_err:.2e} from f64, dense {dense_err:.2e}"
+                        );
+                    }
+                    // Stats as close to f64 as dense's, over the batch: f32 logits carry
+                    // rounding of their magnitude, so the weights of both paths do too.
+                    for field in [|s: &QueryStats| s.top1_weight, |s: &QueryStats| s.ess] {
+                        let dev = |got: &[QueryStats]| {
+                            got.iter()
+                                .zip(&want.stats)
+                                .map(|(g, r)| ((field(g) - field(r)) / field(r)).abs())
+                                .fold(0.0f32, f32::max)
+                        };
+                        let (ep, ed) = (dev(&p.stats), dev(&d.stats));
+                        assert!(
+                            ep <= 2.0 * ed + 1e-6,
+                            "{what}: stats {ep:.2e} vs dense {ed:.2e}"
+                        );
+                    }
+                    for ((sp, sd), sr) in p.stats.iter().zip(&d.stats).zip(&want.stats) {
+                        assert!(sp.skipped_mass_bound <= 2f32.powi(-30) * 1.001, "{what}");
+                        if sr.top1_weight > 0.6 {
+                            assert_eq!(sp.top1_index, sr.top1_index, "{what}");
+                        }
+                        assert_eq!(sd.samples_skipped, 0.0);
+                    }
+                    if p.stats.iter().any(|s| s.samples_skipped > 0.0) {
+                        pruned_evals += 1;
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("largest |pruned - dense| / (1e-6 + |dense - f64|): {worst:.3}");
+    // The comparison above is only meaningful if pruning actually skipped samples.
+    eprintln!("{pruned_evals} of 96 evaluations pruned");
+    assert!(pruned_evals >= 8, "only {pruned_evals} evaluations pruned");
+}
+
+/// The centred batch that `Oracle` hands a backend (see `Oracle::evaluate`).
+fn centred(ds: &Dataset, path: Path, x: &[f32], t: f32) -> (Vec<f32>, Vec<[f32; 2]>) {
+    let c = path.coefs(t as f64);
+    let d = ds.dim();
+    let mut xc = x.to_vec();
+    for row in xc.chunks_exact_mut(d) {
+        for (v, m) in row.iter_mut().zip(ds.mean()) {
+            *v -= (c.alpha * *m as f64) as f32;
+        }
+    }
+    let (a, b) = c.logit_coefs();
+    (xc, vec![[a as f32, b as f32]; x.len() / d])
+}
+
+#[test]
+fn certificate_bounds_the_true_skipped_mass() {
+    let mut checked = 0;
+    for (name, ds) in datasets() {
+        let mut backend = CpuBackend::with_options(&ds, CpuOptions { prune: true });
+        backend.record_kept_rows(true);
+        for path in [Path::RectifiedFlow, Path::VpCosine] {
+            for &t in &TIMES[2..] {
+                let x = path_queries(&ds, path, t, 8, 7);
+                let (xc, coefs) = centred(&ds, path, &x, t);
+                let post = backend
+                    .posterior(&CentredBatch {
+                        x: &xc,
+                        logit_coefs: &coefs,
+                        rows: 0..ds.n_samples(),
+                    })
+                    .unwrap();
+                if !backend.last_was_pruned() {
+                    continue;
+                }
+                let c = path.coefs(t as f64);
+                let two_s2 = 2.0 * c.sigma_safe().powi(2);
+                let samples: Vec<Vec<f64>> =
+                    (0..ds.n_samples()).map(|r| ds.sample_f64(r)).collect();
+                for (q, kept) in backend.kept_rows().iter().enumerate() {
+                    let xq = &x[q * ds.dim()..(q + 1) * ds.dim()];
+                    let logits: Vec<f64> = samples
+                        .iter()
+                        .map(|y| {
+                            -y.iter()
+                                .zip(xq)
+                                .map(|(y, &x)| (x as f64 - c.alpha * y).powi(2))
+                                .sum::<f64>()
+                                / two_s2
+                        })
+                        .collect();
+                    let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = logits.iter().map(|s| (s - m).exp()).sum();
+                    let mut is_kept = vec![false; ds.n_samples()];
+                    kept.iter().for_each(|&r| is_kept[r as usize] = true);
+                    let skipped: f64 = logits
+                        .iter()
+                        .zip(&is_kept)
+                        .filter(|(_, &k)| !k)
+                        .map(|(s, _)| (s - m).exp() / z)
+                        .sum();
+                    let cert = post.stats[q].skipped_mass_bound as f64;
+                    let what = format!("{name} {} t={t} query {q}", path.name());
+                    assert!(
+                        skipped <= cert * (1.0 + 1e-3),
+                        "{what}: true skipped mass {skipped:e} > certificate {cert:e}"
+                    );
+                    assert!(
+                        cert <= 2f64.powi(-30) * 1.001,
+                        "{what}: certificate {cert:e}"
+                    );
+                    let n_skipped = is_kept.iter().filter(|&&k| !k).count();
+                    let share = n_skipped as f32 / ds.n_samples() as f32;
+                    assert!(
+                        (post.stats[q].samples_skipped - share).abs() < 1e-6,
+                        "{what}: samples_skipped {} vs {share}",
+                        post.stats[q].samples_skipped
+                    );
+                    checked += (n_skipped > 0) as usize;
+                }
+            }
+        }
+    }
+    assert!(checked >= 20, "only {checked} queries had skipped samples");
+}
+
+#[test]
+fn same_samples_from_the_same_seed() {
+    let ds = dataset::load("embedded@1000", Dtype::F32).unwrap();
+    let options = SampleOptions {
+        schedule: Schedule::uniform(12),
+        solver: Solver::Heun,
+        seed: 11,
+        classes: vec![None, Some(3), None, Some(7), None, None],
+        guidance: None,
+        batch: 6,
+        tracked: vec![],
+    };
+    let run = |prune: bool| {
+        let mut o = oracleflow::field::OracleField::new(cpu(&ds, Path::RectifiedFlow, prune));
+        sample::sample(&mut o, &options, || {}).unwrap()
+    };
+    let (a, b, dense) = (run(true), run(true), run(false));
+    assert_eq!(a.samples, b.samples, "pruned sampling is deterministic");
+    let dense64: Vec<f64> = dense.samples.iter().map(|&v| v as f64).collect();
+    let e = rel_err(&a.samples, &dense64);
+    assert!(e <= 1e-6, "pruned vs dense samples: {e:.2e}");
+    assert!(
+        a.final_stats
+            .iter()
+            .flatten()
+            .any(|s| s.samples_skipped > 0.5),
+        "late steps were pruned"
+    );
+}
+
+#[test]
+fn unstructured_data_falls_back_to_dense() {
+    // Isotropic Gaussians in 400 dimensions: no bound is tight at mid t.
+    let ds = common::gaussian_dataset(1000, 400, 9, Dtype::F32);
+    let mut backend = CpuBackend::with_options(&ds, CpuOptions { prune: true });
+    let path = Path::RectifiedFlow;
+    let x = path_queries(&ds, path, 0.3, 16, 1);
+    let (xc, coefs) = centred(&ds, path, &x, 0.3);
+    let post = backend
+        .posterior(&CentredBatch {
+            x: &xc,
+            logit_coefs: &coefs,
+            rows: 0..ds.n_samples(),
+        })
+        .unwrap();
+    assert!(!backend.last_was_pruned());
+    assert!(post.stats.iter().all(|s| s.samples_skipped == 0.0));
+    // t = 0: all logits equal, nothing can be skipped.
+    let (xc, coefs) = centred(&ds, path, &x, 0.0);
+    backend
+        .posterior(&CentredBatch {
+            x: &xc,
+            logit_coefs: &coefs,
+            rows: 0..ds.n_samples(),
+        })
+        .unwrap();
+    assert!(!backend.last_was_pruned());
+}
