@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-// Usage errors are bad input: exit code 2 (anyhow::bail! would give 1).
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+// Usage errors are bad input: exit code 2 (anyhow::bail! would give 1).
 use oracleflow::bail_input as bail;
 
 use oracleflow::dataset::{self, npy, Dataset, Dtype};
