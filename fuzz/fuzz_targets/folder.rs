@@ -19,8 +19,8 @@ fuzz_target!(
         std::env::set_var("ORACLEFLOW_MAX_MEMORY", (1u64 << 30).to_string());
     },
     |data: &[u8]| {
-    let path = dir().path().join("image.png");
-    std::fs::write(&path, data).expect("write fuzz input");
-    let _ = folder::load(dir().path(), None, Dtype::F32);
+        let path = dir().path().join("image.png");
+        std::fs::write(&path, data).expect("write fuzz input");
+        let _ = folder::load(dir().path(), None, Dtype::F32);
     }
 );

@@ -14,9 +14,9 @@ fuzz_target!(
         std::env::set_var("ORACLEFLOW_MAX_MEMORY", (1u64 << 30).to_string());
     },
     |data: &[u8]| {
-    let _ = idx::decode_labels(data, Path::new("fuzz-labels-idx1-ubyte"));
-    let _ = idx::from_bytes("fuzz-images-idx3-ubyte", data, None, None, Dtype::F32);
-    // The same bytes as images and as their own labels (a length mismatch path), and f16.
-    let _ = idx::from_bytes("fuzz-images-idx3-ubyte", data, Some(data), Some(1), Dtype::F16);
+        let _ = idx::decode_labels(data, Path::new("fuzz-labels-idx1-ubyte"));
+        let _ = idx::from_bytes("fuzz-images-idx3-ubyte", data, None, None, Dtype::F32);
+        // The same bytes as images and as their own labels (a length mismatch path), and f16.
+        let _ = idx::from_bytes("fuzz-images-idx3-ubyte", data, Some(data), Some(1), Dtype::F16);
     }
 );

@@ -19,11 +19,11 @@ fuzz_target!(
         std::env::set_var("ORACLEFLOW_MAX_MEMORY", (1u64 << 30).to_string());
     },
     |data: &[u8]| {
-    let path = dir().path().join("fuzz.npy");
-    std::fs::write(&path, data).expect("write fuzz input");
-    let _ = npy::parse_header(data, &path);
-    let _ = npy::load(&path, None, None, Dtype::F32);
-    let _ = npy::load(&path, Some(&path), Some(1), Dtype::F16);
-    let _ = npy::read_npy_f32(&path);
+        let path = dir().path().join("fuzz.npy");
+        std::fs::write(&path, data).expect("write fuzz input");
+        let _ = npy::parse_header(data, &path);
+        let _ = npy::load(&path, None, None, Dtype::F32);
+        let _ = npy::load(&path, Some(&path), Some(1), Dtype::F16);
+        let _ = npy::read_npy_f32(&path);
     }
 );

@@ -12,20 +12,20 @@ fuzz_target!(
         std::env::set_var("ORACLEFLOW_MAX_MEMORY", (1u64 << 30).to_string());
     },
     |data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    let Ok(spec) = DataSpec::parse(text) else {
-        return;
-    };
-    let small = match spec.source {
-        Source::Gaussian { n_samples, dim, .. } | Source::Mixture { n_samples, dim, .. } => {
-            n_samples.saturating_mul(dim) <= 1 << 16
-        }
-        _ => false,
-    };
-    if small {
-        let _ = spec.load(text, Dtype::F32);
+        let Ok(text) = std::str::from_utf8(data) else {
+            return;
+        };
+        let Ok(spec) = DataSpec::parse(text) else {
+            return;
+        };
+        let small = match spec.source {
+            Source::Gaussian { n_samples, dim, .. } | Source::Mixture { n_samples, dim, .. } => {
+                n_samples.saturating_mul(dim) <= 1 << 16
+            }
+            _ => false,
+        };
+        if small {
+            let _ = spec.load(text, Dtype::F32);
     }
     }
 );
