@@ -378,6 +378,9 @@ fn sample(a: SampleArgs) -> Result<()> {
     };
     let guidance = match a.cfg_scale {
         Some(scale) => {
+            if !scale.is_finite() {
+                bail!("--cfg-scale {scale} must be a finite number");
+            }
             if classes[0].is_none() {
                 bail!("--cfg-scale needs --class K or --classes all");
             }
@@ -516,6 +519,9 @@ fn stages(a: StagesArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
+    if a.batch == 0 || a.reps == 0 {
+        bail!("--batch and --reps must be at least 1");
+    }
     if let Some(p) = &a.json {
         output::check_new(&[p.as_path()], a.force)?;
     }

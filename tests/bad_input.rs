@@ -994,6 +994,80 @@ fn sample_guidance_interval_outside_0_1() {
 }
 
 #[test]
+fn sample_guidance_scale_nan() {
+    let c = Case::new();
+    sample_args_refused(
+        &c,
+        &["--class", "0", "--cfg-scale", "nan"],
+        &["--cfg-scale NaN must be a finite number"],
+    );
+}
+
+#[test]
+fn sample_time_grid_with_nan() {
+    let c = Case::new();
+    let out = c.s("out");
+    let args = [
+        "sample",
+        "--data",
+        "gaussian:20,4",
+        "--times",
+        "0,nan,1",
+        "--out",
+        &out,
+    ];
+    assert_refused(
+        &args,
+        &["time grid", "NaN", "leaves [0, 1]"],
+        &c.path("out"),
+    );
+}
+
+#[test]
+fn bench_batch_zero() {
+    let c = Case::new();
+    let json = c.s("b.json");
+    let args = [
+        "bench",
+        "--data",
+        "gaussian:20,4",
+        "--backends",
+        "cpu",
+        "--batch",
+        "0",
+        "--json",
+        &json,
+    ];
+    assert_refused(
+        &args,
+        &["--batch and --reps must be at least 1"],
+        &c.path("b.json"),
+    );
+}
+
+#[test]
+fn bench_zero_repetitions() {
+    let c = Case::new();
+    let json = c.s("b.json");
+    let args = [
+        "bench",
+        "--data",
+        "gaussian:20,4",
+        "--backends",
+        "cpu",
+        "--reps",
+        "0",
+        "--json",
+        &json,
+    ];
+    assert_refused(
+        &args,
+        &["--batch and --reps must be at least 1"],
+        &c.path("b.json"),
+    );
+}
+
+#[test]
 fn sample_unwritable_output_dir_is_refused_before_any_work() {
     // A dataset that takes a while to sample: the refusal must come first, in one line
     // (no "oracle: ..." line, which is printed once work starts).
