@@ -22,7 +22,10 @@ use oracleflow::{analysis, bench, Path};
 #[command(
     name = "oracleflow",
     version,
-    about = "Exact closed-form (oracle) flow-matching velocity over a whole dataset, on any GPU or CPU"
+    about = "Exact closed-form (oracle) flow-matching velocity over a whole dataset, on any GPU or CPU",
+    after_help = "Exit status: 0 on success; 2 for bad input or usage (a file, flag, --data spec \
+                  or output path to fix, or a dataset too large for memory); 1 for internal or \
+                  device errors."
 )]
 struct Cli {
     #[command(subcommand)]

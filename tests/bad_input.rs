@@ -1208,3 +1208,15 @@ fn fuzz_idx_header_claiming_18_gb() {
     // Uncapped: an error either way (truncated, or too large for this machine).
     c.sample_refused(&f, &[&f]);
 }
+
+#[test]
+fn help_documents_the_exit_codes() {
+    let o = run(&["--help"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    assert!(
+        stdout.contains("Exit status: 0 on success; 2 for bad input or usage")
+            && stdout.contains("1 for internal or device errors"),
+        "{stdout}"
+    );
+}
