@@ -15,8 +15,9 @@ use clap::Parser;
     name = "oracleflow",
     version,
     about = "Exact closed-form (oracle) flow-matching velocity over a whole dataset, on any GPU or CPU",
-    after_help = "Exit codes: 0 success, 1 internal or device error, 2 bad input or usage \
-                  (the error names the file or flag), 130 interrupted by Ctrl-C (no output written)."
+    after_help = "Exit status: 0 on success; 2 for bad input or usage (a file, flag, --data spec \
+                  or output path to fix, or a dataset too large for memory; the error names it); \
+                  1 for internal or device errors; 130 when interrupted by Ctrl-C (no output written)."
 )]
 struct Cli {
     #[command(subcommand)]

@@ -622,11 +622,41 @@ fn absurd_gaussian_is_refused_before_allocating() {
 }
 
 #[test]
-fn absurd_mixture_components_are_refused_before_allocating() {
+fn absurd_mixture_is_refused_before_allocating() {
     Case::new().sample_refused(
-        "mixture:10,1000,100000000000",
-        &["mixture:10,1000,100000000000: needs ", "available"],
+        "mixture:100000000000,1000,10",
+        &["mixture:100000000000,1000,10: needs ", "available"],
     );
+}
+
+/// Found by the `spec` fuzzer: K far above N allocated K x D component means (5.7 GB for
+/// mixture:156,66,21560660) although at most N components can hold a sample.
+#[test]
+fn mixture_with_more_components_than_samples() {
+    Case::new().sample_refused(
+        "mixture:156,66,21560660",
+        &["mixture:156,66,21560660", "K must be at most N"],
+    );
+}
+
+/// ORACLEFLOW_MAX_MEMORY caps what the loaders may take: refused with both numbers.
+#[test]
+fn memory_cap_from_the_environment() {
+    let c = Case::new();
+    let out = c.s("out");
+    let o = Command::new(env!("CARGO_BIN_EXE_oracleflow"))
+        .args(["sample", "--data", "gaussian:1000,1000", "--out", &out])
+        .env("ORACLEFLOW_MAX_MEMORY", "1000000")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        "error: gaussian:1000,1000: needs 7.6 MiB (8000000 bytes) of memory, only 976.6 KiB \
+         (1000000 bytes) available"
+    );
+    assert!(!c.path("out").exists());
 }
 
 #[test]
@@ -964,6 +994,80 @@ fn sample_guidance_interval_outside_0_1() {
 }
 
 #[test]
+fn sample_guidance_scale_nan() {
+    let c = Case::new();
+    sample_args_refused(
+        &c,
+        &["--class", "0", "--cfg-scale", "nan"],
+        &["--cfg-scale NaN is not finite"],
+    );
+}
+
+#[test]
+fn sample_time_grid_with_nan() {
+    let c = Case::new();
+    let out = c.s("out");
+    let args = [
+        "sample",
+        "--data",
+        "gaussian:20,4",
+        "--times",
+        "0,nan,1",
+        "--out",
+        &out,
+    ];
+    assert_refused(
+        &args,
+        &["time grid", "NaN", "leaves [0, 1]"],
+        &c.path("out"),
+    );
+}
+
+#[test]
+fn bench_batch_zero() {
+    let c = Case::new();
+    let json = c.s("b.json");
+    let args = [
+        "bench",
+        "--data",
+        "gaussian:20,4",
+        "--backends",
+        "cpu",
+        "--batch",
+        "0",
+        "--json",
+        &json,
+    ];
+    assert_refused(
+        &args,
+        &["--batch must be at least 1"],
+        &c.path("b.json"),
+    );
+}
+
+#[test]
+fn bench_zero_repetitions() {
+    let c = Case::new();
+    let json = c.s("b.json");
+    let args = [
+        "bench",
+        "--data",
+        "gaussian:20,4",
+        "--backends",
+        "cpu",
+        "--reps",
+        "0",
+        "--json",
+        &json,
+    ];
+    assert_refused(
+        &args,
+        &["--reps must be at least 1"],
+        &c.path("b.json"),
+    );
+}
+
+#[test]
 fn sample_unwritable_output_dir_is_refused_before_any_work() {
     // A dataset that takes a while to sample: the refusal must come first, in one line
     // (no "oracle: ..." line, which is printed once work starts).
@@ -1051,4 +1155,68 @@ fn usage_errors_exit_2() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
         assert!(!Path::new("x").exists() && !Path::new("x.npy").exists());
     }
+}
+
+// ------------------------------------------------------------------------------ fuzz finds
+
+/// Runs `sample` on `data` under a memory cap (as the fuzzers do) and expects a refusal
+/// naming `file` with the bytes needed and available.
+fn refused_under_cap(data: &str, file: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = Command::new(env!("CARGO_BIN_EXE_oracleflow"))
+        .args(["sample", "--data", data, "--backend", "cpu"])
+        .arg("--out")
+        .arg(&out)
+        .env("ORACLEFLOW_MAX_MEMORY", (1u64 << 30).to_string())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(file) && stderr.contains("needs ") && stderr.contains("available"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+}
+
+/// Found by the `folder` fuzzer: a 410-byte JPEG whose header claims 19016 x 17490 pixels
+/// decoded to 332 MB and then took 2.7 GB more for the f64 mean, unchecked. The size check
+/// now counts the means too, and the folder check reads the header before decoding.
+#[test]
+fn fuzz_jpeg_claiming_332_megapixels() {
+    let c = Case::new();
+    c.write(
+        "imgs/a.jpg",
+        include_bytes!("data/fuzz/folder-huge-jpeg.jpg"),
+    );
+    refused_under_cap(&c.s("imgs"), &c.s("imgs"));
+}
+
+/// Found by the `idx` fuzzer: a 36-byte IDX file claiming 10243 x 4 x 462357 pixels
+/// (18.9 GB) reserved all of it before finding the data missing. Now refused by the size
+/// check under a cap, and without one the reservation is bounded by the bytes present.
+#[test]
+fn fuzz_idx_header_claiming_18_gb() {
+    let c = Case::new();
+    let f = c.write(
+        "a-images-idx3-ubyte",
+        include_bytes!("data/fuzz/idx-header-claims-18gb"),
+    );
+    refused_under_cap(&f, &f);
+    // Uncapped: an error either way (truncated, or too large for this machine).
+    c.sample_refused(&f, &[&f]);
+}
+
+#[test]
+fn help_documents_the_exit_codes() {
+    let o = run(&["--help"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    assert!(
+        stdout.contains("Exit status: 0 on success; 2 for bad input or usage")
+            && stdout.contains("1 for internal or device errors"),
+        "{stdout}"
+    );
 }

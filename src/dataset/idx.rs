@@ -237,8 +237,15 @@ fn decode(
     )?;
     let expected = expected.expect("checked above") as usize;
 
-    // Read at most one byte past the data: enough to tell trailing bytes.
-    let mut body = Vec::with_capacity(expected);
+    // Read at most one byte past the data: enough to tell trailing bytes. Reserve only
+    // what the input can hold (raw: the bytes present; gzip: a generous ratio), so a
+    // truncated file whose header claims gigabytes does not take them.
+    let plausible = if gzipped {
+        bytes.len().saturating_mul(16)
+    } else {
+        bytes.len()
+    };
+    let mut body = Vec::with_capacity(expected.min(plausible) + 1);
     (&mut reader)
         .take(expected as u64 + 1)
         .read_to_end(&mut body)

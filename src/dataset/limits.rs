@@ -10,8 +10,9 @@ use std::path::Path;
 use crate::error::{Error, Result};
 
 /// Bytes the process may still allocate: `MemAvailable` from /proc/meminfo, lowered to
-/// the cgroup's remaining limit (containers) when there is one. `None` when unknown (not
-/// Linux): then nothing is refused here.
+/// the cgroup's remaining limit (containers) when there is one and to
+/// `$ORACLEFLOW_MAX_MEMORY` when set. `None` when unknown (not Linux): then nothing is
+/// refused here.
 pub fn available_memory() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kib: u64 = meminfo
@@ -26,7 +27,18 @@ pub fn available_memory() -> Option<u64> {
     if let Some(limit) = cgroup_remaining() {
         available = available.min(limit);
     }
+    if let Some(cap) = user_cap() {
+        available = available.min(cap);
+    }
     Some(available)
+}
+
+/// Environment variable capping the memory the loaders may take, in bytes (e.g. to keep
+/// a shared machine usable, or under a fuzzer's memory limit).
+pub const MAX_MEMORY_ENV: &str = "ORACLEFLOW_MAX_MEMORY";
+
+fn user_cap() -> Option<u64> {
+    std::env::var(MAX_MEMORY_ENV).ok()?.trim().parse().ok()
 }
 
 /// cgroup v2 `memory.max - memory.current` ("max" = no limit).

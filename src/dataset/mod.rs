@@ -162,13 +162,13 @@ impl Dataset {
         if n_samples > u32::MAX as usize {
             return Err(Error::data(&name, "more than 2^32 samples"));
         }
-        // Stored values, row norms, row order and labels; refused before allocating.
+        // Stored values, row norms, row order and labels, and the f64 and f32 means;
+        // refused before allocating.
+        let per_row = dim.saturating_mul(dtype.bytes()).saturating_add(12);
         limits::check_alloc(
             &format!("{name}: a dataset of {n_samples} samples x {dim} values"),
-            limits::product(&[
-                n_samples,
-                dim.saturating_mul(dtype.bytes()).saturating_add(12),
-            ]),
+            limits::product(&[n_samples, per_row])
+                .and_then(|rows| rows.checked_add(limits::product(&[dim, 12])?)),
         )?;
         if let Some(l) = &labels {
             if l.len() != n_samples {

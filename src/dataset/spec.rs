@@ -275,10 +275,20 @@ fn parse_source(spec: &str, base: &str) -> Result<Source> {
             }
             "mixture" => {
                 let nums = numbers(spec, rest, 3, 4, "mixture:N,D,K[,SEED]")?;
+                let (n_samples, k) = (positive(spec, nums[0], "N")?, positive(spec, nums[2], "K")?);
+                // Sample i belongs to component i % K: components beyond N would be empty.
+                if k > n_samples {
+                    return Err(spec_error(
+                        spec,
+                        format!(
+                            "K = {k} components for N = {n_samples} samples; K must be at most N"
+                        ),
+                    ));
+                }
                 return Ok(Source::Mixture {
-                    n_samples: positive(spec, nums[0], "N")?,
+                    n_samples,
                     dim: positive(spec, nums[1], "D")?,
-                    k: positive(spec, nums[2], "K")?,
+                    k,
                     seed: nums.get(3).copied().unwrap_or(0),
                 });
             }
@@ -424,6 +434,7 @@ mod tests {
             "gaussian:0,4",
             "gaussian:a,b",
             "mixture:10,4",
+            "mixture:2,4,3",
             "idx:",
             "no-such-thing",
         ] {
