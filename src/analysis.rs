@@ -144,6 +144,9 @@ pub struct StagePoint {
     pub own_sample_rate: f64,
     pub mean_entropy: f64,
     pub mean_ess: f64,
+    /// Mean tr Cov_w(y) / D of the posterior (NaN, like the other posterior stats, for a
+    /// field without them)
+    pub mean_posterior_variance: f64,
     /// |u_cond - u*(x_t, t)|^2 / D averaged over pairs, where u_cond = alpha' y + sigma' x0
     /// is the conditional (training) target: how far the exact marginal velocity is from
     /// what a flow-matching loss regresses on (paper Fig. 2a).
@@ -175,6 +178,22 @@ pub fn stage_curve(
     times: &[f64],
     n_pairs: usize,
     seed: u64,
+    tick: impl FnMut(),
+) -> crate::error::Result<Vec<StagePoint>> {
+    let (ds, path) = (oracle.dataset(), oracle.path());
+    let mut field = crate::field::oracle::OracleRef(oracle);
+    stage_curve_of_field(&mut field, ds, path, times, n_pairs, seed, tick)
+}
+
+/// [`stage_curve`] for any field over `ds` on `path`: the target difference is defined for
+/// every field; the posterior statistics are NaN for fields without them.
+pub fn stage_curve_of_field(
+    field: &mut dyn crate::field::VelocityField,
+    ds: &Dataset,
+    path: crate::Path,
+    times: &[f64],
+    n_pairs: usize,
+    seed: u64,
     mut tick: impl FnMut(),
 ) -> crate::error::Result<Vec<StagePoint>> {
     use rand::{Rng, SeedableRng};
@@ -183,8 +202,6 @@ pub fn stage_curve(
             "--pairs must be at least 1".into(),
         ));
     }
-    let ds = oracle.dataset();
-    let path = oracle.path();
     let dim = ds.dim();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let rows: Vec<usize> = (0..n_pairs)
@@ -202,35 +219,47 @@ pub fn stage_curve(
             )));
         }
         let c = path.coefs(t);
-        let x: Vec<f32> = ys
+        // Rounded to f32 as the oracle's queries always were (same curve as before).
+        let x: Vec<f64> = ys
             .iter()
             .zip(&noise)
             .flat_map(|(y, x0)| {
                 y.iter()
                     .zip(x0)
-                    .map(|(y, n)| (c.alpha * y + c.sigma * n) as f32)
+                    .map(|(y, n)| (c.alpha * y + c.sigma * n) as f32 as f64)
             })
             .collect();
-        let out = oracle.evaluate(&crate::oracle::Query {
-            x: &x,
-            t: crate::oracle::Times::Scalar(t as f32),
-            class: None,
-        })?;
+        let out = field.evaluate(&x, &vec![t; n_pairs], &vec![None; n_pairs])?;
         let mut p = StagePoint {
             t,
             ..Default::default()
         };
-        for (k, s) in out.stats.iter().enumerate() {
-            p.mean_top1_weight += s.top1_weight as f64;
-            p.own_sample_rate += (s.top1_index == ds.original_index(rows[k])) as u8 as f64;
-            p.mean_entropy += s.entropy as f64;
-            p.mean_ess += s.ess as f64;
+        match &out.stats {
+            Some(stats) => {
+                for (k, s) in stats.iter().enumerate() {
+                    p.mean_top1_weight += s.top1_weight as f64;
+                    p.own_sample_rate += (s.top1_index == ds.original_index(rows[k])) as u8 as f64;
+                    p.mean_entropy += s.entropy as f64;
+                    p.mean_ess += s.ess as f64;
+                    p.mean_posterior_variance += s.posterior_variance as f64;
+                }
+            }
+            None => {
+                p.mean_top1_weight = f64::NAN;
+                p.own_sample_rate = f64::NAN;
+                p.mean_entropy = f64::NAN;
+                p.mean_ess = f64::NAN;
+                p.mean_posterior_variance = f64::NAN;
+            }
+        }
+        for k in 0..n_pairs {
+            // The oracle's velocity was f32; keep the curve's arithmetic as it was.
             let u = &out.velocity[k * dim..(k + 1) * dim];
             p.target_difference += ys[k]
                 .iter()
                 .zip(&noise[k])
                 .zip(u)
-                .map(|((y, n), &u)| (c.d_alpha * y + c.d_sigma * n - u as f64).powi(2))
+                .map(|((y, n), &u)| (c.d_alpha * y + c.d_sigma * n - u).powi(2))
                 .sum::<f64>()
                 / dim as f64;
         }
@@ -239,6 +268,7 @@ pub fn stage_curve(
         p.own_sample_rate /= n;
         p.mean_entropy /= n;
         p.mean_ess /= n;
+        p.mean_posterior_variance /= n;
         p.target_difference /= n;
         curve.push(p);
         tick();

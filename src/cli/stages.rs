@@ -7,7 +7,7 @@ use oracleflow::dataset::{self, Dtype};
 use oracleflow::report::{self, StageResult, StageSettings};
 use oracleflow::{analysis, output};
 
-use super::args::{OracleArgs, OutDirArgs};
+use super::args::{FieldArgs, OracleArgs, OutDirArgs};
 use super::progress;
 
 #[derive(Args)]
@@ -19,6 +19,10 @@ pub struct StagesArgs {
     dtype: Dtype,
     #[command(flatten)]
     oracle: OracleArgs,
+    /// The field whose velocity is compared with the training target (posterior
+    /// statistics only for the oracle; NaN otherwise)
+    #[command(flatten)]
+    field: FieldArgs,
     /// (training sample, noise) pairs averaged at each time
     #[arg(long, default_value_t = 256)]
     pairs: usize,
@@ -38,29 +42,38 @@ pub struct StagesArgs {
 pub fn run(a: StagesArgs) -> Result<()> {
     output::check_new_in(&a.out.out, &report::STAGE_FILES, a.out.force)?;
     let times = analysis::stage_times(a.steps, a.t_max)?;
+    let spec = a.field.check()?;
     let mut results = Vec::new();
-    for spec in &a.data {
-        let ds = dataset::load(spec, a.dtype)?;
-        let mut oracle = a.oracle.build(&ds)?;
+    for data in &a.data {
+        let ds = dataset::load(data, a.dtype)?;
+        let mut field = a.field.build(&spec, &ds, &a.oracle, &[None])?;
         eprintln!(
-            "{spec}: N = {}, D = {} on {}",
+            "{data}: N = {}, D = {} on {}",
             ds.n_samples(),
             ds.dim(),
-            oracle.describe()
+            field.describe()
         );
         let bar = progress(times.len() as u64, "times");
-        let curve = analysis::stage_curve(&mut oracle, &times, a.pairs, a.seed, || bar.inc(1))?;
+        let curve = analysis::stage_curve_of_field(
+            field.as_mut(),
+            &ds,
+            a.oracle.path,
+            &times,
+            a.pairs,
+            a.seed,
+            || bar.inc(1),
+        )?;
         bar.finish_and_clear();
         let r = StageResult {
-            data: spec.clone(),
+            data: data.clone(),
             n_samples: ds.n_samples(),
             dim: ds.dim(),
-            backend: oracle.describe(),
+            backend: field.describe(),
             curve,
         };
         let (t50, t99) = r.crossings();
         println!(
-            "{spec}: mean top-1 weight reaches 0.5 at t = {}, 0.99 at t = {}",
+            "{data}: mean top-1 weight reaches 0.5 at t = {}, 0.99 at t = {}",
             t50.map_or("-".into(), |t| format!("{t:.3}")),
             t99.map_or("-".into(), |t| format!("{t:.3}"))
         );

@@ -148,10 +148,9 @@ struct Buffers {
 struct BindGroups {
     /// The buffers bound: params, x, coefs, logits, states, acc, mean.
     bound: [wgpu::Buffer; 7],
-    /// Per dataset buffer (resident chunk or ring slot): (logits, accumulate), made when
-    /// a call first reads the buffer.
-    chunks: Vec<Option<(wgpu::BindGroup, wgpu::BindGroup)>>,
-    softmax: wgpu::BindGroup,
+    /// Per dataset buffer (resident chunk or ring slot): (logits, accumulate, softmax),
+    /// made when a call first reads the buffer (softmax reads the chunk's row norms).
+    chunks: Vec<Option<(wgpu::BindGroup, wgpu::BindGroup, wgpu::BindGroup)>>,
     finalize: wgpu::BindGroup,
 }
 
@@ -448,12 +447,6 @@ impl GpuBackend {
         if b.groups.as_ref().is_none_or(|g| g.bound != bound) {
             b.groups = Some(BindGroups {
                 chunks: (0..self.residency.n_buffers()).map(|_| None).collect(),
-                softmax: bind_group(
-                    &device,
-                    &k.softmax.layout,
-                    &params_buf,
-                    &[&logits_buf, &states_buf],
-                ),
                 finalize: bind_group(
                     &device,
                     &k.finalize.layout,
@@ -493,6 +486,12 @@ impl GpuBackend {
                         &params_buf,
                         &[&logits_buf, &chunk.values, &states_buf, &acc_buf],
                     ),
+                    bind_group(
+                        &device,
+                        &k.softmax.layout,
+                        &params_buf,
+                        &[&logits_buf, &states_buf, &chunk.sq_norms],
+                    ),
                 )
             });
         }
@@ -528,7 +527,8 @@ impl GpuBackend {
                     stream.load(&device, &queue, i, c)?;
                 }
             }
-            let (logits_group, accumulate_group) = groups.chunks[i].as_ref().expect("made above");
+            let (logits_group, accumulate_group, softmax_group) =
+                groups.chunks[i].as_ref().expect("made above");
             {
                 let mut pass = encoder.begin_compute_pass(&Default::default());
                 for i in first..first + group.len() {
@@ -541,7 +541,7 @@ impl GpuBackend {
                         splits,
                     );
                     pass.set_pipeline(&k.softmax.pipeline);
-                    pass.set_bind_group(0, &groups.softmax, &offset);
+                    pass.set_bind_group(0, softmax_group, &offset);
                     pass.dispatch_workgroups(n_queries as u32, splits, 1);
                     pass.set_pipeline(&k.accumulate.pipeline);
                     pass.set_bind_group(0, accumulate_group, &offset);
@@ -589,10 +589,19 @@ impl GpuBackend {
             let states = pod_slice::<GpuState>(states_read);
             for q in 0..n_queries {
                 let mut merged = SoftmaxState::EMPTY;
+                let mut sum_norm = 0.0f32;
                 for s in 0..plan.splits {
-                    merged.merge(&states[s * n_queries + q].into());
+                    let st = states[s * n_queries + q];
+                    let (ra, rb) = merged.merge(&st.into());
+                    sum_norm = ra * sum_norm + rb * st.sum_norm;
                 }
-                stats.push(merged.stats());
+                let mut st = merged.stats();
+                st.posterior_variance = crate::oracle::state::posterior_variance(
+                    sum_norm,
+                    merged.sum,
+                    &mean[q * dim..(q + 1) * dim],
+                );
+                stats.push(st);
             }
         })
     }

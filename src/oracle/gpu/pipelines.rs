@@ -85,7 +85,9 @@ pub(super) struct GpuState {
     pub sum_sq: f32,
     pub argmax: u32,
     pub scale: f32,
-    pub pad: [u32; 2],
+    /// sum_j e_j |y_j|^2 on the scale of `sum` (for the posterior variance)
+    pub sum_norm: f32,
+    pub pad: u32,
 }
 
 impl From<GpuState> for SoftmaxState {
@@ -256,12 +258,12 @@ impl Kernels {
                 &[Params, Read, Read, Read, Read, ReadWrite],
                 trusted,
             ),
-            // params, logits, states
+            // params, logits, states, row norms
             softmax: Kernel::new(
                 device,
                 "softmax",
                 module_source(SOFTMAX_WGSL, false),
-                &[Params, ReadWrite, ReadWrite],
+                &[Params, ReadWrite, ReadWrite, Read],
                 trusted,
             ),
             // params, weights, rows, states, acc
