@@ -263,10 +263,15 @@ impl VelocityField for ExternalField {
         let velocity: Vec<f64> = u.iter().map(|&v| v as f64).collect();
         // The field gives only u = a x1_hat + b x; a > 0 on both paths for t < 1.
         let mut x1_hat = vec![0.0; x.len()];
-        for q in 0..b {
-            let (a, bb) = self.path.coefs(t[q]).velocity_coefs();
-            for j in q * dim..(q + 1) * dim {
-                x1_hat[j] = (velocity[j] - bb * x[j]) / a;
+        for (q, &tq) in t.iter().enumerate() {
+            let (a, bb) = self.path.coefs(tq).velocity_coefs();
+            let r = q * dim..(q + 1) * dim;
+            for ((h, u), xv) in x1_hat[r.clone()]
+                .iter_mut()
+                .zip(&velocity[r.clone()])
+                .zip(&x[r])
+            {
+                *h = (u - bb * xv) / a;
             }
         }
         Ok(FieldEval {
