@@ -56,7 +56,12 @@ impl ExternalField {
         path: Path,
         timeout: Duration,
     ) -> Result<Self> {
-        let mut child = Command::new("sh")
+        let mut cmd = Command::new("sh");
+        // Its own process group, so that a kill reaches what sh started too (sh need not
+        // exec the command, and an orphan would hold our stderr open).
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = cmd
             .arg("-c")
             .arg(command)
             .stdin(Stdio::piped())
@@ -90,6 +95,18 @@ impl ExternalField {
             evaluations: 0,
             failed: None,
         })
+    }
+
+    /// Kills the process and everything in its group, and reaps it.
+    fn kill(&mut self) {
+        #[cfg(unix)]
+        // SAFETY: kill(2) with a negative pid signals the process group the child leads
+        // (made with process_group(0)); it touches no memory.
+        unsafe {
+            libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     fn fail(&mut self, why: String) -> Error {
@@ -292,8 +309,7 @@ impl Drop for ExternalField {
         self.to_stdin = None;
         if self.failed.is_some() {
             // A process that failed (silent, garbled) gets no grace period.
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            self.kill();
             return;
         }
         let deadline = Instant::now() + EXIT_GRACE;
@@ -303,7 +319,6 @@ impl Drop for ExternalField {
                 Ok(None) => std::thread::sleep(Duration::from_millis(10)),
             }
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
