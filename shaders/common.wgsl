@@ -40,7 +40,8 @@ struct QueryState {
     // global row index
     argmax: u32,
     scale: f32,
-    pad0: u32,
+    // sum_j e_j |y_j|^2 on the scale of `sum` (posterior variance; softmax.wgsl)
+    sum_norm: f32,
     pad1: u32,
 }
 

@@ -6,6 +6,7 @@
 //   sum' = r sum + sum_j e_j
 //   sum_shifted_logit' = r (sum_shifted_logit + sum (m - m')) + sum_j e_j (s_j - m')
 //   sum_sq' = r^2 sum_sq + sum_j e_j^2
+//   sum_norm' = r sum_norm + sum_j e_j |y_j|^2   (for the posterior variance)
 // r is kept in the state as `scale` for pass 3 (acc = acc * scale + P Y).
 // A state with sum == 0 has seen no row (buffers start zeroed); its max is ignored.
 //
@@ -14,6 +15,8 @@
 @group(0) @binding(1) var<storage, read_write> logits: array<f32>;
 // split * B + q
 @group(0) @binding(2) var<storage, read_write> states: array<QueryState>;
+// |y_j|^2 of the chunk's rows, chunk-local (as in logits.wgsl)
+@group(0) @binding(3) var<storage, read> sq_norms: array<f32>;
 
 const WG: u32 = 64u;
 
@@ -22,6 +25,7 @@ var<workgroup> red_arg: array<u32, WG>;
 var<workgroup> red_sum: array<f32, WG>;
 var<workgroup> red_shift: array<f32, WG>;
 var<workgroup> red_sq: array<f32, WG>;
+var<workgroup> red_norm: array<f32, WG>;
 
 @compute @workgroup_size(64, 1, 1)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
@@ -81,6 +85,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var sum = 0.0;
     var shift = 0.0;
     var sq = 0.0;
+    var norm = 0.0;
     for (var j = li; j < tile.count; j += WG) {
         let d = logits[base + j] - m_new;
         let e = exp(d);
@@ -88,16 +93,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         sum += e;
         shift += e * d;
         sq += e * e;
+        norm += e * sq_norms[tile.start + j];
     }
     red_sum[li] = sum;
     red_shift[li] = shift;
     red_sq[li] = sq;
+    red_norm[li] = norm;
     workgroupBarrier();
     for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
         if li < stride {
             red_sum[li] += red_sum[li + stride];
             red_shift[li] += red_shift[li + stride];
             red_sq[li] += red_sq[li + stride];
+            red_norm[li] += red_norm[li + stride];
         }
         workgroupBarrier();
     }
@@ -112,6 +120,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             st.sum_shifted_logit = r * (old.sum_shifted_logit + old.sum * (old.max - m_new))
                 + red_shift[0];
             st.sum_sq = r * r * old.sum_sq + red_sq[0];
+            st.sum_norm = r * old.sum_norm + red_norm[0];
             // Rows arrive in increasing order within a split: on a tie the old one is smaller.
             st.argmax = select(old.argmax, tile_row, tile_max > old.max);
             st.scale = r;
@@ -119,6 +128,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
             st.sum = red_sum[0];
             st.sum_shifted_logit = red_shift[0];
             st.sum_sq = red_sq[0];
+            st.sum_norm = red_norm[0];
             st.argmax = tile_row;
             st.scale = 0.0;
         }

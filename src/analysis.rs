@@ -189,6 +189,9 @@ pub struct StagePoint {
     pub own_sample_rate: f64,
     pub mean_entropy: f64,
     pub mean_ess: f64,
+    /// Mean tr Cov_w(y) / D of the posterior (NaN, like the other posterior stats, for a
+    /// field without them)
+    pub mean_posterior_variance: f64,
     /// |u_cond - u*(x_t, t)|^2 / D averaged over pairs, where u_cond = alpha' y + sigma' x0
     /// is the conditional (training) target: how far the exact marginal velocity is from
     /// what a flow-matching loss regresses on (paper Fig. 2a). At t = 0 on the rf path
@@ -253,15 +256,51 @@ pub fn stage_curve_from(
     seed: u64,
     queries: Option<&Dataset>,
     class: Option<u32>,
+    tick: impl FnMut(),
+) -> crate::error::Result<Vec<StagePoint>> {
+    let (ds, path) = (oracle.dataset(), oracle.path());
+    let mut field = crate::field::oracle::OracleRef(oracle);
+    let pairs = StagePairs {
+        n_pairs,
+        seed,
+        queries,
+        class,
+    };
+    stage_curve_of_field(&mut field, ds, path, times, &pairs, tick)
+}
+
+/// Which (sample, noise) pairs a stage curve averages over.
+#[derive(Clone, Copy, Debug)]
+pub struct StagePairs<'q> {
+    pub n_pairs: usize,
+    pub seed: u64,
+    /// Draw the samples from this set (e.g. held-out data) instead of the training set.
+    pub queries: Option<&'q Dataset>,
+    /// Class-conditional posterior, samples of that class.
+    pub class: Option<u32>,
+}
+
+/// [`stage_curve_from`] for any field over `ds` on `path`: the target difference is defined
+/// for every field; the posterior statistics are NaN for fields without them.
+pub fn stage_curve_of_field(
+    field: &mut dyn crate::field::VelocityField,
+    ds: &Dataset,
+    path: crate::Path,
+    times: &[f64],
+    pairs: &StagePairs<'_>,
     mut tick: impl FnMut(),
 ) -> crate::error::Result<Vec<StagePoint>> {
+    let StagePairs {
+        n_pairs,
+        seed,
+        queries,
+        class,
+    } = *pairs;
     if n_pairs == 0 {
         return Err(crate::error::Error::Input(
             "--pairs must be at least 1".into(),
         ));
     }
-    let ds = oracle.dataset();
-    let path = oracle.path();
     let dim = ds.dim();
     let source = queries.unwrap_or(ds);
     if source.dim() != dim {
@@ -302,38 +341,52 @@ pub fn stage_curve_from(
             )));
         }
         let c = path.coefs(t);
-        let x: Vec<f32> = ys
+        // Rounded to f32 as the oracle's queries always were (same curve as before).
+        let x: Vec<f64> = ys
             .iter()
             .zip(&noise)
             .flat_map(|(y, x0)| {
                 y.iter()
                     .zip(x0)
-                    .map(|(y, n)| (c.alpha * y + c.sigma * n) as f32)
+                    .map(|(y, n)| (c.alpha * y + c.sigma * n) as f32 as f64)
             })
             .collect();
-        let out = oracle.evaluate(&crate::oracle::Query {
-            x: &x,
-            t: crate::oracle::Times::Scalar(t as f32),
-            class,
-        })?;
+        let out = field.evaluate(&x, &vec![t; n_pairs], &vec![class; n_pairs])?;
         let mut p = StagePoint {
             t,
             ..Default::default()
         };
-        for (k, s) in out.stats.iter().enumerate() {
-            p.mean_top1_weight += s.top1_weight as f64;
-            if queries.is_none() {
-                p.own_sample_rate += (s.top1_index == ds.original_index(rows[k])) as u8 as f64;
+        match &out.stats {
+            Some(stats) => {
+                for (k, s) in stats.iter().enumerate() {
+                    p.mean_top1_weight += s.top1_weight as f64;
+                    if queries.is_none() {
+                        p.own_sample_rate +=
+                            (s.top1_index == ds.original_index(rows[k])) as u8 as f64;
+                    }
+                    p.nearest_rate += (s.top1_index == targets[k]) as u8 as f64;
+                    p.mean_entropy += s.entropy as f64;
+                    p.mean_ess += s.ess as f64;
+                    p.mean_posterior_variance += s.posterior_variance as f64;
+                }
             }
-            p.nearest_rate += (s.top1_index == targets[k]) as u8 as f64;
-            p.mean_entropy += s.entropy as f64;
-            p.mean_ess += s.ess as f64;
+            None => {
+                p.mean_top1_weight = f64::NAN;
+                p.own_sample_rate = f64::NAN;
+                p.nearest_rate = f64::NAN;
+                p.mean_entropy = f64::NAN;
+                p.mean_ess = f64::NAN;
+                p.mean_posterior_variance = f64::NAN;
+            }
+        }
+        for k in 0..n_pairs {
+            // The oracle's velocity was f32; keep the curve's arithmetic as it was.
             let u = &out.velocity[k * dim..(k + 1) * dim];
             p.target_difference += ys[k]
                 .iter()
                 .zip(&noise[k])
                 .zip(u)
-                .map(|((y, n), &u)| (c.d_alpha * y + c.d_sigma * n - u as f64).powi(2))
+                .map(|((y, n), &u)| (c.d_alpha * y + c.d_sigma * n - u).powi(2))
                 .sum::<f64>()
                 / dim as f64;
         }
@@ -346,6 +399,7 @@ pub fn stage_curve_from(
         p.nearest_rate /= n;
         p.mean_entropy /= n;
         p.mean_ess /= n;
+        p.mean_posterior_variance /= n;
         p.target_difference /= n;
         curve.push(p);
         tick();

@@ -21,6 +21,17 @@ fn transition_marker(t_half: Option<f64>) -> Option<(f64, String)> {
     t_half.map(|t| (t, format!("top-1 weight 0.5 at t = {t:.3}")))
 }
 
+/// Drops non-finite points: fields without posterior statistics report NaN for them.
+fn finite_only<'a, const K: usize>(series: [Series<'a>; K]) -> Vec<Series<'a>> {
+    series
+        .into_iter()
+        .map(|s| Series {
+            name: s.name,
+            points: s.points.into_iter().filter(|p| p.1.is_finite()).collect(),
+        })
+        .collect()
+}
+
 /// The files `write_sample_outputs` writes into the output directory.
 pub const SAMPLE_FILES: [&str; 7] = [
     "samples.png",
@@ -35,7 +46,8 @@ pub const SAMPLE_FILES: [&str; 7] = [
 /// Columns of the trajectory picture: the grid indices whose times are closest to
 /// `columns` evenly spaced times in [0, 1] (always including t = 0 and t = 1).
 pub fn trajectory_columns(times: &[f64], columns: usize) -> Vec<usize> {
-    let columns = columns.clamp(2, times.len());
+    // A run that starts at t = 1 (`--t-start 1`) has one time.
+    let columns = columns.clamp(2, times.len().max(2));
     let mut picked: Vec<usize> = (0..columns)
         .map(|c| {
             let target = c as f64 / (columns - 1) as f64;
@@ -95,7 +107,7 @@ pub fn stages_chart(run: &SampleRun, n_dataset: usize) -> Result<image::RgbImage
             y_range: (0.0, 1.05),
             markers: &markers,
         },
-        &series,
+        &finite_only(series),
     )
 }
 
@@ -114,6 +126,14 @@ pub struct SamplingSettings {
     /// `--classes all`
     pub classes: Option<&'static str>,
     pub guidance: Option<Guidance>,
+    /// `--field` (and what it resolved to)
+    pub field: String,
+    /// `--switch-at TS --then FIELD`
+    pub switch_at: Option<f64>,
+    pub then: Option<String>,
+    /// `--init-from SPEC --t-start T`
+    pub init_from: Option<String>,
+    pub t_start: Option<f64>,
 }
 
 impl SamplingSettings {
@@ -129,7 +149,8 @@ impl SamplingSettings {
 /// The field that was integrated, as run.json records it under "oracle".
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct FieldRecord {
-    pub backend: crate::oracle::BackendKind,
+    /// The oracle backend, where the field has an oracle in it
+    pub backend: Option<crate::oracle::BackendKind>,
     pub description: String,
     pub path: crate::Path,
 }
@@ -180,12 +201,15 @@ pub fn sample_run_json(
 /// Per-query stats of `velocity --stats`: one CSV row per query.
 pub fn write_query_stats_csv(path: &Path, times: &[f32], stats: &[QueryStats]) -> Result<()> {
     output::write_atomic(path, |w| {
-        writeln!(w, "query,t,top1_weight,top1_index,entropy,ess")?;
+        writeln!(
+            w,
+            "query,t,top1_weight,top1_index,entropy,ess,posterior_variance"
+        )?;
         for (q, s) in stats.iter().enumerate() {
             writeln!(
                 w,
-                "{q},{},{},{},{},{}",
-                times[q], s.top1_weight, s.top1_index, s.entropy, s.ess
+                "{q},{},{},{},{},{},{}",
+                times[q], s.top1_weight, s.top1_index, s.entropy, s.ess, s.posterior_variance
             )?;
         }
         Ok(())
@@ -329,13 +353,18 @@ pub fn write_sample_outputs(
     output::write_atomic(&dir.join("steps.csv"), |w| {
         writeln!(
             w,
-            "step,t,mean_top1_weight,mean_entropy,mean_ess,frac_top1_above_half"
+            "step,t,mean_top1_weight,mean_entropy,mean_ess,frac_top1_above_half,mean_posterior_variance"
         )?;
         for (i, s) in run.steps.iter().enumerate() {
             writeln!(
                 w,
-                "{i},{},{},{},{},{}",
-                s.t, s.mean_top1_weight, s.mean_entropy, s.mean_ess, s.frac_top1_above_half
+                "{i},{},{},{},{},{},{}",
+                s.t,
+                s.mean_top1_weight,
+                s.mean_entropy,
+                s.mean_ess,
+                s.frac_top1_above_half,
+                s.mean_posterior_variance
             )?;
         }
         Ok(())
@@ -444,7 +473,7 @@ pub fn stages_comparison_chart(results: &[StageResult]) -> Result<image::RgbImag
                 y_range: (0.0, 1.05),
                 markers: &markers,
             },
-            &series,
+            &finite_only(series),
         )
     } else {
         let series: Vec<Series> = results
@@ -514,12 +543,12 @@ pub fn write_stage_outputs(
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     save_png(&dir.join("stages.png"), &chart)?;
     output::write_atomic(&dir.join("stages.csv"), |w| {
-        writeln!(w, "data,n_samples,dim,t,mean_top1_weight,own_sample_rate,mean_entropy,mean_ess,target_difference,nearest_rate")?;
+        writeln!(w, "data,n_samples,dim,t,mean_top1_weight,own_sample_rate,mean_entropy,mean_ess,target_difference,nearest_rate,mean_posterior_variance")?;
         for r in results {
             for p in &r.curve {
                 writeln!(
                     w,
-                    "{},{},{},{},{},{},{},{},{},{}",
+                    "{},{},{},{},{},{},{},{},{},{},{}",
                     r.data,
                     r.n_samples,
                     r.dim,
@@ -529,7 +558,8 @@ pub fn write_stage_outputs(
                     p.mean_entropy,
                     p.mean_ess,
                     p.target_difference,
-                    p.nearest_rate
+                    p.nearest_rate,
+                    p.mean_posterior_variance
                 )?;
             }
         }

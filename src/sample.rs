@@ -63,6 +63,7 @@ pub fn step(
     t0: f64,
     t1: f64,
 ) -> Result<(Vec<f64>, FieldEval)> {
+    field.begin_step(t0, t1);
     let k1 = eval_at(field, x, t0, classes)?;
     if t1 >= 1.0 {
         let x1 = k1.x1_hat.clone();
@@ -187,6 +188,40 @@ pub fn sampling_times(schedule: &Schedule) -> Result<Vec<f64>> {
     Ok(times)
 }
 
+/// The grid a run integrates over: the user's `times` from `t_start` on (t_start put in
+/// first), with the field's breakpoints inside (t_start, 1) added so that no step straddles
+/// one. `t_start = 1` gives the one time [1] (no step: the start is the result).
+pub fn integration_times(times: &[f64], t_start: f64, breakpoints: &[f64]) -> Result<Vec<f64>> {
+    if !(0.0..=1.0).contains(&t_start) {
+        return Err(Error::Input(format!(
+            "--t-start {t_start} is outside [0, 1]"
+        )));
+    }
+    let mut grid: Vec<f64> = std::iter::once(t_start)
+        .chain(times.iter().copied().filter(|&t| t > t_start))
+        .chain(
+            breakpoints
+                .iter()
+                .copied()
+                .filter(|&b| b > t_start && b < 1.0),
+        )
+        .collect();
+    grid.sort_by(f64::total_cmp);
+    grid.dedup();
+    Ok(grid)
+}
+
+/// Samples to start from instead of noise: each is noised to `t_start` along the path,
+/// x_T = alpha(T) y + sigma(T) x0 with x0 the sample's own seeded noise, and integrated
+/// from T to 1.
+#[derive(Clone, Debug)]
+pub struct InitFrom {
+    pub path: crate::Path,
+    pub t_start: f64,
+    /// At least n x D values (user coordinates); sample i starts from row i.
+    pub samples: Vec<f32>,
+}
+
 /// Rows of the trajectory picture: `track` samples spread evenly over `n`.
 pub fn spread_samples(n: usize, track: usize) -> Vec<usize> {
     let k = track.min(n);
@@ -206,6 +241,8 @@ pub struct SampleOptions {
     pub batch: usize,
     /// Samples whose whole trajectory is kept (x_t and x1_hat at every grid time).
     pub tracked: Vec<usize>,
+    /// Start from given samples noised to a time instead of from noise at t = 0.
+    pub init: Option<InitFrom>,
 }
 
 /// Mean diagnostics over all samples at one grid time (NaN where the field has no stats).
@@ -217,6 +254,8 @@ pub struct StepSummary {
     pub mean_ess: f64,
     /// Share of samples whose top-1 weight exceeds 0.5 (refinement has begun)
     pub frac_top1_above_half: f64,
+    /// Mean tr Cov_w(y) / D of the posterior
+    pub mean_posterior_variance: f64,
 }
 
 /// x_t and x1_hat of one tracked sample at every grid time (the last is t = 1).
@@ -249,8 +288,19 @@ pub fn sample(
     options: &SampleOptions,
     mut tick: impl FnMut(),
 ) -> Result<SampleRun> {
-    let times = sampling_times(&options.schedule)?;
+    let user_times = sampling_times(&options.schedule)?;
+    let t_start = options.init.as_ref().map_or(0.0, |i| i.t_start);
+    let times = integration_times(&user_times, t_start, &field.breakpoints())?;
     check_counts(options.classes.len(), options.batch)?;
+    if let Some(init) = &options.init {
+        if init.samples.len() < options.classes.len() * field.dim() {
+            return Err(Error::Input(format!(
+                "--init-from holds {} samples, fewer than the {} asked for",
+                init.samples.len() / field.dim().max(1),
+                options.classes.len()
+            )));
+        }
+    }
     if options.classes.iter().any(|c| c.is_some()) && !field.accepts_classes() {
         return Err(Error::Input(format!(
             "classes were asked for, but the field ({}) has none",
@@ -297,10 +347,26 @@ pub fn sample(
 
     for start in (0..n).step_by(options.batch) {
         let end = (start + options.batch).min(n);
-        let x0: Vec<f64> = (start..end)
+        let noise: Vec<f64> = (start..end)
             .flat_map(|i| initial_noise(options.seed, i, dim))
             .collect();
-        run.noise.extend(to_f32(&x0));
+        run.noise.extend(to_f32(&noise));
+        let x0 = match &options.init {
+            None => noise,
+            Some(init) => {
+                let c = init.path.coefs(init.t_start);
+                let ys = &init.samples[start * dim..end * dim];
+                // At T = 1 the start is the sample itself (sigma(1) may be 6e-17, not 0).
+                if init.t_start >= 1.0 {
+                    ys.iter().map(|&y| y as f64).collect()
+                } else {
+                    ys.iter()
+                        .zip(&noise)
+                        .map(|(&y, n)| c.alpha * y as f64 + c.sigma * n)
+                        .collect()
+                }
+            }
+        };
         let mut last_stats = vec![None; end - start];
         let trajectories = &mut run.trajectories;
         let steps = &mut run.steps;
@@ -314,6 +380,7 @@ pub fn sample(
                         s.mean_entropy += st.entropy as f64;
                         s.mean_ess += st.ess as f64;
                         s.frac_top1_above_half += (st.top1_weight > 0.5) as u8 as f64;
+                        s.mean_posterior_variance += st.posterior_variance as f64;
                     }
                     last_stats = stats.iter().map(|&st| Some(st)).collect();
                 }
@@ -322,6 +389,7 @@ pub fn sample(
                     s.mean_entropy = f64::NAN;
                     s.mean_ess = f64::NAN;
                     s.frac_top1_above_half = f64::NAN;
+                    s.mean_posterior_variance = f64::NAN;
                     last_stats = vec![None; last_stats.len()];
                 }
             }
@@ -353,6 +421,7 @@ pub fn sample(
         s.mean_entropy /= n as f64;
         s.mean_ess /= n as f64;
         s.frac_top1_above_half /= n as f64;
+        s.mean_posterior_variance /= n as f64;
     }
     Ok(run)
 }

@@ -1038,11 +1038,7 @@ fn bench_batch_zero() {
         "--json",
         &json,
     ];
-    assert_refused(
-        &args,
-        &["--batch must be at least 1"],
-        &c.path("b.json"),
-    );
+    assert_refused(&args, &["--batch must be at least 1"], &c.path("b.json"));
 }
 
 #[test]
@@ -1060,11 +1056,7 @@ fn bench_zero_repetitions() {
         "--json",
         &json,
     ];
-    assert_refused(
-        &args,
-        &["--reps must be at least 1"],
-        &c.path("b.json"),
-    );
+    assert_refused(&args, &["--reps must be at least 1"], &c.path("b.json"));
 }
 
 #[test]

@@ -80,7 +80,7 @@ fn solvers_batches_and_run_json_contents() {
         let mut lines = csv.lines();
         assert_eq!(
             lines.next().unwrap(),
-            "step,t,mean_top1_weight,mean_entropy,mean_ess,frac_top1_above_half"
+            "step,t,mean_top1_weight,mean_entropy,mean_ess,frac_top1_above_half,mean_posterior_variance"
         );
         for (i, (line, s)) in lines.zip(steps).enumerate() {
             let f: Vec<f64> = line.split(',').map(|v| v.parse().unwrap()).collect();
@@ -94,6 +94,7 @@ fn solvers_batches_and_run_json_contents() {
             assert!(same(f[4], s["mean_ess"].as_f64().unwrap()));
             assert!(same(f[5], s["frac_top1_above_half"].as_f64().unwrap()));
             assert!((0.0..=1.0).contains(&f[2]) && f[3] >= 0.0 && f[4] >= 1.0);
+            assert!(same(f[6], s["mean_posterior_variance"].as_f64().unwrap()) && f[6] >= 0.0);
         }
         let samples = j["samples"].as_array().unwrap();
         assert_eq!(samples.len(), 5);

@@ -144,6 +144,7 @@ fn guidance_applies_inside_solver_stages() {
     let mut oracle =
         OracleField::new(Oracle::new(&ds, Path::RectifiedFlow, BackendKind::Cpu).unwrap());
     let opts = |solver, lo, hi| SampleOptions {
+        init: None,
         schedule: Schedule::Explicit(vec![0.0, 0.5, 1.0]),
         solver,
         seed: 4,

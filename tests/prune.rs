@@ -220,6 +220,7 @@ fn certificate_bounds_the_true_skipped_mass() {
 fn same_samples_from_the_same_seed() {
     let ds = dataset::load("embedded@1000", Dtype::F32).unwrap();
     let options = SampleOptions {
+        init: None,
         schedule: Schedule::uniform(12),
         solver: Solver::Heun,
         seed: 11,

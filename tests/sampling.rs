@@ -203,6 +203,7 @@ fn options(
         guidance,
         batch: 64,
         tracked: vec![0],
+        init: None,
     }
 }
 

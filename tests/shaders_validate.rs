@@ -216,12 +216,14 @@ fn layout_mismatches_are_reported() {
             "`{to}`: {found:?}"
         );
     }
-    // A binding the Rust layout lacks: the softmax layout against the finalize shader.
-    let found = layout_mismatches("finalize", KernelKind::Softmax, &source);
+    // A binding the Rust layout lacks: the finalize layout (bindings 0..3) against the
+    // accumulate shader (0..4).
+    let accumulate = KernelKind::Accumulate.source(false);
+    let found = layout_mismatches("accumulate", KernelKind::Finalize, &accumulate);
     assert!(
         found
             .iter()
-            .any(|m| m.contains("binding 3") && m.contains("not in the Rust layout")),
+            .any(|m| m.contains("binding 4") && m.contains("not in the Rust layout")),
         "{found:?}"
     );
 }

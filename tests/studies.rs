@@ -331,7 +331,7 @@ fn stages_with_held_out_queries_writes_the_new_columns() {
     let (header, rows) = csv(&out.join("stages.csv"));
     assert_eq!(
         header,
-        "data,n_samples,dim,t,mean_top1_weight,own_sample_rate,mean_entropy,mean_ess,target_difference,nearest_rate"
+        "data,n_samples,dim,t,mean_top1_weight,own_sample_rate,mean_entropy,mean_ess,target_difference,nearest_rate,mean_posterior_variance"
     );
     assert_eq!(rows.len(), 9);
     let last: f64 = rows[8][9].parse().unwrap();

@@ -732,6 +732,7 @@ fn sample<'py>(
         (None, None) => None,
     };
     let options = SampleOptions {
+        init: None,
         schedule,
         solver,
         seed,

@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Args;
 
 use oracleflow::dataset::{self, Dataset, Dtype};
+use oracleflow::field::{ExternalField, FieldSpec, GaussianField, OracleField, VelocityField};
 use oracleflow::oracle::gpu::GpuOptions;
 use oracleflow::oracle::{BackendKind, Oracle};
 use oracleflow::Path;
@@ -61,4 +62,63 @@ pub struct OutDirArgs {
     /// Overwrite existing files in the output directory
     #[arg(long)]
     pub force: bool,
+}
+
+/// Which velocity field to integrate or evaluate.
+#[derive(Args)]
+pub struct FieldArgs {
+    /// Velocity field: `oracle` (exact, over the dataset), `gaussian` (exact for the
+    /// dataset's Gaussian fit, class-wise with classes), or `external:CMD` (a process
+    /// started with `sh -c CMD` that reads x, t, y as .npy on stdin and writes the velocity
+    /// as .npy on stdout; see README "External fields")
+    #[arg(long, default_value = "oracle")]
+    pub field: String,
+    /// Seconds an external field may take to answer one evaluation
+    #[arg(long, default_value_t = 600.0)]
+    pub field_timeout: f64,
+}
+
+impl FieldArgs {
+    /// Checks the --field spec and timeout (before any data is loaded).
+    pub fn check(&self) -> Result<FieldSpec> {
+        if !(self.field_timeout.is_finite() && self.field_timeout > 0.0) {
+            oracleflow::bail_input!(
+                "--field-timeout {} must be a positive number of seconds",
+                self.field_timeout
+            );
+        }
+        Ok(self.field.parse()?)
+    }
+
+    /// Builds the field `spec` (this group's --field, or another, as --then gives) over
+    /// `ds`; a Gaussian field fits the classes in `classes` now (so sampling time is
+    /// sampling only).
+    pub fn build<'d>(
+        &self,
+        spec: &FieldSpec,
+        ds: &'d Dataset,
+        oracle: &OracleArgs,
+        classes: &[Option<u32>],
+    ) -> Result<Box<dyn VelocityField + 'd>> {
+        Ok(match spec {
+            FieldSpec::Oracle => Box::new(OracleField::new(oracle.build(ds)?)),
+            FieldSpec::Gaussian => {
+                let mut g = GaussianField::new(ds, oracle.path);
+                let mut wanted: Vec<Option<u32>> = Vec::new();
+                for &c in classes {
+                    if !wanted.contains(&c) {
+                        wanted.push(c);
+                    }
+                }
+                g.prepare(&wanted)?;
+                Box::new(g)
+            }
+            FieldSpec::External(cmd) => Box::new(ExternalField::start(
+                cmd,
+                &ds.shape.dims,
+                oracle.path,
+                std::time::Duration::from_secs_f64(self.field_timeout),
+            )?),
+        })
+    }
 }

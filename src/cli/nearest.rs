@@ -3,8 +3,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
+// Usage errors are bad input: exit code 2 (anyhow::bail! would give 1).
 use clap::Args;
+use oracleflow::bail_input as bail;
 
 use oracleflow::dataset::npy;
 use oracleflow::study::nearest;

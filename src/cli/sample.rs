@@ -2,15 +2,17 @@
 //! arrays and run.json.
 
 use anyhow::Result;
+// Usage errors are bad input: exit code 2 (anyhow::bail! would give 1).
 use clap::Args;
+use oracleflow::bail_input as bail;
 
-use oracleflow::field::{OracleField, VelocityField};
+use oracleflow::field::{FieldSpec, SwitchField};
 use oracleflow::report::{self, FieldRecord, SamplingSettings};
-use oracleflow::sample::{self, Conditioning, Guidance, SampleOptions, Solver};
+use oracleflow::sample::{self, Conditioning, Guidance, InitFrom, SampleOptions, Solver};
 use oracleflow::schedule::Schedule;
 use oracleflow::{analysis, output};
 
-use super::args::{DataArgs, OracleArgs, OutDirArgs};
+use super::args::{DataArgs, FieldArgs, OracleArgs, OutDirArgs};
 use super::progress;
 
 #[derive(Args)]
@@ -19,9 +21,25 @@ pub struct SampleArgs {
     data: DataArgs,
     #[command(flatten)]
     oracle: OracleArgs,
-    /// Number of samples
-    #[arg(short = 'n', long, default_value_t = 64)]
-    n_samples: usize,
+    #[command(flatten)]
+    field: FieldArgs,
+    /// Switch fields at this time: --field for t < TS, --then from TS on (a step that
+    /// would straddle TS is split there)
+    #[arg(long, requires = "then")]
+    switch_at: Option<f64>,
+    /// The field after --switch-at (oracle, gaussian or external:CMD)
+    #[arg(long, requires = "switch_at")]
+    then: Option<String>,
+    /// Start from these samples (a --data spec, e.g. fashion-mnist:test) noised to
+    /// --t-start along the path with the run's seed, instead of from noise at t = 0
+    #[arg(long, requires = "t_start")]
+    init_from: Option<String>,
+    /// The time --init-from samples are noised to (1 = returned as they are)
+    #[arg(long, requires = "init_from")]
+    t_start: Option<f64>,
+    /// Number of samples [default: 64, or with --init-from the number of given samples]
+    #[arg(short = 'n', long)]
+    n_samples: Option<usize>,
     /// Solver steps from t = 0 to t = 1
     #[arg(long, default_value_t = 50)]
     steps: usize,
@@ -84,18 +102,67 @@ impl SampleArgs {
 pub fn run(a: SampleArgs) -> Result<()> {
     // Everything that can be checked without the data is checked before loading it.
     output::check_new_in(&a.out.out, &report::SAMPLE_FILES, a.out.force)?;
-    sample::check_counts(a.n_samples, a.batch)?;
+    sample::check_counts(a.n_samples.unwrap_or(1), a.batch)?;
     let schedule = a.schedule();
     let times = sample::sampling_times(&schedule)?;
     let guidance = a
         .cfg_scale
         .map(|scale| Guidance::new(scale, &a.cfg_interval))
         .transpose()?;
+    let first_spec = a.field.check()?;
+    let then_spec: Option<FieldSpec> = a.then.as_deref().map(str::parse).transpose()?;
+    if let Some(ts) = a.switch_at {
+        if !(0.0..=1.0).contains(&ts) {
+            bail!("--switch-at {ts} is outside [0, 1]");
+        }
+    }
+    if let Some(t) = a.t_start {
+        if !(0.0..=1.0).contains(&t) {
+            bail!("--t-start {t} is outside [0, 1]");
+        }
+    }
 
     let ds = a.data.load()?;
+    let init_ds = a
+        .init_from
+        .as_deref()
+        .map(|spec| oracleflow::dataset::load(spec, a.data.dtype))
+        .transpose()?;
+    let n_samples = match (&init_ds, a.n_samples) {
+        (None, n) => n.unwrap_or(64),
+        (Some(init), n) => {
+            if init.dim() != ds.dim() {
+                bail!(
+                    "--init-from {}: samples of {} values, the dataset's have {}",
+                    init.name,
+                    init.dim(),
+                    ds.dim()
+                );
+            }
+            match n {
+                Some(n) if n > init.n_samples() => bail!(
+                    "-n {n}: --init-from {} holds only {} samples",
+                    init.name,
+                    init.n_samples()
+                ),
+                Some(n) => n,
+                None => init.n_samples(),
+            }
+        }
+    };
     let conditioning = a.conditioning();
-    let classes = conditioning.classes(&ds, a.n_samples)?;
+    let classes = conditioning.classes(&ds, n_samples)?;
     sample::check_guidance(&classes, guidance)?;
+    // Gaussian fits are made for every class sampled (and the unconditional one for CFG).
+    let mut fit_classes = classes.clone();
+    if guidance.is_some() {
+        fit_classes.push(None);
+    }
+    let init = init_ds.as_ref().map(|init| InitFrom {
+        path: a.oracle.path,
+        t_start: a.t_start.expect("clap requires --t-start"),
+        samples: (0..n_samples).flat_map(|r| init.sample(r)).collect(),
+    });
     let options = SampleOptions {
         schedule,
         solver: a.solver,
@@ -103,10 +170,15 @@ pub fn run(a: SampleArgs) -> Result<()> {
         classes: classes.clone(),
         guidance,
         batch: a.batch,
-        tracked: sample::spread_samples(a.n_samples, a.track),
+        tracked: sample::spread_samples(n_samples, a.track),
+        init,
     };
 
-    let mut field = OracleField::new(a.oracle.build(&ds)?);
+    let mut field = a.field.build(&first_spec, &ds, &a.oracle, &fit_classes)?;
+    if let (Some(ts), Some(then)) = (a.switch_at, &then_spec) {
+        let second = a.field.build(then, &ds, &a.oracle, &fit_classes)?;
+        field = Box::new(SwitchField::new(field, second, ts)?);
+    }
     eprintln!(
         "{} on {} ({} samples, D = {})",
         field.describe(),
@@ -114,23 +186,24 @@ pub fn run(a: SampleArgs) -> Result<()> {
         ds.n_samples(),
         ds.dim()
     );
-    let n_batches = a.n_samples.div_ceil(options.batch);
-    let bar = progress(((times.len() - 1) * n_batches) as u64, "steps");
+    let t_start = a.t_start.unwrap_or(0.0);
+    let n_steps = sample::integration_times(&times, t_start, &field.breakpoints())?.len() - 1;
+    let n_batches = n_samples.div_ceil(options.batch);
+    let bar = progress((n_steps * n_batches) as u64, "steps");
     let start = std::time::Instant::now();
-    let run = sample::sample(&mut field, &options, || bar.inc(1))?;
+    let run = sample::sample(field.as_mut(), &options, || bar.inc(1))?;
     let sampling_seconds = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
 
     let neighbours = analysis::nearest_two(&ds, &run.samples);
     let memorized = neighbours.iter().filter(|nb| nb.memorized()).count();
-    let oracle = field.oracle();
     let record = FieldRecord {
-        backend: oracle.kind(),
-        description: oracle.describe(),
+        backend: field.backend(),
+        description: field.describe(),
         path: a.oracle.path,
     };
     let mut settings = SamplingSettings {
-        n: a.n_samples,
+        n: n_samples,
         solver: a.solver,
         steps: times.len() - 1,
         shift: a.shift,
@@ -140,9 +213,14 @@ pub fn run(a: SampleArgs) -> Result<()> {
         class: None,
         classes: None,
         guidance,
+        field: a.field.field.clone(),
+        switch_at: a.switch_at,
+        then: a.then.clone(),
+        init_from: a.init_from.clone(),
+        t_start: a.t_start,
     };
     settings.set_conditioning(conditioning);
-    let run_json = report::sample_run_json(
+    let mut run_json = report::sample_run_json(
         &ds,
         &record,
         &settings,
@@ -151,13 +229,35 @@ pub fn run(a: SampleArgs) -> Result<()> {
         &neighbours,
         sampling_seconds,
     );
+    run_json["sampling"]["integration_times"] = serde_json::json!(run.times);
+    let mut summary = format!("{memorized} of {n_samples} memorized");
+    if let Some(init) = &options.init {
+        // Per sample: the nearest training sample of its start image (the given sample)
+        // and whether the result landed on that same training sample.
+        let starts = analysis::nearest_two(&ds, &init.samples);
+        let mut same = 0;
+        for (i, (st, nb)) in starts.iter().zip(&neighbours).enumerate() {
+            same += (st.nearest == nb.nearest) as usize;
+            let entry = &mut run_json["samples"][i];
+            entry["start_nearest"] = serde_json::json!(st.nearest);
+            entry["start_distance"] = serde_json::json!(st.distance);
+            entry["same_nearest_as_start"] = serde_json::json!(st.nearest == nb.nearest);
+        }
+        run_json["init_from"] = serde_json::json!({
+            "spec": a.init_from,
+            "t_start": init.t_start,
+            "same_nearest_as_start": { "count": same, "of": n_samples },
+        });
+        summary.push_str(&format!(
+            ", {same} of {n_samples} landed on their start image's nearest training sample"
+        ));
+    }
     report::write_sample_outputs(&a.out.out, &ds, &run, &neighbours, a.columns, &run_json)?;
     eprintln!(
-        "wrote {}/{{samples,trajectory,nearest,stages}}.png, samples.npy, steps.csv, run.json: {} samples in {:.1} s, {memorized} of {} memorized",
+        "wrote {}/{{samples,trajectory,nearest,stages}}.png, samples.npy, steps.csv, run.json: {} samples in {:.1} s, {summary}",
         a.out.out.display(),
-        a.n_samples,
+        n_samples,
         sampling_seconds,
-        a.n_samples
     );
     Ok(())
 }

@@ -7,7 +7,7 @@ use oracleflow::dataset::{self, Dtype};
 use oracleflow::report::{self, StageResult, StageSettings};
 use oracleflow::{analysis, output};
 
-use super::args::{OracleArgs, OutDirArgs};
+use super::args::{FieldArgs, OracleArgs, OutDirArgs};
 use super::progress;
 
 #[derive(Args)]
@@ -19,6 +19,10 @@ pub struct StagesArgs {
     dtype: Dtype,
     #[command(flatten)]
     oracle: OracleArgs,
+    /// The field whose velocity is compared with the training target (posterior
+    /// statistics only for the oracle; NaN otherwise)
+    #[command(flatten)]
+    field: FieldArgs,
     /// (training sample, noise) pairs averaged at each time
     #[arg(long, default_value_t = 256)]
     pairs: usize,
@@ -50,36 +54,39 @@ pub fn run(a: StagesArgs) -> Result<()> {
         .as_deref()
         .map(|spec| dataset::load(spec, Dtype::F32))
         .transpose()?;
+    let spec = a.field.check()?;
     let mut results = Vec::new();
-    for spec in &a.data {
-        let ds = dataset::load(spec, a.dtype)?;
-        let mut oracle = a.oracle.build(&ds)?;
+    for data in &a.data {
+        let ds = dataset::load(data, a.dtype)?;
+        let mut field = a.field.build(&spec, &ds, &a.oracle, &[None])?;
         eprintln!(
-            "{spec}{}: N = {}, D = {} on {}",
+            "{data}{}: N = {}, D = {} on {}",
             a.class.map_or(String::new(), |c| format!(", class {c}")),
             ds.rows_for(a.class)?.len(),
             ds.dim(),
-            oracle.describe()
+            field.describe()
         );
         let bar = progress(times.len() as u64, "times");
-        let curve = analysis::stage_curve_from(
-            &mut oracle,
+        let pairs = analysis::StagePairs {
+            n_pairs: a.pairs,
+            seed: a.seed,
+            queries: queries.as_ref(),
+            class: a.class,
+        };
+        let curve = analysis::stage_curve_of_field(
+            field.as_mut(),
+            &ds,
+            a.oracle.path,
             &times,
-            a.pairs,
-            a.seed,
-            queries.as_ref(),
-            a.class,
+            &pairs,
             || bar.inc(1),
         )?;
         bar.finish_and_clear();
         let r = StageResult {
-            data: spec.clone(),
-            n_samples: match a.class {
-                Some(c) => ds.rows_for(Some(c))?.len(),
-                None => ds.n_samples(),
-            },
+            data: data.clone(),
+            n_samples: ds.rows_for(a.class)?.len(),
             dim: ds.dim(),
-            backend: oracle.describe(),
+            backend: field.describe(),
             queries_from: a.queries_from.clone(),
             class: a.class,
             curve,
@@ -87,7 +94,7 @@ pub fn run(a: StagesArgs) -> Result<()> {
         let [t50, t90, t99] = r.crossing_times();
         let fmt = |t: Option<f64>| t.map_or("-".into(), |t| format!("{t:.3}"));
         println!(
-            "{spec}: mean top-1 weight reaches 0.5 at t = {}, 0.9 at t = {}, 0.99 at t = {}",
+            "{data}: mean top-1 weight reaches 0.5 at t = {}, 0.9 at t = {}, 0.99 at t = {}",
             fmt(t50),
             fmt(t90),
             fmt(t99)

@@ -1,8 +1,9 @@
 //! `oracleflow transition`: when the posterior collapses onto one training sample, against
 //! D and N (the paper's unit-Gaussian scaling study), beside the paper's values.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Args;
+use oracleflow::bail_input as bail;
 
 use oracleflow::dataset::{self, Dtype};
 use oracleflow::output;

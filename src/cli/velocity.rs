@@ -9,10 +9,11 @@ use clap::Args;
 use oracleflow::bail_input as bail;
 
 use oracleflow::dataset::npy;
-use oracleflow::oracle::{check_time, Query, Times};
+use oracleflow::field::FieldSpec;
+use oracleflow::oracle::check_time;
 use oracleflow::{output, report};
 
-use super::args::{DataArgs, OracleArgs};
+use super::args::{DataArgs, FieldArgs, OracleArgs};
 use super::progress;
 
 #[derive(Args)]
@@ -21,6 +22,8 @@ pub struct VelocityArgs {
     data: DataArgs,
     #[command(flatten)]
     oracle: OracleArgs,
+    #[command(flatten)]
+    field: FieldArgs,
     /// Queries x_t, a .npy of shape (B, ...) with D values per query
     #[arg(long)]
     queries: PathBuf,
@@ -39,7 +42,8 @@ pub struct VelocityArgs {
     /// Also write the posterior mean x1_hat (.npy)
     #[arg(long)]
     x1_hat: Option<PathBuf>,
-    /// Also write per-query stats (CSV: top-1 weight and index, entropy, ESS)
+    /// Also write per-query stats (CSV: top-1 weight and index, entropy, ESS, posterior
+    /// variance tr Cov / D); only fields with a posterior over samples (the oracle) have them
     #[arg(long)]
     stats: Option<PathBuf>,
     /// Queries per oracle call (bounds memory; each call streams the dataset once)
@@ -59,6 +63,13 @@ pub fn run(a: VelocityArgs) -> Result<()> {
     output::check_new(&outputs, a.force)?;
     if a.batch == 0 {
         bail!("--batch must be at least 1");
+    }
+    let spec = a.field.check()?;
+    if a.stats.is_some() && spec != FieldSpec::Oracle {
+        bail!(
+            "--stats: the {} field has no posterior over training samples (only the oracle has)",
+            a.field.field
+        );
     }
 
     let ds = a.data.load()?;
@@ -91,10 +102,13 @@ pub fn run(a: VelocityArgs) -> Result<()> {
     times.iter().try_for_each(|&t| check_time(t))?;
     ds.rows_for(a.class)?;
 
-    let mut oracle = a.oracle.build(&ds)?;
+    let mut field = a.field.build(&spec, &ds, &a.oracle, &[a.class])?;
+    if a.class.is_some() && !field.accepts_classes() {
+        bail!("--class: the field ({}) has no classes", field.describe());
+    }
     eprintln!(
-        "oracle: {} on {} ({} samples, D = {dim})",
-        oracle.describe(),
+        "{} on {} ({} samples, D = {dim})",
+        field.describe(),
         ds.name,
         ds.n_samples()
     );
@@ -105,14 +119,15 @@ pub fn run(a: VelocityArgs) -> Result<()> {
     let mut stats = Vec::with_capacity(n_queries);
     for start in (0..n_queries).step_by(a.batch) {
         let end = (start + a.batch).min(n_queries);
-        let out = oracle.evaluate(&Query {
-            x: &x[start * dim..end * dim],
-            t: Times::PerQuery(&times[start..end]),
-            class: a.class,
-        })?;
-        velocity.extend(out.velocity);
-        x1_hat.extend(out.x1_hat);
-        stats.extend(out.stats);
+        let xs: Vec<f64> = x[start * dim..end * dim]
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let ts: Vec<f64> = times[start..end].iter().map(|&t| t as f64).collect();
+        let out = field.evaluate(&xs, &ts, &vec![a.class; end - start])?;
+        velocity.extend(out.velocity.iter().map(|&v| v as f32));
+        x1_hat.extend(out.x1_hat.iter().map(|&v| v as f32));
+        stats.extend(out.stats.into_iter().flatten());
         bar.inc((end - start) as u64);
     }
     bar.finish_and_clear();

@@ -50,7 +50,7 @@ impl NpyDtype {
         }
     }
 
-    fn descr(self) -> &'static str {
+    pub fn descr(self) -> &'static str {
         match self {
             NpyDtype::F16 => "<f2",
             NpyDtype::F32 => "<f4",
@@ -89,6 +89,30 @@ impl NpyHeader {
 /// Parses the header at the start of `bytes` and checks that exactly the data it
 /// announces follows. Rejects Fortran order, big-endian and unknown dtypes.
 pub fn parse_header(bytes: &[u8], source: &Path) -> Result<NpyHeader> {
+    let bad = |msg: String| Error::data(source, msg);
+    let (header, expected) = parse_header_prefix(bytes, source)?;
+    let descr = header.dtype.descr();
+    let got = bytes.len() - header.data_offset;
+    if got < expected {
+        return Err(bad(format!(
+            "truncated: shape {} of {} needs {expected} bytes of data, found {got}",
+            shape_text(&header.shape),
+            descr
+        )));
+    }
+    if got > expected {
+        return Err(bad(format!(
+            "{} unexpected bytes after the data of shape {}",
+            got - expected,
+            shape_text(&header.shape)
+        )));
+    }
+    Ok(header)
+}
+
+/// Parses the header at the start of `bytes` (which may end where the header ends, as
+/// when reading from a stream); returns it and the number of data bytes it announces.
+pub fn parse_header_prefix(bytes: &[u8], source: &Path) -> Result<(NpyHeader, usize)> {
     let bad = |msg: String| Error::data(source, msg);
     if bytes.len() < 10 || !bytes.starts_with(MAGIC) {
         return Err(bad("not a .npy file (no \\x93NUMPY magic)".into()));
@@ -169,22 +193,7 @@ pub fn parse_header(bytes: &[u8], source: &Path) -> Result<NpyHeader> {
         ),
         Some(expected as u64),
     )?;
-    let got = bytes.len() - data_offset;
-    if got < expected {
-        return Err(bad(format!(
-            "truncated: shape {} of {} needs {expected} bytes of data, found {got}",
-            shape_text(&header.shape),
-            descr
-        )));
-    }
-    if got > expected {
-        return Err(bad(format!(
-            "{} unexpected bytes after the data of shape {}",
-            got - expected,
-            shape_text(&header.shape)
-        )));
-    }
-    Ok(header)
+    Ok((header, expected))
 }
 
 /// Loads a dataset from a `.npy` file (see the module docs), with optional labels from a
@@ -420,6 +429,15 @@ pub fn write_npy_with(
     shape: &[usize],
     fill: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
 ) -> Result<()> {
+    let header = header_bytes(descr, shape);
+    crate::output::write_atomic(path, |w| {
+        w.write_all(&header)?;
+        fill(w)
+    })
+}
+
+/// The preamble and header of a .npy of `descr` (e.g. `<f4`) and `shape`, C order.
+pub fn header_bytes(descr: &str, shape: &[usize]) -> Vec<u8> {
     let mut header = format!(
         "{{'descr': '{descr}', 'fortran_order': False, 'shape': {}, }}",
         shape_text(shape)
@@ -434,18 +452,32 @@ pub fn write_npy_with(
     let total = (preamble + header.len() + 1).div_ceil(64) * 64;
     header.push_str(&" ".repeat(total - preamble - header.len() - 1));
     header.push('\n');
+    let mut out = Vec::with_capacity(total);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&[version, 0]);
+    if version == 1 {
+        out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    } else {
+        out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    }
+    out.extend_from_slice(header.as_bytes());
+    out
+}
 
-    crate::output::write_atomic(path, |w| {
-        w.write_all(MAGIC)?;
-        w.write_all(&[version, 0])?;
-        if version == 1 {
-            w.write_all(&(header.len() as u16).to_le_bytes())?;
-        } else {
-            w.write_all(&(header.len() as u32).to_le_bytes())?;
-        }
-        w.write_all(header.as_bytes())?;
-        fill(w)
-    })
+/// An in-memory `<f4` .npy (for pipes).
+pub fn encode_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
+    let mut out = header_bytes("<f4", shape);
+    data.iter()
+        .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+    out
+}
+
+/// An in-memory `<i8` .npy (for pipes).
+pub fn encode_i64(shape: &[usize], data: &[i64]) -> Vec<u8> {
+    let mut out = header_bytes("<i8", shape);
+    data.iter()
+        .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+    out
 }
 
 fn map_file(path: &Path) -> Result<Mmap> {

@@ -9,9 +9,15 @@
 //! Guidance is a wrapper ([`Guided`]) rather than part of a field: it needs nothing but
 //! the field's conditional and unconditional velocities.
 
+pub mod external;
+pub mod gaussian;
 pub mod oracle;
+pub mod switch;
 
+pub use external::ExternalField;
+pub use gaussian::GaussianField;
 pub use oracle::OracleField;
+pub use switch::SwitchField;
 
 use crate::error::{Error, Result};
 use crate::oracle::QueryStats;
@@ -44,6 +50,59 @@ pub trait VelocityField {
 
     /// Evaluations made so far (for the oracle: dataset passes).
     fn evaluations(&self) -> usize;
+
+    /// Times at which the field changes (a switch): solvers put them into their grid so
+    /// that no step straddles one.
+    fn breakpoints(&self) -> Vec<f64> {
+        Vec::new()
+    }
+
+    /// Called by a solver before the evaluations of a step from t0 to t1, so that a field
+    /// with a breakpoint uses one side for the whole step (its end point included).
+    fn begin_step(&mut self, _t0: f64, _t1: f64) {}
+
+    /// The oracle backend in use, if the field has an oracle in it (for run.json).
+    fn backend(&self) -> Option<crate::oracle::BackendKind> {
+        None
+    }
+}
+
+/// Which field: `oracle`, `gaussian` or `external:CMD` (as `--field` gives it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FieldSpec {
+    Oracle,
+    Gaussian,
+    External(String),
+}
+
+impl std::str::FromStr for FieldSpec {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "oracle" => Ok(FieldSpec::Oracle),
+            "gaussian" => Ok(FieldSpec::Gaussian),
+            _ => match s.strip_prefix("external:") {
+                Some(cmd) if !cmd.trim().is_empty() => Ok(FieldSpec::External(cmd.to_string())),
+                _ => Err(Error::Input(format!(
+                    "--field '{s}': expected oracle, gaussian or external:COMMAND"
+                ))),
+            },
+        }
+    }
+}
+
+/// Groups state indices by class, groups in order of first appearance, members in batch
+/// order (fields that evaluate one class at a time).
+pub(crate) fn class_groups(classes: &[Option<u32>]) -> Vec<(Option<u32>, Vec<usize>)> {
+    let mut groups: Vec<(Option<u32>, Vec<usize>)> = Vec::new();
+    for (i, c) in classes.iter().enumerate() {
+        match groups.iter_mut().find(|(g, _)| g == c) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((*c, vec![i])),
+        }
+    }
+    groups
 }
 
 /// Checks the shapes of one evaluation request against a field of dimension `dim`;
@@ -169,6 +228,18 @@ impl VelocityField for Guided<'_> {
 
     fn evaluations(&self) -> usize {
         self.field.evaluations()
+    }
+
+    fn breakpoints(&self) -> Vec<f64> {
+        self.field.breakpoints()
+    }
+
+    fn begin_step(&mut self, t0: f64, t1: f64) {
+        self.field.begin_step(t0, t1)
+    }
+
+    fn backend(&self) -> Option<crate::oracle::BackendKind> {
+        self.field.backend()
     }
 }
 

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use crate::dataset::{Dataset, Values};
 use crate::error::Result;
 use crate::oracle::prune::{self, PruneIndex};
+use crate::oracle::state::posterior_variance;
 use crate::oracle::{Backend, CentredBatch, Posterior, SoftmaxState};
 
 /// Dataset rows per tile: S (B x 256) and the tile (256 x D) stay cache-sized.
@@ -99,6 +100,9 @@ impl<'d> CpuBackend<'d> {
 struct Partial {
     states: Vec<SoftmaxState>,
     acc: Vec<f32>,
+    /// Per query: sum_i e_i |y_i|^2, on the same scale as the state's sum (for the
+    /// posterior variance).
+    sum_norm: Vec<f32>,
 }
 
 impl Backend for CpuBackend<'_> {
@@ -190,15 +194,19 @@ impl CpuBackend<'_> {
             for (local, q) in qs.clone().enumerate() {
                 let out = &mut mean[q * dim..(q + 1) * dim];
                 let mut state = SoftmaxState::EMPTY;
+                let mut sum_norm = 0.0f32;
                 for p in blocks {
                     let (ra, rb) = state.merge(&p.states[local]);
                     for (o, a) in out.iter_mut().zip(&p.acc[local * dim..(local + 1) * dim]) {
                         *o = ra * *o + rb * a;
                     }
+                    sum_norm = ra * sum_norm + rb * p.sum_norm[local];
                 }
                 let inv = 1.0 / state.sum;
                 out.iter_mut().for_each(|o| *o *= inv);
-                stats.push(state.stats());
+                let mut st = state.stats();
+                st.posterior_variance = posterior_variance(sum_norm, state.sum, out);
+                stats.push(st);
             }
         }
         Ok(Posterior { mean, stats })
@@ -211,6 +219,7 @@ fn run_task(ds: &Dataset, x: &[f32], coefs: &[[f32; 2]], rows: Range<usize>) -> 
     let n_q = coefs.len();
     let mut states = vec![SoftmaxState::EMPTY; n_q];
     let mut acc = vec![0.0f32; n_q * dim];
+    let mut sum_norm = vec![0.0f32; n_q];
     let mut logits = vec![0.0f32; n_q * TILE_ROWS];
     let mut converted = Vec::new();
     let norms = ds.sq_norms();
@@ -238,6 +247,13 @@ fn run_task(ds: &Dataset, x: &[f32], coefs: &[[f32; 2]], rows: Range<usize>) -> 
                 *v = c_dot * *v - c_norm * n;
             }
             let scale = states[q].absorb_tile(row, tile.start as u32);
+            // The row now holds the weights e_j: sum e_j |y_j|^2 rides along with l.
+            let tile_norm: f32 = row
+                .iter()
+                .zip(&norms[tile.clone()])
+                .map(|(e, n)| e * n)
+                .sum();
+            sum_norm[q] = scale * sum_norm[q] + tile_norm;
             if scale != 1.0 {
                 acc[q * dim..(q + 1) * dim]
                     .iter_mut()
@@ -257,7 +273,11 @@ fn run_task(ds: &Dataset, x: &[f32], coefs: &[[f32; 2]], rows: Range<usize>) -> 
             (y, dim, 1),
         );
     }
-    Partial { states, acc }
+    Partial {
+        states,
+        acc,
+        sum_norm,
+    }
 }
 
 /// Stored rows `rows` as f32: borrowed when stored as f32, else converted into `scratch`.

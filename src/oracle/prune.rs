@@ -725,7 +725,13 @@ pub fn posterior(
             let b = &qb[q];
             // The certificate in units of the final (m, l).
             let cert = (b.cert + r.cert[local]) * (b.m0 - st.max as f64).exp() / st.sum as f64;
+            let posterior_variance = crate::oracle::state::posterior_variance(
+                r.sum_norm[local],
+                st.sum,
+                &mean[q * dim..(q + 1) * dim],
+            );
             stats[q] = QueryStats {
+                posterior_variance,
                 skipped_mass_bound: round_up_f32(cert),
                 tiles_skipped: 1.0 - b.needed_tiles as f32 / tiles.len() as f32,
                 samples_skipped: 1.0 - r.computed[local] as f32 / n_rows as f32,
@@ -770,6 +776,8 @@ fn seed_max(ds: &Dataset, index: &PruneIndex, b: &QueryBound, xq: &[f32], tile: 
 struct GroupResult {
     states: Vec<SoftmaxState>,
     acc: Vec<f32>,
+    /// per query: sum_j e_j |y_j|^2 on the state's scale (for the posterior variance)
+    sum_norm: Vec<f32>,
     /// per-sample skips' bounds, units of exp(m0)
     cert: Vec<f64>,
     computed: Vec<usize>,
@@ -878,6 +886,7 @@ fn run_group(
     let mut r = GroupResult {
         states: vec![SoftmaxState::EMPTY; gq],
         acc: vec![0.0f32; gq * dim],
+        sum_norm: vec![0.0f32; gq],
         cert: vec![0.0; gq],
         computed: vec![0; gq],
         kept: vec![Vec::new(); if record { gq } else { 0 }],
@@ -938,6 +947,13 @@ fn run_group(
             if was_empty || st.max > old_max {
                 st.argmax = index.perm[pos0 + union[st.argmax as usize]];
             }
+            // The row now holds the weights e_j: sum e_j |y_j|^2 rides along with l.
+            let tile_norm: f32 = row
+                .iter()
+                .zip(&union)
+                .map(|(e, &j)| e * norms[index.perm[pos0 + j] as usize])
+                .sum();
+            r.sum_norm[l] = scale * r.sum_norm[l] + tile_norm;
             if scale != 1.0 {
                 r.acc[l * dim..(l + 1) * dim]
                     .iter_mut()

@@ -75,6 +75,19 @@ pub fn evaluate_f64(
             .map(|p| p * p.ln())
             .sum::<f64>();
         let sum_sq: f64 = e.iter().map(|w| (w / z).powi(2)).sum();
+        // tr Cov_w(y) / D by its definition, sum_i w_i |y_i - x1_hat|^2 / D (no cancellation).
+        let variance: f64 = e
+            .iter()
+            .zip(&samples)
+            .map(|(w, y)| {
+                w / z
+                    * y.iter()
+                        .zip(&hat)
+                        .map(|(a, b)| (a - b).powi(2))
+                        .sum::<f64>()
+            })
+            .sum::<f64>()
+            / dim as f64;
         let (a, b) = c.velocity_coefs();
         out.velocity
             .extend(hat.iter().zip(&x).map(|(h, xv)| a * h + b * xv));
@@ -84,6 +97,7 @@ pub fn evaluate_f64(
             top1_index: ds.original_index(rows.start + arg),
             entropy: entropy.max(0.0) as f32,
             ess: (1.0 / sum_sq) as f32,
+            posterior_variance: variance as f32,
             ..QueryStats::default()
         });
         out.top2_gap.push(best - second);

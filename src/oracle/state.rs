@@ -25,6 +25,10 @@ pub struct QueryStats {
     pub tiles_skipped: f32,
     /// Share of the samples whose logit was not computed for this query (0 when dense).
     pub samples_skipped: f32,
+    /// tr Cov_w(y) / D = (sum_i w_i |y_i|^2 - |x1_hat|^2) / D: how far the posterior is
+    /// from one sample (0 when one-hot). Translation-invariant, so backends compute it
+    /// from the centred rows they hold.
+    pub posterior_variance: f32,
 }
 
 /// Scalar part of one query's online-softmax state (the weighted sum lives beside it).
@@ -90,9 +94,20 @@ impl SoftmaxState {
             top1_index: self.argmax,
             entropy: (l.ln() - self.sum_shifted_logit / l).max(0.0),
             ess: l * l / self.sum_sq,
+            // Filled in by the backend once the posterior mean is known (NaN where a
+            // backend does not compute it).
+            posterior_variance: f32::NAN,
             ..QueryStats::default()
         }
     }
+}
+
+/// tr Cov_w(y) / D from sum_i e_i |y_i|^2 (`sum_norm`, weights e not yet normalised),
+/// the softmax sum l and the normalised posterior mean (all of centred rows). Clamped at 0:
+/// for a one-hot posterior the two terms cancel to within f32 rounding.
+pub fn posterior_variance(sum_norm: f32, sum: f32, mean: &[f32]) -> f32 {
+    let mean_sq: f32 = mean.iter().map(|m| m * m).sum();
+    ((sum_norm / sum - mean_sq) / mean.len().max(1) as f32).max(0.0)
 }
 
 #[cfg(test)]

@@ -149,6 +149,7 @@ pub fn run(
         let run = sample::sample(
             field,
             &SampleOptions {
+                init: None,
                 schedule: Schedule::uniform(opts.steps),
                 solver: opts.solver,
                 seed: opts.seed,

@@ -64,6 +64,7 @@ impl ShiftOptions {
 
     fn run(&self, steps: usize, shift: f64, solver: Solver) -> SampleOptions {
         SampleOptions {
+            init: None,
             schedule: Schedule::Shifted { steps, shift },
             solver,
             seed: self.seed,

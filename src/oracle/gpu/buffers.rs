@@ -71,18 +71,24 @@ pub(super) struct CallBuffers {
 pub(super) struct BindGroups {
     /// The buffers bound: params, x, coefs, logits, states, acc, mean.
     bound: [wgpu::Buffer; 7],
-    /// Per dataset buffer (resident chunk or ring slot): (logits, accumulate), made when
-    /// a call first reads the buffer.
-    chunks: Vec<Option<(wgpu::BindGroup, wgpu::BindGroup)>>,
-    pub softmax: wgpu::BindGroup,
+    /// Per dataset buffer (resident chunk or ring slot): its (logits, softmax, accumulate)
+    /// groups, made when a call first reads the buffer (softmax reads the chunk's row norms
+    /// for the posterior variance).
+    chunks: Vec<Option<ChunkGroups>>,
     pub finalize: wgpu::BindGroup,
 }
 
+/// The bind groups of the three step kernels over one dataset buffer.
+pub(super) struct ChunkGroups {
+    pub logits: wgpu::BindGroup,
+    pub softmax: wgpu::BindGroup,
+    pub accumulate: wgpu::BindGroup,
+}
+
 impl BindGroups {
-    /// The (logits, accumulate) groups of dataset buffer `i`, made by [`Buffers::groups`].
-    pub fn chunk(&self, i: usize) -> (&wgpu::BindGroup, &wgpu::BindGroup) {
-        let (logits, accumulate) = self.chunks[i].as_ref().expect("made by Buffers::groups");
-        (logits, accumulate)
+    /// The step groups of dataset buffer `i`, made by [`Buffers::groups`].
+    pub fn chunk(&self, i: usize) -> &ChunkGroups {
+        self.chunks[i].as_ref().expect("made by Buffers::groups")
     }
 }
 
@@ -179,12 +185,6 @@ impl Buffers {
         if self.groups.as_ref().is_none_or(|g| g.bound != bound) {
             self.groups = Some(BindGroups {
                 chunks: (0..residency.n_buffers()).map(|_| None).collect(),
-                softmax: bind_group(
-                    device,
-                    &kernels.softmax,
-                    params,
-                    &[("logits", &bufs.logits), ("states", &bufs.states)],
-                ),
                 finalize: bind_group(
                     device,
                     &kernels.finalize,
@@ -201,32 +201,40 @@ impl Buffers {
         let groups = self.groups.as_mut().expect("just made");
         for &i in read {
             let chunk = residency.buffer(i);
-            groups.chunks[i].get_or_insert_with(|| {
-                (
-                    bind_group(
-                        device,
-                        &kernels.logits,
-                        params,
-                        &[
-                            ("x", &bufs.x),
-                            ("coefs", &bufs.coefs),
-                            ("y", &chunk.values),
-                            ("sq_norms", &chunk.sq_norms),
-                            ("logits", &bufs.logits),
-                        ],
-                    ),
-                    bind_group(
-                        device,
-                        &kernels.accumulate,
-                        params,
-                        &[
-                            ("weights", &bufs.logits),
-                            ("y", &chunk.values),
-                            ("states", &bufs.states),
-                            ("acc", &bufs.acc),
-                        ],
-                    ),
-                )
+            groups.chunks[i].get_or_insert_with(|| ChunkGroups {
+                logits: bind_group(
+                    device,
+                    &kernels.logits,
+                    params,
+                    &[
+                        ("x", &bufs.x),
+                        ("coefs", &bufs.coefs),
+                        ("y", &chunk.values),
+                        ("sq_norms", &chunk.sq_norms),
+                        ("logits", &bufs.logits),
+                    ],
+                ),
+                softmax: bind_group(
+                    device,
+                    &kernels.softmax,
+                    params,
+                    &[
+                        ("logits", &bufs.logits),
+                        ("states", &bufs.states),
+                        ("sq_norms", &chunk.sq_norms),
+                    ],
+                ),
+                accumulate: bind_group(
+                    device,
+                    &kernels.accumulate,
+                    params,
+                    &[
+                        ("weights", &bufs.logits),
+                        ("y", &chunk.values),
+                        ("states", &bufs.states),
+                        ("acc", &bufs.acc),
+                    ],
+                ),
             });
         }
         groups

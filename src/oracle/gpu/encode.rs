@@ -95,28 +95,28 @@ impl Passes<'_> {
     /// One pass over the steps of `submit`, reading dataset buffer `slot`.
     fn steps(&self, encoder: &mut wgpu::CommandEncoder, submit: &Submit, slot: usize) {
         let (k, plan) = (self.kernels, self.plan);
-        let (logits_group, accumulate_group) = self.groups.chunk(slot);
+        let groups = self.groups.chunk(slot);
         let mut pass = encoder.begin_compute_pass(&Default::default());
         for i in submit.steps.clone() {
             let offset = [plan.params_offset(i)];
             dispatch(
                 &mut pass,
                 &k.logits,
-                logits_group,
+                &groups.logits,
                 &offset,
                 plan.logits_grid(),
             );
             dispatch(
                 &mut pass,
                 &k.softmax,
-                &self.groups.softmax,
+                &groups.softmax,
                 &offset,
                 plan.softmax_grid(),
             );
             dispatch(
                 &mut pass,
                 &k.accumulate,
-                accumulate_group,
+                &groups.accumulate,
                 &offset,
                 plan.accumulate_grid(),
             );

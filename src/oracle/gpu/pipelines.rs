@@ -85,7 +85,9 @@ pub(super) struct GpuState {
     pub sum_sq: f32,
     pub argmax: u32,
     pub scale: f32,
-    pub pad: [u32; 2],
+    /// sum_j e_j |y_j|^2 on the scale of `sum` (for the posterior variance)
+    pub sum_norm: f32,
+    pub pad: u32,
 }
 
 impl From<GpuState> for SoftmaxState {
@@ -176,6 +178,8 @@ impl KernelKind {
                 (Uniform, "p"),
                 (ReadWriteStorage, "logits"),
                 (ReadWriteStorage, "states"),
+                // the chunk's row norms: sum_j e_j |y_j|^2 for the posterior variance
+                (ReadOnlyStorage, "sq_norms"),
             ],
             KernelKind::Accumulate => &[
                 (Uniform, "p"),

@@ -54,10 +54,20 @@ pub(super) fn unpack(
     let n_queries = plan.n_queries;
     for q in 0..n_queries {
         let mut merged = SoftmaxState::EMPTY;
+        // sum_j e_j |y_j|^2 rides along with the softmax sum, rescaled the same way.
+        let mut sum_norm = 0.0f32;
         for s in 0..plan.cut.splits {
-            merged.merge(&states[s * n_queries + q].into());
+            let st = states[s * n_queries + q];
+            let (ra, rb) = merged.merge(&st.into());
+            sum_norm = ra * sum_norm + rb * st.sum_norm;
         }
-        stats.push(merged.stats());
+        let mut st = merged.stats();
+        st.posterior_variance = crate::oracle::state::posterior_variance(
+            sum_norm,
+            merged.sum,
+            &mean[q * dim..(q + 1) * dim],
+        );
+        stats.push(st);
     }
 }
 
