@@ -203,13 +203,22 @@ pub fn write_query_stats_csv(path: &Path, times: &[f32], stats: &[QueryStats]) -
     output::write_atomic(path, |w| {
         writeln!(
             w,
-            "query,t,top1_weight,top1_index,entropy,ess,posterior_variance"
+            "query,t,top1_weight,top1_index,entropy,ess,posterior_variance,\
+             skipped_mass_bound,tiles_skipped,samples_skipped"
         )?;
         for (q, s) in stats.iter().enumerate() {
             writeln!(
                 w,
-                "{q},{},{},{},{},{},{}",
-                times[q], s.top1_weight, s.top1_index, s.entropy, s.ess, s.posterior_variance
+                "{q},{},{},{},{},{},{},{},{},{}",
+                times[q],
+                s.top1_weight,
+                s.top1_index,
+                s.entropy,
+                s.ess,
+                s.posterior_variance,
+                s.skipped_mass_bound,
+                s.tiles_skipped,
+                s.samples_skipped
             )?;
         }
         Ok(())

@@ -256,6 +256,12 @@ pub struct StepSummary {
     pub frac_top1_above_half: f64,
     /// Mean tr Cov_w(y) / D of the posterior
     pub mean_posterior_variance: f64,
+    /// Exact pruning: the largest certified bound on the skipped weight (relative to the
+    /// normaliser) over the samples at this step's first evaluation; 0 when dense
+    pub max_skipped_mass_bound: f64,
+    /// Exact pruning: mean share of tiles skipped whole, and of samples never computed
+    pub mean_tiles_skipped: f64,
+    pub mean_samples_skipped: f64,
 }
 
 /// x_t and x1_hat of one tracked sample at every grid time (the last is t = 1).
@@ -381,6 +387,10 @@ pub fn sample(
                         s.mean_ess += st.ess as f64;
                         s.frac_top1_above_half += (st.top1_weight > 0.5) as u8 as f64;
                         s.mean_posterior_variance += st.posterior_variance as f64;
+                        s.max_skipped_mass_bound =
+                            s.max_skipped_mass_bound.max(st.skipped_mass_bound as f64);
+                        s.mean_tiles_skipped += st.tiles_skipped as f64;
+                        s.mean_samples_skipped += st.samples_skipped as f64;
                     }
                     last_stats = stats.iter().map(|&st| Some(st)).collect();
                 }
@@ -390,6 +400,8 @@ pub fn sample(
                     s.mean_ess = f64::NAN;
                     s.frac_top1_above_half = f64::NAN;
                     s.mean_posterior_variance = f64::NAN;
+                    s.mean_tiles_skipped = f64::NAN;
+                    s.mean_samples_skipped = f64::NAN;
                     last_stats = vec![None; last_stats.len()];
                 }
             }
@@ -422,6 +434,8 @@ pub fn sample(
         s.mean_ess /= n as f64;
         s.frac_top1_above_half /= n as f64;
         s.mean_posterior_variance /= n as f64;
+        s.mean_tiles_skipped /= n as f64;
+        s.mean_samples_skipped /= n as f64;
     }
     Ok(run)
 }

@@ -206,7 +206,7 @@ fn velocity_matches_the_reference_and_writes_stats() {
     let csv = std::fs::read_to_string(&s).unwrap();
     assert_eq!(
         csv.lines().next().unwrap(),
-        "query,t,top1_weight,top1_index,entropy,ess,posterior_variance"
+        "query,t,top1_weight,top1_index,entropy,ess,posterior_variance,skipped_mass_bound,tiles_skipped,samples_skipped"
     );
     assert_eq!(csv.lines().count(), 6);
     let first: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();

@@ -451,3 +451,39 @@ fn convert_round_trips_in_source_order() {
         assert_eq!(o.status.code(), Some(2));
     }
 }
+
+/// `--exact-dense` keeps the plain path; the default (exact pruning) gives the same samples
+/// within 1e-6 relative, and run.json reports per step the certificate and what was skipped.
+#[test]
+fn exact_dense_and_pruning_agree_and_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let args = ["-n", "8", "--steps", "12", "--solver", "euler"];
+    let pruned = sample(d, "pruned", &args);
+    let mut dense_args = args.to_vec();
+    dense_args.push("--exact-dense");
+    let dense = sample(d, "dense", &dense_args);
+    let (_, a) = npy::read_npy_f32(pruned.join("samples.npy")).unwrap();
+    let (_, b) = npy::read_npy_f32(dense.join("samples.npy")).unwrap();
+    let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+    assert!(common::rel_err(&a, &b64) <= 1e-6);
+    for dir in [&pruned, &dense] {
+        let j = json(&dir.join("run.json"));
+        for s in j["steps"].as_array().unwrap() {
+            let cert = s["max_skipped_mass_bound"].as_f64().unwrap();
+            let skipped = s["mean_samples_skipped"].as_f64().unwrap();
+            assert!((0.0..=2f64.powi(-30)).contains(&cert), "certificate {cert}");
+            assert!((0.0..=1.0).contains(&skipped));
+        }
+    }
+    let j = json(&dense.join("run.json"));
+    assert!(j["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["mean_samples_skipped"].as_f64() == Some(0.0)));
+    assert!(j["oracle"]["description"]
+        .as_str()
+        .unwrap()
+        .contains("dense"));
+}

@@ -149,17 +149,28 @@ pub fn compare(
         npy::write_npy_f32(&q_path, &[n_queries, dim], &x)?;
         let mut ours: Option<(f64, Vec<f32>)> = None;
         for (name, oracle) in oracles.iter_mut() {
-            let mut velocity = Vec::new();
+            let mut out = crate::oracle::OracleOutput::default();
             let seconds = super::median_seconds(reps, || {
-                velocity = oracle
-                    .evaluate(&Query {
-                        x: &x,
-                        t: Times::Scalar(t as f32),
-                        class: None,
-                    })?
-                    .velocity;
+                out = oracle.evaluate(&Query {
+                    x: &x,
+                    t: Times::Scalar(t as f32),
+                    class: None,
+                })?;
                 Ok(())
             })?;
+            // Exact pruning's work saved and its certificate at this t.
+            let skipped = out
+                .stats
+                .iter()
+                .map(|s| s.samples_skipped as f64)
+                .sum::<f64>()
+                / out.stats.len().max(1) as f64;
+            let certificate = out
+                .stats
+                .iter()
+                .map(|s| s.skipped_mass_bound as f64)
+                .fold(0.0, f64::max);
+            let velocity = out.velocity;
             rows.push(PeerRow {
                 t,
                 what: format!("ours: {name}"),
@@ -169,7 +180,11 @@ pub fn compare(
                 ours_faster_by: None,
                 rel_error: None,
                 agrees: None,
-                note: oracle.describe(),
+                note: format!(
+                    "{}; samples skipped {:.1}%, skipped-mass certificate <= {certificate:.1e}",
+                    oracle.describe(),
+                    100.0 * skipped
+                ),
             });
             tick(name);
             if ours.is_none() {

@@ -7,6 +7,7 @@ use clap::Args;
 
 use oracleflow::dataset::{self, Dataset, Dtype};
 use oracleflow::field::{ExternalField, FieldSpec, GaussianField, OracleField, VelocityField};
+use oracleflow::oracle::cpu::CpuOptions;
 use oracleflow::oracle::gpu::GpuOptions;
 use oracleflow::oracle::{BackendKind, Oracle};
 use oracleflow::Path;
@@ -41,6 +42,11 @@ pub struct OracleArgs {
     /// GPU chunk by chunk on every evaluation (default: keep it resident when it fits)
     #[arg(long)]
     pub gpu_memory_mib: Option<u64>,
+    /// Evaluate every sample at every step (the plain dense path), instead of exact
+    /// pruning, which skips only samples whose total weight is certified below 2^-30 of
+    /// the normaliser (cpu backend; for comparison and tests)
+    #[arg(long)]
+    pub exact_dense: bool,
 }
 
 impl OracleArgs {
@@ -49,7 +55,10 @@ impl OracleArgs {
             max_resident_bytes: self.gpu_memory_mib.map(|m| m << 20),
             ..GpuOptions::default()
         };
-        Ok(Oracle::with_gpu_options(ds, self.path, self.backend, gpu)?)
+        let cpu = CpuOptions {
+            prune: !self.exact_dense,
+        };
+        Ok(Oracle::with_options(ds, self.path, self.backend, gpu, cpu)?)
     }
 }
 

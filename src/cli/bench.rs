@@ -7,6 +7,8 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use oracleflow::bench::{self, peers};
+use oracleflow::oracle::cpu::CpuOptions;
+use oracleflow::oracle::gpu::GpuOptions;
 use oracleflow::oracle::{BackendKind, Oracle};
 use oracleflow::{output, Path};
 
@@ -37,6 +39,9 @@ pub struct BenchArgs {
     /// Folder of the peer scripts
     #[arg(long, default_value_os_t = peers::default_dir())]
     peers_dir: PathBuf,
+    /// Time our cpu backend on the plain dense path (no exact pruning) in --peers
+    #[arg(long)]
+    exact_dense: bool,
     /// Also write the measurements as JSON (with the CPU model, threads and peers' BLAS)
     #[arg(long)]
     json: Option<PathBuf>,
@@ -77,7 +82,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.peers {
         let mut oracles: Vec<(String, Oracle)> = Vec::new();
         for &kind in &a.backends {
-            match Oracle::new(&ds, Path::RectifiedFlow, kind) {
+            let cpu = CpuOptions {
+                prune: !a.exact_dense,
+            };
+            match Oracle::with_options(&ds, Path::RectifiedFlow, kind, GpuOptions::default(), cpu) {
                 Ok(o) => oracles.push((format!("{kind:?}").to_lowercase(), o)),
                 Err(e) => eprintln!("{kind:?}: not compared ({e})"),
             }
