@@ -426,3 +426,64 @@ fn cfg_study_writes_its_files() {
     assert_eq!(j["study"]["classes"].as_array().unwrap().len(), 10);
     check_png(&out.join("cfg.png"));
 }
+
+/// `study switch`: at TS = 1 oracle -> gaussian is the oracle alone (every sample a
+/// training image), at TS = 0 gaussian -> oracle too; the other ends are the Gaussian
+/// field alone (nothing memorized). `study resume` at T = 1 returns the held-out images
+/// themselves, so each lands on its own nearest training image.
+#[test]
+fn switch_and_resume_studies() {
+    let dir = tempfile::tempdir().unwrap();
+    let sw = dir.path().join("sw");
+    let common = [
+        "--data",
+        "embedded@300",
+        "--backend",
+        "cpu",
+        "-n",
+        "6",
+        "--steps",
+        "8",
+    ];
+    let mut args = vec![
+        "study",
+        "switch",
+        "--at",
+        "0,1",
+        "--out",
+        sw.to_str().unwrap(),
+    ];
+    args.extend(common);
+    oracleflow(&args);
+    let (header, rows) = csv(&sw.join("switch.csv"));
+    assert_eq!(header, "setting,at,share,memorized,mean_nearest_distance");
+    let share = |setting: &str, at: &str| -> f64 {
+        rows.iter()
+            .find(|r| r[0] == setting && r[1] == at)
+            .unwrap_or_else(|| panic!("{setting} at {at}: {rows:?}"))[2]
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(share("oracle -> gaussian", "1"), 1.0);
+    assert_eq!(share("gaussian -> oracle", "0"), 1.0);
+    assert_eq!(share("oracle -> gaussian", "0"), 0.0);
+    assert_eq!(share("gaussian -> oracle", "1"), 0.0);
+    assert!(sw.join("switch.png").is_file() && sw.join("switch.json").is_file());
+
+    let rs = dir.path().join("rs");
+    let mut args = vec![
+        "study",
+        "resume",
+        "--init-from",
+        "embedded@300",
+        "--at",
+        "1",
+        "--out",
+        rs.to_str().unwrap(),
+    ];
+    args.extend(common);
+    oracleflow(&args);
+    let (_, rows) = csv(&rs.join("resume.csv"));
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0][2].parse::<f64>().unwrap(), 1.0, "{rows:?}");
+}

@@ -7,10 +7,10 @@
 use anyhow::Result;
 use clap::{Args, Subcommand};
 
-use oracleflow::field::{OracleField, VelocityField};
+use oracleflow::field::{GaussianField, OracleField, VelocityField};
 use oracleflow::output;
 use oracleflow::sample::Solver;
-use oracleflow::study::{cfg, shift};
+use oracleflow::study::{cfg, mixing, shift};
 
 use super::args::{DataArgs, OracleArgs, OutDirArgs};
 use super::progress;
@@ -29,13 +29,131 @@ enum Study {
     /// Classifier-free guidance intervals: class consistency and diversity of the nearest
     /// training images, per guidance interval
     Cfg(CfgArgs),
+    /// Swap the field mid-trajectory: memorized share for oracle -> gaussian and
+    /// gaussian -> oracle at each switch time TS
+    Switch(MixArgs),
+    /// Start from held-out images noised to time T: how often the result is the start
+    /// image's own nearest training image, per T
+    Resume(ResumeArgs),
 }
 
 pub fn run(a: StudyArgs) -> Result<()> {
     match a.study {
         Study::Shift(a) => run_shift(a),
         Study::Cfg(a) => run_cfg(a),
+        Study::Switch(a) => run_switch(a),
+        Study::Resume(a) => run_resume(a),
     }
+}
+
+/// Settings of the mixing studies.
+#[derive(Args)]
+struct MixArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    oracle: OracleArgs,
+    /// Samples per run
+    #[arg(short = 'n', long, default_value_t = 32)]
+    n_samples: usize,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, value_enum, default_value_t = Solver::Euler)]
+    solver: Solver,
+    /// The times: switch times TS (switch) or start times T (resume)
+    #[arg(long, value_delimiter = ',', default_values_t = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])]
+    at: Vec<f64>,
+    /// Noise seed (every run starts from the same noise)
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Samples integrated together
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Output directory (NAME.csv, NAME.json, NAME.png)
+    #[command(flatten)]
+    out: OutDirArgs,
+}
+
+impl MixArgs {
+    fn options(&self) -> mixing::MixOptions {
+        mixing::MixOptions {
+            n: self.n_samples,
+            steps: self.steps,
+            solver: self.solver,
+            seed: self.seed,
+            batch: self.batch,
+            times: self.at.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct ResumeArgs {
+    #[command(flatten)]
+    mix: MixArgs,
+    /// Held-out samples to start from (a --data spec)
+    #[arg(long, default_value = "fashion-mnist:test")]
+    init_from: String,
+}
+
+fn finish_mix(dir: &std::path::Path, study: &mixing::MixStudy) -> Result<()> {
+    print!("{}", mixing::table(study));
+    mixing::write_outputs(dir, study)?;
+    eprintln!("wrote {}/{}.{{csv,json,png}}", dir.display(), study.name);
+    Ok(())
+}
+
+fn run_switch(a: MixArgs) -> Result<()> {
+    let files = mixing::files("switch");
+    output::check_new_in(
+        &a.out.out,
+        &files.each_ref().map(|f| f.as_str()),
+        a.out.force,
+    )?;
+    let opts = a.options();
+    opts.check()?;
+    let ds = a.data.load()?;
+    let mut oracle = OracleField::new(a.oracle.build(&ds)?);
+    let mut gaussian = GaussianField::new(&ds, a.oracle.path);
+    gaussian.prepare(&[None])?;
+    eprintln!(
+        "study switch: {} and the Gaussian fit of {}",
+        oracle.describe(),
+        ds.name
+    );
+    let runs = 2 * opts.times.len() * opts.n.div_ceil(opts.batch) * opts.steps;
+    let bar = progress(runs as u64, "steps");
+    let study = mixing::switch(&mut oracle, &mut gaussian, &ds, &opts, || bar.inc(1))?;
+    bar.finish_and_clear();
+    finish_mix(&a.out.out, &study)
+}
+
+fn run_resume(a: ResumeArgs) -> Result<()> {
+    let files = mixing::files("resume");
+    let m = &a.mix;
+    output::check_new_in(
+        &m.out.out,
+        &files.each_ref().map(|f| f.as_str()),
+        m.out.force,
+    )?;
+    let opts = m.options();
+    opts.check()?;
+    let ds = m.data.load()?;
+    let held_out = oracleflow::dataset::load(&a.init_from, m.data.dtype)?;
+    let mut oracle = OracleField::new(m.oracle.build(&ds)?);
+    eprintln!(
+        "study resume: {} on {}, starting from {}",
+        oracle.describe(),
+        ds.name,
+        held_out.name
+    );
+    let runs = opts.times.len() * opts.n.div_ceil(opts.batch) * opts.steps;
+    let bar = progress(runs as u64, "steps");
+    let study = mixing::resume(&mut oracle, &ds, &held_out, m.oracle.path, &opts, || {
+        bar.inc(1)
+    })?;
+    bar.finish_and_clear();
+    finish_mix(&m.out.out, &study)
 }
 
 #[derive(Args)]

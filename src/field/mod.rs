@@ -105,6 +105,35 @@ pub(crate) fn class_groups(classes: &[Option<u32>]) -> Vec<(Option<u32>, Vec<usi
     groups
 }
 
+/// A borrowed field is a field: studies lend one field (and its costly set-up, such as a
+/// Gaussian fit) to several runs, e.g. both sides of a [`SwitchField`] at many switch times.
+impl<F: VelocityField + ?Sized> VelocityField for &mut F {
+    fn dim(&self) -> usize {
+        (**self).dim()
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    fn accepts_classes(&self) -> bool {
+        (**self).accepts_classes()
+    }
+    fn evaluate(&mut self, x: &[f64], t: &[f64], classes: &[Option<u32>]) -> Result<FieldEval> {
+        (**self).evaluate(x, t, classes)
+    }
+    fn evaluations(&self) -> usize {
+        (**self).evaluations()
+    }
+    fn breakpoints(&self) -> Vec<f64> {
+        (**self).breakpoints()
+    }
+    fn begin_step(&mut self, t0: f64, t1: f64) {
+        (**self).begin_step(t0, t1)
+    }
+    fn backend(&self) -> Option<crate::oracle::BackendKind> {
+        (**self).backend()
+    }
+}
+
 /// Checks the shapes of one evaluation request against a field of dimension `dim`;
 /// returns B.
 pub fn check_request(dim: usize, x: &[f64], t: &[f64], classes: &[Option<u32>]) -> Result<usize> {

@@ -4,10 +4,10 @@
 //!
 //! Adding a study: `src/study/NAME.rs` with its options, `run` and `write_outputs` (the
 //! files' shapes live there), `pub mod NAME;` here, and one variant with its arguments
-//! in `src/cli/study.rs`. The mixing studies (`switch`, `resume`) come this way once the
-//! field switch and `--init-from` land.
+//! in `src/cli/study.rs`. The mixing studies (`switch`, `resume`) share `mixing.rs`.
 
 pub mod cfg;
+pub mod mixing;
 pub mod nearest;
 pub mod shift;
 pub mod transition;
