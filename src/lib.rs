@@ -4,6 +4,7 @@
 
 pub mod analysis;
 pub mod bench;
+pub mod checkpoint;
 pub mod dataset;
 pub mod error;
 pub mod field;

@@ -9,6 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
+pub use crate::checkpoint::Checkpoint;
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 pub use crate::field::Guidance;
@@ -292,6 +293,20 @@ pub struct SampleRun {
 pub fn sample(
     field: &mut dyn VelocityField,
     options: &SampleOptions,
+    tick: impl FnMut(),
+) -> Result<SampleRun> {
+    sample_resumable(field, options, None, |_| Ok(()), tick)
+}
+
+/// [`sample`], continuing from `resume` (the state after its finished batches, which are
+/// not redone) and handing the state to `on_batch` after every finished batch (to save
+/// it). Batches are fixed by `options.batch`, so a resumed run computes exactly what the
+/// uninterrupted one would have, in the same order.
+pub fn sample_resumable(
+    field: &mut dyn VelocityField,
+    options: &SampleOptions,
+    resume: Option<Checkpoint>,
+    mut on_batch: impl FnMut(&Checkpoint) -> Result<()>,
     mut tick: impl FnMut(),
 ) -> Result<SampleRun> {
     let user_times = sampling_times(&options.schedule)?;
@@ -349,9 +364,24 @@ pub fn sample(
             .collect(),
         evaluations: 0,
     };
+    let mut first_batch = 0;
+    if let Some(cp) = resume {
+        let fits = cp.run.times == run.times
+            && cp.run.steps.len() == run.steps.len()
+            && cp.run.samples.len() == (cp.batches_done * options.batch).min(n) * dim
+            && cp.run.trajectories.len() == run.trajectories.len();
+        if !fits {
+            return Err(Error::Input(
+                "--resume: the saved batches do not fit this run's settings".into(),
+            ));
+        }
+        first_batch = cp.batches_done;
+        run = cp.run;
+    }
+    let evaluations_done = run.evaluations;
     let to_f32 = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
 
-    for start in (0..n).step_by(options.batch) {
+    for (batch_index, start) in (0..n).step_by(options.batch).enumerate().skip(first_batch) {
         let end = (start + options.batch).min(n);
         let noise: Vec<f64> = (start..end)
             .flat_map(|i| initial_noise(options.seed, i, dim))
@@ -426,8 +456,12 @@ pub fn sample(
         }
         run.samples.extend(to_f32(&x));
         run.final_stats.extend(last_stats);
+        run.evaluations = evaluations_done + field.evaluations() - evaluations_before;
+        on_batch(&Checkpoint {
+            batches_done: batch_index + 1,
+            run: run.clone(),
+        })?;
     }
-    run.evaluations = field.evaluations() - evaluations_before;
     for s in &mut run.steps {
         s.mean_top1_weight /= n as f64;
         s.mean_entropy /= n as f64;

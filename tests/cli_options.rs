@@ -487,3 +487,97 @@ fn exact_dense_and_pruning_agree_and_report() {
         .unwrap()
         .contains("dense"));
 }
+
+/// `sample` saves its finished batches; a run killed part-way continues with `--resume`
+/// without redoing them and ends with the same bytes as an uninterrupted run.
+#[test]
+fn resume_after_interrupt_gives_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_args = |out: &Path| -> Vec<String> {
+        [
+            "sample",
+            "--data",
+            "embedded@600",
+            "--backend",
+            "cpu",
+            "-n",
+            "12",
+            "--batch",
+            "3",
+            "--steps",
+            "400",
+            "--exact-dense",
+            "--out",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([out.to_string_lossy().into_owned()])
+        .collect()
+    };
+    let whole = dir.path().join("whole");
+    let args = run_args(&whole);
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let cut = dir.path().join("cut");
+    let args = run_args(&cut);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_oracleflow"))
+        .args(&args)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Interrupt once the first batch is saved (and before the last one is).
+    let checkpoint = cut.join(".oracleflow-partial/checkpoint.bin");
+    let start = std::time::Instant::now();
+    while !checkpoint.is_file() {
+        assert!(start.elapsed().as_secs() < 60, "no batch saved in 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    if status.code() == Some(0) {
+        eprintln!("the run finished before Ctrl-C arrived; nothing to resume");
+        return;
+    }
+    assert_eq!(status.code(), Some(130));
+    assert!(!cut.join("samples.npy").exists(), "no result files yet");
+    // Without --resume the interrupted run is not silently redone or overwritten.
+    let plain = oracleflow(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(plain.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&plain.stderr).contains("--resume"));
+    // Other settings are refused.
+    let mut other: Vec<&str> = args.iter().map(String::as_str).collect();
+    other.extend(["--seed", "5", "--resume"]);
+    assert_eq!(oracleflow(&other).status.code(), Some(2));
+    let mut resume: Vec<&str> = args.iter().map(String::as_str).collect();
+    resume.push("--resume");
+    let o = oracleflow(&resume);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("batches already done"));
+    for f in [
+        "samples.npy",
+        "steps.csv",
+        "trajectory.png",
+        "nearest.png",
+        "samples.png",
+    ] {
+        assert_eq!(
+            std::fs::read(whole.join(f)).unwrap(),
+            std::fs::read(cut.join(f)).unwrap(),
+            "{f} differs from the uninterrupted run"
+        );
+    }
+    let (a, b) = (json(&whole.join("run.json")), json(&cut.join("run.json")));
+    assert_eq!(a["samples"], b["samples"]);
+    assert_eq!(a["steps"], b["steps"]);
+    assert_eq!(
+        a["timings"]["oracle_evaluations"],
+        b["timings"]["oracle_evaluations"]
+    );
+    assert!(
+        !cut.join(".oracleflow-partial").exists(),
+        "the saved batches are removed"
+    );
+}

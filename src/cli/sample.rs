@@ -77,6 +77,11 @@ pub struct SampleArgs {
     columns: usize,
     #[command(flatten)]
     out: OutDirArgs,
+    /// Continue the interrupted run in --out DIR (started with the same settings): the
+    /// batches it finished, saved as it went, are not redone, and the result is the same
+    /// bytes as an uninterrupted run
+    #[arg(long)]
+    resume: bool,
 }
 
 impl SampleArgs {
@@ -99,9 +104,24 @@ impl SampleArgs {
     }
 }
 
+/// Where a run saves its finished batches until it completes.
+fn partial_dir(out: &std::path::Path) -> std::path::PathBuf {
+    out.join(".oracleflow-partial")
+}
+
 pub fn run(a: SampleArgs) -> Result<()> {
     // Everything that can be checked without the data is checked before loading it.
     output::check_new_in(&a.out.out, &report::SAMPLE_FILES, a.out.force)?;
+    let partial = partial_dir(&a.out.out);
+    let checkpoint_path = partial.join("checkpoint.bin");
+    match (a.resume, checkpoint_path.is_file()) {
+        (true, false) => bail!("--resume: {} holds no interrupted run", a.out.out.display()),
+        (false, true) if !a.out.force => bail!(
+            "{} holds an interrupted run: pass --resume to continue it, or --force to start over",
+            a.out.out.display()
+        ),
+        _ => {}
+    }
     sample::check_counts(a.n_samples.unwrap_or(1), a.batch)?;
     let schedule = a.schedule();
     let times = sample::sampling_times(&schedule)?;
@@ -190,24 +210,12 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let n_steps = sample::integration_times(&times, t_start, &field.breakpoints())?.len() - 1;
     let n_batches = n_samples.div_ceil(options.batch);
     let bar = progress((n_steps * n_batches) as u64, "steps");
-    let start = std::time::Instant::now();
-    let run = sample::sample(field.as_mut(), &options, || bar.inc(1))?;
-    let sampling_seconds = start.elapsed().as_secs_f64();
-    bar.finish_and_clear();
-
-    let neighbours = analysis::nearest_two(&ds, &run.samples);
-    let memorized = neighbours.iter().filter(|nb| nb.memorized()).count();
-    let record = FieldRecord {
-        backend: field.backend(),
-        description: field.describe(),
-        path: a.oracle.path,
-    };
     let mut settings = SamplingSettings {
         n: n_samples,
         solver: a.solver,
         steps: times.len() - 1,
         shift: a.shift,
-        times,
+        times: times.clone(),
         seed: a.seed,
         batch: options.batch,
         class: None,
@@ -220,6 +228,69 @@ pub fn run(a: SampleArgs) -> Result<()> {
         t_start: a.t_start,
     };
     settings.set_conditioning(conditioning);
+    // What a resumed run must share with the interrupted one.
+    let fingerprint = serde_json::to_string_pretty(&serde_json::json!({
+        "data": ds.name, "dtype": ds.dtype(), "path": a.oracle.path,
+        "field": field.describe(), "track": a.track, "sampling": settings,
+    }))?;
+    let settings_path = partial.join("settings.json");
+    let resume = if a.resume {
+        let saved = std::fs::read_to_string(&settings_path)
+            .map_err(|e| oracleflow::Error::io(&settings_path, e))?;
+        if saved != fingerprint {
+            bail!(
+                "--resume: {} was started with other settings (see {})",
+                a.out.out.display(),
+                settings_path.display()
+            );
+        }
+        let bytes = std::fs::read(&checkpoint_path)
+            .map_err(|e| oracleflow::Error::io(&checkpoint_path, e))?;
+        let cp = oracleflow::checkpoint::Checkpoint::decode(&bytes, &checkpoint_path)?;
+        eprintln!(
+            "resuming: {} of {n_batches} batches already done",
+            cp.batches_done
+        );
+        bar.inc((cp.batches_done * n_steps) as u64);
+        Some(cp)
+    } else {
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial).map_err(|e| oracleflow::Error::io(&partial, e))?;
+        }
+        None
+    };
+    // Each finished batch is saved (atomically) so that an interrupted run can resume.
+    let save = |cp: &oracleflow::checkpoint::Checkpoint| -> oracleflow::Result<()> {
+        if cp.batches_done == n_batches {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&partial).map_err(|e| oracleflow::Error::io(&partial, e))?;
+        if !settings_path.is_file() {
+            output::write_atomic(&settings_path, |w| w.write_all(fingerprint.as_bytes()))?;
+        }
+        let bytes = cp.encode();
+        output::write_atomic(&checkpoint_path, |w| w.write_all(&bytes))
+    };
+    let start = std::time::Instant::now();
+    let run = sample::sample_resumable(field.as_mut(), &options, resume, save, || bar.inc(1))
+        .inspect_err(|e| {
+            if matches!(e, oracleflow::Error::Interrupted) && checkpoint_path.is_file() {
+                eprintln!(
+                    "the finished batches are saved in {}: continue with the same command and --resume",
+                    partial.display()
+                );
+            }
+        })?;
+    let sampling_seconds = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+
+    let neighbours = analysis::nearest_two(&ds, &run.samples);
+    let memorized = neighbours.iter().filter(|nb| nb.memorized()).count();
+    let record = FieldRecord {
+        backend: field.backend(),
+        description: field.describe(),
+        path: a.oracle.path,
+    };
     let mut run_json = report::sample_run_json(
         &ds,
         &record,
@@ -253,6 +324,9 @@ pub fn run(a: SampleArgs) -> Result<()> {
         ));
     }
     report::write_sample_outputs(&a.out.out, &ds, &run, &neighbours, a.columns, &run_json)?;
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(|e| oracleflow::Error::io(&partial, e))?;
+    }
     eprintln!(
         "wrote {}/{{samples,trajectory,nearest,stages}}.png, samples.npy, steps.csv, run.json: {} samples in {:.1} s, {summary}",
         a.out.out.display(),
