@@ -63,7 +63,8 @@ class Oracle:
         self, x: _Floats, t: Union[float, _Floats], *, cls: _Classes = None
     ) -> Tuple[npt.NDArray[np.float32], dict[str, np.ndarray]]:
         """Posterior mean x1_hat (shaped like x) and per-query stats, a dict of (B,)
-        arrays: top1 (float32), top1_index (int64), entropy (float32), ess (float32)."""
+        arrays: top1 (float32), top1_index (int64), entropy (float32), ess (float32),
+        posterior_variance (float32, tr Cov_w(y) / D)."""
     def nearest(
         self, x: _Floats, k: int = 2
     ) -> Tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:

@@ -304,6 +304,10 @@ fn stats_dict<'py>(py: Python<'py>, stats: &[QueryStats]) -> PyResult<Bound<'py,
     d.set_item("top1_index", index.into_pyarray(py))?;
     d.set_item("entropy", col(|s| s.entropy).into_pyarray(py))?;
     d.set_item("ess", col(|s| s.ess).into_pyarray(py))?;
+    d.set_item(
+        "posterior_variance",
+        col(|s| s.posterior_variance).into_pyarray(py),
+    )?;
     Ok(d)
 }
 
@@ -573,7 +577,8 @@ impl Oracle {
     /// The posterior mean x1_hat = E[x_1 | x_t = x] (the optimal denoiser), shaped like
     /// x, and the posterior's per-query statistics, a dict of (B,) arrays: "top1" (the
     /// largest weight), "top1_index" (its sample's index in the source data), "entropy"
-    /// (nats) and "ess" (effective sample size 1 / sum w^2). Arguments as for velocity.
+    /// (nats), "ess" (effective sample size 1 / sum w^2) and "posterior_variance"
+    /// (tr Cov_w(y) / D, 0 when one sample takes all the weight). Arguments as for velocity.
     #[pyo3(signature = (x, t, *, cls=None))]
     fn denoise<'py>(
         &self,

@@ -53,6 +53,9 @@ def reference(data, x, t, path="rf"):
         "top1_index": w.argmax(1),
         "entropy": entropy,
         "ess": 1.0 / (w * w).sum(1),
+        # tr Cov_w(y) / D = (sum w |y|^2 - |x1_hat|^2) / D, in f64
+        "posterior_variance": np.maximum(w @ (data * data).sum(1) - (x1_hat * x1_hat).sum(1), 0.0)
+        / data.shape[1],
         "gap": (top2[:, 1] - top2[:, 0]) if top2 is not None else np.full(len(x), np.inf),
     }
     return velocity, x1_hat, stats
