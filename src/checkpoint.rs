@@ -103,10 +103,11 @@ fn stats_fields(s: &QueryStats) -> [f32; 8] {
 }
 
 impl Checkpoint {
-    pub fn encode(&self) -> Vec<u8> {
+    /// The bytes of the state `run` after `batches_done` batches (read back by
+    /// [`Checkpoint::decode`]).
+    pub fn encode(batches_done: usize, r: &SampleRun) -> Vec<u8> {
         let mut w = Writer(MAGIC.to_vec());
-        let r = &self.run;
-        w.u64(self.batches_done as u64);
+        w.u64(batches_done as u64);
         w.u64(r.evaluations as u64);
         w.f64s(&r.times);
         w.f32s(&r.samples);

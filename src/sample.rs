@@ -295,18 +295,18 @@ pub fn sample(
     options: &SampleOptions,
     tick: impl FnMut(),
 ) -> Result<SampleRun> {
-    sample_resumable(field, options, None, |_| Ok(()), tick)
+    sample_resumable(field, options, None, |_, _| Ok(()), tick)
 }
 
 /// [`sample`], continuing from `resume` (the state after its finished batches, which are
-/// not redone) and handing the state to `on_batch` after every finished batch (to save
-/// it). Batches are fixed by `options.batch`, so a resumed run computes exactly what the
+/// not redone) and showing `on_batch(batches_done, state)` the state after every finished
+/// batch (to save it; the state is lent, not copied, so runs that save nothing pay nothing). Batches are fixed by `options.batch`, so a resumed run computes exactly what the
 /// uninterrupted one would have, in the same order.
 pub fn sample_resumable(
     field: &mut dyn VelocityField,
     options: &SampleOptions,
     resume: Option<Checkpoint>,
-    mut on_batch: impl FnMut(&Checkpoint) -> Result<()>,
+    mut on_batch: impl FnMut(usize, &SampleRun) -> Result<()>,
     mut tick: impl FnMut(),
 ) -> Result<SampleRun> {
     let user_times = sampling_times(&options.schedule)?;
@@ -457,10 +457,7 @@ pub fn sample_resumable(
         run.samples.extend(to_f32(&x));
         run.final_stats.extend(last_stats);
         run.evaluations = evaluations_done + field.evaluations() - evaluations_before;
-        on_batch(&Checkpoint {
-            batches_done: batch_index + 1,
-            run: run.clone(),
-        })?;
+        on_batch(batch_index + 1, &run)?;
     }
     for s in &mut run.steps {
         s.mean_top1_weight /= n as f64;

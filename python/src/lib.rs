@@ -18,7 +18,7 @@ use oracleflow::dataset::{self, RawRows, SampleShape};
 use oracleflow::field::OracleField;
 use oracleflow::oracle::gpu::GpuOptions;
 use oracleflow::oracle::{BackendKind, Oracle as Engine, Query, QueryStats, Times};
-use oracleflow::sample::{Guidance, SampleOptions, Solver};
+use oracleflow::sample::{Conditioning, Guidance, SampleOptions, Solver};
 use oracleflow::schedule::Schedule;
 use oracleflow::{analysis, Dataset, Dtype, Error, Path};
 
@@ -654,14 +654,7 @@ fn sample_classes(
                 "classes={s:?}: expected \"all\", an int or a list of n ints"
             )));
         }
-        let counts = ds.class_counts();
-        if counts.is_empty() {
-            return Err(value_err(format!(
-                "classes=\"all\": dataset {} has no labels",
-                ds.name
-            )));
-        }
-        return Ok((0..n).map(|i| Some(counts[i % counts.len()].0)).collect());
+        return Conditioning::Balanced.classes(ds, n).map_err(py_err);
     }
     if let Ok(c) = classes.extract::<i64>() {
         return Ok(vec![Some(check(c)?); n]);
@@ -726,12 +719,7 @@ fn sample<'py>(
                 return Err(value_err("cfg_scale needs classes".into()));
             }
             let (t_lo, t_hi) = interval.unwrap_or((0.0, 1.0));
-            if !(0.0..=1.0).contains(&t_lo) || !(t_lo..=1.0).contains(&t_hi) {
-                return Err(value_err(format!(
-                    "cfg_interval=({t_lo}, {t_hi}): need 0 <= t_lo <= t_hi <= 1"
-                )));
-            }
-            Some(Guidance { scale, t_lo, t_hi })
+            Some(Guidance::new(scale, &[t_lo, t_hi]).map_err(py_err)?)
         }
         (None, Some(_)) => return Err(value_err("cfg_interval needs cfg_scale".into())),
         (None, None) => None,

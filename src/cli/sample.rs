@@ -260,15 +260,15 @@ pub fn run(a: SampleArgs) -> Result<()> {
         None
     };
     // Each finished batch is saved (atomically) so that an interrupted run can resume.
-    let save = |cp: &oracleflow::checkpoint::Checkpoint| -> oracleflow::Result<()> {
-        if cp.batches_done == n_batches {
+    let save = |batches_done: usize, run: &sample::SampleRun| -> oracleflow::Result<()> {
+        if batches_done == n_batches {
             return Ok(());
         }
         std::fs::create_dir_all(&partial).map_err(|e| oracleflow::Error::io(&partial, e))?;
         if !settings_path.is_file() {
             output::write_atomic(&settings_path, |w| w.write_all(fingerprint.as_bytes()))?;
         }
-        let bytes = cp.encode();
+        let bytes = oracleflow::checkpoint::Checkpoint::encode(batches_done, run);
         output::write_atomic(&checkpoint_path, |w| w.write_all(&bytes))
     };
     let start = std::time::Instant::now();

@@ -96,6 +96,23 @@ struct ResumeArgs {
     init_from: String,
 }
 
+/// The oracle over `ds` as a field, announced on stderr as the field of study `name`.
+fn oracle_field<'d>(
+    oracle: &OracleArgs,
+    ds: &'d oracleflow::Dataset,
+    name: &str,
+) -> Result<OracleField<'d>> {
+    let field = OracleField::new(oracle.build(ds)?);
+    eprintln!(
+        "study {name}: {} on {} ({} samples, D = {})",
+        field.describe(),
+        ds.name,
+        ds.n_samples(),
+        ds.dim()
+    );
+    Ok(field)
+}
+
 fn finish_mix(dir: &std::path::Path, study: &mixing::MixStudy) -> Result<()> {
     print!("{}", mixing::table(study));
     mixing::write_outputs(dir, study)?;
@@ -204,14 +221,7 @@ fn run_shift(a: ShiftArgs) -> Result<()> {
     };
     opts.check()?;
     let ds = a.data.load()?;
-    let mut field = OracleField::new(a.oracle.build(&ds)?);
-    eprintln!(
-        "study shift: {} on {} ({} samples, D = {})",
-        field.describe(),
-        ds.name,
-        ds.n_samples(),
-        ds.dim()
-    );
+    let mut field = oracle_field(&a.oracle, &ds, "shift")?;
     let bar = progress(opts.total_steps() as u64, "steps");
     let study = shift::run(&mut field, &ds, &opts, || bar.inc(1))?;
     bar.finish_and_clear();
@@ -283,14 +293,7 @@ fn run_cfg(a: CfgArgs) -> Result<()> {
     };
     opts.settings()?;
     let ds = a.data.load()?;
-    let mut field = OracleField::new(a.oracle.build(&ds)?);
-    eprintln!(
-        "study cfg: {} on {} ({} samples, D = {})",
-        field.describe(),
-        ds.name,
-        ds.n_samples(),
-        ds.dim()
-    );
+    let mut field = oracle_field(&a.oracle, &ds, "cfg")?;
     let bar = progress(opts.total_steps(ds.class_counts().len()) as u64, "steps");
     let study = cfg::run(&mut field, &ds, &opts, || bar.inc(1))?;
     bar.finish_and_clear();

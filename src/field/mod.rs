@@ -222,16 +222,14 @@ impl VelocityField for Guided<'_> {
         // The guided states go through the unconditional field one class at a time, in
         // batch order: the same calls as the conditional pass makes, so results do not
         // depend on how classes are mixed in a batch.
-        let mut groups: Vec<(u32, Vec<usize>)> = Vec::new();
-        for q in (0..t.len()).filter(|&q| self.guidance.active(t[q])) {
-            let Some(c) = classes[q] else { continue };
-            match groups.iter_mut().find(|(g, _)| *g == c) {
-                Some((_, members)) => members.push(q),
-                None => groups.push((c, vec![q])),
-            }
-        }
+        let active: Vec<Option<u32>> = (0..t.len())
+            .map(|q| classes[q].filter(|_| self.guidance.active(t[q])))
+            .collect();
         let w = self.guidance.scale;
-        for (_, guided) in groups {
+        for (_, guided) in class_groups(&active)
+            .into_iter()
+            .filter(|(c, _)| c.is_some())
+        {
             let xs: Vec<f64> = guided
                 .iter()
                 .flat_map(|&q| x[q * dim..(q + 1) * dim].iter().copied())

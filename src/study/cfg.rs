@@ -176,7 +176,7 @@ pub fn run(
             guidance,
             class_consistency,
             distinct_per_class,
-            memorized: nb.iter().filter(|n| n.memorized()).count() as f64 / n as f64,
+            memorized: super::nearest::memorized_share(&nb),
         });
         samples.push(run.samples);
     }

@@ -91,7 +91,7 @@ pub struct MixStudy {
 fn summarize(ds: &Dataset, samples: &[f32], targets: Option<&[u32]>) -> (f64, f64, f64) {
     let nb = analysis::nearest_two(ds, samples);
     let n = nb.len().max(1) as f64;
-    let memorized = nb.iter().filter(|x| x.memorized()).count() as f64 / n;
+    let memorized = super::nearest::memorized_share(&nb);
     let mean_d = nb.iter().map(|x| x.distance).sum::<f64>() / n;
     let share = match targets {
         Some(t) => nb.iter().zip(t).filter(|(x, &t)| x.nearest == t).count() as f64 / n,

@@ -9,7 +9,8 @@
 
 use std::path::Path;
 
-use crate::analysis::{self, Neighbours};
+use super::nearest::memorized_share;
+use crate::analysis;
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::field::VelocityField;
@@ -94,10 +95,6 @@ pub struct ShiftStudy {
     pub field: String,
     pub reference_memorized: f64,
     pub rows: Vec<ShiftRow>,
-}
-
-fn memorized_share(nb: &[Neighbours]) -> f64 {
-    nb.iter().filter(|n| n.memorized()).count() as f64 / nb.len().max(1) as f64
 }
 
 /// Runs the reference, then every shift; `tick` after every solver step.
