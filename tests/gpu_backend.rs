@@ -521,3 +521,86 @@ fn throughput_probe() {
         );
     }
 }
+
+/// A device that does not finish within the wait limit ends the call with an error that
+/// says so (and names the setting), within about the limit, never a hang; a backend opened
+/// afterwards with the default limit works. The workload takes lavapipe tens of
+/// milliseconds; a hardware GPU may finish it before the first poll, so there a correct
+/// result is accepted too.
+#[test]
+fn a_device_that_does_not_finish_ends_in_a_bounded_error() {
+    if common::skip_gpu() {
+        return;
+    }
+    use oracleflow::oracle::gpu::WAIT_LIMIT_ENV;
+    use std::time::{Duration, Instant};
+    let ds = unit_gaussian_dataset(4000, 256, Dtype::F32, 21);
+    let rows = 0..ds.n_samples();
+    let (x, coefs) = centred_queries(&ds, 32, rows.clone(), 22);
+    let batch = CentredBatch {
+        x: &x,
+        logit_coefs: &coefs,
+        rows: rows.clone(),
+    };
+    let mut gpu = backend(
+        &ds,
+        GpuOptions {
+            wait_limit: Some(Duration::ZERO),
+            ..Default::default()
+        },
+    );
+    let software = adapter_report().unwrap().contains("(software");
+    let start = Instant::now();
+    match gpu.posterior(&batch) {
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!("zero wait limit: {msg}");
+            assert!(
+                msg.contains("did not finish") && msg.contains(WAIT_LIMIT_ENV),
+                "{msg}"
+            );
+            assert!(!msg.contains('\n'), "one line: {msg}");
+        }
+        Ok(got) => {
+            assert!(
+                !software,
+                "lavapipe cannot finish this before the first poll"
+            );
+            check_posterior(&ds, &x, &coefs, rows.clone(), &got, "finished in time");
+        }
+    }
+    // Bounded: the zero limit gives up after one poll slice, not after the work.
+    assert!(start.elapsed() < Duration::from_secs(30));
+    drop(gpu);
+    let mut gpu = backend(&ds, GpuOptions::default());
+    let got = gpu.posterior(&batch).unwrap();
+    check_posterior(&ds, &x, &coefs, rows, &got, "default limit");
+}
+
+/// A lost device (destroyed here, as a driver reset would lose it) makes every later call
+/// fail with an error naming the loss: no panic, no hang.
+#[test]
+fn a_lost_device_is_reported_not_a_panic() {
+    if common::skip_gpu() {
+        return;
+    }
+    let ds = unit_gaussian_dataset(300, 16, Dtype::F32, 23);
+    let mut gpu = backend(&ds, GpuOptions::default());
+    run_case(&mut gpu, &ds, 3, 0..300, 24, "before the loss");
+    gpu.lose_device();
+    let (x, coefs) = centred_queries(&ds, 3, 0..300, 25);
+    for attempt in 0..2 {
+        let err = gpu
+            .posterior(&CentredBatch {
+                x: &x,
+                logit_coefs: &coefs,
+                rows: 0..300,
+            })
+            .err()
+            .unwrap_or_else(|| panic!("attempt {attempt}: a lost device gave a result"));
+        let msg = err.to_string();
+        eprintln!("attempt {attempt}: {msg}");
+        assert!(msg.contains("device destroyed"), "attempt {attempt}: {msg}");
+        assert!(matches!(err, oracleflow::Error::Gpu(_)), "{msg}");
+    }
+}

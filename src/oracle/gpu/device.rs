@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use crate::error::{Error, Result};
 
+use super::health::Health;
 use super::pipelines::WORKGROUP_BYTES;
 
 /// An open device and what was negotiated for it.
@@ -13,6 +14,8 @@ pub(super) struct Gpu {
     pub queue: wgpu::Queue,
     pub features: wgpu::Features,
     pub limits: wgpu::Limits,
+    /// What the device reported outside error scopes (lost, stray errors).
+    pub health: Health,
 }
 
 impl Gpu {
@@ -107,12 +110,14 @@ pub(super) fn open(hardware_only: bool, want_f16: bool) -> Result<Gpu> {
         trace: wgpu::Trace::Off,
     }))
     .map_err(|e| Error::Gpu(format!("opening {}: {e}", info.name)))?;
+    let health = Health::watch(&device);
     Ok(Gpu {
         info,
         device,
         queue,
         features,
         limits,
+        health,
     })
 }
 

@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use crate::error::Result;
 
 use super::buffers::{BindGroups, CallBuffers};
+use super::health::Waiter;
 use super::pipelines::{Kernel, Kernels};
 use super::plan::{Plan, Submit};
 use super::residency::Residency;
@@ -54,6 +55,8 @@ pub(super) struct Passes<'a> {
     pub plan: &'a Plan,
     /// The dataset buffer (of `residency`) each chunk read of the plan is bound from.
     pub slots: &'a [usize],
+    /// Bounds the wait for a ring slot's last reader (streaming).
+    pub waiter: &'a Waiter,
 }
 
 impl Passes<'_> {
@@ -72,7 +75,13 @@ impl Passes<'_> {
             if loaded != Some(submit.read) {
                 loaded = Some(submit.read);
                 if let Residency::Streaming(stream) = residency {
-                    stream.load(device, queue, slot, self.plan.reads[submit.read])?;
+                    stream.load(
+                        device,
+                        queue,
+                        self.waiter,
+                        slot,
+                        self.plan.reads[submit.read],
+                    )?;
                 }
             }
             self.steps(&mut encoder, submit, slot);

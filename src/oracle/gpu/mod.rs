@@ -44,6 +44,7 @@
 mod buffers;
 mod device;
 mod encode;
+mod health;
 mod options;
 mod pipelines;
 mod plan;
@@ -57,6 +58,7 @@ use crate::error::{Error, Result};
 use crate::oracle::{Backend, CentredBatch, Posterior, QueryStats};
 
 pub use device::adapter_report;
+pub use health::{wait_limit_from_env, DEFAULT_WAIT_LIMIT, WAIT_LIMIT_ENV};
 pub use options::GpuOptions;
 pub use pipelines::{
     binding_names, kernel_sources, kernel_variants, layout_entries, BindingKind, KernelKind,
@@ -65,6 +67,7 @@ pub use pipelines::{
 
 use buffers::Buffers;
 use device::Gpu;
+use health::Waiter;
 use pipelines::Kernels;
 use plan::{Limits, Plan};
 use residency::Residency;
@@ -85,6 +88,8 @@ pub struct GpuBackend {
     dim4: usize,
     options: GpuOptions,
     buffers: Buffers,
+    /// Bounds every wait for the device (see `health`).
+    waiter: Waiter,
 }
 
 impl GpuBackend {
@@ -101,6 +106,10 @@ impl GpuBackend {
 
     pub fn with_options(dataset: &Dataset, options: GpuOptions) -> Result<Self> {
         let want_f16 = dataset.dtype() == Dtype::F16;
+        let limit = match options.wait_limit {
+            Some(limit) => limit,
+            None => health::wait_limit_from_env()?,
+        };
         let gpu = device::open(options.hardware_only, want_f16)?;
         // f16 data on a device without SHADER_F16 is held as f32: exact, twice the memory.
         let storage =
@@ -121,7 +130,6 @@ impl GpuBackend {
             e => e,
         })?;
         Ok(GpuBackend {
-            gpu,
             limits,
             kernels,
             residency,
@@ -130,6 +138,11 @@ impl GpuBackend {
             n_samples: dataset.n_samples(),
             dim: dataset.dim(),
             dim4: dataset.dim().div_ceil(4),
+            waiter: Waiter {
+                health: gpu.health.clone(),
+                limit,
+            },
+            gpu,
             options,
             buffers: Buffers::new(),
         })
@@ -138,6 +151,13 @@ impl GpuBackend {
     /// Number of chunks the dataset is cut into (each a device buffer when resident).
     pub fn n_chunks(&self) -> usize {
         self.residency.n_chunks()
+    }
+
+    /// Destroys the device, as a driver reset or a removed GPU would lose it: lets tests
+    /// check what later calls report (an error naming the loss; never a panic or a hang).
+    #[doc(hidden)]
+    pub fn lose_device(&self) {
+        self.gpu.device.destroy();
     }
 
     /// Whether the dataset is streamed through a ring of device slots.
@@ -183,11 +203,16 @@ impl GpuBackend {
             bufs: &bufs,
             plan: &plan,
             slots: &slots,
+            waiter: &self.waiter,
         };
         passes.submit(residency)?;
-        readback::read_back(device, &bufs.readback, plan.sizes.readback, |bytes| {
-            readback::unpack(bytes, &plan, self.dim, mean, stats)
-        })
+        readback::read_back(
+            device,
+            &self.waiter,
+            &bufs.readback,
+            plan.sizes.readback,
+            |bytes| readback::unpack(bytes, &plan, self.dim, mean, stats),
+        )
     }
 }
 
@@ -242,6 +267,8 @@ impl Backend for GpuBackend {
                 self.n_samples
             )));
         }
+        // A lost device fails every call the same way, before any work is queued.
+        self.waiter.health.check()?;
         let mut mean = vec![0.0f32; n_queries * dim];
         let mut stats = Vec::with_capacity(n_queries);
         let most = plan::max_sub_batch(&self.limits, self.dim4, self.options.max_sub_batch);
@@ -261,6 +288,8 @@ impl Backend for GpuBackend {
                 // the ring slots hold is unknown.
                 self.buffers = Buffers::new();
                 self.residency.invalidate();
+                // Errors of a lost device's calls are its consequences: name the cause.
+                self.waiter.health.check()?;
             }
             done?;
         }

@@ -30,4 +30,7 @@ pub struct GpuOptions {
     /// unless it is clearly larger than any device would hold; set a budget to stream
     /// smaller datasets (a device whose memory is shared with other work, say).
     pub max_resident_bytes: Option<u64>,
+    /// Longest wait for one submission or read-back before the device is taken as hung
+    /// (default: `ORACLEFLOW_GPU_TIMEOUT_S`, else 600 s).
+    pub wait_limit: Option<std::time::Duration>,
 }

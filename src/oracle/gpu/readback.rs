@@ -6,12 +6,15 @@ use std::borrow::Cow;
 use crate::error::{Error, Result};
 use crate::oracle::{QueryStats, SoftmaxState};
 
+use super::health::Waiter;
 use super::pipelines::GpuState;
 use super::plan::Plan;
 
-/// Maps `buffer`, waits for the GPU, hands its first `bytes` to `read` and unmaps it.
+/// Maps `buffer`, waits for the GPU (bounded: see [`Waiter`]), hands its first `bytes` to
+/// `read` and unmaps it.
 pub(super) fn read_back(
     device: &wgpu::Device,
+    waiter: &Waiter,
     buffer: &wgpu::Buffer,
     bytes: u64,
     read: impl FnOnce(&[u8]),
@@ -20,11 +23,21 @@ pub(super) fn read_back(
     buffer.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
         let _ = tx.send(r);
     });
-    device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
-    rx.recv()
-        .map_err(|_| Error::Gpu("readback callback dropped".into()))?
+    let mut mapped = None;
+    let waited = waiter.wait(device, None, "the evaluation and its read-back", |_| {
+        if mapped.is_none() {
+            mapped = rx.try_recv().ok();
+        }
+        mapped.is_some()
+    });
+    if let Err(e) = waited {
+        // The map request may still be pending: unmapping cancels it, so the buffer is
+        // usable again should the caller retry.
+        buffer.unmap();
+        return Err(e);
+    }
+    mapped
+        .expect("the wait ends only once mapped")
         .map_err(|e| Error::Gpu(format!("reading results back: {e}")))?;
     let out = buffer
         .get_mapped_range(0..bytes)

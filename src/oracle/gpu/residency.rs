@@ -49,6 +49,8 @@ use std::ops::Range;
 use crate::dataset::{Dataset, Dtype, Values};
 use crate::error::{Error, Result};
 
+use super::health::Waiter;
+
 /// Device buffers of a streaming backend.
 pub(super) const RING_SLOTS: usize = 2;
 
@@ -161,6 +163,7 @@ impl Stream {
         &mut self,
         device: &wgpu::Device,
         queue: &wgpu::Queue,
+        waiter: &Waiter,
         slot: usize,
         c: usize,
     ) -> Result<()> {
@@ -168,12 +171,12 @@ impl Stream {
             return Ok(());
         }
         if let Some(index) = self.last_read[slot].take() {
-            device
-                .poll(wgpu::PollType::Wait {
-                    submission_index: Some(index),
-                    timeout: None,
-                })
-                .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+            waiter.wait(
+                device,
+                Some(index),
+                "reading a streamed chunk",
+                |finished| finished,
+            )?;
         }
         let rows = self.chunks[c].clone();
         let dst = &self.slots[slot];
