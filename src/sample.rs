@@ -193,11 +193,7 @@ pub fn sampling_times(schedule: &Schedule) -> Result<Vec<f64>> {
 /// first), with the field's breakpoints inside (t_start, 1) added so that no step straddles
 /// one. `t_start = 1` gives the one time [1] (no step: the start is the result).
 pub fn integration_times(times: &[f64], t_start: f64, breakpoints: &[f64]) -> Result<Vec<f64>> {
-    if !(0.0..=1.0).contains(&t_start) {
-        return Err(Error::Input(format!(
-            "--t-start {t_start} is outside [0, 1]"
-        )));
-    }
+    crate::oracle::check_flag_time("--t-start", t_start)?;
     let mut grid: Vec<f64> = std::iter::once(t_start)
         .chain(times.iter().copied().filter(|&t| t > t_start))
         .chain(

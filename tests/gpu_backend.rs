@@ -375,7 +375,7 @@ fn trusted_shaders_agree() {
     let mut gpu = backend(
         &ds,
         GpuOptions {
-            trusted_shaders: true,
+            trusted_shaders: Some(true),
             splits: Some(3),
             max_chunk_bytes: Some(150 * 24 * 4),
             ..Default::default()

@@ -7,6 +7,7 @@ use clap::Args;
 use oracleflow::bail_input as bail;
 
 use oracleflow::field::{FieldSpec, SwitchField};
+use oracleflow::oracle::check_flag_time;
 use oracleflow::report::{self, FieldRecord, SamplingSettings};
 use oracleflow::sample::{self, Conditioning, Guidance, InitFrom, SampleOptions, Solver};
 use oracleflow::schedule::Schedule;
@@ -131,15 +132,12 @@ pub fn run(a: SampleArgs) -> Result<()> {
         .transpose()?;
     let first_spec = a.field.check()?;
     let then_spec: Option<FieldSpec> = a.then.as_deref().map(str::parse).transpose()?;
+    // Checked before the data is loaded (the field and the grid check them again).
     if let Some(ts) = a.switch_at {
-        if !(0.0..=1.0).contains(&ts) {
-            bail!("--switch-at {ts} is outside [0, 1]");
-        }
+        check_flag_time("--switch-at", ts)?;
     }
     if let Some(t) = a.t_start {
-        if !(0.0..=1.0).contains(&t) {
-            bail!("--t-start {t} is outside [0, 1]");
-        }
+        check_flag_time("--t-start", t)?;
     }
 
     let ds = a.data.load()?;

@@ -22,9 +22,7 @@ impl<'f> SwitchField<'f> {
         second: Box<dyn VelocityField + 'f>,
         at: f64,
     ) -> Result<Self> {
-        if !(0.0..=1.0).contains(&at) {
-            return Err(Error::Input(format!("--switch-at {at} is outside [0, 1]")));
-        }
+        crate::oracle::check_flag_time("--switch-at", at)?;
         if first.dim() != second.dim() {
             return Err(Error::Input(format!(
                 "--then: the fields have {} and {} values per sample",

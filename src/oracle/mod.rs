@@ -61,6 +61,16 @@ pub fn check_time(t: f32) -> Result<()> {
     }
 }
 
+/// The check of a time given by a flag (`--switch-at`, `--t-start`, ...): in [0, 1],
+/// with the flag named.
+pub fn check_flag_time(flag: &str, t: f64) -> Result<()> {
+    if (0.0..=1.0).contains(&t) {
+        Ok(())
+    } else {
+        Err(Error::Input(format!("{flag} {t} is outside [0, 1]")))
+    }
+}
+
 /// One evaluation request.
 #[derive(Clone, Copy, Debug)]
 pub struct Query<'a> {

@@ -90,6 +90,8 @@ pub struct GpuBackend {
     buffers: Buffers,
     /// Bounds every wait for the device (see `health`).
     waiter: Waiter,
+    /// Kernels compiled without wgpu's bounds checks.
+    trusted: bool,
 }
 
 impl GpuBackend {
@@ -120,8 +122,9 @@ impl GpuBackend {
                 Dtype::F32
             };
         let limits = Limits::new(&gpu.limits, gpu.is_cpu());
+        let trusted = options.trusted_shaders.unwrap_or(!gpu.is_cpu());
         let built = scoped(&gpu.device, || {
-            let kernels = Kernels::new(&gpu.device, storage == Dtype::F16, options.trusted_shaders);
+            let kernels = Kernels::new(&gpu.device, storage == Dtype::F16, trusted);
             let residency = place(&gpu.device, dataset, storage, &limits, &options)?;
             Ok((kernels, residency))
         });
@@ -145,6 +148,7 @@ impl GpuBackend {
             gpu,
             options,
             buffers: Buffers::new(),
+            trusted,
         })
     }
 
@@ -317,10 +321,15 @@ impl Backend for GpuBackend {
             String::new()
         };
         format!(
-            "gpu: {} ({:?}, {:?}), {storage}, {n} chunk{}{streaming}",
+            "gpu: {} ({:?}, {:?}), {storage}{}, {n} chunk{}{streaming}",
             self.gpu.info.name,
             self.gpu.info.backend,
             self.gpu.info.device_type,
+            if self.trusted {
+                ", unchecked shaders"
+            } else {
+                ""
+            },
             if n == 1 { "" } else { "s" }
         )
     }

@@ -20,9 +20,11 @@ pub struct GpuOptions {
     /// Most queries evaluated together (default: as many as the scratch buffers can
     /// bind); larger batches run as several sub-batches.
     pub max_sub_batch: Option<usize>,
-    /// Compile the kernels without wgpu's runtime bounds checks (they bound their own
-    /// indices). Faster; off by default.
-    pub trusted_shaders: bool,
+    /// Compile the kernels without wgpu's runtime bounds checks (every kernel bounds its own
+    /// indices, and the tests run them both ways on lavapipe). Default: on for hardware
+    /// adapters (the checks cost speed there), off on software ones, so that the CI runs
+    /// under the checks and an indexing bug shows as a wrong result, not a stray write.
+    pub trusted_shaders: Option<bool>,
     /// Device memory the dataset may take, in bytes; a larger dataset is streamed through
     /// a ring of chunk-sized slots (chunks cut so the ring fits the budget) instead of
     /// being resident. Default: 4 x the adapter's `max_buffer_size`. wgpu exposes no
