@@ -14,6 +14,7 @@ pub mod cpu;
 pub mod gpu;
 pub mod prune;
 pub mod reference;
+pub mod refine;
 pub mod state;
 
 use std::ops::Range;
@@ -128,6 +129,10 @@ pub struct Oracle<'d> {
     kind: BackendKind,
     /// Why `auto` did not use a GPU (shown by `describe`, so run.json says why).
     fallback_reason: Option<String>,
+    /// Late-t f64 recomputation of concentrated posteriors (built on first use).
+    refiner: Option<refine::Refiner>,
+    /// Queries whose fast result was replaced by the f64 refinement, over all calls.
+    refined: u64,
 }
 
 impl<'d> Oracle<'d> {
@@ -195,7 +200,14 @@ impl<'d> Oracle<'d> {
             engine,
             kind,
             fallback_reason,
+            refiner: None,
+            refined: 0,
         })
+    }
+
+    /// How many query evaluations the late-t refinement recomputed in f64 (see `refine`).
+    pub fn refined_queries(&self) -> u64 {
+        self.refined
     }
 
     /// The backend actually in use (`auto` resolved).
@@ -270,22 +282,58 @@ impl<'d> Oracle<'d> {
                         [a as f32, b as f32]
                     })
                     .collect();
-                let post = backend.posterior(&CentredBatch {
+                let mut post = backend.posterior(&CentredBatch {
                     x: &x,
                     logit_coefs: &logit_coefs,
-                    rows,
+                    rows: rows.clone(),
                 })?;
+                let refiner = self.refiner.get_or_insert_with(|| refine::Refiner::new(ds));
+                let mut exact_means: Vec<Option<Vec<f64>>> = vec![None; n_queries];
+                for (q, c) in coefs.iter().enumerate() {
+                    let r = q * dim..(q + 1) * dim;
+                    // The centred query in f64 (the f32 `x` above is rounded).
+                    let xc: Vec<f64> = query.x[r.clone()]
+                        .iter()
+                        .zip(ds.mean())
+                        .map(|(&v, &m)| v as f64 - c.alpha * m as f64)
+                        .collect();
+                    let exact = refiner.refine(
+                        ds,
+                        &refine::RefineQuery {
+                            x: &xc,
+                            alpha: c.alpha,
+                            sigma: c.sigma_safe(),
+                            rows: rows.clone(),
+                            anchor: post.stats[q].top1_index as usize,
+                        },
+                    );
+                    if let Some((mean, stats)) = exact {
+                        exact_means[q] = Some(mean);
+                        // Pruning's certificate and shares describe the fast pass: kept.
+                        let fast = post.stats[q];
+                        post.stats[q] = QueryStats {
+                            skipped_mass_bound: fast.skipped_mass_bound,
+                            tiles_skipped: fast.tiles_skipped,
+                            samples_skipped: fast.samples_skipped,
+                            ..stats
+                        };
+                        self.refined += 1;
+                    }
+                }
                 let mut x1_hat = post.mean;
                 let mut velocity = vec![0.0f32; x1_hat.len()];
                 for (q, c) in coefs.iter().enumerate() {
                     let (a, b) = c.velocity_coefs();
                     let r = q * dim..(q + 1) * dim;
-                    for ((h, v), (&xq, &m)) in x1_hat[r.clone()]
+                    let exact = exact_means[q].as_deref();
+                    for (k, ((h, v), (&xq, &m))) in x1_hat[r.clone()]
                         .iter_mut()
                         .zip(&mut velocity[r.clone()])
                         .zip(query.x[r].iter().zip(ds.mean()))
+                        .enumerate()
                     {
-                        let hat = *h as f64 + m as f64;
+                        let centred = exact.map_or(*h as f64, |e| e[k]);
+                        let hat = centred + m as f64;
                         *h = hat as f32;
                         *v = (a * hat + b * xq as f64) as f32;
                     }

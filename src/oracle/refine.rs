@@ -1,0 +1,283 @@
+//! Late-t refinement: the posterior of a concentrated query recomputed in f64 over every
+//! sample that can matter, from direct distances.
+//!
+//! The fast backends compute logits as one f32 GEMM, `c_dot x.y - c_norm |y|^2`. Its
+//! absolute error is about eps * |x| |y| * alpha / sigma^2, which at late t dwarfs the true
+//! logit gap between near-duplicate samples: the weight is then split between them
+//! arbitrarily (docs/NUMERICS.md measured velocities off by 2x at 1 - t = 1e-5). Late t is
+//! also where the posterior lives on a handful of samples, so the exact answer is cheap:
+//!
+//! 1. The fast result's top-1 row a is an anchor. Its distance d_a = |x - alpha y_a| is
+//!    recomputed in f64. Every row with d_i^2 >= rho^2 = d_a^2 + 2 sigma^2 M has a logit at
+//!    least M below the anchor's, so all such rows together weigh at most n e^-M relative
+//!    to the maximum; with M = ln n + 30 that is e^-30 (1e-13), invisible in f32.
+//! 2. Candidates with d_i < rho are found without touching most rows: by the reverse
+//!    triangle inequality their norms |y_i| lie within rho / alpha of |x| / alpha (rows
+//!    sorted by norm: two binary searches), and the squared distance of their projections
+//!    on K orthonormal directions (a PCA of the data, built the first time it is needed)
+//!    is at most (rho / alpha)^2.
+//! 3. The survivors' distances are computed exactly in f64, the rows beyond rho dropped, and
+//!    the posterior (mean and every statistic) is their softmax in f64.
+//!
+//! When the norm band or the survivors are too many (early and mid t: the posterior is
+//! spread, the f32 errors average out and the fast result already agrees with f64 to
+//! about 1e-6), the fast result is kept. The refinement needs the rows in memory.
+
+use std::ops::Range;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use crate::dataset::Dataset;
+use crate::oracle::QueryStats;
+
+/// Directions of the projection screen.
+const K: usize = 8;
+/// Rows used to find the directions (evenly spaced through the dataset).
+const PCA_ROWS: usize = 2048;
+/// Subspace iterations of the PCA (the screen needs good, not converged, directions).
+const PCA_ITERATIONS: usize = 6;
+/// Most rows in the norm band for which the projection screen runs.
+const BAND_CAP: usize = 8192;
+/// Most candidates whose exact distances are computed.
+const SURVIVOR_CAP: usize = 512;
+/// Logit margin beyond ln n: the dropped rows weigh at most e^-30 of the maximum.
+const MARGIN: f64 = 30.0;
+
+/// The screen's index over one dataset's stored rows.
+pub struct Refiner {
+    /// (|y_i|, i), ascending by norm.
+    by_norm: Vec<(f64, u32)>,
+    /// Built on first use: K x D directions and the N x K projections of the rows.
+    basis: Option<Basis>,
+}
+
+struct Basis {
+    dirs: Vec<f64>,
+    proj: Vec<f64>,
+}
+
+/// What the refinement needs of one query.
+pub struct RefineQuery<'a> {
+    /// The centred query `x - alpha * mean`, in f64.
+    pub x: &'a [f64],
+    pub alpha: f64,
+    /// sigma as the logits use it (`PathCoefs::sigma_safe`).
+    pub sigma: f64,
+    /// Rows the posterior is over (a class, or all).
+    pub rows: Range<usize>,
+    /// The fast result's top-1 stored row.
+    pub anchor: usize,
+}
+
+impl Refiner {
+    pub fn new(ds: &Dataset) -> Self {
+        let mut by_norm: Vec<(f64, u32)> = ds
+            .sq_norms()
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| ((s as f64).sqrt(), i as u32))
+            .collect();
+        by_norm.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        Refiner {
+            by_norm,
+            basis: None,
+        }
+    }
+
+    /// The exact posterior of `q` as (centred mean in f64, stats with stored-row top-1), or
+    /// None when the screen is not selective enough to be cheap. The mean stays f64: at late
+    /// t the velocity (x1_hat - x) / sigma would magnify its f32 rounding.
+    pub fn refine(&mut self, ds: &Dataset, q: &RefineQuery<'_>) -> Option<(Vec<f64>, QueryStats)> {
+        let d = ds.dim();
+        if q.alpha.is_nan() || q.alpha <= 0.0 || q.rows.is_empty() {
+            return None;
+        }
+        let mut row = vec![0.0f32; d];
+        let dist2 = |row: &mut [f32], i: usize| -> f64 {
+            ds.stored_row(i, row);
+            q.x.iter()
+                .zip(row.iter())
+                .map(|(&x, &y)| (x - q.alpha * y as f64).powi(2))
+                .sum()
+        };
+        let n = q.rows.len() as f64;
+        let two_s2 = 2.0 * q.sigma * q.sigma;
+        let rho2 = dist2(&mut row, q.anchor) + two_s2 * (n.ln() + MARGIN);
+        // In units of y: candidates satisfy |x / alpha - y| < r.
+        let r = rho2.sqrt() / q.alpha;
+        let x_norm = q.x.iter().map(|v| v * v).sum::<f64>().sqrt() / q.alpha;
+        // The stored norms are f32 roundings: widen the band by their relative error.
+        let slack = 1e-6 * (x_norm + r);
+        let lo = self.by_norm.partition_point(|e| e.0 < x_norm - r - slack);
+        let hi = self.by_norm.partition_point(|e| e.0 <= x_norm + r + slack);
+        if hi - lo > BAND_CAP {
+            return None;
+        }
+        let basis = self.basis.get_or_insert_with(|| Basis::new(ds));
+        let px: Vec<f64> = (0..K)
+            .map(|k| {
+                let dir = &basis.dirs[k * d..(k + 1) * d];
+                dir.iter().zip(q.x).map(|(a, b)| a * b).sum::<f64>() / q.alpha
+            })
+            .collect();
+        let r2 = r * r * (1.0 + 1e-9) + 1e-12 * (x_norm * x_norm + 1.0);
+        let mut survivors = Vec::new();
+        for &(_, i) in &self.by_norm[lo..hi] {
+            let i = i as usize;
+            if !q.rows.contains(&i) {
+                continue;
+            }
+            let p = &basis.proj[i * K..(i + 1) * K];
+            let s: f64 = p.iter().zip(&px).map(|(a, b)| (a - b).powi(2)).sum();
+            if s <= r2 {
+                survivors.push(i);
+                if survivors.len() > SURVIVOR_CAP {
+                    return None;
+                }
+            }
+        }
+        // Exact distances; keep the rows inside rho (the anchor always is).
+        let mut cands: Vec<(usize, f64)> = survivors
+            .into_iter()
+            .map(|i| (i, dist2(&mut row, i)))
+            .filter(|&(_, d2)| d2 < rho2)
+            .collect();
+        if cands.is_empty() {
+            return None;
+        }
+        // Ascending row order: ties go to the smaller row, as in the backends.
+        cands.sort_by_key(|c| c.0);
+        let d2_min = cands.iter().map(|c| c.1).fold(f64::INFINITY, f64::min);
+        let e: Vec<f64> = cands
+            .iter()
+            .map(|c| (-(c.1 - d2_min) / two_s2).exp())
+            .collect();
+        let z: f64 = e.iter().sum();
+        let mut mean = vec![0.0f64; d];
+        let mut ys = Vec::with_capacity(cands.len());
+        for (&(i, _), &ei) in cands.iter().zip(&e) {
+            ds.stored_row(i, &mut row);
+            let y: Vec<f64> = row.iter().map(|&v| v as f64).collect();
+            for (m, v) in mean.iter_mut().zip(&y) {
+                *m += ei / z * v;
+            }
+            ys.push(y);
+        }
+        let (top, _) = cands
+            .iter()
+            .enumerate()
+            .fold((0, f64::INFINITY), |best, (k, c)| {
+                if c.1 < best.1 {
+                    (k, c.1)
+                } else {
+                    best
+                }
+            });
+        let w: Vec<f64> = e.iter().map(|e| e / z).collect();
+        let variance = w
+            .iter()
+            .zip(&ys)
+            .map(|(wi, y)| {
+                wi * y
+                    .iter()
+                    .zip(&mean)
+                    .map(|(a, b)| (a - b).powi(2))
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            / d as f64;
+        let stats = QueryStats {
+            top1_weight: w[top] as f32,
+            top1_index: cands[top].0 as u32,
+            entropy: (-w
+                .iter()
+                .filter(|&&p| p > 0.0)
+                .map(|p| p * p.ln())
+                .sum::<f64>())
+            .max(0.0) as f32,
+            ess: (1.0 / w.iter().map(|p| p * p).sum::<f64>()) as f32,
+            posterior_variance: variance as f32,
+            ..QueryStats::default()
+        };
+        Some((mean, stats))
+    }
+}
+
+impl Basis {
+    /// K orthonormal directions of largest variance of the stored rows (subspace iteration
+    /// on an evenly spaced subset, seeded: deterministic), and every row's projections.
+    fn new(ds: &Dataset) -> Self {
+        let (n, d) = (ds.n_samples(), ds.dim());
+        let step = n.div_ceil(PCA_ROWS).max(1);
+        let mut row = vec![0.0f32; d];
+        let sample: Vec<Vec<f64>> = (0..n)
+            .step_by(step)
+            .map(|i| {
+                ds.stored_row(i, &mut row);
+                row.iter().map(|&v| v as f64).collect()
+            })
+            .collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(0x5eed);
+        let mut dirs: Vec<f64> = (0..K * d).map(|_| rng.random::<f64>() - 0.5).collect();
+        orthonormalise(&mut dirs, d);
+        for _ in 0..PCA_ITERATIONS {
+            // dirs <- Y^T Y dirs, then orthonormalised.
+            let mut next = vec![0.0f64; K * d];
+            for y in &sample {
+                for k in 0..K {
+                    let c: f64 = dirs[k * d..(k + 1) * d]
+                        .iter()
+                        .zip(y)
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    for (o, v) in next[k * d..(k + 1) * d].iter_mut().zip(y) {
+                        *o += c * v;
+                    }
+                }
+            }
+            orthonormalise(&mut next, d);
+            dirs = next;
+        }
+        let proj: Vec<f64> = (0..n)
+            .into_par_iter()
+            .flat_map_iter(|i| {
+                let mut row = vec![0.0f32; d];
+                ds.stored_row(i, &mut row);
+                let dirs = &dirs;
+                (0..K).map(move |k| {
+                    dirs[k * d..(k + 1) * d]
+                        .iter()
+                        .zip(&row)
+                        .map(|(a, &b)| a * b as f64)
+                        .sum::<f64>()
+                })
+            })
+            .collect();
+        Basis { dirs, proj }
+    }
+}
+
+/// Modified Gram-Schmidt on the K rows of `v` (K x d); a row that collapses (data of rank
+/// below K) is replaced by zeros, which keeps the screen valid (|P v| <= |v| still holds).
+fn orthonormalise(v: &mut [f64], d: usize) {
+    for k in 0..K {
+        for j in 0..k {
+            let (done, rest) = v.split_at_mut(k * d);
+            let prev = &done[j * d..(j + 1) * d];
+            let cur = &mut rest[..d];
+            let c: f64 = prev.iter().zip(cur.iter()).map(|(a, b)| a * b).sum();
+            for (x, p) in cur.iter_mut().zip(prev) {
+                *x -= c * p;
+            }
+        }
+        let cur = &mut v[k * d..(k + 1) * d];
+        let norm = cur.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if norm > 1e-12 {
+            cur.iter_mut().for_each(|x| *x /= norm);
+        } else {
+            cur.iter_mut().for_each(|x| *x = 0.0);
+        }
+    }
+}
