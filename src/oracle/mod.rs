@@ -15,6 +15,7 @@ pub mod gpu;
 pub mod prune;
 pub mod reference;
 pub mod state;
+pub mod stream;
 
 use std::ops::Range;
 
