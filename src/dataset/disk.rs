@@ -47,8 +47,9 @@ use super::npy::{self, NpyDtype};
 use super::{Dataset, Dtype, SampleShape, Values};
 use crate::error::{Error, Result};
 
-/// Most bytes of one positional read (and of the raw buffer the passes use).
-const READ_BYTES: usize = 4 << 20;
+/// Most bytes of one positional read (and of the raw buffer the passes use): transient
+/// memory beside the tiles, so small; 1 MiB reads already run at disk speed.
+const READ_BYTES: usize = 1 << 20;
 /// Fewest rows in a compute tile, whatever the budget (the O(tile) of the memory bound).
 pub const MIN_TILE_ROWS: usize = 256;
 /// Most bytes in one compute tile: larger tiles buy nothing once the GEMMs are long.
@@ -142,7 +143,7 @@ impl DiskRows {
     /// Rows of one compute tile: [`TILES_IN_FLIGHT`] f32 tiles fit the budget left after
     /// the per-row arrays, at least [`MIN_TILE_ROWS`] and at most 64 MiB.
     pub fn tile_rows(&self) -> usize {
-        let resident = self.n as u64 * 16 + self.dim as u64 * 16;
+        let resident = self.n as u64 * 16 + self.dim as u64 * 16 + READ_BYTES as u64;
         let per_tile = self.budget.saturating_sub(resident) / TILES_IN_FLIGHT;
         let row = (self.dim * 4) as u64;
         let rows = (per_tile.min(MAX_TILE_BYTES) / row) as usize;
@@ -402,6 +403,7 @@ pub fn open(
     };
     let file = File::open(data).map_err(|e| Error::io(data, e))?;
     advise_sequential(&file);
+    pin_mmap_threshold();
     let mut disk = DiskRows {
         path: data.to_path_buf(),
         file,
@@ -459,6 +461,18 @@ pub fn open(
         original_index: order,
         class_rows,
     })
+}
+
+/// glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after
+/// which tile-sized blocks come from the threads' heaps and freed ones linger there: the
+/// peak anonymous memory then grows past the budget by several tiles. Pinning the threshold
+/// at its default keeps every tile-sized buffer its own mapping, returned on free.
+fn pin_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes an allocator tunable; any value is valid.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
 }
 
 fn advise_sequential(file: &File) {
