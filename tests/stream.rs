@@ -601,3 +601,43 @@ fn bad_input_is_refused_naming_it() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(std::fs::read(sidecar_path(&data)).unwrap().len() > 100);
 }
+
+#[test]
+fn convert_generates_synthetic_sources_block_by_block() {
+    use oracleflow::dataset::synthetic;
+    let dir = tempfile::tempdir().unwrap();
+    // Several 8 MiB blocks of 4-byte values: the block seams must not show.
+    let (n, d) = (6000, 1000);
+    let g = dir.path().join("g.npy");
+    let o = oracleflow(&[
+        "convert",
+        "gaussian:6000,1000,4",
+        "--out",
+        g.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (shape, got) = npy::read_npy_f32(&g).unwrap();
+    assert_eq!(shape, vec![n, d]);
+    assert!(got == synthetic::gaussian(n, d, 4), "gaussian rows differ");
+
+    let m = dir.path().join("m.npy");
+    let o = oracleflow(&[
+        "convert",
+        "mixture:6000,1000,7,2@5000",
+        "--out",
+        m.to_str().unwrap(),
+        "--dtype",
+        "f16",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (values, labels) = synthetic::mixture(5000, d, 7, 2);
+    let (shape, got) = npy::read_npy_f32(&m).unwrap();
+    assert_eq!(shape, vec![5000, d]);
+    let want: Vec<f32> = values
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_f32())
+        .collect();
+    assert!(got == want, "mixture rows differ");
+    let got_labels = npy::read_labels(&dir.path().join("m.labels.npy"), 5000, &m).unwrap();
+    assert_eq!(got_labels, labels);
+}
