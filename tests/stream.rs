@@ -641,3 +641,55 @@ fn convert_generates_synthetic_sources_block_by_block() {
     let got_labels = npy::read_labels(&dir.path().join("m.labels.npy"), 5000, &m).unwrap();
     assert_eq!(got_labels, labels);
 }
+
+#[test]
+fn unwritable_sidecar_falls_back_to_the_cache_then_recomputes_saying_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = write_data(dir.path(), 400, 16, "<f4");
+    let q = dir.path().join("q.npy");
+    npy::write_npy_f32(&q, &[1, 16], &[3.0; 16]).unwrap();
+    // The sidecar's place beside the data is taken (by a directory: even root cannot
+    // replace it with a file), so the stats cannot be written there.
+    std::fs::create_dir(sidecar_path(&data)).unwrap();
+    let run = |cache: &Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_oracleflow"))
+            .args([
+                "velocity",
+                "--data",
+                data.to_str().unwrap(),
+                "--queries",
+                q.to_str().unwrap(),
+                "--t",
+                "0.5",
+                "--out",
+                dir.path().join("v.npy").to_str().unwrap(),
+                "--force",
+                "--backend",
+                "cpu",
+                "--memory-budget",
+                "0.01",
+            ])
+            .env("XDG_CACHE_HOME", cache)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        stderr(&o)
+    };
+    let cache = dir.path().join("cache");
+    let err = run(&cache);
+    assert!(!err.contains("warning"), "{err}");
+    let cached: Vec<_> = std::fs::read_dir(cache.join("oracleflow"))
+        .unwrap()
+        .collect();
+    assert_eq!(cached.len(), 1, "one sidecar in the cache");
+    // No usable cache either (a file where the directory should be): one warning.
+    let blocked = dir.path().join("not-a-dir");
+    std::fs::write(&blocked, b"x").unwrap();
+    let err = run(&blocked);
+    assert_eq!(
+        err.matches("warning: cannot write the stats sidecar")
+            .count(),
+        1,
+        "{err}"
+    );
+}

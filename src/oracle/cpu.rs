@@ -74,6 +74,9 @@ impl<'d> CpuBackend<'d> {
     /// Builds the pruning index now (else the first pruned call does); returns its tile
     /// count, or `None` when the data gives the bounds nothing to use (then dense runs).
     pub fn prepare(&mut self) -> Option<usize> {
+        if self.dataset.disk().is_some() {
+            return None; // streamed from disk: always dense (see oracle::stream)
+        }
         self.index
             .get_or_insert_with(|| PruneIndex::build(self.dataset))
             .as_ref()
