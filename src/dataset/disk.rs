@@ -297,15 +297,28 @@ fn read_header(data: &Path) -> Result<(npy::NpyHeader, u64)> {
         .take(1 << 20)
         .read_to_end(&mut head)
         .map_err(|e| Error::io(data, e))?;
+    if head.len() as u64 == len {
+        // The whole file is read: the in-memory loader's checks and messages.
+        return Ok((npy::parse_header(&head, data)?, len));
+    }
     let (header, expected) = npy::parse_header_prefix(&head, data)?;
     let got = len - header.data_offset as u64;
-    if got != expected as u64 {
+    let (expected, shape) = (expected as u64, &header.shape);
+    if got < expected {
         return Err(Error::data(
             data,
             format!(
-                "shape {:?} of {} needs {expected} bytes of data, the file holds {got}",
-                header.shape,
+                "truncated: shape {shape:?} of {} needs {expected} bytes of data, found {got}",
                 header.dtype.descr()
+            ),
+        ));
+    }
+    if got > expected {
+        return Err(Error::data(
+            data,
+            format!(
+                "{} unexpected bytes after the data of shape {shape:?}",
+                got - expected
             ),
         ));
     }
