@@ -22,6 +22,11 @@ use clap::Parser;
 struct Cli {
     #[command(subcommand)]
     command: cli::Command,
+    /// Memory the dataset may take in RAM, in MiB (fractions allowed); a larger .npy
+    /// dataset (<f4 or <f2) is streamed from disk tile by tile, its mean and norms cached
+    /// in DATA.npy.oracleflow-stats beside it (default: half of the available memory)
+    #[arg(long, global = true, value_name = "MIB")]
+    memory_budget: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -33,7 +38,35 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     oracleflow::interrupt::install();
-    match cli.command.run() {
+    if let Some(text) = &cli.memory_budget {
+        match oracleflow::dataset::disk::parse_budget_mib(text) {
+            Ok(bytes) => oracleflow::dataset::disk::set_memory_budget(bytes),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let result = cli.command.run();
+    // For memory measurements (tests/stream.rs, the README's numbers): peak and current
+    // resident memory, from /proc/self/status.
+    if std::env::var_os("ORACLEFLOW_MEMORY_REPORT").is_some() {
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+            let fields: Vec<&str> = status
+                .lines()
+                .filter(|l| l.starts_with("VmHWM") || l.starts_with("RssAnon"))
+                .collect();
+            eprintln!(
+                "memory: {}",
+                fields
+                    .join(" ")
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", oracleflow::error::one_line(&e));

@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Args;
 use half::f16;
 
-use oracleflow::dataset::{npy, Dtype};
+use oracleflow::dataset::{npy, synthetic, DataSpec, Dtype, Source};
 use oracleflow::output;
 
 use super::args::DataArgs;
@@ -41,58 +41,120 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     }
     let labels_out = labels_path(&a.out);
     output::check_new(&[a.out.as_path(), labels_out.as_path()], a.force)?;
-    let ds = DataArgs {
-        data: a.src.clone(),
-        dtype: a.dtype,
-    }
-    .load()?;
-    let (n, dim) = (ds.n_samples(), ds.dim());
-    let mut shape = vec![n];
-    shape.extend(&ds.shape.dims);
-    let descr = match a.dtype {
-        Dtype::F32 => "<f4",
-        Dtype::F16 => "<f2",
+    let parsed = DataSpec::parse(&a.src)?;
+    // Synthetic sources are generated a block at a time (a 10 GB draw never sits in RAM);
+    // every other source is loaded (a large .npy source streams from its file) and written
+    // row by row in source order.
+    let synthetic = match parsed.source {
+        Source::Gaussian {
+            n_samples,
+            dim,
+            seed,
+        } => Some((n_samples, dim, 0, seed)),
+        Source::Mixture {
+            n_samples,
+            dim,
+            k,
+            seed,
+        } => Some((n_samples, dim, k, seed)),
+        _ => None,
     };
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| oracleflow::Error::io(dir, e))?;
     }
-    let bar = progress(n as u64, "samples");
-    // Rows in source order (the dataset stores them sorted by class), one at a time.
-    npy::write_npy_with(&a.out, descr, &shape, |w| {
-        let mut bytes = Vec::with_capacity(dim * 4);
-        for i in 0..n {
-            let row = ds
-                .row_of_original(i as u32)
-                .expect("every source index has a row");
-            bytes.clear();
-            for v in ds.sample(row) {
-                match a.dtype {
-                    Dtype::F32 => bytes.extend(v.to_le_bytes()),
-                    Dtype::F16 => bytes.extend(f16::from_f32(v).to_le_bytes()),
-                }
+    let descr = match a.dtype {
+        Dtype::F32 => "<f4",
+        Dtype::F16 => "<f2",
+    };
+    let encode = |values: &[f32], bytes: &mut Vec<u8>| {
+        bytes.clear();
+        for &v in values {
+            match a.dtype {
+                Dtype::F32 => bytes.extend(v.to_le_bytes()),
+                Dtype::F16 => bytes.extend(f16::from_f32(v).to_le_bytes()),
             }
-            w.write_all(&bytes)?;
-            bar.inc(1);
         }
-        Ok(())
-    })?;
-    bar.finish_and_clear();
+    };
+    let (n, dims, labels): (usize, Vec<usize>, Option<Vec<i64>>) =
+        if let Some((n_all, dim, k, seed)) = synthetic {
+            let n = match parsed.limit {
+                Some(m) if m > n_all => oracleflow::bail_input!(
+                    "{}: @{m} asks for more than the {n_all} samples generated",
+                    a.src
+                ),
+                Some(m) => m,
+                None => n_all,
+            };
+            let block = ((8 << 20) / (dim * 4)).clamp(1, n);
+            let bar = progress(n as u64, "samples");
+            let mut values = vec![0.0f32; block * dim];
+            let mut block_labels = vec![0u32; block];
+            let mut labels = (k > 0).then(|| Vec::with_capacity(n));
+            let mut gaussian = synthetic::GaussianStream::new(seed);
+            let mut mixture = (k > 0).then(|| synthetic::MixtureStream::new(dim, k, seed));
+            npy::write_npy_with(&a.out, descr, &[n, dim], |w| {
+                let mut bytes = Vec::new();
+                for start in (0..n).step_by(block) {
+                    let rows = block.min(n - start);
+                    let (v, l) = (&mut values[..rows * dim], &mut block_labels[..rows]);
+                    match (&mut mixture, &mut labels) {
+                        (Some(m), Some(all)) => {
+                            m.fill(v, l);
+                            all.extend(l.iter().map(|&c| c as i64));
+                        }
+                        _ => gaussian.fill(v),
+                    }
+                    encode(v, &mut bytes);
+                    w.write_all(&bytes)?;
+                    bar.inc(rows as u64);
+                }
+                Ok(())
+            })?;
+            bar.finish_and_clear();
+            (n, vec![dim], labels)
+        } else {
+            // Loaded as f32 so the values are rounded once, to the output dtype.
+            let ds = DataArgs {
+                data: a.src.clone(),
+                dtype: Dtype::F32,
+            }
+            .load()?;
+            let (n, dim) = (ds.n_samples(), ds.dim());
+            let mut shape = vec![n];
+            shape.extend(&ds.shape.dims);
+            // Stored row of each source index (rows are sorted by class).
+            let mut row_of = vec![0u32; n];
+            for row in 0..n {
+                row_of[ds.original_index(row) as usize] = row as u32;
+            }
+            let bar = progress(n as u64, "samples");
+            npy::write_npy_with(&a.out, descr, &shape, |w| {
+                let mut bytes = Vec::with_capacity(dim * 4);
+                for &row in &row_of {
+                    encode(&ds.sample(row as usize), &mut bytes);
+                    w.write_all(&bytes)?;
+                    bar.inc(1);
+                }
+                Ok(())
+            })?;
+            bar.finish_and_clear();
+            let labels = ds
+                .labels()
+                .map(|l| row_of.iter().map(|&r| l[r as usize] as i64).collect());
+            (n, ds.shape.dims.clone(), labels)
+        };
+    let dim: usize = dims.iter().product();
     let mut reload = a.out.display().to_string();
-    if let Some(labels) = ds.labels() {
-        let mut by_source = vec![0i64; n];
-        for (row, &label) in labels.iter().enumerate() {
-            by_source[ds.original_index(row) as usize] = label as i64;
-        }
+    if let Some(labels) = labels {
         npy::write_npy_with(&labels_out, "<i8", &[n], |w| {
-            by_source
+            labels
                 .iter()
                 .try_for_each(|l| w.write_all(&l.to_le_bytes()))
         })?;
         reload = format!("npy:{},{}", a.out.display(), labels_out.display());
     }
     eprintln!(
-        "wrote {n} samples of {:?} as {:?} ({} bytes of values); load it with --data {reload}",
-        ds.shape.dims,
+        "wrote {n} samples of {dims:?} as {:?} ({} bytes of values); load it with --data {reload}",
         a.dtype,
         n * dim * a.dtype.bytes()
     );

@@ -114,6 +114,7 @@ pub fn run(a: VelocityArgs) -> Result<()> {
     );
 
     let bar = progress(n_queries as u64, "queries");
+    let started = std::time::Instant::now();
     let mut velocity = Vec::with_capacity(x.len());
     let mut x1_hat = Vec::with_capacity(x.len());
     let mut stats = Vec::with_capacity(n_queries);
@@ -131,6 +132,17 @@ pub fn run(a: VelocityArgs) -> Result<()> {
         bar.inc((end - start) as u64);
     }
     bar.finish_and_clear();
+    if let Some(disk) = ds.disk() {
+        // What out-of-core evaluation costs: the bytes read per second of evaluation.
+        let secs = started.elapsed().as_secs_f64();
+        let bytes = disk.bytes_read() as f64;
+        eprintln!(
+            "streamed {:.3} GB from {} in {secs:.2} s ({:.3} GB/s)",
+            bytes / 1e9,
+            disk.path().display(),
+            bytes / 1e9 / secs.max(1e-9)
+        );
+    }
 
     npy::write_npy_f32(&a.out, &shape, &velocity)?;
     if let Some(p) = &a.x1_hat {

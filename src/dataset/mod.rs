@@ -11,6 +11,7 @@
 //!   contiguous row range: a class-conditional oracle is the same tiled pass over a
 //!   sub-range. `original_index` maps a stored row back to its index in the source.
 
+pub mod disk;
 pub mod folder;
 pub mod idx;
 pub mod limits;
@@ -50,6 +51,8 @@ impl Dtype {
 pub enum Values {
     F32(Vec<f32>),
     F16(Vec<f16>),
+    /// In the dataset's `.npy` file, read tile by tile (larger than `--memory-budget`).
+    Disk(std::sync::Arc<disk::DiskRows>),
 }
 
 /// Source rows handed to [`Dataset::from_raw`], borrowed from a decoded file or a mapping.
@@ -279,9 +282,44 @@ impl Dataset {
     }
 
     pub fn dtype(&self) -> Dtype {
-        match self.values {
+        match &self.values {
             Values::F32(_) => Dtype::F32,
             Values::F16(_) => Dtype::F16,
+            Values::Disk(d) => d.storage(),
+        }
+    }
+
+    /// The file a streamed dataset is read from (None: the values are in memory).
+    pub fn disk(&self) -> Option<&std::sync::Arc<disk::DiskRows>> {
+        match &self.values {
+            Values::Disk(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// A tile of f32 rows as a dataset of its own (values and norms only): the streamed
+    /// passes hand each tile to the in-memory kernels. Take the values back with
+    /// [`Dataset::into_tile_values`].
+    pub(crate) fn tile(dim: usize, values: Vec<f32>, sq_norms: Vec<f32>) -> Dataset {
+        Dataset {
+            name: String::new(),
+            shape: SampleShape::array(vec![dim]),
+            n_samples: sq_norms.len(),
+            dim,
+            values: Values::F32(values),
+            mean: Vec::new(),
+            sq_norms,
+            labels: None,
+            original_index: Vec::new(),
+            class_rows: Vec::new(),
+        }
+    }
+
+    /// The values and norms of a [`Dataset::tile`], for reuse.
+    pub(crate) fn into_tile_values(self) -> (Vec<f32>, Vec<f32>) {
+        match self.values {
+            Values::F32(v) => (v, self.sq_norms),
+            _ => (Vec::new(), self.sq_norms),
         }
     }
 
@@ -352,6 +390,15 @@ impl Dataset {
                 for (o, x) in out.iter_mut().zip(&v[r]) {
                     *o = x.to_f32();
                 }
+            }
+            Values::Disk(d) => {
+                let mut row_values = Vec::with_capacity(self.dim);
+                // One row's read failing (the file truncated under us) has no way out
+                // of this infallible accessor; the streamed passes report I/O errors.
+                if let Err(e) = d.read_f32(row..row + 1, &mut row_values) {
+                    panic!("{e}");
+                }
+                out.copy_from_slice(&row_values);
             }
         }
     }

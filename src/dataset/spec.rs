@@ -141,7 +141,20 @@ impl DataSpec {
             }
             Source::Idx(path) => idx::load(path, limit, dtype),
             Source::Folder(dir) => folder::load(dir, limit, dtype),
-            Source::Npy { data, labels } => npy::load(data, labels.as_deref(), limit, dtype),
+            Source::Npy { data, labels } => {
+                // Larger than the memory budget: streamed from the file (dataset::disk).
+                let budget = super::disk::memory_budget();
+                match super::disk::open_if_over_budget(
+                    data,
+                    labels.as_deref(),
+                    limit,
+                    dtype,
+                    budget,
+                )? {
+                    Some(ds) => Ok(ds),
+                    None => npy::load(data, labels.as_deref(), limit, dtype),
+                }
+            }
             &Source::Gaussian {
                 n_samples,
                 dim,

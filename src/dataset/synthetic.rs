@@ -54,3 +54,63 @@ pub fn mixture_with(
     }
     (values, labels)
 }
+
+/// The rows of [`gaussian`] (same seed, same values, in order) generated a block at a time,
+/// for writers that must not hold the whole draw (`oracleflow convert`).
+pub struct GaussianStream {
+    rng: ChaCha8Rng,
+}
+
+impl GaussianStream {
+    pub fn new(seed: u64) -> Self {
+        GaussianStream {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+
+    /// The next `out.len()` values of the draw.
+    pub fn fill(&mut self, out: &mut [f32]) {
+        for v in out {
+            *v = self.rng.sample::<f32, _>(StandardNormal);
+        }
+    }
+}
+
+/// The rows and labels of [`mixture`] (same seed, same values, in order) a block at a time.
+pub struct MixtureStream {
+    rng: ChaCha8Rng,
+    means: Vec<f32>,
+    dim: usize,
+    k: usize,
+    next: usize,
+}
+
+impl MixtureStream {
+    pub fn new(dim: usize, k: usize, seed: u64) -> Self {
+        assert!(k > 0, "a mixture needs at least one component");
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let means: Vec<f32> = (0..k * dim)
+            .map(|_| MIXTURE_MEAN_SCALE * rng.sample::<f32, _>(StandardNormal))
+            .collect();
+        MixtureStream {
+            rng,
+            means,
+            dim,
+            k,
+            next: 0,
+        }
+    }
+
+    /// The next `labels.len()` rows into `values` (rows x dim) and their labels.
+    pub fn fill(&mut self, values: &mut [f32], labels: &mut [u32]) {
+        for (row, label) in values.chunks_exact_mut(self.dim).zip(labels) {
+            let c = self.next % self.k;
+            self.next += 1;
+            let mean = &self.means[c * self.dim..(c + 1) * self.dim];
+            for (v, &m) in row.iter_mut().zip(mean) {
+                *v = m + MIXTURE_STD * self.rng.sample::<f32, _>(StandardNormal);
+            }
+            *label = c as u32;
+        }
+    }
+}

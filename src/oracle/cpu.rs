@@ -74,6 +74,9 @@ impl<'d> CpuBackend<'d> {
     /// Builds the pruning index now (else the first pruned call does); returns its tile
     /// count, or `None` when the data gives the bounds nothing to use (then dense runs).
     pub fn prepare(&mut self) -> Option<usize> {
+        if self.dataset.disk().is_some() {
+            return None; // streamed from disk: always dense (see oracle::stream)
+        }
         self.index
             .get_or_insert_with(|| PruneIndex::build(self.dataset))
             .as_ref()
@@ -97,17 +100,19 @@ impl<'d> CpuBackend<'d> {
 }
 
 /// Partial result of one task: states and weighted sums (not yet normalised).
-struct Partial {
-    states: Vec<SoftmaxState>,
-    acc: Vec<f32>,
+pub(crate) struct Partial {
+    pub(crate) states: Vec<SoftmaxState>,
+    pub(crate) acc: Vec<f32>,
     /// Per query: sum_i e_i |y_i|^2, on the same scale as the state's sum (for the
     /// posterior variance).
-    sum_norm: Vec<f32>,
+    pub(crate) sum_norm: Vec<f32>,
 }
 
 impl Backend for CpuBackend<'_> {
     fn describe(&self) -> String {
-        let mode = if matches!(self.index, Some(None)) {
+        let mode = if let Some(disk) = self.dataset.disk() {
+            crate::oracle::stream::describe(disk)
+        } else if matches!(self.index, Some(None)) {
             "exact pruning off: no low-dimensional structure for its bounds, dense".to_string()
         } else if self.options.prune {
             format!(
@@ -128,6 +133,9 @@ impl Backend for CpuBackend<'_> {
     fn posterior(&mut self, batch: &CentredBatch<'_>) -> Result<Posterior> {
         self.last_pruned = false;
         self.kept.clear();
+        if let Some(disk) = self.dataset.disk() {
+            return crate::oracle::stream::posterior(disk, self.dataset, batch, self.threads);
+        }
         if self.options.prune && batch.rows.len() >= prune::MIN_PRUNE_ROWS {
             self.prepare();
             if let Some(Some(index)) = &self.index {
@@ -214,7 +222,7 @@ impl CpuBackend<'_> {
 }
 
 /// One (query group, row block) task: the tiled online softmax over `rows`.
-fn run_task(ds: &Dataset, x: &[f32], coefs: &[[f32; 2]], rows: Range<usize>) -> Partial {
+pub(crate) fn run_task(ds: &Dataset, x: &[f32], coefs: &[[f32; 2]], rows: Range<usize>) -> Partial {
     let dim = ds.dim();
     let n_q = coefs.len();
     let mut states = vec![SoftmaxState::EMPTY; n_q];
@@ -296,6 +304,14 @@ pub(crate) fn stored_rows_f32<'a>(
                     .iter()
                     .map(|h: &f16| h.to_f32()),
             );
+            scratch
+        }
+        // Streamed from disk: read here (the oracle's passes use the prefetching reader
+        // of `oracle::stream`; this serves the other readers, e.g. nearest neighbours).
+        Values::Disk(d) => {
+            if let Err(e) = d.read_f32(rows, scratch) {
+                panic!("{e}");
+            }
             scratch
         }
     }

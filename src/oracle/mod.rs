@@ -16,6 +16,7 @@ pub mod prune;
 pub mod reference;
 pub mod refine;
 pub mod state;
+pub mod stream;
 
 use std::ops::Range;
 
@@ -216,10 +217,18 @@ impl<'d> Oracle<'d> {
     }
 
     pub fn describe(&self) -> String {
-        let what = match &self.engine {
+        let mut what = match &self.engine {
             Engine::Reference => "reference (f64)".to_string(),
             Engine::Fast(b) => b.describe(),
         };
+        if let Some(disk) = self.dataset.disk() {
+            if !what.contains("streamed from disk") {
+                what = format!(
+                    "{what}; data read from disk ({}), dense",
+                    disk.path().display()
+                );
+            }
+        }
         match &self.fallback_reason {
             Some(why) => format!("{what} (auto: no GPU used: {why})"),
             None => what,

@@ -309,12 +309,17 @@ impl Backend for GpuBackend {
         let n = self.residency.n_chunks();
         let streaming = if self.residency.is_streaming() {
             format!(
-                ", streaming through {} device slot{}",
+                ", streaming through {} device slot{}{}",
                 self.residency.n_buffers(),
                 if self.residency.n_buffers() == 1 {
                     ""
                 } else {
                     "s"
+                },
+                if self.residency.refills_from_disk() {
+                    " refilled from disk"
+                } else {
+                    ""
                 }
             )
         } else {

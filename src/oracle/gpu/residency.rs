@@ -43,9 +43,19 @@
 //! The cost of streaming: one host copy of the dataset in the storage layout (the
 //! backend does not keep the `Dataset`), and one host-to-device copy of every chunk a
 //! call reads, per sub-batch.
+//!
+//! A dataset streamed from disk (`dataset::disk`) has no host copy: the ring refills from
+//! the file. Its chunks are further cut to the host tile size the memory budget allows, and
+//! `load` reads chunk i (centred and rounded as the in-memory dataset stores it) into one
+//! reused host buffer right before queueing its upload, while the device still computes
+//! chunk i - 1: the disk read of k+1 overlaps the compute of k as the host copy does. A
+//! dataset from disk that fits the device's budget is uploaded once, read tile by tile.
 
 use std::ops::Range;
 
+use std::sync::Arc;
+
+use crate::dataset::disk::DiskRows;
 use crate::dataset::{Dataset, Dtype, Values};
 use crate::error::{Error, Result};
 
@@ -81,10 +91,23 @@ pub(super) struct Stream {
     held: Vec<Option<usize>>,
     /// The last submission that read each slot.
     last_read: Vec<Option<wgpu::SubmissionIndex>>,
-    /// All rows, padded and converted as on the device.
-    host_values: Vec<u8>,
+    /// Where the rows come from.
+    host: HostRows,
     host_sq_norms: Vec<f32>,
     row_bytes: usize,
+}
+
+/// The rows a ring refills from.
+enum HostRows {
+    /// All rows, padded and converted as on the device.
+    Packed(Vec<u8>),
+    /// The dataset's file, read a chunk at a time into `staging`.
+    Disk {
+        disk: Arc<DiskRows>,
+        device: Dtype,
+        dim_padded: usize,
+        staging: Vec<u8>,
+    },
 }
 
 impl Residency {
@@ -142,6 +165,11 @@ impl Residency {
             .collect()
     }
 
+    /// Whether the ring refills from the dataset's file (not a host copy).
+    pub fn refills_from_disk(&self) -> bool {
+        matches!(self, Residency::Streaming(s) if matches!(s.host, HostRows::Disk { .. }))
+    }
+
     pub fn is_streaming(&self) -> bool {
         matches!(self, Residency::Streaming(_))
     }
@@ -180,11 +208,19 @@ impl Stream {
         }
         let rows = self.chunks[c].clone();
         let dst = &self.slots[slot];
-        queue.write_buffer(
-            &dst.values,
-            0,
-            &self.host_values[rows.start * self.row_bytes..rows.end * self.row_bytes],
-        );
+        let bytes: &[u8] = match &mut self.host {
+            HostRows::Packed(v) => &v[rows.start * self.row_bytes..rows.end * self.row_bytes],
+            HostRows::Disk {
+                disk,
+                device,
+                dim_padded,
+                staging,
+            } => {
+                disk.read_padded(rows.clone(), *device, *dim_padded, staging)?;
+                staging
+            }
+        };
+        queue.write_buffer(&dst.values, 0, bytes);
         queue.write_buffer(
             &dst.sq_norms,
             0,
@@ -238,7 +274,11 @@ pub(super) fn stream(
              {row_bytes} bytes for streaming"
         )));
     }
-    let rows_per_chunk = by_binding.min(by_budget);
+    // From disk: a chunk is also one host tile (the host buffer it is read into).
+    let by_host = dataset
+        .disk()
+        .map_or(usize::MAX, |d| (d.tile_bytes() / row_bytes).max(1) as usize);
+    let rows_per_chunk = by_binding.min(by_budget).min(by_host);
     let n = dataset.n_samples();
     let chunks: Vec<Range<usize>> = (0..n)
         .step_by(rows_per_chunk)
@@ -262,17 +302,28 @@ pub(super) fn stream(
             }),
         })
         .collect::<Vec<_>>();
-    let mut host_values = vec![0u8; n * row_bytes as usize];
     let dim_padded = dataset.dim().div_ceil(4) * 4;
-    fill_rows(dataset, 0..n, dim_padded, storage, |offset, bytes| {
-        host_values[offset..offset + bytes.len()].copy_from_slice(bytes);
-    });
+    let host = match dataset.disk() {
+        Some(disk) => HostRows::Disk {
+            disk: disk.clone(),
+            device: storage,
+            dim_padded,
+            staging: Vec::new(),
+        },
+        None => {
+            let mut host_values = vec![0u8; n * row_bytes as usize];
+            fill_rows(dataset, 0..n, dim_padded, storage, |offset, bytes| {
+                host_values[offset..offset + bytes.len()].copy_from_slice(bytes);
+            })?;
+            HostRows::Packed(host_values)
+        }
+    };
     Ok(Stream {
         held: vec![None; slots.len()],
         last_read: vec![None; slots.len()],
         chunks,
         slots,
-        host_values,
+        host,
         host_sq_norms: dataset.sq_norms().to_vec(),
         row_bytes: row_bytes as usize,
     })
@@ -312,7 +363,7 @@ pub(super) fn upload(
                     view.slice(offset..offset + bytes.len())
                         .copy_from_slice(bytes);
                 },
-            );
+            )?;
         }
         values.unmap();
         let sq_norms = device.create_buffer(&wgpu::BufferDescriptor {
@@ -343,7 +394,7 @@ fn fill_rows(
     dim_padded: usize,
     storage: Dtype,
     mut write: impl FnMut(usize, &[u8]),
-) {
+) -> Result<()> {
     let dim = dataset.dim();
     let row_bytes = dim_padded * storage.bytes();
     let block_rows = ((4 << 20) / row_bytes).max(1);
@@ -352,6 +403,12 @@ fn fill_rows(
     while block_start < rows.end {
         let block_end = (block_start + block_rows).min(rows.end);
         bytes.clear();
+        if let Some(disk) = dataset.disk() {
+            disk.read_padded(block_start..block_end, storage, dim_padded, &mut bytes)?;
+            write((block_start - rows.start) * row_bytes, &bytes);
+            block_start = block_end;
+            continue;
+        }
         for row in block_start..block_end {
             let r = row * dim..(row + 1) * dim;
             match (dataset.values(), storage) {
@@ -373,10 +430,12 @@ fn fill_rows(
                 (Values::F32(_), Dtype::F16) => {
                     unreachable!("f32 datasets are held as f32")
                 }
+                (Values::Disk(_), _) => unreachable!("read above"),
             }
         }
         let offset = (block_start - rows.start) * row_bytes;
         write(offset, &bytes);
         block_start = block_end;
     }
+    Ok(())
 }
