@@ -38,34 +38,9 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     oracleflow::interrupt::install();
-    if let Some(text) = &cli.memory_budget {
-        match oracleflow::dataset::disk::parse_budget_mib(text) {
-            Ok(bytes) => oracleflow::dataset::disk::set_memory_budget(bytes),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(2);
-            }
-        }
-    }
-    let result = cli.command.run();
-    // For memory measurements (tests/stream.rs, the README's numbers): peak and current
-    // resident memory, from /proc/self/status.
-    if std::env::var_os("ORACLEFLOW_MEMORY_REPORT").is_some() {
-        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-            let fields: Vec<&str> = status
-                .lines()
-                .filter(|l| l.starts_with("VmHWM") || l.starts_with("RssAnon"))
-                .collect();
-            eprintln!(
-                "memory: {}",
-                fields
-                    .join(" ")
-                    .split_whitespace()
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            );
-        }
-    }
+    let result =
+        cli::set_memory_budget(cli.memory_budget.as_deref()).and_then(|()| cli.command.run());
+    cli::memory_report();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -60,6 +60,32 @@ impl Command {
 }
 
 /// A progress bar on stderr; indicatif draws nothing when stderr is not a terminal.
+/// Applies the global `--memory-budget MIB` (see `dataset::disk`).
+pub fn set_memory_budget(text: Option<&str>) -> Result<()> {
+    if let Some(text) = text {
+        let bytes = oracleflow::dataset::disk::parse_budget_mib(text)?;
+        oracleflow::dataset::disk::set_memory_budget(bytes);
+    }
+    Ok(())
+}
+
+/// With `ORACLEFLOW_MEMORY_REPORT` set, prints peak resident memory (VmHWM) and anonymous
+/// memory (RssAnon) at exit, from /proc/self/status: for memory measurements
+/// (tests/stream.rs, the README's numbers).
+pub fn memory_report() {
+    if std::env::var_os("ORACLEFLOW_MEMORY_REPORT").is_none() {
+        return;
+    }
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        let fields: Vec<String> = status
+            .lines()
+            .filter(|l| l.starts_with("VmHWM") || l.starts_with("RssAnon"))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        eprintln!("memory: {}", fields.join(" "));
+    }
+}
+
 pub fn progress(len: u64, unit: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(

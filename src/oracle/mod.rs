@@ -296,8 +296,8 @@ impl<'d> Oracle<'d> {
                     logit_coefs: &logit_coefs,
                     rows: rows.clone(),
                 })?;
-                let refiner = self.refiner.get_or_insert_with(|| refine::Refiner::new(ds));
                 let mut exact_means: Vec<Option<Vec<f64>>> = vec![None; n_queries];
+                let refiner = self.refiner.get_or_insert_with(|| refine::Refiner::new(ds));
                 for (q, c) in coefs.iter().enumerate() {
                     let r = q * dim..(q + 1) * dim;
                     // The centred query in f64 (the f32 `x` above is rounded).
@@ -315,7 +315,7 @@ impl<'d> Oracle<'d> {
                             rows: rows.clone(),
                             anchor: post.stats[q].top1_index as usize,
                         },
-                    );
+                    )?;
                     if let Some((mean, stats)) = exact {
                         exact_means[q] = Some(mean);
                         // Pruning's certificate and shares describe the fast pass: kept.

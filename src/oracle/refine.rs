@@ -21,7 +21,9 @@
 //!
 //! When the norm band or the survivors are too many (early and mid t: the posterior is
 //! spread, the f32 errors average out and the fast result already agrees with f64 to
-//! about 1e-6), the fast result is kept. The refinement needs the rows in memory.
+//! about 1e-6), the fast result is kept. A dataset streamed from disk is refined the same
+//! way, its candidate rows read from the file (the projections cost one pass over it, made
+//! the first time a concentrated query comes, and 32 bytes a row in memory).
 
 use std::ops::Range;
 
@@ -30,6 +32,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::dataset::Dataset;
+use crate::error::Result;
 use crate::oracle::QueryStats;
 
 /// Directions of the projection screen.
@@ -47,15 +50,17 @@ const MARGIN: f64 = 30.0;
 
 /// The screen's index over one dataset's stored rows.
 pub struct Refiner {
-    /// (|y_i|, i), ascending by norm.
-    by_norm: Vec<(f64, u32)>,
+    /// (|y_i|, i), ascending by norm (f32: 8 bytes a row, the band is widened for it).
+    by_norm: Vec<(f32, u32)>,
     /// Built on first use: K x D directions and the N x K projections of the rows.
     basis: Option<Basis>,
 }
 
 struct Basis {
     dirs: Vec<f64>,
-    proj: Vec<f64>,
+    /// N x K, each computed in f64 and rounded once to f32 (half the memory: at most
+    /// 2^-24 |p| <= 2^-24 |y_i| off, which the screen allows for).
+    proj: Vec<f32>,
 }
 
 /// What the refinement needs of one query.
@@ -73,11 +78,11 @@ pub struct RefineQuery<'a> {
 
 impl Refiner {
     pub fn new(ds: &Dataset) -> Self {
-        let mut by_norm: Vec<(f64, u32)> = ds
+        let mut by_norm: Vec<(f32, u32)> = ds
             .sq_norms()
             .iter()
             .enumerate()
-            .map(|(i, &s)| ((s as f64).sqrt(), i as u32))
+            .map(|(i, &s)| (s.sqrt(), i as u32))
             .collect();
         by_norm.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         Refiner {
@@ -89,63 +94,82 @@ impl Refiner {
     /// The exact posterior of `q` as (centred mean in f64, stats with stored-row top-1), or
     /// None when the screen is not selective enough to be cheap. The mean stays f64: at late
     /// t the velocity (x1_hat - x) / sigma would magnify its f32 rounding.
-    pub fn refine(&mut self, ds: &Dataset, q: &RefineQuery<'_>) -> Option<(Vec<f64>, QueryStats)> {
-        let d = ds.dim();
+    pub fn refine(
+        &mut self,
+        ds: &Dataset,
+        q: &RefineQuery<'_>,
+    ) -> Result<Option<(Vec<f64>, QueryStats)>> {
         if q.alpha.is_nan() || q.alpha <= 0.0 || q.rows.is_empty() {
-            return None;
+            return Ok(None);
         }
-        let mut row = vec![0.0f32; d];
-        let dist2 = |row: &mut [f32], i: usize| -> f64 {
-            ds.stored_row(i, row);
-            q.x.iter()
+        let mut row = Vec::new();
+        let dist2 = |row: &mut Vec<f32>, i: usize| -> Result<f64> {
+            read_rows(ds, i..i + 1, row)?;
+            Ok(q.x
+                .iter()
                 .zip(row.iter())
                 .map(|(&x, &y)| (x - q.alpha * y as f64).powi(2))
-                .sum()
+                .sum())
         };
         let n = q.rows.len() as f64;
         let two_s2 = 2.0 * q.sigma * q.sigma;
-        let rho2 = dist2(&mut row, q.anchor) + two_s2 * (n.ln() + MARGIN);
+        let rho2 = dist2(&mut row, q.anchor)? + two_s2 * (n.ln() + MARGIN);
         // In units of y: candidates satisfy |x / alpha - y| < r.
         let r = rho2.sqrt() / q.alpha;
         let x_norm = q.x.iter().map(|v| v * v).sum::<f64>().sqrt() / q.alpha;
         // The stored norms are f32 roundings: widen the band by their relative error.
         let slack = 1e-6 * (x_norm + r);
-        let lo = self.by_norm.partition_point(|e| e.0 < x_norm - r - slack);
-        let hi = self.by_norm.partition_point(|e| e.0 <= x_norm + r + slack);
+        let lo = self
+            .by_norm
+            .partition_point(|e| (e.0 as f64) < x_norm - r - slack);
+        let hi = self
+            .by_norm
+            .partition_point(|e| e.0 as f64 <= x_norm + r + slack);
         if hi - lo > BAND_CAP {
-            return None;
+            return Ok(None);
         }
-        let basis = self.basis.get_or_insert_with(|| Basis::new(ds));
+        if self.basis.is_none() {
+            self.basis = Some(Basis::new(ds)?);
+        }
+        let basis = self.basis.as_ref().expect("built above");
+        let d = ds.dim();
         let px: Vec<f64> = (0..K)
             .map(|k| {
                 let dir = &basis.dirs[k * d..(k + 1) * d];
                 dir.iter().zip(q.x).map(|(a, b)| a * b).sum::<f64>() / q.alpha
             })
             .collect();
-        let r2 = r * r * (1.0 + 1e-9) + 1e-12 * (x_norm * x_norm + 1.0);
         let mut survivors = Vec::new();
-        for &(_, i) in &self.by_norm[lo..hi] {
+        for &(norm, i) in &self.by_norm[lo..hi] {
             let i = i as usize;
             if !q.rows.contains(&i) {
                 continue;
             }
+            // The f32 projections are each off by at most 2^-24 |y_i|: widen by K of them.
+            let ri = r + (K as f64).sqrt() * 6e-8 * norm as f64 * (1.0 + 1e-6);
             let p = &basis.proj[i * K..(i + 1) * K];
-            let s: f64 = p.iter().zip(&px).map(|(a, b)| (a - b).powi(2)).sum();
-            if s <= r2 {
+            let s: f64 = p
+                .iter()
+                .zip(&px)
+                .map(|(&a, b)| (a as f64 - b).powi(2))
+                .sum();
+            if s <= ri * ri * (1.0 + 1e-9) + 1e-12 * (x_norm * x_norm + 1.0) {
                 survivors.push(i);
                 if survivors.len() > SURVIVOR_CAP {
-                    return None;
+                    return Ok(None);
                 }
             }
         }
         // Exact distances; keep the rows inside rho (the anchor always is).
-        let mut cands: Vec<(usize, f64)> = survivors
-            .into_iter()
-            .map(|i| (i, dist2(&mut row, i)))
-            .filter(|&(_, d2)| d2 < rho2)
-            .collect();
+        let mut cands = Vec::with_capacity(survivors.len());
+        for i in survivors {
+            let d2 = dist2(&mut row, i)?;
+            if d2 < rho2 {
+                cands.push((i, d2));
+            }
+        }
         if cands.is_empty() {
-            return None;
+            return Ok(None);
         }
         // Ascending row order: ties go to the smaller row, as in the backends.
         cands.sort_by_key(|c| c.0);
@@ -158,7 +182,7 @@ impl Refiner {
         let mut mean = vec![0.0f64; d];
         let mut ys = Vec::with_capacity(cands.len());
         for (&(i, _), &ei) in cands.iter().zip(&e) {
-            ds.stored_row(i, &mut row);
+            read_rows(ds, i..i + 1, &mut row)?;
             let y: Vec<f64> = row.iter().map(|&v| v as f64).collect();
             for (m, v) in mean.iter_mut().zip(&y) {
                 *m += ei / z * v;
@@ -201,24 +225,22 @@ impl Refiner {
             posterior_variance: variance as f32,
             ..QueryStats::default()
         };
-        Some((mean, stats))
+        Ok(Some((mean, stats)))
     }
 }
 
 impl Basis {
     /// K orthonormal directions of largest variance of the stored rows (subspace iteration
     /// on an evenly spaced subset, seeded: deterministic), and every row's projections.
-    fn new(ds: &Dataset) -> Self {
+    fn new(ds: &Dataset) -> Result<Self> {
         let (n, d) = (ds.n_samples(), ds.dim());
         let step = n.div_ceil(PCA_ROWS).max(1);
-        let mut row = vec![0.0f32; d];
-        let sample: Vec<Vec<f64>> = (0..n)
-            .step_by(step)
-            .map(|i| {
-                ds.stored_row(i, &mut row);
-                row.iter().map(|&v| v as f64).collect()
-            })
-            .collect();
+        let mut row = Vec::new();
+        let mut sample: Vec<Vec<f64>> = Vec::with_capacity(n.div_ceil(step));
+        for i in (0..n).step_by(step) {
+            read_rows(ds, i..i + 1, &mut row)?;
+            sample.push(row.iter().map(|&v| v as f64).collect());
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(0x5eed);
         let mut dirs: Vec<f64> = (0..K * d).map(|_| rng.random::<f64>() - 0.5).collect();
         orthonormalise(&mut dirs, d);
@@ -240,23 +262,45 @@ impl Basis {
             orthonormalise(&mut next, d);
             dirs = next;
         }
-        let proj: Vec<f64> = (0..n)
-            .into_par_iter()
-            .flat_map_iter(|i| {
-                let mut row = vec![0.0f32; d];
-                ds.stored_row(i, &mut row);
-                let dirs = &dirs;
-                (0..K).map(move |k| {
-                    dirs[k * d..(k + 1) * d]
-                        .iter()
-                        .zip(&row)
-                        .map(|(a, &b)| a * b as f64)
-                        .sum::<f64>()
+        // Projections block by block (a streamed dataset is read once, in tiles).
+        let mut proj = Vec::with_capacity(n * K);
+        let block = 4096;
+        let mut values = Vec::new();
+        for start in (0..n).step_by(block) {
+            let rows = start..(start + block).min(n);
+            read_rows(ds, rows, &mut values)?;
+            let dirs = &dirs;
+            let part: Vec<f32> = values
+                .par_chunks(d)
+                .flat_map_iter(|y| {
+                    (0..K).map(move |k| {
+                        dirs[k * d..(k + 1) * d]
+                            .iter()
+                            .zip(y)
+                            .map(|(a, &b)| a * b as f64)
+                            .sum::<f64>() as f32
+                    })
                 })
-            })
-            .collect();
-        Basis { dirs, proj }
+                .collect();
+            proj.extend(part);
+        }
+        Ok(Basis { dirs, proj })
     }
+}
+
+/// The stored (centred) values of `rows` as f32, row-major: from memory, or read from the
+/// file of a streamed dataset.
+fn read_rows(ds: &Dataset, rows: Range<usize>, out: &mut Vec<f32>) -> Result<()> {
+    if let Some(disk) = ds.disk() {
+        return disk.read_f32(rows, out);
+    }
+    let d = ds.dim();
+    out.clear();
+    out.resize(rows.len() * d, 0.0);
+    for (i, dst) in rows.zip(out.chunks_mut(d)) {
+        ds.stored_row(i, dst);
+    }
+    Ok(())
 }
 
 /// Modified Gram-Schmidt on the K rows of `v` (K x d); a row that collapses (data of rank
