@@ -23,7 +23,8 @@
 //! spread, the f32 errors average out and the fast result already agrees with f64 to
 //! about 1e-6), the fast result is kept. A dataset streamed from disk is refined the same
 //! way, its candidate rows read from the file (the projections cost one pass over it, made
-//! the first time a concentrated query comes, and 32 bytes a row in memory).
+//! the first time a concentrated query comes; with the norm index, 40 bytes a row in
+//! memory).
 
 use std::ops::Range;
 
