@@ -33,11 +33,23 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     oracleflow::interrupt::install();
+    // Under mpirun (feature `mpi`): MPI lives until the end of main; the ranks then hold
+    // shares of the dataset (oracle::shard::mpi).
+    #[cfg(feature = "mpi")]
+    let universe = oracleflow::oracle::shard::mpi::init();
     match cli.command.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", oracleflow::error::one_line(&e));
-            ExitCode::from(oracleflow::error::exit_code(&e))
+            let code = oracleflow::error::exit_code(&e);
+            // The other ranks would wait for this one in their next collective.
+            #[cfg(feature = "mpi")]
+            if universe.is_some()
+                && oracleflow::oracle::shard::mpi::current().is_some_and(|r| r.size > 1)
+            {
+                oracleflow::oracle::shard::mpi::abort(code as i32);
+            }
+            ExitCode::from(code)
         }
     }
 }

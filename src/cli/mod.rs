@@ -45,6 +45,13 @@ pub enum Command {
 
 impl Command {
     pub fn run(self) -> Result<()> {
+        if oracleflow::oracle::shard::mpi::current().is_some()
+            && !matches!(self, Command::Sample(_) | Command::Velocity(_))
+        {
+            oracleflow::bail_input!(
+                "under mpirun only `velocity` and `sample` run (each rank holds a share of the rows)"
+            );
+        }
         match self {
             Command::Sample(a) => sample::run(a),
             Command::Velocity(a) => velocity::run(a),
@@ -60,7 +67,11 @@ impl Command {
 }
 
 /// A progress bar on stderr; indicatif draws nothing when stderr is not a terminal.
+/// Hidden on MPI ranks other than 0 (they print only errors).
 pub fn progress(len: u64, unit: &str) -> ProgressBar {
+    if !oracleflow::oracle::shard::mpi::is_root() {
+        return ProgressBar::hidden();
+    }
     let bar = ProgressBar::new(len);
     bar.set_style(
         ProgressStyle::with_template(&format!(

@@ -10,7 +10,7 @@ use oracleflow::bail_input as bail;
 
 use oracleflow::dataset::npy;
 use oracleflow::field::FieldSpec;
-use oracleflow::oracle::check_time;
+use oracleflow::oracle::{check_time, shard};
 use oracleflow::{output, report};
 
 use super::args::{DataArgs, FieldArgs, OracleArgs};
@@ -106,12 +106,15 @@ pub fn run(a: VelocityArgs) -> Result<()> {
     if a.class.is_some() && !field.accepts_classes() {
         bail!("--class: the field ({}) has no classes", field.describe());
     }
-    eprintln!(
-        "{} on {} ({} samples, D = {dim})",
-        field.describe(),
-        ds.name,
-        ds.n_samples()
-    );
+    let root = shard::mpi::is_root();
+    if root {
+        eprintln!(
+            "{} on {} ({} samples, D = {dim})",
+            field.describe(),
+            ds.name,
+            ds.n_samples()
+        );
+    }
 
     let bar = progress(n_queries as u64, "queries");
     let mut velocity = Vec::with_capacity(x.len());
@@ -131,6 +134,10 @@ pub fn run(a: VelocityArgs) -> Result<()> {
         bar.inc((end - start) as u64);
     }
     bar.finish_and_clear();
+    // Under mpirun every rank holds the same result: rank 0 alone writes it.
+    if !root {
+        return Ok(());
+    }
 
     npy::write_npy_f32(&a.out, &shape, &velocity)?;
     if let Some(p) = &a.x1_hat {

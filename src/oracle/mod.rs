@@ -12,8 +12,10 @@
 
 pub mod cpu;
 pub mod gpu;
+pub mod partial;
 pub mod prune;
 pub mod reference;
+pub mod shard;
 pub mod state;
 
 use std::ops::Range;
@@ -22,6 +24,7 @@ use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::path::Path;
 
+pub use partial::Partial;
 pub use state::{QueryStats, SoftmaxState};
 
 /// Which implementation evaluates the oracle.
@@ -101,8 +104,24 @@ pub struct Posterior {
 /// work on another thread (the Python binding releases the GIL around evaluations).
 pub trait Backend: Send {
     fn posterior(&mut self, batch: &CentredBatch<'_>) -> Result<Posterior>;
+    /// The state over `batch.rows` before normalisation, which merges exactly with other
+    /// row ranges' ([`Partial::merge`]): how several devices and MPI ranks combine.
+    /// `posterior` equals `partial` then [`Partial::finish`] to within rounding.
+    fn partial(&mut self, batch: &CentredBatch<'_>) -> Result<Partial> {
+        let _ = batch;
+        Err(Error::Input(format!(
+            "{} cannot return partial states (for --devices or MPI use the cpu or gpu backend)",
+            self.describe()
+        )))
+    }
     /// Human-readable description (for `info` and run.json).
     fn describe(&self) -> String;
+    /// True when the rows are this process's share of a dataset spread over processes
+    /// (MPI): top-1 indices then come back as source indices already, and a class this
+    /// process holds no sample of is an empty row range rather than an error.
+    fn distributed(&self) -> bool {
+        false
+    }
 }
 
 enum Engine<'d> {
@@ -188,6 +207,40 @@ impl<'d> Oracle<'d> {
         })
     }
 
+    /// The oracle over `dataset` with a backend built by the caller (several devices, an
+    /// MPI rank's); `kind` is what [`Oracle::kind`] reports.
+    pub fn with_backend(
+        dataset: &'d Dataset,
+        path: Path,
+        backend: Box<dyn Backend + 'd>,
+        kind: BackendKind,
+    ) -> Self {
+        Oracle {
+            dataset,
+            path,
+            engine: Engine::Fast(backend),
+            kind,
+            fallback_reason: None,
+        }
+    }
+
+    /// Wraps the fast backend (in an MPI reduction, say); the f64 reference cannot be.
+    pub fn wrap_backend(
+        mut self,
+        wrap: impl FnOnce(Box<dyn Backend + 'd>) -> Box<dyn Backend + 'd>,
+    ) -> Result<Self> {
+        self.engine = match self.engine {
+            Engine::Fast(b) => Engine::Fast(wrap(b)),
+            Engine::Reference => {
+                return Err(Error::Input(
+                    "--backend reference evaluates whole datasets only (no --devices, no MPI)"
+                        .into(),
+                ))
+            }
+        };
+        Ok(self)
+    }
+
     /// The backend actually in use (`auto` resolved).
     pub fn kind(&self) -> BackendKind {
         self.kind
@@ -240,7 +293,10 @@ impl<'d> Oracle<'d> {
             }
         }
         (0..n_queries).try_for_each(|q| check_time(query.t.get(q)))?;
-        let rows = ds.rows_for(query.class)?;
+        let rows = match (ds.rows_for(query.class), &self.engine) {
+            (Err(_), Engine::Fast(b)) if b.distributed() && ds.labels().is_some() => 0..0,
+            (rows, _) => rows?,
+        };
         match &mut self.engine {
             Engine::Reference => Ok(reference::evaluate(ds, self.path, query, rows)),
             Engine::Fast(backend) => {
@@ -280,11 +336,16 @@ impl<'d> Oracle<'d> {
                         *v = (a * hat + b * xq as f64) as f32;
                     }
                 }
+                let source_indices = backend.distributed();
                 let stats = post
                     .stats
                     .into_iter()
                     .map(|s| QueryStats {
-                        top1_index: ds.original_index(s.top1_index as usize),
+                        top1_index: if source_indices {
+                            s.top1_index
+                        } else {
+                            ds.original_index(s.top1_index as usize)
+                        },
                         ..s
                     })
                     .collect();

@@ -30,4 +30,7 @@ pub struct GpuOptions {
     /// unless it is clearly larger than any device would hold; set a budget to stream
     /// smaller datasets (a device whose memory is shared with other work, say).
     pub max_resident_bytes: Option<u64>,
+    /// Open the adapter of this index in [`adapter_list`](super::adapter_list) (`--devices`)
+    /// instead of the preferred one.
+    pub adapter: Option<usize>,
 }
