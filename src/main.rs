@@ -37,6 +37,12 @@ fn main() -> ExitCode {
     // shares of the dataset (oracle::shard::mpi).
     #[cfg(feature = "mpi")]
     let universe = oracleflow::oracle::shard::mpi::init();
+    // Without the feature every rank would do the whole work and write the same files.
+    #[cfg(not(feature = "mpi"))]
+    if std::env::var("OMPI_COMM_WORLD_SIZE").is_ok_and(|n| n != "1") {
+        eprintln!("error: started by mpirun, but this oracleflow was built without MPI (cargo build --features mpi)");
+        return ExitCode::from(2);
+    }
     match cli.command.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -337,3 +337,17 @@ fn velocity_with_devices_equals_one_device() {
     assert_eq!(st.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&st.stderr).contains("--devices"));
 }
+
+/// A build without the `mpi` feature started by mpirun would have every rank do the whole
+/// work and write the same files: it refuses (bad usage, exit 2) and says how to build.
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_build_without_mpi_refuses_to_run_under_mpirun() {
+    let out = bin()
+        .arg("info")
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--features mpi"));
+}
