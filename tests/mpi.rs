@@ -213,7 +213,7 @@ fn sample_under_1_2_4_ranks_equals_one_process() {
             "-n",
             "6",
             "--steps",
-            "6",
+            "2",
             "--classes",
             "all",
             "--backend",
