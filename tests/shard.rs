@@ -285,7 +285,9 @@ fn velocity_with_devices_equals_one_device() {
     }
     let dir = tempfile::tempdir().unwrap();
     let ds = dataset::load("gaussian:500,20", Dtype::F32).unwrap();
-    let x = path_queries(&ds, PATH, 0.7, 9, 1);
+    // t = 0.5: at t = 0.7 lavapipe's and the cpu's own logits already round apart by
+    // 1.25e-6 here (measured), whatever the split; see the module docs.
+    let x = path_queries(&ds, PATH, 0.5, 9, 1);
     let q = dir.path().join("q.npy");
     oracleflow::dataset::write_npy_f32(&q, &[9, 20], &x).unwrap();
     let run = |extra: &[&str], name: &str| {
@@ -296,7 +298,7 @@ fn velocity_with_devices_equals_one_device() {
                 "--data",
                 "gaussian:500,20",
                 "--t",
-                "0.7",
+                "0.5",
                 "--queries",
             ])
             .arg(&q)
@@ -325,7 +327,7 @@ fn velocity_with_devices_equals_one_device() {
             "--data",
             "gaussian:500,20",
             "--t",
-            "0.7",
+            "0.5",
             "--queries",
         ])
         .arg(&q)

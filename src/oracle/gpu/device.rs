@@ -62,6 +62,19 @@ pub fn adapter_list() -> Vec<String> {
         .collect()
 }
 
+/// What `--devices all` means: the indices of the adapters of the first graphics API
+/// found (Vulkan before GL, ...): the same GPU is listed once per API, and counting it
+/// twice would have two workers share one device.
+pub fn all_devices() -> Vec<usize> {
+    let all = all_adapters();
+    let Some(first) = all.first().map(|a| a.get_info().backend) else {
+        return Vec::new();
+    };
+    (0..all.len())
+        .filter(|&i| all[i].get_info().backend == first)
+        .collect()
+}
+
 /// The adapter of index `index` in [`adapter_list`].
 fn adapter_at(index: usize) -> Result<wgpu::Adapter> {
     let mut all = all_adapters();

@@ -56,7 +56,7 @@ use crate::dataset::{Dataset, Dtype};
 use crate::error::{Error, Result};
 use crate::oracle::{Backend, CentredBatch, Partial, Posterior, QueryStats, SoftmaxState};
 
-pub use device::{adapter_list, adapter_report};
+pub use device::{adapter_list, adapter_report, all_devices};
 pub use options::GpuOptions;
 pub use pipelines::{
     binding_names, kernel_sources, kernel_variants, layout_entries, BindingKind, KernelKind,

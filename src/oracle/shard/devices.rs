@@ -36,7 +36,8 @@ pub struct DeviceList {
 }
 
 pub const DEVICES_HELP: &str = "Split each evaluation's rows across several devices, merged \
-    exactly: `all` (every GPU adapter `oracleflow info` lists), or a comma-separated list of \
+    exactly: `all` (every GPU adapter `oracleflow info` lists for the first graphics API: \
+    Vulkan's, not the same GPUs again through GL), or a comma-separated list of \
     adapter indices and `cpu` (the cpu backend as one more worker), e.g. `0,1`, `all,cpu`, \
     `0:3,cpu:1`. Rows are split in equal parts, or in proportion to the `:WEIGHT` given \
     (a relative speed).";
@@ -84,14 +85,15 @@ impl std::str::FromStr for DeviceList {
 }
 
 impl DeviceList {
-    /// The workers: `all` expanded to the adapters present (`n_adapters`), in list order.
-    pub fn resolve(&self, n_adapters: usize) -> Result<Vec<(Device, f64)>> {
+    /// The workers: `all` expanded to the adapters `all_adapters` (their indices), then
+    /// the list's own, in list order (one already given by `all` is not repeated).
+    pub fn resolve(&self, all_adapters: &[usize]) -> Result<Vec<(Device, f64)>> {
         let mut out: Vec<(Device, f64)> = Vec::new();
         if let Some(w) = self.all {
-            if n_adapters == 0 {
+            if all_adapters.is_empty() {
                 return Err(Error::Gpu("--devices all: no GPU adapter found".into()));
             }
-            out.extend((0..n_adapters).map(|i| (Device::Adapter(i), w)));
+            out.extend(all_adapters.iter().map(|&i| (Device::Adapter(i), w)));
         }
         for (d, w) in &self.items {
             if !out.iter().any(|(o, _)| o == d) {
@@ -123,13 +125,13 @@ impl<'d> ShardedBackend<'d> {
         gpu_options: &GpuOptions,
         cpu_options: CpuOptions,
     ) -> Result<Self> {
-        let n_adapters = if list.all.is_some() {
-            gpu::adapter_list().len()
+        let all_adapters = if list.all.is_some() {
+            gpu::all_devices()
         } else {
-            0
+            Vec::new()
         };
         let mut backends: Vec<(Box<dyn Backend + 'd>, f64)> = Vec::new();
-        let devices = list.resolve(n_adapters)?;
+        let devices = list.resolve(&all_adapters)?;
         let has_gpu = devices.iter().any(|(d, _)| *d != Device::Cpu);
         for (device, weight) in devices {
             let backend: Box<dyn Backend + 'd> = match device {
@@ -251,7 +253,7 @@ mod tests {
     fn parses_device_lists() {
         let l: DeviceList = "all,cpu".parse().unwrap();
         assert_eq!(
-            l.resolve(2).unwrap(),
+            l.resolve(&[0, 1]).unwrap(),
             vec![
                 (Device::Adapter(0), 1.0),
                 (Device::Adapter(1), 1.0),
@@ -260,7 +262,7 @@ mod tests {
         );
         let l: DeviceList = "0:3, cpu:1".parse().unwrap();
         assert_eq!(
-            l.resolve(0).unwrap(),
+            l.resolve(&[]).unwrap(),
             vec![(Device::Adapter(0), 3.0), (Device::Cpu, 1.0)]
         );
         for bad in ["", "gpu", "0,0", "cpu:0", "cpu:x", "all,all", "1:-2"] {
@@ -268,6 +270,9 @@ mod tests {
             assert!(matches!(e, Error::Input(_)), "{bad}: {e}");
             assert!(e.to_string().contains("--devices"), "{e}");
         }
-        assert!("all".parse::<DeviceList>().unwrap().resolve(0).is_err());
+        assert!("all".parse::<DeviceList>().unwrap().resolve(&[]).is_err());
+        // `all,0` does not open adapter 0 twice.
+        let l: DeviceList = "all,0".parse().unwrap();
+        assert_eq!(l.resolve(&[0]).unwrap(), vec![(Device::Adapter(0), 1.0)]);
     }
 }
