@@ -38,14 +38,27 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     oracleflow::interrupt::install();
-    let result =
-        cli::set_memory_budget(cli.memory_budget.as_deref()).and_then(|()| cli.command.run());
+    // Under mpirun (feature `mpi`): MPI lives until the end of main; the ranks then hold
+    // shares of the dataset (oracle::shard::mpi).
+    #[cfg(feature = "mpi")]
+    let universe = oracleflow::oracle::shard::mpi::init();
+    let result = cli::refuse_mpirun_without_mpi()
+        .and_then(|()| cli::set_memory_budget(cli.memory_budget.as_deref()))
+        .and_then(|()| cli.command.run());
     cli::memory_report();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", oracleflow::error::one_line(&e));
-            ExitCode::from(oracleflow::error::exit_code(&e))
+            let code = oracleflow::error::exit_code(&e);
+            // The other ranks would wait for this one in their next collective.
+            #[cfg(feature = "mpi")]
+            if universe.is_some()
+                && oracleflow::oracle::shard::mpi::current().is_some_and(|r| r.size > 1)
+            {
+                oracleflow::oracle::shard::mpi::abort(code as i32);
+            }
+            ExitCode::from(code)
         }
     }
 }

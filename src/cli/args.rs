@@ -9,6 +9,7 @@ use oracleflow::dataset::{self, Dataset, Dtype};
 use oracleflow::field::{ExternalField, FieldSpec, GaussianField, OracleField, VelocityField};
 use oracleflow::oracle::cpu::CpuOptions;
 use oracleflow::oracle::gpu::GpuOptions;
+use oracleflow::oracle::shard::{self, DeviceList, ShardedBackend};
 use oracleflow::oracle::{BackendKind, Oracle};
 use oracleflow::Path;
 
@@ -24,7 +25,17 @@ pub struct DataArgs {
 }
 
 impl DataArgs {
+    /// The dataset; under mpirun, this rank's share of its rows (`oracle::shard::mpi`).
     pub fn load(&self) -> Result<Dataset> {
+        #[cfg(feature = "mpi")]
+        if let Some(rank) = shard::mpi::current() {
+            return Ok(shard::mpi::load(&self.data, self.dtype, rank)?);
+        }
+        Ok(dataset::load(&self.data, self.dtype)?)
+    }
+
+    /// The whole dataset, also under mpirun.
+    pub fn load_whole(&self) -> Result<Dataset> {
         Ok(dataset::load(&self.data, self.dtype)?)
     }
 }
@@ -47,6 +58,10 @@ pub struct OracleArgs {
     /// the normaliser (cpu backend; for comparison and tests)
     #[arg(long)]
     pub exact_dense: bool,
+    /// Several devices at once (see `--help`): `all`, or adapter indices and `cpu`,
+    /// e.g. `0,1,cpu`; each evaluation's rows are split among them and merged exactly
+    #[arg(long, long_help = shard::devices::DEVICES_HELP)]
+    pub devices: Option<DeviceList>,
 }
 
 impl OracleArgs {
@@ -58,7 +73,26 @@ impl OracleArgs {
         let cpu = CpuOptions {
             prune: !self.exact_dense,
         };
-        Ok(Oracle::with_options(ds, self.path, self.backend, gpu, cpu)?)
+        let oracle = match &self.devices {
+            Some(list) => {
+                if self.backend == BackendKind::Reference {
+                    oracleflow::bail_input!("--devices: not with --backend reference");
+                }
+                let sharded = ShardedBackend::new(ds, list, &gpu, cpu)?;
+                let kind = if sharded.has_gpu() {
+                    BackendKind::Gpu
+                } else {
+                    BackendKind::Cpu
+                };
+                Oracle::with_backend(ds, self.path, Box::new(sharded), kind)
+            }
+            None => Oracle::with_options(ds, self.path, self.backend, gpu, cpu)?,
+        };
+        // Under mpirun each rank holds its share of the rows: merge the ranks' states.
+        if shard::mpi::current().is_some() {
+            return Ok(oracle.wrap_backend(|b| Box::new(shard::mpi::MpiBackend::new(b, ds)))?);
+        }
+        Ok(oracle)
     }
 }
 
@@ -109,6 +143,12 @@ impl FieldArgs {
         oracle: &OracleArgs,
         classes: &[Option<u32>],
     ) -> Result<Box<dyn VelocityField + 'd>> {
+        if shard::mpi::current().is_some() && *spec != FieldSpec::Oracle {
+            oracleflow::bail_input!(
+                "--field {}: under mpirun only the oracle field runs (each rank holds a share of the rows)",
+                self.field
+            );
+        }
         Ok(match spec {
             FieldSpec::Oracle => Box::new(OracleField::new(oracle.build(ds)?)),
             FieldSpec::Gaussian => {

@@ -19,6 +19,14 @@ pub fn run(a: InfoArgs) -> Result<()> {
         Ok(report) => println!("{report}"),
         Err(e) => println!("gpu: none ({e})"),
     }
+    // The indices `--devices` takes.
+    let adapters = oracleflow::oracle::gpu::adapter_list();
+    if !adapters.is_empty() {
+        println!("adapters (--devices):");
+        for line in adapters {
+            println!("  {line}");
+        }
+    }
     println!("cpu: {} threads", rayon::current_num_threads());
     if let Some(spec) = a.data {
         let ds = dataset::load(&spec, a.dtype)?;

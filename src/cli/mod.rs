@@ -45,6 +45,13 @@ pub enum Command {
 
 impl Command {
     pub fn run(self) -> Result<()> {
+        if oracleflow::oracle::shard::mpi::current().is_some()
+            && !matches!(self, Command::Sample(_) | Command::Velocity(_))
+        {
+            oracleflow::bail_input!(
+                "under mpirun only `velocity` and `sample` run (each rank holds a share of the rows)"
+            );
+        }
         match self {
             Command::Sample(a) => sample::run(a),
             Command::Velocity(a) => velocity::run(a),
@@ -60,6 +67,18 @@ impl Command {
 }
 
 /// A progress bar on stderr; indicatif draws nothing when stderr is not a terminal.
+/// Without the `mpi` feature, a run started by mpirun with several ranks is refused: every
+/// rank would do the whole work and write the same files.
+pub fn refuse_mpirun_without_mpi() -> Result<()> {
+    #[cfg(not(feature = "mpi"))]
+    if std::env::var("OMPI_COMM_WORLD_SIZE").is_ok_and(|n| n != "1") {
+        oracleflow::bail_input!(
+            "started by mpirun, but this oracleflow was built without MPI (cargo build --features mpi)"
+        );
+    }
+    Ok(())
+}
+
 /// Applies the global `--memory-budget MIB` (see `dataset::disk`).
 pub fn set_memory_budget(text: Option<&str>) -> Result<()> {
     if let Some(text) = text {
@@ -86,7 +105,11 @@ pub fn memory_report() {
     }
 }
 
+/// Hidden on MPI ranks other than 0 (they print only errors).
 pub fn progress(len: u64, unit: &str) -> ProgressBar {
+    if !oracleflow::oracle::shard::mpi::is_root() {
+        return ProgressBar::hidden();
+    }
     let bar = ProgressBar::new(len);
     bar.set_style(
         ProgressStyle::with_template(&format!(

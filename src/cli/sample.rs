@@ -13,6 +13,8 @@ use oracleflow::sample::{self, Conditioning, Guidance, InitFrom, SampleOptions, 
 use oracleflow::schedule::Schedule;
 use oracleflow::{analysis, output};
 
+use oracleflow::oracle::shard;
+
 use super::args::{DataArgs, FieldArgs, OracleArgs, OutDirArgs};
 use super::progress;
 
@@ -141,6 +143,14 @@ pub fn run(a: SampleArgs) -> Result<()> {
     }
 
     let ds = a.data.load()?;
+    // Under mpirun `ds` is this rank's share of the rows (all the oracle needs), but the
+    // memorization check and the pictures need every sample: rank 0 loads them whole too.
+    let root = shard::mpi::is_root();
+    let full = match shard::mpi::current() {
+        Some(r) if r.rank == 0 => Some(a.data.load_whole()?),
+        _ => None,
+    };
+    let whole = full.as_ref().unwrap_or(&ds);
     let init_ds = a
         .init_from
         .as_deref()
@@ -169,7 +179,21 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
     };
     let conditioning = a.conditioning();
-    let classes = conditioning.classes(&ds, n_samples)?;
+    let classes = if shard::mpi::current().is_some() {
+        // From rank 0's whole dataset, so that every rank samples the same classes.
+        let mut coded: Vec<i64> = match &full {
+            Some(w) => conditioning
+                .classes(w, n_samples)?
+                .iter()
+                .map(|c| c.map_or(-1, i64::from))
+                .collect(),
+            None => Vec::new(),
+        };
+        shard::mpi::broadcast_from_root(&mut coded);
+        coded.into_iter().map(|c| u32::try_from(c).ok()).collect()
+    } else {
+        conditioning.classes(&ds, n_samples)?
+    };
     sample::check_guidance(&classes, guidance)?;
     // Gaussian fits are made for every class sampled (and the unconditional one for CFG).
     let mut fit_classes = classes.clone();
@@ -197,13 +221,15 @@ pub fn run(a: SampleArgs) -> Result<()> {
         let second = a.field.build(then, &ds, &a.oracle, &fit_classes)?;
         field = Box::new(SwitchField::new(field, second, ts)?);
     }
-    eprintln!(
-        "{} on {} ({} samples, D = {})",
-        field.describe(),
-        ds.name,
-        ds.n_samples(),
-        ds.dim()
-    );
+    if root {
+        eprintln!(
+            "{} on {} ({} samples, D = {})",
+            field.describe(),
+            ds.name,
+            whole.n_samples(),
+            ds.dim()
+        );
+    }
     let t_start = a.t_start.unwrap_or(0.0);
     let n_steps = sample::integration_times(&times, t_start, &field.breakpoints())?.len() - 1;
     let n_batches = n_samples.div_ceil(options.batch);
@@ -245,21 +271,23 @@ pub fn run(a: SampleArgs) -> Result<()> {
         let bytes = std::fs::read(&checkpoint_path)
             .map_err(|e| oracleflow::Error::io(&checkpoint_path, e))?;
         let cp = oracleflow::checkpoint::Checkpoint::decode(&bytes, &checkpoint_path)?;
-        eprintln!(
-            "resuming: {} of {n_batches} batches already done",
-            cp.batches_done
-        );
+        if root {
+            eprintln!(
+                "resuming: {} of {n_batches} batches already done",
+                cp.batches_done
+            );
+        }
         bar.inc((cp.batches_done * n_steps) as u64);
         Some(cp)
     } else {
-        if partial.exists() {
+        if root && partial.exists() {
             std::fs::remove_dir_all(&partial).map_err(|e| oracleflow::Error::io(&partial, e))?;
         }
         None
     };
     // Each finished batch is saved (atomically) so that an interrupted run can resume.
     let save = |batches_done: usize, run: &sample::SampleRun| -> oracleflow::Result<()> {
-        if batches_done == n_batches {
+        if batches_done == n_batches || !root {
             return Ok(());
         }
         std::fs::create_dir_all(&partial).map_err(|e| oracleflow::Error::io(&partial, e))?;
@@ -281,8 +309,13 @@ pub fn run(a: SampleArgs) -> Result<()> {
         })?;
     let sampling_seconds = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
+    // Every rank holds the same samples: rank 0 alone analyses and writes them.
+    if !root {
+        return Ok(());
+    }
+    let ds = whole;
 
-    let neighbours = analysis::nearest_two(&ds, &run.samples);
+    let neighbours = analysis::nearest_two(ds, &run.samples);
     let memorized = neighbours.iter().filter(|nb| nb.memorized()).count();
     let record = FieldRecord {
         backend: field.backend(),
@@ -290,7 +323,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         path: a.oracle.path,
     };
     let mut run_json = report::sample_run_json(
-        &ds,
+        ds,
         &record,
         &settings,
         &run,
@@ -303,7 +336,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if let Some(init) = &options.init {
         // Per sample: the nearest training sample of its start image (the given sample)
         // and whether the result landed on that same training sample.
-        let starts = analysis::nearest_two(&ds, &init.samples);
+        let starts = analysis::nearest_two(ds, &init.samples);
         let mut same = 0;
         for (i, (st, nb)) in starts.iter().zip(&neighbours).enumerate() {
             same += (st.nearest == nb.nearest) as usize;
@@ -321,7 +354,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
             ", {same} of {n_samples} landed on their start image's nearest training sample"
         ));
     }
-    report::write_sample_outputs(&a.out.out, &ds, &run, &neighbours, a.columns, &run_json)?;
+    report::write_sample_outputs(&a.out.out, ds, &run, &neighbours, a.columns, &run_json)?;
     if partial.exists() {
         std::fs::remove_dir_all(&partial).map_err(|e| oracleflow::Error::io(&partial, e))?;
     }

@@ -10,7 +10,7 @@ use oracleflow::bail_input as bail;
 
 use oracleflow::dataset::npy;
 use oracleflow::field::FieldSpec;
-use oracleflow::oracle::check_time;
+use oracleflow::oracle::{check_time, shard};
 use oracleflow::{output, report};
 
 use super::args::{DataArgs, FieldArgs, OracleArgs};
@@ -100,18 +100,25 @@ pub fn run(a: VelocityArgs) -> Result<()> {
     };
     // Checked before the oracle is built (and before any work).
     times.iter().try_for_each(|&t| check_time(t))?;
-    ds.rows_for(a.class)?;
+    // Under mpirun a rank may hold no sample of the class (others do): it adds nothing,
+    // and a class no rank holds is refused by the merged result on every rank alike.
+    if shard::mpi::current().is_none() || ds.labels().is_none() {
+        ds.rows_for(a.class)?;
+    }
 
     let mut field = a.field.build(&spec, &ds, &a.oracle, &[a.class])?;
     if a.class.is_some() && !field.accepts_classes() {
         bail!("--class: the field ({}) has no classes", field.describe());
     }
-    eprintln!(
-        "{} on {} ({} samples, D = {dim})",
-        field.describe(),
-        ds.name,
-        ds.n_samples()
-    );
+    let root = shard::mpi::is_root();
+    if root {
+        eprintln!(
+            "{} on {} ({} samples, D = {dim})",
+            field.describe(),
+            ds.name,
+            ds.n_samples()
+        );
+    }
 
     let bar = progress(n_queries as u64, "queries");
     let started = std::time::Instant::now();
@@ -142,6 +149,10 @@ pub fn run(a: VelocityArgs) -> Result<()> {
             disk.path().display(),
             bytes / 1e9 / secs.max(1e-9)
         );
+    }
+    // Under mpirun every rank holds the same result: rank 0 alone writes it.
+    if !root {
+        return Ok(());
     }
 
     npy::write_npy_f32(&a.out, &shape, &velocity)?;

@@ -150,6 +150,21 @@ impl Dataset {
         labels: Option<Vec<u32>>,
         dtype: Dtype,
     ) -> Result<Dataset> {
+        Self::from_raw_part(name, shape, raw, labels, dtype, None)
+    }
+
+    /// As [`Dataset::from_raw`] for one part of a larger dataset (an MPI rank's rows):
+    /// `part = Some((mean, first))` centres with the whole dataset's `mean` (so that every
+    /// part's logits share one dropped constant) and numbers the rows from source index
+    /// `first`.
+    pub fn from_raw_part(
+        name: impl Into<String>,
+        shape: SampleShape,
+        raw: RawRows<'_>,
+        labels: Option<Vec<u32>>,
+        dtype: Dtype,
+        part: Option<(&[f32], u32)>,
+    ) -> Result<Dataset> {
         let name = name.into();
         let dim = shape.dim();
         if dim == 0 || raw.is_empty() || !raw.len().is_multiple_of(dim) {
@@ -204,10 +219,13 @@ impl Dataset {
                 format!("sample {} holds a non-finite value", bad / dim),
             ));
         }
-        let mean: Vec<f32> = mean64
-            .iter()
-            .map(|m| (m / n_samples as f64) as f32)
-            .collect();
+        let mean: Vec<f32> = match part {
+            Some((mean, _)) => mean.to_vec(),
+            None => mean64
+                .iter()
+                .map(|m| (m / n_samples as f64) as f32)
+                .collect(),
+        };
 
         let mut sq_norms = Vec::with_capacity(n_samples);
         let centred_row = |src: usize, k: usize| raw.get(src * dim + k) - mean[k] as f64;
@@ -267,9 +285,72 @@ impl Dataset {
             mean,
             sq_norms,
             labels,
-            original_index: order,
+            original_index: match part {
+                Some((_, first)) => order.iter().map(|&i| i + first).collect(),
+                None => order,
+            },
             class_rows,
         })
+    }
+
+    /// The samples whose source index lies in `range` (an MPI rank's share of a dataset
+    /// loaded whole), with their stored values, labels and source indices unchanged.
+    pub fn keep_source_range(&self, range: Range<u32>) -> Dataset {
+        let keep: Vec<usize> = (0..self.n_samples)
+            .filter(|&r| range.contains(&self.original_index[r]))
+            .collect();
+        let dim = self.dim;
+        let values = match &self.values {
+            Values::F32(v) => Values::F32(
+                keep.iter()
+                    .flat_map(|&r| &v[r * dim..(r + 1) * dim])
+                    .copied()
+                    .collect(),
+            ),
+            Values::F16(v) => Values::F16(
+                keep.iter()
+                    .flat_map(|&r| &v[r * dim..(r + 1) * dim])
+                    .copied()
+                    .collect(),
+            ),
+            // A streamed dataset's kept rows are read into memory (a rank's share is meant
+            // to fit; the values keep their storage rounding).
+            Values::Disk(d) => {
+                let mut row = vec![0.0f32; dim];
+                let mut out = Vec::with_capacity(keep.len() * dim);
+                for &r in &keep {
+                    self.stored_row(r, &mut row);
+                    out.extend_from_slice(&row);
+                }
+                match d.storage() {
+                    Dtype::F32 => Values::F32(out),
+                    Dtype::F16 => Values::F16(out.iter().map(|&v| f16::from_f32(v)).collect()),
+                }
+            }
+        };
+        let labels = self
+            .labels
+            .as_ref()
+            .map(|l| keep.iter().map(|&r| l[r]).collect::<Vec<_>>());
+        let mut class_rows: Vec<(u32, Range<usize>)> = Vec::new();
+        for (i, &c) in labels.iter().flatten().enumerate() {
+            match class_rows.last_mut() {
+                Some((last, r)) if *last == c => r.end = i + 1,
+                _ => class_rows.push((c, i..i + 1)),
+            }
+        }
+        Dataset {
+            name: self.name.clone(),
+            shape: self.shape.clone(),
+            n_samples: keep.len(),
+            dim,
+            values,
+            mean: self.mean.clone(),
+            sq_norms: keep.iter().map(|&r| self.sq_norms[r]).collect(),
+            labels,
+            original_index: keep.iter().map(|&r| self.original_index[r]).collect(),
+            class_rows,
+        }
     }
 
     pub fn n_samples(&self) -> usize {

@@ -480,7 +480,7 @@ pub fn encode_i64(shape: &[usize], data: &[i64]) -> Vec<u8> {
     out
 }
 
-fn map_file(path: &Path) -> Result<Mmap> {
+pub(crate) fn map_file(path: &Path) -> Result<Mmap> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len == 0 {
@@ -494,7 +494,7 @@ fn map_file(path: &Path) -> Result<Mmap> {
 
 /// Little-endian f32 data, borrowed when aligned (always so for numpy's 64-byte headers on
 /// a page-aligned mapping), else copied once.
-fn f32s(bytes: &[u8]) -> Cow<'_, [f32]> {
+pub(crate) fn f32s(bytes: &[u8]) -> Cow<'_, [f32]> {
     if cfg!(target_endian = "little") {
         if let Ok(v) = bytemuck::try_cast_slice(bytes) {
             return Cow::Borrowed(v);
@@ -504,7 +504,7 @@ fn f32s(bytes: &[u8]) -> Cow<'_, [f32]> {
 }
 
 /// Little-endian f16 data, borrowed when aligned, else copied once.
-fn f16s(bytes: &[u8]) -> Cow<'_, [f16]> {
+pub(crate) fn f16s(bytes: &[u8]) -> Cow<'_, [f16]> {
     if cfg!(target_endian = "little") {
         if let Ok(v) = bytemuck::try_cast_slice(bytes) {
             return Cow::Borrowed(v);

@@ -13,8 +13,8 @@ use rayon::prelude::*;
 
 use crate::dataset::{Dataset, Values};
 use crate::error::Result;
+use crate::oracle::partial::Partial as PartialState;
 use crate::oracle::prune::{self, PruneIndex};
-use crate::oracle::state::posterior_variance;
 use crate::oracle::{Backend, CentredBatch, Posterior, SoftmaxState};
 
 /// Dataset rows per tile: S (B x 256) and the tile (256 x D) stay cache-sized.
@@ -131,29 +131,32 @@ impl Backend for CpuBackend<'_> {
     }
 
     fn posterior(&mut self, batch: &CentredBatch<'_>) -> Result<Posterior> {
+        Ok(self.partial(batch)?.finish())
+    }
+
+    fn partial(&mut self, batch: &CentredBatch<'_>) -> Result<PartialState> {
         self.last_pruned = false;
         self.kept.clear();
         if let Some(disk) = self.dataset.disk() {
-            return crate::oracle::stream::posterior(disk, self.dataset, batch, self.threads);
+            return crate::oracle::stream::partial(disk, self.dataset, batch, self.threads);
         }
         if self.options.prune && batch.rows.len() >= prune::MIN_PRUNE_ROWS {
             self.prepare();
             if let Some(Some(index)) = &self.index {
                 let kept = self.record_kept.then_some(&mut self.kept);
-                if let Some(post) = prune::posterior(self.dataset, index, batch, self.threads, kept)
-                {
+                if let Some(part) = prune::partial(self.dataset, index, batch, self.threads, kept) {
                     self.last_pruned = true;
-                    return Ok(post);
+                    return Ok(part);
                 }
             }
         }
-        self.dense_posterior(batch)
+        self.dense_partial(batch)
     }
 }
 
 impl CpuBackend<'_> {
     /// The plain pass over every row (also the fallback when bounds cannot prune).
-    fn dense_posterior(&self, batch: &CentredBatch<'_>) -> Result<Posterior> {
+    fn dense_partial(&self, batch: &CentredBatch<'_>) -> Result<PartialState> {
         let dim = self.dataset.dim();
         let n_queries = batch.logit_coefs.len();
         let rows = batch.rows.clone();
@@ -194,13 +197,14 @@ impl CpuBackend<'_> {
             })
             .collect();
 
-        // Merge the row blocks of each query group, in row order.
-        let mut mean = vec![0.0f32; n_queries * dim];
-        let mut stats = Vec::with_capacity(n_queries);
+        // Merge the row blocks of each query group, in row order (normalised by the caller).
+        let mut acc = vec![0.0f32; n_queries * dim];
+        let mut states = Vec::with_capacity(n_queries);
+        let mut sum_norms = Vec::with_capacity(n_queries);
         for (g, qs) in query_groups.iter().enumerate() {
             let blocks = &partials[g * row_ranges.len()..(g + 1) * row_ranges.len()];
             for (local, q) in qs.clone().enumerate() {
-                let out = &mut mean[q * dim..(q + 1) * dim];
+                let out = &mut acc[q * dim..(q + 1) * dim];
                 let mut state = SoftmaxState::EMPTY;
                 let mut sum_norm = 0.0f32;
                 for p in blocks {
@@ -210,14 +214,18 @@ impl CpuBackend<'_> {
                     }
                     sum_norm = ra * sum_norm + rb * p.sum_norm[local];
                 }
-                let inv = 1.0 / state.sum;
-                out.iter_mut().for_each(|o| *o *= inv);
-                let mut st = state.stats();
-                st.posterior_variance = posterior_variance(sum_norm, state.sum, out);
-                stats.push(st);
+                states.push(state);
+                sum_norms.push(sum_norm);
             }
         }
-        Ok(Posterior { mean, stats })
+        Ok(PartialState::dense(
+            dim,
+            states,
+            acc,
+            sum_norms,
+            rows.len(),
+            prune::LEAF_ROWS,
+        ))
     }
 }
 

@@ -12,9 +12,11 @@
 
 pub mod cpu;
 pub mod gpu;
+pub mod partial;
 pub mod prune;
 pub mod reference;
 pub mod refine;
+pub mod shard;
 pub mod state;
 pub mod stream;
 
@@ -24,6 +26,7 @@ use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::path::Path;
 
+pub use partial::Partial;
 pub use state::{QueryStats, SoftmaxState};
 
 /// Which implementation evaluates the oracle.
@@ -113,8 +116,24 @@ pub struct Posterior {
 /// work on another thread (the Python binding releases the GIL around evaluations).
 pub trait Backend: Send {
     fn posterior(&mut self, batch: &CentredBatch<'_>) -> Result<Posterior>;
+    /// The state over `batch.rows` before normalisation, which merges exactly with other
+    /// row ranges' ([`Partial::merge`]): how several devices and MPI ranks combine.
+    /// `posterior` equals `partial` then [`Partial::finish`] to within rounding.
+    fn partial(&mut self, batch: &CentredBatch<'_>) -> Result<Partial> {
+        let _ = batch;
+        Err(Error::Input(format!(
+            "{} cannot return partial states (for --devices or MPI use the cpu or gpu backend)",
+            self.describe()
+        )))
+    }
     /// Human-readable description (for `info` and run.json).
     fn describe(&self) -> String;
+    /// True when the rows are this process's share of a dataset spread over processes
+    /// (MPI): top-1 indices then come back as source indices already, and a class this
+    /// process holds no sample of is an empty row range rather than an error.
+    fn distributed(&self) -> bool {
+        false
+    }
 }
 
 enum Engine<'d> {
@@ -211,6 +230,42 @@ impl<'d> Oracle<'d> {
         self.refined
     }
 
+    /// The oracle over `dataset` with a backend built by the caller (several devices, an
+    /// MPI rank's); `kind` is what [`Oracle::kind`] reports.
+    pub fn with_backend(
+        dataset: &'d Dataset,
+        path: Path,
+        backend: Box<dyn Backend + 'd>,
+        kind: BackendKind,
+    ) -> Self {
+        Oracle {
+            dataset,
+            path,
+            engine: Engine::Fast(backend),
+            kind,
+            fallback_reason: None,
+            refiner: None,
+            refined: 0,
+        }
+    }
+
+    /// Wraps the fast backend (in an MPI reduction, say); the f64 reference cannot be.
+    pub fn wrap_backend(
+        mut self,
+        wrap: impl FnOnce(Box<dyn Backend + 'd>) -> Box<dyn Backend + 'd>,
+    ) -> Result<Self> {
+        self.engine = match self.engine {
+            Engine::Fast(b) => Engine::Fast(wrap(b)),
+            Engine::Reference => {
+                return Err(Error::Input(
+                    "--backend reference evaluates whole datasets only (no --devices, no MPI)"
+                        .into(),
+                ))
+            }
+        };
+        Ok(self)
+    }
+
     /// The backend actually in use (`auto` resolved).
     pub fn kind(&self) -> BackendKind {
         self.kind
@@ -271,7 +326,10 @@ impl<'d> Oracle<'d> {
             }
         }
         (0..n_queries).try_for_each(|q| check_time(query.t.get(q)))?;
-        let rows = ds.rows_for(query.class)?;
+        let rows = match (ds.rows_for(query.class), &self.engine) {
+            (Err(_), Engine::Fast(b)) if b.distributed() && ds.labels().is_some() => 0..0,
+            (rows, _) => rows?,
+        };
         match &mut self.engine {
             Engine::Reference => Ok(reference::evaluate(ds, self.path, query, rows)),
             Engine::Fast(backend) => {
@@ -296,39 +354,16 @@ impl<'d> Oracle<'d> {
                     logit_coefs: &logit_coefs,
                     rows: rows.clone(),
                 })?;
-                let mut exact_means: Vec<Option<Vec<f64>>> = vec![None; n_queries];
-                let refiner = self.refiner.get_or_insert_with(|| refine::Refiner::new(ds));
-                for (q, c) in coefs.iter().enumerate() {
-                    let r = q * dim..(q + 1) * dim;
-                    // The centred query in f64 (the f32 `x` above is rounded).
-                    let xc: Vec<f64> = query.x[r.clone()]
-                        .iter()
-                        .zip(ds.mean())
-                        .map(|(&v, &m)| v as f64 - c.alpha * m as f64)
-                        .collect();
-                    let exact = refiner.refine(
-                        ds,
-                        &refine::RefineQuery {
-                            x: &xc,
-                            alpha: c.alpha,
-                            sigma: c.sigma_safe(),
-                            rows: rows.clone(),
-                            anchor: post.stats[q].top1_index as usize,
-                        },
-                    )?;
-                    if let Some((mean, stats)) = exact {
-                        exact_means[q] = Some(mean);
-                        // Pruning's certificate and shares describe the fast pass: kept.
-                        let fast = post.stats[q];
-                        post.stats[q] = QueryStats {
-                            skipped_mass_bound: fast.skipped_mass_bound,
-                            tiles_skipped: fast.tiles_skipped,
-                            samples_skipped: fast.samples_skipped,
-                            ..stats
-                        };
-                        self.refined += 1;
-                    }
-                }
+                // Late-t f64 refinement, where the rows are all here (not an MPI rank's).
+                let exact_means = if backend.distributed() {
+                    vec![None; n_queries]
+                } else {
+                    let refiner = self.refiner.get_or_insert_with(|| refine::Refiner::new(ds));
+                    let (exact, n) =
+                        refine::refine_batch(refiner, ds, query.x, &coefs, &rows, &mut post)?;
+                    self.refined += n;
+                    exact
+                };
                 let mut x1_hat = post.mean;
                 let mut velocity = vec![0.0f32; x1_hat.len()];
                 for (q, c) in coefs.iter().enumerate() {
@@ -347,11 +382,16 @@ impl<'d> Oracle<'d> {
                         *v = (a * hat + b * xq as f64) as f32;
                     }
                 }
+                let source_indices = backend.distributed();
                 let stats = post
                     .stats
                     .into_iter()
                     .map(|s| QueryStats {
-                        top1_index: ds.original_index(s.top1_index as usize),
+                        top1_index: if source_indices {
+                            s.top1_index
+                        } else {
+                            ds.original_index(s.top1_index as usize)
+                        },
                         ..s
                     })
                     .collect();

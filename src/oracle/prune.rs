@@ -69,7 +69,8 @@ use rayon::prelude::*;
 
 use crate::dataset::Dataset;
 use crate::oracle::cpu::{sgemm, stored_rows_f32, Gemm};
-use crate::oracle::{CentredBatch, Posterior, QueryStats, SoftmaxState};
+use crate::oracle::partial::Partial;
+use crate::oracle::{CentredBatch, Posterior, SoftmaxState};
 
 /// Dimensions of the projection behind the per-sample bounds.
 pub const PROJ_DIMS: usize = 64;
@@ -544,6 +545,18 @@ pub fn posterior(
     threads: usize,
     kept: Option<&mut Vec<Vec<u32>>>,
 ) -> Option<Posterior> {
+    partial(ds, index, batch, threads, kept).map(Partial::finish)
+}
+
+/// [`posterior`] before the division by the normaliser: the state that merges with other
+/// row ranges' (see [`Partial`]); `None` likewise.
+pub fn partial(
+    ds: &Dataset,
+    index: &PruneIndex,
+    batch: &CentredBatch<'_>,
+    threads: usize,
+    kept: Option<&mut Vec<Vec<u32>>>,
+) -> Option<Partial> {
     let dim = index.dim;
     let k = index.k;
     let n_q = batch.logit_coefs.len();
@@ -706,8 +719,9 @@ pub fn posterior(
         })
         .collect();
 
-    let mut mean = vec![0.0f32; n_q * dim];
-    let mut stats = vec![QueryStats::default(); n_q];
+    let mut part = Partial::empty(n_q, dim);
+    part.tiles_total = tiles.len() as u64;
+    part.samples_total = n_rows as u64;
     let mut kept_rows = vec![Vec::new(); if record { n_q } else { 0 }];
     for (qs, mut r) in groups.iter().zip(results) {
         for (local, &q) in qs.iter().enumerate() {
@@ -715,28 +729,15 @@ pub fn posterior(
             if st.sum == 0.0 || !st.sum.is_finite() {
                 return None;
             }
-            let inv = 1.0 / st.sum;
-            for (o, a) in mean[q * dim..(q + 1) * dim]
-                .iter_mut()
-                .zip(&r.acc[local * dim..(local + 1) * dim])
-            {
-                *o = a * inv;
-            }
+            part.acc[q * dim..(q + 1) * dim]
+                .copy_from_slice(&r.acc[local * dim..(local + 1) * dim]);
             let b = &qb[q];
-            // The certificate in units of the final (m, l).
-            let cert = (b.cert + r.cert[local]) * (b.m0 - st.max as f64).exp() / st.sum as f64;
-            let posterior_variance = crate::oracle::state::posterior_variance(
-                r.sum_norm[local],
-                st.sum,
-                &mean[q * dim..(q + 1) * dim],
-            );
-            stats[q] = QueryStats {
-                posterior_variance,
-                skipped_mass_bound: round_up_f32(cert),
-                tiles_skipped: 1.0 - b.needed_tiles as f32 / tiles.len() as f32,
-                samples_skipped: 1.0 - r.computed[local] as f32 / n_rows as f32,
-                ..st.stats()
-            };
+            part.states[q] = st;
+            part.sum_norm[q] = r.sum_norm[local];
+            // The certificate in units of exp(final m) (divided by l when normalised).
+            part.skipped_mass[q] = (b.cert + r.cert[local]) * (b.m0 - st.max as f64).exp();
+            part.tiles_kept[q] = b.needed_tiles as u64;
+            part.samples_kept[q] = r.computed[local] as u64;
             if record {
                 kept_rows[q] = std::mem::take(&mut r.kept[local]);
             }
@@ -745,18 +746,7 @@ pub fn posterior(
     if let Some(k) = kept {
         *k = kept_rows;
     }
-    Some(Posterior { mean, stats })
-}
-
-/// The smallest f32 >= v (v >= 0): an f32 certificate must still bound the f64 one, even
-/// where that is below f32's range.
-fn round_up_f32(v: f64) -> f32 {
-    let f = v as f32;
-    if (f as f64) < v {
-        f32::from_bits(f.to_bits() + 1)
-    } else {
-        f
-    }
+    Some(part)
 }
 
 /// Exact (f64) largest logit over `tile`, minus its rounding bound.

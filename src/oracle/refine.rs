@@ -34,7 +34,8 @@ use rayon::prelude::*;
 
 use crate::dataset::Dataset;
 use crate::error::Result;
-use crate::oracle::QueryStats;
+use crate::oracle::{Posterior, QueryStats};
+use crate::path::PathCoefs;
 
 /// Directions of the projection screen.
 const K: usize = 8;
@@ -228,6 +229,50 @@ impl Refiner {
         };
         Ok(Some((mean, stats)))
     }
+}
+
+/// Refines every query of a fast result `post` (over `rows`, queries `x` in user
+/// coordinates at path coefficients `coefs`) where the screen is cheap: replaces their
+/// stats (keeping the fast pass's pruning certificate and shares) and returns their f64
+/// centred means (None where the fast result stands) and how many were refined.
+pub fn refine_batch(
+    refiner: &mut Refiner,
+    ds: &Dataset,
+    x: &[f32],
+    coefs: &[PathCoefs],
+    rows: &Range<usize>,
+    post: &mut Posterior,
+) -> Result<(Vec<Option<Vec<f64>>>, u64)> {
+    let dim = ds.dim();
+    let mut exact_means = vec![None; coefs.len()];
+    let mut refined = 0;
+    for (q, c) in coefs.iter().enumerate() {
+        // The centred query in f64 (the backends got it rounded to f32).
+        let xc: Vec<f64> = x[q * dim..(q + 1) * dim]
+            .iter()
+            .zip(ds.mean())
+            .map(|(&v, &m)| v as f64 - c.alpha * m as f64)
+            .collect();
+        let query = RefineQuery {
+            x: &xc,
+            alpha: c.alpha,
+            sigma: c.sigma_safe(),
+            rows: rows.clone(),
+            anchor: post.stats[q].top1_index as usize,
+        };
+        if let Some((mean, stats)) = refiner.refine(ds, &query)? {
+            exact_means[q] = Some(mean);
+            let fast = post.stats[q];
+            post.stats[q] = QueryStats {
+                skipped_mass_bound: fast.skipped_mass_bound,
+                tiles_skipped: fast.tiles_skipped,
+                samples_skipped: fast.samples_skipped,
+                ..stats
+            };
+            refined += 1;
+        }
+    }
+    Ok((exact_means, refined))
 }
 
 impl Basis {

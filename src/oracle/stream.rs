@@ -22,8 +22,8 @@ use crate::dataset::disk::DiskRows;
 use crate::dataset::Dataset;
 use crate::error::Result;
 use crate::oracle::cpu::{run_task, Partial};
-use crate::oracle::state::posterior_variance;
-use crate::oracle::{CentredBatch, Posterior, SoftmaxState};
+use crate::oracle::partial::Partial as PartialState;
+use crate::oracle::{prune, CentredBatch, SoftmaxState};
 
 /// Rows of the kernel's own tiles (`cpu::TILE_ROWS`): row blocks are whole tiles.
 const KERNEL_TILE_ROWS: usize = 256;
@@ -42,13 +42,13 @@ pub fn describe(disk: &DiskRows) -> String {
     )
 }
 
-/// The posterior over `batch.rows` of `ds`, whose values are in `disk`.
-pub(crate) fn posterior(
+/// The unnormalised state over `batch.rows` of `ds`, whose values are in `disk`.
+pub(crate) fn partial(
     disk: &Arc<DiskRows>,
     ds: &Dataset,
     batch: &CentredBatch<'_>,
     threads: usize,
-) -> Result<Posterior> {
+) -> Result<PartialState> {
     let dim = ds.dim();
     let n_queries = batch.logit_coefs.len();
     let rows = batch.rows.clone();
@@ -139,14 +139,12 @@ pub(crate) fn posterior(
         Ok(())
     })?;
 
-    let mut stats = Vec::with_capacity(n_queries);
-    for (q, state) in states.iter().enumerate() {
-        let out = &mut acc[q * dim..(q + 1) * dim];
-        let inv = 1.0 / state.sum;
-        out.iter_mut().for_each(|o| *o *= inv);
-        let mut st = state.stats();
-        st.posterior_variance = posterior_variance(sum_norm[q], state.sum, out);
-        stats.push(st);
-    }
-    Ok(Posterior { mean: acc, stats })
+    Ok(PartialState::dense(
+        dim,
+        states,
+        acc,
+        sum_norm,
+        rows.len(),
+        prune::LEAF_ROWS,
+    ))
 }

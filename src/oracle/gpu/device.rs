@@ -45,6 +45,51 @@ fn instance() -> wgpu::Instance {
     wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
 }
 
+/// Every adapter wgpu finds, in its order: the indices `--devices` and `info` use.
+fn all_adapters() -> Vec<wgpu::Adapter> {
+    pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()))
+}
+
+/// One line per adapter, `index: name (backend, device type)`, for `info` and errors.
+pub fn adapter_list() -> Vec<String> {
+    all_adapters()
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let info = a.get_info();
+            format!(
+                "{i}: {} ({:?}, {:?})",
+                info.name, info.backend, info.device_type
+            )
+        })
+        .collect()
+}
+
+/// What `--devices all` means: the indices of the adapters of the first graphics API
+/// found (Vulkan before GL, ...): the same GPU is listed once per API, and counting it
+/// twice would have two workers share one device.
+pub fn all_devices() -> Vec<usize> {
+    let all = all_adapters();
+    let Some(first) = all.first().map(|a| a.get_info().backend) else {
+        return Vec::new();
+    };
+    (0..all.len())
+        .filter(|&i| all[i].get_info().backend == first)
+        .collect()
+}
+
+/// The adapter of index `index` in [`adapter_list`].
+fn adapter_at(index: usize) -> Result<wgpu::Adapter> {
+    let mut all = all_adapters();
+    if index >= all.len() {
+        return Err(Error::Input(format!(
+            "--devices: no adapter {index} ({} found; `oracleflow info` lists them)",
+            all.len()
+        )));
+    }
+    Ok(all.swap_remove(index))
+}
+
 fn adapter(hardware_only: bool) -> Result<wgpu::Adapter> {
     let adapter = pollster::block_on(instance().request_adapter(&wgpu::RequestAdapterOptions {
         power_preference: wgpu::PowerPreference::HighPerformance,
@@ -65,8 +110,11 @@ fn adapter(hardware_only: bool) -> Result<wgpu::Adapter> {
 /// `want_f16`. Limits: the adapter's own for what the kernels need (binding and buffer
 /// sizes, workgroup memory and size, storage buffers per stage), downlevel defaults
 /// for the rest.
-pub(super) fn open(hardware_only: bool, want_f16: bool) -> Result<Gpu> {
-    let adapter = adapter(hardware_only)?;
+pub(super) fn open(hardware_only: bool, want_f16: bool, index: Option<usize>) -> Result<Gpu> {
+    let adapter = match index {
+        Some(i) => adapter_at(i)?,
+        None => adapter(hardware_only)?,
+    };
     let info = adapter.get_info();
     let have = adapter.limits();
     let features = if want_f16 {

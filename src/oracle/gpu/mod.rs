@@ -55,9 +55,9 @@ use std::ops::Range;
 
 use crate::dataset::{Dataset, Dtype};
 use crate::error::{Error, Result};
-use crate::oracle::{Backend, CentredBatch, Posterior, QueryStats};
+use crate::oracle::{Backend, CentredBatch, Partial, Posterior, QueryStats, SoftmaxState};
 
-pub use device::adapter_report;
+pub use device::{adapter_list, adapter_report, all_devices};
 pub use health::{wait_limit_from_env, DEFAULT_WAIT_LIMIT, WAIT_LIMIT_ENV};
 pub use options::GpuOptions;
 pub use pipelines::{
@@ -112,7 +112,7 @@ impl GpuBackend {
             Some(limit) => limit,
             None => health::wait_limit_from_env()?,
         };
-        let gpu = device::open(options.hardware_only, want_f16)?;
+        let gpu = device::open(options.hardware_only, want_f16, options.adapter)?;
         // f16 data on a device without SHADER_F16 is held as f32: exact, twice the memory.
         let storage =
             if want_f16 && !options.f16_as_f32 && gpu.features.contains(wgpu::Features::SHADER_F16)
@@ -178,6 +178,7 @@ impl GpuBackend {
         rows: Range<usize>,
         mean: &mut [f32],
         stats: &mut Vec<QueryStats>,
+        states: Option<&mut Vec<(SoftmaxState, f32)>>,
     ) -> Result<()> {
         let residency = &mut self.residency;
         let n_queries = coefs.len();
@@ -215,7 +216,7 @@ impl GpuBackend {
             &self.waiter,
             &bufs.readback,
             plan.sizes.readback,
-            |bytes| readback::unpack(bytes, &plan, self.dim, mean, stats),
+            |bytes| readback::unpack(bytes, &plan, self.dim, mean, stats, states),
         )
     }
 }
@@ -256,6 +257,43 @@ fn scoped<T>(device: &wgpu::Device, f: impl FnOnce() -> Result<T>) -> Result<T> 
 
 impl Backend for GpuBackend {
     fn posterior(&mut self, batch: &CentredBatch<'_>) -> Result<Posterior> {
+        self.evaluate(batch, None)
+    }
+
+    /// The device normalises in its finalize pass; the state is rebuilt from the merged
+    /// split states read back beside the mean: acc = mean * l (one rounding per value).
+    fn partial(&mut self, batch: &CentredBatch<'_>) -> Result<Partial> {
+        let mut states = Vec::with_capacity(batch.logit_coefs.len());
+        let post = self.evaluate(batch, Some(&mut states))?;
+        let dim = self.dim;
+        let mut acc = post.mean;
+        for (q, (state, _)) in states.iter().enumerate() {
+            acc[q * dim..(q + 1) * dim]
+                .iter_mut()
+                .for_each(|v| *v *= state.sum);
+        }
+        let (states, sum_norm) = states.into_iter().unzip();
+        Ok(Partial::dense(
+            dim,
+            states,
+            acc,
+            sum_norm,
+            batch.rows.len(),
+            crate::oracle::prune::LEAF_ROWS,
+        ))
+    }
+
+    fn describe(&self) -> String {
+        self.description()
+    }
+}
+
+impl GpuBackend {
+    fn evaluate(
+        &mut self,
+        batch: &CentredBatch<'_>,
+        mut states: Option<&mut Vec<(SoftmaxState, f32)>>,
+    ) -> Result<Posterior> {
         let n_queries = batch.logit_coefs.len();
         let dim = self.dim;
         if batch.x.len() != n_queries * dim {
@@ -285,6 +323,7 @@ impl Backend for GpuBackend {
                     rows.clone(),
                     &mut mean[q0 * dim..q1 * dim],
                     &mut stats,
+                    states.as_deref_mut(),
                 )
             });
             if done.is_err() {
@@ -300,7 +339,7 @@ impl Backend for GpuBackend {
         Ok(Posterior { mean, stats })
     }
 
-    fn describe(&self) -> String {
+    fn description(&self) -> String {
         let storage = match (self.dataset_dtype, self.storage) {
             (Dtype::F16, Dtype::F32) => "f16 data held as f32",
             (_, Dtype::F16) => "f16 storage",

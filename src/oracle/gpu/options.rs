@@ -35,4 +35,7 @@ pub struct GpuOptions {
     /// Longest wait for one submission or read-back before the device is taken as hung
     /// (default: `ORACLEFLOW_GPU_TIMEOUT_S`, else 600 s).
     pub wait_limit: Option<std::time::Duration>,
+    /// Open the adapter of this index in [`adapter_list`](super::adapter_list) (`--devices`)
+    /// instead of the preferred one.
+    pub adapter: Option<usize>,
 }

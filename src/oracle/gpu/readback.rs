@@ -50,13 +50,15 @@ pub(super) fn read_back(
 
 /// Unpacks the readback bytes of `plan` (`plan.sizes.readback` of them): writes the
 /// n x `dim` mean (dropping the row padding) and pushes n stats, each the merge of the
-/// query's split states (host-side, with the shared [`SoftmaxState::merge`]).
+/// query's split states (host-side, with the shared [`SoftmaxState::merge`]); pushes each
+/// query's merged state and sum_j e_j |y_j|^2 to `states_out` when given.
 pub(super) fn unpack(
     bytes: &[u8],
     plan: &Plan,
     dim: usize,
     mean: &mut [f32],
     stats: &mut Vec<QueryStats>,
+    mut states_out: Option<&mut Vec<(SoftmaxState, f32)>>,
 ) {
     let (mean_read, states_read) = bytes.split_at(plan.sizes.mean as usize);
     let device_mean = pod_slice::<f32>(mean_read);
@@ -73,6 +75,9 @@ pub(super) fn unpack(
             let st = states[s * n_queries + q];
             let (ra, rb) = merged.merge(&st.into());
             sum_norm = ra * sum_norm + rb * st.sum_norm;
+        }
+        if let Some(out) = states_out.as_deref_mut() {
+            out.push((merged, sum_norm));
         }
         let mut st = merged.stats();
         st.posterior_variance = crate::oracle::state::posterior_variance(
