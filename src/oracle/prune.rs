@@ -67,28 +67,48 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
+use faer::{Mat, Side};
+
 use crate::dataset::Dataset;
 use crate::oracle::cpu::{sgemm, stored_rows_f32, Gemm};
 use crate::oracle::{CentredBatch, Posterior, QueryStats, SoftmaxState};
 
 /// Dimensions of the projection behind the per-sample bounds.
-pub const PROJ_DIMS: usize = 64;
+pub const PROJ_DIMS: usize = 256;
+/// Screening levels: a pair's bound is first taken from the leading `LEVELS[0]` projected
+/// dimensions plus the norm of the rest, and refined on the survivors with the next cut
+/// (partial distances in PCA order). Cheap levels reject the far samples; the fine ones
+/// pay only for the few left. Measured on Fashion-MNIST at t = 0.5: 50% of pairs survive
+/// 16 dimensions, 28% survive 64 and 7% survive 256, so the cascade costs about 100
+/// multiply-adds per pair where the dense pass costs 2 x 784.
+pub const LEVELS: [usize; 3] = [16, 64, 256];
 /// Most rows per tile (tiles hold between half this and this).
 pub const LEAF_ROWS: usize = 64;
 // Survivors of a (query, tile) are one u64 bit mask.
 const _: () = assert!(LEAF_ROWS <= 64);
 /// Fewest rows in a range for which pruning is tried.
 pub const MIN_PRUNE_ROWS: usize = 2 * LEAF_ROWS;
-/// Share of (query, sample) pairs left by the bounds above which dense is cheaper.
-pub const DENSE_SWITCH: f64 = 0.1;
+/// Estimated cost of the pruned pass, as a share of the dense pass's, above which the call
+/// runs dense (estimated from the probe queries, see [`posterior`]).
+pub const DENSE_SWITCH: f64 = 0.15;
+/// Cost of one multiply-add of the exact pass over the survivors (gathered rows, small
+/// GEMMs, the group's union) relative to one of the dense pass.
+const EXACT_PENALTY: f64 = 2.0;
 /// Queries whose per-sample bounds decide the fallback.
 const PROBE_QUERIES: usize = 8;
 /// Most queries sharing one gathered union of survivors (more inflate the union).
-const EXACT_GROUP: usize = 32;
+const EXACT_GROUP: usize = 16;
 /// Largest share of the variance left outside the projection for which an index is built.
 /// The residual term of the bounds loses about 2 a |Rx| |Ry| / (2 sigma^2) nats, so with most
 /// of the variance outside the projection they prune nothing before t is close to 1.
 pub const MAX_RESIDUAL_SHARE: f64 = 0.5;
+/// Leading projected dimensions whose captured variance decides whether to build an index
+/// (the leading cuts of the levels must already see most of the structure).
+const FALLBACK_DIMS: usize = 64;
+/// Largest D whose basis comes from a full eigendecomposition (else subspace iteration).
+const EIGEN_MAX_DIM: usize = 2048;
+/// Leading projected dimensions the PCA tree splits on.
+const TREE_DIMS: usize = 64;
 /// Rows of the seeded subsample whose covariance gives the basis.
 const BASIS_SAMPLE: usize = 2048;
 const BASIS_ITERS: usize = 10;
@@ -120,10 +140,18 @@ pub struct PruneIndex {
     perm: Vec<u32>,
     /// N x k projections, tile order
     proj: Vec<f32>,
-    /// |Py|^2, tile order
-    proj_sq: Vec<f64>,
-    /// |Ry|, tile order
-    resid: Vec<f32>,
+    /// per tile, its rows' first `levels[0]` projected coordinates, dimension-major and
+    /// padded to `LEAF_ROWS` columns (T x levels[0] x LEAF_ROWS): the first level's dot
+    /// products of one query with a whole tile are then plain vector FMAs
+    proj0t: Vec<f32>,
+    /// the level cuts in use (`LEVELS` clipped to k, ascending, the last = k)
+    levels: Vec<usize>,
+    /// per level l and row p (tile order), at l * N + p: |P_l y|^2, the squared norm of
+    /// the row's first levels[l] projected coordinates (f32: screening runs in f32, its
+    /// rounding far inside `LB_MARGIN`)
+    lvl_sq: Vec<f32>,
+    /// per level and row: |y - P_l y|, the norm of everything past levels[l]
+    lvl_tail: Vec<f32>,
     tiles: Vec<Tile>,
     /// T x k projected centroids (f32 for the GEMM with the queries' projections)
     centres: Vec<f32>,
@@ -180,7 +208,7 @@ impl PruneIndex {
         let mut segments = Vec::new();
         for rows in seg_rows {
             let mut ids: Vec<u32> = rows.clone().map(|r| r as u32).collect();
-            let leaves = split(&mut ids, &proj_rows, k);
+            let leaves = split(&mut ids, &proj_rows, k, TREE_DIMS.min(k));
             let first_tile = tiles.len();
             let mut pos = perm.len();
             for len in leaves {
@@ -198,14 +226,36 @@ impl PruneIndex {
             segments.push((rows, first_tile..tiles.len()));
         }
 
+        let levels = level_cuts(k);
+        let nl = levels.len();
         let mut proj = Vec::with_capacity(n * k);
-        let mut proj_sq = Vec::with_capacity(n);
+        let mut row_sq = Vec::with_capacity(n * nl);
+        let mut row_tail = Vec::with_capacity(n * nl);
         let mut resid = Vec::with_capacity(n);
         for &row in &perm {
             let p = &proj_rows[row as usize * k..(row as usize + 1) * k];
             proj.extend_from_slice(p);
-            proj_sq.push(p.iter().map(|&v| (v as f64).powi(2)).sum());
-            resid.push(resid_rows[row as usize]);
+            let r = resid_rows[row as usize];
+            level_norms(p, r, &levels, &mut row_sq, &mut row_tail);
+            resid.push(r);
+        }
+        // Level-major, so that a tile's rows are contiguous at every level.
+        let level_major = |v: &[f64]| -> Vec<f32> {
+            (0..nl)
+                .flat_map(|l| (0..n).map(move |p| v[p * nl + l] as f32))
+                .collect()
+        };
+        let (lvl_sq, lvl_tail) = (level_major(&row_sq), level_major(&row_tail));
+        let cut0 = levels[0];
+        let mut proj0t = vec![0.0f32; tiles.len() * cut0 * LEAF_ROWS];
+        for (t, tile) in tiles.iter().enumerate() {
+            let block = &mut proj0t[t * cut0 * LEAF_ROWS..(t + 1) * cut0 * LEAF_ROWS];
+            for j in 0..tile.len {
+                let p = &proj[(tile.start + j) * k..(tile.start + j) * k + cut0];
+                for (d, &v) in p.iter().enumerate() {
+                    block[d * LEAF_ROWS + j] = v;
+                }
+            }
         }
         let norms = ds.sq_norms();
         let mut centres = vec![0.0f64; tiles.len() * k];
@@ -244,8 +294,10 @@ impl PruneIndex {
             basis,
             perm,
             proj,
-            proj_sq,
-            resid,
+            proj0t,
+            levels,
+            lvl_sq,
+            lvl_tail,
             tiles,
             centre_sq: centres
                 .chunks_exact(k)
@@ -275,6 +327,38 @@ impl PruneIndex {
             .find(|(r, _)| r == rows)
             .map(|(_, t)| t.clone())
     }
+}
+
+/// `LEVELS` clipped to k: ascending, distinct, ending at k.
+fn level_cuts(k: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = LEVELS.iter().map(|&l| l.min(k)).collect();
+    v.push(k);
+    v.dedup();
+    v
+}
+
+/// Appends, per level, the squared norm of the first `levels[l]` coordinates of `p` and
+/// the norm of the rest of the vector (`p`'s later coordinates and the residual `r`).
+/// Tails are sums of squares, never differences, so small ones carry no cancellation.
+fn level_norms(p: &[f32], r: f32, levels: &[usize], sq: &mut Vec<f64>, tail: &mut Vec<f64>) {
+    let sum_sq = |v: &[f32]| v.iter().map(|&v| (v as f64).powi(2)).sum::<f64>();
+    let nl = levels.len();
+    let (mut head, mut prev) = (0.0f64, 0);
+    for &cut in levels {
+        head += sum_sq(&p[prev..cut]);
+        sq.push(head);
+        prev = cut;
+    }
+    // Suffix sums, from the last level back.
+    let mut rest = (r as f64).powi(2);
+    let mut tails = [0.0f64; LEVELS.len() + 1];
+    for l in (0..nl).rev() {
+        if l + 1 < nl {
+            rest += sum_sq(&p[levels[l]..levels[l + 1]]);
+        }
+        tails[l] = rest.sqrt();
+    }
+    tail.extend_from_slice(&tails[..nl]);
 }
 
 /// Projections (nr x k) and residual norms of `nr` rows `y` (nr x dim).
@@ -320,11 +404,6 @@ fn project(y: &[f32], nr: usize, dim: usize, basis: &[f32], k: usize) -> (Vec<f3
 fn pca_basis(ds: &Dataset) -> (Vec<f32>, f64) {
     let (n, dim) = (ds.n_samples(), ds.dim());
     let k = PROJ_DIMS.min(dim);
-    if k == dim {
-        let mut id = vec![0.0f32; dim * dim];
-        (0..dim).for_each(|i| id[i * dim + i] = 1.0);
-        return (id, 0.0);
-    }
     let mut rng = ChaCha8Rng::seed_from_u64(SEED);
     let m = BASIS_SAMPLE.min(n);
     let mut rows: Vec<usize> = if m == n {
@@ -350,6 +429,36 @@ fn pca_basis(ds: &Dataset) -> (Vec<f32>, f64) {
         (&s, 1, dim),
         (&s, dim, 1),
     );
+    let trace: f64 = (0..dim).map(|d| c[d * dim + d] as f64).sum();
+    let share = |captured: f64| {
+        if trace > 0.0 {
+            (1.0 - captured / trace).max(0.0)
+        } else {
+            0.0
+        }
+    };
+    if dim <= EIGEN_MAX_DIM {
+        // One symmetric eigendecomposition (O(D^3), well under a second at D = 784): the
+        // exact principal directions, in order, which the levels' cuts rely on.
+        let cm = Mat::<f64>::from_fn(dim, dim, |i, j| c[i * dim + j] as f64);
+        if let Ok(eig) = cm.self_adjoint_eigen(Side::Lower) {
+            let vals: Vec<f64> = (0..dim).map(|i| eig.S().column_vector()[i]).collect();
+            let mut order: Vec<usize> = (0..dim).collect();
+            order.sort_by(|&a, &b| vals[b].total_cmp(&vals[a]).then(a.cmp(&b)));
+            let u = eig.U();
+            let mut basis = vec![0.0f32; k * dim];
+            for (j, &col) in order[..k].iter().enumerate() {
+                for d in 0..dim {
+                    basis[j * dim + d] = u[(d, col)] as f32;
+                }
+            }
+            let captured: f64 = order[..FALLBACK_DIMS.min(k)]
+                .iter()
+                .map(|&i| vals[i].max(0.0))
+                .sum();
+            return (basis, share(captured));
+        }
+    }
     let mut v: Vec<f64> = (0..k * dim)
         .map(|_| rng.sample::<f64, _>(StandardNormal))
         .collect();
@@ -389,20 +498,15 @@ fn pca_basis(ds: &Dataset) -> (Vec<f32>, f64) {
         (&c, dim, 1),
         (&v32, 1, dim),
     );
-    let captured: f64 = (0..k)
+    // (subspace iteration orders its directions roughly by variance)
+    let captured: f64 = (0..FALLBACK_DIMS.min(k))
         .map(|j| {
             (0..dim)
                 .map(|d| v[j * dim + d] * w[d * k + j] as f64)
                 .sum::<f64>()
         })
         .sum();
-    let trace: f64 = (0..dim).map(|d| c[d * dim + d] as f64).sum();
-    let residual = if trace > 0.0 {
-        (1.0 - captured / trace).max(0.0)
-    } else {
-        0.0
-    };
-    (v32, residual)
+    (v32, share(captured))
 }
 
 /// Modified Gram-Schmidt (twice, for f64 orthogonality) on the rows of `v` (k x dim);
@@ -431,13 +535,14 @@ fn orthonormalise(v: &mut [f64], dim: usize, rng: &mut ChaCha8Rng) {
     }
 }
 
-/// PCA-tree split of `ids` (stored rows) in place; returns the leaf sizes in order.
-fn split(ids: &mut [u32], proj: &[f32], k: usize) -> Vec<usize> {
+/// PCA-tree split of `ids` (stored rows) in place, on the first k of each row's `stride`
+/// projected coordinates; returns the leaf sizes in order.
+fn split(ids: &mut [u32], proj: &[f32], stride: usize, k: usize) -> Vec<usize> {
     let n = ids.len();
     if n <= LEAF_ROWS {
         return vec![n];
     }
-    let row = |i: u32| &proj[i as usize * k..(i as usize + 1) * k];
+    let row = |i: u32| &proj[i as usize * stride..i as usize * stride + k];
     let mut mean = vec![0.0f64; k];
     for &i in ids.iter() {
         mean.iter_mut()
@@ -485,9 +590,9 @@ fn split(ids: &mut [u32], proj: &[f32], k: usize) -> Vec<usize> {
     }
     let (l, r) = ids.split_at_mut(mid);
     let (mut a, b) = if n > 8192 {
-        rayon::join(|| split(l, proj, k), || split(r, proj, k))
+        rayon::join(|| split(l, proj, stride, k), || split(r, proj, stride, k))
     } else {
-        (split(l, proj, k), split(r, proj, k))
+        (split(l, proj, stride, k), split(r, proj, stride, k))
     };
     a.extend(b);
     a
@@ -506,6 +611,9 @@ struct QueryBound {
     x_norm: f64,
     resid: f64,
     px_sq: f64,
+    /// per level: |P_l x|^2 and |x - P_l x| (as the index's `lvl_sq`, `lvl_tail`)
+    lv_sq: [f64; LEVELS.len() + 1],
+    lv_tail: [f64; LEVELS.len() + 1],
     /// lower bound on the f32 maximum logit (see the module docs)
     m0: f64,
     /// the tile of the seed (queries are grouped by it, so that a group's survivors overlap)
@@ -554,6 +662,7 @@ pub fn posterior(
     }
     let tiles = &index.tiles[tile_range.clone()];
     let x = batch.x;
+    let clock = std::time::Instant::now();
 
     // Query projections and residual norms.
     let (px, rx) = project(x, n_q, dim, &index.basis, k);
@@ -597,12 +706,18 @@ pub fn posterior(
             x_norm: x_sq.sqrt(),
             resid: rx[q] as f64,
             px_sq: pq.iter().map(|&v| (v as f64).powi(2)).sum(),
+            lv_sq: [0.0; LEVELS.len() + 1],
+            lv_tail: [0.0; LEVELS.len() + 1],
             m0: f64::NEG_INFINITY,
             seed_tile: 0,
             ln_sample_thr: f64::NEG_INFINITY,
             cert: 0.0,
             needed_tiles: tiles.len(),
         };
+        let (mut sq, mut tail) = (Vec::new(), Vec::new());
+        level_norms(pq, rx[q], &index.levels, &mut sq, &mut tail);
+        b.lv_sq[..sq.len()].copy_from_slice(&sq);
+        b.lv_tail[..tail.len()].copy_from_slice(&tail);
         let mut need = vec![true; tiles.len()];
         if !prunable {
             return (b, need);
@@ -661,7 +776,7 @@ pub fn posterior(
     let probed: Vec<(QueryBound, Vec<bool>)> = probe.par_iter().map(|&q| bound(q)).collect();
     let mut probe_masks = vec![0u64; probe.len() * tiles.len()];
     let mut probe_cert = vec![0.0f64; probe.len()];
-    let survivors = screen(
+    let probe_count = screen(
         index,
         &px,
         &probed.iter().map(|p| &p.0).collect::<Vec<_>>(),
@@ -671,11 +786,28 @@ pub fn posterior(
         &mut probe_masks,
         &mut probe_cert,
     );
-    if survivors as f64 > DENSE_SWITCH * (probe.len() * n_rows) as f64 {
+    // Cost model in multiply-adds: the screening's own, plus two products of length D per
+    // survivor at EXACT_PENALTY times the dense pass's cost per multiply-add (gathered
+    // small GEMMs run slower than the dense pass's large ones).
+    let dense_work = (probe.len() * n_rows * 2 * dim) as f64;
+    let pruned_work = probe_count.work + EXACT_PENALTY * (probe_count.survivors * 2 * dim) as f64;
+    let profile = profiling();
+    let t_probe = clock.elapsed().as_secs_f64();
+    if profile {
+        eprintln!(
+            "prune: {:.3}s to the probe; probe keeps {:.4} of pairs, est. cost {:.3} of dense ({:.3} screening)",
+            t_probe,
+            probe_count.survivors as f64 / (probe.len() * n_rows) as f64,
+            pruned_work / dense_work,
+            probe_count.work / dense_work
+        );
+    }
+    if pruned_work > DENSE_SWITCH * dense_work {
         return None;
     }
     let (qb, needed): (Vec<QueryBound>, Vec<Vec<bool>>) =
         (0..n_q).into_par_iter().map(bound).unzip();
+    let t_bound = clock.elapsed().as_secs_f64();
 
     // Per query group: per-sample bounds, then exact logits and sparse accumulation.
     // Queries in tree order of their nearest tile: neighbours share survivors, so each
@@ -690,7 +822,8 @@ pub fn posterior(
         .map(|qs| {
             let mut masks = vec![0u64; qs.len() * tiles.len()];
             let mut cert = vec![0.0f64; qs.len()];
-            screen(
+            let c0 = std::time::Instant::now();
+            let sc = screen(
                 index,
                 &px,
                 &qs.iter().map(|&q| &qb[q]).collect::<Vec<_>>(),
@@ -700,12 +833,35 @@ pub fn posterior(
                 &mut masks,
                 &mut cert,
             );
+            let c1 = std::time::Instant::now();
             let mut r = run_group(ds, index, batch, &masks, qs, tile_range.clone(), record);
             r.cert = cert;
+            r.timing = [
+                (c1 - c0).as_secs_f64(),
+                c1.elapsed().as_secs_f64(),
+                sc.survivors as f64,
+                sc.work,
+            ];
             r
         })
         .collect();
 
+    if profile {
+        let sum = |i: usize| results.iter().map(|r| r.timing[i]).sum::<f64>();
+        let computed: usize = results.iter().flat_map(|r| &r.computed).sum();
+        let pairs = (n_q * n_rows) as f64;
+        eprintln!(
+            "prune: bounds {:.3}s, screen {:.3}s (thread s), exact {:.3}s (thread s), total {:.3}s; \
+             survivors {:.5}, computed {:.5} of pairs, screening work {:.4} of dense",
+            t_bound - t_probe,
+            sum(0),
+            sum(1),
+            clock.elapsed().as_secs_f64(),
+            sum(2) / pairs,
+            computed as f64 / pairs,
+            sum(3) / (pairs * 2.0 * dim as f64),
+        );
+    }
     let mut mean = vec![0.0f32; n_q * dim];
     let mut stats = vec![QueryStats::default(); n_q];
     let mut kept_rows = vec![Vec::new(); if record { n_q } else { 0 }];
@@ -748,6 +904,12 @@ pub fn posterior(
     Some(Posterior { mean, stats })
 }
 
+/// Whether to print per-call phase timings (ORACLEFLOW_PRUNE_PROFILE=1), for tuning.
+fn profiling() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ORACLEFLOW_PRUNE_PROFILE").is_ok_and(|v| v == "1"))
+}
+
 /// The smallest f32 >= v (v >= 0): an f32 certificate must still bound the f64 one, even
 /// where that is below f32's range.
 fn round_up_f32(v: f64) -> f32 {
@@ -759,7 +921,9 @@ fn round_up_f32(v: f64) -> f32 {
     }
 }
 
-/// Exact (f64) largest logit over `tile`, minus its rounding bound.
+/// A lower bound on the largest f32 logit the exact pass will compute over `tile`: the
+/// largest logit computed here in f32, minus twice the rounding bound (this evaluation and
+/// the exact pass's are each within `err` of the exact value, in any summation order).
 fn seed_max(ds: &Dataset, index: &PruneIndex, b: &QueryBound, xq: &[f32], tile: &Tile) -> f64 {
     let norms = ds.sq_norms();
     let mut y = vec![0.0f32; index.dim];
@@ -767,10 +931,10 @@ fn seed_max(ds: &Dataset, index: &PruneIndex, b: &QueryBound, xq: &[f32], tile: 
     for pos in tile.start..tile.start + tile.len {
         let row = index.perm[pos] as usize;
         ds.stored_row(row, &mut y);
-        let dot: f64 = xq.iter().zip(&y).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let dot = dot8(xq, &y) as f64;
         m = m.max(b.c_dot * dot - b.c_norm * norms[row] as f64);
     }
-    m - b.err(tile.max_norm, index.dim)
+    m - 2.0 * b.err(tile.max_norm, index.dim)
 }
 
 struct GroupResult {
@@ -782,12 +946,33 @@ struct GroupResult {
     cert: Vec<f64>,
     computed: Vec<usize>,
     kept: Vec<Vec<u32>>,
+    /// screening s, exact s, survivors, screening work (for the profile)
+    timing: [f64; 4],
 }
+
+/// What screening found and cost.
+#[derive(Clone, Copy, Default, Debug)]
+struct ScreenCount {
+    /// (query, sample) pairs left for the exact pass
+    survivors: usize,
+    /// multiply-adds of the screening GEMMs plus per-pair bound evaluations (weighted)
+    work: f64,
+}
+
+/// Cost of evaluating one pair's bound, in multiply-adds of a GEMM (it is scalar f64 work).
+const PAIR_COST: f64 = 8.0;
 
 /// Per-sample bounds for queries `qids` (with their bounds `qb` and needed tiles `needed`,
 /// in the same order) over their needed tiles: bit j of
 /// `masks[i * T + t]` is set when sample j of tile t must be computed for query qids[i];
-/// the skipped samples' bounds go to `cert` (units of exp(m0)). Returns the set bits.
+/// the skipped samples' bounds go to `cert` (units of exp(m0)).
+///
+/// Each (query, tile) goes through the levels: at level l the partial dot product over the
+/// first `levels[l]` projected coordinates gives |P_l (x - a y)|^2 exactly (up to f32
+/// rounding, inside the margin) and the tails give (|x - P_l x| - a |y - P_l y|)^2 as a
+/// lower bound on the rest. A sample whose bound reaches the threshold is skipped at that
+/// level; the survivors' partial dot products are extended by the next levels' coordinates
+/// (one GEMM over the queries and the column span still alive).
 #[allow(clippy::too_many_arguments)]
 fn screen(
     index: &PruneIndex,
@@ -798,72 +983,266 @@ fn screen(
     tile_range: Range<usize>,
     masks: &mut [u64],
     cert: &mut [f64],
-) -> usize {
+) -> ScreenCount {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for (checked above).
+        return unsafe { screen_avx2(index, px, qb, needed, qids, tile_range, masks, cert) };
+    }
+    screen_impl(index, px, qb, needed, qids, tile_range, masks, cert, dot8)
+}
+
+/// [`screen_impl`] compiled for AVX2 + FMA (the build targets baseline x86-64).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn screen_avx2(
+    index: &PruneIndex,
+    px: &[f32],
+    qb: &[&QueryBound],
+    needed: &[&[bool]],
+    qids: &[usize],
+    tile_range: Range<usize>,
+    masks: &mut [u64],
+    cert: &mut [f64],
+) -> ScreenCount {
+    // SAFETY (of the calls to dot_avx2): this function only runs where AVX2 and FMA are.
+    let dot = |a: &[f32], b: &[f32]| unsafe { dot_avx2(a, b) };
+    screen_impl(index, px, qb, needed, qids, tile_range, masks, cert, dot)
+}
+
+/// Dot product with AVX2 FMAs (two accumulators of 8 lanes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    // SAFETY: every load reads 8 floats at i..i + 8 <= n, inside both slices.
+    unsafe {
+        while i + 16 <= n {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+            s1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i + 8)),
+                _mm256_loadu_ps(pb.add(i + 8)),
+                s1,
+            );
+            i += 16;
+        }
+        if i + 8 <= n {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+            i += 8;
+        }
+    }
+    let mut lanes = [0.0f32; 8];
+    // SAFETY: lanes holds 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(s0, s1)) };
+    let mut s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+    for j in i..n {
+        s += a[j] * b[j];
+    }
+    s
+}
+
+/// Dot product with eight running sums (so that it vectorises).
+#[inline(always)]
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn screen_impl(
+    index: &PruneIndex,
+    px: &[f32],
+    qb: &[&QueryBound],
+    needed: &[&[bool]],
+    qids: &[usize],
+    tile_range: Range<usize>,
+    masks: &mut [u64],
+    cert: &mut [f64],
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+) -> ScreenCount {
     let (dim, k) = (index.dim, index.k);
+    let levels = &index.levels;
     let n_t = tile_range.len();
-    let mut qlist: Vec<usize> = Vec::with_capacity(qids.len());
-    let mut pxs = vec![0.0f32; qids.len() * k];
-    let mut dots = vec![0.0f32; qids.len() * LEAF_ROWS];
-    let mut count = 0usize;
+    let nq_all = qids.len();
+    let mut qlist: Vec<usize> = Vec::with_capacity(nq_all);
+    let mut qsel: Vec<usize> = Vec::with_capacity(nq_all);
+    let cut0 = levels[0];
+    let mut dots = vec![0.0f32; nq_all * LEAF_ROWS];
+    let mut tmp = vec![0.0f32; nq_all * LEAF_ROWS];
+    let mut alive = vec![0u64; nq_all];
+    let mut l2_max = vec![0.0f64; nq_all];
+    let mut n_skip = vec![0usize; nq_all];
+    let mut l2_skip = vec![0.0f32; nq_all];
+    let mut l2buf = [0.0f32; LEAF_ROWS];
+    let n_all = index.perm.len();
+    let mut count = ScreenCount::default();
+    let t0 = tile_range.start;
     for (t, tile) in index.tiles[tile_range].iter().enumerate() {
         qlist.clear();
-        qlist.extend((0..qids.len()).filter(|&i| needed[i][t]));
+        let (nt, pos0) = (tile.len, tile.start);
+        let full = if nt == 64 { u64::MAX } else { (1u64 << nt) - 1 };
+        for (l, need) in needed.iter().enumerate() {
+            if !need[t] {
+                continue;
+            }
+            if qb[l].prunable {
+                qlist.push(l);
+            } else {
+                masks[l * n_t + t] = full;
+                count.survivors += nt;
+            }
+        }
         if qlist.is_empty() {
             continue;
         }
-        let (nt, pos0, nq) = (tile.len, tile.start, qlist.len());
-        for (i, &l) in qlist.iter().enumerate() {
-            let q = qids[l];
-            pxs[i * k..(i + 1) * k].copy_from_slice(&px[q * k..(q + 1) * k]);
-        }
-        // Projected dot products of the needing queries with the tile's rows.
-        sgemm(
-            Gemm { m: nq, n: nt, k },
-            &mut dots[..nq * nt],
-            false,
-            (&pxs[..nq * k], k, 1),
-            (&index.proj[pos0 * k..(pos0 + nt) * k], 1, k),
-        );
         for (i, &l) in qlist.iter().enumerate() {
             let b = qb[l];
-            let mask = &mut masks[l * n_t + t];
-            if !b.prunable {
-                *mask = if nt == 64 { u64::MAX } else { (1u64 << nt) - 1 };
-                count += nt;
-                continue;
-            }
             let err = b.err(tile.max_norm, dim);
             // Survival lw > ln_thr, with lw = ln_weight(l2), is l2 < l2_max (solved once
             // per tile); the skipped samples' bound comes from their smallest l2.
             let margin = LB_MARGIN * (b.x_norm + b.a * tile.max_norm).powi(2);
             let lb_max = b.x_sq - (b.ln_sample_thr + b.m0 - err) / b.inv;
-            let l2_max = if lb_max > 0.0 {
+            l2_max[i] = if lb_max > 0.0 {
                 lb_max + margin
             } else {
                 f64::NEG_INFINITY
             };
-            let (mut n_skip, mut l2_min_skipped) = (0usize, f64::INFINITY);
-            let mut m = 0u64;
-            let (a, a2) = (b.a, b.a * b.a);
-            for j in 0..nt {
-                let p = pos0 + j;
-                let dp2 =
-                    (b.px_sq - 2.0 * a * dots[i * nt + j] as f64 + a2 * index.proj_sq[p]).max(0.0);
-                let gap = b.resid - a * index.resid[p] as f64;
-                let l2 = dp2 + gap * gap;
-                if l2 < l2_max {
-                    m |= 1 << j;
-                } else {
-                    n_skip += 1;
-                    l2_min_skipped = l2_min_skipped.min(l2);
+            alive[i] = full;
+            n_skip[i] = 0;
+            l2_skip[i] = f32::INFINITY;
+        }
+        let nq = qlist.len();
+        let mut prev = 0;
+        for (lv, &cut) in levels.iter().enumerate() {
+            // Coordinates prev..cut of each alive (query, row) pair, added to its partial
+            // dot product: direct dot products over the alive pairs only (per-tile GEMM
+            // calls cost more than the few multiply-adds they would do here).
+            let kd = cut - prev;
+            let mut any = false;
+            for (i, &al) in alive[..nq].iter().enumerate() {
+                if al == 0 {
+                    continue;
                 }
+                any = true;
+                let q = qids[qlist[i]];
+                let xrow = &px[q * k + prev..q * k + cut];
+                let trow = &mut tmp[i * LEAF_ROWS..(i + 1) * LEAF_ROWS];
+                if lv == 0 {
+                    // The whole tile at once, from its dimension-major block.
+                    let block = &index.proj0t[(t0 + t) * cut0 * LEAF_ROWS..][..cut0 * LEAF_ROWS];
+                    let mut acc = [0.0f32; LEAF_ROWS];
+                    for (d, col) in block.chunks_exact(LEAF_ROWS).enumerate() {
+                        let xd = xrow[d];
+                        for (a, &y) in acc.iter_mut().zip(col) {
+                            *a += xd * y;
+                        }
+                    }
+                    trow.copy_from_slice(&acc);
+                    count.work += (cut0 * LEAF_ROWS) as f64;
+                    continue;
+                }
+                let mut bits = al;
+                while bits != 0 {
+                    let j = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    let yrow = &index.proj[(pos0 + j) * k + prev..(pos0 + j) * k + cut];
+                    trow[j] = dot(xrow, yrow);
+                }
+                count.work += (kd * al.count_ones() as usize) as f64;
             }
-            if n_skip > 0 {
-                let lw = b.ln_weight(l2_min_skipped, tile.max_norm, err);
-                cert[l] += n_skip as f64 * lw.exp();
+            if !any {
+                break;
             }
-            count += m.count_ones() as usize;
-            *mask = m;
+            qsel.clear();
+            qsel.extend((0..nq).filter(|&i| alive[i] != 0));
+            for &i in qsel.iter() {
+                let b = qb[qlist[i]];
+                // f32 from here: the bound's terms are at most (|x| + a |y|)^2 and f32
+                // rounding moves them by ~1e-7 of that, against LB_MARGIN = 1e-3 of it.
+                let (a, a2) = (b.a as f32, (b.a * b.a) as f32);
+                let (xs, xt) = (b.lv_sq[lv] as f32, b.lv_tail[lv] as f32);
+                let ysq = &index.lvl_sq[lv * n_all + pos0..lv * n_all + pos0 + nt];
+                let yt = &index.lvl_tail[lv * n_all + pos0..lv * n_all + pos0 + nt];
+                let lim = l2_max[i] as f32;
+                let drow = &mut dots[i * LEAF_ROWS..i * LEAF_ROWS + nt];
+                let trow = &tmp[i * LEAF_ROWS..(i + 1) * LEAF_ROWS];
+                let old = alive[i];
+                let mut m = 0u64;
+                if lv == 0 && old == full {
+                    // Every column alive: one branch-free pass.
+                    for j in 0..nt {
+                        let d = trow[j];
+                        drow[j] = d;
+                        let dp2 = (xs - 2.0 * a * d + a2 * ysq[j]).max(0.0);
+                        let g = xt - a * yt[j];
+                        l2buf[j] = dp2 + g * g;
+                    }
+                    for (j, &l2) in l2buf[..nt].iter().enumerate() {
+                        m |= ((l2 < lim) as u64) << j;
+                    }
+                    let mn = l2buf[..nt]
+                        .iter()
+                        .map(|&v| if v < lim { f32::INFINITY } else { v })
+                        .fold(f32::INFINITY, f32::min);
+                    l2_skip[i] = l2_skip[i].min(mn);
+                    n_skip[i] += nt - m.count_ones() as usize;
+                    count.work += PAIR_COST * nt as f64;
+                    alive[i] = m;
+                    continue;
+                } else {
+                    let mut bits = old;
+                    while bits != 0 {
+                        let j = bits.trailing_zeros() as usize;
+                        bits &= bits - 1;
+                        let d = drow[j] + trow[j];
+                        drow[j] = d;
+                        let dp2 = (xs - 2.0 * a * d + a2 * ysq[j]).max(0.0);
+                        let g = xt - a * yt[j];
+                        let l2 = dp2 + g * g;
+                        l2buf[j] = l2;
+                        m |= ((l2 < lim) as u64) << j;
+                    }
+                }
+                let mut gone = old & !m;
+                n_skip[i] += gone.count_ones() as usize;
+                while gone != 0 {
+                    let j = gone.trailing_zeros() as usize;
+                    gone &= gone - 1;
+                    l2_skip[i] = l2_skip[i].min(l2buf[j]);
+                }
+                count.work += PAIR_COST * old.count_ones() as f64;
+                alive[i] = m;
+            }
+            prev = cut;
+        }
+        for (i, &l) in qlist.iter().enumerate() {
+            let b = qb[l];
+            if n_skip[i] > 0 {
+                let err = b.err(tile.max_norm, dim);
+                let lw = b.ln_weight(l2_skip[i] as f64, tile.max_norm, err);
+                cert[l] += n_skip[i] as f64 * lw.exp();
+            }
+            count.survivors += alive[i].count_ones() as usize;
+            masks[l * n_t + t] = alive[i];
         }
     }
     count
@@ -890,6 +1269,7 @@ fn run_group(
         cert: vec![0.0; gq],
         computed: vec![0; gq],
         kept: vec![Vec::new(); if record { gq } else { 0 }],
+        timing: [0.0; 4],
     };
     let mut union: Vec<usize> = Vec::with_capacity(LEAF_ROWS);
     let mut qsurv: Vec<usize> = Vec::with_capacity(gq);
