@@ -1,42 +1,63 @@
 //! Exact pruning for the CPU backend (DESIGN.md section 6): skip the samples whose weight
 //! cannot reach an f32 result, and certify how much weight was skipped.
 //!
-//! **Index (once per dataset, deterministic).** A k-dimensional PCA basis V (subspace
-//! iteration on a seeded subsample's covariance) gives every stored row its projection
-//! Py = V y and residual norm |Ry| = |y - V^T V y|. Within each class (so that a
-//! class-conditional row range is a union of tiles) a PCA tree, split at the median of the
-//! node's principal direction in the projected space, orders the rows into tiles of
-//! `LEAF_ROWS / 2 ..= LEAF_ROWS` nearby samples. Each tile keeps its projected centroid c,
-//! projected radius r = max |Py - c|, the range [rlo, rhi] of its residual norms and max |y|.
+//! **Index (once per dataset, deterministic).** A PCA basis V of k = min(`PROJ_DIMS`, D)
+//! directions in order of variance (one f64 symmetric eigendecomposition of a seeded
+//! subsample's covariance for D <= `EIGEN_MAX_DIM`, subspace iteration above) gives every
+//! stored row its projection Py = V y and residual norm |Ry| = |y - V^T V y|. Within each
+//! class (so that a class-conditional row range is a union of tiles) a PCA tree, split at
+//! the median of the node's principal direction in the first `TREE_DIMS` projected
+//! coordinates, orders the rows into tiles of `LEAF_ROWS / 2 ..= LEAF_ROWS` nearby samples.
+//! Each tile keeps its projected centroid c, projected radius r = max |Py - c|, the range
+//! [rlo, rhi] of its residual norms and max |y|. Per row and screening level l (the cuts
+//! `LEVELS`, e.g. 16, 64, 256 coordinates) it keeps |P_l y|^2 (the first cut_l coordinates)
+//! and the tail |y - P_l y| (the norm of everything after them, summed as squares).
 //!
-//! **Bounds.** For any y, `|x - a y|^2 = |Px - a Py|^2 + |Rx - a Ry|^2`, which is at least
-//! `|Px - a Py|^2 + (|Rx| - a |Ry|)^2` (triangle inequality in each part). Over a tile,
-//! `|Px - a Py| >= |Px - a c| - a r` and `||Rx| - a |Ry|| >= dist(|Rx|, a [rlo, rhi])`. The
-//! backends' logits are `s = c_dot x.y - c_norm |y|^2 = (|x|^2 - |x - a y|^2) / (2 sigma^2)`
-//! (exactly, with `a = 2 c_norm / c_dot` and `1 / (2 sigma^2) = c_dot^2 / (4 c_norm)`), so
-//! a lower bound L on `|x - a y|^2` gives the upper bound `(|x|^2 - L) / (2 sigma^2)` on s.
+//! **Bounds.** For any y and any level, `|x - a y|^2 = |P_l (x - a y)|^2 +
+//! |(x - a y) - P_l (x - a y)|^2`, which is at least `|P_l x - a P_l y|^2 +
+//! (|x - P_l x| - a |y - P_l y|)^2` (triangle inequality on the tail). The first term is a
+//! partial distance: `|P_l x|^2 - 2 a P_l x . P_l y + a^2 |P_l y|^2` from the partial dot
+//! product over the first cut_l coordinates. Over a tile, `|Px - a Py| >= |Px - a c| - a r`
+//! and `||Rx| - a |Ry|| >= dist(|Rx|, a [rlo, rhi])`. The backends' logits are
+//! `s = c_dot x.y - c_norm |y|^2 = (|x|^2 - |x - a y|^2) / (2 sigma^2)` (exactly, with
+//! `a = 2 c_norm / c_dot` and `1 / (2 sigma^2) = c_dot^2 / (4 c_norm)`), so a lower bound L
+//! on `|x - a y|^2` gives the upper bound `(|x|^2 - L) / (2 sigma^2)` on s.
+//!
+//! **Screening in levels.** Per (query, needed tile), every row gets the level-0 bound
+//! (16 coordinates: one block of vector FMAs against the tile's dimension-major copy of
+//! them); the rows still above the threshold get their partial dot product extended to the
+//! next cut (AVX2 dot products over the alive pairs only), and so on. Each level's bound is
+//! a valid lower bound, so a row is skipped at the first level that rules it out; cheap
+//! levels reject the far rows, the fine ones pay only for the few left. On Fashion-MNIST
+//! at t = 0.5 (numpy, 32 queries along x_t = t y + (1 - t) eps): 50% of pairs survive 16
+//! coordinates, 28% survive 64, 7% survive 256, and the tail bound after 256 is what the
+//! single 64-d projection of the first version gave (about 4x looser).
 //!
 //! **Rounding.** The f32 logits differ from the exact ones by at most
-//! err = (D + 4) 2^-24 (c_dot |x| |y|max + c_norm |y|max^2) (the classic dot-product bound
-//! plus the products and the stored f32 norm), and the f32 projections behind L by far less
-//! than the margin `LB_MARGIN (|x| + a |y|max)^2` taken off L. So every logit the dense
-//! f32 pass would compute for a sample of the tile is at most ub + err.
+//! err = (D + 4) 2^-24 (c_dot |x| |y|max + c_norm |y|max^2) (the classic dot-product bound,
+//! valid in any summation order, plus the products and the stored f32 norm). The bounds
+//! are evaluated in f32 from f32 projections; their terms are at most (|x| + a |y|max)^2
+//! and those roundings move them by ~1e-6 of that, against the margin
+//! `LB_MARGIN (|x| + a |y|max)^2` = 1e-3 of it taken off every L. So every logit the
+//! dense f32 pass would compute for a sample is at most its ub + err.
 //!
 //! **Order and the running max.** Per query, the tile whose projected centroid is nearest
-//! is evaluated first, exactly (f64): its largest logit minus err, m0, is a lower bound on
-//! the f32 maximum the final result will have (that sample is never skipped, see below),
-//! so every later decision can use m0 as the running max without any rescaling.
+//! is evaluated first (f32): its largest logit minus 2 err, m0, is a lower bound on the
+//! f32 maximum the final result will have (that sample is never skipped, see below), so
+//! every later decision can use m0 as the running max without any rescaling.
 //!
-//! **Skipping, and why it cannot change an f32 result.** Weights are measured in units of
-//! exp(m0), in which the final normaliser l is >= 1. Tiles are skipped whole, smallest
-//! bound first, while the sum of their bounds n_tile exp(ub + err - m0) stays within
-//! 2^-31; then, inside the visited tiles, single samples whose bound exp(ub_i + err - m0)
-//! is below 2^-31 / (samples in visited tiles) are skipped. Everything skipped therefore
-//! weighs at most 2^-30 of l in total: the normaliser moves by a relative 2^-30, and
-//! x1_hat = acc / l by at most 2^-30 max|y - x1_hat|, both 64 times under f32's relative
-//! rounding 2^-24 (dense accumulation itself commits errors of that size at every add).
-//! The sum of the skipped bounds, rescaled to the final (m, l), is each query's certificate
-//! (`QueryStats::skipped_mass_bound`).
+//! **Skipping: the margin, and why it cannot change an f32 result.** Weights are measured
+//! in units of exp(m0), in which the final normaliser l is >= 1. Tiles are skipped whole,
+//! smallest bound first, while the sum of their bounds n_tile exp(ub + err - m0) stays
+//! within `TILE_BUDGET` = 2^-31; then, inside the visited tiles, single samples whose bound
+//! exp(ub_i + err - m0) is below `SAMPLE_BUDGET` / (samples in visited tiles) = 2^-31 / n
+//! are skipped. Everything skipped therefore weighs at most 2^-30 of l in total: the
+//! normaliser moves by a relative 2^-30, and x1_hat = acc / l by at most
+//! 2^-30 max|y - x1_hat| / |x1_hat| relative, both 64 times under f32's relative rounding
+//! 2^-24 (the dense pass itself commits errors of that size at every add of its
+//! accumulation, so its own result is only defined to that precision). The sum of the
+//! skipped bounds, rescaled to the final (m, l), is each query's certificate
+//! (`QueryStats::skipped_mass_bound`, rounded up to f32).
 //!
 //! **Sparse accumulation.** A visited tile's logits are computed only for the union over
 //! the query group of the samples that survived, with one gather and one small GEMM; the
@@ -46,28 +67,30 @@
 //! groups of at most `EXACT_GROUP`, one rayon task each, so that a group's union of
 //! survivors stays close to each query's own.
 //!
-//! **Fallback.** Once per dataset: when the projection leaves more than
-//! `MAX_RESIDUAL_SHARE` of the variance (isotropic data such as `gaussian:60000,784`), no
-//! index is built and every call is dense, having spent only the basis. Per call: the
-//! per-sample bounds of `PROBE_QUERIES` spread-out queries are evaluated
-//! first; when they leave more than `DENSE_SWITCH` of the (query, sample) pairs (early t,
-//! unstructured data, alpha = 0), [`posterior`] returns `None` and the caller runs the plain
-//! dense pass. That test costs O(B (T k + D k)) plus the probe's screening, about 1-3% of a
-//! dense evaluation.
+//! **Fallback.** Once per dataset: when the first `FALLBACK_DIMS` principal directions
+//! leave more than `MAX_RESIDUAL_SHARE` of the variance (isotropic data such as
+//! `gaussian:60000,784`), no index is built and every call is dense, having spent only
+//! the basis. Per call: `PROBE_QUERIES` spread-out queries are screened first, and the
+//! screening's work plus `EXACT_PENALTY` x 2 D per surviving pair is compared with the
+//! dense pass's 2 D per pair; above `DENSE_SWITCH` of it (early t, unstructured data,
+//! alpha = 0), [`posterior`] returns `None` and the caller runs the plain dense pass.
 //!
-//! **Limits (measured on Fashion-MNIST).** The residual term loses about
-//! `2 a |Rx| |Ry| / (2 sigma^2)` nats against the truth, since the noise in x is nearly
-//! orthogonal to every Ry; in the middle of the trajectory (t = 0.3-0.6) that exceeds the
-//! logit gaps, so the bounds keep most samples and the dense pass runs.
+//! **Limits (measured on Fashion-MNIST).** The tail term loses about
+//! `2 a |x - P_l x| |y - P_l y| / (2 sigma^2)` nats against the truth, since the noise in x
+//! is nearly orthogonal to every y's tail; for t <= 0.45 that still exceeds the logit gaps,
+//! the probe finds the bounds too loose and the dense pass runs.
+//! `ORACLEFLOW_PRUNE_PROFILE=1` prints each call's phases (probe, bounds, screening,
+//! exact pass) and its kept fractions to stderr.
 
 use std::ops::Range;
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use rand_distr::StandardNormal;
 use rayon::prelude::*;
 
-use faer::{Mat, Side};
+mod basis;
+mod screen;
+
+use basis::{pca_basis, split};
+use screen::{dot8, screen};
 
 use crate::dataset::Dataset;
 use crate::oracle::cpu::{sgemm, stored_rows_f32, Gemm};
@@ -396,206 +419,6 @@ fn project(y: &[f32], nr: usize, dim: usize, basis: &[f32], k: usize) -> (Vec<f3
         })
         .collect();
     (p, r)
-}
-
-/// k orthonormal directions of largest variance (approximately: any orthonormal basis
-/// keeps the bounds valid, a better one only makes them tighter). k = D gives the identity.
-/// Also returns the share of the (subsample's) variance the basis leaves in the residual.
-fn pca_basis(ds: &Dataset) -> (Vec<f32>, f64) {
-    let (n, dim) = (ds.n_samples(), ds.dim());
-    let k = PROJ_DIMS.min(dim);
-    let mut rng = ChaCha8Rng::seed_from_u64(SEED);
-    let m = BASIS_SAMPLE.min(n);
-    let mut rows: Vec<usize> = if m == n {
-        (0..n).collect()
-    } else {
-        rand::seq::index::sample(&mut rng, n, m).into_vec()
-    };
-    rows.sort_unstable();
-    let mut s = vec![0.0f32; m * dim];
-    for (i, &r) in rows.iter().enumerate() {
-        ds.stored_row(r, &mut s[i * dim..(i + 1) * dim]);
-    }
-    // C = S^T S (dim x dim); the stored rows are already centred.
-    let mut c = vec![0.0f32; dim * dim];
-    sgemm(
-        Gemm {
-            m: dim,
-            n: dim,
-            k: m,
-        },
-        &mut c,
-        false,
-        (&s, 1, dim),
-        (&s, dim, 1),
-    );
-    let trace: f64 = (0..dim).map(|d| c[d * dim + d] as f64).sum();
-    let share = |captured: f64| {
-        if trace > 0.0 {
-            (1.0 - captured / trace).max(0.0)
-        } else {
-            0.0
-        }
-    };
-    if dim <= EIGEN_MAX_DIM {
-        // One symmetric eigendecomposition (O(D^3), well under a second at D = 784): the
-        // exact principal directions, in order, which the levels' cuts rely on.
-        let cm = Mat::<f64>::from_fn(dim, dim, |i, j| c[i * dim + j] as f64);
-        if let Ok(eig) = cm.self_adjoint_eigen(Side::Lower) {
-            let vals: Vec<f64> = (0..dim).map(|i| eig.S().column_vector()[i]).collect();
-            let mut order: Vec<usize> = (0..dim).collect();
-            order.sort_by(|&a, &b| vals[b].total_cmp(&vals[a]).then(a.cmp(&b)));
-            let u = eig.U();
-            let mut basis = vec![0.0f32; k * dim];
-            for (j, &col) in order[..k].iter().enumerate() {
-                for d in 0..dim {
-                    basis[j * dim + d] = u[(d, col)] as f32;
-                }
-            }
-            let captured: f64 = order[..FALLBACK_DIMS.min(k)]
-                .iter()
-                .map(|&i| vals[i].max(0.0))
-                .sum();
-            return (basis, share(captured));
-        }
-    }
-    let mut v: Vec<f64> = (0..k * dim)
-        .map(|_| rng.sample::<f64, _>(StandardNormal))
-        .collect();
-    orthonormalise(&mut v, dim, &mut rng);
-    let mut v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-    let mut w = vec![0.0f32; dim * k];
-    for _ in 0..BASIS_ITERS {
-        // W = C V^T (dim x k); element (d, j) of the rhs is v32[j * dim + d].
-        sgemm(
-            Gemm {
-                m: dim,
-                n: k,
-                k: dim,
-            },
-            &mut w,
-            false,
-            (&c, dim, 1),
-            (&v32, 1, dim),
-        );
-        for j in 0..k {
-            for d in 0..dim {
-                v[j * dim + d] = w[d * k + j] as f64;
-            }
-        }
-        orthonormalise(&mut v, dim, &mut rng);
-        v32 = v.iter().map(|&x| x as f32).collect();
-    }
-    // Captured variance: sum_j v_j^T C v_j, against trace(C).
-    sgemm(
-        Gemm {
-            m: dim,
-            n: k,
-            k: dim,
-        },
-        &mut w,
-        false,
-        (&c, dim, 1),
-        (&v32, 1, dim),
-    );
-    // (subspace iteration orders its directions roughly by variance)
-    let captured: f64 = (0..FALLBACK_DIMS.min(k))
-        .map(|j| {
-            (0..dim)
-                .map(|d| v[j * dim + d] * w[d * k + j] as f64)
-                .sum::<f64>()
-        })
-        .sum();
-    (v32, share(captured))
-}
-
-/// Modified Gram-Schmidt (twice, for f64 orthogonality) on the rows of `v` (k x dim);
-/// a row that collapses (rank-deficient data) is replaced by a fresh random one.
-fn orthonormalise(v: &mut [f64], dim: usize, rng: &mut ChaCha8Rng) {
-    let k = v.len() / dim;
-    for j in 0..k {
-        for attempt in 0..4 {
-            for _ in 0..2 {
-                for i in 0..j {
-                    let (head, tail) = v.split_at_mut(j * dim);
-                    let (vi, vj) = (&head[i * dim..(i + 1) * dim], &mut tail[..dim]);
-                    let dot: f64 = vi.iter().zip(vj.iter()).map(|(a, b)| a * b).sum();
-                    vj.iter_mut().zip(vi).for_each(|(b, a)| *b -= dot * a);
-                }
-            }
-            let vj = &mut v[j * dim..(j + 1) * dim];
-            let norm = vj.iter().map(|x| x * x).sum::<f64>().sqrt();
-            if norm > 1e-8 || attempt == 3 {
-                vj.iter_mut().for_each(|x| *x /= norm.max(1e-300));
-                break;
-            }
-            vj.iter_mut()
-                .for_each(|x| *x = rng.sample::<f64, _>(StandardNormal));
-        }
-    }
-}
-
-/// PCA-tree split of `ids` (stored rows) in place, on the first k of each row's `stride`
-/// projected coordinates; returns the leaf sizes in order.
-fn split(ids: &mut [u32], proj: &[f32], stride: usize, k: usize) -> Vec<usize> {
-    let n = ids.len();
-    if n <= LEAF_ROWS {
-        return vec![n];
-    }
-    let row = |i: u32| &proj[i as usize * stride..i as usize * stride + k];
-    let mut mean = vec![0.0f64; k];
-    for &i in ids.iter() {
-        mean.iter_mut()
-            .zip(row(i))
-            .for_each(|(m, &v)| *m += v as f64);
-    }
-    mean.iter_mut().for_each(|m| *m /= n as f64);
-    let centred = |i: u32| row(i).iter().zip(&mean).map(|(&v, m)| v as f64 - m);
-    // Power iteration for the node's principal direction, from its farthest point.
-    let far = *ids
-        .iter()
-        .max_by(|&&a, &&b| {
-            let (da, db) = (
-                centred(a).map(|x| x * x).sum::<f64>(),
-                centred(b).map(|x| x * x).sum::<f64>(),
-            );
-            da.total_cmp(&db).then(b.cmp(&a))
-        })
-        .expect("non-empty");
-    let mut dir: Vec<f64> = centred(far).collect();
-    for _ in 0..4 {
-        let mut w = vec![0.0f64; k];
-        for &i in ids.iter() {
-            let s: f64 = centred(i).zip(&dir).map(|(a, b)| a * b).sum();
-            w.iter_mut().zip(centred(i)).for_each(|(w, a)| *w += s * a);
-        }
-        let norm = w.iter().map(|x| x * x).sum::<f64>().sqrt();
-        if norm == 0.0 {
-            break;
-        }
-        dir = w.into_iter().map(|x| x / norm).collect();
-    }
-    let mut keyed: Vec<(f64, u32)> = ids
-        .iter()
-        .map(|&i| (centred(i).zip(&dir).map(|(a, b)| a * b).sum(), i))
-        .collect();
-    let mid = n / 2;
-    keyed.select_nth_unstable_by(mid, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    // Within each half, keep the rows ascending (only membership matters).
-    let (lo, hi) = keyed.split_at_mut(mid);
-    lo.sort_unstable_by_key(|e| e.1);
-    hi.sort_unstable_by_key(|e| e.1);
-    for (slot, e) in ids.iter_mut().zip(&keyed) {
-        *slot = e.1;
-    }
-    let (l, r) = ids.split_at_mut(mid);
-    let (mut a, b) = if n > 8192 {
-        rayon::join(|| split(l, proj, stride, k), || split(r, proj, stride, k))
-    } else {
-        (split(l, proj, stride, k), split(r, proj, stride, k))
-    };
-    a.extend(b);
-    a
 }
 
 /// Per-query quantities behind the bounds.
@@ -948,304 +771,6 @@ struct GroupResult {
     kept: Vec<Vec<u32>>,
     /// screening s, exact s, survivors, screening work (for the profile)
     timing: [f64; 4],
-}
-
-/// What screening found and cost.
-#[derive(Clone, Copy, Default, Debug)]
-struct ScreenCount {
-    /// (query, sample) pairs left for the exact pass
-    survivors: usize,
-    /// multiply-adds of the screening GEMMs plus per-pair bound evaluations (weighted)
-    work: f64,
-}
-
-/// Cost of evaluating one pair's bound, in multiply-adds of a GEMM (it is scalar f64 work).
-const PAIR_COST: f64 = 8.0;
-
-/// Per-sample bounds for queries `qids` (with their bounds `qb` and needed tiles `needed`,
-/// in the same order) over their needed tiles: bit j of
-/// `masks[i * T + t]` is set when sample j of tile t must be computed for query qids[i];
-/// the skipped samples' bounds go to `cert` (units of exp(m0)).
-///
-/// Each (query, tile) goes through the levels: at level l the partial dot product over the
-/// first `levels[l]` projected coordinates gives |P_l (x - a y)|^2 exactly (up to f32
-/// rounding, inside the margin) and the tails give (|x - P_l x| - a |y - P_l y|)^2 as a
-/// lower bound on the rest. A sample whose bound reaches the threshold is skipped at that
-/// level; the survivors' partial dot products are extended by the next levels' coordinates
-/// (one GEMM over the queries and the column span still alive).
-#[allow(clippy::too_many_arguments)]
-fn screen(
-    index: &PruneIndex,
-    px: &[f32],
-    qb: &[&QueryBound],
-    needed: &[&[bool]],
-    qids: &[usize],
-    tile_range: Range<usize>,
-    masks: &mut [u64],
-    cert: &mut [f64],
-) -> ScreenCount {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for (checked above).
-        return unsafe { screen_avx2(index, px, qb, needed, qids, tile_range, masks, cert) };
-    }
-    screen_impl(index, px, qb, needed, qids, tile_range, masks, cert, dot8)
-}
-
-/// [`screen_impl`] compiled for AVX2 + FMA (the build targets baseline x86-64).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn screen_avx2(
-    index: &PruneIndex,
-    px: &[f32],
-    qb: &[&QueryBound],
-    needed: &[&[bool]],
-    qids: &[usize],
-    tile_range: Range<usize>,
-    masks: &mut [u64],
-    cert: &mut [f64],
-) -> ScreenCount {
-    // SAFETY (of the calls to dot_avx2): this function only runs where AVX2 and FMA are.
-    let dot = |a: &[f32], b: &[f32]| unsafe { dot_avx2(a, b) };
-    screen_impl(index, px, qb, needed, qids, tile_range, masks, cert, dot)
-}
-
-/// Dot product with AVX2 FMAs (two accumulators of 8 lanes).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut i = 0;
-    // SAFETY: every load reads 8 floats at i..i + 8 <= n, inside both slices.
-    unsafe {
-        while i + 16 <= n {
-            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
-            s1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i + 8)),
-                _mm256_loadu_ps(pb.add(i + 8)),
-                s1,
-            );
-            i += 16;
-        }
-        if i + 8 <= n {
-            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
-            i += 8;
-        }
-    }
-    let mut lanes = [0.0f32; 8];
-    // SAFETY: lanes holds 8 floats.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(s0, s1)) };
-    let mut s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-    for j in i..n {
-        s += a[j] * b[j];
-    }
-    s
-}
-
-/// Dot product with eight running sums (so that it vectorises).
-#[inline(always)]
-fn dot8(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn screen_impl(
-    index: &PruneIndex,
-    px: &[f32],
-    qb: &[&QueryBound],
-    needed: &[&[bool]],
-    qids: &[usize],
-    tile_range: Range<usize>,
-    masks: &mut [u64],
-    cert: &mut [f64],
-    dot: impl Fn(&[f32], &[f32]) -> f32,
-) -> ScreenCount {
-    let (dim, k) = (index.dim, index.k);
-    let levels = &index.levels;
-    let n_t = tile_range.len();
-    let nq_all = qids.len();
-    let mut qlist: Vec<usize> = Vec::with_capacity(nq_all);
-    let mut qsel: Vec<usize> = Vec::with_capacity(nq_all);
-    let cut0 = levels[0];
-    let mut dots = vec![0.0f32; nq_all * LEAF_ROWS];
-    let mut tmp = vec![0.0f32; nq_all * LEAF_ROWS];
-    let mut alive = vec![0u64; nq_all];
-    let mut l2_max = vec![0.0f64; nq_all];
-    let mut n_skip = vec![0usize; nq_all];
-    let mut l2_skip = vec![0.0f32; nq_all];
-    let mut l2buf = [0.0f32; LEAF_ROWS];
-    let n_all = index.perm.len();
-    let mut count = ScreenCount::default();
-    let t0 = tile_range.start;
-    for (t, tile) in index.tiles[tile_range].iter().enumerate() {
-        qlist.clear();
-        let (nt, pos0) = (tile.len, tile.start);
-        let full = if nt == 64 { u64::MAX } else { (1u64 << nt) - 1 };
-        for (l, need) in needed.iter().enumerate() {
-            if !need[t] {
-                continue;
-            }
-            if qb[l].prunable {
-                qlist.push(l);
-            } else {
-                masks[l * n_t + t] = full;
-                count.survivors += nt;
-            }
-        }
-        if qlist.is_empty() {
-            continue;
-        }
-        for (i, &l) in qlist.iter().enumerate() {
-            let b = qb[l];
-            let err = b.err(tile.max_norm, dim);
-            // Survival lw > ln_thr, with lw = ln_weight(l2), is l2 < l2_max (solved once
-            // per tile); the skipped samples' bound comes from their smallest l2.
-            let margin = LB_MARGIN * (b.x_norm + b.a * tile.max_norm).powi(2);
-            let lb_max = b.x_sq - (b.ln_sample_thr + b.m0 - err) / b.inv;
-            l2_max[i] = if lb_max > 0.0 {
-                lb_max + margin
-            } else {
-                f64::NEG_INFINITY
-            };
-            alive[i] = full;
-            n_skip[i] = 0;
-            l2_skip[i] = f32::INFINITY;
-        }
-        let nq = qlist.len();
-        let mut prev = 0;
-        for (lv, &cut) in levels.iter().enumerate() {
-            // Coordinates prev..cut of each alive (query, row) pair, added to its partial
-            // dot product: direct dot products over the alive pairs only (per-tile GEMM
-            // calls cost more than the few multiply-adds they would do here).
-            let kd = cut - prev;
-            let mut any = false;
-            for (i, &al) in alive[..nq].iter().enumerate() {
-                if al == 0 {
-                    continue;
-                }
-                any = true;
-                let q = qids[qlist[i]];
-                let xrow = &px[q * k + prev..q * k + cut];
-                let trow = &mut tmp[i * LEAF_ROWS..(i + 1) * LEAF_ROWS];
-                if lv == 0 {
-                    // The whole tile at once, from its dimension-major block.
-                    let block = &index.proj0t[(t0 + t) * cut0 * LEAF_ROWS..][..cut0 * LEAF_ROWS];
-                    let mut acc = [0.0f32; LEAF_ROWS];
-                    for (d, col) in block.chunks_exact(LEAF_ROWS).enumerate() {
-                        let xd = xrow[d];
-                        for (a, &y) in acc.iter_mut().zip(col) {
-                            *a += xd * y;
-                        }
-                    }
-                    trow.copy_from_slice(&acc);
-                    count.work += (cut0 * LEAF_ROWS) as f64;
-                    continue;
-                }
-                let mut bits = al;
-                while bits != 0 {
-                    let j = bits.trailing_zeros() as usize;
-                    bits &= bits - 1;
-                    let yrow = &index.proj[(pos0 + j) * k + prev..(pos0 + j) * k + cut];
-                    trow[j] = dot(xrow, yrow);
-                }
-                count.work += (kd * al.count_ones() as usize) as f64;
-            }
-            if !any {
-                break;
-            }
-            qsel.clear();
-            qsel.extend((0..nq).filter(|&i| alive[i] != 0));
-            for &i in qsel.iter() {
-                let b = qb[qlist[i]];
-                // f32 from here: the bound's terms are at most (|x| + a |y|)^2 and f32
-                // rounding moves them by ~1e-7 of that, against LB_MARGIN = 1e-3 of it.
-                let (a, a2) = (b.a as f32, (b.a * b.a) as f32);
-                let (xs, xt) = (b.lv_sq[lv] as f32, b.lv_tail[lv] as f32);
-                let ysq = &index.lvl_sq[lv * n_all + pos0..lv * n_all + pos0 + nt];
-                let yt = &index.lvl_tail[lv * n_all + pos0..lv * n_all + pos0 + nt];
-                let lim = l2_max[i] as f32;
-                let drow = &mut dots[i * LEAF_ROWS..i * LEAF_ROWS + nt];
-                let trow = &tmp[i * LEAF_ROWS..(i + 1) * LEAF_ROWS];
-                let old = alive[i];
-                let mut m = 0u64;
-                if lv == 0 && old == full {
-                    // Every column alive: one branch-free pass.
-                    for j in 0..nt {
-                        let d = trow[j];
-                        drow[j] = d;
-                        let dp2 = (xs - 2.0 * a * d + a2 * ysq[j]).max(0.0);
-                        let g = xt - a * yt[j];
-                        l2buf[j] = dp2 + g * g;
-                    }
-                    for (j, &l2) in l2buf[..nt].iter().enumerate() {
-                        m |= ((l2 < lim) as u64) << j;
-                    }
-                    let mn = l2buf[..nt]
-                        .iter()
-                        .map(|&v| if v < lim { f32::INFINITY } else { v })
-                        .fold(f32::INFINITY, f32::min);
-                    l2_skip[i] = l2_skip[i].min(mn);
-                    n_skip[i] += nt - m.count_ones() as usize;
-                    count.work += PAIR_COST * nt as f64;
-                    alive[i] = m;
-                    continue;
-                } else {
-                    let mut bits = old;
-                    while bits != 0 {
-                        let j = bits.trailing_zeros() as usize;
-                        bits &= bits - 1;
-                        let d = drow[j] + trow[j];
-                        drow[j] = d;
-                        let dp2 = (xs - 2.0 * a * d + a2 * ysq[j]).max(0.0);
-                        let g = xt - a * yt[j];
-                        let l2 = dp2 + g * g;
-                        l2buf[j] = l2;
-                        m |= ((l2 < lim) as u64) << j;
-                    }
-                }
-                let mut gone = old & !m;
-                n_skip[i] += gone.count_ones() as usize;
-                while gone != 0 {
-                    let j = gone.trailing_zeros() as usize;
-                    gone &= gone - 1;
-                    l2_skip[i] = l2_skip[i].min(l2buf[j]);
-                }
-                count.work += PAIR_COST * old.count_ones() as f64;
-                alive[i] = m;
-            }
-            prev = cut;
-        }
-        for (i, &l) in qlist.iter().enumerate() {
-            let b = qb[l];
-            if n_skip[i] > 0 {
-                let err = b.err(tile.max_norm, dim);
-                let lw = b.ln_weight(l2_skip[i] as f64, tile.max_norm, err);
-                cert[l] += n_skip[i] as f64 * lw.exp();
-            }
-            count.survivors += alive[i].count_ones() as usize;
-            masks[l * n_t + t] = alive[i];
-        }
-    }
-    count
 }
 
 /// Exact logits and sparse accumulation for queries `qids` over the samples in `masks`.
