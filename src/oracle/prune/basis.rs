@@ -5,12 +5,16 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
-use super::{BASIS_ITERS, BASIS_SAMPLE, EIGEN_MAX_DIM, FALLBACK_DIMS, LEAF_ROWS, PROJ_DIMS, SEED};
+use super::{
+    BASIS_ITERS, BASIS_SAMPLE, EIGEN_MAX_DIM, FALLBACK_DIMS, LEAF_ROWS, MAX_RESIDUAL_SHARE,
+    PROJ_DIMS, SEED,
+};
 use crate::dataset::Dataset;
 use crate::oracle::cpu::{sgemm, Gemm};
 
 /// k orthonormal directions of largest variance (approximately: any orthonormal basis
-/// keeps the bounds valid, a better one only makes them tighter). k = D gives the identity.
+/// keeps the bounds valid, a better one only makes them tighter). Empty when a quick test
+/// finds no low-dimensional structure.
 /// Also returns the share of the (subsample's) variance the basis leaves in the residual.
 pub(super) fn pca_basis(ds: &Dataset) -> (Vec<f32>, f64) {
     let (n, dim) = (ds.n_samples(), ds.dim());
@@ -48,6 +52,18 @@ pub(super) fn pca_basis(ds: &Dataset) -> (Vec<f32>, f64) {
             0.0
         }
     };
+    // Cheap structure test first (a few subspace iterations for the leading directions):
+    // any FALLBACK_DIMS orthonormal directions capture at most what the leading ones do,
+    // so when these leave more than MAX_RESIDUAL_SHARE outside, no index is worth building
+    // and the eigendecomposition (about 1 s at D = 784) is not spent.
+    let kp = FALLBACK_DIMS.min(dim);
+    if kp < dim {
+        let mut probe_rng = ChaCha8Rng::seed_from_u64(SEED ^ 1);
+        let (_, captured) = subspace(&c, dim, kp, 3, &mut probe_rng);
+        if share(captured) > MAX_RESIDUAL_SHARE {
+            return (Vec::new(), share(captured));
+        }
+    }
     if dim <= EIGEN_MAX_DIM {
         // One symmetric eigendecomposition (O(D^3), well under a second at D = 784): the
         // exact principal directions, in order, which the levels' cuts rely on.
@@ -70,13 +86,27 @@ pub(super) fn pca_basis(ds: &Dataset) -> (Vec<f32>, f64) {
             return (basis, share(captured));
         }
     }
+    let (v32, captured) = subspace(&c, dim, k, BASIS_ITERS, &mut rng);
+    (v32, share(captured))
+}
+
+/// k orthonormal directions by subspace iteration on C (dim x dim), as f32 rows, with the
+/// variance the first `FALLBACK_DIMS` of them capture (the iteration orders its directions
+/// roughly by variance).
+fn subspace(
+    c: &[f32],
+    dim: usize,
+    k: usize,
+    iters: usize,
+    rng: &mut ChaCha8Rng,
+) -> (Vec<f32>, f64) {
     let mut v: Vec<f64> = (0..k * dim)
         .map(|_| rng.sample::<f64, _>(StandardNormal))
         .collect();
-    orthonormalise(&mut v, dim, &mut rng);
+    orthonormalise(&mut v, dim, rng);
     let mut v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
     let mut w = vec![0.0f32; dim * k];
-    for _ in 0..BASIS_ITERS {
+    for _ in 0..iters {
         // W = C V^T (dim x k); element (d, j) of the rhs is v32[j * dim + d].
         sgemm(
             Gemm {
@@ -86,7 +116,7 @@ pub(super) fn pca_basis(ds: &Dataset) -> (Vec<f32>, f64) {
             },
             &mut w,
             false,
-            (&c, dim, 1),
+            (c, dim, 1),
             (&v32, 1, dim),
         );
         for j in 0..k {
@@ -94,7 +124,7 @@ pub(super) fn pca_basis(ds: &Dataset) -> (Vec<f32>, f64) {
                 v[j * dim + d] = w[d * k + j] as f64;
             }
         }
-        orthonormalise(&mut v, dim, &mut rng);
+        orthonormalise(&mut v, dim, rng);
         v32 = v.iter().map(|&x| x as f32).collect();
     }
     // Captured variance: sum_j v_j^T C v_j, against trace(C).
@@ -106,7 +136,7 @@ pub(super) fn pca_basis(ds: &Dataset) -> (Vec<f32>, f64) {
         },
         &mut w,
         false,
-        (&c, dim, 1),
+        (c, dim, 1),
         (&v32, 1, dim),
     );
     // (subspace iteration orders its directions roughly by variance)
@@ -117,7 +147,7 @@ pub(super) fn pca_basis(ds: &Dataset) -> (Vec<f32>, f64) {
                 .sum::<f64>()
         })
         .sum();
-    (v32, share(captured))
+    (v32, captured)
 }
 
 /// Modified Gram-Schmidt (twice, for f64 orthogonality) on the rows of `v` (k x dim);
