@@ -16,6 +16,9 @@
 //! ORACLEFLOW_PRUNE_STEPS (50), ORACLEFLOW_PRUNE_OUT (target/prune-bench),
 //! ORACLEFLOW_PRUNE_PYTHON (python3; "none" skips the peer), ORACLEFLOW_PRUNE_GAUSSIAN
 //! (a --data spec, default gaussian:60000,784; "none" skips), ORACLEFLOW_PRUNE_IDEAL_Q (8).
+//! ORACLEFLOW_PRUNE_AT=0.3,0.5,0.7,0.9 instead times single evaluations at those times
+//! (ORACLEFLOW_PRUNE_REPS each, best kept); with ORACLEFLOW_PRUNE_PROFILE=1 the pruned
+//! pass prints its phases per call.
 //! Writes prune_steps.csv, prune_speedup.png and summary.txt in the output folder.
 
 use std::io::Write;
@@ -177,6 +180,72 @@ fn ideal_keep(ds: &Dataset, samples: &[Vec<f32>], x: &[f32], t: f64) -> f64 {
     1.0 - dropped as f64 / ds.n_samples() as f64
 }
 
+/// Dense and pruned evaluations at fixed times, on x_t = alpha y + sigma eps for training
+/// rows y (the states an oracle trajectory visits), each timed `reps` times (best kept).
+fn at_times(ds: &Dataset, b: usize, ts: &[f64], reps: usize) {
+    use rand::{Rng, SeedableRng};
+    let (n, d) = (ds.n_samples(), ds.dim());
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let rows: Vec<usize> = (0..b).map(|_| rng.random_range(0..n)).collect();
+    let noise: Vec<f32> = (0..b * d)
+        .map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal))
+        .collect();
+    let mut dense = oracle(ds, false);
+    let mut pruned = oracle(ds, true);
+    println!("   t   dense s  pruned s  speed-up   kept     tiles skipped  max cert  rel diff");
+    for &t in ts {
+        let c = Path::RectifiedFlow.coefs(t);
+        let mut x = vec![0.0f32; b * d];
+        for (q, &r) in rows.iter().enumerate() {
+            let y = ds.sample(r);
+            for j in 0..d {
+                x[q * d + j] = (c.alpha * y[j] as f64 + c.sigma * noise[q * d + j] as f64) as f32;
+            }
+        }
+        let q = Query {
+            x: &x,
+            t: Times::Scalar(t as f32),
+            class: None,
+        };
+        let mut best = [f64::INFINITY; 2];
+        let mut outs = Vec::new();
+        let only = std::env::var("ORACLEFLOW_PRUNE_ONLY").is_ok();
+        for _ in 0..reps {
+            for (k, o) in [&mut dense, &mut pruned].into_iter().enumerate() {
+                if only && k == 0 && !outs.is_empty() {
+                    continue;
+                }
+                let start = Instant::now();
+                let out = o.evaluate(&q).expect("evaluate");
+                best[k] = best[k].min(start.elapsed().as_secs_f64());
+                if outs.len() < 2 {
+                    outs.push(out);
+                }
+            }
+        }
+        let (dv, pv) = (&outs[0].velocity, &outs[1].velocity);
+        let num: f64 = pv
+            .iter()
+            .zip(dv)
+            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+            .sum();
+        let den: f64 = dv.iter().map(|&b| (b as f64).powi(2)).sum();
+        let st = &outs[1].stats;
+        let mean =
+            |f: fn(&QueryStats) -> f32| st.iter().map(|s| f(s) as f64).sum::<f64>() / b as f64;
+        let cert = st.iter().map(|s| s.skipped_mass_bound).fold(0.0, f32::max);
+        println!(
+            "{t:5.3} {:8.4} {:9.4} {:8.1}x {:8.5} {:8.4} {cert:14.3e} {:9.1e}",
+            best[0],
+            best[1],
+            best[0] / best[1],
+            1.0 - mean(|s| s.samples_skipped),
+            mean(|s| s.tiles_skipped),
+            (num / den.max(1e-300)).sqrt()
+        );
+    }
+}
+
 fn main() {
     let spec: String = env_or("ORACLEFLOW_PRUNE_DATA", "fashion-mnist".to_string());
     let b: usize = env_or("ORACLEFLOW_PRUNE_B", 256);
@@ -200,6 +269,15 @@ fn main() {
     };
 
     let ds = dataset::load(&spec, Dtype::F32).unwrap_or_else(|e| panic!("{e}"));
+    // ORACLEFLOW_PRUNE_AT=0.3,0.5,...: single evaluations at those times only.
+    if let Ok(at) = std::env::var("ORACLEFLOW_PRUNE_AT") {
+        let ts: Vec<f64> = at
+            .split(',')
+            .map(|v| v.trim().parse().expect("t"))
+            .collect();
+        at_times(&ds, b, &ts, env_or("ORACLEFLOW_PRUNE_REPS", 2));
+        return;
+    }
     let (n, d) = (ds.n_samples(), ds.dim());
     say(format!(
         "{spec}: N = {n}, D = {d}, B = {b}, {steps}-step Heun (rf), cpu, {} threads",

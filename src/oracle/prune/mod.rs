@@ -1,42 +1,63 @@
 //! Exact pruning for the CPU backend (DESIGN.md section 6): skip the samples whose weight
 //! cannot reach an f32 result, and certify how much weight was skipped.
 //!
-//! **Index (once per dataset, deterministic).** A k-dimensional PCA basis V (subspace
-//! iteration on a seeded subsample's covariance) gives every stored row its projection
-//! Py = V y and residual norm |Ry| = |y - V^T V y|. Within each class (so that a
-//! class-conditional row range is a union of tiles) a PCA tree, split at the median of the
-//! node's principal direction in the projected space, orders the rows into tiles of
-//! `LEAF_ROWS / 2 ..= LEAF_ROWS` nearby samples. Each tile keeps its projected centroid c,
-//! projected radius r = max |Py - c|, the range [rlo, rhi] of its residual norms and max |y|.
+//! **Index (once per dataset, deterministic).** A PCA basis V of k = min(`PROJ_DIMS`, D)
+//! directions in order of variance (one f64 symmetric eigendecomposition of a seeded
+//! subsample's covariance for D <= `EIGEN_MAX_DIM`, subspace iteration above) gives every
+//! stored row its projection Py = V y and residual norm |Ry| = |y - V^T V y|. Within each
+//! class (so that a class-conditional row range is a union of tiles) a PCA tree, split at
+//! the median of the node's principal direction in the first `TREE_DIMS` projected
+//! coordinates, orders the rows into tiles of `LEAF_ROWS / 2 ..= LEAF_ROWS` nearby samples.
+//! Each tile keeps its projected centroid c, projected radius r = max |Py - c|, the range
+//! [rlo, rhi] of its residual norms and max |y|. Per row and screening level l (the cuts
+//! `LEVELS`, e.g. 16, 64, 256 coordinates) it keeps |P_l y|^2 (the first cut_l coordinates)
+//! and the tail |y - P_l y| (the norm of everything after them, summed as squares).
 //!
-//! **Bounds.** For any y, `|x - a y|^2 = |Px - a Py|^2 + |Rx - a Ry|^2`, which is at least
-//! `|Px - a Py|^2 + (|Rx| - a |Ry|)^2` (triangle inequality in each part). Over a tile,
-//! `|Px - a Py| >= |Px - a c| - a r` and `||Rx| - a |Ry|| >= dist(|Rx|, a [rlo, rhi])`. The
-//! backends' logits are `s = c_dot x.y - c_norm |y|^2 = (|x|^2 - |x - a y|^2) / (2 sigma^2)`
-//! (exactly, with `a = 2 c_norm / c_dot` and `1 / (2 sigma^2) = c_dot^2 / (4 c_norm)`), so
-//! a lower bound L on `|x - a y|^2` gives the upper bound `(|x|^2 - L) / (2 sigma^2)` on s.
+//! **Bounds.** For any y and any level, `|x - a y|^2 = |P_l (x - a y)|^2 +
+//! |(x - a y) - P_l (x - a y)|^2`, which is at least `|P_l x - a P_l y|^2 +
+//! (|x - P_l x| - a |y - P_l y|)^2` (triangle inequality on the tail). The first term is a
+//! partial distance: `|P_l x|^2 - 2 a P_l x . P_l y + a^2 |P_l y|^2` from the partial dot
+//! product over the first cut_l coordinates. Over a tile, `|Px - a Py| >= |Px - a c| - a r`
+//! and `||Rx| - a |Ry|| >= dist(|Rx|, a [rlo, rhi])`. The backends' logits are
+//! `s = c_dot x.y - c_norm |y|^2 = (|x|^2 - |x - a y|^2) / (2 sigma^2)` (exactly, with
+//! `a = 2 c_norm / c_dot` and `1 / (2 sigma^2) = c_dot^2 / (4 c_norm)`), so a lower bound L
+//! on `|x - a y|^2` gives the upper bound `(|x|^2 - L) / (2 sigma^2)` on s.
+//!
+//! **Screening in levels.** Per (query, needed tile), every row gets the level-0 bound
+//! (16 coordinates: one block of vector FMAs against the tile's dimension-major copy of
+//! them); the rows still above the threshold get their partial dot product extended to the
+//! next cut (AVX2 dot products over the alive pairs only), and so on. Each level's bound is
+//! a valid lower bound, so a row is skipped at the first level that rules it out; cheap
+//! levels reject the far rows, the fine ones pay only for the few left. On Fashion-MNIST
+//! at t = 0.5 (numpy, 32 queries along x_t = t y + (1 - t) eps): 50% of pairs survive 16
+//! coordinates, 28% survive 64, 7% survive 256, and the tail bound after 256 is what the
+//! single 64-d projection of the first version gave (about 4x looser).
 //!
 //! **Rounding.** The f32 logits differ from the exact ones by at most
-//! err = (D + 4) 2^-24 (c_dot |x| |y|max + c_norm |y|max^2) (the classic dot-product bound
-//! plus the products and the stored f32 norm), and the f32 projections behind L by far less
-//! than the margin `LB_MARGIN (|x| + a |y|max)^2` taken off L. So every logit the dense
-//! f32 pass would compute for a sample of the tile is at most ub + err.
+//! err = (D + 4) 2^-24 (c_dot |x| |y|max + c_norm |y|max^2) (the classic dot-product bound,
+//! valid in any summation order, plus the products and the stored f32 norm). The bounds
+//! are evaluated in f32 from f32 projections; their terms are at most (|x| + a |y|max)^2
+//! and those roundings move them by ~1e-6 of that, against the margin
+//! `LB_MARGIN (|x| + a |y|max)^2` = 1e-3 of it taken off every L. So every logit the
+//! dense f32 pass would compute for a sample is at most its ub + err.
 //!
 //! **Order and the running max.** Per query, the tile whose projected centroid is nearest
-//! is evaluated first, exactly (f64): its largest logit minus err, m0, is a lower bound on
-//! the f32 maximum the final result will have (that sample is never skipped, see below),
-//! so every later decision can use m0 as the running max without any rescaling.
+//! is evaluated first (f32): its largest logit minus 2 err, m0, is a lower bound on the
+//! f32 maximum the final result will have (that sample is never skipped, see below), so
+//! every later decision can use m0 as the running max without any rescaling.
 //!
-//! **Skipping, and why it cannot change an f32 result.** Weights are measured in units of
-//! exp(m0), in which the final normaliser l is >= 1. Tiles are skipped whole, smallest
-//! bound first, while the sum of their bounds n_tile exp(ub + err - m0) stays within
-//! 2^-31; then, inside the visited tiles, single samples whose bound exp(ub_i + err - m0)
-//! is below 2^-31 / (samples in visited tiles) are skipped. Everything skipped therefore
-//! weighs at most 2^-30 of l in total: the normaliser moves by a relative 2^-30, and
-//! x1_hat = acc / l by at most 2^-30 max|y - x1_hat|, both 64 times under f32's relative
-//! rounding 2^-24 (dense accumulation itself commits errors of that size at every add).
-//! The sum of the skipped bounds, rescaled to the final (m, l), is each query's certificate
-//! (`QueryStats::skipped_mass_bound`).
+//! **Skipping: the margin, and why it cannot change an f32 result.** Weights are measured
+//! in units of exp(m0), in which the final normaliser l is >= 1. Tiles are skipped whole,
+//! smallest bound first, while the sum of their bounds n_tile exp(ub + err - m0) stays
+//! within `TILE_BUDGET` = 2^-31; then, inside the visited tiles, single samples whose bound
+//! exp(ub_i + err - m0) is below `SAMPLE_BUDGET` / (samples in visited tiles) = 2^-31 / n
+//! are skipped. Everything skipped therefore weighs at most 2^-30 of l in total: the
+//! normaliser moves by a relative 2^-30, and x1_hat = acc / l by at most
+//! 2^-30 max|y - x1_hat| / |x1_hat| relative, both 64 times under f32's relative rounding
+//! 2^-24 (the dense pass itself commits errors of that size at every add of its
+//! accumulation, so its own result is only defined to that precision). The sum of the
+//! skipped bounds, rescaled to the final (m, l), is each query's certificate
+//! (`QueryStats::skipped_mass_bound`, rounded up to f32).
 //!
 //! **Sparse accumulation.** A visited tile's logits are computed only for the union over
 //! the query group of the samples that survived, with one gather and one small GEMM; the
@@ -46,26 +67,30 @@
 //! groups of at most `EXACT_GROUP`, one rayon task each, so that a group's union of
 //! survivors stays close to each query's own.
 //!
-//! **Fallback.** Once per dataset: when the projection leaves more than
-//! `MAX_RESIDUAL_SHARE` of the variance (isotropic data such as `gaussian:60000,784`), no
-//! index is built and every call is dense, having spent only the basis. Per call: the
-//! per-sample bounds of `PROBE_QUERIES` spread-out queries are evaluated
-//! first; when they leave more than `DENSE_SWITCH` of the (query, sample) pairs (early t,
-//! unstructured data, alpha = 0), [`posterior`] returns `None` and the caller runs the plain
-//! dense pass. That test costs O(B (T k + D k)) plus the probe's screening, about 1-3% of a
-//! dense evaluation.
+//! **Fallback.** Once per dataset: when the first `FALLBACK_DIMS` principal directions
+//! leave more than `MAX_RESIDUAL_SHARE` of the variance (isotropic data such as
+//! `gaussian:60000,784`), no index is built and every call is dense, having spent only
+//! the basis. Per call: `PROBE_QUERIES` spread-out queries are screened first, and the
+//! screening's work plus `EXACT_PENALTY` x 2 D per surviving pair is compared with the
+//! dense pass's 2 D per pair; above `DENSE_SWITCH` of it (early t, unstructured data,
+//! alpha = 0), [`posterior`] returns `None` and the caller runs the plain dense pass.
 //!
-//! **Limits (measured on Fashion-MNIST).** The residual term loses about
-//! `2 a |Rx| |Ry| / (2 sigma^2)` nats against the truth, since the noise in x is nearly
-//! orthogonal to every Ry; in the middle of the trajectory (t = 0.3-0.6) that exceeds the
-//! logit gaps, so the bounds keep most samples and the dense pass runs.
+//! **Limits (measured on Fashion-MNIST).** The tail term loses about
+//! `2 a |x - P_l x| |y - P_l y| / (2 sigma^2)` nats against the truth, since the noise in x
+//! is nearly orthogonal to every y's tail; for t <= 0.45 that still exceeds the logit gaps,
+//! the probe finds the bounds too loose and the dense pass runs.
+//! `ORACLEFLOW_PRUNE_PROFILE=1` prints each call's phases (probe, bounds, screening,
+//! exact pass) and its kept fractions to stderr.
 
 use std::ops::Range;
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use rand_distr::StandardNormal;
 use rayon::prelude::*;
+
+mod basis;
+mod screen;
+
+use basis::{pca_basis, split};
+use screen::{dot8, screen};
 
 use crate::dataset::Dataset;
 use crate::oracle::cpu::{sgemm, stored_rows_f32, Gemm};
@@ -73,23 +98,41 @@ use crate::oracle::partial::Partial;
 use crate::oracle::{CentredBatch, Posterior, SoftmaxState};
 
 /// Dimensions of the projection behind the per-sample bounds.
-pub const PROJ_DIMS: usize = 64;
+pub const PROJ_DIMS: usize = 256;
+/// Screening levels: a pair's bound is first taken from the leading `LEVELS[0]` projected
+/// dimensions plus the norm of the rest, and refined on the survivors with the next cut
+/// (partial distances in PCA order). Cheap levels reject the far samples; the fine ones
+/// pay only for the few left. Measured on Fashion-MNIST at t = 0.5: 50% of pairs survive
+/// 16 dimensions, 28% survive 64 and 7% survive 256, so the cascade costs about 100
+/// multiply-adds per pair where the dense pass costs 2 x 784.
+pub const LEVELS: [usize; 3] = [16, 64, 256];
 /// Most rows per tile (tiles hold between half this and this).
 pub const LEAF_ROWS: usize = 64;
 // Survivors of a (query, tile) are one u64 bit mask.
 const _: () = assert!(LEAF_ROWS <= 64);
 /// Fewest rows in a range for which pruning is tried.
 pub const MIN_PRUNE_ROWS: usize = 2 * LEAF_ROWS;
-/// Share of (query, sample) pairs left by the bounds above which dense is cheaper.
-pub const DENSE_SWITCH: f64 = 0.1;
+/// Estimated cost of the pruned pass, as a share of the dense pass's, above which the call
+/// runs dense (estimated from the probe queries, see [`posterior`]).
+pub const DENSE_SWITCH: f64 = 0.15;
+/// Cost of one multiply-add of the exact pass over the survivors (gathered rows, small
+/// GEMMs, the group's union) relative to one of the dense pass.
+const EXACT_PENALTY: f64 = 2.0;
 /// Queries whose per-sample bounds decide the fallback.
 const PROBE_QUERIES: usize = 8;
 /// Most queries sharing one gathered union of survivors (more inflate the union).
-const EXACT_GROUP: usize = 32;
+const EXACT_GROUP: usize = 16;
 /// Largest share of the variance left outside the projection for which an index is built.
 /// The residual term of the bounds loses about 2 a |Rx| |Ry| / (2 sigma^2) nats, so with most
 /// of the variance outside the projection they prune nothing before t is close to 1.
 pub const MAX_RESIDUAL_SHARE: f64 = 0.5;
+/// Leading projected dimensions whose captured variance decides whether to build an index
+/// (the leading cuts of the levels must already see most of the structure).
+const FALLBACK_DIMS: usize = 64;
+/// Largest D whose basis comes from a full eigendecomposition (else subspace iteration).
+const EIGEN_MAX_DIM: usize = 2048;
+/// Leading projected dimensions the PCA tree splits on.
+const TREE_DIMS: usize = 64;
 /// Rows of the seeded subsample whose covariance gives the basis.
 const BASIS_SAMPLE: usize = 2048;
 const BASIS_ITERS: usize = 10;
@@ -121,10 +164,18 @@ pub struct PruneIndex {
     perm: Vec<u32>,
     /// N x k projections, tile order
     proj: Vec<f32>,
-    /// |Py|^2, tile order
-    proj_sq: Vec<f64>,
-    /// |Ry|, tile order
-    resid: Vec<f32>,
+    /// per tile, its rows' first `levels[0]` projected coordinates, dimension-major and
+    /// padded to `LEAF_ROWS` columns (T x levels[0] x LEAF_ROWS): the first level's dot
+    /// products of one query with a whole tile are then plain vector FMAs
+    proj0t: Vec<f32>,
+    /// the level cuts in use (`LEVELS` clipped to k, ascending, the last = k)
+    levels: Vec<usize>,
+    /// per level l and row p (tile order), at l * N + p: |P_l y|^2, the squared norm of
+    /// the row's first levels[l] projected coordinates (f32: screening runs in f32, its
+    /// rounding far inside `LB_MARGIN`)
+    lvl_sq: Vec<f32>,
+    /// per level and row: |y - P_l y|, the norm of everything past levels[l]
+    lvl_tail: Vec<f32>,
     tiles: Vec<Tile>,
     /// T x k projected centroids (f32 for the GEMM with the queries' projections)
     centres: Vec<f32>,
@@ -181,7 +232,7 @@ impl PruneIndex {
         let mut segments = Vec::new();
         for rows in seg_rows {
             let mut ids: Vec<u32> = rows.clone().map(|r| r as u32).collect();
-            let leaves = split(&mut ids, &proj_rows, k);
+            let leaves = split(&mut ids, &proj_rows, k, TREE_DIMS.min(k));
             let first_tile = tiles.len();
             let mut pos = perm.len();
             for len in leaves {
@@ -199,14 +250,36 @@ impl PruneIndex {
             segments.push((rows, first_tile..tiles.len()));
         }
 
+        let levels = level_cuts(k);
+        let nl = levels.len();
         let mut proj = Vec::with_capacity(n * k);
-        let mut proj_sq = Vec::with_capacity(n);
+        let mut row_sq = Vec::with_capacity(n * nl);
+        let mut row_tail = Vec::with_capacity(n * nl);
         let mut resid = Vec::with_capacity(n);
         for &row in &perm {
             let p = &proj_rows[row as usize * k..(row as usize + 1) * k];
             proj.extend_from_slice(p);
-            proj_sq.push(p.iter().map(|&v| (v as f64).powi(2)).sum());
-            resid.push(resid_rows[row as usize]);
+            let r = resid_rows[row as usize];
+            level_norms(p, r, &levels, &mut row_sq, &mut row_tail);
+            resid.push(r);
+        }
+        // Level-major, so that a tile's rows are contiguous at every level.
+        let level_major = |v: &[f64]| -> Vec<f32> {
+            (0..nl)
+                .flat_map(|l| (0..n).map(move |p| v[p * nl + l] as f32))
+                .collect()
+        };
+        let (lvl_sq, lvl_tail) = (level_major(&row_sq), level_major(&row_tail));
+        let cut0 = levels[0];
+        let mut proj0t = vec![0.0f32; tiles.len() * cut0 * LEAF_ROWS];
+        for (t, tile) in tiles.iter().enumerate() {
+            let block = &mut proj0t[t * cut0 * LEAF_ROWS..(t + 1) * cut0 * LEAF_ROWS];
+            for j in 0..tile.len {
+                let p = &proj[(tile.start + j) * k..(tile.start + j) * k + cut0];
+                for (d, &v) in p.iter().enumerate() {
+                    block[d * LEAF_ROWS + j] = v;
+                }
+            }
         }
         let norms = ds.sq_norms();
         let mut centres = vec![0.0f64; tiles.len() * k];
@@ -245,8 +318,10 @@ impl PruneIndex {
             basis,
             perm,
             proj,
-            proj_sq,
-            resid,
+            proj0t,
+            levels,
+            lvl_sq,
+            lvl_tail,
             tiles,
             centre_sq: centres
                 .chunks_exact(k)
@@ -276,6 +351,38 @@ impl PruneIndex {
             .find(|(r, _)| r == rows)
             .map(|(_, t)| t.clone())
     }
+}
+
+/// `LEVELS` clipped to k: ascending, distinct, ending at k.
+fn level_cuts(k: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = LEVELS.iter().map(|&l| l.min(k)).collect();
+    v.push(k);
+    v.dedup();
+    v
+}
+
+/// Appends, per level, the squared norm of the first `levels[l]` coordinates of `p` and
+/// the norm of the rest of the vector (`p`'s later coordinates and the residual `r`).
+/// Tails are sums of squares, never differences, so small ones carry no cancellation.
+fn level_norms(p: &[f32], r: f32, levels: &[usize], sq: &mut Vec<f64>, tail: &mut Vec<f64>) {
+    let sum_sq = |v: &[f32]| v.iter().map(|&v| (v as f64).powi(2)).sum::<f64>();
+    let nl = levels.len();
+    let (mut head, mut prev) = (0.0f64, 0);
+    for &cut in levels {
+        head += sum_sq(&p[prev..cut]);
+        sq.push(head);
+        prev = cut;
+    }
+    // Suffix sums, from the last level back.
+    let mut rest = (r as f64).powi(2);
+    let mut tails = [0.0f64; LEVELS.len() + 1];
+    for l in (0..nl).rev() {
+        if l + 1 < nl {
+            rest += sum_sq(&p[levels[l]..levels[l + 1]]);
+        }
+        tails[l] = rest.sqrt();
+    }
+    tail.extend_from_slice(&tails[..nl]);
 }
 
 /// Projections (nr x k) and residual norms of `nr` rows `y` (nr x dim).
@@ -315,185 +422,6 @@ fn project(y: &[f32], nr: usize, dim: usize, basis: &[f32], k: usize) -> (Vec<f3
     (p, r)
 }
 
-/// k orthonormal directions of largest variance (approximately: any orthonormal basis
-/// keeps the bounds valid, a better one only makes them tighter). k = D gives the identity.
-/// Also returns the share of the (subsample's) variance the basis leaves in the residual.
-fn pca_basis(ds: &Dataset) -> (Vec<f32>, f64) {
-    let (n, dim) = (ds.n_samples(), ds.dim());
-    let k = PROJ_DIMS.min(dim);
-    if k == dim {
-        let mut id = vec![0.0f32; dim * dim];
-        (0..dim).for_each(|i| id[i * dim + i] = 1.0);
-        return (id, 0.0);
-    }
-    let mut rng = ChaCha8Rng::seed_from_u64(SEED);
-    let m = BASIS_SAMPLE.min(n);
-    let mut rows: Vec<usize> = if m == n {
-        (0..n).collect()
-    } else {
-        rand::seq::index::sample(&mut rng, n, m).into_vec()
-    };
-    rows.sort_unstable();
-    let mut s = vec![0.0f32; m * dim];
-    for (i, &r) in rows.iter().enumerate() {
-        ds.stored_row(r, &mut s[i * dim..(i + 1) * dim]);
-    }
-    // C = S^T S (dim x dim); the stored rows are already centred.
-    let mut c = vec![0.0f32; dim * dim];
-    sgemm(
-        Gemm {
-            m: dim,
-            n: dim,
-            k: m,
-        },
-        &mut c,
-        false,
-        (&s, 1, dim),
-        (&s, dim, 1),
-    );
-    let mut v: Vec<f64> = (0..k * dim)
-        .map(|_| rng.sample::<f64, _>(StandardNormal))
-        .collect();
-    orthonormalise(&mut v, dim, &mut rng);
-    let mut v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-    let mut w = vec![0.0f32; dim * k];
-    for _ in 0..BASIS_ITERS {
-        // W = C V^T (dim x k); element (d, j) of the rhs is v32[j * dim + d].
-        sgemm(
-            Gemm {
-                m: dim,
-                n: k,
-                k: dim,
-            },
-            &mut w,
-            false,
-            (&c, dim, 1),
-            (&v32, 1, dim),
-        );
-        for j in 0..k {
-            for d in 0..dim {
-                v[j * dim + d] = w[d * k + j] as f64;
-            }
-        }
-        orthonormalise(&mut v, dim, &mut rng);
-        v32 = v.iter().map(|&x| x as f32).collect();
-    }
-    // Captured variance: sum_j v_j^T C v_j, against trace(C).
-    sgemm(
-        Gemm {
-            m: dim,
-            n: k,
-            k: dim,
-        },
-        &mut w,
-        false,
-        (&c, dim, 1),
-        (&v32, 1, dim),
-    );
-    let captured: f64 = (0..k)
-        .map(|j| {
-            (0..dim)
-                .map(|d| v[j * dim + d] * w[d * k + j] as f64)
-                .sum::<f64>()
-        })
-        .sum();
-    let trace: f64 = (0..dim).map(|d| c[d * dim + d] as f64).sum();
-    let residual = if trace > 0.0 {
-        (1.0 - captured / trace).max(0.0)
-    } else {
-        0.0
-    };
-    (v32, residual)
-}
-
-/// Modified Gram-Schmidt (twice, for f64 orthogonality) on the rows of `v` (k x dim);
-/// a row that collapses (rank-deficient data) is replaced by a fresh random one.
-fn orthonormalise(v: &mut [f64], dim: usize, rng: &mut ChaCha8Rng) {
-    let k = v.len() / dim;
-    for j in 0..k {
-        for attempt in 0..4 {
-            for _ in 0..2 {
-                for i in 0..j {
-                    let (head, tail) = v.split_at_mut(j * dim);
-                    let (vi, vj) = (&head[i * dim..(i + 1) * dim], &mut tail[..dim]);
-                    let dot: f64 = vi.iter().zip(vj.iter()).map(|(a, b)| a * b).sum();
-                    vj.iter_mut().zip(vi).for_each(|(b, a)| *b -= dot * a);
-                }
-            }
-            let vj = &mut v[j * dim..(j + 1) * dim];
-            let norm = vj.iter().map(|x| x * x).sum::<f64>().sqrt();
-            if norm > 1e-8 || attempt == 3 {
-                vj.iter_mut().for_each(|x| *x /= norm.max(1e-300));
-                break;
-            }
-            vj.iter_mut()
-                .for_each(|x| *x = rng.sample::<f64, _>(StandardNormal));
-        }
-    }
-}
-
-/// PCA-tree split of `ids` (stored rows) in place; returns the leaf sizes in order.
-fn split(ids: &mut [u32], proj: &[f32], k: usize) -> Vec<usize> {
-    let n = ids.len();
-    if n <= LEAF_ROWS {
-        return vec![n];
-    }
-    let row = |i: u32| &proj[i as usize * k..(i as usize + 1) * k];
-    let mut mean = vec![0.0f64; k];
-    for &i in ids.iter() {
-        mean.iter_mut()
-            .zip(row(i))
-            .for_each(|(m, &v)| *m += v as f64);
-    }
-    mean.iter_mut().for_each(|m| *m /= n as f64);
-    let centred = |i: u32| row(i).iter().zip(&mean).map(|(&v, m)| v as f64 - m);
-    // Power iteration for the node's principal direction, from its farthest point.
-    let far = *ids
-        .iter()
-        .max_by(|&&a, &&b| {
-            let (da, db) = (
-                centred(a).map(|x| x * x).sum::<f64>(),
-                centred(b).map(|x| x * x).sum::<f64>(),
-            );
-            da.total_cmp(&db).then(b.cmp(&a))
-        })
-        .expect("non-empty");
-    let mut dir: Vec<f64> = centred(far).collect();
-    for _ in 0..4 {
-        let mut w = vec![0.0f64; k];
-        for &i in ids.iter() {
-            let s: f64 = centred(i).zip(&dir).map(|(a, b)| a * b).sum();
-            w.iter_mut().zip(centred(i)).for_each(|(w, a)| *w += s * a);
-        }
-        let norm = w.iter().map(|x| x * x).sum::<f64>().sqrt();
-        if norm == 0.0 {
-            break;
-        }
-        dir = w.into_iter().map(|x| x / norm).collect();
-    }
-    let mut keyed: Vec<(f64, u32)> = ids
-        .iter()
-        .map(|&i| (centred(i).zip(&dir).map(|(a, b)| a * b).sum(), i))
-        .collect();
-    let mid = n / 2;
-    keyed.select_nth_unstable_by(mid, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    // Within each half, keep the rows ascending (only membership matters).
-    let (lo, hi) = keyed.split_at_mut(mid);
-    lo.sort_unstable_by_key(|e| e.1);
-    hi.sort_unstable_by_key(|e| e.1);
-    for (slot, e) in ids.iter_mut().zip(&keyed) {
-        *slot = e.1;
-    }
-    let (l, r) = ids.split_at_mut(mid);
-    let (mut a, b) = if n > 8192 {
-        rayon::join(|| split(l, proj, k), || split(r, proj, k))
-    } else {
-        (split(l, proj, k), split(r, proj, k))
-    };
-    a.extend(b);
-    a
-}
-
 /// Per-query quantities behind the bounds.
 struct QueryBound {
     /// false at alpha = 0 (all logits equal): nothing can be skipped
@@ -507,6 +435,9 @@ struct QueryBound {
     x_norm: f64,
     resid: f64,
     px_sq: f64,
+    /// per level: |P_l x|^2 and |x - P_l x| (as the index's `lvl_sq`, `lvl_tail`)
+    lv_sq: [f64; LEVELS.len() + 1],
+    lv_tail: [f64; LEVELS.len() + 1],
     /// lower bound on the f32 maximum logit (see the module docs)
     m0: f64,
     /// the tile of the seed (queries are grouped by it, so that a group's survivors overlap)
@@ -567,6 +498,7 @@ pub fn partial(
     }
     let tiles = &index.tiles[tile_range.clone()];
     let x = batch.x;
+    let clock = std::time::Instant::now();
 
     // Query projections and residual norms.
     let (px, rx) = project(x, n_q, dim, &index.basis, k);
@@ -610,12 +542,18 @@ pub fn partial(
             x_norm: x_sq.sqrt(),
             resid: rx[q] as f64,
             px_sq: pq.iter().map(|&v| (v as f64).powi(2)).sum(),
+            lv_sq: [0.0; LEVELS.len() + 1],
+            lv_tail: [0.0; LEVELS.len() + 1],
             m0: f64::NEG_INFINITY,
             seed_tile: 0,
             ln_sample_thr: f64::NEG_INFINITY,
             cert: 0.0,
             needed_tiles: tiles.len(),
         };
+        let (mut sq, mut tail) = (Vec::new(), Vec::new());
+        level_norms(pq, rx[q], &index.levels, &mut sq, &mut tail);
+        b.lv_sq[..sq.len()].copy_from_slice(&sq);
+        b.lv_tail[..tail.len()].copy_from_slice(&tail);
         let mut need = vec![true; tiles.len()];
         if !prunable {
             return (b, need);
@@ -674,7 +612,7 @@ pub fn partial(
     let probed: Vec<(QueryBound, Vec<bool>)> = probe.par_iter().map(|&q| bound(q)).collect();
     let mut probe_masks = vec![0u64; probe.len() * tiles.len()];
     let mut probe_cert = vec![0.0f64; probe.len()];
-    let survivors = screen(
+    let probe_count = screen(
         index,
         &px,
         &probed.iter().map(|p| &p.0).collect::<Vec<_>>(),
@@ -684,11 +622,28 @@ pub fn partial(
         &mut probe_masks,
         &mut probe_cert,
     );
-    if survivors as f64 > DENSE_SWITCH * (probe.len() * n_rows) as f64 {
+    // Cost model in multiply-adds: the screening's own, plus two products of length D per
+    // survivor at EXACT_PENALTY times the dense pass's cost per multiply-add (gathered
+    // small GEMMs run slower than the dense pass's large ones).
+    let dense_work = (probe.len() * n_rows * 2 * dim) as f64;
+    let pruned_work = probe_count.work + EXACT_PENALTY * (probe_count.survivors * 2 * dim) as f64;
+    let profile = profiling();
+    let t_probe = clock.elapsed().as_secs_f64();
+    if profile {
+        eprintln!(
+            "prune: {:.3}s to the probe; probe keeps {:.4} of pairs, est. cost {:.3} of dense ({:.3} screening)",
+            t_probe,
+            probe_count.survivors as f64 / (probe.len() * n_rows) as f64,
+            pruned_work / dense_work,
+            probe_count.work / dense_work
+        );
+    }
+    if pruned_work > DENSE_SWITCH * dense_work {
         return None;
     }
     let (qb, needed): (Vec<QueryBound>, Vec<Vec<bool>>) =
         (0..n_q).into_par_iter().map(bound).unzip();
+    let t_bound = clock.elapsed().as_secs_f64();
 
     // Per query group: per-sample bounds, then exact logits and sparse accumulation.
     // Queries in tree order of their nearest tile: neighbours share survivors, so each
@@ -703,7 +658,8 @@ pub fn partial(
         .map(|qs| {
             let mut masks = vec![0u64; qs.len() * tiles.len()];
             let mut cert = vec![0.0f64; qs.len()];
-            screen(
+            let c0 = std::time::Instant::now();
+            let sc = screen(
                 index,
                 &px,
                 &qs.iter().map(|&q| &qb[q]).collect::<Vec<_>>(),
@@ -713,12 +669,35 @@ pub fn partial(
                 &mut masks,
                 &mut cert,
             );
+            let c1 = std::time::Instant::now();
             let mut r = run_group(ds, index, batch, &masks, qs, tile_range.clone(), record);
             r.cert = cert;
+            r.timing = [
+                (c1 - c0).as_secs_f64(),
+                c1.elapsed().as_secs_f64(),
+                sc.survivors as f64,
+                sc.work,
+            ];
             r
         })
         .collect();
 
+    if profile {
+        let sum = |i: usize| results.iter().map(|r| r.timing[i]).sum::<f64>();
+        let computed: usize = results.iter().flat_map(|r| &r.computed).sum();
+        let pairs = (n_q * n_rows) as f64;
+        eprintln!(
+            "prune: bounds {:.3}s, screen {:.3}s (thread s), exact {:.3}s (thread s), total {:.3}s; \
+             survivors {:.5}, computed {:.5} of pairs, screening work {:.4} of dense",
+            t_bound - t_probe,
+            sum(0),
+            sum(1),
+            clock.elapsed().as_secs_f64(),
+            sum(2) / pairs,
+            computed as f64 / pairs,
+            sum(3) / (pairs * 2.0 * dim as f64),
+        );
+    }
     let mut part = Partial::empty(n_q, dim);
     part.tiles_total = tiles.len() as u64;
     part.samples_total = n_rows as u64;
@@ -749,7 +728,15 @@ pub fn partial(
     Some(part)
 }
 
-/// Exact (f64) largest logit over `tile`, minus its rounding bound.
+/// Whether to print per-call phase timings (ORACLEFLOW_PRUNE_PROFILE=1), for tuning.
+fn profiling() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ORACLEFLOW_PRUNE_PROFILE").is_ok_and(|v| v == "1"))
+}
+
+/// A lower bound on the largest f32 logit the exact pass will compute over `tile`: the
+/// largest logit computed here in f32, minus twice the rounding bound (this evaluation and
+/// the exact pass's are each within `err` of the exact value, in any summation order).
 fn seed_max(ds: &Dataset, index: &PruneIndex, b: &QueryBound, xq: &[f32], tile: &Tile) -> f64 {
     let norms = ds.sq_norms();
     let mut y = vec![0.0f32; index.dim];
@@ -757,10 +744,10 @@ fn seed_max(ds: &Dataset, index: &PruneIndex, b: &QueryBound, xq: &[f32], tile: 
     for pos in tile.start..tile.start + tile.len {
         let row = index.perm[pos] as usize;
         ds.stored_row(row, &mut y);
-        let dot: f64 = xq.iter().zip(&y).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let dot = dot8(xq, &y) as f64;
         m = m.max(b.c_dot * dot - b.c_norm * norms[row] as f64);
     }
-    m - b.err(tile.max_norm, index.dim)
+    m - 2.0 * b.err(tile.max_norm, index.dim)
 }
 
 struct GroupResult {
@@ -772,91 +759,8 @@ struct GroupResult {
     cert: Vec<f64>,
     computed: Vec<usize>,
     kept: Vec<Vec<u32>>,
-}
-
-/// Per-sample bounds for queries `qids` (with their bounds `qb` and needed tiles `needed`,
-/// in the same order) over their needed tiles: bit j of
-/// `masks[i * T + t]` is set when sample j of tile t must be computed for query qids[i];
-/// the skipped samples' bounds go to `cert` (units of exp(m0)). Returns the set bits.
-#[allow(clippy::too_many_arguments)]
-fn screen(
-    index: &PruneIndex,
-    px: &[f32],
-    qb: &[&QueryBound],
-    needed: &[&[bool]],
-    qids: &[usize],
-    tile_range: Range<usize>,
-    masks: &mut [u64],
-    cert: &mut [f64],
-) -> usize {
-    let (dim, k) = (index.dim, index.k);
-    let n_t = tile_range.len();
-    let mut qlist: Vec<usize> = Vec::with_capacity(qids.len());
-    let mut pxs = vec![0.0f32; qids.len() * k];
-    let mut dots = vec![0.0f32; qids.len() * LEAF_ROWS];
-    let mut count = 0usize;
-    for (t, tile) in index.tiles[tile_range].iter().enumerate() {
-        qlist.clear();
-        qlist.extend((0..qids.len()).filter(|&i| needed[i][t]));
-        if qlist.is_empty() {
-            continue;
-        }
-        let (nt, pos0, nq) = (tile.len, tile.start, qlist.len());
-        for (i, &l) in qlist.iter().enumerate() {
-            let q = qids[l];
-            pxs[i * k..(i + 1) * k].copy_from_slice(&px[q * k..(q + 1) * k]);
-        }
-        // Projected dot products of the needing queries with the tile's rows.
-        sgemm(
-            Gemm { m: nq, n: nt, k },
-            &mut dots[..nq * nt],
-            false,
-            (&pxs[..nq * k], k, 1),
-            (&index.proj[pos0 * k..(pos0 + nt) * k], 1, k),
-        );
-        for (i, &l) in qlist.iter().enumerate() {
-            let b = qb[l];
-            let mask = &mut masks[l * n_t + t];
-            if !b.prunable {
-                *mask = if nt == 64 { u64::MAX } else { (1u64 << nt) - 1 };
-                count += nt;
-                continue;
-            }
-            let err = b.err(tile.max_norm, dim);
-            // Survival lw > ln_thr, with lw = ln_weight(l2), is l2 < l2_max (solved once
-            // per tile); the skipped samples' bound comes from their smallest l2.
-            let margin = LB_MARGIN * (b.x_norm + b.a * tile.max_norm).powi(2);
-            let lb_max = b.x_sq - (b.ln_sample_thr + b.m0 - err) / b.inv;
-            let l2_max = if lb_max > 0.0 {
-                lb_max + margin
-            } else {
-                f64::NEG_INFINITY
-            };
-            let (mut n_skip, mut l2_min_skipped) = (0usize, f64::INFINITY);
-            let mut m = 0u64;
-            let (a, a2) = (b.a, b.a * b.a);
-            for j in 0..nt {
-                let p = pos0 + j;
-                let dp2 =
-                    (b.px_sq - 2.0 * a * dots[i * nt + j] as f64 + a2 * index.proj_sq[p]).max(0.0);
-                let gap = b.resid - a * index.resid[p] as f64;
-                let l2 = dp2 + gap * gap;
-                if l2 < l2_max {
-                    m |= 1 << j;
-                } else {
-                    n_skip += 1;
-                    l2_min_skipped = l2_min_skipped.min(l2);
-                }
-            }
-            if n_skip > 0 {
-                let lw = b.ln_weight(l2_min_skipped, tile.max_norm, err);
-                cert[l] += n_skip as f64 * lw.exp();
-            }
-            count += m.count_ones() as usize;
-            *mask = m;
-        }
-    }
-    count
+    /// screening s, exact s, survivors, screening work (for the profile)
+    timing: [f64; 4],
 }
 
 /// Exact logits and sparse accumulation for queries `qids` over the samples in `masks`.
@@ -880,6 +784,7 @@ fn run_group(
         cert: vec![0.0; gq],
         computed: vec![0; gq],
         kept: vec![Vec::new(); if record { gq } else { 0 }],
+        timing: [0.0; 4],
     };
     let mut union: Vec<usize> = Vec::with_capacity(LEAF_ROWS);
     let mut qsurv: Vec<usize> = Vec::with_capacity(gq);

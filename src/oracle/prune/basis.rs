@@ -1,0 +1,240 @@
+//! The index's geometry: the PCA basis and the PCA tree that orders rows into tiles.
+
+use faer::{Mat, Side};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+
+use super::{
+    BASIS_ITERS, BASIS_SAMPLE, EIGEN_MAX_DIM, FALLBACK_DIMS, LEAF_ROWS, MAX_RESIDUAL_SHARE,
+    PROJ_DIMS, SEED,
+};
+use crate::dataset::Dataset;
+use crate::oracle::cpu::{sgemm, Gemm};
+
+/// k orthonormal directions of largest variance (approximately: any orthonormal basis
+/// keeps the bounds valid, a better one only makes them tighter). Empty when a quick test
+/// finds no low-dimensional structure.
+/// Also returns the share of the (subsample's) variance the basis leaves in the residual.
+pub(super) fn pca_basis(ds: &Dataset) -> (Vec<f32>, f64) {
+    let (n, dim) = (ds.n_samples(), ds.dim());
+    let k = PROJ_DIMS.min(dim);
+    let mut rng = ChaCha8Rng::seed_from_u64(SEED);
+    let m = BASIS_SAMPLE.min(n);
+    let mut rows: Vec<usize> = if m == n {
+        (0..n).collect()
+    } else {
+        rand::seq::index::sample(&mut rng, n, m).into_vec()
+    };
+    rows.sort_unstable();
+    let mut s = vec![0.0f32; m * dim];
+    for (i, &r) in rows.iter().enumerate() {
+        ds.stored_row(r, &mut s[i * dim..(i + 1) * dim]);
+    }
+    // C = S^T S (dim x dim); the stored rows are already centred.
+    let mut c = vec![0.0f32; dim * dim];
+    sgemm(
+        Gemm {
+            m: dim,
+            n: dim,
+            k: m,
+        },
+        &mut c,
+        false,
+        (&s, 1, dim),
+        (&s, dim, 1),
+    );
+    let trace: f64 = (0..dim).map(|d| c[d * dim + d] as f64).sum();
+    let share = |captured: f64| {
+        if trace > 0.0 {
+            (1.0 - captured / trace).max(0.0)
+        } else {
+            0.0
+        }
+    };
+    // Cheap structure test first (a few subspace iterations for the leading directions):
+    // any FALLBACK_DIMS orthonormal directions capture at most what the leading ones do,
+    // so when these leave more than MAX_RESIDUAL_SHARE outside, no index is worth building
+    // and the eigendecomposition (about 1 s at D = 784) is not spent.
+    let kp = FALLBACK_DIMS.min(dim);
+    if kp < dim {
+        let mut probe_rng = ChaCha8Rng::seed_from_u64(SEED ^ 1);
+        let (_, captured) = subspace(&c, dim, kp, 3, &mut probe_rng);
+        if share(captured) > MAX_RESIDUAL_SHARE {
+            return (Vec::new(), share(captured));
+        }
+    }
+    if dim <= EIGEN_MAX_DIM {
+        // One symmetric eigendecomposition (O(D^3), well under a second at D = 784): the
+        // exact principal directions, in order, which the levels' cuts rely on.
+        let cm = Mat::<f64>::from_fn(dim, dim, |i, j| c[i * dim + j] as f64);
+        if let Ok(eig) = cm.self_adjoint_eigen(Side::Lower) {
+            let vals: Vec<f64> = (0..dim).map(|i| eig.S().column_vector()[i]).collect();
+            let mut order: Vec<usize> = (0..dim).collect();
+            order.sort_by(|&a, &b| vals[b].total_cmp(&vals[a]).then(a.cmp(&b)));
+            let u = eig.U();
+            let mut basis = vec![0.0f32; k * dim];
+            for (j, &col) in order[..k].iter().enumerate() {
+                for d in 0..dim {
+                    basis[j * dim + d] = u[(d, col)] as f32;
+                }
+            }
+            let captured: f64 = order[..FALLBACK_DIMS.min(k)]
+                .iter()
+                .map(|&i| vals[i].max(0.0))
+                .sum();
+            return (basis, share(captured));
+        }
+    }
+    let (v32, captured) = subspace(&c, dim, k, BASIS_ITERS, &mut rng);
+    (v32, share(captured))
+}
+
+/// k orthonormal directions by subspace iteration on C (dim x dim), as f32 rows, with the
+/// variance the first `FALLBACK_DIMS` of them capture (the iteration orders its directions
+/// roughly by variance).
+fn subspace(
+    c: &[f32],
+    dim: usize,
+    k: usize,
+    iters: usize,
+    rng: &mut ChaCha8Rng,
+) -> (Vec<f32>, f64) {
+    let mut v: Vec<f64> = (0..k * dim)
+        .map(|_| rng.sample::<f64, _>(StandardNormal))
+        .collect();
+    orthonormalise(&mut v, dim, rng);
+    let mut v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+    let mut w = vec![0.0f32; dim * k];
+    for _ in 0..iters {
+        // W = C V^T (dim x k); element (d, j) of the rhs is v32[j * dim + d].
+        sgemm(
+            Gemm {
+                m: dim,
+                n: k,
+                k: dim,
+            },
+            &mut w,
+            false,
+            (c, dim, 1),
+            (&v32, 1, dim),
+        );
+        for j in 0..k {
+            for d in 0..dim {
+                v[j * dim + d] = w[d * k + j] as f64;
+            }
+        }
+        orthonormalise(&mut v, dim, rng);
+        v32 = v.iter().map(|&x| x as f32).collect();
+    }
+    // Captured variance: sum_j v_j^T C v_j, against trace(C).
+    sgemm(
+        Gemm {
+            m: dim,
+            n: k,
+            k: dim,
+        },
+        &mut w,
+        false,
+        (c, dim, 1),
+        (&v32, 1, dim),
+    );
+    // (subspace iteration orders its directions roughly by variance)
+    let captured: f64 = (0..FALLBACK_DIMS.min(k))
+        .map(|j| {
+            (0..dim)
+                .map(|d| v[j * dim + d] * w[d * k + j] as f64)
+                .sum::<f64>()
+        })
+        .sum();
+    (v32, captured)
+}
+
+/// Modified Gram-Schmidt (twice, for f64 orthogonality) on the rows of `v` (k x dim);
+/// a row that collapses (rank-deficient data) is replaced by a fresh random one.
+fn orthonormalise(v: &mut [f64], dim: usize, rng: &mut ChaCha8Rng) {
+    let k = v.len() / dim;
+    for j in 0..k {
+        for attempt in 0..4 {
+            for _ in 0..2 {
+                for i in 0..j {
+                    let (head, tail) = v.split_at_mut(j * dim);
+                    let (vi, vj) = (&head[i * dim..(i + 1) * dim], &mut tail[..dim]);
+                    let dot: f64 = vi.iter().zip(vj.iter()).map(|(a, b)| a * b).sum();
+                    vj.iter_mut().zip(vi).for_each(|(b, a)| *b -= dot * a);
+                }
+            }
+            let vj = &mut v[j * dim..(j + 1) * dim];
+            let norm = vj.iter().map(|x| x * x).sum::<f64>().sqrt();
+            if norm > 1e-8 || attempt == 3 {
+                vj.iter_mut().for_each(|x| *x /= norm.max(1e-300));
+                break;
+            }
+            vj.iter_mut()
+                .for_each(|x| *x = rng.sample::<f64, _>(StandardNormal));
+        }
+    }
+}
+
+/// PCA-tree split of `ids` (stored rows) in place, on the first k of each row's `stride`
+/// projected coordinates; returns the leaf sizes in order.
+pub(super) fn split(ids: &mut [u32], proj: &[f32], stride: usize, k: usize) -> Vec<usize> {
+    let n = ids.len();
+    if n <= LEAF_ROWS {
+        return vec![n];
+    }
+    let row = |i: u32| &proj[i as usize * stride..i as usize * stride + k];
+    let mut mean = vec![0.0f64; k];
+    for &i in ids.iter() {
+        mean.iter_mut()
+            .zip(row(i))
+            .for_each(|(m, &v)| *m += v as f64);
+    }
+    mean.iter_mut().for_each(|m| *m /= n as f64);
+    let centred = |i: u32| row(i).iter().zip(&mean).map(|(&v, m)| v as f64 - m);
+    // Power iteration for the node's principal direction, from its farthest point.
+    let far = *ids
+        .iter()
+        .max_by(|&&a, &&b| {
+            let (da, db) = (
+                centred(a).map(|x| x * x).sum::<f64>(),
+                centred(b).map(|x| x * x).sum::<f64>(),
+            );
+            da.total_cmp(&db).then(b.cmp(&a))
+        })
+        .expect("non-empty");
+    let mut dir: Vec<f64> = centred(far).collect();
+    for _ in 0..4 {
+        let mut w = vec![0.0f64; k];
+        for &i in ids.iter() {
+            let s: f64 = centred(i).zip(&dir).map(|(a, b)| a * b).sum();
+            w.iter_mut().zip(centred(i)).for_each(|(w, a)| *w += s * a);
+        }
+        let norm = w.iter().map(|x| x * x).sum::<f64>().sqrt();
+        if norm == 0.0 {
+            break;
+        }
+        dir = w.into_iter().map(|x| x / norm).collect();
+    }
+    let mut keyed: Vec<(f64, u32)> = ids
+        .iter()
+        .map(|&i| (centred(i).zip(&dir).map(|(a, b)| a * b).sum(), i))
+        .collect();
+    let mid = n / 2;
+    keyed.select_nth_unstable_by(mid, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    // Within each half, keep the rows ascending (only membership matters).
+    let (lo, hi) = keyed.split_at_mut(mid);
+    lo.sort_unstable_by_key(|e| e.1);
+    hi.sort_unstable_by_key(|e| e.1);
+    for (slot, e) in ids.iter_mut().zip(&keyed) {
+        *slot = e.1;
+    }
+    let (l, r) = ids.split_at_mut(mid);
+    let (mut a, b) = if n > 8192 {
+        rayon::join(|| split(l, proj, stride, k), || split(r, proj, stride, k))
+    } else {
+        (split(l, proj, stride, k), split(r, proj, stride, k))
+    };
+    a.extend(b);
+    a
+}

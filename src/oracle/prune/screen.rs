@@ -1,0 +1,304 @@
+//! Per-sample screening in levels (see the module docs of `prune`): which samples of the
+//! needed tiles each query must compute, and the certificate of those it skips.
+
+use std::ops::Range;
+
+use super::{PruneIndex, QueryBound, LB_MARGIN, LEAF_ROWS};
+
+/// What screening found and cost.
+#[derive(Clone, Copy, Default, Debug)]
+pub(super) struct ScreenCount {
+    /// (query, sample) pairs left for the exact pass
+    pub(super) survivors: usize,
+    /// multiply-adds of the screening GEMMs plus per-pair bound evaluations (weighted)
+    pub(super) work: f64,
+}
+
+/// Cost of evaluating one pair's bound, in multiply-adds of a GEMM (it is scalar f64 work).
+const PAIR_COST: f64 = 8.0;
+
+/// Per-sample bounds for queries `qids` (with their bounds `qb` and needed tiles `needed`,
+/// in the same order) over their needed tiles: bit j of
+/// `masks[i * T + t]` is set when sample j of tile t must be computed for query qids[i];
+/// the skipped samples' bounds go to `cert` (units of exp(m0)).
+///
+/// Each (query, tile) goes through the levels: at level l the partial dot product over the
+/// first `levels[l]` projected coordinates gives |P_l (x - a y)|^2 exactly (up to f32
+/// rounding, inside the margin) and the tails give (|x - P_l x| - a |y - P_l y|)^2 as a
+/// lower bound on the rest. A sample whose bound reaches the threshold is skipped at that
+/// level; the survivors' partial dot products are extended by the next levels' coordinates
+/// (one GEMM over the queries and the column span still alive).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn screen(
+    index: &PruneIndex,
+    px: &[f32],
+    qb: &[&QueryBound],
+    needed: &[&[bool]],
+    qids: &[usize],
+    tile_range: Range<usize>,
+    masks: &mut [u64],
+    cert: &mut [f64],
+) -> ScreenCount {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for (checked above).
+        return unsafe { screen_avx2(index, px, qb, needed, qids, tile_range, masks, cert) };
+    }
+    screen_impl(index, px, qb, needed, qids, tile_range, masks, cert, dot8)
+}
+
+/// [`screen_impl`] compiled for AVX2 + FMA (the build targets baseline x86-64).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn screen_avx2(
+    index: &PruneIndex,
+    px: &[f32],
+    qb: &[&QueryBound],
+    needed: &[&[bool]],
+    qids: &[usize],
+    tile_range: Range<usize>,
+    masks: &mut [u64],
+    cert: &mut [f64],
+) -> ScreenCount {
+    // SAFETY (of the calls to dot_avx2): this function only runs where AVX2 and FMA are.
+    let dot = |a: &[f32], b: &[f32]| unsafe { dot_avx2(a, b) };
+    screen_impl(index, px, qb, needed, qids, tile_range, masks, cert, dot)
+}
+
+/// Dot product with AVX2 FMAs (two accumulators of 8 lanes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    // SAFETY: every load reads 8 floats at i..i + 8 <= n, inside both slices.
+    unsafe {
+        while i + 16 <= n {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+            s1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i + 8)),
+                _mm256_loadu_ps(pb.add(i + 8)),
+                s1,
+            );
+            i += 16;
+        }
+        if i + 8 <= n {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
+            i += 8;
+        }
+    }
+    let mut lanes = [0.0f32; 8];
+    // SAFETY: lanes holds 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(s0, s1)) };
+    let mut s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+    for j in i..n {
+        s += a[j] * b[j];
+    }
+    s
+}
+
+/// Dot product with eight running sums (so that it vectorises).
+#[inline(always)]
+pub(super) fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn screen_impl(
+    index: &PruneIndex,
+    px: &[f32],
+    qb: &[&QueryBound],
+    needed: &[&[bool]],
+    qids: &[usize],
+    tile_range: Range<usize>,
+    masks: &mut [u64],
+    cert: &mut [f64],
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+) -> ScreenCount {
+    let (dim, k) = (index.dim, index.k);
+    let levels = &index.levels;
+    let n_t = tile_range.len();
+    let nq_all = qids.len();
+    let mut qlist: Vec<usize> = Vec::with_capacity(nq_all);
+    let mut qsel: Vec<usize> = Vec::with_capacity(nq_all);
+    let cut0 = levels[0];
+    let mut dots = vec![0.0f32; nq_all * LEAF_ROWS];
+    let mut tmp = vec![0.0f32; nq_all * LEAF_ROWS];
+    let mut alive = vec![0u64; nq_all];
+    let mut l2_max = vec![0.0f64; nq_all];
+    let mut n_skip = vec![0usize; nq_all];
+    let mut l2_skip = vec![0.0f32; nq_all];
+    let mut l2buf = [0.0f32; LEAF_ROWS];
+    let n_all = index.perm.len();
+    let mut count = ScreenCount::default();
+    let t0 = tile_range.start;
+    for (t, tile) in index.tiles[tile_range].iter().enumerate() {
+        qlist.clear();
+        let (nt, pos0) = (tile.len, tile.start);
+        let full = if nt == 64 { u64::MAX } else { (1u64 << nt) - 1 };
+        for (l, need) in needed.iter().enumerate() {
+            if !need[t] {
+                continue;
+            }
+            if qb[l].prunable {
+                qlist.push(l);
+            } else {
+                masks[l * n_t + t] = full;
+                count.survivors += nt;
+            }
+        }
+        if qlist.is_empty() {
+            continue;
+        }
+        for (i, &l) in qlist.iter().enumerate() {
+            let b = qb[l];
+            let err = b.err(tile.max_norm, dim);
+            // Survival lw > ln_thr, with lw = ln_weight(l2), is l2 < l2_max (solved once
+            // per tile); the skipped samples' bound comes from their smallest l2.
+            let margin = LB_MARGIN * (b.x_norm + b.a * tile.max_norm).powi(2);
+            let lb_max = b.x_sq - (b.ln_sample_thr + b.m0 - err) / b.inv;
+            l2_max[i] = if lb_max > 0.0 {
+                lb_max + margin
+            } else {
+                f64::NEG_INFINITY
+            };
+            alive[i] = full;
+            n_skip[i] = 0;
+            l2_skip[i] = f32::INFINITY;
+        }
+        let nq = qlist.len();
+        let mut prev = 0;
+        for (lv, &cut) in levels.iter().enumerate() {
+            // Coordinates prev..cut of each alive (query, row) pair, added to its partial
+            // dot product: direct dot products over the alive pairs only (per-tile GEMM
+            // calls cost more than the few multiply-adds they would do here).
+            let kd = cut - prev;
+            let mut any = false;
+            for (i, &al) in alive[..nq].iter().enumerate() {
+                if al == 0 {
+                    continue;
+                }
+                any = true;
+                let q = qids[qlist[i]];
+                let xrow = &px[q * k + prev..q * k + cut];
+                let trow = &mut tmp[i * LEAF_ROWS..(i + 1) * LEAF_ROWS];
+                if lv == 0 {
+                    // The whole tile at once, from its dimension-major block.
+                    let block = &index.proj0t[(t0 + t) * cut0 * LEAF_ROWS..][..cut0 * LEAF_ROWS];
+                    let mut acc = [0.0f32; LEAF_ROWS];
+                    for (d, col) in block.chunks_exact(LEAF_ROWS).enumerate() {
+                        let xd = xrow[d];
+                        for (a, &y) in acc.iter_mut().zip(col) {
+                            *a += xd * y;
+                        }
+                    }
+                    trow.copy_from_slice(&acc);
+                    count.work += (cut0 * LEAF_ROWS) as f64;
+                    continue;
+                }
+                let mut bits = al;
+                while bits != 0 {
+                    let j = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    let yrow = &index.proj[(pos0 + j) * k + prev..(pos0 + j) * k + cut];
+                    trow[j] = dot(xrow, yrow);
+                }
+                count.work += (kd * al.count_ones() as usize) as f64;
+            }
+            if !any {
+                break;
+            }
+            qsel.clear();
+            qsel.extend((0..nq).filter(|&i| alive[i] != 0));
+            for &i in qsel.iter() {
+                let b = qb[qlist[i]];
+                // f32 from here: the bound's terms are at most (|x| + a |y|)^2 and f32
+                // rounding moves them by ~1e-7 of that, against LB_MARGIN = 1e-3 of it.
+                let (a, a2) = (b.a as f32, (b.a * b.a) as f32);
+                let (xs, xt) = (b.lv_sq[lv] as f32, b.lv_tail[lv] as f32);
+                let ysq = &index.lvl_sq[lv * n_all + pos0..lv * n_all + pos0 + nt];
+                let yt = &index.lvl_tail[lv * n_all + pos0..lv * n_all + pos0 + nt];
+                let lim = l2_max[i] as f32;
+                let drow = &mut dots[i * LEAF_ROWS..i * LEAF_ROWS + nt];
+                let trow = &tmp[i * LEAF_ROWS..(i + 1) * LEAF_ROWS];
+                let old = alive[i];
+                let mut m = 0u64;
+                if lv == 0 && old == full {
+                    // Every column alive: one branch-free pass.
+                    for j in 0..nt {
+                        let d = trow[j];
+                        drow[j] = d;
+                        let dp2 = (xs - 2.0 * a * d + a2 * ysq[j]).max(0.0);
+                        let g = xt - a * yt[j];
+                        l2buf[j] = dp2 + g * g;
+                    }
+                    for (j, &l2) in l2buf[..nt].iter().enumerate() {
+                        m |= ((l2 < lim) as u64) << j;
+                    }
+                    let mn = l2buf[..nt]
+                        .iter()
+                        .map(|&v| if v < lim { f32::INFINITY } else { v })
+                        .fold(f32::INFINITY, f32::min);
+                    l2_skip[i] = l2_skip[i].min(mn);
+                    n_skip[i] += nt - m.count_ones() as usize;
+                    count.work += PAIR_COST * nt as f64;
+                    alive[i] = m;
+                    continue;
+                } else {
+                    let mut bits = old;
+                    while bits != 0 {
+                        let j = bits.trailing_zeros() as usize;
+                        bits &= bits - 1;
+                        let d = drow[j] + trow[j];
+                        drow[j] = d;
+                        let dp2 = (xs - 2.0 * a * d + a2 * ysq[j]).max(0.0);
+                        let g = xt - a * yt[j];
+                        let l2 = dp2 + g * g;
+                        l2buf[j] = l2;
+                        m |= ((l2 < lim) as u64) << j;
+                    }
+                }
+                let mut gone = old & !m;
+                n_skip[i] += gone.count_ones() as usize;
+                while gone != 0 {
+                    let j = gone.trailing_zeros() as usize;
+                    gone &= gone - 1;
+                    l2_skip[i] = l2_skip[i].min(l2buf[j]);
+                }
+                count.work += PAIR_COST * old.count_ones() as f64;
+                alive[i] = m;
+            }
+            prev = cut;
+        }
+        for (i, &l) in qlist.iter().enumerate() {
+            let b = qb[l];
+            if n_skip[i] > 0 {
+                let err = b.err(tile.max_norm, dim);
+                let lw = b.ln_weight(l2_skip[i] as f64, tile.max_norm, err);
+                cert[l] += n_skip[i] as f64 * lw.exp();
+            }
+            count.survivors += alive[i].count_ones() as usize;
+            masks[l * n_t + t] = alive[i];
+        }
+    }
+    count
+}
