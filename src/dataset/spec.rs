@@ -507,6 +507,51 @@ mod tests {
                 seed: 9
             }
         );
+        assert_eq!(
+            parse("safetensors:x.st:latents@9"),
+            DataSpec {
+                source: Source::Safetensors {
+                    path: "x.st".into(),
+                    tensor: Some("latents".into())
+                },
+                limit: Some(9)
+            }
+        );
+        assert_eq!(
+            parse("safetensors:x.st").source,
+            Source::Safetensors {
+                path: "x.st".into(),
+                tensor: None
+            }
+        );
+        assert_eq!(parse("shards:d").source, Source::Shards("d".into()));
+        assert_eq!(
+            parse("cifar10:d").source,
+            Source::Cifar {
+                dir: "d".into(),
+                kind: Cifar::Cifar10,
+                split: Split::Train
+            }
+        );
+        assert_eq!(
+            parse("cifar100:d:test@5"),
+            DataSpec {
+                source: Source::Cifar {
+                    dir: "d".into(),
+                    kind: Cifar::Cifar100,
+                    split: Split::Test
+                },
+                limit: Some(5)
+            }
+        );
+        assert_eq!(
+            parse("cifar10:d:all").source,
+            Source::Cifar {
+                dir: "d".into(),
+                kind: Cifar::Cifar10,
+                split: Split::All
+            }
+        );
         // A '@' in a path that is not followed by a count is part of the path.
         assert_eq!(
             parse("run@home/x.npy").source,
@@ -530,6 +575,10 @@ mod tests {
             "mixture:10,4",
             "mixture:2,4,3",
             "idx:",
+            "safetensors:",
+            "shards:",
+            "cifar10:",
+            "cifar100::test",
             "no-such-thing",
         ] {
             assert!(
