@@ -1348,6 +1348,22 @@ fn shards_with_a_corrupt_shard() {
     c.sample_refused(&format!("shards:{}", c.s("sh")), &[&b, "truncated"]);
 }
 
+#[test]
+fn shards_empty_shard_of_overflowing_sample_shape() {
+    let c = Case::new();
+    let a = c.write(
+        "sh/a.npy",
+        &npy_raw("<f4", false, "(0, 1000000000000, 1000000000000)", &[]),
+    );
+    c.sample_refused(
+        &format!("shards:{}", c.s("sh")),
+        &[
+            &a,
+            "sample shape of (0, 1000000000000, 1000000000000) overflows",
+        ],
+    );
+}
+
 // ------------------------------------------------------------------------------ CIFAR
 
 /// `n` CIFAR records of `label_bytes` labels each (all `label`) and gray pixels.

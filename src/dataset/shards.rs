@@ -173,6 +173,13 @@ pub fn load(dir: &Path, limit: Option<usize>, dtype: Dtype) -> Result<Dataset> {
                 format!("samples of no values, shape {}", shape_text(&header.shape)),
             ));
         }
+        // A shard of no rows passes the header's size check whatever its sample shape.
+        if product(rest).is_none_or(|p| p > isize::MAX as u64) {
+            return Err(Error::data(
+                &path,
+                format!("sample shape of {} overflows", shape_text(&header.shape)),
+            ));
+        }
         let pixels = match header.dtype {
             NpyDtype::F32 | NpyDtype::F16 | NpyDtype::F64 => false,
             NpyDtype::U8 => true,
