@@ -8,10 +8,19 @@ use libfuzzer_sys::fuzz_target;
 use oracleflow::dataset::cifar::{self, Cifar, Split};
 use oracleflow::dataset::Dtype;
 
+/// A scratch directory in RAM (/dev/shm) where there is one: faster, and a disk filled by
+/// other work on the machine does not stop the run.
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .expect("temp dir")
+}
+
 fn dir() -> &'static tempfile::TempDir {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = tempfile::tempdir().expect("temp dir");
+        let d = scratch();
         std::fs::create_dir(d.path().join("c10")).expect("mkdir");
         std::fs::create_dir(d.path().join("c100")).expect("mkdir");
         d

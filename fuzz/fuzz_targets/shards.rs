@@ -8,9 +8,18 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use oracleflow::dataset::{shards, Dtype};
 
+/// A scratch directory in RAM (/dev/shm) where there is one: faster, and a disk filled by
+/// other work on the machine does not stop the run.
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .expect("temp dir")
+}
+
 fn dir() -> &'static tempfile::TempDir {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir"))
+    DIR.get_or_init(|| scratch())
 }
 
 fuzz_target!(
