@@ -692,3 +692,60 @@ fn new_spec_forms_are_documented() {
         assert!(readme.contains(form), "README lacks {form}");
     }
 }
+
+/// The fuzz corpora of these loaders (fuzz/corpus/, seeds and inputs the fuzzers kept)
+/// replayed through the same calls as the fuzz targets, in this test build, which checks
+/// integer overflow (the fuzz build does not): every input ends in Ok or Err, no panic.
+#[test]
+fn fuzz_corpora_replay_without_panics() {
+    use oracleflow::dataset::cifar::{self, Cifar, Split};
+    use oracleflow::dataset::{safetensors as st, shards};
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let inputs = |target: &str| -> Vec<Vec<u8>> {
+        let mut v: Vec<_> = std::fs::read_dir(root.join(target))
+            .unwrap()
+            .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+            .collect();
+        assert!(v.len() >= 4, "{target}: corpus missing");
+        v.sort();
+        v
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("fuzz.safetensors");
+    for data in inputs("safetensors") {
+        std::fs::write(&f, &data).unwrap();
+        let _ = st::load(&f, None, None, Dtype::F32);
+        let _ = st::load(&f, Some("x"), Some(1), Dtype::F16);
+        let _ = st::load(&f, Some("labels"), None, Dtype::F32);
+    }
+    let (c10, c100) = (dir.path().join("c10"), dir.path().join("c100"));
+    std::fs::create_dir(&c10).unwrap();
+    std::fs::create_dir(&c100).unwrap();
+    for data in inputs("cifar") {
+        for f in [
+            c10.join("data_batch_1.bin"),
+            c10.join("test_batch.bin"),
+            c100.join("train.bin"),
+        ] {
+            std::fs::write(f, &data).unwrap();
+        }
+        let _ = cifar::load(&c10, Cifar::Cifar10, Split::Train, None, Dtype::F32);
+        let _ = cifar::load(&c10, Cifar::Cifar10, Split::All, Some(2), Dtype::F16);
+        let _ = cifar::load(&c100, Cifar::Cifar100, Split::Train, None, Dtype::F32);
+    }
+    let sh = dir.path().join("sh");
+    for data in inputs("shards") {
+        let Some((&[layout, lo, hi], rest)) = data.split_first_chunk::<3>() else {
+            continue;
+        };
+        let split = (u16::from_le_bytes([lo, hi]) as usize).min(rest.len());
+        let (a, b) = rest.split_at(split);
+        let _ = std::fs::remove_dir_all(&sh);
+        std::fs::create_dir(&sh).unwrap();
+        let second = ["b.npy", "labels.npy", "a_labels.npy"][layout as usize % 3];
+        std::fs::write(sh.join("a.npy"), a).unwrap();
+        std::fs::write(sh.join(second), b).unwrap();
+        let _ = shards::load(&sh, None, Dtype::F32);
+        let _ = shards::load(&sh, Some(1), Dtype::F16);
+    }
+}
