@@ -1149,6 +1149,321 @@ fn usage_errors_exit_2() {
     }
 }
 
+// ------------------------------------------------------------------------------ safetensors
+
+/// A safetensors file written by hand: the 8-byte header length, the JSON header, `data`.
+fn safetensors_raw(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend(header.as_bytes());
+    b.extend(data);
+    b
+}
+
+/// One tensor entry of a safetensors header.
+fn st_entry(name: &str, dtype: &str, shape: &str, start: usize, end: usize) -> String {
+    format!(
+        "\"{name}\":{{\"dtype\":\"{dtype}\",\"shape\":{shape},\"data_offsets\":[{start},{end}]}}"
+    )
+}
+
+#[test]
+fn safetensors_truncated_header() {
+    let c = Case::new();
+    let f = c.write("a.safetensors", &[16, 0, 0, 0, 0]);
+    c.sample_refused(
+        &format!("safetensors:{f}"),
+        &[&f, "truncated safetensors header"],
+    );
+}
+
+#[test]
+fn safetensors_header_length_beyond_the_file() {
+    let c = Case::new();
+    let mut b = safetensors_raw(
+        &format!("{{{}}}", st_entry("x", "F32", "[2,2]", 0, 16)),
+        &[0; 16],
+    );
+    b[..8].copy_from_slice(&1000u64.to_le_bytes());
+    let f = c.write("a.safetensors", &b);
+    c.sample_refused(
+        &format!("safetensors:{f}"),
+        &[&f, "header length 1000 runs past the end"],
+    );
+}
+
+#[test]
+fn safetensors_header_not_json() {
+    let c = Case::new();
+    let f = c.write("a.safetensors", &safetensors_raw("{\"x\": [1, 2", &[]));
+    c.sample_refused(&format!("safetensors:{f}"), &[&f, "bad safetensors header"]);
+}
+
+#[test]
+fn safetensors_unsupported_dtype() {
+    let c = Case::new();
+    let header = format!("{{{}}}", st_entry("x", "I64", "[2,2]", 0, 32));
+    let f = c.write("a.safetensors", &safetensors_raw(&header, &[0; 32]));
+    c.sample_refused(
+        &format!("safetensors:{f}"),
+        &[&f, "tensor 'x' has dtype I64", "F32, F16 or BF16"],
+    );
+}
+
+#[test]
+fn safetensors_missing_tensor_name() {
+    let c = Case::new();
+    let header = format!("{{{}}}", st_entry("x", "F32", "[2,2]", 0, 16));
+    let f = c.write("a.safetensors", &safetensors_raw(&header, &[0; 16]));
+    c.sample_refused(
+        &format!("safetensors:{f}:latents"),
+        &[&f, "no tensor named 'latents'", "'x'"],
+    );
+}
+
+#[test]
+fn safetensors_several_tensors_and_none_named() {
+    let c = Case::new();
+    let header = format!(
+        "{{{},{}}}",
+        st_entry("a", "F32", "[2,2]", 0, 16),
+        st_entry("b", "F16", "[2,2]", 16, 24)
+    );
+    let f = c.write("a.safetensors", &safetensors_raw(&header, &[0; 24]));
+    c.sample_refused(
+        &format!("safetensors:{f}"),
+        &[&f, "several tensors", "'a', 'b'"],
+    );
+}
+
+#[test]
+fn safetensors_data_offsets_beyond_the_file() {
+    let c = Case::new();
+    let header = format!("{{{}}}", st_entry("x", "F32", "[4,4]", 0, 64));
+    let f = c.write("a.safetensors", &safetensors_raw(&header, &[0; 32]));
+    c.sample_refused(
+        &format!("safetensors:{f}"),
+        &[&f, "data_offsets end at 64 bytes", "holds 32"],
+    );
+}
+
+#[test]
+fn safetensors_offsets_not_matching_the_shape() {
+    let c = Case::new();
+    let header = format!("{{{}}}", st_entry("x", "F32", "[4,4]", 0, 32));
+    let f = c.write("a.safetensors", &safetensors_raw(&header, &[0; 32]));
+    c.sample_refused(
+        &format!("safetensors:{f}"),
+        &[&f, "data_offsets do not span its shape"],
+    );
+}
+
+#[test]
+fn safetensors_labels_of_wrong_length() {
+    let c = Case::new();
+    let header = format!(
+        "{{{},{}}}",
+        st_entry("x", "F32", "[4,2]", 0, 32),
+        st_entry("labels", "I64", "[3]", 32, 56)
+    );
+    let f = c.write("a.safetensors", &safetensors_raw(&header, &[0; 56]));
+    c.sample_refused(
+        &format!("safetensors:{f}"),
+        &[&f, "labels tensor 'labels' holds 3 labels for 4 samples"],
+    );
+}
+
+#[test]
+fn safetensors_nan_in_data() {
+    let c = Case::new();
+    let header = format!("{{{}}}", st_entry("x", "F32", "[3,1]", 0, 12));
+    let f = c.write(
+        "a.safetensors",
+        &safetensors_raw(&header, &f32_bytes(&[0.0, f32::NAN, 1.0])),
+    );
+    c.sample_refused(
+        &format!("safetensors:{f}"),
+        &[&f, "sample 1 holds a non-finite value"],
+    );
+}
+
+// ------------------------------------------------------------------------------ shards
+
+#[test]
+fn shards_empty_directory() {
+    let c = Case::new();
+    std::fs::create_dir(c.path("sh")).unwrap();
+    let d = c.s("sh");
+    c.sample_refused(&format!("shards:{d}"), &[&d, "empty directory"]);
+}
+
+#[test]
+fn shards_without_npy_files() {
+    let c = Case::new();
+    c.write("sh/readme.txt", b"latents");
+    let d = c.s("sh");
+    c.sample_refused(&format!("shards:{d}"), &[&d, "no .npy shards"]);
+}
+
+#[test]
+fn shards_of_mismatched_shapes() {
+    let c = Case::new();
+    c.write("sh/a.npy", &npy_f32("(2, 3)", &[0.0; 6]));
+    let b = c.write("sh/b.npy", &npy_f32("(1, 4)", &[0.0; 4]));
+    c.sample_refused(
+        &format!("shards:{}", c.s("sh")),
+        &[&b, "samples of shape (4,)", "(3,)"],
+    );
+}
+
+#[test]
+fn shards_labels_of_wrong_length() {
+    let c = Case::new();
+    c.write("sh/a.npy", &npy_f32("(2, 3)", &[0.0; 6]));
+    c.write("sh/b.npy", &npy_f32("(1, 3)", &[0.0; 3]));
+    c.write("sh/a_labels.npy", &npy_raw("|u1", false, "(2,)", &[0, 1]));
+    let l = c.write("sh/b_labels.npy", &npy_raw("|u1", false, "(2,)", &[0, 1]));
+    c.sample_refused(
+        &format!("shards:{}", c.s("sh")),
+        &[&l, "2 labels, but", "has 1 samples"],
+    );
+}
+
+#[test]
+fn shards_labels_for_some_shards_only() {
+    let c = Case::new();
+    c.write("sh/a.npy", &npy_f32("(2, 3)", &[0.0; 6]));
+    let b = c.write("sh/b.npy", &npy_f32("(1, 3)", &[0.0; 3]));
+    c.write("sh/a_labels.npy", &npy_raw("|u1", false, "(2,)", &[0, 1]));
+    c.sample_refused(
+        &format!("shards:{}", c.s("sh")),
+        &[&b, "no labels file", "b_labels.npy"],
+    );
+}
+
+#[test]
+fn shards_with_a_corrupt_shard() {
+    let c = Case::new();
+    c.write("sh/a.npy", &npy_f32("(2, 3)", &[0.0; 6]));
+    let b = c.write("sh/b.npy", &npy_raw("<f4", false, "(2, 3)", &[0; 20]));
+    c.sample_refused(&format!("shards:{}", c.s("sh")), &[&b, "truncated"]);
+}
+
+#[test]
+fn shards_empty_shard_of_overflowing_sample_shape() {
+    let c = Case::new();
+    let a = c.write(
+        "sh/a.npy",
+        &npy_raw("<f4", false, "(0, 1000000000000, 1000000000000)", &[]),
+    );
+    c.sample_refused(
+        &format!("shards:{}", c.s("sh")),
+        &[
+            &a,
+            "sample shape of (0, 1000000000000, 1000000000000) overflows",
+        ],
+    );
+}
+
+// ------------------------------------------------------------------------------ CIFAR
+
+/// `n` CIFAR records of `label_bytes` labels each (all `label`) and gray pixels.
+fn cifar_records(n: usize, label_bytes: usize, label: u8) -> Vec<u8> {
+    let mut b = Vec::new();
+    for _ in 0..n {
+        b.extend(std::iter::repeat_n(label, label_bytes));
+        b.extend([128u8; 3072]);
+    }
+    b
+}
+
+#[test]
+fn cifar_size_not_a_multiple_of_the_record() {
+    let c = Case::new();
+    let mut b = cifar_records(2, 1, 3);
+    b.truncate(b.len() - 100);
+    let f = c.write("c10/data_batch_1.bin", &b);
+    c.sample_refused(
+        &format!("cifar10:{}", c.s("c10")),
+        &[
+            &f,
+            "6046 bytes is not a whole number of 3073-byte CIFAR-10 records",
+        ],
+    );
+}
+
+#[test]
+fn cifar_empty_directory() {
+    let c = Case::new();
+    std::fs::create_dir(c.path("c10")).unwrap();
+    let d = c.s("c10");
+    c.sample_refused(
+        &format!("cifar10:{d}"),
+        &[&d, "no CIFAR-10 training batches"],
+    );
+}
+
+#[test]
+fn cifar_missing_test_batch() {
+    let c = Case::new();
+    c.write("c10/data_batch_1.bin", &cifar_records(1, 1, 0));
+    c.sample_refused(
+        &format!("cifar10:{}:test", c.s("c10")),
+        &[&c.s("c10/test_batch.bin"), "missing"],
+    );
+}
+
+#[test]
+fn cifar_missing_batch_in_the_numbering() {
+    let c = Case::new();
+    c.write("c10/data_batch_1.bin", &cifar_records(1, 1, 0));
+    c.write("c10/data_batch_3.bin", &cifar_records(1, 1, 0));
+    c.sample_refused(
+        &format!("cifar10:{}", c.s("c10")),
+        &[&c.s("c10/data_batch_2.bin"), "missing"],
+    );
+}
+
+#[test]
+fn cifar_label_out_of_range() {
+    let c = Case::new();
+    let mut b = cifar_records(3, 1, 9);
+    b[2 * 3073] = 10;
+    let f = c.write("c10/data_batch_1.bin", &b);
+    c.sample_refused(
+        &format!("cifar10:{}", c.s("c10")),
+        &[&f, "record 2 has label 10, outside 0 ..= 9"],
+    );
+}
+
+#[test]
+fn cifar100_fine_label_out_of_range() {
+    let c = Case::new();
+    let mut b = cifar_records(2, 2, 5);
+    b[3074 + 1] = 100;
+    let f = c.write("c100/train.bin", &b);
+    c.sample_refused(
+        &format!("cifar100:{}", c.s("c100")),
+        &[&f, "record 1 has label 100, outside 0 ..= 99"],
+    );
+}
+
+#[test]
+fn cifar_empty_batch_file() {
+    let c = Case::new();
+    let f = c.write("c10/data_batch_1.bin", &[]);
+    c.sample_refused(&format!("cifar10:{}", c.s("c10")), &[&f, "empty file"]);
+}
+
+#[test]
+fn cifar_unknown_split() {
+    let c = Case::new();
+    c.write("c10/data_batch_1.bin", &cifar_records(1, 1, 0));
+    c.sample_refused(
+        &format!("cifar10:{}:val", c.s("c10")),
+        &["--data", "unknown split 'val'"],
+    );
+}
+
 // ------------------------------------------------------------------------------ fuzz finds
 
 /// Runs `sample` on `data` under a memory cap (as the fuzzers do) and expects a refusal

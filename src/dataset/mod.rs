@@ -11,11 +11,14 @@
 //!   contiguous row range: a class-conditional oracle is the same tiled pass over a
 //!   sub-range. `original_index` maps a stored row back to its index in the source.
 
+pub mod cifar;
 pub mod disk;
 pub mod folder;
 pub mod idx;
 pub mod limits;
 pub mod npy;
+pub mod safetensors;
+pub mod shards;
 pub mod spec;
 pub mod synthetic;
 
@@ -62,6 +65,18 @@ pub enum RawRows<'a> {
     U8Pixels(&'a [u8]),
     F32(&'a [f32]),
     F16(&'a [f16]),
+    /// bfloat16 values (widened to f32 exactly: bf16 is f32's upper half).
+    Bf16(&'a [half::bf16]),
+    /// 8-bit pixels in fixed-size records (CIFAR: label bytes, then the pixels): sample i
+    /// is the `dim` bytes at `i * record + skip`, read in place from the mapped file.
+    U8Records {
+        bytes: &'a [u8],
+        record: usize,
+        skip: usize,
+        dim: usize,
+    },
+    /// Several sources one after another (shards, batch files), read in place.
+    Parts(&'a RawParts<'a>),
 }
 
 impl RawRows<'_> {
@@ -70,6 +85,11 @@ impl RawRows<'_> {
             RawRows::U8Pixels(v) => v.len(),
             RawRows::F32(v) => v.len(),
             RawRows::F16(v) => v.len(),
+            RawRows::Bf16(v) => v.len(),
+            RawRows::U8Records {
+                bytes, record, dim, ..
+            } => bytes.len() / record * dim,
+            RawRows::Parts(p) => p.len,
         }
     }
 
@@ -82,7 +102,59 @@ impl RawRows<'_> {
             RawRows::U8Pixels(v) => v[k] as f64 / 127.5 - 1.0,
             RawRows::F32(v) => v[k] as f64,
             RawRows::F16(v) => v[k].to_f64(),
+            RawRows::Bf16(v) => v[k].to_f64(),
+            &RawRows::U8Records {
+                bytes,
+                record,
+                skip,
+                dim,
+            } => bytes[k / dim * record + skip + k % dim] as f64 / 127.5 - 1.0,
+            RawRows::Parts(p) => p.get(k),
         }
+    }
+}
+
+/// Sources read as one (see [`RawRows::Parts`]), without copying them together.
+#[derive(Debug)]
+pub struct RawParts<'a> {
+    parts: Vec<RawRows<'a>>,
+    /// Flat index of each part's first value.
+    starts: Vec<usize>,
+    len: usize,
+    /// The length of every part when all but the last have one length (the last no
+    /// longer): the part of value k is then k / length, no search per value.
+    uniform: Option<usize>,
+}
+
+impl<'a> RawParts<'a> {
+    /// Empty parts are dropped; the callers give each part a whole number of samples.
+    pub fn new(parts: Vec<RawRows<'a>>) -> Self {
+        let parts: Vec<RawRows<'a>> = parts.into_iter().filter(|p| !p.is_empty()).collect();
+        let mut starts = Vec::with_capacity(parts.len());
+        let mut len = 0;
+        for p in &parts {
+            starts.push(len);
+            len += p.len();
+        }
+        let first = parts.first().map_or(0, |p| p.len());
+        let uniform = (first > 0
+            && parts.iter().rev().skip(1).all(|p| p.len() == first)
+            && parts.last().is_some_and(|p| p.len() <= first))
+        .then_some(first);
+        RawParts {
+            parts,
+            starts,
+            len,
+            uniform,
+        }
+    }
+
+    fn get(&self, k: usize) -> f64 {
+        let p = match self.uniform {
+            Some(l) => k / l,
+            None => self.starts.partition_point(|&s| s <= k) - 1,
+        };
+        self.parts[p].get(k - self.starts[p])
     }
 }
 

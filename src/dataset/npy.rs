@@ -481,10 +481,18 @@ pub fn encode_i64(shape: &[usize], data: &[i64]) -> Vec<u8> {
 }
 
 pub(crate) fn map_file(path: &Path) -> Result<Mmap> {
+    map_file_as(path, ".npy")
+}
+
+/// Maps a dataset file read-only; an empty file is an error ("not a `format` file").
+pub(crate) fn map_file_as(path: &Path, format: &str) -> Result<Mmap> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len == 0 {
-        return Err(Error::data(path, "empty file, not a .npy file"));
+        return Err(Error::data(
+            path,
+            format!("empty file, not a {format} file"),
+        ));
     }
     // SAFETY: the mapping is read-only and lives only while the dataset is built; as with
     // any file mapping, another process truncating the file meanwhile would be undefined
@@ -519,7 +527,7 @@ pub(crate) fn f16s(bytes: &[u8]) -> Cow<'_, [f16]> {
 }
 
 /// Converts float or u8 data to f32 values (u8 as 0 ..= 255).
-fn to_f32_values(bytes: &[u8], dtype: NpyDtype) -> Vec<f32> {
+pub(super) fn to_f32_values(bytes: &[u8], dtype: NpyDtype) -> Vec<f32> {
     match dtype {
         NpyDtype::F32 => bytes
             .chunks_exact(4)
@@ -556,7 +564,7 @@ fn channels_last_to_planar(bytes: &[u8], h: usize, w: usize, c: usize) -> Vec<u8
 }
 
 /// Python tuple syntax: `()`, `(3,)`, `(3, 4)`.
-fn shape_text(shape: &[usize]) -> String {
+pub(super) fn shape_text(shape: &[usize]) -> String {
     match shape {
         [d] => format!("({d},)"),
         _ => format!(

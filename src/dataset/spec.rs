@@ -3,8 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use super::cifar::{Cifar, Split};
 use super::limits::{check_alloc, product};
-use super::{folder, idx, npy, synthetic};
+use super::{cifar, folder, idx, npy, safetensors, shards, synthetic};
 use super::{Dataset, Dtype, RawRows, SampleShape};
 use crate::error::{Error, Result};
 
@@ -25,6 +26,17 @@ Dataset spec, one of:
   PATH.npy                   |u1 images (N,H,W), (N,C,H,W) or (N,H,W,C), C in {1,3}, as
   npy:DATA.npy[,LABELS.npy]  pixels; <f4 / <f2 arrays (N,...) taken as they are (latents);
                              LABELS: integer array of length N
+  safetensors:FILE[:TENSOR]  an F32, F16 or BF16 tensor (N,...) of a .safetensors file;
+                             TENSOR may be left out when the file holds one tensor
+                             besides its labels; labels: an integer tensor of length N
+                             named labels, label or y, when the file holds one
+  shards:DIR                 every *.npy in DIR in name order, rows concatenated (<f4,
+                             <f2, <f8 or |u1, one sample shape); labels: STEM_labels.npy
+                             beside each STEM.npy, or one labels.npy for all rows
+  cifar10:DIR[:SPLIT]        CIFAR-10 binary batches (cifar-10-batches-bin): SPLIT is
+                             train (default: data_batch_1.bin, data_batch_2.bin, ...),
+                             test (test_batch.bin) or all (train, then test); 3x32x32
+  cifar100:DIR[:SPLIT]       CIFAR-100 binary (train.bin, test.bin), fine labels (100)
   gaussian:N,D[,SEED]        N samples of N(0, I) in D dimensions (SEED defaults to 0)
   mixture:N,D,K[,SEED]       N samples of a K-component Gaussian mixture in D dimensions,
                              labels = component
@@ -74,6 +86,16 @@ pub enum Source {
     Npy {
         data: PathBuf,
         labels: Option<PathBuf>,
+    },
+    Safetensors {
+        path: PathBuf,
+        tensor: Option<String>,
+    },
+    Shards(PathBuf),
+    Cifar {
+        dir: PathBuf,
+        kind: Cifar,
+        split: Split,
     },
     Gaussian {
         n_samples: usize,
@@ -155,6 +177,15 @@ impl DataSpec {
                     None => npy::load(data, labels.as_deref(), limit, dtype),
                 }
             }
+            Source::Safetensors { path, tensor } => {
+                safetensors::load(path, tensor.as_deref(), limit, dtype)
+            }
+            Source::Shards(dir) => shards::load(dir, limit, dtype),
+            &Source::Cifar {
+                ref dir,
+                kind,
+                split,
+            } => cifar::load(dir, kind, split, limit, dtype),
             &Source::Gaussian {
                 n_samples,
                 dim,
@@ -217,8 +248,9 @@ fn spec_error(spec: &str, message: impl Into<String>) -> Error {
 }
 
 const FORMS: &str = "expected embedded, fashion-mnist[:test], a *-idx3-ubyte[.gz] file, a \
-                     directory, a .npy file, gaussian:N,D[,SEED] or mixture:N,D,K[,SEED] \
-                     (optionally followed by @M); see --help";
+                     directory, a .npy file, safetensors:FILE[:TENSOR], shards:DIR, \
+                     cifar10:DIR[:test], cifar100:DIR[:test], gaussian:N,D[,SEED] or \
+                     mixture:N,D,K[,SEED] (optionally followed by @M); see --help";
 
 /// Splits a trailing `@M`. A path may contain '@': only an all-digit tail is a limit,
 /// except after a dataset name, where anything after '@' must be a count.
@@ -277,6 +309,28 @@ fn parse_source(spec: &str, base: &str) -> Result<Source> {
             "npy" => {
                 path_arg("a path")?;
                 return Ok(npy_source(rest));
+            }
+            "safetensors" => {
+                path_arg("a path")?;
+                return Ok(safetensors_source(rest));
+            }
+            "shards" => return Ok(Source::Shards(path_arg("a directory")?)),
+            "cifar10" | "cifar100" => {
+                path_arg("a directory")?;
+                let kind = if prefix == "cifar10" {
+                    Cifar::Cifar10
+                } else {
+                    Cifar::Cifar100
+                };
+                let (dir, split) = cifar_split(rest).map_err(|m| spec_error(spec, m))?;
+                if dir.is_empty() {
+                    return Err(spec_error(spec, format!("{prefix}: needs a directory")));
+                }
+                return Ok(Source::Cifar {
+                    dir: PathBuf::from(dir),
+                    kind,
+                    split,
+                });
             }
             "gaussian" => {
                 let nums = numbers(spec, rest, 2, 3, "gaussian:N,D[,SEED]")?;
@@ -348,6 +402,46 @@ fn npy_source(rest: &str) -> Source {
         data: PathBuf::from(rest),
         labels: None,
     }
+}
+
+/// `FILE` or `FILE:TENSOR` (a path that exists as given is never split).
+fn safetensors_source(rest: &str) -> Source {
+    if !Path::new(rest).exists() {
+        if let Some((path, tensor)) = rest.rsplit_once(':') {
+            if !path.is_empty() && !tensor.is_empty() {
+                return Source::Safetensors {
+                    path: PathBuf::from(path),
+                    tensor: Some(tensor.to_string()),
+                };
+            }
+        }
+    }
+    Source::Safetensors {
+        path: PathBuf::from(rest),
+        tensor: None,
+    }
+}
+
+/// `DIR`, `DIR:train`, `DIR:test` or `DIR:all` (a directory that exists as given, colon
+/// and all, is never split). An unknown split after an existing directory is an error.
+fn cifar_split(rest: &str) -> std::result::Result<(&str, Split), String> {
+    if !Path::new(rest).exists() {
+        if let Some((dir, split)) = rest.rsplit_once(':') {
+            match split {
+                "train" => return Ok((dir, Split::Train)),
+                "test" => return Ok((dir, Split::Test)),
+                "all" => return Ok((dir, Split::All)),
+                _ if Path::new(dir).is_dir() => {
+                    return Err(format!(
+                        "unknown split '{split}': the splits are train (the default), test \
+                         and all"
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok((rest, Split::Train))
 }
 
 fn numbers(spec: &str, text: &str, min: usize, max: usize, form: &str) -> Result<Vec<u64>> {
@@ -426,6 +520,51 @@ mod tests {
                 seed: 9
             }
         );
+        assert_eq!(
+            parse("safetensors:x.st:latents@9"),
+            DataSpec {
+                source: Source::Safetensors {
+                    path: "x.st".into(),
+                    tensor: Some("latents".into())
+                },
+                limit: Some(9)
+            }
+        );
+        assert_eq!(
+            parse("safetensors:x.st").source,
+            Source::Safetensors {
+                path: "x.st".into(),
+                tensor: None
+            }
+        );
+        assert_eq!(parse("shards:d").source, Source::Shards("d".into()));
+        assert_eq!(
+            parse("cifar10:d").source,
+            Source::Cifar {
+                dir: "d".into(),
+                kind: Cifar::Cifar10,
+                split: Split::Train
+            }
+        );
+        assert_eq!(
+            parse("cifar100:d:test@5"),
+            DataSpec {
+                source: Source::Cifar {
+                    dir: "d".into(),
+                    kind: Cifar::Cifar100,
+                    split: Split::Test
+                },
+                limit: Some(5)
+            }
+        );
+        assert_eq!(
+            parse("cifar10:d:all").source,
+            Source::Cifar {
+                dir: "d".into(),
+                kind: Cifar::Cifar10,
+                split: Split::All
+            }
+        );
         // A '@' in a path that is not followed by a count is part of the path.
         assert_eq!(
             parse("run@home/x.npy").source,
@@ -449,6 +588,10 @@ mod tests {
             "mixture:10,4",
             "mixture:2,4,3",
             "idx:",
+            "safetensors:",
+            "shards:",
+            "cifar10:",
+            "cifar100::test",
             "no-such-thing",
         ] {
             assert!(
