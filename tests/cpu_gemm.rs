@@ -62,7 +62,8 @@ fn variants_agree_with_each_other_bitwise_across_batch_splits() {
     let mut bad = Vec::new();
     for d in [40, 300] {
         let ds = unit_gaussian_dataset(3000, d, Dtype::F32, 9);
-        let (x, coefs) = centred_queries(&ds, 150, 0..3000, 11);
+        // 600 queries: two query groups on 2 threads (groups hold at least 256).
+        let (x, coefs) = centred_queries(&ds, 600, 0..3000, 11);
         for plan in plans().into_iter().filter(|p| p.batch_invariant()) {
             let mut be = dense(&ds, plan);
             let whole = be
@@ -72,7 +73,7 @@ fn variants_agree_with_each_other_bitwise_across_batch_splits() {
                     rows: 0..3000,
                 })
                 .unwrap();
-            for from in [140, 100, 149] {
+            for from in [140, 300, 599] {
                 let part = be
                     .posterior(&CentredBatch {
                         x: &x[from * d..],
