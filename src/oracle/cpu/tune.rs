@@ -6,8 +6,8 @@
 //! real dense pass (B = 256, N = 8192, D = 512, random data) in interleaved rounds, best
 //! of three; the fastest of those that keep results bitwise independent of the batch
 //! ([`GemmPlan::batch_invariant`]) wins; the others are reported, and can be forced.
-//! The result is cached in `$XDG_CACHE_HOME/oracleflow/` (else `~/.cache/oracleflow/`),
-//! one file per key (CPU model, thread count, build profile, whether an OpenBLAS was
+//! The result is cached in `$XDG_CACHE_HOME/oracleflow/` (else `~/.cache/oracleflow/`,
+//! else the temporary folder), one file per key (CPU model, thread count, build profile, whether an OpenBLAS was
 //! found); the first process to write a key wins, so
 //! processes started together all use the same choice (results differ between choices
 //! only by f32 rounding, but a run should not change its answer midway).
@@ -305,20 +305,24 @@ fn cache_key(threads: usize) -> String {
     )
 }
 
-/// The cache file of `key`: a readable name plus a hash of the whole key.
-fn cache_file(key: &str) -> Option<PathBuf> {
-    let base = std::env::var_os("XDG_CACHE_HOME")
+/// Where the choice for `key` may be cached: the user's cache folder, then the system's
+/// temporary folder (so that a read-only or missing home does not make every process
+/// tune again). A readable name plus a hash of the whole key.
+fn cache_files(key: &str) -> Vec<PathBuf> {
+    let user = std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|b| b.join("oracleflow"));
     // FNV-1a: stable across Rust versions, unlike DefaultHasher.
     let hash = key.bytes().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
     });
-    Some(
-        base.join("oracleflow")
-            .join(format!("cpu-gemm-{hash:016x}.json")),
-    )
+    let name = format!("cpu-gemm-{hash:016x}.json");
+    user.into_iter()
+        .chain([std::env::temp_dir().join("oracleflow-cache")])
+        .map(|dir| dir.join(&name))
+        .collect()
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -335,16 +339,18 @@ fn read_cache(path: &PathBuf, key: &str) -> Option<Cached> {
 }
 
 fn choose(threads: usize, key: String) -> Tuning {
-    let file = cache_file(&key);
-    if let Some(c) = file.as_ref().and_then(|f| read_cache(f, &key)) {
-        return Tuning {
-            plan: c.plan,
-            source: Source::Cached,
-            key,
-            rates: c.rates,
-            cache_file: file,
-            note: String::new(),
-        };
+    let files = cache_files(&key);
+    for f in &files {
+        if let Some(c) = read_cache(f, &key) {
+            return Tuning {
+                plan: c.plan,
+                source: Source::Cached,
+                key,
+                rates: c.rates,
+                cache_file: Some(f.clone()),
+                note: String::new(),
+            };
+        }
     }
     let rates = measure(threads, 3);
     let plan = best(&rates);
@@ -353,21 +359,29 @@ fn choose(threads: usize, key: String) -> Tuning {
         source: Source::Measured,
         key: key.clone(),
         rates: rates.clone(),
-        cache_file: file.clone(),
+        cache_file: None,
         note: String::new(),
     };
-    if let Some(f) = file {
-        match write_first(&f, &Cached { key, plan, rates }) {
-            Ok(None) => {}
+    let cached = Cached { key, plan, rates };
+    let mut errors = Vec::new();
+    for f in files {
+        match write_first(&f, &cached) {
+            Ok(None) => {
+                tuning.cache_file = Some(f);
+                return tuning;
+            }
             // Another process wrote the choice first: use it, so all agree.
             Ok(Some(theirs)) => {
                 tuning.plan = theirs.plan;
                 tuning.rates = theirs.rates;
                 tuning.source = Source::Cached;
+                tuning.cache_file = Some(f);
+                return tuning;
             }
-            Err(e) => tuning.note = format!("cache not written: {e}"),
+            Err(e) => errors.push(format!("{}: {e}", f.display())),
         }
     }
+    tuning.note = format!("cache not written ({})", errors.join("; "));
     tuning
 }
 
