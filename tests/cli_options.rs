@@ -360,6 +360,10 @@ fn bench_peers_agree_with_ours() {
         }
     }
     assert_eq!(peers.iter().filter(|r| r["what"] == "ours: cpu").count(), 2);
+    // The sgemm ceiling, timed at each t next to ours.
+    let sgemm: Vec<_> = peers.iter().filter(|r| r["what"] == "best sgemm").collect();
+    assert_eq!(sgemm.len(), 2);
+    assert!(sgemm.iter().all(|r| r["gflops"].as_f64().unwrap() > 0.0));
 }
 
 /// Ctrl-C: the run stops within about a second (at the next evaluation), exits 130 and
