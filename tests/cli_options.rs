@@ -298,7 +298,12 @@ fn bench_measures_and_writes_json() {
     let j = json(&j);
     assert!(j["threads"].as_u64().unwrap() >= 1 && j["cpu_model"].is_string());
     let rows = j["measurements"].as_array().unwrap();
-    assert_eq!(rows.len(), 2);
+    // One sgemm per GEMM library here (and the gemm crate's own driver), then the oracle.
+    let what = |r: &serde_json::Value| r["what"].as_str().unwrap().to_string();
+    assert!(rows.iter().filter(|r| what(r).contains("sgemm")).count() >= 3);
+    assert_eq!(rows.iter().filter(|r| what(r) == "cpu oracle").count(), 1);
+    assert!(j["best_sgemm_gflops"].as_f64().unwrap() > 0.0);
+    assert!(j["cpu_gemm"]["plan"]["tile_rows"].as_u64().unwrap() >= 16);
     for r in rows {
         assert_eq!(
             (
@@ -355,6 +360,10 @@ fn bench_peers_agree_with_ours() {
         }
     }
     assert_eq!(peers.iter().filter(|r| r["what"] == "ours: cpu").count(), 2);
+    // The sgemm ceiling, timed at each t next to ours.
+    let sgemm: Vec<_> = peers.iter().filter(|r| r["what"] == "best sgemm").collect();
+    assert_eq!(sgemm.len(), 2);
+    assert!(sgemm.iter().all(|r| r["gflops"].as_f64().unwrap() > 0.0));
 }
 
 /// Ctrl-C: the run stops within about a second (at the next evaluation), exits 130 and

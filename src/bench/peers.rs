@@ -24,6 +24,9 @@ pub const PEERS: [(&str, bool); 6] = [
     ("faiss_ivf", false),
 ];
 
+/// The row holding the best plain sgemm, timed at each t right after ours.
+pub const SGEMM_ROW: &str = "best sgemm";
+
 /// Agreement an exact peer must reach with our velocity (relative L2).
 pub const EXACT_TOLERANCE: f64 = 1e-4;
 
@@ -192,6 +195,26 @@ pub fn compare(
             }
         }
         let (our_seconds, our_velocity) = ours.expect("at least one oracle");
+        // The sgemm ceiling timed right after ours, so that the ratio between them is not
+        // the difference in machine load between two moments (a shared machine).
+        let sgemm = super::sgemm_all(n_queries, ds.n_samples(), dim, reps)?;
+        if let Some(best) = sgemm.iter().max_by(|a, b| a.gflops.total_cmp(&b.gflops)) {
+            rows.push(PeerRow {
+                t,
+                what: SGEMM_ROW.into(),
+                exact: false,
+                seconds: Some(best.seconds),
+                gflops: Some(best.gflops),
+                ours_faster_by: None,
+                rel_error: None,
+                agrees: None,
+                note: format!(
+                    "{} (GFLOP/s on its 2 B N D), timed right after ours",
+                    best.description
+                ),
+            });
+        }
+        tick("sgemm");
         for (peer, exact) in PEERS {
             let out = work.path().join(format!("{peer}.npy"));
             let script = peers_dir.join(format!("{peer}.py"));

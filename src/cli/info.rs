@@ -27,7 +27,23 @@ pub fn run(a: InfoArgs) -> Result<()> {
             println!("  {line}");
         }
     }
-    println!("cpu: {} threads", rayon::current_num_threads());
+    println!(
+        "cpu: {}, {} threads",
+        oracleflow::bench::peers::cpu_model(),
+        rayon::current_num_threads()
+    );
+    // The dense pass's GEMM library and tiles: measured on first use here (about a
+    // second), then read from the cache.
+    use oracleflow::oracle::cpu::GemmLib;
+    for lib in GemmLib::ALL {
+        let state = if lib.available() {
+            "available"
+        } else {
+            "not found"
+        };
+        println!("  {:<9} {state}: {}", lib.name(), lib.describe());
+    }
+    println!("  {}", oracleflow::oracle::cpu::tune::tuning());
     if let Some(spec) = a.data {
         let ds = dataset::load(&spec, a.dtype)?;
         println!("dataset: {}", ds.name);

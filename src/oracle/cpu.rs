@@ -5,6 +5,19 @@
 //! acc = acc * scale + P * Y_tile (second GEMM). Work is split into (query group,
 //! row block) tasks for rayon; row blocks of one query group are merged with the same
 //! rescale-and-add as tiles ([`SoftmaxState::merge`]).
+//!
+//! Which library runs the two GEMMs (the `gemm` crate, faer, or an OpenBLAS found at run
+//! time) and how many rows a tile has is chosen per machine by a short measured autotune
+//! ([`tune`]), cached on disk; `ORACLEFLOW_CPU_GEMM` forces a choice. Weights below the
+//! f32 normal range are flushed to 0 before they reach a GEMM: subnormal operands slow
+//! some CPUs' FMA units by two orders of magnitude (measured: numpy 170x on Sapphire
+//! Rapids), and such weights are below 2^-126 of the largest one, far below f32 rounding
+//! of the normaliser. (`exp_nonpositive` already returns 0 below e^-87; the flush keeps
+//! the guarantee whatever computes the weights, and also covers the rescaled
+//! accumulator, the GEMM's addend.)
+
+mod blas;
+pub mod tune;
 
 use std::ops::Range;
 
@@ -17,10 +30,15 @@ use crate::oracle::partial::Partial as PartialState;
 use crate::oracle::prune::{self, PruneIndex};
 use crate::oracle::{Backend, CentredBatch, Posterior, SoftmaxState};
 
-/// Dataset rows per tile: S (B x 256) and the tile (256 x D) stay cache-sized.
-const TILE_ROWS: usize = 256;
-/// Fewest queries worth a task of their own (below this, GEMMs get too thin).
-const MIN_QUERY_GROUP: usize = 64;
+pub use tune::{GemmLib, GemmPlan};
+
+/// Dataset rows per tile when nothing else is chosen: S (B x 256) and the tile (256 x D)
+/// stay cache-sized.
+pub const TILE_ROWS: usize = 256;
+/// Fewest queries worth a task of their own: each GEMM call packs its dataset tile, so the
+/// more queries share a call the less packing per FLOP (measured on 2 threads, B = 256:
+/// 256 instead of 64 gives about 5% more throughput on every library).
+pub(crate) const MIN_QUERY_GROUP: usize = 256;
 /// Most f32 values held in partial accumulators at once (1 GiB).
 const ACC_BUDGET_FLOATS: usize = 1 << 28;
 
@@ -48,6 +66,8 @@ pub struct CpuBackend<'d> {
     record_kept: bool,
     kept: Vec<Vec<u32>>,
     last_pruned: bool,
+    /// GEMM library and tile rows of the dense pass; None: this machine's tuned choice.
+    plan: Option<GemmPlan>,
 }
 
 impl<'d> CpuBackend<'d> {
@@ -64,7 +84,19 @@ impl<'d> CpuBackend<'d> {
             record_kept: false,
             kept: Vec::new(),
             last_pruned: false,
+            plan: None,
         }
+    }
+
+    /// Runs the dense pass with this GEMM library and tile size instead of the tuned one
+    /// (tests and benchmarks of each variant).
+    pub fn set_gemm_plan(&mut self, plan: GemmPlan) {
+        self.plan = Some(plan);
+    }
+
+    /// The GEMM library and tile size the dense pass uses.
+    pub fn gemm_plan(&self) -> GemmPlan {
+        self.plan.unwrap_or_else(|| tune::tuning().plan)
     }
 
     pub fn options(&self) -> CpuOptions {
@@ -124,8 +156,9 @@ impl Backend for CpuBackend<'_> {
             "exact dense".to_string()
         };
         format!(
-            "cpu: {} threads, gemm crate, {:?} storage, {mode}",
+            "cpu: {} threads, {}, {:?} storage, {mode}",
             self.threads,
+            self.gemm_plan(),
             self.dataset.dtype()
         )
     }
@@ -138,7 +171,13 @@ impl Backend for CpuBackend<'_> {
         self.last_pruned = false;
         self.kept.clear();
         if let Some(disk) = self.dataset.disk() {
-            return crate::oracle::stream::partial(disk, self.dataset, batch, self.threads);
+            return crate::oracle::stream::partial(
+                disk,
+                self.dataset,
+                batch,
+                self.threads,
+                self.gemm_plan(),
+            );
         }
         if self.options.prune && batch.rows.len() >= prune::MIN_PRUNE_ROWS {
             self.prepare();
@@ -150,103 +189,134 @@ impl Backend for CpuBackend<'_> {
                 }
             }
         }
-        self.dense_partial(batch)
-    }
-}
-
-impl CpuBackend<'_> {
-    /// The plain pass over every row (also the fallback when bounds cannot prune).
-    fn dense_partial(&self, batch: &CentredBatch<'_>) -> Result<PartialState> {
-        let dim = self.dataset.dim();
-        let n_queries = batch.logit_coefs.len();
-        let rows = batch.rows.clone();
-
-        let group = n_queries.div_ceil(self.threads).max(MIN_QUERY_GROUP);
-        let query_groups: Vec<Range<usize>> = (0..n_queries)
-            .step_by(group)
-            .map(|q| q..(q + group).min(n_queries))
-            .collect();
-        let n_tiles = rows.len().div_ceil(TILE_ROWS);
-        // Row blocks depend on the rows and the thread count, not on the batch, so a query's
-        // result is bitwise the same whatever batch it arrives in (capped only when the
-        // per-block accumulators of a huge batch would exceed ACC_BUDGET_FLOATS).
-        let budget_blocks = (ACC_BUDGET_FLOATS / (n_queries * dim).max(1)).max(1);
-        let row_blocks = self.threads.min(n_tiles).min(budget_blocks).max(1);
-        let tiles_per_block = n_tiles.div_ceil(row_blocks);
-        let row_ranges: Vec<Range<usize>> = (0..row_blocks)
-            .map(|b| {
-                let start = rows.start + b * tiles_per_block * TILE_ROWS;
-                start.min(rows.end)..(start + tiles_per_block * TILE_ROWS).min(rows.end)
-            })
-            .filter(|r| !r.is_empty())
-            .collect();
-
-        let tasks: Vec<(usize, usize)> = (0..query_groups.len())
-            .flat_map(|g| (0..row_ranges.len()).map(move |b| (g, b)))
-            .collect();
-        let partials: Vec<Partial> = tasks
-            .par_iter()
-            .map(|&(g, b)| {
-                let qs = query_groups[g].clone();
-                run_task(
-                    self.dataset,
-                    &batch.x[qs.start * dim..qs.end * dim],
-                    &batch.logit_coefs[qs],
-                    row_ranges[b].clone(),
-                )
-            })
-            .collect();
-
-        // Merge the row blocks of each query group, in row order (normalised by the caller).
-        let mut acc = vec![0.0f32; n_queries * dim];
-        let mut states = Vec::with_capacity(n_queries);
-        let mut sum_norms = Vec::with_capacity(n_queries);
-        for (g, qs) in query_groups.iter().enumerate() {
-            let blocks = &partials[g * row_ranges.len()..(g + 1) * row_ranges.len()];
-            for (local, q) in qs.clone().enumerate() {
-                let out = &mut acc[q * dim..(q + 1) * dim];
-                let mut state = SoftmaxState::EMPTY;
-                let mut sum_norm = 0.0f32;
-                for p in blocks {
-                    let (ra, rb) = state.merge(&p.states[local]);
-                    for (o, a) in out.iter_mut().zip(&p.acc[local * dim..(local + 1) * dim]) {
-                        *o = ra * *o + rb * a;
-                    }
-                    sum_norm = ra * sum_norm + rb * p.sum_norm[local];
-                }
-                states.push(state);
-                sum_norms.push(sum_norm);
-            }
-        }
-        Ok(PartialState::dense(
-            dim,
-            states,
-            acc,
-            sum_norms,
-            rows.len(),
-            prune::LEAF_ROWS,
+        // The plain pass over every row (also the fallback when bounds cannot prune).
+        Ok(dense_pass(
+            self.dataset,
+            batch,
+            self.threads,
+            self.gemm_plan(),
         ))
     }
 }
 
+/// The dense pass over `batch.rows` on `threads` tasks with `plan`'s GEMMs and tiles.
+pub(crate) fn dense_pass(
+    ds: &Dataset,
+    batch: &CentredBatch<'_>,
+    threads: usize,
+    plan: GemmPlan,
+) -> PartialState {
+    let tile_rows = plan.tile_rows.max(1);
+    let dim = ds.dim();
+    let n_queries = batch.logit_coefs.len();
+    let rows = batch.rows.clone();
+
+    let group = n_queries.div_ceil(threads).max(MIN_QUERY_GROUP);
+    let query_groups: Vec<Range<usize>> = (0..n_queries)
+        .step_by(group)
+        .map(|q| q..(q + group).min(n_queries))
+        .collect();
+    let n_tiles = rows.len().div_ceil(tile_rows);
+    // Row blocks depend on the rows and the thread count, not on the batch, so a query's
+    // result is bitwise the same whatever batch it arrives in (capped only when the
+    // per-block accumulators of a huge batch would exceed ACC_BUDGET_FLOATS).
+    let budget_blocks = (ACC_BUDGET_FLOATS / (n_queries * dim).max(1)).max(1);
+    let row_blocks = threads.min(n_tiles).min(budget_blocks).max(1);
+    let tiles_per_block = n_tiles.div_ceil(row_blocks);
+    let row_ranges: Vec<Range<usize>> = (0..row_blocks)
+        .map(|b| {
+            let start = rows.start + b * tiles_per_block * tile_rows;
+            start.min(rows.end)..(start + tiles_per_block * tile_rows).min(rows.end)
+        })
+        .filter(|r| !r.is_empty())
+        .collect();
+
+    let tasks: Vec<(usize, usize)> = (0..query_groups.len())
+        .flat_map(|g| (0..row_ranges.len()).map(move |b| (g, b)))
+        .collect();
+    let partials: Vec<Partial> = tasks
+        .par_iter()
+        .map(|&(g, b)| {
+            let qs = query_groups[g].clone();
+            run_task(
+                ds,
+                &batch.x[qs.start * dim..qs.end * dim],
+                &batch.logit_coefs[qs],
+                row_ranges[b].clone(),
+                plan.lib,
+                tile_rows,
+            )
+        })
+        .collect();
+
+    // Merge the row blocks of each query group, in row order (normalised by the caller).
+    let mut acc = vec![0.0f32; n_queries * dim];
+    let mut states = Vec::with_capacity(n_queries);
+    let mut sum_norms = Vec::with_capacity(n_queries);
+    for (g, qs) in query_groups.iter().enumerate() {
+        let blocks = &partials[g * row_ranges.len()..(g + 1) * row_ranges.len()];
+        for (local, q) in qs.clone().enumerate() {
+            let out = &mut acc[q * dim..(q + 1) * dim];
+            let mut state = SoftmaxState::EMPTY;
+            let mut sum_norm = 0.0f32;
+            for p in blocks {
+                let (ra, rb) = state.merge(&p.states[local]);
+                for (o, a) in out.iter_mut().zip(&p.acc[local * dim..(local + 1) * dim]) {
+                    *o = ra * *o + rb * a;
+                }
+                sum_norm = ra * sum_norm + rb * p.sum_norm[local];
+            }
+            states.push(state);
+            sum_norms.push(sum_norm);
+        }
+    }
+    PartialState::dense(
+        dim,
+        states,
+        acc,
+        sum_norms,
+        rows.len(),
+        prune::LEAF_ROWS,
+    )
+}
+
+/// Sets weights below the f32 normal range (2^-126) to 0 so that no subnormal operand
+/// reaches the GEMM; weights are exp(s - max) >= 0.
+#[inline]
+pub fn flush_subnormal_weights(weights: &mut [f32]) {
+    for w in weights {
+        if *w < f32::MIN_POSITIVE {
+            *w = 0.0;
+        }
+    }
+}
+
 /// One (query group, row block) task: the tiled online softmax over `rows`.
-pub(crate) fn run_task(ds: &Dataset, x: &[f32], coefs: &[[f32; 2]], rows: Range<usize>) -> Partial {
+pub(crate) fn run_task(
+    ds: &Dataset,
+    x: &[f32],
+    coefs: &[[f32; 2]],
+    rows: Range<usize>,
+    lib: GemmLib,
+    tile_rows: usize,
+) -> Partial {
     let dim = ds.dim();
     let n_q = coefs.len();
     let mut states = vec![SoftmaxState::EMPTY; n_q];
     let mut acc = vec![0.0f32; n_q * dim];
     let mut sum_norm = vec![0.0f32; n_q];
-    let mut logits = vec![0.0f32; n_q * TILE_ROWS];
+    let mut logits = vec![0.0f32; n_q * tile_rows];
     let mut converted = Vec::new();
     let norms = ds.sq_norms();
 
-    for start in rows.clone().step_by(TILE_ROWS) {
-        let tile = start..(start + TILE_ROWS).min(rows.end);
+    for start in rows.clone().step_by(tile_rows) {
+        let tile = start..(start + tile_rows).min(rows.end);
         let nt = tile.len();
         let y = stored_rows_f32(ds, tile.clone(), &mut converted);
         let s = &mut logits[..n_q * nt];
         // S = X * Y_tile^T: (n_q x dim) * (dim x nt); column j of the rhs is row j of y.
-        sgemm(
+        sgemm_with(
+            lib,
             Gemm {
                 m: n_q,
                 n: nt,
@@ -263,6 +333,7 @@ pub(crate) fn run_task(ds: &Dataset, x: &[f32], coefs: &[[f32; 2]], rows: Range<
                 *v = c_dot * *v - c_norm * n;
             }
             let scale = states[q].absorb_tile(row, tile.start as u32);
+            flush_subnormal_weights(row);
             // The row now holds the weights e_j: sum e_j |y_j|^2 rides along with l.
             let tile_norm: f32 = row
                 .iter()
@@ -271,13 +342,18 @@ pub(crate) fn run_task(ds: &Dataset, x: &[f32], coefs: &[[f32; 2]], rows: Range<
                 .sum();
             sum_norm[q] = scale * sum_norm[q] + tile_norm;
             if scale != 1.0 {
-                acc[q * dim..(q + 1) * dim]
-                    .iter_mut()
-                    .for_each(|a| *a *= scale);
+                // The accumulator is the GEMM's addend: keep it free of subnormals too.
+                acc[q * dim..(q + 1) * dim].iter_mut().for_each(|a| {
+                    *a *= scale;
+                    if a.abs() < f32::MIN_POSITIVE {
+                        *a = 0.0;
+                    }
+                });
             }
         }
         // acc += P * Y_tile: (n_q x nt) * (nt x dim)
-        sgemm(
+        sgemm_with(
+            lib,
             Gemm {
                 m: n_q,
                 n: dim,
@@ -314,8 +390,8 @@ pub(crate) fn stored_rows_f32<'a>(
             );
             scratch
         }
-        // Streamed from disk: read here (the oracle's passes use the prefetching reader
-        // of `oracle::stream`; this serves the other readers, e.g. nearest neighbours).
+        // The streamed passes read their tiles themselves (oracle::stream); a stray read
+        // here has no error path, and a failed one means the file changed under us.
         Values::Disk(d) => {
             if let Err(e) = d.read_f32(rows, scratch) {
                 panic!("{e}");
@@ -342,11 +418,62 @@ pub(crate) fn sgemm(
     lhs: (&[f32], usize, usize),
     rhs: (&[f32], usize, usize),
 ) {
+    sgemm_with(GemmLib::Gemm, g, dst, accumulate, lhs, rhs)
+}
+
+/// [`sgemm`] with the chosen library; OpenBLAS falls back to the `gemm` crate when it is
+/// not loaded or an operand has no unit stride (BLAS needs one per operand).
+pub(crate) fn sgemm_with(
+    lib: GemmLib,
+    g: Gemm,
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+) {
     let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
     assert!(g.m > 0 && g.n > 0 && g.k > 0);
     assert!(dst.len() >= g.m * g.n);
     assert!(lhs.0.len() > last(g.m, g.k, lhs.1, lhs.2));
     assert!(rhs.0.len() > last(g.k, g.n, rhs.1, rhs.2));
+    let unit = |o: (&[f32], usize, usize)| o.1 == 1 || o.2 == 1;
+    match lib {
+        GemmLib::Openblas if unit(lhs) && unit(rhs) => {
+            if let Some(b) = blas::get() {
+                return b.sgemm(g.m, g.n, g.k, dst, accumulate, lhs, rhs);
+            }
+        }
+        GemmLib::Faer => {
+            use faer::{Accum, MatMut, MatRef, Par};
+            // SAFETY: as for the gemm crate below: the strides stay within the slices
+            // (asserted above) and dst is a unique borrow aliasing neither operand.
+            unsafe {
+                let d = MatMut::from_raw_parts_mut(dst.as_mut_ptr(), g.m, g.n, g.n as isize, 1);
+                let a = MatRef::from_raw_parts(
+                    lhs.0.as_ptr(),
+                    g.m,
+                    g.k,
+                    lhs.1 as isize,
+                    lhs.2 as isize,
+                );
+                let b = MatRef::from_raw_parts(
+                    rhs.0.as_ptr(),
+                    g.k,
+                    g.n,
+                    rhs.1 as isize,
+                    rhs.2 as isize,
+                );
+                let beta = if accumulate {
+                    Accum::Add
+                } else {
+                    Accum::Replace
+                };
+                faer::linalg::matmul::matmul(d, beta, a, b, 1.0f32, Par::Seq);
+            }
+            return;
+        }
+        _ => {}
+    }
     // SAFETY: every index the GEMM touches is within the slices (asserted above), and
     // dst does not alias lhs or rhs (it is a unique borrow).
     unsafe {
@@ -371,5 +498,30 @@ pub(crate) fn sgemm(
             false,
             gemm::Parallelism::None,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tile_weights_below_the_normal_range_come_out_zero() {
+        // The tile step as run_task does it: absorb (weights e^(s - max)), then flush.
+        // Logits 88 and 100 below the max have subnormal e^s (libm's exp returns them);
+        // 10 and 87 below, normal ones.
+        for d in [-88.0f32, -100.0] {
+            assert!(
+                d.exp() > 0.0 && d.exp() < f32::MIN_POSITIVE,
+                "e^{d} is subnormal"
+            );
+        }
+        let mut state = SoftmaxState::EMPTY;
+        let mut row = [0.0f32, -88.0, -100.0, -200.0, -10.0, -87.0];
+        state.absorb_tile(&mut row, 0);
+        flush_subnormal_weights(&mut row);
+        assert_eq!(&row[..4], &[1.0, 0.0, 0.0, 0.0]);
+        assert!((row[4] - (-10.0f32).exp()).abs() <= 1e-6 * row[4]);
+        assert!(row[5] >= f32::MIN_POSITIVE, "e^-87 is normal and kept");
     }
 }

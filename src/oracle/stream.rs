@@ -21,14 +21,10 @@ use rayon::prelude::*;
 use crate::dataset::disk::DiskRows;
 use crate::dataset::Dataset;
 use crate::error::Result;
-use crate::oracle::cpu::{run_task, Partial};
+use crate::oracle::cpu::{run_task, GemmPlan, Partial, MIN_QUERY_GROUP};
 use crate::oracle::partial::Partial as PartialState;
 use crate::oracle::{prune, CentredBatch, SoftmaxState};
 
-/// Rows of the kernel's own tiles (`cpu::TILE_ROWS`): row blocks are whole tiles.
-const KERNEL_TILE_ROWS: usize = 256;
-/// Fewest queries worth a task of their own (as `cpu::MIN_QUERY_GROUP`).
-const MIN_QUERY_GROUP: usize = 64;
 
 /// The backend's mode, for `describe`.
 pub fn describe(disk: &DiskRows) -> String {
@@ -48,7 +44,10 @@ pub(crate) fn partial(
     ds: &Dataset,
     batch: &CentredBatch<'_>,
     threads: usize,
+    plan: GemmPlan,
 ) -> Result<PartialState> {
+    // Row blocks are whole kernel tiles, as in the in-memory dense pass.
+    let kernel_tile_rows = plan.tile_rows.max(1);
     let dim = ds.dim();
     let n_queries = batch.logit_coefs.len();
     let rows = batch.rows.clone();
@@ -93,9 +92,9 @@ pub(crate) fn partial(
             norms.extend_from_slice(&ds.sq_norms()[tile.clone()]);
             let block = Dataset::tile(dim, values, std::mem::take(&mut norms));
             let len = tile.len();
-            let kernel_tiles = len.div_ceil(KERNEL_TILE_ROWS);
+            let kernel_tiles = len.div_ceil(kernel_tile_rows);
             let per_block =
-                kernel_tiles.div_ceil(threads.min(kernel_tiles).max(1)) * KERNEL_TILE_ROWS;
+                kernel_tiles.div_ceil(threads.min(kernel_tiles).max(1)) * kernel_tile_rows;
             let blocks: Vec<Range<usize>> = (0..len)
                 .step_by(per_block)
                 .map(|s| s..(s + per_block).min(len))
@@ -112,6 +111,8 @@ pub(crate) fn partial(
                         &batch.x[qs.start * dim..qs.end * dim],
                         &batch.logit_coefs[qs],
                         blocks[b].clone(),
+                        plan.lib,
+                        kernel_tile_rows,
                     )
                 })
                 .collect();
