@@ -38,7 +38,7 @@ pub const TILE_ROWS: usize = 256;
 /// Fewest queries worth a task of their own: each GEMM call packs its dataset tile, so the
 /// more queries share a call the less packing per FLOP (measured on 2 threads, B = 256:
 /// 256 instead of 64 gives about 5% more throughput on every library).
-pub(crate) const MIN_QUERY_GROUP: usize = 256;
+const MIN_QUERY_GROUP: usize = 256;
 /// Most f32 values held in partial accumulators at once (1 GiB).
 const ACC_BUDGET_FLOATS: usize = 1 << 28;
 
@@ -211,11 +211,7 @@ pub(crate) fn dense_pass(
     let n_queries = batch.logit_coefs.len();
     let rows = batch.rows.clone();
 
-    let group = n_queries.div_ceil(threads).max(MIN_QUERY_GROUP);
-    let query_groups: Vec<Range<usize>> = (0..n_queries)
-        .step_by(group)
-        .map(|q| q..(q + group).min(n_queries))
-        .collect();
+    let query_groups = query_groups(n_queries, threads);
     let n_tiles = rows.len().div_ceil(tile_rows);
     // Row blocks depend on the rows and the thread count, not on the batch, so a query's
     // result is bitwise the same whatever batch it arrives in (capped only when the
@@ -231,53 +227,16 @@ pub(crate) fn dense_pass(
         .filter(|r| !r.is_empty())
         .collect();
 
-    let tasks: Vec<(usize, usize)> = (0..query_groups.len())
-        .flat_map(|g| (0..row_ranges.len()).map(move |b| (g, b)))
-        .collect();
-    let partials: Vec<Partial> = tasks
-        .par_iter()
-        .map(|&(g, b)| {
-            let qs = query_groups[g].clone();
-            run_task(
-                ds,
-                &batch.x[qs.start * dim..qs.end * dim],
-                &batch.logit_coefs[qs],
-                row_ranges[b].clone(),
-                plan.lib,
-                tile_rows,
-            )
-        })
-        .collect();
-
+    let partials = run_tasks(ds, batch, &query_groups, &row_ranges, plan);
     // Merge the row blocks of each query group, in row order (normalised by the caller).
-    let mut acc = vec![0.0f32; n_queries * dim];
-    let mut states = Vec::with_capacity(n_queries);
-    let mut sum_norms = Vec::with_capacity(n_queries);
-    for (g, qs) in query_groups.iter().enumerate() {
-        let blocks = &partials[g * row_ranges.len()..(g + 1) * row_ranges.len()];
-        for (local, q) in qs.clone().enumerate() {
-            let out = &mut acc[q * dim..(q + 1) * dim];
-            let mut state = SoftmaxState::EMPTY;
-            let mut sum_norm = 0.0f32;
-            for p in blocks {
-                let (ra, rb) = state.merge(&p.states[local]);
-                for (o, a) in out.iter_mut().zip(&p.acc[local * dim..(local + 1) * dim]) {
-                    *o = ra * *o + rb * a;
-                }
-                sum_norm = ra * sum_norm + rb * p.sum_norm[local];
-            }
-            states.push(state);
-            sum_norms.push(sum_norm);
-        }
-    }
-    PartialState::dense(
-        dim,
+    let mut merged = Partial::empty(n_queries, dim);
+    merged.absorb(&query_groups, &partials, 0);
+    let Partial {
         states,
         acc,
-        sum_norms,
-        rows.len(),
-        prune::LEAF_ROWS,
-    )
+        sum_norm: sum_norms,
+    } = merged;
+    PartialState::dense(dim, states, acc, sum_norms, rows.len(), prune::LEAF_ROWS)
 }
 
 /// Sets weights below the f32 normal range (2^-126) to 0 so that no subnormal operand
@@ -287,6 +246,85 @@ pub fn flush_subnormal_weights(weights: &mut [f32]) {
     for w in weights {
         if *w < f32::MIN_POSITIVE {
             *w = 0.0;
+        }
+    }
+}
+
+/// The batch's queries in groups of at least [`MIN_QUERY_GROUP`], one per thread where the
+/// batch is large enough.
+pub(crate) fn query_groups(n_queries: usize, threads: usize) -> Vec<Range<usize>> {
+    let group = n_queries.div_ceil(threads.max(1)).max(MIN_QUERY_GROUP);
+    (0..n_queries)
+        .step_by(group)
+        .map(|q| q..(q + group).min(n_queries))
+        .collect()
+}
+
+/// Every (query group, row block) task of `ds` on rayon, group-major: the partial of
+/// group g and block b is at `g * blocks.len() + b`.
+pub(crate) fn run_tasks(
+    ds: &Dataset,
+    batch: &CentredBatch<'_>,
+    groups: &[Range<usize>],
+    blocks: &[Range<usize>],
+    plan: GemmPlan,
+) -> Vec<Partial> {
+    let dim = ds.dim();
+    let tasks: Vec<(usize, usize)> = (0..groups.len())
+        .flat_map(|g| (0..blocks.len()).map(move |b| (g, b)))
+        .collect();
+    tasks
+        .par_iter()
+        .map(|&(g, b)| {
+            let qs = groups[g].clone();
+            run_task(
+                ds,
+                &batch.x[qs.start * dim..qs.end * dim],
+                &batch.logit_coefs[qs],
+                blocks[b].clone(),
+                plan.lib,
+                plan.tile_rows.max(1),
+            )
+        })
+        .collect()
+}
+
+impl Partial {
+    /// No row yet, for `n_queries` queries of `dim` values.
+    pub(crate) fn empty(n_queries: usize, dim: usize) -> Self {
+        Partial {
+            states: vec![SoftmaxState::EMPTY; n_queries],
+            acc: vec![0.0; n_queries * dim],
+            sum_norm: vec![0.0; n_queries],
+        }
+    }
+
+    /// Merges the task partials of [`run_tasks`] (group-major) into this running state,
+    /// blocks in row order; `row_offset` is added to their top-1 rows (a tile's rows are
+    /// local to it).
+    pub(crate) fn absorb(
+        &mut self,
+        groups: &[Range<usize>],
+        partials: &[Partial],
+        row_offset: u32,
+    ) {
+        let n_blocks = partials.len() / groups.len().max(1);
+        let dim = self.acc.len() / self.states.len().max(1);
+        for (g, qs) in groups.iter().enumerate() {
+            for p in &partials[g * n_blocks..(g + 1) * n_blocks] {
+                for (local, q) in qs.clone().enumerate() {
+                    let mut part = p.states[local];
+                    part.argmax += row_offset;
+                    let (ra, rb) = self.states[q].merge(&part);
+                    for (o, a) in self.acc[q * dim..(q + 1) * dim]
+                        .iter_mut()
+                        .zip(&p.acc[local * dim..(local + 1) * dim])
+                    {
+                        *o = ra * *o + rb * a;
+                    }
+                    self.sum_norm[q] = ra * self.sum_norm[q] + rb * p.sum_norm[local];
+                }
+            }
         }
     }
 }

@@ -16,15 +16,13 @@ use std::ops::Range;
 use std::sync::mpsc;
 use std::sync::Arc;
 
-use rayon::prelude::*;
 
 use crate::dataset::disk::DiskRows;
 use crate::dataset::Dataset;
 use crate::error::Result;
-use crate::oracle::cpu::{run_task, GemmPlan, Partial, MIN_QUERY_GROUP};
+use crate::oracle::cpu::{query_groups, run_tasks, GemmPlan, Partial};
 use crate::oracle::partial::Partial as PartialState;
-use crate::oracle::{prune, CentredBatch, SoftmaxState};
-
+use crate::oracle::{prune, CentredBatch};
 
 /// The backend's mode, for `describe`.
 pub fn describe(disk: &DiskRows) -> String {
@@ -53,15 +51,8 @@ pub(crate) fn partial(
     let rows = batch.rows.clone();
     let tile_rows = disk.tile_rows();
     let threads = threads.max(1);
-    let group = n_queries.div_ceil(threads).max(MIN_QUERY_GROUP);
-    let query_groups: Vec<Range<usize>> = (0..n_queries)
-        .step_by(group)
-        .map(|q| q..(q + group).min(n_queries))
-        .collect();
-
-    let mut states = vec![SoftmaxState::EMPTY; n_queries];
-    let mut acc = vec![0.0f32; n_queries * dim];
-    let mut sum_norm = vec![0.0f32; n_queries];
+    let query_groups = query_groups(n_queries, threads);
+    let mut merged = Partial::empty(n_queries, dim);
 
     std::thread::scope(|scope| -> Result<()> {
         let (tiles, incoming) = mpsc::sync_channel::<Result<(Range<usize>, Vec<f32>)>>(1);
@@ -99,40 +90,9 @@ pub(crate) fn partial(
                 .step_by(per_block)
                 .map(|s| s..(s + per_block).min(len))
                 .collect();
-            let tasks: Vec<(usize, usize)> = (0..query_groups.len())
-                .flat_map(|g| (0..blocks.len()).map(move |b| (g, b)))
-                .collect();
-            let partials: Vec<Partial> = tasks
-                .par_iter()
-                .map(|&(g, b)| {
-                    let qs = query_groups[g].clone();
-                    run_task(
-                        &block,
-                        &batch.x[qs.start * dim..qs.end * dim],
-                        &batch.logit_coefs[qs],
-                        blocks[b].clone(),
-                        plan.lib,
-                        kernel_tile_rows,
-                    )
-                })
-                .collect();
-            // Merge in row order; the kernel's row indices are tile-local.
-            for (g, qs) in query_groups.iter().enumerate() {
-                for p in &partials[g * blocks.len()..(g + 1) * blocks.len()] {
-                    for (local, q) in qs.clone().enumerate() {
-                        let mut part = p.states[local];
-                        part.argmax += tile.start as u32;
-                        let (ra, rb) = states[q].merge(&part);
-                        for (o, a) in acc[q * dim..(q + 1) * dim]
-                            .iter_mut()
-                            .zip(&p.acc[local * dim..(local + 1) * dim])
-                        {
-                            *o = ra * *o + rb * a;
-                        }
-                        sum_norm[q] = ra * sum_norm[q] + rb * p.sum_norm[local];
-                    }
-                }
-            }
+            let partials = run_tasks(&block, batch, &query_groups, &blocks, plan);
+            // In row order; the kernel's row indices are local to the tile.
+            merged.absorb(&query_groups, &partials, tile.start as u32);
             let (values, tile_norms) = block.into_tile_values();
             norms = tile_norms;
             let _ = recycle.send(values);
@@ -140,6 +100,11 @@ pub(crate) fn partial(
         Ok(())
     })?;
 
+    let Partial {
+        states,
+        acc,
+        sum_norm,
+    } = merged;
     Ok(PartialState::dense(
         dim,
         states,
