@@ -16,7 +16,6 @@ use std::ops::Range;
 use std::sync::mpsc;
 use std::sync::Arc;
 
-
 use crate::dataset::disk::DiskRows;
 use crate::dataset::Dataset;
 use crate::error::Result;
