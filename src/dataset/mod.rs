@@ -97,7 +97,7 @@ impl RawRows<'_> {
         self.len() == 0
     }
 
-    fn get(&self, k: usize) -> f64 {
+    pub(crate) fn get(&self, k: usize) -> f64 {
         match self {
             RawRows::U8Pixels(v) => v[k] as f64 / 127.5 - 1.0,
             RawRows::F32(v) => v[k] as f64,
@@ -149,7 +149,7 @@ impl<'a> RawParts<'a> {
         }
     }
 
-    fn get(&self, k: usize) -> f64 {
+    pub(crate) fn get(&self, k: usize) -> f64 {
         let p = match self.uniform {
             Some(l) => k / l,
             None => self.starts.partition_point(|&s| s <= k) - 1,

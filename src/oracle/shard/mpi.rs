@@ -202,16 +202,9 @@ mod with_mpi {
         };
         // The global mean: the ranks' f64 sums added, divided as the whole-file load does.
         let mut sums = vec![0.0f64; dim + 1];
-        let row_sum = |k: usize| -> f64 {
-            match raw {
-                RawRows::F32(v) => v[k] as f64,
-                RawRows::F16(v) => v[k].to_f64(),
-                RawRows::U8Pixels(v) => v[k] as f64 / 127.5 - 1.0,
-            }
-        };
         for i in 0..rows.len() {
             for (k, s) in sums[..dim].iter_mut().enumerate() {
-                *s += row_sum(i * dim + k);
+                *s += raw.get(i * dim + k);
             }
         }
         sums[dim] = rows.len() as f64;
