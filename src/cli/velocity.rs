@@ -72,17 +72,10 @@ pub fn run(a: VelocityArgs) -> Result<()> {
         );
     }
 
-    let ds = a.data.load()?;
-    let dim = ds.dim();
+    // Queries and times first: a bad one is refused before the dataset is loaded (which
+    // may mean a pass over a file larger than memory).
     let (shape, x) = npy::read_npy_f32(&a.queries)?;
-    if shape.is_empty() || shape[1..].iter().product::<usize>() != dim {
-        bail!(
-            "{}: queries of shape {shape:?} do not hold {dim} values per query (dataset {})",
-            a.queries.display(),
-            ds.name
-        );
-    }
-    let n_queries = shape[0];
+    let n_queries = shape.first().copied().unwrap_or(0);
     let times = match (&a.times, a.t) {
         (Some(p), _) => {
             let (tshape, t) = npy::read_npy_f32(p)?;
@@ -98,8 +91,17 @@ pub fn run(a: VelocityArgs) -> Result<()> {
         (None, Some(t)) => vec![t; n_queries],
         (None, None) => unreachable!("clap requires --t or --times"),
     };
-    // Checked before the oracle is built (and before any work).
     times.iter().try_for_each(|&t| check_time(t))?;
+
+    let ds = a.data.load()?;
+    let dim = ds.dim();
+    if shape.is_empty() || shape[1..].iter().product::<usize>() != dim {
+        bail!(
+            "{}: queries of shape {shape:?} do not hold {dim} values per query (dataset {})",
+            a.queries.display(),
+            ds.name
+        );
+    }
     // Under mpirun a rank may hold no sample of the class (others do): it adds nothing,
     // and a class no rank holds is refused by the merged result on every rank alike.
     if shard::mpi::current().is_none() || ds.labels().is_none() {
