@@ -560,8 +560,11 @@ fn resume_after_interrupt_gives_the_same_bytes() {
     let mut other: Vec<&str> = args.iter().map(String::as_str).collect();
     other.extend(["--seed", "5", "--resume"]);
     assert_eq!(oracleflow(&other).status.code(), Some(2));
-    let mut resume: Vec<&str> = args.iter().map(String::as_str).collect();
-    resume.push("--resume");
+    // `sample --resume DIR`: the run's directory named by --resume itself (no --out).
+    let cut_dir = cut.to_string_lossy().into_owned();
+    let mut resume: Vec<&str> = args[..args.len() - 2].iter().map(String::as_str).collect();
+    assert_eq!(args[args.len() - 2], "--out");
+    resume.extend(["--resume", &cut_dir]);
     let o = oracleflow(&resume);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("batches already done"));

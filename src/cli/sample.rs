@@ -1,6 +1,8 @@
 //! `oracleflow sample`: integrate from noise to data with the oracle, write pictures,
 //! arrays and run.json.
 
+use std::path::PathBuf;
+
 use anyhow::Result;
 // Usage errors are bad input: exit code 2 (anyhow::bail! would give 1).
 use clap::Args;
@@ -15,7 +17,7 @@ use oracleflow::{analysis, output};
 
 use oracleflow::oracle::shard;
 
-use super::args::{DataArgs, FieldArgs, OracleArgs, OutDirArgs};
+use super::args::{DataArgs, FieldArgs, OracleArgs};
 use super::progress;
 
 #[derive(Args)]
@@ -78,16 +80,36 @@ pub struct SampleArgs {
     /// Columns (times) of trajectory.png
     #[arg(long, default_value_t = 10)]
     columns: usize,
-    #[command(flatten)]
-    out: OutDirArgs,
-    /// Continue the interrupted run in --out DIR (started with the same settings): the
-    /// batches it finished, saved as it went, are not redone, and the result is the same
-    /// bytes as an uninterrupted run
+    /// Output directory
+    #[arg(long, required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// Overwrite existing files in the output directory
     #[arg(long)]
-    resume: bool,
+    force: bool,
+    /// Continue the interrupted run in DIR (or in --out DIR), started with the same
+    /// settings: the batches it finished, saved as it went, are not redone, and the result
+    /// is the same bytes as an uninterrupted run
+    #[arg(long, value_name = "DIR", num_args = 0..=1)]
+    resume: Option<Option<PathBuf>>,
 }
 
 impl SampleArgs {
+    /// The run's directory: --out DIR, or the DIR of --resume DIR (both: the same one).
+    fn out_dir(&self) -> Result<PathBuf> {
+        Ok(match (&self.out, &self.resume) {
+            (Some(out), Some(Some(dir))) if out != dir => {
+                bail!(
+                    "--resume {}: not the --out directory {}",
+                    dir.display(),
+                    out.display()
+                )
+            }
+            (Some(out), _) => out.clone(),
+            (None, Some(Some(dir))) => dir.clone(),
+            (None, _) => bail!("--resume without DIR needs --out DIR"),
+        })
+    }
+
     fn conditioning(&self) -> Conditioning {
         match (self.class, &self.classes) {
             (Some(c), _) => Conditioning::Class(c),
@@ -113,15 +135,16 @@ fn partial_dir(out: &std::path::Path) -> std::path::PathBuf {
 }
 
 pub fn run(a: SampleArgs) -> Result<()> {
+    let out_dir = a.out_dir()?;
     // Everything that can be checked without the data is checked before loading it.
-    output::check_new_in(&a.out.out, &report::SAMPLE_FILES, a.out.force)?;
-    let partial = partial_dir(&a.out.out);
+    output::check_new_in(&out_dir, &report::SAMPLE_FILES, a.force)?;
+    let partial = partial_dir(&out_dir);
     let checkpoint_path = partial.join("checkpoint.bin");
-    match (a.resume, checkpoint_path.is_file()) {
-        (true, false) => bail!("--resume: {} holds no interrupted run", a.out.out.display()),
-        (false, true) if !a.out.force => bail!(
+    match (a.resume.is_some(), checkpoint_path.is_file()) {
+        (true, false) => bail!("--resume: {} holds no interrupted run", out_dir.display()),
+        (false, true) if !a.force => bail!(
             "{} holds an interrupted run: pass --resume to continue it, or --force to start over",
-            a.out.out.display()
+            out_dir.display()
         ),
         _ => {}
     }
@@ -258,13 +281,13 @@ pub fn run(a: SampleArgs) -> Result<()> {
         "field": field.describe(), "track": a.track, "sampling": settings,
     }))?;
     let settings_path = partial.join("settings.json");
-    let resume = if a.resume {
+    let resume = if a.resume.is_some() {
         let saved = std::fs::read_to_string(&settings_path)
             .map_err(|e| oracleflow::Error::io(&settings_path, e))?;
         if saved != fingerprint {
             bail!(
                 "--resume: {} was started with other settings (see {})",
-                a.out.out.display(),
+                out_dir.display(),
                 settings_path.display()
             );
         }
@@ -354,13 +377,13 @@ pub fn run(a: SampleArgs) -> Result<()> {
             ", {same} of {n_samples} landed on their start image's nearest training sample"
         ));
     }
-    report::write_sample_outputs(&a.out.out, ds, &run, &neighbours, a.columns, &run_json)?;
+    report::write_sample_outputs(&out_dir, ds, &run, &neighbours, a.columns, &run_json)?;
     if partial.exists() {
         std::fs::remove_dir_all(&partial).map_err(|e| oracleflow::Error::io(&partial, e))?;
     }
     eprintln!(
         "wrote {}/{{samples,trajectory,nearest,stages}}.png, samples.npy, steps.csv, run.json: {} samples in {:.1} s, {summary}",
-        a.out.out.display(),
+        out_dir.display(),
         n_samples,
         sampling_seconds,
     );
