@@ -34,6 +34,7 @@ use rayon::prelude::*;
 
 use crate::dataset::Dataset;
 use crate::error::Result;
+use crate::oracle::prune::orthonormalise;
 use crate::oracle::{Posterior, QueryStats};
 use crate::path::PathCoefs;
 
@@ -288,8 +289,14 @@ impl Basis {
             sample.push(row.iter().map(|&v| v as f64).collect());
         }
         let mut rng = ChaCha8Rng::seed_from_u64(0x5eed);
-        let mut dirs: Vec<f64> = (0..K * d).map(|_| rng.random::<f64>() - 0.5).collect();
-        orthonormalise(&mut dirs, d);
+        // At most d orthonormal directions exist; the rows beyond stay zero, which keeps
+        // |P v| <= |v| (their projections are 0 for queries and rows alike).
+        let used = K.min(d) * d;
+        let mut dirs = vec![0.0f64; K * d];
+        dirs[..used]
+            .iter_mut()
+            .for_each(|v| *v = rng.random::<f64>() - 0.5);
+        orthonormalise(&mut dirs[..used], d, &mut rng);
         for _ in 0..PCA_ITERATIONS {
             // dirs <- Y^T Y dirs, then orthonormalised.
             let mut next = vec![0.0f64; K * d];
@@ -305,7 +312,7 @@ impl Basis {
                     }
                 }
             }
-            orthonormalise(&mut next, d);
+            orthonormalise(&mut next[..used], d, &mut rng);
             dirs = next;
         }
         // Projections block by block (a streamed dataset is read once, in tiles).
@@ -347,27 +354,4 @@ fn read_rows(ds: &Dataset, rows: Range<usize>, out: &mut Vec<f32>) -> Result<()>
         ds.stored_row(i, dst);
     }
     Ok(())
-}
-
-/// Modified Gram-Schmidt on the K rows of `v` (K x d); a row that collapses (data of rank
-/// below K) is replaced by zeros, which keeps the screen valid (|P v| <= |v| still holds).
-fn orthonormalise(v: &mut [f64], d: usize) {
-    for k in 0..K {
-        for j in 0..k {
-            let (done, rest) = v.split_at_mut(k * d);
-            let prev = &done[j * d..(j + 1) * d];
-            let cur = &mut rest[..d];
-            let c: f64 = prev.iter().zip(cur.iter()).map(|(a, b)| a * b).sum();
-            for (x, p) in cur.iter_mut().zip(prev) {
-                *x -= c * p;
-            }
-        }
-        let cur = &mut v[k * d..(k + 1) * d];
-        let norm = cur.iter().map(|x| x * x).sum::<f64>().sqrt();
-        if norm > 1e-12 {
-            cur.iter_mut().for_each(|x| *x /= norm);
-        } else {
-            cur.iter_mut().for_each(|x| *x = 0.0);
-        }
-    }
 }

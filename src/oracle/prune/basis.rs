@@ -152,7 +152,7 @@ fn subspace(
 
 /// Modified Gram-Schmidt (twice, for f64 orthogonality) on the rows of `v` (k x dim);
 /// a row that collapses (rank-deficient data) is replaced by a fresh random one.
-fn orthonormalise(v: &mut [f64], dim: usize, rng: &mut ChaCha8Rng) {
+pub(crate) fn orthonormalise(v: &mut [f64], dim: usize, rng: &mut ChaCha8Rng) {
     let k = v.len() / dim;
     for j in 0..k {
         for attempt in 0..4 {

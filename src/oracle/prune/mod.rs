@@ -90,6 +90,8 @@ mod basis;
 mod screen;
 
 use basis::{pca_basis, split};
+
+pub(crate) use basis::orthonormalise;
 use screen::{dot8, screen};
 
 use crate::dataset::Dataset;
