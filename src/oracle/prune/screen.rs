@@ -103,6 +103,16 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// Dot product, with AVX2 FMAs where the CPU has them (else [`dot8`]).
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for (checked above).
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot8(a, b)
+}
+
 /// Dot product with eight running sums (so that it vectorises).
 #[inline(always)]
 pub(super) fn dot8(a: &[f32], b: &[f32]) -> f32 {
