@@ -182,10 +182,12 @@ pub struct PruneIndex {
     perm: Vec<u32>,
     /// N x k projections, tile order
     proj: Vec<f32>,
-    /// per tile, its rows' first `levels[0]` projected coordinates, dimension-major and
-    /// padded to `LEAF_ROWS` columns (T x levels[0] x LEAF_ROWS): the first level's dot
+    /// per tile, its rows' first `head_dims` projected coordinates, dimension-major and
+    /// padded to `LEAF_ROWS` columns (T x head_dims x LEAF_ROWS): the first levels' dot
     /// products of one query with a whole tile are then plain vector FMAs
     proj0t: Vec<f32>,
+    /// the coordinates in `proj0t`: those of the first two levels (or fewer when k is)
+    head_dims: usize,
     /// the level cuts in use (`LEVELS` clipped to k, ascending, the last = k)
     levels: Vec<usize>,
     /// per level l and row p (tile order), at l * N + p: |P_l y|^2, the squared norm of
@@ -294,12 +296,12 @@ impl PruneIndex {
                 .collect()
         };
         let (lvl_sq, lvl_tail) = (level_major(&row_sq), level_major(&row_tail));
-        let cut0 = levels[0];
-        let mut proj0t = vec![0.0f32; tiles.len() * cut0 * LEAF_ROWS];
+        let head_dims = levels[1.min(nl - 1)];
+        let mut proj0t = vec![0.0f32; tiles.len() * head_dims * LEAF_ROWS];
         for (t, tile) in tiles.iter().enumerate() {
-            let block = &mut proj0t[t * cut0 * LEAF_ROWS..(t + 1) * cut0 * LEAF_ROWS];
+            let block = &mut proj0t[t * head_dims * LEAF_ROWS..(t + 1) * head_dims * LEAF_ROWS];
             for j in 0..tile.len {
-                let p = &proj[(tile.start + j) * k..(tile.start + j) * k + cut0];
+                let p = &proj[(tile.start + j) * k..(tile.start + j) * k + head_dims];
                 for (d, &v) in p.iter().enumerate() {
                     block[d * LEAF_ROWS + j] = v;
                 }
@@ -360,6 +362,7 @@ impl PruneIndex {
             perm,
             proj,
             proj0t,
+            head_dims,
             levels,
             lvl_sq,
             lvl_tail,

@@ -14,6 +14,10 @@ pub(super) struct ScreenCount {
     pub(super) work: f64,
 }
 
+/// Fewest alive rows of a tile for which a level inside `head_dims` is computed for the
+/// whole tile from its dimension-major block rather than row by row.
+const WHOLE_TILE_ROWS: usize = 16;
+
 /// Cost of evaluating one pair's bound, in multiply-adds of a GEMM (it is scalar f64 work).
 const PAIR_COST: f64 = 8.0;
 
@@ -150,7 +154,7 @@ fn screen_impl(
     let nq_all = qids.len();
     let mut qlist: Vec<usize> = Vec::with_capacity(nq_all);
     let mut qsel: Vec<usize> = Vec::with_capacity(nq_all);
-    let cut0 = levels[0];
+    let hd = index.head_dims;
     let mut dots = vec![0.0f32; nq_all * LEAF_ROWS];
     let mut tmp = vec![0.0f32; nq_all * LEAF_ROWS];
     let mut alive = vec![0u64; nq_all];
@@ -211,18 +215,23 @@ fn screen_impl(
                 let q = qids[qlist[i]];
                 let xrow = &px[q * k + prev..q * k + cut];
                 let trow = &mut tmp[i * LEAF_ROWS..(i + 1) * LEAF_ROWS];
-                if lv == 0 {
-                    // The whole tile at once, from its dimension-major block.
-                    let block = &index.proj0t[(t0 + t) * cut0 * LEAF_ROWS..][..cut0 * LEAF_ROWS];
+                if cut <= hd && (lv == 0 || al.count_ones() as usize >= WHOLE_TILE_ROWS) {
+                    // The whole tile at once, from its dimension-major block: vector FMAs
+                    // over 64 rows beat per-row dot products of this length once a
+                    // quarter of the rows are alive.
+                    let block = &index.proj0t[(t0 + t) * hd * LEAF_ROWS..][..hd * LEAF_ROWS];
                     let mut acc = [0.0f32; LEAF_ROWS];
-                    for (d, col) in block.chunks_exact(LEAF_ROWS).enumerate() {
+                    for (d, col) in block[prev * LEAF_ROWS..cut * LEAF_ROWS]
+                        .chunks_exact(LEAF_ROWS)
+                        .enumerate()
+                    {
                         let xd = xrow[d];
                         for (a, &y) in acc.iter_mut().zip(col) {
                             *a += xd * y;
                         }
                     }
                     trow.copy_from_slice(&acc);
-                    count.work += (cut0 * LEAF_ROWS) as f64;
+                    count.work += (kd * LEAF_ROWS) as f64;
                     continue;
                 }
                 let mut bits = al;
