@@ -117,6 +117,25 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot8(a, b)
 }
 
+/// acc += w y, with AVX2 FMAs where the CPU has them.
+pub(super) fn axpy(w: f32, y: &[f32], acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for (checked above).
+        return unsafe { axpy_avx2(w, y, acc) };
+    }
+    acc.iter_mut().zip(y).for_each(|(a, &v)| *a += w * v);
+}
+
+/// [`axpy`]'s loop compiled for AVX2 + FMA (it vectorises as written).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_avx2(w: f32, y: &[f32], acc: &mut [f32]) {
+    acc.iter_mut()
+        .zip(y)
+        .for_each(|(a, &v)| *a = w.mul_add(v, *a));
+}
+
 /// Dot product with eight running sums (so that it vectorises).
 #[inline(always)]
 pub(super) fn dot8(a: &[f32], b: &[f32]) -> f32 {
