@@ -160,6 +160,8 @@ const SAMPLE_BUDGET: f64 = 1.0 / (1u64 << 31) as f64;
 /// pass of a tile to run as one GEMM over the block; sparser tiles take direct dot
 /// products over each query's own survivors.
 const GEMM_FILL: f64 = 0.5;
+/// Rows of the seed tile whose exact logits give the running max's lower bound m0.
+const SEED_ROWS: usize = 4;
 /// Share of (|x| + a |y|max)^2 taken off every distance bound for the f32 projections.
 const LB_MARGIN: f64 = 1e-3;
 /// Leading projected coordinates in which each tile also keeps its bounding box. Tiles are
@@ -628,7 +630,7 @@ pub fn partial(
             .min_by(|&i, &j| dp2[i].total_cmp(&dp2[j]).then(i.cmp(&j)))
             .expect("tiles");
         let c0 = std::time::Instant::now();
-        b.m0 = seed_max(ds, index, &b, xq, &tiles[b.seed_tile]);
+        b.m0 = seed_max(ds, index, &b, xq, pq, tile_range.start + b.seed_tile);
         let c1 = std::time::Instant::now();
         // Tile screening: each tile's weight bound, then the smallest ones skipped within
         // the budget.
@@ -888,12 +890,45 @@ fn profiling() -> bool {
 /// A lower bound on the largest f32 logit the exact pass will compute over `tile`: the
 /// largest logit computed here in f32, minus twice the rounding bound (this evaluation and
 /// the exact pass's are each within `err` of the exact value, in any summation order).
-fn seed_max(ds: &Dataset, index: &PruneIndex, b: &QueryBound, xq: &[f32], tile: &Tile) -> f64 {
+///
+/// Only the `SEED_ROWS` rows nearest the query in the tile's leading `head_dims` projected
+/// coordinates are computed (any computed row gives a valid bound; late in a trajectory the
+/// nearest in projection is the nearest): a sixteenth of the tile's dot products.
+fn seed_max(
+    ds: &Dataset,
+    index: &PruneIndex,
+    b: &QueryBound,
+    xq: &[f32],
+    pq: &[f32],
+    t: usize,
+) -> f64 {
+    let tile = &index.tiles[t];
     let norms = ds.sq_norms();
+    let hd = index.head_dims;
+    let block = &index.proj0t[t * hd * LEAF_ROWS..][..hd * LEAF_ROWS];
+    let mut acc = [0.0f32; LEAF_ROWS];
+    for (col, &xd) in block.chunks_exact(LEAF_ROWS).zip(pq) {
+        for (a, &y) in acc.iter_mut().zip(col) {
+            *a += xd * y;
+        }
+    }
+    // |P x - a P y|^2 over those coordinates, less the query's own |P x|^2.
+    let level = index
+        .levels
+        .iter()
+        .position(|&c| c == hd)
+        .expect("a level cut");
+    let n_all = index.perm.len();
+    let sq = &index.lvl_sq[level * n_all + tile.start..][..tile.len];
+    let mut order: Vec<(f32, usize)> = (0..tile.len)
+        .map(|j| ((b.a * b.a) as f32 * sq[j] - 2.0 * b.a as f32 * acc[j], j))
+        .collect();
+    let n_seed = SEED_ROWS.min(tile.len);
+    order.select_nth_unstable_by(n_seed - 1, |x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
     let mut scratch = Vec::new();
     let mut m = f64::NEG_INFINITY;
-    for pos in tile.start..tile.start + tile.len {
-        let row = index.perm[pos] as usize;
+    for &(_, j) in &order[..n_seed] {
+        let row = index.perm[tile.start + j] as usize;
         let y = stored_rows_f32(ds, row..row + 1, &mut scratch);
         let dot = dot(xq, y) as f64;
         m = m.max(b.c_dot * dot - b.c_norm * norms[row] as f64);
