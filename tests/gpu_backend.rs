@@ -15,7 +15,7 @@ use std::ops::Range;
 use common::backend::*;
 
 use oracleflow::dataset::{RawRows, SampleShape};
-use oracleflow::oracle::gpu::{adapter_report, GpuBackend, GpuOptions};
+use oracleflow::oracle::gpu::{adapter_report, GpuBackend, GpuOptions, KernelTimes, ProfileLog};
 use oracleflow::oracle::{Backend, CentredBatch, Posterior};
 use oracleflow::{Dataset, Dtype};
 use rand::{Rng, SeedableRng};
@@ -199,6 +199,129 @@ fn streaming_sub_batches_and_long_chunks() {
         33,
         "streamed, rows 4000..10500",
     );
+}
+
+/// Asserts what every timed call promises: finite, non-negative times whose sum is
+/// within the call's wall time (`slack_ms` for clock granularity), which is itself within
+/// `outer_ms`, the caller's measure of the same call.
+fn check_times(t: &KernelTimes, outer_ms: f64, what: &str) {
+    for (name, ms) in [
+        ("logits", t.logits_ms),
+        ("softmax", t.softmax_ms),
+        ("accumulate", t.accumulate_ms),
+        ("finalize", t.finalize_ms),
+        ("wall", t.wall_ms),
+    ] {
+        assert!(ms.is_finite() && ms >= 0.0, "{what}: {name} {ms} ms");
+    }
+    let slack_ms = 1.0;
+    assert!(
+        t.kernels_ms() <= t.wall_ms + slack_ms,
+        "{what}: kernels {} ms > wall {} ms",
+        t.kernels_ms(),
+        t.wall_ms
+    );
+    assert!(
+        t.wall_ms <= outer_ms + slack_ms,
+        "{what}: {t:?} vs {outer_ms} ms"
+    );
+    // Every kernel ran: each did some work the clock can see.
+    assert!(t.logits_ms > 0.0 && t.accumulate_ms > 0.0, "{what}: {t:?}");
+}
+
+#[test]
+fn kernel_timestamps() {
+    if common::skip_gpu() {
+        return;
+    }
+    // 3 sub-batches over 2 chunks: the times of every pass and sub-batch add up into one
+    // record per call.
+    let (n, d) = (700, 24);
+    let ds = unit_gaussian_dataset(n, d, Dtype::F32, 40);
+    let log = ProfileLog::default();
+    let mut gpu = backend(
+        &ds,
+        GpuOptions {
+            profile: Some(log.clone()),
+            max_sub_batch: Some(4),
+            max_chunk_bytes: Some(400 * d as u64 * 4),
+            tile_rows: Some(64),
+            ..Default::default()
+        },
+    );
+    let report = adapter_report().unwrap();
+    let start = std::time::Instant::now();
+    run_case(&mut gpu, &ds, 10, 0..n, 41, "timed call");
+    let outer_ms = start.elapsed().as_secs_f64() * 1e3;
+    let calls = log.take();
+    if !gpu.is_profiling() {
+        // The absent path: no feature, no times, no error.
+        assert!(report.contains("timestamps: not available"), "{report}");
+        assert!(calls.is_empty(), "{calls:?}");
+        eprintln!(
+            "kernel_timestamps: the adapter has no timestamp queries; checked the absent path"
+        );
+        return;
+    }
+    assert!(report.contains("timestamps: available"), "{report}");
+    assert_eq!(calls.len(), 1, "one record per call: {calls:?}");
+    check_times(&calls[0], outer_ms, "10 queries, 3 sub-batches, 2 chunks");
+    eprintln!("lavapipe kernel times: {}", calls[0].line());
+    // Without a log (and without ORACLEFLOW_GPU_PROFILE) nothing is timed.
+    if std::env::var_os(oracleflow::oracle::gpu::PROFILE_ENV).is_none() {
+        let plain = backend(&ds, GpuOptions::default());
+        assert!(!plain.is_profiling());
+    }
+}
+
+#[test]
+fn bench_reports_per_kernel_times() {
+    if common::skip_gpu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let j = dir.path().join("bench.json");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_oracleflow"))
+        .args([
+            "bench",
+            "--data",
+            "embedded@200",
+            "--batch",
+            "8",
+            "--reps",
+            "1",
+        ])
+        .args(["--backends", "gpu", "--json", j.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
+    let gpu = json["measurements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["what"] == "gpu oracle")
+        .expect("a gpu row")
+        .clone();
+    if adapter_report().unwrap().contains("timestamps: available") {
+        assert!(stdout.contains("per kernel: logits"), "{stdout}");
+        let k = &gpu["gpu_kernels"];
+        for key in [
+            "logits_ms",
+            "softmax_ms",
+            "accumulate_ms",
+            "finalize_ms",
+            "wall_ms",
+        ] {
+            let ms = k[key].as_f64().unwrap_or(-1.0);
+            assert!(ms.is_finite() && ms >= 0.0, "{key}: {k}");
+        }
+    } else {
+        assert!(stdout.contains("no per-kernel times"), "{stdout}");
+        assert!(gpu.get("gpu_kernels").is_none(), "{gpu}");
+    }
 }
 
 #[test]

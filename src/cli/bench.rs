@@ -276,6 +276,7 @@ fn oracle_dense(ds: &oracleflow::Dataset, b: usize, reps: usize) -> Result<bench
         seconds,
         gflops: 4.0 * (b * ds.n_samples() * dim) as f64 / seconds / 1e9,
         reps,
+        gpu_kernels: None,
     })
 }
 

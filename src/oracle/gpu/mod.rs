@@ -39,7 +39,8 @@
 //!
 //! `device` opens the adapter, `pipelines` builds the kernels and their binding layouts
 //! (the table the shader validation test checks against the WGSL), `residency` holds the
-//! dataset, `options` the knobs.
+//! dataset, `options` the knobs, `timing` the per-kernel timestamps (profiling:
+//! `ORACLEFLOW_GPU_PROFILE=1` prints each call's, `bench` reports them).
 
 mod buffers;
 mod device;
@@ -50,6 +51,7 @@ mod pipelines;
 mod plan;
 mod readback;
 mod residency;
+mod timing;
 
 use std::ops::Range;
 
@@ -64,6 +66,7 @@ pub use pipelines::{
     binding_names, kernel_sources, kernel_variants, layout_entries, BindingKind, KernelKind,
     STEP_PARAMS_BYTES,
 };
+pub use timing::{profile_from_env, KernelTimes, ProfileLog, PROFILE_ENV};
 
 use buffers::Buffers;
 use device::Gpu;
@@ -71,6 +74,7 @@ use health::Waiter;
 use pipelines::Kernels;
 use plan::{Limits, Plan};
 use residency::Residency;
+use timing::Timer;
 
 /// The oracle posterior on a GPU through wgpu.
 pub struct GpuBackend {
@@ -92,6 +96,10 @@ pub struct GpuBackend {
     waiter: Waiter,
     /// Kernels compiled without wgpu's bounds checks.
     trusted: bool,
+    /// Per-kernel timestamps (when profiling on a device that has them; see `timing`).
+    timer: Option<Timer>,
+    /// Print each call's kernel times to stderr (`ORACLEFLOW_GPU_PROFILE=1`).
+    print_profile: bool,
 }
 
 impl GpuBackend {
@@ -123,6 +131,10 @@ impl GpuBackend {
             };
         let limits = Limits::new(&gpu.limits, gpu.is_cpu());
         let trusted = options.trusted_shaders.unwrap_or(!gpu.is_cpu());
+        let print_profile = timing::profile_from_env();
+        // No timestamps on the device: no timings, silently (not an error).
+        let timer =
+            ((print_profile || options.profile.is_some()) && gpu.has_timestamps()).then(Timer::new);
         let built = scoped(&gpu.device, || {
             let kernels = Kernels::new(&gpu.device, storage == Dtype::F16, trusted);
             let residency = place(&gpu.device, dataset, storage, &limits, &options)?;
@@ -149,6 +161,8 @@ impl GpuBackend {
             options,
             buffers: Buffers::new(),
             trusted,
+            timer,
+            print_profile,
         })
     }
 
@@ -169,8 +183,13 @@ impl GpuBackend {
         self.residency.is_streaming()
     }
 
+    /// Whether calls are timed per kernel (profiling asked for, and the device can).
+    pub fn is_profiling(&self) -> bool {
+        self.timer.is_some()
+    }
+
     /// One sub-batch: queries `x` (n x D) against `rows`; writes n x D of `mean` and
-    /// pushes n stats.
+    /// pushes n stats; returns its kernel times when timed.
     fn run(
         &mut self,
         x: &[f32],
@@ -179,7 +198,7 @@ impl GpuBackend {
         mean: &mut [f32],
         stats: &mut Vec<QueryStats>,
         states: Option<&mut Vec<(SoftmaxState, f32)>>,
-    ) -> Result<()> {
+    ) -> Result<Option<KernelTimes>> {
         let residency = &mut self.residency;
         let n_queries = coefs.len();
         let chunk_rows = residency.all_chunk_rows();
@@ -195,7 +214,14 @@ impl GpuBackend {
         let slots = residency.buffers_of(&plan.reads);
         let (device, queue) = (&self.gpu.device, &self.gpu.queue);
 
-        let bufs = self.buffers.for_call(device, &self.limits, &plan.sizes);
+        // The timestamps ride behind the results in the readback buffer.
+        let mut sizes = plan.sizes;
+        if let Some(timer) = &mut self.timer {
+            let n = encode::Passes::n_timestamps(&plan);
+            timer.prepare(device, n);
+            sizes.readback += Timer::bytes(n);
+        }
+        let bufs = self.buffers.for_call(device, &self.limits, &sizes);
         encode::upload(queue, &bufs, &plan, x, self.dim, coefs);
         let groups = self
             .buffers
@@ -210,14 +236,24 @@ impl GpuBackend {
             slots: &slots,
             waiter: &self.waiter,
         };
-        passes.submit(residency)?;
+        let last = passes.submit(residency, self.timer.as_mut())?;
+        let mut times = None;
+        let (timer, period) = (&self.timer, self.gpu.queue.get_timestamp_period());
         readback::read_back(
             device,
             &self.waiter,
             &bufs.readback,
-            plan.sizes.readback,
-            |bytes| readback::unpack(bytes, &plan, self.dim, mean, stats, states),
-        )
+            sizes.readback,
+            Some(last),
+            |bytes| {
+                let (results, stamps) = bytes.split_at(plan.sizes.readback as usize);
+                readback::unpack(results, &plan, self.dim, mean, stats, states);
+                times = timer
+                    .as_ref()
+                    .map(|t| t.times(&readback::pod_slice::<u64>(stamps), period));
+            },
+        )?;
+        Ok(times)
     }
 }
 
@@ -311,6 +347,8 @@ impl GpuBackend {
         }
         // A lost device fails every call the same way, before any work is queued.
         self.waiter.health.check()?;
+        let start = std::time::Instant::now();
+        let mut times: Option<KernelTimes> = None;
         let mut mean = vec![0.0f32; n_queries * dim];
         let mut stats = Vec::with_capacity(n_queries);
         let most = plan::max_sub_batch(&self.limits, self.dim4, self.options.max_sub_batch);
@@ -334,7 +372,20 @@ impl GpuBackend {
                 // Errors of a lost device's calls are its consequences: name the cause.
                 self.waiter.health.check()?;
             }
-            done?;
+            if let Some(t) = done? {
+                times
+                    .get_or_insert_with(KernelTimes::default)
+                    .add_kernels(&t);
+            }
+        }
+        if let Some(mut t) = times {
+            t.wall_ms = start.elapsed().as_secs_f64() * 1e3;
+            if self.print_profile {
+                eprintln!("gpu profile: B = {n_queries}, rows {rows:?}: {}", t.line());
+            }
+            if let Some(log) = &self.options.profile {
+                log.push(t);
+            }
         }
         Ok(Posterior { mean, stats })
     }

@@ -38,4 +38,8 @@ pub struct GpuOptions {
     /// Open the adapter of this index in [`adapter_list`](super::adapter_list) (`--devices`)
     /// instead of the preferred one.
     pub adapter: Option<usize>,
+    /// Record every call's per-kernel GPU times here (where the device has timestamp
+    /// queries; nothing is recorded otherwise). `ORACLEFLOW_GPU_PROFILE=1` turns the
+    /// timing on too, printing each call's times to stderr.
+    pub profile: Option<super::timing::ProfileLog>,
 }
