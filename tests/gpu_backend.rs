@@ -324,6 +324,123 @@ fn bench_reports_per_kernel_times() {
     }
 }
 
+/// `a` and `b` bit for bit: every mean value and every stat.
+fn bit_identical(a: &Posterior, b: &Posterior, what: &str) {
+    let bits = |p: &Posterior| p.mean.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    assert!(bits(a) == bits(b), "{what}: means differ");
+    assert_eq!(a.stats.len(), b.stats.len(), "{what}");
+    for (q, (x, y)) in a.stats.iter().zip(&b.stats).enumerate() {
+        assert_eq!(
+            format!("{x:?}"),
+            format!("{y:?}"),
+            "{what}: query {q} stats"
+        );
+    }
+}
+
+#[test]
+fn pipelined_sub_batches_are_bit_identical() {
+    if common::skip_gpu() {
+        return;
+    }
+    // 23 queries in sub-batches of 4: 6 sub-batches alternating between the two scratch
+    // sets, each submitted before the previous one is read back; over 3 chunks, resident
+    // and streamed through the 2-slot ring (every sub-batch re-streams them).
+    let (n, d) = (700, 21);
+    let ds = unit_gaussian_dataset(n, d, Dtype::F32, 50);
+    let row_bytes = 24 * 4;
+    let base = GpuOptions {
+        max_chunk_bytes: Some(250 * row_bytes),
+        tile_rows: Some(64),
+        ..Default::default()
+    };
+    let rows = 0..n;
+    let (x, coefs) = centred_queries(&ds, 23, rows.clone(), 51);
+    let batch = |q: Range<usize>| CentredBatch {
+        x: &x[q.start * d..q.end * d],
+        logit_coefs: &coefs[q],
+        rows: rows.clone(),
+    };
+    let whole = backend(&ds, base.clone()).posterior(&batch(0..23)).unwrap();
+    check_posterior(&ds, &x, &coefs, rows.clone(), &whole, "unsplit");
+    for streamed in [false, true] {
+        let mut gpu = backend(
+            &ds,
+            GpuOptions {
+                max_sub_batch: Some(4),
+                max_resident_bytes: streamed.then_some(500 * (row_bytes + 4)),
+                ..base.clone()
+            },
+        );
+        assert_eq!(gpu.is_streaming(), streamed, "{}", gpu.describe());
+        assert_eq!(gpu.n_chunks(), 3, "{}", gpu.describe());
+        let what = format!("6 pipelined sub-batches, streamed {streamed}");
+        let split = gpu.posterior(&batch(0..23)).unwrap();
+        check_posterior(&ds, &x, &coefs, rows.clone(), &split, &what);
+        bit_identical(&split, &whole, &what);
+        // The unpipelined path: one call per sub-batch, each waited for.
+        let mut one_by_one = Posterior {
+            mean: Vec::new(),
+            stats: Vec::new(),
+        };
+        for q0 in (0..23).step_by(4) {
+            let p = gpu.posterior(&batch(q0..(q0 + 4).min(23))).unwrap();
+            one_by_one.mean.extend(p.mean);
+            one_by_one.stats.extend(p.stats);
+        }
+        bit_identical(&split, &one_by_one, &format!("{what}, vs one call each"));
+        // The partial states come back in query order too.
+        let partial = gpu.partial(&batch(0..23)).unwrap();
+        let finished = partial.finish();
+        assert_eq!(finished.stats.len(), 23);
+        for (q, (a, b)) in finished.stats.iter().zip(&whole.stats).enumerate() {
+            assert_eq!(a.top1_index, b.top1_index, "{what}: partial, query {q}");
+        }
+    }
+}
+
+#[test]
+fn the_ring_keeps_what_it_holds() {
+    if common::skip_gpu() {
+        return;
+    }
+    // 3 chunks of 200 rows streamed through 2 slots; 3 queries, one per sub-batch.
+    let (n, d) = (600, 8);
+    let ds = unit_gaussian_dataset(n, d, Dtype::F32, 60);
+    let mut gpu = backend(
+        &ds,
+        GpuOptions {
+            max_chunk_bytes: Some(200 * 32),
+            max_resident_bytes: Some(450 * 36),
+            max_sub_batch: Some(1),
+            tile_rows: Some(64),
+            ..Default::default()
+        },
+    );
+    assert!(
+        gpu.is_streaming() && gpu.n_chunks() == 3,
+        "{}",
+        gpu.describe()
+    );
+    // Two chunks: uploaded once, then read where they are, by later calls and by every
+    // sub-batch of a call.
+    run_case(&mut gpu, &ds, 3, 0..400, 61, "chunks 0, 1");
+    assert_eq!(gpu.stream_uploads(), 2);
+    run_case(&mut gpu, &ds, 3, 10..390, 62, "chunks 0, 1 again");
+    assert_eq!(gpu.stream_uploads(), 2);
+    // Chunk 1 alone (one class's rows, say) is read from the slot that holds it.
+    run_case(&mut gpu, &ds, 3, 250..300, 63, "chunk 1");
+    assert_eq!(gpu.stream_uploads(), 2);
+    // All three, three times (one per sub-batch): chunk 2 replaces chunk 0 first (the
+    // slots hold what the walk reads first), ...
+    run_case(&mut gpu, &ds, 3, 0..n, 64, "chunks 0, 1, 2");
+    let after = gpu.stream_uploads();
+    assert!(after > 2 && after <= 2 + 3 * 3, "{after}");
+    // ... and a call over the last chunk finds it still there.
+    run_case(&mut gpu, &ds, 3, 450..600, 65, "chunk 2");
+    assert_eq!(gpu.stream_uploads(), after);
+}
+
 #[test]
 fn splits_merge_like_one_pass() {
     if common::skip_gpu() {

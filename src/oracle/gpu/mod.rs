@@ -24,6 +24,16 @@
 //! submission, not the time. All submissions are queued before waiting once for the
 //! readback. A batch larger than the scratch buffers can bind runs as several sub-batches.
 //!
+//! Pipelining: the sub-batches of a call alternate between two sets of scratch buffers
+//! (each with its own readback buffer, bind groups and timestamp queries). Sub-batch i is
+//! uploaded and submitted before the host waits for sub-batch i - 1's results, so the
+//! device always has the next sub-batch queued while the host unpacks the last one: it
+//! never idles on the host's read-back. Sub-batch i reuses the set of i - 2, whose results
+//! were read (and its readback buffer unmapped) before i - 1 was waited for. Every
+//! sub-batch runs exactly the passes it ran unpipelined, on its own buffers: the results
+//! are bit-identical (tests/gpu_backend.rs checks it); only the host's waits moved. The
+//! cost is a second set of scratch buffers, made only for calls of several sub-batches.
+//!
 //! The bind groups of a call are kept with the scratch buffers they bind and reused by
 //! later calls while those buffers are; a dataset buffer's groups (a resident chunk's, or
 //! a ring slot's, whichever chunk it holds) are made when a call first reads it. After a
@@ -91,13 +101,15 @@ pub struct GpuBackend {
     /// vec4s per padded row
     dim4: usize,
     options: GpuOptions,
-    buffers: Buffers,
+    /// Two sets of scratch buffers, alternated by the sub-batches of a call (pipelining).
+    buffers: [Buffers; 2],
     /// Bounds every wait for the device (see `health`).
     waiter: Waiter,
     /// Kernels compiled without wgpu's bounds checks.
     trusted: bool,
-    /// Per-kernel timestamps (when profiling on a device that has them; see `timing`).
-    timer: Option<Timer>,
+    /// Per-kernel timestamps, one per scratch set (when profiling on a device that has
+    /// them; see `timing`).
+    timers: Option<[Timer; 2]>,
     /// Print each call's kernel times to stderr (`ORACLEFLOW_GPU_PROFILE=1`).
     print_profile: bool,
 }
@@ -133,8 +145,8 @@ impl GpuBackend {
         let trusted = options.trusted_shaders.unwrap_or(!gpu.is_cpu());
         let print_profile = timing::profile_from_env();
         // No timestamps on the device: no timings, silently (not an error).
-        let timer =
-            ((print_profile || options.profile.is_some()) && gpu.has_timestamps()).then(Timer::new);
+        let timers = ((print_profile || options.profile.is_some()) && gpu.has_timestamps())
+            .then(|| [Timer::new(), Timer::new()]);
         let built = scoped(&gpu.device, || {
             let kernels = Kernels::new(&gpu.device, storage == Dtype::F16, trusted);
             let residency = place(&gpu.device, dataset, storage, &limits, &options)?;
@@ -159,9 +171,9 @@ impl GpuBackend {
             },
             gpu,
             options,
-            buffers: Buffers::new(),
+            buffers: [Buffers::new(), Buffers::new()],
             trusted,
-            timer,
+            timers,
             print_profile,
         })
     }
@@ -185,20 +197,26 @@ impl GpuBackend {
 
     /// Whether calls are timed per kernel (profiling asked for, and the device can).
     pub fn is_profiling(&self) -> bool {
-        self.timer.is_some()
+        self.timers.is_some()
     }
 
-    /// One sub-batch: queries `x` (n x D) against `rows`; writes n x D of `mean` and
-    /// pushes n stats; returns its kernel times when timed.
-    fn run(
+    /// Dataset chunks uploaded to ring slots so far (streaming; 0 when resident): lets
+    /// tests check that what the ring holds is not uploaded again.
+    #[doc(hidden)]
+    pub fn stream_uploads(&self) -> u64 {
+        self.residency.uploads()
+    }
+
+    /// Uploads and submits one sub-batch, queries `x` (n x D) against `rows`, on scratch
+    /// set `set`, without waiting for it: [`GpuBackend::finish`] reads its results.
+    fn submit(
         &mut self,
+        set: usize,
         x: &[f32],
         coefs: &[[f32; 2]],
         rows: Range<usize>,
-        mean: &mut [f32],
-        stats: &mut Vec<QueryStats>,
-        states: Option<&mut Vec<(SoftmaxState, f32)>>,
-    ) -> Result<Option<KernelTimes>> {
+        queries: Range<usize>,
+    ) -> Result<Submitted> {
         let residency = &mut self.residency;
         let n_queries = coefs.len();
         let chunk_rows = residency.all_chunk_rows();
@@ -216,16 +234,16 @@ impl GpuBackend {
 
         // The timestamps ride behind the results in the readback buffer.
         let mut sizes = plan.sizes;
-        if let Some(timer) = &mut self.timer {
+        let mut timer = self.timers.as_mut().map(|t| &mut t[set]);
+        if let Some(timer) = timer.as_deref_mut() {
             let n = encode::Passes::n_timestamps(&plan);
             timer.prepare(device, n);
             sizes.readback += Timer::bytes(n);
         }
-        let bufs = self.buffers.for_call(device, &self.limits, &sizes);
+        let buffers = &mut self.buffers[set];
+        let bufs = buffers.for_call(device, &self.limits, &sizes);
         encode::upload(queue, &bufs, &plan, x, self.dim, coefs);
-        let groups = self
-            .buffers
-            .groups(device, &self.kernels, residency, &bufs, &slots);
+        let groups = buffers.groups(device, &self.kernels, residency, &bufs, &slots);
         let passes = encode::Passes {
             device,
             queue,
@@ -236,25 +254,59 @@ impl GpuBackend {
             slots: &slots,
             waiter: &self.waiter,
         };
-        let last = passes.submit(residency, self.timer.as_mut())?;
+        let last = passes.submit(residency, timer)?;
+        Ok(Submitted {
+            set,
+            queries,
+            last,
+            readback: bufs.readback,
+            readback_bytes: sizes.readback,
+            plan,
+        })
+    }
+
+    /// Waits for the sub-batch `done` and reads its results: writes its n x D of `mean`
+    /// (the call's whole mean) and pushes its n stats; returns its kernel times when timed.
+    fn finish(
+        &self,
+        done: Submitted,
+        mean: &mut [f32],
+        stats: &mut Vec<QueryStats>,
+        states: Option<&mut Vec<(SoftmaxState, f32)>>,
+    ) -> Result<Option<KernelTimes>> {
+        let dim = self.dim;
+        let mean = &mut mean[done.queries.start * dim..done.queries.end * dim];
+        let timer = self.timers.as_ref().map(|t| &t[done.set]);
+        let period = self.gpu.queue.get_timestamp_period();
         let mut times = None;
-        let (timer, period) = (&self.timer, self.gpu.queue.get_timestamp_period());
         readback::read_back(
-            device,
+            &self.gpu.device,
             &self.waiter,
-            &bufs.readback,
-            sizes.readback,
-            Some(last),
+            &done.readback,
+            done.readback_bytes,
+            Some(done.last),
             |bytes| {
+                let plan = &done.plan;
                 let (results, stamps) = bytes.split_at(plan.sizes.readback as usize);
-                readback::unpack(results, &plan, self.dim, mean, stats, states);
-                times = timer
-                    .as_ref()
-                    .map(|t| t.times(&readback::pod_slice::<u64>(stamps), period));
+                readback::unpack(results, plan, dim, mean, stats, states);
+                times = timer.map(|t| t.times(&readback::pod_slice::<u64>(stamps), period));
             },
         )?;
         Ok(times)
     }
+}
+
+/// A sub-batch submitted and not yet read back.
+struct Submitted {
+    /// Its scratch set.
+    set: usize,
+    /// Its queries in the call.
+    queries: Range<usize>,
+    /// The submission that copies its results to `readback`.
+    last: wgpu::SubmissionIndex,
+    readback: wgpu::Buffer,
+    readback_bytes: u64,
+    plan: Plan,
 }
 
 /// Puts the dataset on the device: resident, or streamed through a ring of slots when it
@@ -352,30 +404,47 @@ impl GpuBackend {
         let mut mean = vec![0.0f32; n_queries * dim];
         let mut stats = Vec::with_capacity(n_queries);
         let most = plan::max_sub_batch(&self.limits, self.dim4, self.options.max_sub_batch);
+        let subs: Vec<Range<usize>> = plan::sub_batches(n_queries, most).collect();
         let device = self.gpu.device.clone();
-        for Range { start: q0, end: q1 } in plan::sub_batches(n_queries, most) {
+        // Sub-batch i is submitted before sub-batch i - 1 is read back (see the module
+        // docs); the last iteration submits nothing and reads the last sub-batch.
+        let mut pending: Option<Submitted> = None;
+        for i in 0..=subs.len() {
             let done = scoped(&device, || {
-                self.run(
-                    &batch.x[q0 * dim..q1 * dim],
-                    &batch.logit_coefs[q0..q1],
-                    rows.clone(),
-                    &mut mean[q0 * dim..q1 * dim],
-                    &mut stats,
-                    states.as_deref_mut(),
-                )
+                let submitted = match subs.get(i) {
+                    Some(q) => Some(self.submit(
+                        i % 2,
+                        &batch.x[q.start * dim..q.end * dim],
+                        &batch.logit_coefs[q.clone()],
+                        rows.clone(),
+                        q.clone(),
+                    )?),
+                    None => None,
+                };
+                let read = match pending.take() {
+                    Some(p) => self.finish(p, &mut mean, &mut stats, states.as_deref_mut())?,
+                    None => None,
+                };
+                Ok((submitted, read))
             });
-            if done.is_err() {
-                // A buffer whose creation failed is unusable: start afresh next call; what
-                // the ring slots hold is unknown.
-                self.buffers = Buffers::new();
-                self.residency.invalidate();
-                // Errors of a lost device's calls are its consequences: name the cause.
-                self.waiter.health.check()?;
-            }
-            if let Some(t) = done? {
-                times
-                    .get_or_insert_with(KernelTimes::default)
-                    .add_kernels(&t);
+            match done {
+                Ok((submitted, read)) => {
+                    pending = submitted;
+                    if let Some(t) = read {
+                        times
+                            .get_or_insert_with(KernelTimes::default)
+                            .add_kernels(&t);
+                    }
+                }
+                Err(e) => {
+                    // A buffer whose creation failed is unusable: start afresh next call;
+                    // what the ring slots hold is unknown.
+                    self.buffers = [Buffers::new(), Buffers::new()];
+                    self.residency.invalidate();
+                    // Errors of a lost device's calls are its consequences: name the cause.
+                    self.waiter.health.check()?;
+                    return Err(e);
+                }
             }
         }
         if let Some(mut t) = times {
