@@ -716,8 +716,14 @@ fn adapter_report_names_the_limits() {
         "max storage buffer binding",
         "SHADER_F16",
         "subgroup",
+        "device budget for the dataset",
+        "per-kernel timestamps",
     ] {
         assert!(report.contains(key), "{key} missing from\n{report}");
+    }
+    // Without ORACLEFLOW_GPU_MEMORY_MIB the budget is the documented default, and says so.
+    if std::env::var_os(oracleflow::oracle::gpu::MEMORY_ENV).is_none() {
+        assert!(report.contains("4 x max buffer"), "{report}");
     }
 }
 

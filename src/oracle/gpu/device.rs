@@ -5,7 +5,9 @@ use std::fmt::Write as _;
 use crate::error::{Error, Result};
 
 use super::health::Health;
+use super::options::{self, GpuOptions};
 use super::pipelines::WORKGROUP_BYTES;
+use super::plan::{self, Limits};
 use super::timing;
 
 /// An open device and what was negotiated for it.
@@ -224,6 +226,27 @@ pub fn adapter_report() -> Result<String> {
         yes(f.contains(wgpu::Features::SUBGROUP)),
         info.subgroup_min_size,
         info.subgroup_max_size
+    );
+    let budget = plan::dataset_budget(
+        &Limits::new(&l, is_cpu_adapter(&info)),
+        &GpuOptions {
+            max_resident_bytes: options::memory_budget_from_env()?,
+            ..Default::default()
+        },
+    );
+    let _ = writeln!(
+        s,
+        "  device budget for the dataset: {} ({}; larger datasets stream through the GPU)",
+        mib(budget),
+        if std::env::var_os(options::MEMORY_ENV).is_some() {
+            format!("from {}", options::MEMORY_ENV)
+        } else {
+            format!(
+                "default: 4 x max buffer, as wgpu reports no memory size; \
+                 --gpu-memory-mib or {} sets it",
+                options::MEMORY_ENV
+            )
+        }
     );
     let _ = writeln!(
         s,

@@ -71,7 +71,7 @@ use crate::oracle::{Backend, CentredBatch, Partial, Posterior, QueryStats, Softm
 
 pub use device::{adapter_list, adapter_report, all_devices};
 pub use health::{wait_limit_from_env, DEFAULT_WAIT_LIMIT, WAIT_LIMIT_ENV};
-pub use options::GpuOptions;
+pub use options::{memory_budget_from_env, GpuOptions, MEMORY_ENV};
 pub use pipelines::{
     binding_names, kernel_sources, kernel_variants, layout_entries, BindingKind, KernelKind,
     STEP_PARAMS_BYTES,
@@ -126,7 +126,10 @@ impl GpuBackend {
         )
     }
 
-    pub fn with_options(dataset: &Dataset, options: GpuOptions) -> Result<Self> {
+    pub fn with_options(dataset: &Dataset, mut options: GpuOptions) -> Result<Self> {
+        if options.max_resident_bytes.is_none() {
+            options.max_resident_bytes = options::memory_budget_from_env()?;
+        }
         let want_f16 = dataset.dtype() == Dtype::F16;
         let limit = match options.wait_limit {
             Some(limit) => limit,
