@@ -441,6 +441,130 @@ fn the_ring_keeps_what_it_holds() {
     assert_eq!(gpu.stream_uploads(), after);
 }
 
+/// `oracleflow velocity` on the gpu backend with `extra` flags (and environment `env`):
+/// the velocity and stderr.
+fn velocity_cli(
+    dir: &std::path::Path,
+    q: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Vec<f32>, String) {
+    let out = dir.join(format!("v{}.npy", extra.join("_").replace('-', "")));
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_oracleflow"))
+        .args([
+            "velocity",
+            "--data",
+            "gaussian:5000,100,3",
+            "--queries",
+            q,
+            "--t",
+            "0.6",
+        ])
+        .args(["--backend", "gpu", "--out", out.to_str().unwrap()])
+        .args(extra)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{extra:?}: {log}");
+    (oracleflow::dataset::npy::read_npy_f32(&out).unwrap().1, log)
+}
+
+#[test]
+fn f16_is_chosen_when_f32_exceeds_the_device_budget() {
+    if !common::gpu_f16_available() {
+        return;
+    }
+    // 5000 x 100: 2.0 MB in f32, 1.0 MB in f16 (values and squared norms): a 1 MiB budget
+    // holds it only in f16.
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("q.npy");
+    let x: Vec<f32> = (0..4 * 100)
+        .map(|i| ((i * 37 % 200) as f32 - 100.0) / 50.0)
+        .collect();
+    oracleflow::dataset::npy::write_npy_f32(&q, &[4, 100], &x).unwrap();
+    let q = q.to_str().unwrap();
+    let budget = ["--gpu-memory-mib", "1"];
+    let (auto, auto_log) = velocity_cli(dir.path(), q, &budget, &[]);
+    assert!(
+        auto_log.contains("as f16") && auto_log.contains("--dtype f32 keeps f32"),
+        "{auto_log}"
+    );
+    assert!(
+        auto_log.contains("f16 storage (chosen automatically"),
+        "{auto_log}"
+    );
+    assert!(!auto_log.contains("streaming"), "{auto_log}");
+    let (f16, f16_log) = velocity_cli(
+        dir.path(),
+        q,
+        &[&budget[..], &["--dtype", "f16"]].concat(),
+        &[],
+    );
+    assert!(
+        f16_log.contains("f16 storage") && !f16_log.contains("automatically"),
+        "{f16_log}"
+    );
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    assert!(
+        bits(&auto) == bits(&f16),
+        "automatic f16 differs from --dtype f16"
+    );
+    // Explicit f32 keeps f32, streamed; the budget may come from the environment too.
+    let (f32s, f32_log) = velocity_cli(
+        dir.path(),
+        q,
+        &["--dtype", "f32"],
+        &[("ORACLEFLOW_GPU_MEMORY_MIB", "1")],
+    );
+    assert!(
+        f32_log.contains("f32 storage") && f32_log.contains("streaming"),
+        "{f32_log}"
+    );
+    // Without a budget problem nothing changes: f32, resident.
+    let (plain, plain_log) = velocity_cli(dir.path(), q, &[], &[]);
+    assert!(
+        plain_log.contains("f32 storage") && !plain_log.contains("as f16"),
+        "{plain_log}"
+    );
+    // Streamed chunks are cut smaller (the budget), so rows merge in other groups: equal
+    // to rounding.
+    let rel = |a: &[f32], b: &[f32]| {
+        let d: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (d / n).sqrt()
+    };
+    assert!(rel(&f32s, &plain) < 1e-5, "streamed f32 vs resident f32");
+    // `sample` records the choice and why in run.json.
+    let out = dir.path().join("sample");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_oracleflow"))
+        .args([
+            "sample",
+            "--data",
+            "gaussian:5000,100,3",
+            "--backend",
+            "gpu",
+        ])
+        .args(["--gpu-memory-mib", "1", "--steps", "2", "--n-samples", "2"])
+        .args(["--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["data"]["dtype"], "f16", "{}", run["data"]);
+    let why = run["data"]["dtype_reason"].as_str().unwrap_or_default();
+    assert!(why.contains("over the device budget"), "{why}");
+    // f16 rounding moves the velocity a little, not more.
+    let err = f16
+        .iter()
+        .zip(&plain)
+        .map(|(a, b)| (a - b).abs() as f64)
+        .fold(0.0, f64::max);
+    let scale = plain.iter().map(|v| v.abs() as f64).fold(0.0, f64::max);
+    assert!(err <= 1e-2 * scale, "f16 vs f32: {err} of {scale}");
+}
+
 #[test]
 fn splits_merge_like_one_pass() {
     if common::skip_gpu() {

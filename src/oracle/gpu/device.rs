@@ -114,6 +114,22 @@ fn adapter(hardware_only: bool) -> Result<wgpu::Adapter> {
     Ok(adapter)
 }
 
+/// The limits and SHADER_F16 support of the adapter `options` would open (None when there
+/// is none): what a choice made before opening the device needs.
+pub(super) fn adapter_limits(options: &GpuOptions) -> Result<Option<(Limits, bool)>> {
+    let adapter = match options.adapter {
+        Some(i) => adapter_at(i)?,
+        None => match adapter(options.hardware_only) {
+            Ok(a) => a,
+            Err(_) => return Ok(None),
+        },
+    };
+    let is_cpu = is_cpu_adapter(&adapter.get_info());
+    let has_f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
+    // `open` requests these limits as the adapter gives them, so the plan sees the same.
+    Ok(Some((Limits::new(&adapter.limits(), is_cpu), has_f16)))
+}
+
 /// Opens the preferred adapter. Features: SHADER_F16 when the adapter has it and
 /// `want_f16`; the timestamp queries of `timing` when it has both (requesting them costs
 /// nothing until a call writes a timestamp, which only profiling does). Limits: the adapter's own for what the kernels need (binding and buffer

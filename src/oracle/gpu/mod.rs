@@ -40,6 +40,15 @@
 //! failed call (out of memory, say) the scratch buffers and groups are dropped and made
 //! afresh by the next call, and what the ring slots hold is forgotten.
 //!
+//! Storage: the dataset's dtype (f16 data may be held as f32 where the device lacks
+//! SHADER_F16). When the user did not choose a dtype and an f32 dataset exceeds the
+//! device budget but fits in f16, [`automatic_f16`] says so before the backend is built
+//! and the CLI loads the dataset again as f16 rather than the backend converting at
+//! upload: loading rounds each centred value once (f64 to f16), exactly as `--dtype f16`
+//! does, so both give bit-identical results, where converting the stored f32 values
+//! would round twice (f64 to f32 to f16) and could differ in the last place. The
+//! description then says the f16 storage was chosen automatically.
+//!
 //! A call of one sub-batch runs in phases, one file each:
 //! - `plan`: every decision from the adapter's limits and the shapes alone (splits, tile
 //!   width, steps, submissions, buffer sizes, grids), unit-tested without a device;
@@ -312,6 +321,40 @@ struct Submitted {
     plan: Plan,
 }
 
+/// Whether an f32 dataset should be stored as f16 on the GPU `options` open, when the
+/// user did not choose: Some(why, one line) when its f32 copy exceeds the device budget
+/// (see `options`) while its f16 copy fits and the device has SHADER_F16; None otherwise
+/// (f16 already, fits in f32, or would stream anyway). Opens the adapter, not a device.
+pub fn automatic_f16(dataset: &Dataset, options: &GpuOptions) -> Result<Option<String>> {
+    if dataset.dtype() != Dtype::F32 {
+        return Ok(None);
+    }
+    let Some((limits, has_f16)) = device::adapter_limits(options)? else {
+        // No adapter: the backend's own error (or auto's fallback) comes later.
+        return Ok(None);
+    };
+    let mut options = options.clone();
+    if options.max_resident_bytes.is_none() {
+        options.max_resident_bytes = options::memory_budget_from_env()?;
+    }
+    let budget = plan::dataset_budget(&limits, &options);
+    let f32_bytes = residency::resident_bytes(dataset, Dtype::F32);
+    let f16_bytes = residency::resident_bytes(dataset, Dtype::F16);
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    Ok(
+        (has_f16 && !options.f16_as_f32 && f32_bytes > budget && f16_bytes <= budget).then(|| {
+            format!(
+                "gpu: storing {} as f16: in f32 it would take {:.1} MiB, over the device budget \
+             of {:.1} MiB, and fits in f16 ({:.1} MiB); --dtype f32 keeps f32 (streamed)",
+                dataset.name,
+                mib(f32_bytes),
+                mib(budget),
+                mib(f16_bytes)
+            )
+        }),
+    )
+}
+
 /// Puts the dataset on the device: resident, or streamed through a ring of slots when it
 /// exceeds the budget.
 fn place(
@@ -464,9 +507,14 @@ impl GpuBackend {
 
     fn description(&self) -> String {
         let storage = match (self.dataset_dtype, self.storage) {
-            (Dtype::F16, Dtype::F32) => "f16 data held as f32",
-            (_, Dtype::F16) => "f16 storage",
-            (_, Dtype::F32) => "f32 storage",
+            (Dtype::F16, Dtype::F32) => "f16 data held as f32".to_string(),
+            (_, Dtype::F16) => match &self.options.storage_reason {
+                Some(_) => {
+                    "f16 storage (chosen automatically: f32 exceeds the device budget)".to_string()
+                }
+                None => "f16 storage".to_string(),
+            },
+            (_, Dtype::F32) => "f32 storage".to_string(),
         };
         let n = self.residency.n_chunks();
         let streaming = if self.residency.is_streaming() {

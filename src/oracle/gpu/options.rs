@@ -76,6 +76,9 @@ pub struct GpuOptions {
     /// queries; nothing is recorded otherwise). `ORACLEFLOW_GPU_PROFILE=1` turns the
     /// timing on too, printing each call's times to stderr.
     pub profile: Option<super::timing::ProfileLog>,
+    /// Why the dataset is f16 when that was chosen for this device rather than asked for
+    /// ([`automatic_f16`](super::automatic_f16)): the description says so.
+    pub storage_reason: Option<String>,
 }
 
 #[cfg(test)]
