@@ -65,8 +65,11 @@ impl DataArgs {
     /// loads: the same values, so the same results), and one stderr line says so.
     pub fn load_for(&self, oracle: &OracleArgs) -> Result<Dataset> {
         let ds = self.load()?;
+        // Not under mpirun: each rank would decide from its own share, and the ranks'
+        // dtypes could differ.
         let one_gpu = matches!(oracle.backend, BackendKind::Gpu | BackendKind::Auto)
-            && oracle.devices.is_none();
+            && oracle.devices.is_none()
+            && shard::mpi::current().is_none();
         if self.dtype.is_some() || !one_gpu {
             return Ok(ds);
         }
