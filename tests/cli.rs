@@ -325,7 +325,8 @@ fn gpu_streaming_under_a_memory_budget_matches_cpu() {
         (npy::read_npy_f32(&out).unwrap().1, stderr(&o))
     };
     let (cpu, _) = run("cpu", &[]);
-    let (gpu, log) = run("gpu", &["--gpu-memory-mib", "1"]);
+    // --dtype f32: without it the GPU would store the dataset as f16, which fits 1 MiB.
+    let (gpu, log) = run("gpu", &["--gpu-memory-mib", "1", "--dtype", "f32"]);
     assert!(log.contains("streaming"), "{log}");
     let cpu64: Vec<f64> = cpu.iter().map(|&v| v as f64).collect();
     assert!(common::rel_err(&gpu, &cpu64) < 1e-5);

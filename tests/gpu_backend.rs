@@ -15,7 +15,7 @@ use std::ops::Range;
 use common::backend::*;
 
 use oracleflow::dataset::{RawRows, SampleShape};
-use oracleflow::oracle::gpu::{adapter_report, GpuBackend, GpuOptions};
+use oracleflow::oracle::gpu::{adapter_report, GpuBackend, GpuOptions, KernelTimes, ProfileLog};
 use oracleflow::oracle::{Backend, CentredBatch, Posterior};
 use oracleflow::{Dataset, Dtype};
 use rand::{Rng, SeedableRng};
@@ -199,6 +199,370 @@ fn streaming_sub_batches_and_long_chunks() {
         33,
         "streamed, rows 4000..10500",
     );
+}
+
+/// Asserts what every timed call promises: finite, non-negative times whose sum is
+/// within the call's wall time (`slack_ms` for clock granularity), which is itself within
+/// `outer_ms`, the caller's measure of the same call.
+fn check_times(t: &KernelTimes, outer_ms: f64, what: &str) {
+    for (name, ms) in [
+        ("logits", t.logits_ms),
+        ("softmax", t.softmax_ms),
+        ("accumulate", t.accumulate_ms),
+        ("finalize", t.finalize_ms),
+        ("wall", t.wall_ms),
+    ] {
+        assert!(ms.is_finite() && ms >= 0.0, "{what}: {name} {ms} ms");
+    }
+    let slack_ms = 1.0;
+    assert!(
+        t.kernels_ms() <= t.wall_ms + slack_ms,
+        "{what}: kernels {} ms > wall {} ms",
+        t.kernels_ms(),
+        t.wall_ms
+    );
+    assert!(
+        t.wall_ms <= outer_ms + slack_ms,
+        "{what}: {t:?} vs {outer_ms} ms"
+    );
+    // Every kernel ran: each did some work the clock can see.
+    assert!(t.logits_ms > 0.0 && t.accumulate_ms > 0.0, "{what}: {t:?}");
+}
+
+#[test]
+fn kernel_timestamps() {
+    if common::skip_gpu() {
+        return;
+    }
+    // 3 sub-batches over 2 chunks: the times of every pass and sub-batch add up into one
+    // record per call.
+    let (n, d) = (700, 24);
+    let ds = unit_gaussian_dataset(n, d, Dtype::F32, 40);
+    let log = ProfileLog::default();
+    let mut gpu = backend(
+        &ds,
+        GpuOptions {
+            profile: Some(log.clone()),
+            max_sub_batch: Some(4),
+            max_chunk_bytes: Some(400 * d as u64 * 4),
+            tile_rows: Some(64),
+            ..Default::default()
+        },
+    );
+    let report = adapter_report().unwrap();
+    let start = std::time::Instant::now();
+    run_case(&mut gpu, &ds, 10, 0..n, 41, "timed call");
+    let outer_ms = start.elapsed().as_secs_f64() * 1e3;
+    let calls = log.take();
+    if !gpu.is_profiling() {
+        // The absent path: no feature, no times, no error.
+        assert!(report.contains("timestamps: not available"), "{report}");
+        assert!(calls.is_empty(), "{calls:?}");
+        eprintln!(
+            "kernel_timestamps: the adapter has no timestamp queries; checked the absent path"
+        );
+        return;
+    }
+    assert!(report.contains("timestamps: available"), "{report}");
+    assert_eq!(calls.len(), 1, "one record per call: {calls:?}");
+    check_times(&calls[0], outer_ms, "10 queries, 3 sub-batches, 2 chunks");
+    eprintln!("lavapipe kernel times: {}", calls[0].line());
+    // Without a log (and without ORACLEFLOW_GPU_PROFILE) nothing is timed.
+    if std::env::var_os(oracleflow::oracle::gpu::PROFILE_ENV).is_none() {
+        let plain = backend(&ds, GpuOptions::default());
+        assert!(!plain.is_profiling());
+    }
+}
+
+#[test]
+fn bench_reports_per_kernel_times() {
+    if common::skip_gpu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let j = dir.path().join("bench.json");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_oracleflow"))
+        .args([
+            "bench",
+            "--data",
+            "embedded@200",
+            "--batch",
+            "8",
+            "--reps",
+            "1",
+        ])
+        .args(["--backends", "gpu", "--json", j.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
+    let gpu = json["measurements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["what"] == "gpu oracle")
+        .expect("a gpu row")
+        .clone();
+    if adapter_report().unwrap().contains("timestamps: available") {
+        assert!(stdout.contains("per kernel: logits"), "{stdout}");
+        let k = &gpu["gpu_kernels"];
+        for key in [
+            "logits_ms",
+            "softmax_ms",
+            "accumulate_ms",
+            "finalize_ms",
+            "wall_ms",
+        ] {
+            let ms = k[key].as_f64().unwrap_or(-1.0);
+            assert!(ms.is_finite() && ms >= 0.0, "{key}: {k}");
+        }
+    } else {
+        assert!(stdout.contains("no per-kernel times"), "{stdout}");
+        assert!(gpu.get("gpu_kernels").is_none(), "{gpu}");
+    }
+}
+
+/// `a` and `b` bit for bit: every mean value and every stat.
+fn bit_identical(a: &Posterior, b: &Posterior, what: &str) {
+    let bits = |p: &Posterior| p.mean.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    assert!(bits(a) == bits(b), "{what}: means differ");
+    assert_eq!(a.stats.len(), b.stats.len(), "{what}");
+    for (q, (x, y)) in a.stats.iter().zip(&b.stats).enumerate() {
+        assert_eq!(
+            format!("{x:?}"),
+            format!("{y:?}"),
+            "{what}: query {q} stats"
+        );
+    }
+}
+
+#[test]
+fn pipelined_sub_batches_are_bit_identical() {
+    if common::skip_gpu() {
+        return;
+    }
+    // 23 queries in sub-batches of 4: 6 sub-batches alternating between the two scratch
+    // sets, each submitted before the previous one is read back; over 3 chunks, resident
+    // and streamed through the 2-slot ring (every sub-batch re-streams them).
+    let (n, d) = (700, 21);
+    let ds = unit_gaussian_dataset(n, d, Dtype::F32, 50);
+    let row_bytes = 24 * 4;
+    let base = GpuOptions {
+        max_chunk_bytes: Some(250 * row_bytes),
+        tile_rows: Some(64),
+        ..Default::default()
+    };
+    let rows = 0..n;
+    let (x, coefs) = centred_queries(&ds, 23, rows.clone(), 51);
+    let batch = |q: Range<usize>| CentredBatch {
+        x: &x[q.start * d..q.end * d],
+        logit_coefs: &coefs[q],
+        rows: rows.clone(),
+    };
+    let whole = backend(&ds, base.clone()).posterior(&batch(0..23)).unwrap();
+    check_posterior(&ds, &x, &coefs, rows.clone(), &whole, "unsplit");
+    for streamed in [false, true] {
+        let mut gpu = backend(
+            &ds,
+            GpuOptions {
+                max_sub_batch: Some(4),
+                max_resident_bytes: streamed.then_some(500 * (row_bytes + 4)),
+                ..base.clone()
+            },
+        );
+        assert_eq!(gpu.is_streaming(), streamed, "{}", gpu.describe());
+        assert_eq!(gpu.n_chunks(), 3, "{}", gpu.describe());
+        let what = format!("6 pipelined sub-batches, streamed {streamed}");
+        let split = gpu.posterior(&batch(0..23)).unwrap();
+        check_posterior(&ds, &x, &coefs, rows.clone(), &split, &what);
+        bit_identical(&split, &whole, &what);
+        // The unpipelined path: one call per sub-batch, each waited for.
+        let mut one_by_one = Posterior {
+            mean: Vec::new(),
+            stats: Vec::new(),
+        };
+        for q0 in (0..23).step_by(4) {
+            let p = gpu.posterior(&batch(q0..(q0 + 4).min(23))).unwrap();
+            one_by_one.mean.extend(p.mean);
+            one_by_one.stats.extend(p.stats);
+        }
+        bit_identical(&split, &one_by_one, &format!("{what}, vs one call each"));
+        // The partial states come back in query order too.
+        let partial = gpu.partial(&batch(0..23)).unwrap();
+        let finished = partial.finish();
+        assert_eq!(finished.stats.len(), 23);
+        for (q, (a, b)) in finished.stats.iter().zip(&whole.stats).enumerate() {
+            assert_eq!(a.top1_index, b.top1_index, "{what}: partial, query {q}");
+        }
+    }
+}
+
+#[test]
+fn the_ring_keeps_what_it_holds() {
+    if common::skip_gpu() {
+        return;
+    }
+    // 3 chunks of 200 rows streamed through 2 slots; 3 queries, one per sub-batch.
+    let (n, d) = (600, 8);
+    let ds = unit_gaussian_dataset(n, d, Dtype::F32, 60);
+    let mut gpu = backend(
+        &ds,
+        GpuOptions {
+            max_chunk_bytes: Some(200 * 32),
+            max_resident_bytes: Some(450 * 36),
+            max_sub_batch: Some(1),
+            tile_rows: Some(64),
+            ..Default::default()
+        },
+    );
+    assert!(
+        gpu.is_streaming() && gpu.n_chunks() == 3,
+        "{}",
+        gpu.describe()
+    );
+    // Two chunks: uploaded once, then read where they are, by later calls and by every
+    // sub-batch of a call.
+    run_case(&mut gpu, &ds, 3, 0..400, 61, "chunks 0, 1");
+    assert_eq!(gpu.stream_uploads(), 2);
+    run_case(&mut gpu, &ds, 3, 10..390, 62, "chunks 0, 1 again");
+    assert_eq!(gpu.stream_uploads(), 2);
+    // Chunk 1 alone (one class's rows, say) is read from the slot that holds it.
+    run_case(&mut gpu, &ds, 3, 250..300, 63, "chunk 1");
+    assert_eq!(gpu.stream_uploads(), 2);
+    // All three, three times (one per sub-batch): chunk 2 replaces chunk 0 first (the
+    // slots hold what the walk reads first), ...
+    run_case(&mut gpu, &ds, 3, 0..n, 64, "chunks 0, 1, 2");
+    let after = gpu.stream_uploads();
+    assert!(after > 2 && after <= 2 + 3 * 3, "{after}");
+    // ... and a call over the last chunk finds it still there.
+    run_case(&mut gpu, &ds, 3, 450..600, 65, "chunk 2");
+    assert_eq!(gpu.stream_uploads(), after);
+}
+
+/// `oracleflow velocity` on the gpu backend with `extra` flags (and environment `env`):
+/// the velocity and stderr.
+fn velocity_cli(
+    dir: &std::path::Path,
+    q: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Vec<f32>, String) {
+    let out = dir.join(format!("v{}.npy", extra.join("_").replace('-', "")));
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_oracleflow"))
+        .args([
+            "velocity",
+            "--data",
+            "gaussian:5000,100,3",
+            "--queries",
+            q,
+            "--t",
+            "0.6",
+        ])
+        .args(["--backend", "gpu", "--out", out.to_str().unwrap()])
+        .args(extra)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{extra:?}: {log}");
+    (oracleflow::dataset::npy::read_npy_f32(&out).unwrap().1, log)
+}
+
+#[test]
+fn f16_is_chosen_when_f32_exceeds_the_device_budget() {
+    if !common::gpu_f16_available() {
+        return;
+    }
+    // 5000 x 100: 2.0 MB in f32, 1.0 MB in f16 (values and squared norms): a 1 MiB budget
+    // holds it only in f16.
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("q.npy");
+    let x: Vec<f32> = (0..4 * 100)
+        .map(|i| ((i * 37 % 200) as f32 - 100.0) / 50.0)
+        .collect();
+    oracleflow::dataset::npy::write_npy_f32(&q, &[4, 100], &x).unwrap();
+    let q = q.to_str().unwrap();
+    let budget = ["--gpu-memory-mib", "1"];
+    let (auto, auto_log) = velocity_cli(dir.path(), q, &budget, &[]);
+    assert!(
+        auto_log.contains("as f16") && auto_log.contains("--dtype f32 keeps f32"),
+        "{auto_log}"
+    );
+    assert!(
+        auto_log.contains("f16 storage (chosen automatically"),
+        "{auto_log}"
+    );
+    assert!(!auto_log.contains("streaming"), "{auto_log}");
+    let (f16, f16_log) = velocity_cli(
+        dir.path(),
+        q,
+        &[&budget[..], &["--dtype", "f16"]].concat(),
+        &[],
+    );
+    assert!(
+        f16_log.contains("f16 storage") && !f16_log.contains("automatically"),
+        "{f16_log}"
+    );
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    assert!(
+        bits(&auto) == bits(&f16),
+        "automatic f16 differs from --dtype f16"
+    );
+    // Explicit f32 keeps f32, streamed; the budget may come from the environment too.
+    let (f32s, f32_log) = velocity_cli(
+        dir.path(),
+        q,
+        &["--dtype", "f32"],
+        &[("ORACLEFLOW_GPU_MEMORY_MIB", "1")],
+    );
+    assert!(
+        f32_log.contains("f32 storage") && f32_log.contains("streaming"),
+        "{f32_log}"
+    );
+    // Without a budget problem nothing changes: f32, resident.
+    let (plain, plain_log) = velocity_cli(dir.path(), q, &[], &[]);
+    assert!(
+        plain_log.contains("f32 storage") && !plain_log.contains("as f16"),
+        "{plain_log}"
+    );
+    // Streamed chunks are cut smaller (the budget), so rows merge in other groups: equal
+    // to rounding.
+    let rel = |a: &[f32], b: &[f32]| {
+        let d: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (d / n).sqrt()
+    };
+    assert!(rel(&f32s, &plain) < 1e-5, "streamed f32 vs resident f32");
+    // `sample` records the choice and why in run.json.
+    let out = dir.path().join("sample");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_oracleflow"))
+        .args([
+            "sample",
+            "--data",
+            "gaussian:5000,100,3",
+            "--backend",
+            "gpu",
+        ])
+        .args(["--gpu-memory-mib", "1", "--steps", "2", "--n-samples", "2"])
+        .args(["--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["data"]["dtype"], "f16", "{}", run["data"]);
+    let why = run["data"]["dtype_reason"].as_str().unwrap_or_default();
+    assert!(why.contains("over the device budget"), "{why}");
+    // f16 rounding moves the velocity a little, not more.
+    let err = f16
+        .iter()
+        .zip(&plain)
+        .map(|(a, b)| (a - b).abs() as f64)
+        .fold(0.0, f64::max);
+    let scale = plain.iter().map(|v| v.abs() as f64).fold(0.0, f64::max);
+    assert!(err <= 1e-2 * scale, "f16 vs f32: {err} of {scale}");
 }
 
 #[test]
@@ -476,8 +840,14 @@ fn adapter_report_names_the_limits() {
         "max storage buffer binding",
         "SHADER_F16",
         "subgroup",
+        "device budget for the dataset",
+        "per-kernel timestamps",
     ] {
         assert!(report.contains(key), "{key} missing from\n{report}");
+    }
+    // Without ORACLEFLOW_GPU_MEMORY_MIB the budget is the documented default, and says so.
+    if std::env::var_os(oracleflow::oracle::gpu::MEMORY_ENV).is_none() {
+        assert!(report.contains("4 x max buffer"), "{report}");
     }
 }
 

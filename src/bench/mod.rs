@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use crate::dataset::Dataset;
 use crate::error::Result;
 use crate::oracle::cpu::{self, GemmLib};
+use crate::oracle::gpu::{GpuOptions, KernelTimes, ProfileLog};
 use crate::oracle::{BackendKind, Oracle, Query, Times};
 use crate::path::Path;
 
@@ -29,6 +30,10 @@ pub struct Measurement {
     /// Useful flops per second: 4 B N D for an oracle evaluation, 2 B N D for one GEMM
     pub gflops: f64,
     pub reps: usize,
+    /// GPU rows: the median per-kernel milliseconds of the timed runs, from the device's
+    /// timestamp queries (None where the device has none, and for every other row).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_kernels: Option<KernelTimes>,
 }
 
 /// Checks the batch size and repetitions of a benchmark.
@@ -59,14 +64,20 @@ pub fn median_seconds(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<
     Ok(times[times.len() / 2])
 }
 
-/// Times one oracle evaluation of `n_queries` noise-like queries at t = 0.5.
+/// Times one oracle evaluation of `n_queries` noise-like queries at t = 0.5. A GPU
+/// backend also times each kernel where its device has timestamp queries.
 pub fn oracle_throughput(
     ds: &Dataset,
     kind: BackendKind,
     n_queries: usize,
     reps: usize,
 ) -> Result<Measurement> {
-    let mut oracle = Oracle::new(ds, Path::RectifiedFlow, kind)?;
+    let log = ProfileLog::default();
+    let gpu = GpuOptions {
+        profile: Some(log.clone()),
+        ..Default::default()
+    };
+    let mut oracle = Oracle::with_gpu_options(ds, Path::RectifiedFlow, kind, gpu)?;
     let dim = ds.dim();
     // Deterministic pseudo-noise: the values do not change the work done.
     let x: Vec<f32> = (0..n_queries * dim)
@@ -80,6 +91,9 @@ pub fn oracle_throughput(
         })?;
         Ok(())
     })?;
+    // The first call was the untimed warm-up.
+    let calls = log.take();
+    let gpu_kernels = KernelTimes::median(calls.get(1..).unwrap_or_default());
     let flops = 4.0 * n_queries as f64 * ds.n_samples() as f64 * dim as f64;
     Ok(Measurement {
         what: format!("{kind:?} oracle").to_lowercase(),
@@ -90,6 +104,7 @@ pub fn oracle_throughput(
         seconds,
         gflops: flops / seconds / 1e9,
         reps,
+        gpu_kernels,
     })
 }
 
@@ -143,6 +158,7 @@ pub fn sgemm_throughput(
         seconds,
         gflops: flops / seconds / 1e9,
         reps,
+        gpu_kernels: None,
     })
 }
 
@@ -204,6 +220,7 @@ pub fn sgemm_throughput_lib(
         seconds,
         gflops: flops / seconds / 1e9,
         reps,
+        gpu_kernels: None,
     })
 }
 
@@ -248,7 +265,9 @@ pub fn memory_read_rate(reps: usize) -> Result<f64> {
     Ok((n * 8) as f64 / seconds)
 }
 
-/// One line per measurement, with its rate relative to the best sgemm among them.
+/// One line per measurement, with its rate relative to the best sgemm among them; under
+/// a GPU row, its per-kernel times and each one's share of the call (or one note that the
+/// device has no timestamps).
 pub fn table(rows: &[Measurement]) -> String {
     let base = match best_sgemm(rows) {
         b if b > 0.0 => b,
@@ -256,14 +275,40 @@ pub fn table(rows: &[Measurement]) -> String {
     };
     rows.iter()
         .map(|m| {
-            format!(
+            let mut line = format!(
                 "{:<15} {:>9.4} s/eval {:>8.2} GFLOP/s  {:>5.2} x best sgemm  {}\n",
                 m.what,
                 m.seconds,
                 m.gflops,
                 m.gflops / base,
                 m.description
-            )
+            );
+            match &m.gpu_kernels {
+                Some(k) => line += &format!("{:<15} {}\n", "", kernel_shares(k)),
+                None if m.description.starts_with("gpu:") => {
+                    line += &format!(
+                        "{:<15} no per-kernel times: the device has no timestamp queries\n",
+                        ""
+                    )
+                }
+                None => {}
+            }
+            line
         })
         .collect()
+}
+
+/// Each kernel's milliseconds and share of the call's wall time.
+fn kernel_shares(k: &KernelTimes) -> String {
+    let wall = k.wall_ms.max(f64::MIN_POSITIVE);
+    let part = |name: &str, ms: f64| format!("{name} {ms:.3} ms ({:.0}%)", 100.0 * ms / wall);
+    format!(
+        "per kernel: {}, {}, {}, {}; kernels {:.0}% of the {:.3} ms call",
+        part("logits", k.logits_ms),
+        part("softmax", k.softmax_ms),
+        part("accumulate", k.accumulate_ms),
+        part("finalize", k.finalize_ms),
+        100.0 * k.kernels_ms() / wall,
+        k.wall_ms
+    )
 }

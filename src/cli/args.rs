@@ -19,24 +19,82 @@ pub struct DataArgs {
     /// The dataset (see "--data spec" in `--help`)
     #[arg(long, default_value = "embedded", long_help = dataset::SPEC_HELP)]
     pub data: String,
-    /// How dataset values are stored on the device (computation is always f32)
-    #[arg(long, value_enum, default_value_t)]
-    pub dtype: Dtype,
+    /// How dataset values are stored (computation is always f32). Default: f32, except
+    /// that `sample` and `velocity` on the gpu (or auto) backend store f16 when the
+    /// dataset in f32 would exceed the device's memory budget and fits it in f16 (said on
+    /// stderr and in run.json); `--dtype f32` keeps f32 (streamed through the GPU)
+    #[arg(long, value_enum)]
+    pub dtype: Option<Dtype>,
 }
 
+/// Why the dataset of this run is f16 when --dtype did not say (set once by
+/// [`DataArgs::load_for`]).
+static AUTO_DTYPE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 impl DataArgs {
-    /// The dataset; under mpirun, this rank's share of its rows (`oracle::shard::mpi`).
-    pub fn load(&self) -> Result<Dataset> {
-        #[cfg(feature = "mpi")]
-        if let Some(rank) = shard::mpi::current() {
-            return Ok(shard::mpi::load(&self.data, self.dtype, rank)?);
-        }
-        Ok(dataset::load(&self.data, self.dtype)?)
+    /// The storage --dtype gives, f32 when not given.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype.unwrap_or_default()
     }
 
-    /// The whole dataset, also under mpirun.
+    /// Why the dataset has its dtype, for run.json: given, default, or chosen.
+    pub fn dtype_reason(&self) -> String {
+        match (self.dtype, AUTO_DTYPE.get()) {
+            (Some(d), _) => format!("--dtype {}", format!("{d:?}").to_lowercase()),
+            (None, Some(why)) => why.clone(),
+            (None, None) => "default (f32)".into(),
+        }
+    }
+
+    /// The dataset; under mpirun, this rank's share of its rows (`oracle::shard::mpi`).
+    pub fn load(&self) -> Result<Dataset> {
+        self.load_as(self.dtype())
+    }
+
+    fn load_as(&self, dtype: Dtype) -> Result<Dataset> {
+        #[cfg(feature = "mpi")]
+        if let Some(rank) = shard::mpi::current() {
+            return Ok(shard::mpi::load(&self.data, dtype, rank)?);
+        }
+        Ok(dataset::load(&self.data, dtype)?)
+    }
+
+    /// As [`DataArgs::load`], for the oracle `oracle` builds: without --dtype, on one GPU
+    /// (`--backend gpu` or `auto`), a dataset whose f32 copy would exceed the device's
+    /// budget but whose f16 copy fits is loaded again as f16 (exactly what `--dtype f16`
+    /// loads: the same values, so the same results), and one stderr line says so.
+    pub fn load_for(&self, oracle: &OracleArgs) -> Result<Dataset> {
+        let ds = self.load()?;
+        // Not under mpirun: each rank would decide from its own share, and the ranks'
+        // dtypes could differ.
+        let one_gpu = matches!(oracle.backend, BackendKind::Gpu | BackendKind::Auto)
+            && oracle.devices.is_none()
+            && shard::mpi::current().is_none();
+        if self.dtype.is_some() || !one_gpu {
+            return Ok(ds);
+        }
+        let gpu = GpuOptions {
+            hardware_only: oracle.backend == BackendKind::Auto,
+            ..oracle.gpu_options()
+        };
+        match oracleflow::oracle::gpu::automatic_f16(&ds, &gpu)? {
+            Some(why) => {
+                eprintln!("{why}");
+                let _ = AUTO_DTYPE.set(why);
+                drop(ds);
+                self.load_as(Dtype::F16)
+            }
+            None => Ok(ds),
+        }
+    }
+
+    /// The whole dataset, also under mpirun (in the dtype [`DataArgs::load_for`] chose).
     pub fn load_whole(&self) -> Result<Dataset> {
-        Ok(dataset::load(&self.data, self.dtype)?)
+        let dtype = match (self.dtype, AUTO_DTYPE.get()) {
+            (None, Some(_)) => Dtype::F16,
+            _ => self.dtype(),
+        };
+        Ok(dataset::load(&self.data, dtype)?)
     }
 }
 
@@ -65,11 +123,18 @@ pub struct OracleArgs {
 }
 
 impl OracleArgs {
-    pub fn build<'d>(&self, ds: &'d Dataset) -> Result<Oracle<'d>> {
-        let gpu = GpuOptions {
+    /// The GPU settings these flags give.
+    pub fn gpu_options(&self) -> GpuOptions {
+        GpuOptions {
             max_resident_bytes: self.gpu_memory_mib.map(|m| m << 20),
+            // Shown by the backend's description (run.json) when f16 was chosen for it.
+            storage_reason: AUTO_DTYPE.get().cloned(),
             ..GpuOptions::default()
-        };
+        }
+    }
+
+    pub fn build<'d>(&self, ds: &'d Dataset) -> Result<Oracle<'d>> {
+        let gpu = self.gpu_options();
         let cpu = CpuOptions {
             prune: !self.exact_dense,
         };

@@ -206,13 +206,13 @@ fn run_model(a: &BenchArgs) -> Result<()> {
         n_samples: n,
         dim: d,
         n_queries: a.batch,
-        dtype: a.data.dtype,
+        dtype: a.data.dtype(),
     };
     // Short measurement: the autotune's shape (B = 256, N = 8192, D = 512).
     let (mb, mn, md) = (256, 8192, 512);
     let tuning = tune::tuning();
     let sgemm = bench::sgemm_all(mb, mn, md, a.reps)?;
-    let ds = oracleflow::dataset::load(&format!("gaussian:{mn},{md}"), a.data.dtype)?;
+    let ds = oracleflow::dataset::load(&format!("gaussian:{mn},{md}"), a.data.dtype())?;
     let ours = oracle_dense(&ds, mb, a.reps)?;
     let cpu = model::CpuRates {
         cpu_model: peers::cpu_model(),
@@ -276,6 +276,7 @@ fn oracle_dense(ds: &oracleflow::Dataset, b: usize, reps: usize) -> Result<bench
         seconds,
         gflops: 4.0 * (b * ds.n_samples() * dim) as f64 / seconds / 1e9,
         reps,
+        gpu_kernels: None,
     })
 }
 

@@ -116,7 +116,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
             // Loaded as f32 so the values are rounded once, to the output dtype.
             let ds = DataArgs {
                 data: a.src.clone(),
-                dtype: Dtype::F32,
+                dtype: Some(Dtype::F32),
             }
             .load()?;
             let (n, dim) = (ds.n_samples(), ds.dim());

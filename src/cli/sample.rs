@@ -165,7 +165,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         check_flag_time("--t-start", t)?;
     }
 
-    let ds = a.data.load()?;
+    let ds = a.data.load_for(&a.oracle)?;
     // Under mpirun `ds` is this rank's share of the rows (all the oracle needs), but the
     // memorization check and the pictures need every sample: rank 0 loads them whole too.
     let root = shard::mpi::is_root();
@@ -177,7 +177,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let init_ds = a
         .init_from
         .as_deref()
-        .map(|spec| oracleflow::dataset::load(spec, a.data.dtype))
+        .map(|spec| oracleflow::dataset::load(spec, ds.dtype()))
         .transpose()?;
     let n_samples = match (&init_ds, a.n_samples) {
         (None, n) => n.unwrap_or(64),
@@ -355,6 +355,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         sampling_seconds,
     );
     run_json["sampling"]["integration_times"] = serde_json::json!(run.times);
+    run_json["data"]["dtype_reason"] = serde_json::json!(a.data.dtype_reason());
     let mut summary = format!("{memorized} of {n_samples} memorized");
     if let Some(init) = &options.init {
         // Per sample: the nearest training sample of its start image (the given sample)

@@ -156,7 +156,7 @@ fn run_resume(a: ResumeArgs) -> Result<()> {
     let opts = m.options();
     opts.check()?;
     let ds = m.data.load()?;
-    let held_out = oracleflow::dataset::load(&a.init_from, m.data.dtype)?;
+    let held_out = oracleflow::dataset::load(&a.init_from, m.data.dtype())?;
     let mut oracle = OracleField::new(m.oracle.build(&ds)?);
     eprintln!(
         "study resume: {} on {}, starting from {}",

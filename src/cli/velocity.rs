@@ -93,7 +93,7 @@ pub fn run(a: VelocityArgs) -> Result<()> {
     };
     times.iter().try_for_each(|&t| check_time(t))?;
 
-    let ds = a.data.load()?;
+    let ds = a.data.load_for(&a.oracle)?;
     let dim = ds.dim();
     if shape.is_empty() || shape[1..].iter().product::<usize>() != dim {
         bail!(

@@ -5,6 +5,11 @@
 //! bind and reused by later calls while those buffers are; a dataset buffer's groups (a
 //! resident chunk's, or a ring slot's, whichever chunk it holds) are made when a call
 //! first reads it.
+//!
+//! The backend keeps two [`Buffers`], one per parity of a call's sub-batches, so that
+//! one sub-batch can be queued while the previous one's results are read back (see the
+//! pipelining in `mod.rs`); the second set is made only when a call has several
+//! sub-batches, so single sub-batch calls cost no extra device memory.
 
 use super::pipelines::{binding_names, Kernel, Kernels, StepParams};
 use super::plan::{Limits, Sizes};

@@ -5,7 +5,10 @@ use std::fmt::Write as _;
 use crate::error::{Error, Result};
 
 use super::health::Health;
+use super::options::{self, GpuOptions};
 use super::pipelines::WORKGROUP_BYTES;
+use super::plan::{self, Limits};
+use super::timing;
 
 /// An open device and what was negotiated for it.
 pub(super) struct Gpu {
@@ -21,6 +24,11 @@ pub(super) struct Gpu {
 impl Gpu {
     pub fn is_cpu(&self) -> bool {
         is_cpu_adapter(&self.info)
+    }
+
+    /// Whether the device can time each kernel (see `timing`).
+    pub fn has_timestamps(&self) -> bool {
+        self.features.contains(timing::FEATURES)
     }
 }
 
@@ -106,8 +114,25 @@ fn adapter(hardware_only: bool) -> Result<wgpu::Adapter> {
     Ok(adapter)
 }
 
+/// The limits and SHADER_F16 support of the adapter `options` would open (None when there
+/// is none): what a choice made before opening the device needs.
+pub(super) fn adapter_limits(options: &GpuOptions) -> Result<Option<(Limits, bool)>> {
+    let adapter = match options.adapter {
+        Some(i) => adapter_at(i)?,
+        None => match adapter(options.hardware_only) {
+            Ok(a) => a,
+            Err(_) => return Ok(None),
+        },
+    };
+    let is_cpu = is_cpu_adapter(&adapter.get_info());
+    let has_f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
+    // `open` requests these limits as the adapter gives them, so the plan sees the same.
+    Ok(Some((Limits::new(&adapter.limits(), is_cpu), has_f16)))
+}
+
 /// Opens the preferred adapter. Features: SHADER_F16 when the adapter has it and
-/// `want_f16`. Limits: the adapter's own for what the kernels need (binding and buffer
+/// `want_f16`; the timestamp queries of `timing` when it has both (requesting them costs
+/// nothing until a call writes a timestamp, which only profiling does). Limits: the adapter's own for what the kernels need (binding and buffer
 /// sizes, workgroup memory and size, storage buffers per stage), downlevel defaults
 /// for the rest.
 pub(super) fn open(hardware_only: bool, want_f16: bool, index: Option<usize>) -> Result<Gpu> {
@@ -117,11 +142,14 @@ pub(super) fn open(hardware_only: bool, want_f16: bool, index: Option<usize>) ->
     };
     let info = adapter.get_info();
     let have = adapter.limits();
-    let features = if want_f16 {
+    let mut features = if want_f16 {
         adapter.features() & wgpu::Features::SHADER_F16
     } else {
         wgpu::Features::empty()
     };
+    if adapter.features().contains(timing::FEATURES) {
+        features |= timing::FEATURES;
+    }
 
     // The kernels bind at most 5 storage buffers, use 16 x 16 workgroups and 12 KiB of
     // workgroup memory.
@@ -214,6 +242,39 @@ pub fn adapter_report() -> Result<String> {
         yes(f.contains(wgpu::Features::SUBGROUP)),
         info.subgroup_min_size,
         info.subgroup_max_size
+    );
+    let budget = plan::dataset_budget(
+        &Limits::new(&l, is_cpu_adapter(&info)),
+        &GpuOptions {
+            max_resident_bytes: options::memory_budget_from_env()?,
+            ..Default::default()
+        },
+    );
+    let _ = writeln!(
+        s,
+        "  device budget for the dataset: {} ({}; larger datasets stream through the GPU)",
+        mib(budget),
+        if std::env::var_os(options::MEMORY_ENV).is_some() {
+            format!("from {}", options::MEMORY_ENV)
+        } else {
+            format!(
+                "default: 4 x max buffer, as wgpu reports no memory size; \
+                 --gpu-memory-mib or {} sets it",
+                options::MEMORY_ENV
+            )
+        }
+    );
+    let _ = writeln!(
+        s,
+        "  per-kernel timestamps: {} (TIMESTAMP_QUERY {}, inside passes {}; {}=1 prints them)",
+        if f.contains(timing::FEATURES) {
+            "available"
+        } else {
+            "not available"
+        },
+        yes(f.contains(wgpu::Features::TIMESTAMP_QUERY)),
+        yes(f.contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)),
+        timing::PROFILE_ENV
     );
     Ok(s.trim_end().to_string())
 }

@@ -5,6 +5,11 @@
 //! (logits, softmax, accumulate), all queued without waiting; the finalize and the
 //! copies to the readback buffer go last. Some platforms reset a device whose
 //! submission runs for seconds: a long row range becomes several moderate submissions.
+//!
+//! With a [`Timer`] (profiling on a device with timestamp queries) each pass also writes
+//! a timestamp at its start and after every dispatch, resolved in the last submission
+//! behind the results in the readback buffer (see `timing`): the kernels' order and the
+//! submissions are the same with or without it, so timing does not change the results.
 
 use std::borrow::Cow;
 
@@ -12,9 +17,11 @@ use crate::error::Result;
 
 use super::buffers::{BindGroups, CallBuffers};
 use super::health::Waiter;
+use super::pipelines::KernelKind;
 use super::pipelines::{Kernel, Kernels};
 use super::plan::{Plan, Submit};
 use super::residency::Residency;
+use super::timing::Timer;
 
 /// Queries `x` (n x `dim`) padded like the rows to `dim4` vec4s (zeros change no dot
 /// product); borrowed when there is no padding.
@@ -60,10 +67,25 @@ pub(super) struct Passes<'a> {
 }
 
 impl Passes<'_> {
-    /// Submits every pass of the plan, the last one copying the results to the readback
-    /// buffer. Streaming: chunk k is queued for upload into its slot just before its
-    /// first submit (after the submits of chunk k - 1), see `residency` for the ordering.
-    pub fn submit(&self, residency: &mut Residency) -> Result<()> {
+    /// Timestamps `timer` writes for the plan: one per pass start, one per dispatch.
+    pub fn n_timestamps(plan: &Plan) -> usize {
+        plan.submits
+            .iter()
+            .map(|s| 1 + 3 * s.steps.len())
+            .sum::<usize>()
+            + 2
+    }
+
+    /// Submits every pass of the plan, the last one copying the results (and the
+    /// timestamps of `timer`, prepared for [`Passes::n_timestamps`], right after them) to
+    /// the readback buffer. Streaming: chunk k is queued for upload into its slot just
+    /// before its first submit (after the submits of chunk k - 1), see `residency` for
+    /// the ordering. Returns the last submission's index (what the read-back waits for).
+    pub fn submit(
+        &self,
+        residency: &mut Residency,
+        mut timer: Option<&mut Timer>,
+    ) -> Result<wgpu::SubmissionIndex> {
         let (device, queue, bufs, sizes) = (self.device, self.queue, self.bufs, &self.plan.sizes);
         let mut encoder = device.create_command_encoder(&Default::default());
         // Zero states mean "no row seen" (sum = 0); zero accumulators.
@@ -84,7 +106,7 @@ impl Passes<'_> {
                     )?;
                 }
             }
-            self.steps(&mut encoder, submit, slot);
+            self.steps(&mut encoder, submit, slot, timer.as_deref_mut());
             let done = std::mem::replace(
                 &mut encoder,
                 device.create_command_encoder(&Default::default()),
@@ -94,18 +116,32 @@ impl Passes<'_> {
                 stream.read_by(slot, index);
             }
         }
-        self.finalize(&mut encoder);
+        self.finalize(&mut encoder, timer.as_deref_mut());
         encoder.copy_buffer_to_buffer(&bufs.mean, 0, &bufs.readback, 0, sizes.mean);
         encoder.copy_buffer_to_buffer(&bufs.states, 0, &bufs.readback, sizes.mean, sizes.states);
-        queue.submit([encoder.finish()]);
-        Ok(())
+        if let Some(timer) = timer {
+            timer.resolve(&mut encoder, &bufs.readback, sizes.readback);
+        }
+        Ok(queue.submit([encoder.finish()]))
     }
 
     /// One pass over the steps of `submit`, reading dataset buffer `slot`.
-    fn steps(&self, encoder: &mut wgpu::CommandEncoder, submit: &Submit, slot: usize) {
+    fn steps(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        submit: &Submit,
+        slot: usize,
+        mut timer: Option<&mut Timer>,
+    ) {
         let (k, plan) = (self.kernels, self.plan);
         let groups = self.groups.chunk(slot);
         let mut pass = encoder.begin_compute_pass(&Default::default());
+        let mut stamp = |pass: &mut wgpu::ComputePass<'_>, kind| {
+            if let Some(t) = timer.as_deref_mut() {
+                t.stamp(pass, kind);
+            }
+        };
+        stamp(&mut pass, None);
         for i in submit.steps.clone() {
             let offset = [plan.params_offset(i)];
             dispatch(
@@ -115,6 +151,7 @@ impl Passes<'_> {
                 &offset,
                 plan.logits_grid(),
             );
+            stamp(&mut pass, Some(KernelKind::Logits));
             dispatch(
                 &mut pass,
                 &k.softmax,
@@ -122,6 +159,7 @@ impl Passes<'_> {
                 &offset,
                 plan.softmax_grid(),
             );
+            stamp(&mut pass, Some(KernelKind::Softmax));
             dispatch(
                 &mut pass,
                 &k.accumulate,
@@ -129,16 +167,23 @@ impl Passes<'_> {
                 &offset,
                 plan.accumulate_grid(),
             );
+            stamp(&mut pass, Some(KernelKind::Accumulate));
         }
     }
 
     /// The pass merging the splits into the mean, with the parameters after the steps'.
-    fn finalize(&self, encoder: &mut wgpu::CommandEncoder) {
+    fn finalize(&self, encoder: &mut wgpu::CommandEncoder, mut timer: Option<&mut Timer>) {
         let plan = self.plan;
         let mut pass = encoder.begin_compute_pass(&Default::default());
         let offset = [plan.params_offset(plan.steps.len())];
         let (kernel, group) = (&self.kernels.finalize, &self.groups.finalize);
+        if let Some(t) = timer.as_deref_mut() {
+            t.stamp(&mut pass, None);
+        }
         dispatch(&mut pass, kernel, group, &offset, plan.finalize_grid());
+        if let Some(t) = timer {
+            t.stamp(&mut pass, Some(KernelKind::Finalize));
+        }
     }
 }
 

@@ -115,11 +115,12 @@ impl Waiter {
     /// awaited work complete), in slices of at most 50 ms: returns early with
     /// `Error::Interrupted` on Ctrl-C, with the device's trouble when it was lost, and
     /// with a timeout error naming `what` once the limit has passed. `submission` narrows
-    /// the wait to one submission (None: everything queued).
+    /// the wait to one submission (None: everything queued), so that a pipelined call
+    /// waits for its previous sub-batch, not for the one it just queued.
     pub fn wait(
         &self,
         device: &wgpu::Device,
-        submission: Option<wgpu::SubmissionIndex>,
+        mut submission: Option<wgpu::SubmissionIndex>,
         what: &str,
         mut done: impl FnMut(bool) -> bool,
     ) -> Result<()> {
@@ -133,6 +134,12 @@ impl Waiter {
             }) {
                 Ok(_) => true,
                 Err(wgpu::PollError::Timeout) => false,
+                // A submission a lost device refused has an index no poll will accept:
+                // wait for everything instead, which reports the loss (health, above).
+                Err(wgpu::PollError::WrongSubmissionIndex(..)) if submission.is_some() => {
+                    submission = None;
+                    continue;
+                }
                 Err(e) => return Err(Error::Gpu(format!("waiting for the GPU ({what}): {e}"))),
             };
             self.health.check()?;

@@ -24,11 +24,30 @@
 //! submission, not the time. All submissions are queued before waiting once for the
 //! readback. A batch larger than the scratch buffers can bind runs as several sub-batches.
 //!
+//! Pipelining: the sub-batches of a call alternate between two sets of scratch buffers
+//! (each with its own readback buffer, bind groups and timestamp queries). Sub-batch i is
+//! uploaded and submitted before the host waits for sub-batch i - 1's results, so the
+//! device always has the next sub-batch queued while the host unpacks the last one: it
+//! never idles on the host's read-back. Sub-batch i reuses the set of i - 2, whose results
+//! were read (and its readback buffer unmapped) before i - 1 was waited for. Every
+//! sub-batch runs exactly the passes it ran unpipelined, on its own buffers: the results
+//! are bit-identical (tests/gpu_backend.rs checks it); only the host's waits moved. The
+//! cost is a second set of scratch buffers, made only for calls of several sub-batches.
+//!
 //! The bind groups of a call are kept with the scratch buffers they bind and reused by
 //! later calls while those buffers are; a dataset buffer's groups (a resident chunk's, or
 //! a ring slot's, whichever chunk it holds) are made when a call first reads it. After a
 //! failed call (out of memory, say) the scratch buffers and groups are dropped and made
 //! afresh by the next call, and what the ring slots hold is forgotten.
+//!
+//! Storage: the dataset's dtype (f16 data may be held as f32 where the device lacks
+//! SHADER_F16). When the user did not choose a dtype and an f32 dataset exceeds the
+//! device budget but fits in f16, [`automatic_f16`] says so before the backend is built
+//! and the CLI loads the dataset again as f16 rather than the backend converting at
+//! upload: loading rounds each centred value once (f64 to f16), exactly as `--dtype f16`
+//! does, so both give bit-identical results, where converting the stored f32 values
+//! would round twice (f64 to f32 to f16) and could differ in the last place. The
+//! description then says the f16 storage was chosen automatically.
 //!
 //! A call of one sub-batch runs in phases, one file each:
 //! - `plan`: every decision from the adapter's limits and the shapes alone (splits, tile
@@ -39,7 +58,8 @@
 //!
 //! `device` opens the adapter, `pipelines` builds the kernels and their binding layouts
 //! (the table the shader validation test checks against the WGSL), `residency` holds the
-//! dataset, `options` the knobs.
+//! dataset, `options` the knobs, `timing` the per-kernel timestamps (profiling:
+//! `ORACLEFLOW_GPU_PROFILE=1` prints each call's, `bench` reports them).
 
 mod buffers;
 mod device;
@@ -50,6 +70,7 @@ mod pipelines;
 mod plan;
 mod readback;
 mod residency;
+mod timing;
 
 use std::ops::Range;
 
@@ -59,11 +80,12 @@ use crate::oracle::{Backend, CentredBatch, Partial, Posterior, QueryStats, Softm
 
 pub use device::{adapter_list, adapter_report, all_devices};
 pub use health::{wait_limit_from_env, DEFAULT_WAIT_LIMIT, WAIT_LIMIT_ENV};
-pub use options::GpuOptions;
+pub use options::{memory_budget_from_env, GpuOptions, MEMORY_ENV};
 pub use pipelines::{
     binding_names, kernel_sources, kernel_variants, layout_entries, BindingKind, KernelKind,
     STEP_PARAMS_BYTES,
 };
+pub use timing::{profile_from_env, KernelTimes, ProfileLog, PROFILE_ENV};
 
 use buffers::Buffers;
 use device::Gpu;
@@ -71,6 +93,7 @@ use health::Waiter;
 use pipelines::Kernels;
 use plan::{Limits, Plan};
 use residency::Residency;
+use timing::Timer;
 
 /// The oracle posterior on a GPU through wgpu.
 pub struct GpuBackend {
@@ -87,11 +110,17 @@ pub struct GpuBackend {
     /// vec4s per padded row
     dim4: usize,
     options: GpuOptions,
-    buffers: Buffers,
+    /// Two sets of scratch buffers, alternated by the sub-batches of a call (pipelining).
+    buffers: [Buffers; 2],
     /// Bounds every wait for the device (see `health`).
     waiter: Waiter,
     /// Kernels compiled without wgpu's bounds checks.
     trusted: bool,
+    /// Per-kernel timestamps, one per scratch set (when profiling on a device that has
+    /// them; see `timing`).
+    timers: Option<[Timer; 2]>,
+    /// Print each call's kernel times to stderr (`ORACLEFLOW_GPU_PROFILE=1`).
+    print_profile: bool,
 }
 
 impl GpuBackend {
@@ -106,7 +135,10 @@ impl GpuBackend {
         )
     }
 
-    pub fn with_options(dataset: &Dataset, options: GpuOptions) -> Result<Self> {
+    pub fn with_options(dataset: &Dataset, mut options: GpuOptions) -> Result<Self> {
+        if options.max_resident_bytes.is_none() {
+            options.max_resident_bytes = options::memory_budget_from_env()?;
+        }
         let want_f16 = dataset.dtype() == Dtype::F16;
         let limit = match options.wait_limit {
             Some(limit) => limit,
@@ -123,6 +155,10 @@ impl GpuBackend {
             };
         let limits = Limits::new(&gpu.limits, gpu.is_cpu());
         let trusted = options.trusted_shaders.unwrap_or(!gpu.is_cpu());
+        let print_profile = timing::profile_from_env();
+        // No timestamps on the device: no timings, silently (not an error).
+        let timers = ((print_profile || options.profile.is_some()) && gpu.has_timestamps())
+            .then(|| [Timer::new(), Timer::new()]);
         let built = scoped(&gpu.device, || {
             let kernels = Kernels::new(&gpu.device, storage == Dtype::F16, trusted);
             let residency = place(&gpu.device, dataset, storage, &limits, &options)?;
@@ -147,8 +183,10 @@ impl GpuBackend {
             },
             gpu,
             options,
-            buffers: Buffers::new(),
+            buffers: [Buffers::new(), Buffers::new()],
             trusted,
+            timers,
+            print_profile,
         })
     }
 
@@ -169,17 +207,28 @@ impl GpuBackend {
         self.residency.is_streaming()
     }
 
-    /// One sub-batch: queries `x` (n x D) against `rows`; writes n x D of `mean` and
-    /// pushes n stats.
-    fn run(
+    /// Whether calls are timed per kernel (profiling asked for, and the device can).
+    pub fn is_profiling(&self) -> bool {
+        self.timers.is_some()
+    }
+
+    /// Dataset chunks uploaded to ring slots so far (streaming; 0 when resident): lets
+    /// tests check that what the ring holds is not uploaded again.
+    #[doc(hidden)]
+    pub fn stream_uploads(&self) -> u64 {
+        self.residency.uploads()
+    }
+
+    /// Uploads and submits one sub-batch, queries `x` (n x D) against `rows`, on scratch
+    /// set `set`, without waiting for it: [`GpuBackend::finish`] reads its results.
+    fn submit(
         &mut self,
+        set: usize,
         x: &[f32],
         coefs: &[[f32; 2]],
         rows: Range<usize>,
-        mean: &mut [f32],
-        stats: &mut Vec<QueryStats>,
-        states: Option<&mut Vec<(SoftmaxState, f32)>>,
-    ) -> Result<()> {
+        queries: Range<usize>,
+    ) -> Result<Submitted> {
         let residency = &mut self.residency;
         let n_queries = coefs.len();
         let chunk_rows = residency.all_chunk_rows();
@@ -195,11 +244,18 @@ impl GpuBackend {
         let slots = residency.buffers_of(&plan.reads);
         let (device, queue) = (&self.gpu.device, &self.gpu.queue);
 
-        let bufs = self.buffers.for_call(device, &self.limits, &plan.sizes);
+        // The timestamps ride behind the results in the readback buffer.
+        let mut sizes = plan.sizes;
+        let mut timer = self.timers.as_mut().map(|t| &mut t[set]);
+        if let Some(timer) = timer.as_deref_mut() {
+            let n = encode::Passes::n_timestamps(&plan);
+            timer.prepare(device, n);
+            sizes.readback += Timer::bytes(n);
+        }
+        let buffers = &mut self.buffers[set];
+        let bufs = buffers.for_call(device, &self.limits, &sizes);
         encode::upload(queue, &bufs, &plan, x, self.dim, coefs);
-        let groups = self
-            .buffers
-            .groups(device, &self.kernels, residency, &bufs, &slots);
+        let groups = buffers.groups(device, &self.kernels, residency, &bufs, &slots);
         let passes = encode::Passes {
             device,
             queue,
@@ -210,15 +266,93 @@ impl GpuBackend {
             slots: &slots,
             waiter: &self.waiter,
         };
-        passes.submit(residency)?;
-        readback::read_back(
-            device,
-            &self.waiter,
-            &bufs.readback,
-            plan.sizes.readback,
-            |bytes| readback::unpack(bytes, &plan, self.dim, mean, stats, states),
-        )
+        let last = passes.submit(residency, timer)?;
+        Ok(Submitted {
+            set,
+            queries,
+            last,
+            readback: bufs.readback,
+            readback_bytes: sizes.readback,
+            plan,
+        })
     }
+
+    /// Waits for the sub-batch `done` and reads its results: writes its n x D of `mean`
+    /// (the call's whole mean) and pushes its n stats; returns its kernel times when timed.
+    fn finish(
+        &self,
+        done: Submitted,
+        mean: &mut [f32],
+        stats: &mut Vec<QueryStats>,
+        states: Option<&mut Vec<(SoftmaxState, f32)>>,
+    ) -> Result<Option<KernelTimes>> {
+        let dim = self.dim;
+        let mean = &mut mean[done.queries.start * dim..done.queries.end * dim];
+        let timer = self.timers.as_ref().map(|t| &t[done.set]);
+        let period = self.gpu.queue.get_timestamp_period();
+        let mut times = None;
+        readback::read_back(
+            &self.gpu.device,
+            &self.waiter,
+            &done.readback,
+            done.readback_bytes,
+            Some(done.last),
+            |bytes| {
+                let plan = &done.plan;
+                let (results, stamps) = bytes.split_at(plan.sizes.readback as usize);
+                readback::unpack(results, plan, dim, mean, stats, states);
+                times = timer.map(|t| t.times(&readback::pod_slice::<u64>(stamps), period));
+            },
+        )?;
+        Ok(times)
+    }
+}
+
+/// A sub-batch submitted and not yet read back.
+struct Submitted {
+    /// Its scratch set.
+    set: usize,
+    /// Its queries in the call.
+    queries: Range<usize>,
+    /// The submission that copies its results to `readback`.
+    last: wgpu::SubmissionIndex,
+    readback: wgpu::Buffer,
+    readback_bytes: u64,
+    plan: Plan,
+}
+
+/// Whether an f32 dataset should be stored as f16 on the GPU `options` open, when the
+/// user did not choose: Some(why, one line) when its f32 copy exceeds the device budget
+/// (see `options`) while its f16 copy fits and the device has SHADER_F16; None otherwise
+/// (f16 already, fits in f32, or would stream anyway). Opens the adapter, not a device.
+pub fn automatic_f16(dataset: &Dataset, options: &GpuOptions) -> Result<Option<String>> {
+    if dataset.dtype() != Dtype::F32 {
+        return Ok(None);
+    }
+    let Some((limits, has_f16)) = device::adapter_limits(options)? else {
+        // No adapter: the backend's own error (or auto's fallback) comes later.
+        return Ok(None);
+    };
+    let mut options = options.clone();
+    if options.max_resident_bytes.is_none() {
+        options.max_resident_bytes = options::memory_budget_from_env()?;
+    }
+    let budget = plan::dataset_budget(&limits, &options);
+    let f32_bytes = residency::resident_bytes(dataset, Dtype::F32);
+    let f16_bytes = residency::resident_bytes(dataset, Dtype::F16);
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    Ok(
+        (has_f16 && !options.f16_as_f32 && f32_bytes > budget && f16_bytes <= budget).then(|| {
+            format!(
+                "gpu: storing {} as f16: in f32 it would take {:.1} MiB, over the device budget \
+             of {:.1} MiB, and fits in f16 ({:.1} MiB); --dtype f32 keeps f32 (streamed)",
+                dataset.name,
+                mib(f32_bytes),
+                mib(budget),
+                mib(f16_bytes)
+            )
+        }),
+    )
 }
 
 /// Puts the dataset on the device: resident, or streamed through a ring of slots when it
@@ -311,39 +445,76 @@ impl GpuBackend {
         }
         // A lost device fails every call the same way, before any work is queued.
         self.waiter.health.check()?;
+        let start = std::time::Instant::now();
+        let mut times: Option<KernelTimes> = None;
         let mut mean = vec![0.0f32; n_queries * dim];
         let mut stats = Vec::with_capacity(n_queries);
         let most = plan::max_sub_batch(&self.limits, self.dim4, self.options.max_sub_batch);
+        let subs: Vec<Range<usize>> = plan::sub_batches(n_queries, most).collect();
         let device = self.gpu.device.clone();
-        for Range { start: q0, end: q1 } in plan::sub_batches(n_queries, most) {
+        // Sub-batch i is submitted before sub-batch i - 1 is read back (see the module
+        // docs); the last iteration submits nothing and reads the last sub-batch.
+        let mut pending: Option<Submitted> = None;
+        for i in 0..=subs.len() {
             let done = scoped(&device, || {
-                self.run(
-                    &batch.x[q0 * dim..q1 * dim],
-                    &batch.logit_coefs[q0..q1],
-                    rows.clone(),
-                    &mut mean[q0 * dim..q1 * dim],
-                    &mut stats,
-                    states.as_deref_mut(),
-                )
+                let submitted = match subs.get(i) {
+                    Some(q) => Some(self.submit(
+                        i % 2,
+                        &batch.x[q.start * dim..q.end * dim],
+                        &batch.logit_coefs[q.clone()],
+                        rows.clone(),
+                        q.clone(),
+                    )?),
+                    None => None,
+                };
+                let read = match pending.take() {
+                    Some(p) => self.finish(p, &mut mean, &mut stats, states.as_deref_mut())?,
+                    None => None,
+                };
+                Ok((submitted, read))
             });
-            if done.is_err() {
-                // A buffer whose creation failed is unusable: start afresh next call; what
-                // the ring slots hold is unknown.
-                self.buffers = Buffers::new();
-                self.residency.invalidate();
-                // Errors of a lost device's calls are its consequences: name the cause.
-                self.waiter.health.check()?;
+            match done {
+                Ok((submitted, read)) => {
+                    pending = submitted;
+                    if let Some(t) = read {
+                        times
+                            .get_or_insert_with(KernelTimes::default)
+                            .add_kernels(&t);
+                    }
+                }
+                Err(e) => {
+                    // A buffer whose creation failed is unusable: start afresh next call;
+                    // what the ring slots hold is unknown.
+                    self.buffers = [Buffers::new(), Buffers::new()];
+                    self.residency.invalidate();
+                    // Errors of a lost device's calls are its consequences: name the cause.
+                    self.waiter.health.check()?;
+                    return Err(e);
+                }
             }
-            done?;
+        }
+        if let Some(mut t) = times {
+            t.wall_ms = start.elapsed().as_secs_f64() * 1e3;
+            if self.print_profile {
+                eprintln!("gpu profile: B = {n_queries}, rows {rows:?}: {}", t.line());
+            }
+            if let Some(log) = &self.options.profile {
+                log.push(t);
+            }
         }
         Ok(Posterior { mean, stats })
     }
 
     fn description(&self) -> String {
         let storage = match (self.dataset_dtype, self.storage) {
-            (Dtype::F16, Dtype::F32) => "f16 data held as f32",
-            (_, Dtype::F16) => "f16 storage",
-            (_, Dtype::F32) => "f32 storage",
+            (Dtype::F16, Dtype::F32) => "f16 data held as f32".to_string(),
+            (_, Dtype::F16) => match &self.options.storage_reason {
+                Some(_) => {
+                    "f16 storage (chosen automatically: f32 exceeds the device budget)".to_string()
+                }
+                None => "f16 storage".to_string(),
+            },
+            (_, Dtype::F32) => "f32 storage".to_string(),
         };
         let n = self.residency.n_chunks();
         let streaming = if self.residency.is_streaming() {

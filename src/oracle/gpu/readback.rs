@@ -10,13 +10,14 @@ use super::health::Waiter;
 use super::pipelines::GpuState;
 use super::plan::Plan;
 
-/// Maps `buffer`, waits for the GPU (bounded: see [`Waiter`]), hands its first `bytes` to
-/// `read` and unmaps it.
+/// Maps `buffer`, waits for the GPU (bounded: see [`Waiter`]; for `submission` only when
+/// given, else for everything queued), hands its first `bytes` to `read` and unmaps it.
 pub(super) fn read_back(
     device: &wgpu::Device,
     waiter: &Waiter,
     buffer: &wgpu::Buffer,
     bytes: u64,
+    submission: Option<wgpu::SubmissionIndex>,
     read: impl FnOnce(&[u8]),
 ) -> Result<()> {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -24,12 +25,17 @@ pub(super) fn read_back(
         let _ = tx.send(r);
     });
     let mut mapped = None;
-    let waited = waiter.wait(device, None, "the evaluation and its read-back", |_| {
-        if mapped.is_none() {
-            mapped = rx.try_recv().ok();
-        }
-        mapped.is_some()
-    });
+    let waited = waiter.wait(
+        device,
+        submission,
+        "the evaluation and its read-back",
+        |_| {
+            if mapped.is_none() {
+                mapped = rx.try_recv().ok();
+            }
+            mapped.is_some()
+        },
+    );
     if let Err(e) = waited {
         // The map request may still be pending: unmapping cancels it, so the buffer is
         // usable again should the caller retry.
@@ -91,7 +97,7 @@ pub(super) fn unpack(
 
 /// `bytes` as a slice of `T`: cast in place where aligned (mapped memory is, in practice),
 /// copied otherwise.
-fn pod_slice<T: bytemuck::Pod>(bytes: &[u8]) -> Cow<'_, [T]> {
+pub(super) fn pod_slice<T: bytemuck::Pod>(bytes: &[u8]) -> Cow<'_, [T]> {
     match bytemuck::try_cast_slice(bytes) {
         Ok(values) => Cow::Borrowed(values),
         Err(_) => Cow::Owned(bytemuck::pod_collect_to_vec(bytes)),

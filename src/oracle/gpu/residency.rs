@@ -13,9 +13,9 @@
 //! Streaming (when the dataset is larger than the device-memory budget,
 //! `GpuOptions::max_resident_bytes`): the rows stay on the host, packed once in the
 //! device layout, and the device holds only [`RING_SLOTS`] chunk-sized slots. A call
-//! walks the chunks overlapping its row range in order; the i-th of them goes to slot
-//! i % RING_SLOTS, uploaded with `queue.write_buffer` just before the first submission
-//! that reads it. The kernels, bind group layouts and step parameters are those of the
+//! walks the chunks overlapping its row range in order; each is read from a slot that
+//! already holds it, else uploaded with `queue.write_buffer` into a slot other than the
+//! previous chunk's, just before the first submission that reads it (`Stream::slots_for`). The kernels, bind group layouts and step parameters are those of the
 //! resident path: a slot is bound exactly like a resident chunk (its tail past the
 //! chunk's rows is never read: the kernels stop at the chunk-local `range_end`).
 //!
@@ -37,12 +37,20 @@
 //! RING_SLOTS chunks are in flight, and the host copies chunk i into staging while the
 //! device still computes chunk i - 1 (the previous slot): upload of k+1 overlaps compute
 //! of k. A slot that already holds the wanted chunk (from the previous call, which waited
-//! for all its work) is not written again: calls over at most RING_SLOTS chunks upload
-//! nothing after the first.
+//! for all its work, or an earlier sub-batch of the same call) is not written again:
+//! calls over at most RING_SLOTS chunks upload nothing after the first, and a call over
+//! a chunk the ring holds (one class's rows, say) reads it where it is.
+//!
+//! What cannot be saved: a walk over more chunks than slots uploads every chunk it reads
+//! (the previous walk left its last chunks, and this one starts from its first). Walking
+//! backwards every other time would reuse two chunks but change the order the chunks are
+//! merged in, so the results would depend on the calls before (rounding); we keep the
+//! results a function of the inputs alone. A resident dataset is never uploaded again:
+//! a call uploads only its queries and step parameters.
 //!
 //! The cost of streaming: one host copy of the dataset in the storage layout (the
 //! backend does not keep the `Dataset`), and one host-to-device copy of every chunk a
-//! call reads, per sub-batch.
+//! call reads that the ring does not hold, per sub-batch.
 //!
 //! A dataset streamed from disk (`dataset::disk`) has no host copy: the ring refills from
 //! the file. Its chunks are further cut to the host tile size the memory budget allows, and
@@ -95,6 +103,8 @@ pub(super) struct Stream {
     host: HostRows,
     host_sq_norms: Vec<f32>,
     row_bytes: usize,
+    /// Chunks uploaded so far (for tests: what the ring holds is not uploaded again).
+    uploads: u64,
 }
 
 /// The rows a ring refills from.
@@ -140,7 +150,7 @@ impl Residency {
         }
     }
 
-    /// Device buffers of buffer `i` (see [`Residency::buffer_of`]).
+    /// Device buffers of buffer `i` (see [`Residency::buffers_of`]).
     pub fn buffer(&self, i: usize) -> &Chunk {
         match self {
             Residency::Resident(c) => &c[i],
@@ -148,21 +158,21 @@ impl Residency {
         }
     }
 
-    /// The buffer that will hold the `ordinal`-th chunk read by a call, chunk `c`.
-    pub fn buffer_of(&self, c: usize, ordinal: usize) -> usize {
+    /// The buffer of each chunk of `reads`, the chunks a call reads in order: resident,
+    /// the chunk's own; streaming, a ring slot (see [`Stream::slots_for`]).
+    pub fn buffers_of(&self, reads: &[usize]) -> Vec<usize> {
         match self {
-            Residency::Resident(_) => c,
-            Residency::Streaming(s) => ordinal % s.slots.len(),
+            Residency::Resident(_) => reads.to_vec(),
+            Residency::Streaming(s) => s.slots_for(reads),
         }
     }
 
-    /// The buffer of each chunk of `reads`, the chunks a call reads in order.
-    pub fn buffers_of(&self, reads: &[usize]) -> Vec<usize> {
-        reads
-            .iter()
-            .enumerate()
-            .map(|(ordinal, &c)| self.buffer_of(c, ordinal))
-            .collect()
+    /// Chunks uploaded to ring slots so far (0 when resident).
+    pub fn uploads(&self) -> u64 {
+        match self {
+            Residency::Resident(_) => 0,
+            Residency::Streaming(s) => s.uploads,
+        }
     }
 
     /// Whether the ring refills from the dataset's file (not a host copy).
@@ -184,6 +194,34 @@ impl Residency {
 }
 
 impl Stream {
+    /// The slot each chunk of `reads` (a call's, in order) is read from. A chunk a slot
+    /// already holds is read from there (no upload: the ring keeps what is on it across
+    /// calls and sub-batches). Otherwise the chunk goes to a slot other than the previous
+    /// read's (so its upload never waits for the chunk computing just before it),
+    /// preferring one whose chunk this call does not read later. Consecutive reads always
+    /// use different slots, as the ordering argument of the module docs needs.
+    pub fn slots_for(&self, reads: &[usize]) -> Vec<usize> {
+        let n = self.slots.len();
+        let mut held = self.held.clone();
+        let mut prev: Option<usize> = None;
+        let mut out = Vec::with_capacity(reads.len());
+        for (i, &c) in reads.iter().enumerate() {
+            let later = &reads[i + 1..];
+            let slot = held
+                .iter()
+                .position(|&h| h == Some(c))
+                .or_else(|| {
+                    (0..n).find(|&s| Some(s) != prev && held[s].is_none_or(|h| !later.contains(&h)))
+                })
+                .or_else(|| (0..n).find(|&s| Some(s) != prev))
+                .unwrap_or(0);
+            held[slot] = Some(c);
+            prev = Some(slot);
+            out.push(slot);
+        }
+        out
+    }
+
     /// Makes slot `slot` hold chunk `c`, to be read by the next submission: waits for the
     /// last submission that read the slot, then queues the upload (see the module docs
     /// for why this ordering is safe).
@@ -227,6 +265,7 @@ impl Stream {
             bytemuck::cast_slice(&self.host_sq_norms[rows]),
         );
         self.held[slot] = Some(c);
+        self.uploads += 1;
         Ok(())
     }
 
@@ -326,6 +365,7 @@ pub(super) fn stream(
         host,
         host_sq_norms: dataset.sq_norms().to_vec(),
         row_bytes: row_bytes as usize,
+        uploads: 0,
     })
 }
 
