@@ -116,7 +116,10 @@ fn compare(disk_ds: &Dataset, mem: &Dataset, kind: BackendKind, gpu: GpuOptions,
     let path = FlowPath::RectifiedFlow;
     let mut a =
         Oracle::with_options(disk_ds, path, kind, gpu.clone(), CpuOptions::default()).unwrap();
-    let mut b = Oracle::with_options(mem, path, kind, gpu, CpuOptions::default()).unwrap();
+    // The streamed pass is dense, so it is compared with the in-memory dense pass: pruning
+    // computes its logits in other GEMM shapes, whose f32 rounding at late t differs from
+    // dense's by more than 1e-6 where dense's own error does (tests/prune.rs bounds that).
+    let mut b = Oracle::with_options(mem, path, kind, gpu, CpuOptions { prune: false }).unwrap();
     assert!(a.describe().contains("disk"), "{}", a.describe());
     let variance_scale = mem.sq_norms().iter().map(|&v| v as f64).sum::<f64>()
         / (mem.n_samples() * mem.dim()) as f64;
