@@ -39,7 +39,12 @@
 //!
 //! `device` opens the adapter, `pipelines` builds the kernels and their binding layouts
 //! (the table the shader validation test checks against the WGSL), `residency` holds the
-//! dataset, `options` the knobs.
+//! dataset, `options` the knobs, `tune` picks the logits tile shape per adapter (a short
+//! measured autotune, cached on disk; the accumulate shape follows from D).
+//!
+//! The kernels are register-tiled (8 x 8 outputs per thread in `logits`, 8 queries x 2 vec4
+//! columns in `accumulate`) with double-buffered workgroup memory, their tile shapes WGSL
+//! override constants: docs/GPU_KERNELS.md gives the FLOP/byte and occupancy argument.
 
 mod buffers;
 mod device;
@@ -50,6 +55,7 @@ mod pipelines;
 mod plan;
 mod readback;
 mod residency;
+pub mod tune;
 
 use std::ops::Range;
 
@@ -61,9 +67,10 @@ pub use device::{adapter_list, adapter_report, all_devices};
 pub use health::{wait_limit_from_env, DEFAULT_WAIT_LIMIT, WAIT_LIMIT_ENV};
 pub use options::GpuOptions;
 pub use pipelines::{
-    binding_names, kernel_sources, kernel_variants, layout_entries, BindingKind, KernelKind,
-    STEP_PARAMS_BYTES,
+    binding_names, kernel_sources, kernel_variants, layout_entries, override_variants, AccTiles,
+    BindingKind, KernelKind, LogitsTiles, Tiles, STEP_PARAMS_BYTES,
 };
+pub use tune::{TileChoice, TileSource};
 
 use buffers::Buffers;
 use device::Gpu;
@@ -92,6 +99,8 @@ pub struct GpuBackend {
     waiter: Waiter,
     /// Kernels compiled without wgpu's bounds checks.
     trusted: bool,
+    /// The tile shapes the kernels were built with, and where the logits one came from.
+    tile_choice: TileChoice,
 }
 
 impl GpuBackend {
@@ -122,9 +131,23 @@ impl GpuBackend {
                 Dtype::F32
             };
         let limits = Limits::new(&gpu.limits, gpu.is_cpu());
+        let tile_choice = tune::choose(
+            &options,
+            &gpu.info,
+            gpu.is_cpu(),
+            storage,
+            limits.workgroup_bytes,
+            |t| tune::time_candidate(t, &options, dataset.dtype(), gpu.is_cpu()),
+        )?;
+        let tiles = Tiles::new(
+            tile_choice.tiles,
+            dataset.dim().div_ceil(4),
+            limits.workgroup_bytes,
+        );
+        let limits = limits.with_tiles(tiles);
         let trusted = options.trusted_shaders.unwrap_or(!gpu.is_cpu());
         let built = scoped(&gpu.device, || {
-            let kernels = Kernels::new(&gpu.device, storage == Dtype::F16, trusted);
+            let kernels = Kernels::new(&gpu.device, storage == Dtype::F16, trusted, &tiles);
             let residency = place(&gpu.device, dataset, storage, &limits, &options)?;
             Ok((kernels, residency))
         });
@@ -149,6 +172,7 @@ impl GpuBackend {
             options,
             buffers: Buffers::new(),
             trusted,
+            tile_choice,
         })
     }
 
@@ -162,6 +186,11 @@ impl GpuBackend {
     #[doc(hidden)]
     pub fn lose_device(&self) {
         self.gpu.device.destroy();
+    }
+
+    /// The logits tile shape the kernels were built with, and where it came from.
+    pub fn tile_choice(&self) -> &TileChoice {
+        &self.tile_choice
     }
 
     /// Whether the dataset is streamed through a ring of device slots.
@@ -375,6 +404,11 @@ impl GpuBackend {
                 ""
             },
             if n == 1 { "" } else { "s" }
+        ) + &format!(
+            "; {}, accumulate tiles {} columns x {} queries",
+            self.tile_choice,
+            self.limits.tiles.acc.columns(),
+            self.limits.tiles.acc.queries()
         )
     }
 }

@@ -38,4 +38,8 @@ pub struct GpuOptions {
     /// Open the adapter of this index in [`adapter_list`](super::adapter_list) (`--devices`)
     /// instead of the preferred one.
     pub adapter: Option<usize>,
+    /// Build the logits kernel with this tile shape instead of the autotune's choice
+    /// (`tune.rs`; also `ORACLEFLOW_GPU_TILES`). An input error where the device's
+    /// workgroup memory cannot hold it.
+    pub tiles: Option<super::pipelines::LogitsTiles>,
 }
