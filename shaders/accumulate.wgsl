@@ -1,8 +1,10 @@
-// Pass 3 of a tile step: acc = acc * scale + P * Y_tile for every query (grid z = split).
+// Pass 3 of a tile step: acc = acc * scale + E * Y_tile for every query (grid z = split).
 //
-// P is this step's weights (the logits buffer after pass 2), Y_tile the split's rows, and
-// scale the per-query rescale factor pass 2 left in the state. The output is B x dim4 vec4s
-// per split: the weighted sum of rows, not yet divided by the softmax sum.
+// E = exp(S - m') is this step's weights, computed here while the logits S (pass 1's
+// output) are staged, with m' the new running max pass 2 left in the state (pass 2 writes
+// no weights: no B x Nt write-back and re-read). Y_tile is the split's rows, and scale the
+// per-query rescale factor pass 2 left in the state. The output is B x dim4 vec4s per
+// split: the weighted sum of rows, not yet divided by the softmax sum.
 //
 // Register tiling. A workgroup of WG_C x WG_Q threads owns TQ = 8 WG_Q queries x TC =
 // 2 WG_C vec4 columns; thread (lx, ly) keeps queries ly + WG_Q i (i < 8) at columns lx and
@@ -26,7 +28,8 @@
 //
 // p, QueryState, tile_rows and YVec are in common.wgsl, which the host puts first.
 
-// the weights, (split * B + q) * tile_rows + j, read four rows at a time
+// this step's logits S (named for what they become), (split * B + q) * tile_rows + j, read
+// four rows at a time
 @group(0) @binding(1) var<storage, read> weights: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> y: array<YVec>;
 @group(0) @binding(3) var<storage, read> states: array<QueryState>;
@@ -54,7 +57,7 @@ var<workgroup> ws: array<vec4<f32>, 2u * WS_HALF>;
 // [half][j * TC + c]
 var<workgroup> ys: array<vec4<f32>, 2u * YS_HALF>;
 
-// Stages the weights and rows j0 .. j0 + TJ of the tile into half `buf` (zeros
+// Stages the weights exp(s - m') and rows j0 .. j0 + TJ of the tile into half `buf` (zeros
 // outside the queries, rows and columns).
 fn stage(buf: u32, j0: u32, tile: TileRows, q0: u32, c0: u32, vq0: u32, li: u32) {
     let lane_rows = vec4<u32>(0u, 1u, 2u, 3u);
@@ -63,12 +66,10 @@ fn stage(buf: u32, j0: u32, tile: TileRows, q0: u32, c0: u32, vq0: u32, li: u32)
         let j = j0 + 4u * (e % 4u);
         var w = vec4<f32>();
         if q < p.n_queries && j < tile.count {
+            let s = weights[(vq0 + q) * (p.tile_rows / 4u) + j / 4u];
+            let m = states[vq0 + q].max;
             // Slots past the tile's rows hold stale values from earlier steps.
-            w = select(
-                vec4<f32>(),
-                weights[(vq0 + q) * (p.tile_rows / 4u) + j / 4u],
-                vec4<u32>(j) + lane_rows < vec4<u32>(tile.count),
-            );
+            w = select(vec4<f32>(), exp(s - vec4<f32>(m)), vec4<u32>(j) + lane_rows < vec4<u32>(tile.count));
         }
         ws[buf * WS_HALF + (e / 4u) * WSTR + e % 4u] = w;
     }

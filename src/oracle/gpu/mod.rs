@@ -6,8 +6,11 @@
 //! call walks the requested rows in tile steps; per step
 //!
 //! 1. `logits`:     S = c_dot * X Y_tile^T - c_norm |y|^2          (B x Nt, scratch)
-//! 2. `softmax`:    per query, new max, rescale factor, P = exp(S - m) in place, stats
-//! 3. `accumulate`: acc = acc * scale + P Y_tile                   (B x D)
+//! 2. `softmax`:    per query, new max m', rescale factor, stats (reads S, writes no P)
+//! 3. `accumulate`: acc = acc * scale + exp(S - m') Y_tile         (B x D)
+//!
+//! The weights exp(S - m') are made by `accumulate` as it stages S (fused softmax): the
+//! B x Nt tile is written once, by `logits`, never written back as P and re-read.
 //!
 //! and after the last step `finalize` merges the splits and divides by the softmax sum.
 //!

@@ -422,14 +422,17 @@ impl KernelKind {
                 (ReadOnlyStorage, "sq_norms"),
                 (ReadWriteStorage, "logits"),
             ],
-            // The logits are overwritten by the weights.
+            // Reads the logits: accumulate turns them into weights as it stages them, so
+            // no B x Nt tile of weights is written back and re-read.
             KernelKind::Softmax => &[
                 (Uniform, "p"),
-                (ReadWriteStorage, "logits"),
+                (ReadOnlyStorage, "logits"),
                 (ReadWriteStorage, "states"),
                 // the chunk's row norms: sum_j e_j |y_j|^2 for the posterior variance
                 (ReadOnlyStorage, "sq_norms"),
             ],
+            // `weights`: the logits S, which accumulate turns into exp(S - m') as it stages
+            // them (the name is what they become; the bind groups bind by it).
             KernelKind::Accumulate => &[
                 (Uniform, "p"),
                 (ReadOnlyStorage, "weights"),
