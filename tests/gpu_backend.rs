@@ -646,6 +646,8 @@ fn every_tile_shape_matches_the_reference() {
                 assert_eq!(gpu.n_chunks(), 3, "{desc}");
                 let what = format!("{tiles} {dtype:?} trusted {trusted}");
                 run_case(&mut gpu, &ds, 37, 0..n, 60 + i as u64, &what);
+                // A batch of at most 32 queries runs the narrow logits pipeline.
+                run_case(&mut gpu, &ds, 5, 3..n, 80 + i as u64, &what);
                 if trusted {
                     // More queries than a 256-query tile; rows inside tiles.
                     run_case(&mut gpu, &ds, 261, 29..290, 70 + i as u64, &what);

@@ -260,17 +260,51 @@ impl AccTiles {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tiles {
     pub logits: LogitsTiles,
+    /// A second logits pipeline for batches of at most its queries ([`Tiles::NARROW`]):
+    /// the tuned shape's 64 or 128 query lanes would mostly idle on a batch of 16.
+    pub narrow: Option<LogitsTiles>,
     pub acc: AccTiles,
 }
 
 impl Tiles {
+    /// 128 rows x 32 queries (64 threads, 15 KiB): small batches.
+    pub const NARROW: LogitsTiles = LogitsTiles {
+        wg_r: 16,
+        wg_q: 4,
+        kt: 2,
+    };
+
     /// `logits` for rows of `dim4` vec4s on a device with `workgroup_bytes`: the
-    /// accumulate shape follows from D ([`AccTiles::for_dim`]).
+    /// accumulate shape follows from D ([`AccTiles::for_dim`]), the narrow logits shape
+    /// is added where `logits` has more query lanes and the device holds it.
     pub fn new(logits: LogitsTiles, dim4: usize, workgroup_bytes: u32) -> Tiles {
+        let narrow = (logits.queries() > Self::NARROW.queries()
+            && Self::NARROW.workgroup_bytes() <= workgroup_bytes)
+            .then_some(Self::NARROW);
         Tiles {
             logits,
+            narrow,
             acc: AccTiles::for_dim(dim4, workgroup_bytes),
         }
+    }
+
+    /// Whether a sub-batch of `n_queries` runs the narrow logits pipeline.
+    pub fn is_narrow(&self, n_queries: usize) -> bool {
+        self.narrow
+            .is_some_and(|t| n_queries <= t.queries() as usize)
+    }
+
+    /// The logits shape a sub-batch of `n_queries` runs.
+    pub fn logits_for(&self, n_queries: usize) -> LogitsTiles {
+        match self.narrow {
+            Some(t) if self.is_narrow(n_queries) => t,
+            _ => self.logits,
+        }
+    }
+
+    /// Rows of the widest logits workgroup (tile widths are multiples of it).
+    pub fn logits_rows(&self) -> u32 {
+        self.logits.rows().max(self.narrow.map_or(0, |t| t.rows()))
     }
 
     /// The override constants of `kernel`'s pipeline.
@@ -511,7 +545,7 @@ pub type OverrideVariant = (String, KernelKind, Vec<(&'static str, f64)>, [u32; 
 /// bytes the host expects). The shader validation test resolves each with naga.
 pub fn override_variants() -> Vec<OverrideVariant> {
     let mut out = Vec::new();
-    for t in LogitsTiles::CANDIDATES {
+    for t in LogitsTiles::CANDIDATES.into_iter().chain([Tiles::NARROW]) {
         let tiles = Tiles {
             logits: t,
             ..Tiles::default()
@@ -607,15 +641,20 @@ pub(super) struct Kernel {
 }
 
 impl Kernel {
+    /// `layout`: share another pipeline's bind group layout (the narrow logits pipeline
+    /// takes the logits bind groups), else a new one.
     fn new(
         device: &wgpu::Device,
         kind: KernelKind,
         f16_storage: bool,
         trusted: bool,
-        tiles: &Tiles,
+        constants: &[(&str, f64)],
+        layout: Option<&wgpu::BindGroupLayout>,
     ) -> Kernel {
         let name = kind.name();
-        let layout = layout(device, kind);
+        let layout = layout
+            .cloned()
+            .unwrap_or_else(|| self::layout(device, kind));
         let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
             label: Some(name),
             bind_group_layouts: &[Some(&layout)],
@@ -642,7 +681,7 @@ impl Kernel {
             entry_point: Some("main"),
             compilation_options: wgpu::PipelineCompilationOptions {
                 // The tile shapes (WGSL `override`s): one source, many configurations.
-                constants: &tiles.constants(kind),
+                constants,
                 // Every kernel writes its workgroup memory before reading it.
                 zero_initialize_workgroup_memory: false,
             },
@@ -659,6 +698,8 @@ impl Kernel {
 /// The pipelines of one backend, built once.
 pub(super) struct Kernels {
     pub logits: Kernel,
+    /// The logits kernel for small batches ([`Tiles::narrow`]), same bind group layout.
+    pub logits_narrow: Option<Kernel>,
     pub softmax: Kernel,
     pub accumulate: Kernel,
     pub finalize: Kernel,
@@ -669,12 +710,41 @@ impl Kernels {
     /// `tiles`: the shapes the override constants are set to (the plans must use the same).
     /// Compilation errors are wgpu validation errors: call inside an error scope.
     pub fn new(device: &wgpu::Device, f16_storage: bool, trusted: bool, tiles: &Tiles) -> Kernels {
-        let kernel = |kind| Kernel::new(device, kind, f16_storage, trusted, tiles);
+        let kernel = |kind| {
+            Kernel::new(
+                device,
+                kind,
+                f16_storage,
+                trusted,
+                &tiles.constants(kind),
+                None,
+            )
+        };
+        let logits = kernel(KernelKind::Logits);
+        let logits_narrow = tiles.narrow.map(|t| {
+            Kernel::new(
+                device,
+                KernelKind::Logits,
+                f16_storage,
+                trusted,
+                &t.constants(),
+                Some(&logits.layout),
+            )
+        });
         Kernels {
-            logits: kernel(KernelKind::Logits),
+            logits,
+            logits_narrow,
             softmax: kernel(KernelKind::Softmax),
             accumulate: kernel(KernelKind::Accumulate),
             finalize: kernel(KernelKind::Finalize),
+        }
+    }
+
+    /// The logits kernel of a sub-batch ([`Tiles::is_narrow`]).
+    pub fn logits_for(&self, narrow: bool) -> &Kernel {
+        match &self.logits_narrow {
+            Some(k) if narrow => k,
+            _ => &self.logits,
         }
     }
 }

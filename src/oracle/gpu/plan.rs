@@ -7,7 +7,7 @@
 use std::ops::Range;
 
 use super::options::GpuOptions;
-use super::pipelines::{GpuState, StepParams, Tiles, FINALIZE_WORKGROUP};
+use super::pipelines::{GpuState, LogitsTiles, StepParams, Tiles, FINALIZE_WORKGROUP};
 
 /// Enough workgroups per dispatch to fill a large GPU a few times over.
 const TARGET_WORKGROUPS: usize = 1024;
@@ -71,7 +71,7 @@ impl Limits {
 
     /// Tile widths are multiples of this: 64, or the logits workgroup's rows if more.
     pub fn row_align(&self) -> usize {
-        (self.tiles.logits.rows() as usize).max(MIN_TILE_ROWS)
+        (self.tiles.logits_rows() as usize).max(MIN_TILE_ROWS)
     }
 }
 
@@ -135,7 +135,7 @@ pub(super) fn cut(
     // Workgroups of one split's accumulate, and of one row tile of its logits.
     let acc_blocks = n_queries.div_ceil(tiles.acc.queries() as usize)
         * dim4.div_ceil(tiles.acc.columns() as usize);
-    let query_blocks = n_queries.div_ceil(tiles.logits.queries() as usize);
+    let query_blocks = n_queries.div_ceil(tiles.logits_for(n_queries).queries() as usize);
     let max_splits = (limit / (n_queries * dim4 * 16))
         .min(limit / (n_queries * align * 4))
         .clamp(1, MAX_SPLITS);
@@ -367,11 +367,21 @@ impl Plan {
         self.n_queries.div_ceil(per_block as usize) as u32
     }
 
+    /// Whether this sub-batch runs the narrow logits pipeline ([`Tiles::is_narrow`]).
+    pub fn narrow_logits(&self) -> bool {
+        self.tiles.is_narrow(self.n_queries)
+    }
+
+    /// The logits shape this sub-batch runs.
+    pub fn logits_tiles(&self) -> LogitsTiles {
+        self.tiles.logits_for(self.n_queries)
+    }
+
     /// Workgroups of `logits`: row tiles x query tiles x splits.
     pub fn logits_grid(&self) -> [u32; 3] {
         [
-            (self.cut.tile_rows as u32).div_ceil(self.tiles.logits.rows()),
-            self.query_blocks(self.tiles.logits.queries()),
+            (self.cut.tile_rows as u32).div_ceil(self.logits_tiles().rows()),
+            self.query_blocks(self.logits_tiles().queries()),
             self.cut.splits as u32,
         ]
     }
@@ -402,7 +412,7 @@ impl Plan {
 
 #[cfg(test)]
 mod tests {
-    use super::super::pipelines::{AccTiles, LogitsTiles};
+    use super::super::pipelines::AccTiles;
     use super::*;
 
     /// Limits of a device with storage bindings of `binding` bytes, buffers of `buffer`
@@ -446,7 +456,13 @@ mod tests {
                 limits(4096, 1 << 20, 65535, false),
                 limits(64 << 10, 1 << 20, 100, true),
             ] {
-                out.push(l.with_tiles(Tiles { logits, acc }));
+                for narrow in [None, Some(Tiles::NARROW)] {
+                    out.push(l.with_tiles(Tiles {
+                        logits,
+                        narrow,
+                        acc,
+                    }));
+                }
             }
         }
         out
@@ -602,14 +618,10 @@ mod tests {
         let [rows_x, queries_y, splits_z] = plan.logits_grid();
         let tiles = &limits.tiles;
         assert_eq!(plan.tiles, *tiles, "{what}");
-        assert!(
-            rows_x * tiles.logits.rows() >= cut.tile_rows as u32,
-            "{what}"
-        );
-        assert!(
-            queries_y * tiles.logits.queries() >= plan.n_queries as u32,
-            "{what}"
-        );
+        let lt = tiles.logits_for(plan.n_queries);
+        assert_eq!(lt == tiles.logits, !plan.narrow_logits(), "{what}");
+        assert!(rows_x * lt.rows() >= cut.tile_rows as u32, "{what}");
+        assert!(queries_y * lt.queries() >= plan.n_queries as u32, "{what}");
         assert!(
             plan.accumulate_grid()[1] * tiles.acc.queries() >= plan.n_queries as u32,
             "{what}"
@@ -834,6 +846,7 @@ mod tests {
         // chunk 157 (3 submissions).
         let l = limits(128 << 20, 256 << 20, 65535, true).with_tiles(Tiles {
             logits: LogitsTiles::SMALLEST,
+            narrow: None,
             ..Tiles::default()
         });
         let opts = options(None, Some(64));
