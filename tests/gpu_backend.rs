@@ -534,9 +534,11 @@ fn a_device_that_does_not_finish_ends_in_a_bounded_error() {
     }
     use oracleflow::oracle::gpu::WAIT_LIMIT_ENV;
     use std::time::{Duration, Instant};
-    let ds = unit_gaussian_dataset(4000, 256, Dtype::F32, 21);
+    // Large enough that lavapipe cannot finish before the first poll even with the
+    // register-tiled kernels (4000 rows x 32 queries could).
+    let ds = unit_gaussian_dataset(8000, 256, Dtype::F32, 21);
     let rows = 0..ds.n_samples();
-    let (x, coefs) = centred_queries(&ds, 32, rows.clone(), 22);
+    let (x, coefs) = centred_queries(&ds, 96, rows.clone(), 22);
     let batch = CentredBatch {
         x: &x,
         logit_coefs: &coefs,

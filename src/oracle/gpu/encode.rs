@@ -110,7 +110,7 @@ impl Passes<'_> {
             let offset = [plan.params_offset(i)];
             dispatch(
                 &mut pass,
-                k.logits_for(plan.narrow_logits()),
+                k.logits_for(plan.logits_tiles()),
                 &groups.logits,
                 &offset,
                 plan.logits_grid(),

@@ -263,6 +263,9 @@ pub struct Tiles {
     /// A second logits pipeline for batches of at most its queries ([`Tiles::NARROW`]):
     /// the tuned shape's 64 or 128 query lanes would mostly idle on a batch of 16.
     pub narrow: Option<LogitsTiles>,
+    /// A third for batches of 33 to 64 queries ([`Tiles::MEDIUM`]) where the tuned shape
+    /// has more query lanes.
+    pub medium: Option<LogitsTiles>,
     pub acc: AccTiles,
 }
 
@@ -274,37 +277,46 @@ impl Tiles {
         kt: 2,
     };
 
+    /// 128 rows x 64 queries (128 threads, 18 KiB): batches of 33 to 64 queries.
+    pub const MEDIUM: LogitsTiles = LogitsTiles {
+        wg_r: 16,
+        wg_q: 8,
+        kt: 2,
+    };
+
     /// `logits` for rows of `dim4` vec4s on a device with `workgroup_bytes`: the
-    /// accumulate shape follows from D ([`AccTiles::for_dim`]), the narrow logits shape
-    /// is added where `logits` has more query lanes and the device holds it.
+    /// accumulate shape follows from D ([`AccTiles::for_dim`]); the narrow and medium
+    /// logits shapes are added where `logits` has more query lanes and the device holds
+    /// them.
     pub fn new(logits: LogitsTiles, dim4: usize, workgroup_bytes: u32) -> Tiles {
-        let narrow = (logits.queries() > Self::NARROW.queries()
-            && Self::NARROW.workgroup_bytes() <= workgroup_bytes)
-            .then_some(Self::NARROW);
+        let smaller = |t: LogitsTiles| {
+            (logits.queries() > t.queries() && t.workgroup_bytes() <= workgroup_bytes).then_some(t)
+        };
         Tiles {
             logits,
-            narrow,
+            narrow: smaller(Self::NARROW),
+            medium: smaller(Self::MEDIUM),
             acc: AccTiles::for_dim(dim4, workgroup_bytes),
         }
     }
 
-    /// Whether a sub-batch of `n_queries` runs the narrow logits pipeline.
-    pub fn is_narrow(&self, n_queries: usize) -> bool {
-        self.narrow
-            .is_some_and(|t| n_queries <= t.queries() as usize)
-    }
-
-    /// The logits shape a sub-batch of `n_queries` runs.
+    /// The logits shape a sub-batch of `n_queries` runs: the one with the fewest query
+    /// lanes that still takes it in one query tile (else the tuned shape).
     pub fn logits_for(&self, n_queries: usize) -> LogitsTiles {
-        match self.narrow {
-            Some(t) if self.is_narrow(n_queries) => t,
-            _ => self.logits,
-        }
+        [self.narrow, self.medium]
+            .into_iter()
+            .flatten()
+            .find(|t| n_queries <= t.queries() as usize)
+            .unwrap_or(self.logits)
     }
 
     /// Rows of the widest logits workgroup (tile widths are multiples of it).
     pub fn logits_rows(&self) -> u32 {
-        self.logits.rows().max(self.narrow.map_or(0, |t| t.rows()))
+        [self.narrow, self.medium]
+            .into_iter()
+            .flatten()
+            .map(|t| t.rows())
+            .fold(self.logits.rows(), u32::max)
     }
 
     /// The override constants of `kernel`'s pipeline.
@@ -545,7 +557,10 @@ pub type OverrideVariant = (String, KernelKind, Vec<(&'static str, f64)>, [u32; 
 /// bytes the host expects). The shader validation test resolves each with naga.
 pub fn override_variants() -> Vec<OverrideVariant> {
     let mut out = Vec::new();
-    for t in LogitsTiles::CANDIDATES.into_iter().chain([Tiles::NARROW]) {
+    for t in LogitsTiles::CANDIDATES
+        .into_iter()
+        .chain([Tiles::NARROW, Tiles::MEDIUM])
+    {
         let tiles = Tiles {
             logits: t,
             ..Tiles::default()
@@ -698,8 +713,9 @@ impl Kernel {
 /// The pipelines of one backend, built once.
 pub(super) struct Kernels {
     pub logits: Kernel,
-    /// The logits kernel for small batches ([`Tiles::narrow`]), same bind group layout.
-    pub logits_narrow: Option<Kernel>,
+    /// The logits kernels for small batches ([`Tiles::narrow`], [`Tiles::medium`]), with
+    /// the bind group layout of `logits` (they take its bind groups).
+    pub logits_small: Vec<(LogitsTiles, Kernel)>,
     pub softmax: Kernel,
     pub accumulate: Kernel,
     pub finalize: Kernel,
@@ -721,31 +737,36 @@ impl Kernels {
             )
         };
         let logits = kernel(KernelKind::Logits);
-        let logits_narrow = tiles.narrow.map(|t| {
-            Kernel::new(
-                device,
-                KernelKind::Logits,
-                f16_storage,
-                trusted,
-                &t.constants(),
-                Some(&logits.layout),
-            )
-        });
+        let logits_small = [tiles.narrow, tiles.medium]
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                let kernel = Kernel::new(
+                    device,
+                    KernelKind::Logits,
+                    f16_storage,
+                    trusted,
+                    &t.constants(),
+                    Some(&logits.layout),
+                );
+                (t, kernel)
+            })
+            .collect();
         Kernels {
             logits,
-            logits_narrow,
+            logits_small,
             softmax: kernel(KernelKind::Softmax),
             accumulate: kernel(KernelKind::Accumulate),
             finalize: kernel(KernelKind::Finalize),
         }
     }
 
-    /// The logits kernel of a sub-batch ([`Tiles::is_narrow`]).
-    pub fn logits_for(&self, narrow: bool) -> &Kernel {
-        match &self.logits_narrow {
-            Some(k) if narrow => k,
-            _ => &self.logits,
-        }
+    /// The logits kernel built for `tiles` ([`Tiles::logits_for`] of a sub-batch).
+    pub fn logits_for(&self, tiles: LogitsTiles) -> &Kernel {
+        self.logits_small
+            .iter()
+            .find(|(t, _)| *t == tiles)
+            .map_or(&self.logits, |(_, k)| k)
     }
 }
 

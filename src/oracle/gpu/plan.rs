@@ -367,11 +367,6 @@ impl Plan {
         self.n_queries.div_ceil(per_block as usize) as u32
     }
 
-    /// Whether this sub-batch runs the narrow logits pipeline ([`Tiles::is_narrow`]).
-    pub fn narrow_logits(&self) -> bool {
-        self.tiles.is_narrow(self.n_queries)
-    }
-
     /// The logits shape this sub-batch runs.
     pub fn logits_tiles(&self) -> LogitsTiles {
         self.tiles.logits_for(self.n_queries)
@@ -456,10 +451,11 @@ mod tests {
                 limits(4096, 1 << 20, 65535, false),
                 limits(64 << 10, 1 << 20, 100, true),
             ] {
-                for narrow in [None, Some(Tiles::NARROW)] {
+                for (narrow, medium) in [(None, None), (Some(Tiles::NARROW), Some(Tiles::MEDIUM))] {
                     out.push(l.with_tiles(Tiles {
                         logits,
                         narrow,
+                        medium,
                         acc,
                     }));
                 }
@@ -619,7 +615,12 @@ mod tests {
         let tiles = &limits.tiles;
         assert_eq!(plan.tiles, *tiles, "{what}");
         let lt = tiles.logits_for(plan.n_queries);
-        assert_eq!(lt == tiles.logits, !plan.narrow_logits(), "{what}");
+        assert_eq!(lt, plan.logits_tiles(), "{what}");
+        if lt != tiles.logits {
+            // A small-batch shape: no more query lanes, still one query tile.
+            assert!(lt.queries() <= tiles.logits.queries(), "{what}");
+            assert!(plan.n_queries <= lt.queries() as usize, "{what}");
+        }
         assert!(rows_x * lt.rows() >= cut.tile_rows as u32, "{what}");
         assert!(queries_y * lt.queries() >= plan.n_queries as u32, "{what}");
         assert!(
@@ -847,6 +848,7 @@ mod tests {
         let l = limits(128 << 20, 256 << 20, 65535, true).with_tiles(Tiles {
             logits: LogitsTiles::SMALLEST,
             narrow: None,
+            medium: None,
             ..Tiles::default()
         });
         let opts = options(None, Some(64));
