@@ -47,7 +47,9 @@
 //!
 //! The kernels are register-tiled (8 x 8 outputs per thread in `logits`, 8 queries x 2 vec4
 //! columns in `accumulate`) with double-buffered workgroup memory, their tile shapes WGSL
-//! override constants: docs/GPU_KERNELS.md gives the FLOP/byte and occupancy argument.
+//! override constants (small batches run narrower logits pipelines of the same source, so
+//! a batch of 16 does not idle most of a 128-query tile): docs/GPU_KERNELS.md gives the
+//! FLOP/byte and occupancy argument.
 
 mod buffers;
 mod device;

@@ -2,9 +2,9 @@
 //!
 //! One WGSL file per kernel under `shaders/`, compiled after `shaders/common.wgsl` (the
 //! declarations every kernel shares: `Params`, `QueryState`, `tile_rows`, ...), which is
-//! itself preceded by `const` lines generated from the tile constants below: they are
-//! written once, here, and the kernels are compiled with the values the host dispatches
-//! by. The two kernels that read the dataset (`logits`, `accumulate`) come in an f32 and
+//! itself preceded by `const` lines generated from host constants (the finalize
+//! workgroup size): written once, here, so the kernels are compiled with the values the
+//! host dispatches by. The two kernels that read the dataset (`logits`, `accumulate`) come in an f32 and
 //! an f16 storage variant made from the same files: the host swaps the
 //! `alias YVec = vec4<f32>;` line of common.wgsl and puts `enable f16;` first.
 //!
@@ -12,8 +12,9 @@
 //! not generated text: one validated source yields every configuration, the autotune
 //! (`tune.rs`) can compare them on a device without editing shaders, and the accumulate
 //! shape is specialised to each dataset's D (its column tile divides D/4 where it can).
-//! The per-thread register blocks (4 x 8 in `logits`, 8 x 2 vec4 in `accumulate`) stay
-//! fixed in the code: they are named variables, which is what keeps them in registers.
+//! The per-thread register blocks (8 x 8 in `logits`, 8 queries x 2 vec4 in
+//! `accumulate`) stay fixed in the code: they are named variables, which is what keeps
+//! them in registers.
 //! docs/GPU_KERNELS.md gives the FLOP/byte and occupancy argument for the shapes.
 
 use bytemuck::{Pod, Zeroable};
