@@ -168,6 +168,37 @@ pub(super) fn choose(
     workgroup_bytes: u32,
     measure: impl FnMut(LogitsTiles) -> Result<f64>,
 ) -> Result<TileChoice> {
+    let device = Device {
+        info,
+        is_cpu,
+        storage,
+        workgroup_bytes,
+    };
+    choose_with(options, &device, cache_file(), tune_forced(), measure)
+}
+
+/// What [`choose`] knows of the device.
+struct Device<'a> {
+    info: &'a wgpu::AdapterInfo,
+    is_cpu: bool,
+    storage: Dtype,
+    workgroup_bytes: u32,
+}
+
+/// [`choose`] with the cache file and the forced tune given (tests).
+fn choose_with(
+    options: &GpuOptions,
+    device: &Device<'_>,
+    file: Option<PathBuf>,
+    forced: bool,
+    measure: impl FnMut(LogitsTiles) -> Result<f64>,
+) -> Result<TileChoice> {
+    let Device {
+        info,
+        is_cpu,
+        storage,
+        workgroup_bytes,
+    } = *device;
     let fits = |t: LogitsTiles, what: &str| -> Result<LogitsTiles> {
         t.check()
             .map_err(|why| Error::Input(format!("{what}: logits tiles {t}: {why}")))?;
@@ -193,12 +224,10 @@ pub(super) fn choose(
     if let Some(t) = from_env()? {
         return Ok(plain(fits(t, TILES_ENV)?, TileSource::Env));
     }
-    let forced = tune_forced();
     if is_cpu && !forced {
         return Ok(plain(default_for(workgroup_bytes), TileSource::Default));
     }
     let key = cache_key(info, storage);
-    let file = cache_file();
     if !forced {
         if let Some(path) = &file {
             if let Some(e) = read_map(path).get(&key) {
@@ -426,6 +455,106 @@ mod tests {
         }
         assert_eq!(default_for(16 << 10), LogitsTiles::SMALLEST);
         assert_eq!(default_for(20 << 10), LogitsTiles::CANDIDATES[1]);
+    }
+
+    /// A hardware adapter: measured once and cached per key; the next backend reads the
+    /// cache without measuring; another dtype is another key; a forced tune measures
+    /// again; a cached shape the device cannot hold is measured afresh.
+    #[test]
+    fn hardware_choices_are_measured_once_then_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = Some(dir.path().join("oracleflow").join("gpu-tiles.json"));
+        let info = info();
+        let dev = |storage, workgroup_bytes| Device {
+            info: &info,
+            is_cpu: false,
+            storage,
+            workgroup_bytes,
+        };
+        let none = GpuOptions::default();
+        let mut calls = 0;
+        // 64 x 128 fastest.
+        let mut measure = |t: LogitsTiles| -> Result<f64> {
+            calls += 1;
+            Ok(if t == LogitsTiles::CANDIDATES[4] {
+                5.0
+            } else {
+                1.0
+            })
+        };
+        let c = choose_with(
+            &none,
+            &dev(Dtype::F32, 32 << 10),
+            file.clone(),
+            false,
+            &mut measure,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.tiles, c.source),
+            (LogitsTiles::CANDIDATES[4], TileSource::Tuned)
+        );
+        assert_eq!(c.rates.len(), LogitsTiles::CANDIDATES.len());
+        assert!(c.to_string().contains("tuned, cached in"), "{c}");
+        let c = choose_with(
+            &none,
+            &dev(Dtype::F32, 32 << 10),
+            file.clone(),
+            false,
+            &mut measure,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.tiles, c.source),
+            (LogitsTiles::CANDIDATES[4], TileSource::Cached)
+        );
+        assert_eq!(c.rates.len(), LogitsTiles::CANDIDATES.len());
+        let after_first = LogitsTiles::CANDIDATES.len();
+        let c = choose_with(
+            &none,
+            &dev(Dtype::F16, 32 << 10),
+            file.clone(),
+            false,
+            &mut measure,
+        )
+        .unwrap();
+        assert_eq!(c.source, TileSource::Tuned);
+        let c = choose_with(
+            &none,
+            &dev(Dtype::F32, 32 << 10),
+            file.clone(),
+            true,
+            &mut measure,
+        )
+        .unwrap();
+        assert_eq!(c.source, TileSource::Tuned);
+        // 64 x 128 (18 KiB) does not fit 16 KiB: measured again among what fits.
+        let c = choose_with(
+            &none,
+            &dev(Dtype::F32, 16 << 10),
+            file.clone(),
+            false,
+            &mut measure,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.tiles, c.source),
+            (LogitsTiles::SMALLEST, TileSource::Tuned)
+        );
+        assert_eq!(calls, 3 * after_first + 1);
+        // An unwritable cache: still a choice, noted.
+        let c = choose_with(
+            &none,
+            &dev(Dtype::F32, 32 << 10),
+            Some(PathBuf::from("/proc/no/such/dir/gpu-tiles.json")),
+            false,
+            |_| Ok(1.0),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.source, c.note.as_str()),
+            (TileSource::Tuned, "not cached")
+        );
     }
 
     #[test]
