@@ -3,11 +3,10 @@
 // own bindings, constants and entry point.
 //
 // Before this file the host puts `const` lines generated from its own constants, so the
-// tile sizes it dispatches by are the ones the kernels are compiled with:
-//   TILE_Q       queries per workgroup in `logits` and `accumulate` (`TILE_QUERIES`)
-//   TILE_R       rows per workgroup in `logits` (`TILE_ROWS_ALIGN`)
-//   TILE_C       vec4 columns per workgroup in `accumulate` (`ACC_TILE_COLUMNS`)
+// sizes it dispatches by are the ones the kernels are compiled with:
 //   FINALIZE_WG  threads per workgroup in `finalize` (`FINALIZE_WORKGROUP`)
+// The tile shapes of `logits` and `accumulate` are `override` constants in their own files,
+// set per pipeline by the host (`Tiles` in pipelines.rs): one source, several shapes.
 //
 // The next line is the storage type of the dataset, read by `logits` and `accumulate`; the
 // host swaps it for vec4<f16> (and puts `enable f16;` first) for f16 datasets. Arithmetic

@@ -1,18 +1,23 @@
-// Pass 2 of a tile step: the online-softmax update of one query (one split) per workgroup.
+// Pass 2 of a tile step: the online-softmax statistics of one query (one split) per
+// workgroup. It writes no weights: `accumulate` computes e_j = exp(s_j - m') itself while it
+// stages the logits, so the B x Nt tile is written once (by `logits`) and read twice from
+// cache (here) and once by `accumulate`, instead of being written back as P and re-read.
 //
 // Over this step's logits s_j: tile max and argmax (ties -> smaller row), new running max
-// m' = max(m, tile max), weights e_j = exp(s_j - m') written over the logits for pass 3,
-// and the running sums rescaled by r = exp(m - m') (see src/oracle/state.rs):
+// m' = max(m, tile max), and the running sums rescaled by r = exp(m - m') (see
+// src/oracle/state.rs), with e_j = exp(s_j - m'):
 //   sum' = r sum + sum_j e_j
 //   sum_shifted_logit' = r (sum_shifted_logit + sum (m - m')) + sum_j e_j (s_j - m')
 //   sum_sq' = r^2 sum_sq + sum_j e_j^2
 //   sum_norm' = r sum_norm + sum_j e_j |y_j|^2   (for the posterior variance)
-// r is kept in the state as `scale` for pass 3 (acc = acc * scale + P Y).
+// m' is kept in the state's `max` and r in its `scale` for pass 3 (acc = acc * r + E Y,
+// E = exp(S - m')): the same expressions as when this pass wrote E, so the statistics and
+// weights are those of the unfused passes.
 // A state with sum == 0 has seen no row (buffers start zeroed); its max is ignored.
 //
 // p, QueryState, tile_rows and LOWEST are in common.wgsl, which the host puts first.
 
-@group(0) @binding(1) var<storage, read_write> logits: array<f32>;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
 // split * B + q
 @group(0) @binding(2) var<storage, read_write> states: array<QueryState>;
 // |y_j|^2 of the chunk's rows, chunk-local (as in logits.wgsl)
@@ -89,7 +94,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var j = li; j < tile.count; j += WG) {
         let d = logits[base + j] - m_new;
         let e = exp(d);
-        logits[base + j] = e;
         sum += e;
         shift += e * d;
         sq += e * e;

@@ -331,3 +331,36 @@ fn gpu_streaming_under_a_memory_budget_matches_cpu() {
     let cpu64: Vec<f64> = cpu.iter().map(|&v| v as f64).collect();
     assert!(common::rel_err(&gpu, &cpu64) < 1e-5);
 }
+
+/// `info` shows the GPU kernels' tile shape and where it came from; a malformed
+/// ORACLEFLOW_GPU_TILES is a one-line input error (exit 2) naming the variable.
+#[test]
+fn info_shows_the_gpu_tiles_and_refuses_a_bad_override() {
+    let run = |tiles: &str| {
+        Command::new(env!("CARGO_BIN_EXE_oracleflow"))
+            .arg("info")
+            .env("ORACLEFLOW_TEST", "1")
+            .env("ORACLEFLOW_GPU_TILES", tiles)
+            .output()
+            .expect("run oracleflow")
+    };
+    let o = run("128x96");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("ORACLEFLOW_GPU_TILES")
+            && err.contains("128x96")
+            && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    if common::skip_gpu() {
+        return;
+    }
+    let o = run("64x64x8");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("logits tiles 64x64x8 (ORACLEFLOW_GPU_TILES)"),
+        "{out}"
+    );
+}

@@ -15,7 +15,9 @@ use std::ops::Range;
 use common::backend::*;
 
 use oracleflow::dataset::{RawRows, SampleShape};
-use oracleflow::oracle::gpu::{adapter_report, GpuBackend, GpuOptions, KernelTimes, ProfileLog};
+use oracleflow::oracle::gpu::{
+    adapter_report, GpuBackend, GpuOptions, KernelTimes, LogitsTiles, ProfileLog, TileSource,
+};
 use oracleflow::oracle::{Backend, CentredBatch, Posterior};
 use oracleflow::{Dataset, Dtype};
 use rand::{Rng, SeedableRng};
@@ -904,9 +906,11 @@ fn a_device_that_does_not_finish_ends_in_a_bounded_error() {
     }
     use oracleflow::oracle::gpu::WAIT_LIMIT_ENV;
     use std::time::{Duration, Instant};
-    let ds = unit_gaussian_dataset(4000, 256, Dtype::F32, 21);
+    // Large enough that lavapipe cannot finish before the first poll even with the
+    // register-tiled kernels (4000 rows x 32 queries could).
+    let ds = unit_gaussian_dataset(8000, 256, Dtype::F32, 21);
     let rows = 0..ds.n_samples();
-    let (x, coefs) = centred_queries(&ds, 32, rows.clone(), 22);
+    let (x, coefs) = centred_queries(&ds, 96, rows.clone(), 22);
     let batch = CentredBatch {
         x: &x,
         logit_coefs: &coefs,
@@ -976,4 +980,82 @@ fn a_lost_device_is_reported_not_a_panic() {
         assert!(msg.contains("device destroyed"), "attempt {attempt}: {msg}");
         assert!(matches!(err, oracleflow::Error::Gpu(_)), "{msg}");
     }
+}
+
+/// Every logits tile shape the autotune may choose (each a pipeline built from the same
+/// source with other override constants), f32 and f16 storage, trusted shaders on and
+/// off, against the f64 reference: odd B and D (D = 67: 17 vec4, the accumulate column
+/// tile then leaves an idle column), forced splits and chunks, a sub-range starting and
+/// ending inside tiles, and a batch of more queries than one query tile of any shape.
+#[test]
+fn every_tile_shape_matches_the_reference() {
+    if common::skip_gpu() {
+        return;
+    }
+    let (n, d) = (301, 67);
+    for dtype in [Dtype::F32, Dtype::F16] {
+        if dtype == Dtype::F16 && !common::gpu_f16_available() {
+            continue;
+        }
+        let ds = unit_gaussian_dataset(n, d, dtype, 50);
+        for (i, tiles) in LogitsTiles::CANDIDATES.into_iter().enumerate() {
+            for trusted in [false, true] {
+                let mut gpu = backend(
+                    &ds,
+                    GpuOptions {
+                        tiles: Some(tiles),
+                        trusted_shaders: Some(trusted),
+                        splits: Some(3),
+                        tile_rows: Some(64),
+                        max_chunk_bytes: Some(120 * 68 * dtype.bytes() as u64),
+                        ..Default::default()
+                    },
+                );
+                let desc = gpu.describe();
+                assert!(
+                    desc.contains(&format!("logits tiles {tiles} (option)")),
+                    "{desc}"
+                );
+                assert_eq!(gpu.tile_choice().source, TileSource::Option);
+                assert_eq!(gpu.n_chunks(), 3, "{desc}");
+                let what = format!("{tiles} {dtype:?} trusted {trusted}");
+                run_case(&mut gpu, &ds, 37, 0..n, 60 + i as u64, &what);
+                // A batch of at most 32 queries runs the narrow logits pipeline.
+                run_case(&mut gpu, &ds, 5, 3..n, 80 + i as u64, &what);
+                if trusted {
+                    // More queries than a 256-query tile; rows inside tiles.
+                    run_case(&mut gpu, &ds, 261, 29..290, 70 + i as u64, &what);
+                }
+            }
+        }
+    }
+}
+
+/// A tile shape the device's workgroup memory cannot hold is an input error naming it,
+/// not a wgpu validation panic.
+#[test]
+fn a_tile_shape_too_large_for_the_device_is_refused() {
+    if common::skip_gpu() {
+        return;
+    }
+    let ds = unit_gaussian_dataset(10, 4, Dtype::F32, 51);
+    // 128 rows x 128 queries x K 32: 2 x 256 x 9 vec4 = 72 KiB of workgroup memory, more
+    // than lavapipe's 32 KiB (a valid shape otherwise).
+    let huge = LogitsTiles {
+        wg_r: 16,
+        wg_q: 16,
+        kt: 8,
+    };
+    huge.check().unwrap();
+    let err = GpuBackend::with_options(
+        &ds,
+        GpuOptions {
+            tiles: Some(huge),
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("refused");
+    assert!(matches!(err, oracleflow::Error::Input(_)), "{err}");
+    assert!(err.to_string().contains("128x128x32"), "{err}");
 }

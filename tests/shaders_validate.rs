@@ -12,6 +12,10 @@
 //! `Kernels::new` builds the wgpu layouts from) must match what each shader declares:
 //! a mismatch is otherwise only a wgpu validation error at pipeline creation, on a
 //! device, or (read-only vs read-write) a layout that forbids what the kernel does.
+//!
+//! The tile shapes of `logits` and `accumulate` are WGSL `override` constants: every
+//! configuration the backend may build (`override_variants`) is resolved with naga's own
+//! override pass and checked too.
 
 use std::collections::BTreeMap;
 
@@ -226,4 +230,81 @@ fn layout_mismatches_are_reported() {
             .any(|m| m.contains("binding 4") && m.contains("not in the Rust layout")),
         "{found:?}"
     );
+}
+
+/// Every tile configuration the backend may build (each logits candidate, the accumulate
+/// shapes of several D on a 32 KiB and a 16 KiB device), f32 and f16: the override
+/// constants resolve (naga's own pass, as wgpu runs it at pipeline creation), the resolved
+/// module validates, and its workgroup size and workgroup memory are the host's figures,
+/// which size the grids and decide what fits a device.
+#[test]
+fn every_tile_configuration_resolves_and_validates() {
+    let variants = oracleflow::oracle::gpu::override_variants();
+    assert!(variants.len() >= 10, "{} variants", variants.len());
+    for (name, kernel, constants, size, bytes) in variants {
+        for f16 in [false, true] {
+            let source = kernel.source(f16);
+            let module = naga::front::wgsl::parse_str(&source)
+                .unwrap_or_else(|e| panic!("{name}: parse error\n{}", e.emit_to_string(&source)));
+            let info = Validator::new(ValidationFlags::all(), Capabilities::all())
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{name}: invalid\n{}", e.emit_to_string(&source)));
+            let overrides: Vec<String> = module
+                .overrides
+                .iter()
+                .filter_map(|(_, o)| o.name.clone())
+                .collect();
+            for (key, _) in &constants {
+                assert!(
+                    overrides.iter().any(|o| o == key),
+                    "{name}: the host sets `{key}`, which the shader does not declare ({overrides:?})"
+                );
+            }
+            let constants: naga::back::PipelineConstants =
+                constants.iter().map(|&(k, v)| (k.to_string(), v)).collect();
+            let (resolved, _) = naga::back::pipeline_constants::process_overrides(
+                &module,
+                &info,
+                Some((naga::ShaderStage::Compute, "main")),
+                &constants,
+            )
+            .unwrap_or_else(|e| panic!("{name} (f16 {f16}): overrides: {e}"));
+            Validator::new(ValidationFlags::all(), Capabilities::all())
+                .validate(&resolved)
+                .unwrap_or_else(|e| panic!("{name} (f16 {f16}): resolved module invalid: {e}"));
+            let mut layouter = naga::proc::Layouter::default();
+            layouter.update(resolved.to_ctx()).unwrap();
+            let declared: u32 = resolved
+                .global_variables
+                .iter()
+                .filter(|(_, g)| g.space == AddressSpace::WorkGroup)
+                .map(|(_, g)| layouter[g.ty].size)
+                .sum();
+            assert_eq!(declared, bytes, "{name} (f16 {f16}): workgroup memory");
+            assert_eq!(
+                resolved.entry_points[0].workgroup_size, size,
+                "{name} (f16 {f16}): workgroup size"
+            );
+        }
+    }
+}
+
+/// A constant the host would set that no shader declares fails pipeline creation on a
+/// device; the check above must catch it here (so its passing means something).
+#[test]
+fn an_unknown_override_is_refused_by_naga() {
+    let source = KernelKind::Logits.source(false);
+    let module = naga::front::wgsl::parse_str(&source).unwrap();
+    let info = Validator::new(ValidationFlags::all(), Capabilities::all())
+        .validate(&module)
+        .unwrap();
+    let constants: naga::back::PipelineConstants =
+        [("NO_SUCH_TILE".to_string(), 8.0)].into_iter().collect();
+    assert!(naga::back::pipeline_constants::process_overrides(
+        &module,
+        &info,
+        Some((naga::ShaderStage::Compute, "main")),
+        &constants,
+    )
+    .is_err());
 }

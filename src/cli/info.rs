@@ -19,6 +19,13 @@ pub fn run(a: InfoArgs) -> Result<()> {
         Ok(report) => println!("{report}"),
         Err(e) => println!("gpu: none ({e})"),
     }
+    // The GPU kernels' tile shapes and where they came from (default / cached / tuned /
+    // ORACLEFLOW_GPU_TILES); an input error (a malformed ORACLEFLOW_GPU_TILES) fails.
+    match oracleflow::oracle::gpu::tune::report() {
+        Ok(lines) => lines.iter().for_each(|l| println!("  {l}")),
+        Err(e @ oracleflow::Error::Input(_)) => return Err(e.into()),
+        Err(_) => {}
+    }
     // The indices `--devices` takes.
     let adapters = oracleflow::oracle::gpu::adapter_list();
     if !adapters.is_empty() {

@@ -146,7 +146,7 @@ impl Passes<'_> {
             let offset = [plan.params_offset(i)];
             dispatch(
                 &mut pass,
-                &k.logits,
+                k.logits_for(plan.logits_tiles()),
                 &groups.logits,
                 &offset,
                 plan.logits_grid(),

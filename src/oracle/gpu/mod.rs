@@ -6,8 +6,11 @@
 //! call walks the requested rows in tile steps; per step
 //!
 //! 1. `logits`:     S = c_dot * X Y_tile^T - c_norm |y|^2          (B x Nt, scratch)
-//! 2. `softmax`:    per query, new max, rescale factor, P = exp(S - m) in place, stats
-//! 3. `accumulate`: acc = acc * scale + P Y_tile                   (B x D)
+//! 2. `softmax`:    per query, new max m', rescale factor, stats (reads S, writes no P)
+//! 3. `accumulate`: acc = acc * scale + exp(S - m') Y_tile         (B x D)
+//!
+//! The weights exp(S - m') are made by `accumulate` as it stages S (fused softmax): the
+//! B x Nt tile is written once, by `logits`, never written back as P and re-read.
 //!
 //! and after the last step `finalize` merges the splits and divides by the softmax sum.
 //!
@@ -59,7 +62,15 @@
 //! `device` opens the adapter, `pipelines` builds the kernels and their binding layouts
 //! (the table the shader validation test checks against the WGSL), `residency` holds the
 //! dataset, `options` the knobs, `timing` the per-kernel timestamps (profiling:
-//! `ORACLEFLOW_GPU_PROFILE=1` prints each call's, `bench` reports them).
+//! `ORACLEFLOW_GPU_PROFILE=1` prints each call's, `bench` reports them), `tune` picks the
+//! logits tile shape per adapter (a short measured autotune, cached on disk; the
+//! accumulate shape follows from D).
+//!
+//! The kernels are register-tiled (8 x 8 outputs per thread in `logits`, 8 queries x 2 vec4
+//! columns in `accumulate`) with double-buffered workgroup memory, their tile shapes WGSL
+//! override constants (small batches run narrower logits pipelines of the same source, so
+//! a batch of 16 does not idle most of a 128-query tile): docs/GPU_KERNELS.md gives the
+//! FLOP/byte and occupancy argument.
 
 mod buffers;
 mod device;
@@ -71,6 +82,7 @@ mod plan;
 mod readback;
 mod residency;
 mod timing;
+pub mod tune;
 
 use std::ops::Range;
 
@@ -82,10 +94,11 @@ pub use device::{adapter_list, adapter_report, all_devices};
 pub use health::{wait_limit_from_env, DEFAULT_WAIT_LIMIT, WAIT_LIMIT_ENV};
 pub use options::{memory_budget_from_env, GpuOptions, MEMORY_ENV};
 pub use pipelines::{
-    binding_names, kernel_sources, kernel_variants, layout_entries, BindingKind, KernelKind,
-    STEP_PARAMS_BYTES,
+    binding_names, kernel_sources, kernel_variants, layout_entries, override_variants, AccTiles,
+    BindingKind, KernelKind, LogitsTiles, Tiles, STEP_PARAMS_BYTES,
 };
 pub use timing::{profile_from_env, KernelTimes, ProfileLog, PROFILE_ENV};
+pub use tune::{TileChoice, TileSource};
 
 use buffers::Buffers;
 use device::Gpu;
@@ -121,6 +134,8 @@ pub struct GpuBackend {
     timers: Option<[Timer; 2]>,
     /// Print each call's kernel times to stderr (`ORACLEFLOW_GPU_PROFILE=1`).
     print_profile: bool,
+    /// The tile shapes the kernels were built with, and where the logits one came from.
+    tile_choice: TileChoice,
 }
 
 impl GpuBackend {
@@ -154,13 +169,27 @@ impl GpuBackend {
                 Dtype::F32
             };
         let limits = Limits::new(&gpu.limits, gpu.is_cpu());
+        let tile_choice = tune::choose(
+            &options,
+            &gpu.info,
+            gpu.is_cpu(),
+            storage,
+            limits.workgroup_bytes,
+            |t| tune::time_candidate(t, &options, dataset.dtype(), gpu.is_cpu()),
+        )?;
+        let tiles = Tiles::new(
+            tile_choice.tiles,
+            dataset.dim().div_ceil(4),
+            limits.workgroup_bytes,
+        );
+        let limits = limits.with_tiles(tiles);
         let trusted = options.trusted_shaders.unwrap_or(!gpu.is_cpu());
         let print_profile = timing::profile_from_env();
         // No timestamps on the device: no timings, silently (not an error).
         let timers = ((print_profile || options.profile.is_some()) && gpu.has_timestamps())
             .then(|| [Timer::new(), Timer::new()]);
         let built = scoped(&gpu.device, || {
-            let kernels = Kernels::new(&gpu.device, storage == Dtype::F16, trusted);
+            let kernels = Kernels::new(&gpu.device, storage == Dtype::F16, trusted, &tiles);
             let residency = place(&gpu.device, dataset, storage, &limits, &options)?;
             Ok((kernels, residency))
         });
@@ -187,6 +216,7 @@ impl GpuBackend {
             trusted,
             timers,
             print_profile,
+            tile_choice,
         })
     }
 
@@ -200,6 +230,11 @@ impl GpuBackend {
     #[doc(hidden)]
     pub fn lose_device(&self) {
         self.gpu.device.destroy();
+    }
+
+    /// The logits tile shape the kernels were built with, and where it came from.
+    pub fn tile_choice(&self) -> &TileChoice {
+        &self.tile_choice
     }
 
     /// Whether the dataset is streamed through a ring of device slots.
@@ -546,6 +581,11 @@ impl GpuBackend {
                 ""
             },
             if n == 1 { "" } else { "s" }
+        ) + &format!(
+            "; {}, accumulate tiles {} columns x {} queries",
+            self.tile_choice,
+            self.limits.tiles.acc.columns(),
+            self.limits.tiles.acc.queries()
         )
     }
 }

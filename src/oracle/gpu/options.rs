@@ -79,6 +79,10 @@ pub struct GpuOptions {
     /// Why the dataset is f16 when that was chosen for this device rather than asked for
     /// ([`automatic_f16`](super::automatic_f16)): the description says so.
     pub storage_reason: Option<String>,
+    /// Build the logits kernel with this tile shape instead of the autotune's choice
+    /// (`tune.rs`; also `ORACLEFLOW_GPU_TILES`). An input error where the device's
+    /// workgroup memory cannot hold it.
+    pub tiles: Option<super::pipelines::LogitsTiles>,
 }
 
 #[cfg(test)]

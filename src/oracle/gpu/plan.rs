@@ -7,9 +7,7 @@
 use std::ops::Range;
 
 use super::options::GpuOptions;
-use super::pipelines::{
-    GpuState, StepParams, ACC_TILE_COLUMNS, FINALIZE_WORKGROUP, TILE_QUERIES, TILE_ROWS_ALIGN,
-};
+use super::pipelines::{GpuState, LogitsTiles, StepParams, Tiles, FINALIZE_WORKGROUP};
 
 /// Enough workgroups per dispatch to fill a large GPU a few times over.
 const TARGET_WORKGROUPS: usize = 1024;
@@ -17,7 +15,8 @@ const TARGET_WORKGROUPS: usize = 1024;
 const MAX_SPLITS: usize = 64;
 /// Fewest rows worth a split of their own.
 const MIN_SPLIT_ROWS: usize = 256;
-/// Tile width bounds (rows per split per step).
+/// Tile width bounds (rows per split per step); widths are also multiples of the logits
+/// workgroup's rows ([`Limits::row_align`]).
 const MIN_TILE_ROWS: usize = 64;
 const MAX_TILE_ROWS: usize = 1024;
 /// Tile width on software adapters: few dispatches, each still cache-sized.
@@ -38,6 +37,10 @@ pub(super) struct Limits {
     pub uniform_offset_alignment: u64,
     /// A software adapter (lavapipe): one split, CPU-sized tiles.
     pub is_cpu: bool,
+    /// Workgroup memory a kernel may declare (which tile shapes fit).
+    pub workgroup_bytes: u32,
+    /// The tile shapes the kernels were built with (set by [`Limits::with_tiles`]).
+    pub tiles: Tiles,
 }
 
 impl Limits {
@@ -56,7 +59,19 @@ impl Limits {
             max_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
             uniform_offset_alignment: limits.min_uniform_buffer_offset_alignment as u64,
             is_cpu,
+            workgroup_bytes: limits.max_compute_workgroup_storage_size,
+            tiles: Tiles::default(),
         }
+    }
+
+    /// The same limits for kernels built with `tiles`.
+    pub fn with_tiles(self, tiles: Tiles) -> Limits {
+        Limits { tiles, ..self }
+    }
+
+    /// Tile widths are multiples of this: 64, or the logits workgroup's rows if more.
+    pub fn row_align(&self) -> usize {
+        (self.tiles.logits_rows() as usize).max(MIN_TILE_ROWS)
     }
 }
 
@@ -79,12 +94,12 @@ pub(super) fn dataset_budget(limits: &Limits, options: &GpuOptions) -> u64 {
 }
 
 /// Most queries one sub-batch can take: the queries, accumulator and mean (B x D each)
-/// and the narrowest logits tile (B x 64) must each fit one binding, and B one
-/// dispatch dimension.
+/// and the narrowest logits tile (B x [`Limits::row_align`]) must each fit one binding, and
+/// B one dispatch dimension.
 pub(super) fn max_sub_batch(limits: &Limits, dim4: usize, option: Option<usize>) -> usize {
     let limit = limits.max_binding_bytes;
     let by_rows = limit / (dim4 as u64 * 16);
-    let by_logits = limit / (MIN_TILE_ROWS as u64 * 4);
+    let by_logits = limit / (limits.row_align() as u64 * 4);
     let by_grid = limits.max_workgroups_per_dimension as u64;
     let most = by_rows.min(by_logits).min(by_grid).max(1) as usize;
     option.map_or(most, |m| m.clamp(1, most))
@@ -115,10 +130,14 @@ pub(super) fn cut(
     n_rows: usize,
 ) -> Cut {
     let limit = limits.max_binding_bytes as usize;
-    let query_blocks = n_queries.div_ceil(TILE_QUERIES as usize);
-    let column_blocks = dim4.div_ceil(ACC_TILE_COLUMNS as usize);
+    let tiles = &limits.tiles;
+    let align = limits.row_align();
+    // Workgroups of one split's accumulate, and of one row tile of its logits.
+    let acc_blocks = n_queries.div_ceil(tiles.acc.queries() as usize)
+        * dim4.div_ceil(tiles.acc.columns() as usize);
+    let query_blocks = n_queries.div_ceil(tiles.logits_for(n_queries).queries() as usize);
     let max_splits = (limit / (n_queries * dim4 * 16))
-        .min(limit / (n_queries * MIN_TILE_ROWS * 4))
+        .min(limit / (n_queries * align * 4))
         .clamp(1, MAX_SPLITS);
     let splits = options
         .splits
@@ -127,15 +146,15 @@ pub(super) fn cut(
                 1
             } else {
                 TARGET_WORKGROUPS
-                    .div_ceil(query_blocks * column_blocks)
+                    .div_ceil(acc_blocks)
                     .min(n_rows / MIN_SPLIT_ROWS)
             }
         })
         .clamp(1, max_splits)
         .min(n_rows);
-    // Every bound below is a multiple of the workgroup's 64 rows; the logits scratch
-    // (splits x B x tile_rows) must fit one binding (at least 64 wide, by max_splits).
-    let align = TILE_ROWS_ALIGN as usize;
+    // Every bound below is a multiple of `align` (the logits workgroup's rows, at least
+    // 64); the logits scratch (splits x B x tile_rows) must fit one binding (at least one
+    // `align` wide, by max_splits).
     let split_rows = n_rows.div_ceil(splits).next_multiple_of(align);
     let by_memory = limit / (splits * n_queries * 4) / align * align;
     let tile_rows = options
@@ -144,11 +163,11 @@ pub(super) fn cut(
             if limits.is_cpu {
                 CPU_TILE_ROWS
             } else {
-                MIN_TILE_ROWS * TARGET_WORKGROUPS.div_ceil(query_blocks * splits)
+                align * TARGET_WORKGROUPS.div_ceil(query_blocks * splits)
             }
         })
         .next_multiple_of(align)
-        .clamp(MIN_TILE_ROWS, MAX_TILE_ROWS)
+        .clamp(align, MAX_TILE_ROWS.max(align))
         .min(split_rows)
         .min(by_memory);
     Cut { splits, tile_rows }
@@ -256,6 +275,8 @@ pub(super) struct Sizes {
 #[derive(Clone, Debug)]
 pub(super) struct Plan {
     pub n_queries: usize,
+    /// The shapes the grids are cut by (those the kernels were built with).
+    pub tiles: Tiles,
     pub dim4: usize,
     pub cut: Cut,
     pub steps: Vec<Step>,
@@ -298,6 +319,7 @@ impl Plan {
         };
         Plan {
             n_queries,
+            tiles: limits.tiles,
             dim4,
             cut,
             steps,
@@ -341,15 +363,20 @@ impl Plan {
         (i as u64 * self.sizes.params_stride) as u32
     }
 
-    fn query_blocks(&self) -> u32 {
-        self.n_queries.div_ceil(TILE_QUERIES as usize) as u32
+    fn query_blocks(&self, per_block: u32) -> u32 {
+        self.n_queries.div_ceil(per_block as usize) as u32
+    }
+
+    /// The logits shape this sub-batch runs.
+    pub fn logits_tiles(&self) -> LogitsTiles {
+        self.tiles.logits_for(self.n_queries)
     }
 
     /// Workgroups of `logits`: row tiles x query tiles x splits.
     pub fn logits_grid(&self) -> [u32; 3] {
         [
-            (self.cut.tile_rows as u32).div_ceil(TILE_ROWS_ALIGN),
-            self.query_blocks(),
+            (self.cut.tile_rows as u32).div_ceil(self.logits_tiles().rows()),
+            self.query_blocks(self.logits_tiles().queries()),
             self.cut.splits as u32,
         ]
     }
@@ -362,8 +389,8 @@ impl Plan {
     /// Workgroups of `accumulate`: column tiles x query tiles x splits.
     pub fn accumulate_grid(&self) -> [u32; 3] {
         [
-            (self.dim4 as u32).div_ceil(ACC_TILE_COLUMNS),
-            self.query_blocks(),
+            (self.dim4 as u32).div_ceil(self.tiles.acc.columns()),
+            self.query_blocks(self.tiles.acc.queries()),
             self.cut.splits as u32,
         ]
     }
@@ -380,6 +407,7 @@ impl Plan {
 
 #[cfg(test)]
 mod tests {
+    use super::super::pipelines::AccTiles;
     use super::*;
 
     /// Limits of a device with storage bindings of `binding` bytes, buffers of `buffer`
@@ -404,6 +432,34 @@ mod tests {
             out.push(limits(64 << 10, 1 << 20, 100, is_cpu));
             out.push(limits(128 << 20, 256 << 20, 65535, is_cpu));
             out.push(limits(u64::MAX, u64::MAX, 65535, is_cpu));
+        }
+        // Other tile shapes: 256-row and 64-row logits workgroups, narrow and wide
+        // accumulate tiles.
+        let shapes = [
+            (
+                LogitsTiles {
+                    wg_r: 32,
+                    wg_q: 8,
+                    kt: 4,
+                },
+                AccTiles { wg_c: 1, wg_q: 2 },
+            ),
+            (LogitsTiles::SMALLEST, AccTiles { wg_c: 14, wg_q: 16 }),
+        ];
+        for (logits, acc) in shapes {
+            for l in [
+                limits(4096, 1 << 20, 65535, false),
+                limits(64 << 10, 1 << 20, 100, true),
+            ] {
+                for (narrow, medium) in [(None, None), (Some(Tiles::NARROW), Some(Tiles::MEDIUM))] {
+                    out.push(l.with_tiles(Tiles {
+                        logits,
+                        narrow,
+                        medium,
+                        acc,
+                    }));
+                }
+            }
         }
         out
     }
@@ -443,11 +499,7 @@ mod tests {
             cut.tile_rows >= MIN_TILE_ROWS && cut.tile_rows <= MAX_TILE_ROWS,
             "{what}: {cut:?}"
         );
-        assert_eq!(
-            cut.tile_rows % TILE_ROWS_ALIGN as usize,
-            0,
-            "{what}: {cut:?}"
-        );
+        assert_eq!(cut.tile_rows % limits.row_align(), 0, "{what}: {cut:?}");
         check_coverage(plan, rows, chunk_rows, what);
         check_submits(plan, rows, chunk_rows, what);
         check_sizes_and_grids(plan, limits, what);
@@ -560,11 +612,24 @@ mod tests {
         // The logits grid covers a whole tile, the accumulate and finalize grids every
         // vec4 column, the query grids every query.
         let [rows_x, queries_y, splits_z] = plan.logits_grid();
-        assert!(rows_x * TILE_ROWS_ALIGN >= cut.tile_rows as u32, "{what}");
-        assert!(queries_y * TILE_QUERIES >= plan.n_queries as u32, "{what}");
+        let tiles = &limits.tiles;
+        assert_eq!(plan.tiles, *tiles, "{what}");
+        let lt = tiles.logits_for(plan.n_queries);
+        assert_eq!(lt, plan.logits_tiles(), "{what}");
+        if lt != tiles.logits {
+            // A small-batch shape: no more query lanes, still one query tile.
+            assert!(lt.queries() <= tiles.logits.queries(), "{what}");
+            assert!(plan.n_queries <= lt.queries() as usize, "{what}");
+        }
+        assert!(rows_x * lt.rows() >= cut.tile_rows as u32, "{what}");
+        assert!(queries_y * lt.queries() >= plan.n_queries as u32, "{what}");
+        assert!(
+            plan.accumulate_grid()[1] * tiles.acc.queries() >= plan.n_queries as u32,
+            "{what}"
+        );
         assert_eq!(splits_z as usize, cut.splits, "{what}");
         assert!(
-            plan.accumulate_grid()[0] * ACC_TILE_COLUMNS >= plan.dim4 as u32,
+            plan.accumulate_grid()[0] * tiles.acc.columns() >= plan.dim4 as u32,
             "{what}"
         );
         assert!(
@@ -647,10 +712,11 @@ mod tests {
 
     #[test]
     fn a_batch_larger_than_a_sub_batch_is_cut_into_plans_that_fit() {
-        // Tiny bindings: 4096 B hold 16 queries of 64 logits, 64 queries of D <= 4.
+        // Tiny bindings: 4096 B hold 8 queries of 128 logits (the default logits
+        // workgroup's rows), 64 queries of D <= 4.
         let l = limits(4096, 1 << 20, 65535, false);
         let most = max_sub_batch(&l, 1, None);
-        assert_eq!(most, 16);
+        assert_eq!(most, 8);
         let n_queries = 3 * most + 5;
         let batches: Vec<Range<usize>> = sub_batches(n_queries, most).collect();
         assert_eq!(batches.len(), 4);
@@ -759,22 +825,32 @@ mod tests {
         // Splits only where each has MIN_SPLIT_ROWS rows.
         let c = cut(&l, &GpuOptions::default(), 1, 4, 1000);
         assert_eq!(c.splits, 1000 / MIN_SPLIT_ROWS);
-        assert_eq!(c.tile_rows, 384, "one split's 334 rows, rounded up to 64");
-        // A full batch (16 query blocks x 8 column blocks) fills the device alone.
+        assert_eq!(c.tile_rows, 384, "one split's 334 rows, rounded up to 128");
+        // A full batch, D = 1024: accumulate tiles of 64 queries x 32 columns, 16 x 8 = 128
+        // workgroups per split: 8 splits; logits: 8 query blocks x 8 splits = 64
+        // workgroups per 128 rows, 16 x 128 = 2048 rows wanted, at most 1024.
+        let l = l.with_tiles(Tiles::new(LogitsTiles::DEFAULT, 256, 32 << 10));
+        assert_eq!((l.tiles.acc.queries(), l.tiles.acc.columns()), (64, 32));
         let c = cut(&l, &GpuOptions::default(), 1024, 256, 1_000_000);
         assert_eq!(
             c,
             Cut {
                 splits: 8,
-                tile_rows: 512
+                tile_rows: 1024
             }
         );
     }
 
     #[test]
     fn many_chunks_one_read_each_and_bounded_submissions() {
-        let l = limits(128 << 20, 256 << 20, 65535, true);
-        // 64-row tiles: a 100-row chunk is 2 steps, a 10 000-row chunk 157 (3 submissions).
+        // 64-row logits workgroups and tiles: a 100-row chunk is 2 steps, a 10 000-row
+        // chunk 157 (3 submissions).
+        let l = limits(128 << 20, 256 << 20, 65535, true).with_tiles(Tiles {
+            logits: LogitsTiles::SMALLEST,
+            narrow: None,
+            medium: None,
+            ..Tiles::default()
+        });
         let opts = options(None, Some(64));
         let mut chunk_rows = chunks(5000, 100);
         chunk_rows.push(5000..15_000);
