@@ -22,7 +22,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
-fn backend(ds: &Dataset, options: GpuOptions) -> GpuBackend {
+fn backend(ds: &Dataset, options: GpuOptions) -> GpuBackend<'_> {
     GpuBackend::with_options(ds, options).unwrap_or_else(|e| {
         panic!("no usable GPU adapter ({e}); set ORACLEFLOW_SKIP_GPU=1 to skip the GPU tests")
     })

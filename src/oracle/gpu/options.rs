@@ -38,4 +38,7 @@ pub struct GpuOptions {
     /// Open the adapter of this index in [`adapter_list`](super::adapter_list) (`--devices`)
     /// instead of the preferred one.
     pub adapter: Option<usize>,
+    /// Evaluate every row at every call (`--exact-dense`), instead of exact pruning's
+    /// skipping of whole tiles (`gpu::prune`; resident in-memory datasets only).
+    pub exact_dense: bool,
 }
