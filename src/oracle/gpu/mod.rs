@@ -414,17 +414,14 @@ impl GpuBackend<'_> {
             done?;
         }
         if let Some(index) = &self.pruning {
-            let perm = index.perm();
-            for st in &mut stats {
-                st.top1_index = perm[st.top1_index as usize];
-            }
-            if let Some(states) = states {
-                for (st, _) in &mut states[first_state..] {
-                    if st.sum > 0.0 {
-                        st.argmax = perm[st.argmax as usize];
-                    }
-                }
-            }
+            prune::map_argmax(
+                index,
+                &rows,
+                batch.logit_coefs,
+                &mut stats,
+                states,
+                first_state,
+            );
         }
         Ok(Posterior { mean, stats })
     }

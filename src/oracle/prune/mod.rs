@@ -59,6 +59,11 @@
 //! skipped bounds, rescaled to the final (m, l), is each query's certificate
 //! (`QueryStats::skipped_mass_bound`, rounded up to f32).
 //!
+//! **Shared with the gpu.** The per-query tile half (projections, seed m0, tile bounds,
+//! whole tiles skipped within `TILE_BUDGET`) is one implementation, [`TilePlanner`]: this
+//! module goes on to screen samples; `oracle::gpu::prune` computes the union of the
+//! batch's needed tiles and certifies the tiles it leaves out with the same bounds.
+//!
 //! **Sparse accumulation.** A visited tile's logits are computed only for the union over
 //! the query group of the samples that survived, with one gather and one small GEMM; the
 //! weighted sum then takes only the columns whose weight is non-zero for some query.
