@@ -307,6 +307,38 @@ pub(super) fn finish_stats(
     }
 }
 
+/// Maps the argmax of each query (a device row: a position of the tile order) to its
+/// stored row. Where every logit is equal by construction (alpha = 0: both coefficients
+/// 0), the tie goes to the first stored row of `rows`, as the plain order's pass gives it
+/// (ties between rows of equal f32 logits otherwise go to the first in tile order).
+pub(super) fn map_argmax(
+    index: &PruneIndex,
+    rows: &Range<usize>,
+    coefs: &[[f32; 2]],
+    stats: &mut [QueryStats],
+    states: Option<&mut Vec<(SoftmaxState, f32)>>,
+    first_state: usize,
+) {
+    let perm = index.perm();
+    let map = |q: usize, arg: u32| -> u32 {
+        if coefs[q] == [0.0, 0.0] {
+            rows.start as u32
+        } else {
+            perm[arg as usize]
+        }
+    };
+    for (q, st) in stats.iter_mut().enumerate() {
+        st.top1_index = map(q, st.top1_index);
+    }
+    if let Some(states) = states {
+        for (q, (st, _)) in states[first_state..].iter_mut().enumerate() {
+            if st.sum > 0.0 {
+                st.argmax = map(q, st.argmax);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::plan::{Limits, Plan};
@@ -346,38 +378,6 @@ mod tests {
                 assert_eq!(n, want, "row {r}, {splits} splits");
             }
             assert_eq!(plan.reads, vec![0, 1, 2]);
-        }
-    }
-}
-
-/// Maps the argmax of each query (a device row: a position of the tile order) to its
-/// stored row. Where every logit is equal by construction (alpha = 0: both coefficients
-/// 0), the tie goes to the first stored row of `rows`, as the plain order's pass gives it
-/// (ties between rows of equal f32 logits otherwise go to the first in tile order).
-pub(super) fn map_argmax(
-    index: &PruneIndex,
-    rows: &Range<usize>,
-    coefs: &[[f32; 2]],
-    stats: &mut [QueryStats],
-    states: Option<&mut Vec<(SoftmaxState, f32)>>,
-    first_state: usize,
-) {
-    let perm = index.perm();
-    let map = |q: usize, arg: u32| -> u32 {
-        if coefs[q] == [0.0, 0.0] {
-            rows.start as u32
-        } else {
-            perm[arg as usize]
-        }
-    };
-    for (q, st) in stats.iter_mut().enumerate() {
-        st.top1_index = map(q, st.top1_index);
-    }
-    if let Some(states) = states {
-        for (q, (st, _)) in states[first_state..].iter_mut().enumerate() {
-            if st.sum > 0.0 {
-                st.argmax = map(q, st.argmax);
-            }
         }
     }
 }
