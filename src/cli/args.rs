@@ -113,7 +113,7 @@ pub struct OracleArgs {
     pub gpu_memory_mib: Option<u64>,
     /// Evaluate every sample at every step (the plain dense path), instead of exact
     /// pruning, which skips only samples whose total weight is certified below 2^-30 of
-    /// the normaliser (cpu backend; for comparison and tests)
+    /// the normaliser (cpu; on gpu whole tiles within 2^-31; for comparison and tests)
     #[arg(long)]
     pub exact_dense: bool,
     /// Several devices at once (see `--help`): `all`, or adapter indices and `cpu`,
@@ -129,6 +129,7 @@ impl OracleArgs {
             max_resident_bytes: self.gpu_memory_mib.map(|m| m << 20),
             // Shown by the backend's description (run.json) when f16 was chosen for it.
             storage_reason: AUTO_DTYPE.get().cloned(),
+            exact_dense: self.exact_dense,
             ..GpuOptions::default()
         }
     }

@@ -117,7 +117,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let cpu = CpuOptions {
                 prune: !a.exact_dense,
             };
-            match Oracle::with_options(&ds, Path::RectifiedFlow, kind, GpuOptions::default(), cpu) {
+            let gpu = GpuOptions {
+                exact_dense: a.exact_dense,
+                ..GpuOptions::default()
+            };
+            match Oracle::with_options(&ds, Path::RectifiedFlow, kind, gpu, cpu) {
                 Ok(o) => oracles.push((format!("{kind:?}").to_lowercase(), o)),
                 Err(e) => eprintln!("{kind:?}: not compared ({e})"),
             }

@@ -66,6 +66,13 @@
 //! logits tile shape per adapter (a short measured autotune, cached on disk; the
 //! accumulate shape follows from D).
 //!
+//! Exact pruning (`prune`, on by default, off with `--exact-dense`): for resident
+//! in-memory datasets the rows are held in the tile order of the cpu's
+//! [`PruneIndex`](crate::oracle::prune::PruneIndex), and a call walks a list of row
+//! ranges, the tiles some query of the batch needs (the cpu's bounds), instead of one
+//! range; the plain pass is that list with one range. The certificate, the skipped shares
+//! and the fallback to dense are described there.
+//!
 //! The kernels are register-tiled (8 x 8 outputs per thread in `logits`, 8 queries x 2 vec4
 //! columns in `accumulate`) with double-buffered workgroup memory, their tile shapes WGSL
 //! override constants (small batches run narrower logits pipelines of the same source, so
@@ -79,6 +86,7 @@ mod health;
 mod options;
 mod pipelines;
 mod plan;
+mod prune;
 mod readback;
 mod residency;
 mod timing;
@@ -88,6 +96,7 @@ use std::ops::Range;
 
 use crate::dataset::{Dataset, Dtype};
 use crate::error::{Error, Result};
+use crate::oracle::prune::PruneIndex;
 use crate::oracle::{Backend, CentredBatch, Partial, Posterior, QueryStats, SoftmaxState};
 
 pub use device::{adapter_list, adapter_report, all_devices};
@@ -109,7 +118,13 @@ use residency::Residency;
 use timing::Timer;
 
 /// The oracle posterior on a GPU through wgpu.
-pub struct GpuBackend {
+pub struct GpuBackend<'d> {
+    /// Read by exact pruning's bounds (the seed tiles' logits, on the host).
+    dataset: &'d Dataset,
+    /// Exact pruning's index, when the device holds the rows in its tile order (`prune`).
+    pruning: Option<PruneIndex>,
+    /// The device rows the last call computed when it skipped tiles (None: dense).
+    last_kept: Option<Vec<Range<usize>>>,
     gpu: Gpu,
     /// What the plans read of the device's limits.
     limits: Limits,
@@ -138,9 +153,9 @@ pub struct GpuBackend {
     tile_choice: TileChoice,
 }
 
-impl GpuBackend {
+impl<'d> GpuBackend<'d> {
     /// `hardware_only`: refuse CPU adapters (lavapipe), as `--backend auto` wants.
-    pub fn new(dataset: &Dataset, hardware_only: bool) -> Result<Self> {
+    pub fn new(dataset: &'d Dataset, hardware_only: bool) -> Result<Self> {
         Self::with_options(
             dataset,
             GpuOptions {
@@ -150,7 +165,7 @@ impl GpuBackend {
         )
     }
 
-    pub fn with_options(dataset: &Dataset, mut options: GpuOptions) -> Result<Self> {
+    pub fn with_options(dataset: &'d Dataset, mut options: GpuOptions) -> Result<Self> {
         if options.max_resident_bytes.is_none() {
             options.max_resident_bytes = options::memory_budget_from_env()?;
         }
@@ -188,9 +203,11 @@ impl GpuBackend {
         // No timestamps on the device: no timings, silently (not an error).
         let timers = ((print_profile || options.profile.is_some()) && gpu.has_timestamps())
             .then(|| [Timer::new(), Timer::new()]);
+        let pruning = prune::index_for(dataset, storage, &limits, &options);
         let built = scoped(&gpu.device, || {
             let kernels = Kernels::new(&gpu.device, storage == Dtype::F16, trusted, &tiles);
-            let residency = place(&gpu.device, dataset, storage, &limits, &options)?;
+            let order = pruning.as_ref().map(|i| i.perm());
+            let residency = place(&gpu.device, dataset, storage, &limits, &options, order)?;
             Ok((kernels, residency))
         });
         let (kernels, residency) = built.map_err(|e| match e {
@@ -198,6 +215,9 @@ impl GpuBackend {
             e => e,
         })?;
         Ok(GpuBackend {
+            dataset,
+            pruning,
+            last_kept: None,
             limits,
             kernels,
             residency,
@@ -254,25 +274,42 @@ impl GpuBackend {
         self.residency.uploads()
     }
 
-    /// Uploads and submits one sub-batch, queries `x` (n x D) against `rows`, on scratch
+    /// Whether the last call skipped tiles (false: dense, by choice or by fallback).
+    pub fn last_was_pruned(&self) -> bool {
+        self.last_kept.is_some()
+    }
+
+    /// The stored rows the last pruned call computed (the same for every query of its
+    /// batch; empty after a dense call), for tests of the certificate.
+    pub fn kept_rows(&self) -> Vec<u32> {
+        match (&self.pruning, &self.last_kept) {
+            (Some(index), Some(ranges)) => ranges
+                .iter()
+                .flat_map(|r| index.perm()[r.clone()].iter().copied())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Uploads and submits one sub-batch, queries `x` (n x D) against the device rows `rows`, on scratch
     /// set `set`, without waiting for it: [`GpuBackend::finish`] reads its results.
     fn submit(
         &mut self,
         set: usize,
         x: &[f32],
         coefs: &[[f32; 2]],
-        rows: Range<usize>,
+        rows: &[Range<usize>],
         queries: Range<usize>,
     ) -> Result<Submitted> {
         let residency = &mut self.residency;
         let n_queries = coefs.len();
         let chunk_rows = residency.all_chunk_rows();
-        let plan = Plan::new(
+        let plan = Plan::over(
             &self.limits,
             &self.options,
             n_queries,
             self.dim4,
-            &rows,
+            rows,
             &chunk_rows,
         );
         // The device buffer each chunk read is bound from: its own, or a ring slot.
@@ -398,6 +435,7 @@ fn place(
     storage: Dtype,
     limits: &Limits,
     options: &GpuOptions,
+    order: Option<&[u32]>,
 ) -> Result<Residency> {
     let chunk_cap = plan::chunk_cap(limits, options);
     let budget = plan::dataset_budget(limits, options);
@@ -406,7 +444,9 @@ fn place(
             device, dataset, storage, chunk_cap, budget,
         )?)
     } else {
-        Residency::Resident(residency::upload(device, dataset, storage, chunk_cap)?)
+        Residency::Resident(residency::upload(
+            device, dataset, storage, chunk_cap, order,
+        )?)
     })
 }
 
@@ -424,16 +464,25 @@ fn scoped<T>(device: &wgpu::Device, f: impl FnOnce() -> Result<T>) -> Result<T> 
     }
 }
 
-impl Backend for GpuBackend {
+impl Backend for GpuBackend<'_> {
+    /// The device's normalised mean as it is; with pruning, the statistics carry the
+    /// certificate and skipped shares (`prune::finish_stats`).
     fn posterior(&mut self, batch: &CentredBatch<'_>) -> Result<Posterior> {
-        self.evaluate(batch, None)
+        let pruned = self.prune_plan(batch);
+        let mut states = Vec::with_capacity(batch.logit_coefs.len());
+        let mut post = self.evaluate(batch, pruned.as_ref(), Some(&mut states))?;
+        if let Some(p) = &pruned {
+            prune::finish_stats(p, &states, &mut post.stats);
+        }
+        Ok(post)
     }
 
     /// The device normalises in its finalize pass; the state is rebuilt from the merged
     /// split states read back beside the mean: acc = mean * l (one rounding per value).
     fn partial(&mut self, batch: &CentredBatch<'_>) -> Result<Partial> {
+        let pruned = self.prune_plan(batch);
         let mut states = Vec::with_capacity(batch.logit_coefs.len());
-        let post = self.evaluate(batch, Some(&mut states))?;
+        let post = self.evaluate(batch, pruned.as_ref(), Some(&mut states))?;
         let dim = self.dim;
         let mut acc = post.mean;
         for (q, (state, _)) in states.iter().enumerate() {
@@ -441,15 +490,19 @@ impl Backend for GpuBackend {
                 .iter_mut()
                 .for_each(|v| *v *= state.sum);
         }
-        let (states, sum_norm) = states.into_iter().unzip();
-        Ok(Partial::dense(
+        let (st, sum_norm): (Vec<SoftmaxState>, Vec<f32>) = states.into_iter().unzip();
+        let mut part = Partial::dense(
             dim,
-            states,
+            st,
             acc,
             sum_norm,
             batch.rows.len(),
             crate::oracle::prune::LEAF_ROWS,
-        ))
+        );
+        if let Some(p) = &pruned {
+            prune::fill_partial(p, &mut part);
+        }
+        Ok(part)
     }
 
     fn describe(&self) -> String {
@@ -457,10 +510,26 @@ impl Backend for GpuBackend {
     }
 }
 
-impl GpuBackend {
+impl GpuBackend<'_> {
+    /// The tiles exact pruning keeps for `batch`, or `None` for the dense pass (pruning
+    /// off or unavailable, or bounds too loose: see `prune::plan`).
+    fn prune_plan(&mut self, batch: &CentredBatch<'_>) -> Option<prune::PrunedRows> {
+        self.last_kept = None;
+        let index = self.pruning.as_ref()?;
+        if batch.rows.is_empty() || batch.rows.end > self.n_samples {
+            return None;
+        }
+        let plan = prune::plan(self.dataset, index, batch);
+        self.last_kept = plan.as_ref().map(|p| p.ranges.clone());
+        plan
+    }
+
+    /// Evaluates `batch` over its rows, or over the kept tiles of `pruned`; argmax
+    /// indices come back as stored rows.
     fn evaluate(
         &mut self,
         batch: &CentredBatch<'_>,
+        pruned: Option<&prune::PrunedRows>,
         mut states: Option<&mut Vec<(SoftmaxState, f32)>>,
     ) -> Result<Posterior> {
         let n_queries = batch.logit_coefs.len();
@@ -480,6 +549,14 @@ impl GpuBackend {
         }
         // A lost device fails every call the same way, before any work is queued.
         self.waiter.health.check()?;
+        // The device rows to walk: the stored rows themselves, or their positions in the
+        // tile order when the device holds that order (pruned: only the kept tiles').
+        let ranges = match (&self.pruning, pruned) {
+            (_, Some(p)) => p.ranges.clone(),
+            (Some(index), None) => prune::dense_ranges(index, &rows),
+            (None, None) => vec![rows.clone()],
+        };
+        let first_state = states.as_ref().map_or(0, |s| s.len());
         let start = std::time::Instant::now();
         let mut times: Option<KernelTimes> = None;
         let mut mean = vec![0.0f32; n_queries * dim];
@@ -497,7 +574,7 @@ impl GpuBackend {
                         i % 2,
                         &batch.x[q.start * dim..q.end * dim],
                         &batch.logit_coefs[q.clone()],
-                        rows.clone(),
+                        &ranges,
                         q.clone(),
                     )?),
                     None => None,
@@ -537,6 +614,16 @@ impl GpuBackend {
                 log.push(t);
             }
         }
+        if let Some(index) = &self.pruning {
+            prune::map_argmax(
+                index,
+                &rows,
+                batch.logit_coefs,
+                &mut stats,
+                states,
+                first_state,
+            );
+        }
         Ok(Posterior { mean, stats })
     }
 
@@ -570,8 +657,9 @@ impl GpuBackend {
         } else {
             String::new()
         };
+        let mode = prune::describe(self.pruning.as_ref(), &self.options, self.dataset);
         format!(
-            "gpu: {} ({:?}, {:?}), {storage}{}, {n} chunk{}{streaming}",
+            "gpu: {} ({:?}, {:?}), {storage}{}, {n} chunk{}{streaming}, {mode}",
             self.gpu.info.name,
             self.gpu.info.backend,
             self.gpu.info.device_type,

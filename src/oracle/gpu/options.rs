@@ -83,6 +83,9 @@ pub struct GpuOptions {
     /// (`tune.rs`; also `ORACLEFLOW_GPU_TILES`). An input error where the device's
     /// workgroup memory cannot hold it.
     pub tiles: Option<super::pipelines::LogitsTiles>,
+    /// Evaluate every row at every call (`--exact-dense`), instead of exact pruning's
+    /// skipping of whole tiles (`gpu::prune`; resident in-memory datasets only).
+    pub exact_dense: bool,
 }
 
 #[cfg(test)]

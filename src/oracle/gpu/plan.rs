@@ -288,7 +288,8 @@ pub(super) struct Plan {
 
 impl Plan {
     /// The plan of `n_queries` (at most [`max_sub_batch`]) against `rows` of a dataset
-    /// cut into chunks of `chunk_rows`.
+    /// cut into chunks of `chunk_rows` (the backend calls [`Plan::over`]).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn new(
         limits: &Limits,
         options: &GpuOptions,
@@ -297,8 +298,33 @@ impl Plan {
         rows: &Range<usize>,
         chunk_rows: &[Range<usize>],
     ) -> Plan {
-        let cut = cut(limits, options, n_queries, dim4, rows.len());
-        let steps = steps(n_queries, dim4, cut, rows, chunk_rows);
+        Self::over(
+            limits,
+            options,
+            n_queries,
+            dim4,
+            std::slice::from_ref(rows),
+            chunk_rows,
+        )
+    }
+
+    /// As [`Plan::new`] over a list of disjoint, ascending row ranges (the tiles exact
+    /// pruning keeps, `gpu::prune`): cut as their total rows, the steps of each range in
+    /// turn (chunks still in call order, so `submits` reads each chunk once).
+    pub fn over(
+        limits: &Limits,
+        options: &GpuOptions,
+        n_queries: usize,
+        dim4: usize,
+        ranges: &[Range<usize>],
+        chunk_rows: &[Range<usize>],
+    ) -> Plan {
+        let n_rows = ranges.iter().map(|r| r.len()).sum();
+        let cut = cut(limits, options, n_queries, dim4, n_rows);
+        let steps: Vec<Step> = ranges
+            .iter()
+            .flat_map(|rows| steps(n_queries, dim4, cut, rows, chunk_rows))
+            .collect();
         let (reads, submits) = submits(&steps);
         let row_bytes = dim4 as u64 * 16;
         let n_virtual = (cut.splits * n_queries) as u64;

@@ -351,7 +351,7 @@ pub(super) fn stream(
         },
         None => {
             let mut host_values = vec![0u8; n * row_bytes as usize];
-            fill_rows(dataset, 0..n, dim_padded, storage, |offset, bytes| {
+            fill_rows(dataset, 0..n, None, dim_padded, storage, |offset, bytes| {
                 host_values[offset..offset + bytes.len()].copy_from_slice(bytes);
             })?;
             HostRows::Packed(host_values)
@@ -370,12 +370,15 @@ pub(super) fn stream(
 }
 
 /// Uploads the dataset in chunks of at most `max_chunk_bytes` each, its values held as
-/// `storage` (f16 data may be held as f32; f32 data is always held as f32).
+/// `storage` (f16 data may be held as f32; f32 data is always held as f32). With `order`
+/// (exact pruning's tile order, in-memory datasets only), device row p holds stored row
+/// `order[p]`, gathered block by block into the same staging buffer as the plain order.
 pub(super) fn upload(
     device: &wgpu::Device,
     dataset: &Dataset,
     storage: Dtype,
     max_chunk_bytes: u64,
+    order: Option<&[u32]>,
 ) -> Result<Vec<Chunk>> {
     let dim = dataset.dim();
     let dim_padded = dim.div_ceil(4) * 4;
@@ -397,6 +400,7 @@ pub(super) fn upload(
             fill_rows(
                 dataset,
                 rows.clone(),
+                order,
                 dim_padded,
                 storage,
                 |offset, bytes| {
@@ -412,10 +416,19 @@ pub(super) fn upload(
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: true,
         });
+        let gathered: Vec<f32>;
+        let norms = match order {
+            Some(o) => {
+                let all = dataset.sq_norms();
+                gathered = o[rows.clone()].iter().map(|&r| all[r as usize]).collect();
+                &gathered[..]
+            }
+            None => &dataset.sq_norms()[rows.clone()],
+        };
         sq_norms
             .get_mapped_range_mut(..)
             .map_err(|e| Error::Gpu(format!("mapping sq_norms: {e}")))?
-            .copy_from_slice(bytemuck::cast_slice(&dataset.sq_norms()[rows.clone()]));
+            .copy_from_slice(bytemuck::cast_slice(norms));
         sq_norms.unmap();
         chunks.push(Chunk {
             rows,
@@ -427,10 +440,12 @@ pub(super) fn upload(
 }
 
 /// Converts and pads `rows` a block at a time (a few MiB of host memory however many
-/// rows), handing each block to `write` with its byte offset from the first row.
+/// rows), handing each block to `write` with its byte offset from the first row. With
+/// `order`, row p of the output is stored row `order[p]` (never for disk datasets).
 fn fill_rows(
     dataset: &Dataset,
     rows: Range<usize>,
+    order: Option<&[u32]>,
     dim_padded: usize,
     storage: Dtype,
     mut write: impl FnMut(usize, &[u8]),
@@ -444,12 +459,17 @@ fn fill_rows(
         let block_end = (block_start + block_rows).min(rows.end);
         bytes.clear();
         if let Some(disk) = dataset.disk() {
+            assert!(
+                order.is_none(),
+                "disk datasets are uploaded in stored order"
+            );
             disk.read_padded(block_start..block_end, storage, dim_padded, &mut bytes)?;
             write((block_start - rows.start) * row_bytes, &bytes);
             block_start = block_end;
             continue;
         }
-        for row in block_start..block_end {
+        for pos in block_start..block_end {
+            let row = order.map_or(pos, |o| o[pos] as usize);
             let r = row * dim..(row + 1) * dim;
             match (dataset.values(), storage) {
                 (Values::F32(v), Dtype::F32) => {

@@ -63,6 +63,11 @@
 //! skipped bounds, rescaled to the final (m, l), is each query's certificate
 //! (`QueryStats::skipped_mass_bound`, rounded up to f32).
 //!
+//! **Shared with the gpu.** The per-query tile half (projections, seed m0, tile bounds,
+//! whole tiles skipped within `TILE_BUDGET`) is one implementation, [`TilePlanner`]: this
+//! module goes on to screen samples; `oracle::gpu::prune` computes the union of the
+//! batch's needed tiles and certifies the tiles it leaves out with the same bounds.
+//!
 //! **Sparse accumulation.** Where a visited tile's survivors fill at least `GEMM_FILL` of
 //! the (query, row) block of the group's union, its logits come from one gather and one
 //! small GEMM over that block and the weighted sum takes only the columns whose weight is
@@ -401,6 +406,22 @@ impl PruneIndex {
         self.k
     }
 
+    /// The stored row at each position of the tile order (tiles are runs of positions).
+    pub fn perm(&self) -> &[u32] {
+        &self.perm
+    }
+
+    /// Positions (in the tile order of [`PruneIndex::perm`]) of tile `t`.
+    pub fn tile_positions(&self, t: usize) -> Range<usize> {
+        let tile = &self.tiles[t];
+        tile.start..tile.start + tile.len
+    }
+
+    /// Tiles covering exactly `rows` (all rows, or one class), if any.
+    pub fn tiles_covering(&self, rows: &Range<usize>) -> Option<Range<usize>> {
+        self.tiles_for(rows)
+    }
+
     /// Tiles covering exactly `rows` (all rows, or one class), if any.
     fn tiles_for(&self, rows: &Range<usize>) -> Option<Range<usize>> {
         let n = self.perm.len();
@@ -550,130 +571,15 @@ pub fn partial(
     kept: Option<&mut Vec<Vec<u32>>>,
 ) -> Option<Partial> {
     let dim = index.dim;
-    let k = index.k;
     let n_q = batch.logit_coefs.len();
-    let tile_range = index.tiles_for(&batch.rows)?;
     let n_rows = batch.rows.len();
-    if n_rows < MIN_PRUNE_ROWS {
-        return None;
-    }
-    let tiles = &index.tiles[tile_range.clone()];
-    let x = batch.x;
     let clock = std::time::Instant::now();
-
-    // Query projections and residual norms.
-    let (px, rx) = project(x, n_q, dim, &index.basis, k);
-    // Projected query . tile centroid, all pairs (n_q x T): one GEMM. Its f32 rounding,
-    // and that of the expanded distance below, is far inside LB_MARGIN.
-    let n_tiles = tiles.len();
-    let mut pc = vec![0.0f32; n_q * n_tiles];
-    sgemm(
-        Gemm {
-            m: n_q,
-            n: n_tiles,
-            k,
-        },
-        &mut pc,
-        false,
-        (&px, k, 1),
-        (
-            &index.centres[tile_range.start * k..tile_range.end * k],
-            1,
-            k,
-        ),
-    );
-    // Per query: the quantities behind its bounds, its seed, and the tiles it needs.
+    let bounder = Bounder::new(ds, index, batch)?;
+    let tile_range = bounder.tile_range.clone();
+    let tiles = &index.tiles[tile_range.clone()];
+    let px = &bounder.px;
     let bound = |q: usize| -> (QueryBound, Vec<bool>) {
-        let [c_dot, c_norm] = batch.logit_coefs[q].map(|v| v as f64);
-        let xq = &x[q * dim..(q + 1) * dim];
-        let x_sq: f64 = xq.iter().map(|&v| (v as f64).powi(2)).sum();
-        let pq = &px[q * k..(q + 1) * k];
-        let prunable = c_dot > 0.0 && c_norm > 0.0 && c_dot.is_finite() && c_norm.is_finite();
-        let mut b = QueryBound {
-            prunable,
-            a: if prunable { 2.0 * c_norm / c_dot } else { 0.0 },
-            inv: if prunable {
-                c_dot * c_dot / (4.0 * c_norm)
-            } else {
-                0.0
-            },
-            c_dot,
-            c_norm,
-            x_sq,
-            x_norm: x_sq.sqrt(),
-            resid: rx[q] as f64,
-            px_sq: pq.iter().map(|&v| (v as f64).powi(2)).sum(),
-            lv_sq: [0.0; LEVELS.len() + 1],
-            lv_tail: [0.0; LEVELS.len() + 1],
-            m0: f64::NEG_INFINITY,
-            seed_tile: 0,
-            ln_sample_thr: f64::NEG_INFINITY,
-            cert: 0.0,
-            needed_tiles: tiles.len(),
-        };
-        let (mut sq, mut tail) = (Vec::new(), Vec::new());
-        level_norms(pq, rx[q], &index.levels, &mut sq, &mut tail);
-        b.lv_sq[..sq.len()].copy_from_slice(&sq);
-        b.lv_tail[..tail.len()].copy_from_slice(&tail);
-        let mut need = vec![true; tiles.len()];
-        if !prunable {
-            return (b, need);
-        }
-        // |Px - a c|^2 per tile; the nearest tile seeds the running max.
-        let c_sq = &index.centre_sq[tile_range.clone()];
-        let dp2: Vec<f64> = pc[q * n_tiles..(q + 1) * n_tiles]
-            .iter()
-            .zip(c_sq)
-            .map(|(&d, &cs)| (b.px_sq - 2.0 * b.a * d as f64 + b.a * b.a * cs).max(0.0))
-            .collect();
-        b.seed_tile = (0..n_tiles)
-            .min_by(|&i, &j| dp2[i].total_cmp(&dp2[j]).then(i.cmp(&j)))
-            .expect("tiles");
-        let c0 = std::time::Instant::now();
-        b.m0 = seed_max(ds, index, &b, xq, pq, tile_range.start + b.seed_tile);
-        let c1 = std::time::Instant::now();
-        // Tile screening: each tile's weight bound, then the smallest ones skipped within
-        // the budget.
-        let nb = index.box_dims;
-        let boxes = &index.boxes[tile_range.start * 2 * nb..tile_range.end * 2 * nb];
-        let pq_head = &pq[..nb];
-        let tiny = tiny_bound(TILE_BUDGET, n_tiles);
-        let c_head = |t: usize| &index.centres[(tile_range.start + t) * k..][..nb];
-        let lw: Vec<f64> = tiles
-            .iter()
-            .zip(&dp2)
-            .zip(boxes.chunks_exact(2 * nb))
-            .enumerate()
-            .map(|(t, ((tile, &dp2), bx))| {
-                let gap = (b.a * tile.resid_lo - b.resid)
-                    .max(b.resid - b.a * tile.resid_hi)
-                    .max(0.0);
-                let err = b.err(tile.max_norm, dim);
-                let lw = |l2: f64| tile.ln_len + b.ln_weight(l2, tile.max_norm, err);
-                // The ball bound alone first: it rules out most far tiles by a wide margin.
-                let ball = (dp2.sqrt() - b.a * tile.radius).max(0.0).powi(2) + gap * gap;
-                let lw_ball = lw(ball);
-                if lw_ball < tiny {
-                    return lw_ball;
-                }
-                lw(tile_bound(&b, tile, dp2, pq_head, c_head(t), bx) + gap * gap)
-            })
-            .collect();
-        let c2 = std::time::Instant::now();
-        b.cert = skip_smallest(&lw, TILE_BUDGET, |t| need[t] = false);
-        if profiling() {
-            for (slot, span) in PROFILE_BOUNDS.iter().zip([c1 - c0, c2 - c1, c2.elapsed()]) {
-                slot.fetch_add(span.as_nanos() as u64, Relaxed);
-            }
-        }
-        b.needed_tiles = need.iter().filter(|&&v| v).count();
-        let visited: usize = tiles
-            .iter()
-            .zip(&need)
-            .filter(|(_, &v)| v)
-            .map(|(t, _)| t.len)
-            .sum();
-        b.ln_sample_thr = (SAMPLE_BUDGET / visited.max(1) as f64).ln();
+        let (b, need, _) = bounder.bound(q);
         (b, need)
     };
 
@@ -685,7 +591,7 @@ pub fn partial(
     let mut probe_cert = vec![0.0f64; probe.len()];
     let probe_count = screen(
         index,
-        &px,
+        px,
         &probed.iter().map(|p| &p.0).collect::<Vec<_>>(),
         &probed.iter().map(|p| &p.1[..]).collect::<Vec<_>>(),
         &probe,
@@ -741,7 +647,7 @@ pub fn partial(
             let c0 = std::time::Instant::now();
             let sc = screen(
                 index,
-                &px,
+                px,
                 &qs.iter().map(|&q| &qb[q]).collect::<Vec<_>>(),
                 &qs.iter().map(|&q| &needed[q][..]).collect::<Vec<_>>(),
                 qs,
@@ -880,6 +786,237 @@ fn skip_smallest(lw: &[f64], budget: f64, mut skip: impl FnMut(usize)) -> f64 {
 /// Thread time of the per-query bound phases (seed, tile bounds, tile skipping), in ns,
 /// summed over the queries of a call for the profile.
 static PROFILE_BOUNDS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+
+/// One query's share of a [`TilePlan`].
+#[derive(Clone, Debug)]
+pub struct QueryTiles {
+    /// Lower bound on the f32 maximum logit the exact pass will find (from the seed tile);
+    /// -inf where nothing may be skipped (e.g. alpha = 0).
+    pub m0: f64,
+    /// Per tile of [`TilePlan::tiles`]: whether the query needs it (false: its bound is
+    /// among the smallest, whose sum stays within the tile budget of 2^-31).
+    pub need: Vec<bool>,
+    /// Per tile: ln of the bound on the tile's total weight, in units of exp(m0), so that
+    /// the skipped mass of any subset of the unneeded tiles is the sum of their exp.
+    pub ln_bound: Vec<f64>,
+    /// Sum of the unneeded tiles' bounds, units of exp(m0) (at most 2^-31).
+    pub cert: f64,
+}
+
+/// The tile-level half of exact pruning for a batch: per query, the whole tiles it needs
+/// and the bounds of those it may skip (the cpu backend goes on to per-sample screening;
+/// the gpu backend computes, for the whole batch, the union of the needed tiles).
+#[derive(Clone, Debug)]
+pub struct TilePlan {
+    /// The index's tiles covering the batch's rows.
+    pub tiles: Range<usize>,
+    pub queries: Vec<QueryTiles>,
+}
+
+/// The per-query tile bounds shared by both backends: prepared once per batch, then
+/// evaluated per query (a caller may bound a few probe queries before the rest).
+pub struct TilePlanner<'a>(Bounder<'a>);
+
+impl<'a> TilePlanner<'a> {
+    /// `None` when the rows are not a union of the index's tiles (all rows or one class)
+    /// or fewer than `MIN_PRUNE_ROWS`.
+    pub fn new(
+        ds: &'a Dataset,
+        index: &'a PruneIndex,
+        batch: &'a CentredBatch<'a>,
+    ) -> Option<Self> {
+        Bounder::new(ds, index, batch).map(TilePlanner)
+    }
+
+    /// The index's tiles covering the batch's rows.
+    pub fn tiles(&self) -> Range<usize> {
+        self.0.tile_range.clone()
+    }
+
+    /// Query `q`'s tiles (the same bounds and decisions as the cpu path's).
+    pub fn query(&self, q: usize) -> QueryTiles {
+        let (b, need, ln_bound) = self.0.bound(q);
+        QueryTiles {
+            m0: b.m0,
+            need,
+            ln_bound,
+            cert: b.cert,
+        }
+    }
+}
+
+/// [`TilePlanner`] over every query of the batch (in parallel).
+pub fn tile_plan(ds: &Dataset, index: &PruneIndex, batch: &CentredBatch<'_>) -> Option<TilePlan> {
+    let planner = TilePlanner::new(ds, index, batch)?;
+    let queries = (0..batch.logit_coefs.len())
+        .into_par_iter()
+        .map(|q| planner.query(q))
+        .collect();
+    Some(TilePlan {
+        tiles: planner.tiles(),
+        queries,
+    })
+}
+
+/// What every query's tile bounds share: the batch's projections and their products with
+/// the tile centres (one GEMM), for the tiles covering the batch's rows.
+struct Bounder<'a> {
+    ds: &'a Dataset,
+    index: &'a PruneIndex,
+    batch: &'a CentredBatch<'a>,
+    tile_range: Range<usize>,
+    /// n_q x k query projections and the n_q residual norms
+    px: Vec<f32>,
+    rx: Vec<f32>,
+    /// n_q x T: projected query . tile centre
+    pc: Vec<f32>,
+}
+
+impl<'a> Bounder<'a> {
+    /// `None` when the rows are not a union of tiles or too few to prune.
+    fn new(ds: &'a Dataset, index: &'a PruneIndex, batch: &'a CentredBatch<'a>) -> Option<Self> {
+        let (dim, k) = (index.dim, index.k);
+        let n_q = batch.logit_coefs.len();
+        let tile_range = index.tiles_for(&batch.rows)?;
+        if batch.rows.len() < MIN_PRUNE_ROWS {
+            return None;
+        }
+        // Query projections and residual norms.
+        let (px, rx) = project(batch.x, n_q, dim, &index.basis, k);
+        // Projected query . tile centroid, all pairs (n_q x T): one GEMM. Its f32 rounding,
+        // and that of the expanded distance below, is far inside LB_MARGIN.
+        let n_tiles = tile_range.len();
+        let mut pc = vec![0.0f32; n_q * n_tiles];
+        sgemm(
+            Gemm {
+                m: n_q,
+                n: n_tiles,
+                k,
+            },
+            &mut pc,
+            false,
+            (&px, k, 1),
+            (
+                &index.centres[tile_range.start * k..tile_range.end * k],
+                1,
+                k,
+            ),
+        );
+        Some(Bounder {
+            ds,
+            index,
+            batch,
+            tile_range,
+            px,
+            rx,
+            pc,
+        })
+    }
+
+    /// Query `q`'s bound quantities, its needed tiles (false: skipped within
+    /// `TILE_BUDGET`) and per tile the ln of the bound on its total weight in units of
+    /// exp(m0) (-inf where the query is not prunable).
+    fn bound(&self, q: usize) -> (QueryBound, Vec<bool>, Vec<f64>) {
+        let (ds, index, batch) = (self.ds, self.index, self.batch);
+        let (dim, k) = (index.dim, index.k);
+        let x = batch.x;
+        let (px, rx, pc) = (&self.px, &self.rx, &self.pc);
+        let tile_range = self.tile_range.clone();
+        let tiles = &index.tiles[tile_range.clone()];
+        let n_tiles = tiles.len();
+        let [c_dot, c_norm] = batch.logit_coefs[q].map(|v| v as f64);
+        let xq = &x[q * dim..(q + 1) * dim];
+        let x_sq: f64 = xq.iter().map(|&v| (v as f64).powi(2)).sum();
+        let pq = &px[q * k..(q + 1) * k];
+        let prunable = c_dot > 0.0 && c_norm > 0.0 && c_dot.is_finite() && c_norm.is_finite();
+        let mut b = QueryBound {
+            prunable,
+            a: if prunable { 2.0 * c_norm / c_dot } else { 0.0 },
+            inv: if prunable {
+                c_dot * c_dot / (4.0 * c_norm)
+            } else {
+                0.0
+            },
+            c_dot,
+            c_norm,
+            x_sq,
+            x_norm: x_sq.sqrt(),
+            resid: rx[q] as f64,
+            px_sq: pq.iter().map(|&v| (v as f64).powi(2)).sum(),
+            lv_sq: [0.0; LEVELS.len() + 1],
+            lv_tail: [0.0; LEVELS.len() + 1],
+            m0: f64::NEG_INFINITY,
+            seed_tile: 0,
+            ln_sample_thr: f64::NEG_INFINITY,
+            cert: 0.0,
+            needed_tiles: tiles.len(),
+        };
+        let (mut sq, mut tail) = (Vec::new(), Vec::new());
+        level_norms(pq, rx[q], &index.levels, &mut sq, &mut tail);
+        b.lv_sq[..sq.len()].copy_from_slice(&sq);
+        b.lv_tail[..tail.len()].copy_from_slice(&tail);
+        let mut need = vec![true; tiles.len()];
+        if !prunable {
+            return (b, need, vec![f64::NEG_INFINITY; tiles.len()]);
+        }
+        // |Px - a c|^2 per tile; the nearest tile seeds the running max.
+        let c_sq = &index.centre_sq[tile_range.clone()];
+        let dp2: Vec<f64> = pc[q * n_tiles..(q + 1) * n_tiles]
+            .iter()
+            .zip(c_sq)
+            .map(|(&d, &cs)| (b.px_sq - 2.0 * b.a * d as f64 + b.a * b.a * cs).max(0.0))
+            .collect();
+        b.seed_tile = (0..n_tiles)
+            .min_by(|&i, &j| dp2[i].total_cmp(&dp2[j]).then(i.cmp(&j)))
+            .expect("tiles");
+        let c0 = std::time::Instant::now();
+        b.m0 = seed_max(ds, index, &b, xq, pq, tile_range.start + b.seed_tile);
+        let c1 = std::time::Instant::now();
+        // Tile screening: each tile's weight bound, then the smallest ones skipped within
+        // the budget.
+        let nb = index.box_dims;
+        let boxes = &index.boxes[tile_range.start * 2 * nb..tile_range.end * 2 * nb];
+        let pq_head = &pq[..nb];
+        let tiny = tiny_bound(TILE_BUDGET, n_tiles);
+        let c_head = |t: usize| &index.centres[(tile_range.start + t) * k..][..nb];
+        let lw: Vec<f64> = tiles
+            .iter()
+            .zip(&dp2)
+            .zip(boxes.chunks_exact(2 * nb))
+            .enumerate()
+            .map(|(t, ((tile, &dp2), bx))| {
+                let gap = (b.a * tile.resid_lo - b.resid)
+                    .max(b.resid - b.a * tile.resid_hi)
+                    .max(0.0);
+                let err = b.err(tile.max_norm, dim);
+                let lw = |l2: f64| tile.ln_len + b.ln_weight(l2, tile.max_norm, err);
+                // The ball bound alone first: it rules out most far tiles by a wide margin.
+                let ball = (dp2.sqrt() - b.a * tile.radius).max(0.0).powi(2) + gap * gap;
+                let lw_ball = lw(ball);
+                if lw_ball < tiny {
+                    return lw_ball;
+                }
+                lw(tile_bound(&b, tile, dp2, pq_head, c_head(t), bx) + gap * gap)
+            })
+            .collect();
+        let c2 = std::time::Instant::now();
+        b.cert = skip_smallest(&lw, TILE_BUDGET, |t| need[t] = false);
+        if profiling() {
+            for (slot, span) in PROFILE_BOUNDS.iter().zip([c1 - c0, c2 - c1, c2.elapsed()]) {
+                slot.fetch_add(span.as_nanos() as u64, Relaxed);
+            }
+        }
+        b.needed_tiles = need.iter().filter(|&&v| v).count();
+        let visited: usize = tiles
+            .iter()
+            .zip(&need)
+            .filter(|(_, &v)| v)
+            .map(|(t, _)| t.len)
+            .sum();
+        b.ln_sample_thr = (SAMPLE_BUDGET / visited.max(1) as f64).ln();
+        (b, need, lw)
+    }
+}
 
 /// Whether to print per-call phase timings (ORACLEFLOW_PRUNE_PROFILE=1), for tuning.
 fn profiling() -> bool {

@@ -141,6 +141,9 @@ impl<'d> ShardedBackend<'d> {
                     GpuOptions {
                         adapter: Some(i),
                         hardware_only: false,
+                        // A device reads a share of the stored rows, not a union of
+                        // tiles: the tile order would scatter it (see gpu::prune).
+                        exact_dense: true,
                         ..gpu_options.clone()
                     },
                 )?),
