@@ -206,7 +206,7 @@ fn certificate_bounds_the_true_skipped_mass() {
         for path in [Path::RectifiedFlow, Path::VpCosine] {
             for t in [0.6f32, 0.8, 0.9, 0.99] {
                 for class in [None, Some(2)] {
-                    let x = path_queries(&ds, path, t, 9, 17);
+                    let x = path_queries(&ds, path, t, 7, 17);
                     let (xc, coefs) = centred(&ds, path, &x, t);
                     let rows = ds.rows_for(class).unwrap();
                     let post = backend
@@ -334,9 +334,22 @@ fn unstructured_data_and_early_t_run_dense() {
         assert!(!backend.last_was_pruned(), "t = {t}");
         assert!(post.stats.iter().all(|s| s.tiles_skipped == 0.0));
     }
-    // Isotropic Gaussians: no index at all.
+    // Isotropic Gaussians: no index at all (found at the first small late call).
     let ds = common::gaussian_dataset(1000, 400, 9, Dtype::F32);
-    let backend = GpuBackend::with_options(&ds, GpuOptions::default()).unwrap();
+    let mut backend = GpuBackend::with_options(&ds, GpuOptions::default()).unwrap();
+    assert!(backend
+        .describe()
+        .contains("index is built at the first call"));
+    let x = path_queries(&ds, path, 0.9, 3, 2);
+    let (xc, coefs) = centred(&ds, path, &x, 0.9);
+    backend
+        .posterior(&CentredBatch {
+            x: &xc,
+            logit_coefs: &coefs,
+            rows: 0..ds.n_samples(),
+        })
+        .unwrap();
+    assert!(!backend.last_was_pruned());
     assert!(
         backend.describe().contains("exact pruning off"),
         "{}",

@@ -67,7 +67,8 @@
 //! accumulate shape follows from D).
 //!
 //! Exact pruning (`prune`, on by default, off with `--exact-dense`): for resident
-//! in-memory datasets the rows are held in the tile order of the cpu's
+//! in-memory datasets, from the first call of at most `prune::LAZY_MAX_BATCH` queries
+//! (larger batches need every tile), the rows are held in the tile order of the cpu's
 //! [`PruneIndex`](crate::oracle::prune::PruneIndex), and a call walks a list of row
 //! ranges, the tiles some query of the batch needs (the cpu's bounds), instead of one
 //! range; the plain pass is that list with one range. The certificate, the skipped shares
@@ -123,6 +124,9 @@ pub struct GpuBackend<'d> {
     dataset: &'d Dataset,
     /// Exact pruning's index, when the device holds the rows in its tile order (`prune`).
     pruning: Option<PruneIndex>,
+    /// Pruning may still be set up: the index is built at the first call it can serve
+    /// (`prune::worth_building`), and the rows moved into its order then.
+    prune_pending: bool,
     /// The device rows the last call computed when it skipped tiles (None: dense).
     last_kept: Option<Vec<Range<usize>>>,
     gpu: Gpu,
@@ -203,11 +207,10 @@ impl<'d> GpuBackend<'d> {
         // No timestamps on the device: no timings, silently (not an error).
         let timers = ((print_profile || options.profile.is_some()) && gpu.has_timestamps())
             .then(|| [Timer::new(), Timer::new()]);
-        let pruning = prune::index_for(dataset, storage, &limits, &options);
+        let prune_pending = prune::eligible(dataset, storage, &limits, &options);
         let built = scoped(&gpu.device, || {
             let kernels = Kernels::new(&gpu.device, storage == Dtype::F16, trusted, &tiles);
-            let order = pruning.as_ref().map(|i| i.perm());
-            let residency = place(&gpu.device, dataset, storage, &limits, &options, order)?;
+            let residency = place(&gpu.device, dataset, storage, &limits, &options, None)?;
             Ok((kernels, residency))
         });
         let (kernels, residency) = built.map_err(|e| match e {
@@ -216,7 +219,8 @@ impl<'d> GpuBackend<'d> {
         })?;
         Ok(GpuBackend {
             dataset,
-            pruning,
+            pruning: None,
+            prune_pending,
             last_kept: None,
             limits,
             kernels,
@@ -515,6 +519,10 @@ impl GpuBackend<'_> {
     /// off or unavailable, or bounds too loose: see `prune::plan`).
     fn prune_plan(&mut self, batch: &CentredBatch<'_>) -> Option<prune::PrunedRows> {
         self.last_kept = None;
+        if self.prune_pending && prune::worth_building(batch) {
+            self.prune_pending = false;
+            self.set_up_pruning();
+        }
         let index = self.pruning.as_ref()?;
         if batch.rows.is_empty() || batch.rows.end > self.n_samples {
             return None;
@@ -522,6 +530,32 @@ impl GpuBackend<'_> {
         let plan = prune::plan(self.dataset, index, batch);
         self.last_kept = plan.as_ref().map(|p| p.ranges.clone());
         plan
+    }
+
+    /// Builds the pruning index and moves the device rows into its tile order; on any
+    /// failure (no low-dimensional structure, or the upload) the backend stays dense as
+    /// it was.
+    fn set_up_pruning(&mut self) {
+        let Some(index) = PruneIndex::build(self.dataset) else {
+            return;
+        };
+        let device = self.gpu.device.clone();
+        let placed = scoped(&device, || {
+            place(
+                &device,
+                self.dataset,
+                self.storage,
+                &self.limits,
+                &self.options,
+                Some(index.perm()),
+            )
+        });
+        if let Ok(residency) = placed {
+            self.residency = residency;
+            // The cached bind groups name the old dataset buffers.
+            self.buffers = [Buffers::new(), Buffers::new()];
+            self.pruning = Some(index);
+        }
     }
 
     /// Evaluates `batch` over its rows, or over the kept tiles of `pruned`; argmax
@@ -657,7 +691,12 @@ impl GpuBackend<'_> {
         } else {
             String::new()
         };
-        let mode = prune::describe(self.pruning.as_ref(), &self.options, self.dataset);
+        let mode = prune::describe(
+            self.pruning.as_ref(),
+            self.prune_pending,
+            &self.options,
+            self.dataset,
+        );
         format!(
             "gpu: {} ({:?}, {:?}), {storage}{}, {n} chunk{}{streaming}, {mode}",
             self.gpu.info.name,
