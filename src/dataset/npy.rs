@@ -315,18 +315,7 @@ pub fn read_labels(path: &Path, n_samples: usize, data: &Path) -> Result<Vec<u32
             ),
         ));
     }
-    let n = match header.shape[..] {
-        [n] | [n, 1] => n,
-        _ => {
-            return Err(Error::data(
-                path,
-                format!(
-                    "labels must be 1-D, found shape {}",
-                    shape_text(&header.shape)
-                ),
-            ))
-        }
-    };
+    let n = label_count(path, &header.shape, "labels")?;
     if n != n_samples {
         return Err(Error::data(
             path,
@@ -564,6 +553,18 @@ fn channels_last_to_planar(bytes: &[u8], h: usize, w: usize, c: usize) -> Vec<u8
 }
 
 /// Python tuple syntax: `()`, `(3,)`, `(3, 4)`.
+/// The number of labels in a labels array of `shape`: (N,) or (N, 1); else an error
+/// naming `what` (the labels file, or a tensor of a safetensors file).
+pub(super) fn label_count(path: &Path, shape: &[usize], what: &str) -> Result<usize> {
+    match shape {
+        [n] | [n, 1] => Ok(*n),
+        _ => Err(Error::data(
+            path,
+            format!("{what} must be 1-D, found shape {}", shape_text(shape)),
+        )),
+    }
+}
+
 pub(super) fn shape_text(shape: &[usize]) -> String {
     match shape {
         [d] => format!("({d},)"),

@@ -22,7 +22,7 @@ use ::safetensors::{Dtype as StDtype, SafeTensors};
 use half::{bf16, f16};
 
 use super::limits::{check_alloc, keep_first, product};
-use super::npy::{f16s, f32s, map_file_as, shape_text};
+use super::npy::{f16s, f32s, label_count, map_file_as, shape_text};
 use super::{Dataset, Dtype, RawRows, SampleShape};
 use crate::error::{Error, Result};
 
@@ -243,18 +243,7 @@ fn read_labels(
     data: &[u8],
     n_samples: usize,
 ) -> Result<Vec<u32>> {
-    let n = match info.shape[..] {
-        [n] | [n, 1] => n,
-        _ => {
-            return Err(Error::data(
-                path,
-                format!(
-                    "labels tensor '{name}' must be 1-D, found shape {}",
-                    shape_text(&info.shape)
-                ),
-            ))
-        }
-    };
+    let n = label_count(path, &info.shape, &format!("labels tensor '{name}'"))?;
     if n != n_samples {
         return Err(Error::data(
             path,
