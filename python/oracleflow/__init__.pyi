@@ -20,7 +20,9 @@ class Oracle:
     path: "rf" or "vp-cosine". backend: "auto", "gpu", "cpu" or "reference".
     dtype: dataset storage, "f32" or "f16". memory_budget_mib: GPU memory the dataset may
     occupy (MiB); a larger dataset is streamed through the GPU chunk by chunk (the CLI's
-    --gpu-memory-mib); no effect on the cpu/reference backends.
+    --gpu-memory-mib); no effect on the cpu/reference backends. exact_dense: evaluate every
+    sample at every call (the CLI's --exact-dense) instead of exact pruning, which skips
+    samples whose weights cannot reach an f32 result (the default).
 
     Raises ValueError for bad input, FileNotFoundError for a missing data file,
     RuntimeError when the GPU fails.
@@ -35,6 +37,7 @@ class Oracle:
         backend: Literal["auto", "gpu", "cpu", "reference"] = "auto",
         dtype: Literal["f32", "f16"] = "f32",
         memory_budget_mib: Optional[int] = None,
+        exact_dense: bool = False,
     ) -> None: ...
     @property
     def n(self) -> int:

@@ -16,6 +16,7 @@ use pyo3::types::{PyDict, PyString, PyTuple};
 
 use oracleflow::dataset::{self, RawRows, SampleShape};
 use oracleflow::field::OracleField;
+use oracleflow::oracle::cpu::CpuOptions;
 use oracleflow::oracle::gpu::GpuOptions;
 use oracleflow::oracle::{BackendKind, Oracle as Engine, Query, QueryStats, Times};
 use oracleflow::sample::{Conditioning, Guidance, SampleOptions, Solver};
@@ -460,7 +461,8 @@ impl Oracle {
 #[pymethods]
 impl Oracle {
     #[new]
-    #[pyo3(signature = (data, *, labels=None, path="rf", backend="auto", dtype="f32", memory_budget_mib=None))]
+    #[pyo3(signature = (data, *, labels=None, path="rf", backend="auto", dtype="f32", memory_budget_mib=None, exact_dense=false))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         data: &Bound<'_, PyAny>,
@@ -469,6 +471,7 @@ impl Oracle {
         backend: &str,
         dtype: &str,
         memory_budget_mib: Option<i64>,
+        exact_dense: bool,
     ) -> PyResult<Self> {
         let path: Path = parse_choice("path", path)?;
         let backend: BackendKind = parse_choice("backend", backend)?;
@@ -495,12 +498,18 @@ impl Oracle {
         };
         let gpu = GpuOptions {
             max_resident_bytes: memory_budget_mib.map(|m| m << 20),
+            exact_dense,
             ..GpuOptions::default()
+        };
+        // Exact pruning is the default on both backends; exact_dense=True keeps the plain
+        // pass (the CLI's --exact-dense).
+        let cpu = CpuOptions {
+            prune: !exact_dense,
         };
         // Opening a GPU and uploading the dataset can take a while: without the GIL.
         let cell = py.detach(|| {
             Cell::try_new(dataset, |ds| {
-                Engine::with_gpu_options(ds, path, backend, gpu).map(Mutex::new)
+                Engine::with_options(ds, path, backend, gpu, cpu).map(Mutex::new)
             })
         });
         Ok(Oracle {

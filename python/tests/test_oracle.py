@@ -248,3 +248,24 @@ def test_reference_backend_matches(random_oracle):
     x = noisy_queries(data64, ts, "rf", seed=9)
     want_u, _, _ = reference(data64, x, ts, "rf")
     assert rel_err(oracle.velocity(x, 0.8), want_u) <= 1e-6
+
+
+@pytest.mark.parametrize("t", [0.5, 0.9, 0.99])
+def test_exact_dense_and_pruned_agree(t):
+    """exact_dense=True (the plain pass) and the default (exact pruning) both give the f64
+    velocity; the backend says which runs."""
+    rng = np.random.default_rng(3)
+    centres = rng.uniform(-1, 1, size=(20, 64))
+    data = (centres[rng.integers(0, 20, 2000)] + 0.05 * rng.standard_normal((2000, 64)))
+    data = data.astype(np.float32).reshape(2000, 4, 4, 4)
+    pruned = oracleflow.Oracle(data, backend="cpu")
+    dense = oracleflow.Oracle(data, backend="cpu", exact_dense=True)
+    assert "exact pruning" in pruned.backend and "exact dense" in dense.backend
+    data64 = data.reshape(len(data), -1).astype(np.float64)
+    ts = np.full(12, t)
+    x = noisy_queries(data64, ts, "rf", seed=5).reshape((12,) + data.shape[1:])
+    want_u, _, _ = reference(data64, x.reshape(12, -1), ts, "rf")
+    u_pruned, u_dense = pruned.velocity(x, t), dense.velocity(x, t)
+    assert rel_err(u_dense, want_u) <= TOL
+    assert rel_err(u_pruned, want_u) <= TOL
+    assert rel_err(u_pruned, u_dense.astype(np.float64)) <= 1e-5
