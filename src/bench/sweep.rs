@@ -5,6 +5,7 @@
 
 use crate::dataset::{Dataset, Dtype, RawRows, SampleShape};
 use crate::error::Result;
+use crate::oracle::cpu::tune::bench_values;
 use crate::oracle::cpu::{CpuBackend, CpuOptions};
 use crate::oracle::{Backend, CentredBatch};
 
@@ -46,14 +47,8 @@ pub fn loglog_slope(x: &[f64], y: &[f64]) -> f64 {
 }
 
 fn time_point(axis: &'static str, n: usize, d: usize, b: usize, reps: usize) -> Result<Point> {
-    let mut state = 0x2545f4914f6cdd1du64 ^ (n * 31 + d * 7 + b) as u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-    };
-    let values: Vec<f32> = (0..n * d).map(|_| next()).collect();
+    let seed = 0x2545_f491 ^ (n * 31 + d * 7 + b) as u64;
+    let values = bench_values(n * d, seed);
     let ds = Dataset::from_raw(
         "sweep",
         SampleShape::array(vec![d]),
@@ -62,7 +57,7 @@ fn time_point(axis: &'static str, n: usize, d: usize, b: usize, reps: usize) -> 
         Dtype::F32,
     )?;
     drop(values);
-    let x: Vec<f32> = (0..b * d).map(|_| next()).collect();
+    let x = bench_values(b * d, seed + 1);
     let coefs = vec![[2.0f32, 0.5f32]; b];
     let mut be = CpuBackend::with_options(&ds, CpuOptions { prune: false });
     let batch = CentredBatch {

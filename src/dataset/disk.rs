@@ -303,25 +303,7 @@ fn read_header(data: &Path) -> Result<(npy::NpyHeader, u64)> {
     }
     let (header, expected) = npy::parse_header_prefix(&head, data)?;
     let got = len - header.data_offset as u64;
-    let (expected, shape) = (expected as u64, &header.shape);
-    if got < expected {
-        return Err(Error::data(
-            data,
-            format!(
-                "truncated: shape {shape:?} of {} needs {expected} bytes of data, found {got}",
-                header.dtype.descr()
-            ),
-        ));
-    }
-    if got > expected {
-        return Err(Error::data(
-            data,
-            format!(
-                "{} unexpected bytes after the data of shape {shape:?}",
-                got - expected
-            ),
-        ));
-    }
+    npy::check_data_len(&header, expected as u64, got, data)?;
     Ok((header, len))
 }
 

@@ -89,25 +89,40 @@ impl NpyHeader {
 /// Parses the header at the start of `bytes` and checks that exactly the data it
 /// announces follows. Rejects Fortran order, big-endian and unknown dtypes.
 pub fn parse_header(bytes: &[u8], source: &Path) -> Result<NpyHeader> {
-    let bad = |msg: String| Error::data(source, msg);
     let (header, expected) = parse_header_prefix(bytes, source)?;
-    let descr = header.dtype.descr();
     let got = bytes.len() - header.data_offset;
+    check_data_len(&header, expected as u64, got as u64, source)?;
+    Ok(header)
+}
+
+/// The data after the header must be exactly the `expected` bytes its shape announces:
+/// fewer is a truncated file, more is trailing bytes; `got` is what the file holds.
+pub(super) fn check_data_len(
+    header: &NpyHeader,
+    expected: u64,
+    got: u64,
+    source: &Path,
+) -> Result<()> {
+    let shape = shape_text(&header.shape);
     if got < expected {
-        return Err(bad(format!(
-            "truncated: shape {} of {} needs {expected} bytes of data, found {got}",
-            shape_text(&header.shape),
-            descr
-        )));
+        return Err(Error::data(
+            source,
+            format!(
+                "truncated: shape {shape} of {} needs {expected} bytes of data, found {got}",
+                header.dtype.descr()
+            ),
+        ));
     }
     if got > expected {
-        return Err(bad(format!(
-            "{} unexpected bytes after the data of shape {}",
-            got - expected,
-            shape_text(&header.shape)
-        )));
+        return Err(Error::data(
+            source,
+            format!(
+                "{} unexpected bytes after the data of shape {shape}",
+                got - expected
+            ),
+        ));
     }
-    Ok(header)
+    Ok(())
 }
 
 /// Parses the header at the start of `bytes` (which may end where the header ends, as
@@ -502,6 +517,11 @@ pub(crate) fn f32s(bytes: &[u8]) -> Cow<'_, [f32]> {
 
 /// Little-endian f16 data, borrowed when aligned, else copied once.
 pub(crate) fn f16s(bytes: &[u8]) -> Cow<'_, [f16]> {
+    halves(bytes, f16::from_le_bytes)
+}
+
+/// Little-endian 2-byte values (f16, bf16), borrowed when aligned, else decoded once.
+pub(crate) fn halves<T: bytemuck::Pod>(bytes: &[u8], from_le: fn([u8; 2]) -> T) -> Cow<'_, [T]> {
     if cfg!(target_endian = "little") {
         if let Ok(v) = bytemuck::try_cast_slice(bytes) {
             return Cow::Borrowed(v);
@@ -510,7 +530,7 @@ pub(crate) fn f16s(bytes: &[u8]) -> Cow<'_, [f16]> {
     Cow::Owned(
         bytes
             .chunks_exact(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]))
+            .map(|b| from_le([b[0], b[1]]))
             .collect(),
     )
 }

@@ -22,7 +22,7 @@ use ::safetensors::{Dtype as StDtype, SafeTensors};
 use half::{bf16, f16};
 
 use super::limits::{check_alloc, keep_first, product};
-use super::npy::{f16s, f32s, label_count, map_file_as, shape_text};
+use super::npy::{f16s, f32s, halves, label_count, map_file_as, shape_text};
 use super::{Dataset, Dtype, RawRows, SampleShape};
 use crate::error::{Error, Result};
 
@@ -281,17 +281,7 @@ fn read_labels(
 
 /// Little-endian bf16 data, borrowed when aligned, else copied once.
 fn bf16s(bytes: &[u8]) -> Cow<'_, [bf16]> {
-    if cfg!(target_endian = "little") {
-        if let Ok(v) = bytemuck::try_cast_slice(bytes) {
-            return Cow::Borrowed(v);
-        }
-    }
-    Cow::Owned(
-        bytes
-            .chunks_exact(2)
-            .map(|b| bf16::from_le_bytes([b[0], b[1]]))
-            .collect(),
-    )
+    halves(bytes, bf16::from_le_bytes)
 }
 
 /// `'a', 'b', 'c'` (at most 20 names, then how many more).

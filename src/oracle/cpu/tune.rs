@@ -415,19 +415,20 @@ pub fn best(rates: &[Rate]) -> GemmPlan {
         .map_or_else(GemmPlan::default, |r| r.plan)
 }
 
+/// `len` fixed pseudo-random values of about the spread of U(-0.5, 0.5) (a seeded
+/// Gaussian draw scaled by 0.29), for timings whose work does not depend on the values.
+pub(crate) fn bench_values(len: usize, seed: u64) -> Vec<f32> {
+    let mut v = crate::dataset::synthetic::gaussian(len, 1, seed);
+    v.iter_mut().for_each(|x| *x *= 0.29);
+    v
+}
+
 /// Times every candidate on the dense pass (B = 256, N = 8192, D = 512, `threads` tasks):
 /// one warm-up each, then `rounds` interleaved rounds, best time of each.
 pub fn measure(threads: usize, rounds: usize) -> Vec<Rate> {
     let (n, d, b) = (8192usize, 512usize, 256usize);
     // A fixed pseudo-random set: the values do not change the work done.
-    let mut state = 0x9e3779b97f4a7c15u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-    };
-    let values: Vec<f32> = (0..n * d).map(|_| next()).collect();
+    let values = bench_values(n * d, 0x9e37_79b9);
     let Ok(ds) = Dataset::from_raw(
         "autotune",
         SampleShape::array(vec![d]),
@@ -437,7 +438,7 @@ pub fn measure(threads: usize, rounds: usize) -> Vec<Rate> {
     ) else {
         return Vec::new();
     };
-    let x: Vec<f32> = (0..b * d).map(|_| next()).collect();
+    let x = bench_values(b * d, 0x7f4a_7c15);
     let coefs = vec![[2.0f32, 0.5f32]; b];
     let batch = CentredBatch {
         x: &x,

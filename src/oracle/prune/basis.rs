@@ -106,19 +106,22 @@ fn subspace(
     orthonormalise(&mut v, dim, rng);
     let mut v32: Vec<f32> = v.iter().map(|&x| x as f32).collect();
     let mut w = vec![0.0f32; dim * k];
-    for _ in 0..iters {
-        // W = C V^T (dim x k); element (d, j) of the rhs is v32[j * dim + d].
+    // W = C V^T (dim x k); element (d, j) of the rhs is v32[j * dim + d].
+    let c_times = |v32: &[f32], w: &mut [f32]| {
         sgemm(
             Gemm {
                 m: dim,
                 n: k,
                 k: dim,
             },
-            &mut w,
+            w,
             false,
             (c, dim, 1),
-            (&v32, 1, dim),
-        );
+            (v32, 1, dim),
+        )
+    };
+    for _ in 0..iters {
+        c_times(&v32, &mut w);
         for j in 0..k {
             for d in 0..dim {
                 v[j * dim + d] = w[d * k + j] as f64;
@@ -128,17 +131,7 @@ fn subspace(
         v32 = v.iter().map(|&x| x as f32).collect();
     }
     // Captured variance: sum_j v_j^T C v_j, against trace(C).
-    sgemm(
-        Gemm {
-            m: dim,
-            n: k,
-            k: dim,
-        },
-        &mut w,
-        false,
-        (c, dim, 1),
-        (&v32, 1, dim),
-    );
+    c_times(&v32, &mut w);
     // (subspace iteration orders its directions roughly by variance)
     let captured: f64 = (0..FALLBACK_DIMS.min(k))
         .map(|j| {

@@ -618,8 +618,16 @@ pub fn partial(
     if pruned_work > DENSE_SWITCH * dense_work {
         return None;
     }
-    let (qb, needed): (Vec<QueryBound>, Vec<Vec<bool>>) =
-        (0..n_q).into_par_iter().map(bound).unzip();
+    // The probe queries' bounds are kept, the others computed now.
+    let mut known: Vec<Option<(QueryBound, Vec<bool>)>> = (0..n_q).map(|_| None).collect();
+    for (&q, p) in probe.iter().zip(probed) {
+        known[q] = Some(p);
+    }
+    let (qb, needed): (Vec<QueryBound>, Vec<Vec<bool>>) = known
+        .into_par_iter()
+        .enumerate()
+        .map(|(q, p)| p.unwrap_or_else(|| bound(q)))
+        .unzip();
     let t_bound = clock.elapsed().as_secs_f64();
     if profile {
         let g = |i: usize| PROFILE_BOUNDS[i].swap(0, Relaxed) as f64 * 1e-9;
@@ -1096,7 +1104,7 @@ fn direct_tile(
     index: &PruneIndex,
     batch: &CentredBatch<'_>,
     tile: &Tile,
-    tile_masks: &[u64],
+    (masks, t, n_t): (&[u64], usize, usize),
     qids: &[usize],
     ybuf: &mut [f32],
     r: &mut GroupResult,
@@ -1105,7 +1113,9 @@ fn direct_tile(
     let dim = index.dim;
     let norms = ds.sq_norms();
     let pos0 = tile.start;
-    let all = tile_masks.iter().fold(0u64, |a, &m| a | m);
+    // Query l's survivors in this tile are masks[l * n_t + t].
+    let tile_masks = || masks.iter().skip(t).step_by(n_t.max(1));
+    let all = tile_masks().fold(0u64, |a, &m| a | m);
     // The tile's needed rows as f32 slices: borrowed from f32 data, else converted once.
     let mut rows: [&[f32]; LEAF_ROWS] = [&[]; LEAF_ROWS];
     match ds.values() {
@@ -1130,7 +1140,7 @@ fn direct_tile(
     }
     let mut cols = [0usize; LEAF_ROWS];
     let mut s = [0.0f32; LEAF_ROWS];
-    for (l, &mask) in tile_masks.iter().enumerate() {
+    for (l, &mask) in tile_masks().enumerate() {
         if mask == 0 {
             continue;
         }
@@ -1221,13 +1231,12 @@ fn run_group(
             .map(|&l| masks[l * n_t + t].count_ones() as usize)
             .sum();
         if (pairs as f64) < GEMM_FILL * (nu * nqs) as f64 {
-            let tile_masks: Vec<u64> = (0..gq).map(|l| masks[l * n_t + t]).collect();
             direct_tile(
                 ds,
                 index,
                 batch,
                 tile,
-                &tile_masks,
+                (masks, t, n_t),
                 qids,
                 &mut ybuf,
                 &mut r,
