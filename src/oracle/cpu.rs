@@ -65,7 +65,7 @@ pub struct CpuBackend<'d> {
     index: Option<Option<PruneIndex>>,
     record_kept: bool,
     kept: Vec<Vec<u32>>,
-    last_pruned: bool,
+    last_pass: Pass,
     /// GEMM library and tile rows of the dense pass; None: this machine's tuned choice.
     plan: Option<GemmPlan>,
 }
@@ -83,7 +83,7 @@ impl<'d> CpuBackend<'d> {
             index: None,
             record_kept: false,
             kept: Vec::new(),
-            last_pruned: false,
+            last_pass: Pass::Dense,
             plan: None,
         }
     }
@@ -127,8 +127,24 @@ impl<'d> CpuBackend<'d> {
 
     /// Whether the last call was pruned (false: it fell back to the dense pass).
     pub fn last_was_pruned(&self) -> bool {
-        self.last_pruned
+        self.last_pass != Pass::Dense
     }
+
+    /// Which pass the last call ran.
+    pub fn last_pass(&self) -> Pass {
+        self.last_pass
+    }
+}
+
+/// The pass a pruning backend chose for a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// every logit and every weight (early t, unstructured data, `--exact-dense`)
+    Dense,
+    /// logits skipped by bound (`prune::partial`), the rest accumulated sparsely
+    Bounds,
+    /// every logit, the weighted sum over the weights that can reach f32 (`prune::sparse`)
+    Sparse,
 }
 
 /// Partial result of one task: states and weighted sums (not yet normalised).
@@ -168,7 +184,7 @@ impl Backend for CpuBackend<'_> {
     }
 
     fn partial(&mut self, batch: &CentredBatch<'_>) -> Result<PartialState> {
-        self.last_pruned = false;
+        self.last_pass = Pass::Dense;
         self.kept.clear();
         if let Some(disk) = self.dataset.disk() {
             return crate::oracle::stream::partial(
@@ -181,10 +197,35 @@ impl Backend for CpuBackend<'_> {
         }
         if self.options.prune && batch.rows.len() >= prune::MIN_PRUNE_ROWS {
             self.prepare();
+            let lib = self.gemm_plan().lib;
             if let Some(Some(index)) = &self.index {
+                // Early in a trajectory the weights are spread over most samples: neither
+                // the bounds nor the sparse pass can save anything, and the plain pass runs
+                // having spent only the estimate.
+                let share = prune::sparse::kept_share(self.dataset, batch);
+                if share > prune::sparse::SPARSE_MAX_SHARE {
+                    if prune::profiling() {
+                        eprintln!("prune: est. kept share {share:.3}: dense pass");
+                    }
+                    return Ok(dense_pass(
+                        self.dataset,
+                        batch,
+                        self.threads,
+                        self.gemm_plan(),
+                    ));
+                }
                 let kept = self.record_kept.then_some(&mut self.kept);
                 if let Some(part) = prune::partial(self.dataset, index, batch, self.threads, kept) {
-                    self.last_pruned = true;
+                    self.last_pass = Pass::Bounds;
+                    return Ok(part);
+                }
+                // The bounds are too loose to skip logits: all of them exact, the weighted
+                // sum over the weights that can reach an f32 result.
+                let kept = self.record_kept.then_some(&mut self.kept);
+                if let Some(part) =
+                    prune::sparse::partial(self.dataset, index, batch, self.threads, lib, kept)
+                {
+                    self.last_pass = Pass::Sparse;
                     return Ok(part);
                 }
             }

@@ -23,7 +23,8 @@ pub struct QueryStats {
     pub skipped_mass_bound: f32,
     /// Share of the dataset's tiles skipped whole for this query (0 on the dense path).
     pub tiles_skipped: f32,
-    /// Share of the samples whose logit was not computed for this query (0 when dense).
+    /// Share of the samples left out of this query's weighted sum: logit never computed
+    /// (bound-pruned) or computed and below the drop threshold (sparse pass); 0 when dense.
     pub samples_skipped: f32,
     /// tr Cov_w(y) / D = (sum_i w_i |y_i|^2 - |x1_hat|^2) / D: how far the posterior is
     /// from one sample (0 when one-hot). Translation-invariant, so backends compute it
@@ -184,28 +185,7 @@ impl SoftmaxState {
         } else {
             self.max.max(tile_max)
         };
-        // Eight independent partial sums per quantity, so the loop vectorizes (a single
-        // running sum is a serial dependency the compiler may not reorder).
-        const LANES: usize = 8;
-        let mut lanes = [[0.0f32; LANES]; 3];
-        let mut absorb = |lane: usize, s: &mut f32| {
-            let d = *s - m_new;
-            let e = exp_nonpositive(d);
-            lanes[0][lane] += e;
-            lanes[1][lane] += e * d;
-            lanes[2][lane] += e * e;
-            *s = e;
-        };
-        let mut chunks = logits.chunks_exact_mut(LANES);
-        for chunk in &mut chunks {
-            for (lane, s) in chunk.iter_mut().enumerate() {
-                absorb(lane, s);
-            }
-        }
-        for (lane, s) in chunks.into_remainder().iter_mut().enumerate() {
-            absorb(lane, s);
-        }
-        let [sum, shifted, sq] = lanes.map(|l| l.iter().sum::<f32>());
+        let [sum, shifted, sq] = weigh(logits, m_new);
         let scale = if empty { 0.0 } else { (self.max - m_new).exp() };
         if empty || tile_max > self.max {
             self.argmax = first_row + tile_arg as u32;
@@ -221,6 +201,33 @@ impl SoftmaxState {
         self.max = m_new;
         scale
     }
+}
+
+/// Overwrites each logit s (all <= `m`) with its weight exp(s - m) and returns
+/// (sum e, sum e (s - m), sum e^2): one tile's share of a state whose max is `m`.
+pub fn weigh(logits: &mut [f32], m: f32) -> [f32; 3] {
+    // Eight independent partial sums per quantity, so the loop vectorizes (a single
+    // running sum is a serial dependency the compiler may not reorder).
+    const LANES: usize = 8;
+    let mut lanes = [[0.0f32; LANES]; 3];
+    let mut absorb = |lane: usize, s: &mut f32| {
+        let d = *s - m;
+        let e = exp_nonpositive(d);
+        lanes[0][lane] += e;
+        lanes[1][lane] += e * d;
+        lanes[2][lane] += e * e;
+        *s = e;
+    };
+    let mut chunks = logits.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for (lane, s) in chunk.iter_mut().enumerate() {
+            absorb(lane, s);
+        }
+    }
+    for (lane, s) in chunks.into_remainder().iter_mut().enumerate() {
+        absorb(lane, s);
+    }
+    lanes.map(|l| l.iter().sum::<f32>())
 }
 
 /// e^d for d <= 0 (a softmax weight), branch-free so that loops over it vectorize:

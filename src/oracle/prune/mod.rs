@@ -102,6 +102,7 @@ use rayon::prelude::*;
 
 mod basis;
 mod screen;
+pub mod sparse;
 
 use basis::{pca_basis, split};
 
@@ -135,7 +136,7 @@ pub const MIN_PRUNE_ROWS: usize = 2 * LEAF_ROWS;
 /// the pruned pass on Fashion-MNIST (B = 256, 2 threads, `ORACLEFLOW_PRUNE_AT`): estimate
 /// 0.10 ran at 0.53 of dense (t = 0.6), 0.16 at 0.6 (t = 0.55), 0.28 at 0.7 - 1.0 (t =
 /// 0.5), 0.51 at 1.4 (t = 0.45), so the pruned pass pays up to about 0.2.
-pub const DENSE_SWITCH: f64 = 0.2;
+pub const DENSE_SWITCH: f64 = 0.1;
 /// Cost of one multiply-add of the exact pass over the survivors (gathered rows, small
 /// GEMMs, the group's union) relative to one of the dense pass.
 const EXACT_PENALTY: f64 = 2.0;
@@ -664,8 +665,18 @@ pub fn partial(
                 &mut cert,
             );
             let c1 = std::time::Instant::now();
-            let mut r = run_group(ds, index, batch, &masks, qs, tile_range.clone(), record);
-            r.cert = cert;
+            let bounds: Vec<&QueryBound> = qs.iter().map(|&q| &qb[q]).collect();
+            let mut r = run_group(
+                ds,
+                index,
+                batch,
+                &bounds,
+                &masks,
+                qs,
+                tile_range.clone(),
+                record,
+            );
+            r.cert.iter_mut().zip(&cert).for_each(|(a, c)| *a += c);
             r.timing = [
                 (c1 - c0).as_secs_f64(),
                 c1.elapsed().as_secs_f64(),
@@ -710,7 +721,7 @@ pub fn partial(
             // The certificate in units of exp(final m) (divided by l when normalised).
             part.skipped_mass[q] = (b.cert + r.cert[local]) * (b.m0 - st.max as f64).exp();
             part.tiles_kept[q] = b.needed_tiles as u64;
-            part.samples_kept[q] = r.computed[local] as u64;
+            part.samples_kept[q] = (r.computed[local] - r.dropped[local]) as u64;
             if record {
                 kept_rows[q] = std::mem::take(&mut r.kept[local]);
             }
@@ -1027,7 +1038,7 @@ impl<'a> Bounder<'a> {
 }
 
 /// Whether to print per-call phase timings (ORACLEFLOW_PRUNE_PROFILE=1), for tuning.
-fn profiling() -> bool {
+pub(crate) fn profiling() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("ORACLEFLOW_PRUNE_PROFILE").is_ok_and(|v| v == "1"))
 }
@@ -1081,6 +1092,35 @@ fn seed_max(
     m - 2.0 * b.err(tile.max_norm, index.dim)
 }
 
+/// Drops the computed logits `row` (of `tile`, one query with bounds `b`) whose exact
+/// weight is below the query's per-sample threshold: s + err - m0 < ln(SAMPLE_BUDGET / n).
+/// They share the budget of the samples skipped by bound (a sample is skipped one way or
+/// the other, never both), become -inf (weight 0, outside every sum) and add their bound
+/// to `cert` (units of exp(m0)). Returns how many were dropped and whether any logit is
+/// left. Late in a trajectory most survivors of the bounds are such, and the weighted sum
+/// (half the exact pass) then takes only the few that count.
+fn drop_small(
+    row: &mut [f32],
+    b: &QueryBound,
+    dim: usize,
+    tile: &Tile,
+    cert: &mut f64,
+) -> (usize, bool) {
+    let err = b.err(tile.max_norm, dim);
+    let (mut dropped, mut any) = (0, false);
+    for v in row.iter_mut() {
+        let lw = *v as f64 + err - b.m0;
+        if lw < b.ln_sample_thr {
+            *cert += lw.exp();
+            *v = f32::NEG_INFINITY;
+            dropped += 1;
+        } else {
+            any = true;
+        }
+    }
+    (dropped, any)
+}
+
 struct GroupResult {
     states: Vec<SoftmaxState>,
     acc: Vec<f32>,
@@ -1089,6 +1129,8 @@ struct GroupResult {
     /// per-sample skips' bounds, units of exp(m0)
     cert: Vec<f64>,
     computed: Vec<usize>,
+    /// per query: computed logits dropped by [`drop_small`]
+    dropped: Vec<usize>,
     kept: Vec<Vec<u32>>,
     /// screening s, exact s, survivors, screening work (for the profile)
     timing: [f64; 4],
@@ -1103,6 +1145,7 @@ fn direct_tile(
     ds: &Dataset,
     index: &PruneIndex,
     batch: &CentredBatch<'_>,
+    qb: &[&QueryBound],
     tile: &Tile,
     (masks, t, n_t): (&[u64], usize, usize),
     qids: &[usize],
@@ -1157,6 +1200,19 @@ fn direct_tile(
             n += 1;
         }
         let row = &mut s[..n];
+        r.computed[l] += n;
+        let (n_dropped, any) = drop_small(row, qb[l], dim, tile, &mut r.cert[l]);
+        r.dropped[l] += n_dropped;
+        if record {
+            let kept = cols[..n]
+                .iter()
+                .zip(row.iter())
+                .filter(|(_, s)| s.is_finite());
+            r.kept[l].extend(kept.map(|(&j, _)| index.perm[pos0 + j]));
+        }
+        if !any {
+            continue;
+        }
         let st = &mut r.states[l];
         let (was_empty, old_max) = (st.sum == 0.0, st.max);
         let scale = st.absorb_tile(row, 0);
@@ -1175,18 +1231,17 @@ fn direct_tile(
             }
         }
         r.sum_norm[l] = scale * r.sum_norm[l] + tile_norm;
-        r.computed[l] += n;
-        if record {
-            r.kept[l].extend(cols[..n].iter().map(|&j| index.perm[pos0 + j]));
-        }
     }
 }
 
-/// Exact logits and sparse accumulation for queries `qids` over the samples in `masks`.
+/// Exact logits and sparse accumulation for queries `qids` (bounds `qb`) over the samples
+/// in `masks`.
+#[allow(clippy::too_many_arguments)]
 fn run_group(
     ds: &Dataset,
     index: &PruneIndex,
     batch: &CentredBatch<'_>,
+    qb: &[&QueryBound],
     masks: &[u64],
     qids: &[usize],
     tile_range: Range<usize>,
@@ -1202,6 +1257,7 @@ fn run_group(
         sum_norm: vec![0.0f32; gq],
         cert: vec![0.0; gq],
         computed: vec![0; gq],
+        dropped: vec![0; gq],
         kept: vec![Vec::new(); if record { gq } else { 0 }],
         timing: [0.0; 4],
     };
@@ -1235,6 +1291,7 @@ fn run_group(
                 ds,
                 index,
                 batch,
+                qb,
                 tile,
                 (masks, t, n_t),
                 qids,
@@ -1272,6 +1329,17 @@ fn run_group(
             for (v, &j) in row.iter_mut().zip(&union) {
                 *v = c_dot * *v - c_norm * norms[index.perm[pos0 + j] as usize];
             }
+            r.computed[l] += nu;
+            let (n_dropped, any) = drop_small(row, qb[l], index.dim, tile, &mut r.cert[l]);
+            r.dropped[l] += n_dropped;
+            if record {
+                let kept = union.iter().zip(row.iter()).filter(|(_, s)| s.is_finite());
+                r.kept[l].extend(kept.map(|(&j, _)| index.perm[pos0 + j]));
+            }
+            if !any {
+                row.fill(0.0);
+                continue;
+            }
             let st = &mut r.states[l];
             let (was_empty, old_max) = (st.sum == 0.0, st.max);
             let scale = st.absorb_tile(row, 0);
@@ -1290,10 +1358,6 @@ fn run_group(
                 r.acc[l * dim..(l + 1) * dim]
                     .iter_mut()
                     .for_each(|a| *a *= scale);
-            }
-            r.computed[l] += nu;
-            if record {
-                r.kept[l].extend(union.iter().map(|&j| index.perm[pos0 + j]));
             }
         }
         // Sparse accumulation: only the columns with a non-zero weight for some query.

@@ -1,0 +1,503 @@
+//! The sparse pass: every logit exact, the weighted sum over the weights that matter.
+//!
+//! Between the navigation stage (every weight counts) and the point where the bounds start
+//! to skip samples (t ~ 0.55 on Fashion-MNIST) the posterior has already concentrated: at
+//! t = 0.3 an exact pruner keeps a tenth of the samples, at t = 0.45 a thousandth, yet the
+//! bounds cannot tell which (see the module docs of `prune`). The logits must then all be
+//! computed, but the second GEMM of the dense pass, acc += P Y, need not be: it is half
+//! the work, and almost all of its weights are too small to reach an f32 result.
+//!
+//! **Two phases per chunk of rows.** (1) The logits of the chunk, one GEMM per tile of
+//! `TILE` rows in the index's tile order (nearby samples together, so that the batch's
+//! surviving columns cluster in few tiles), kept in memory, and each query's maximum m.
+//! (2) Per tile: the weights e = exp(s - m) (all of them enter the normaliser, the
+//! entropy and ESS sums and sum e |y|^2, exactly as in the dense pass), then the weights
+//! below `SAMPLE_BUDGET / n` (n the rows of the range) are dropped from the weighted sum
+//! and their exact total is the query's certificate. The rest is accumulated by one GEMM
+//! over the tile's union of kept columns, or, where that union is sparse for the batch,
+//! query by query with one axpy per kept weight, whichever does fewer multiply-adds after
+//! weighing the axpy's at `AXPY_COST`.
+//!
+//! **Why dropping cannot change an f32 result.** With m the chunk's maximum, the chunk's
+//! normaliser is at least 1 in units of exp(m) and later chunks only raise the maximum, so
+//! every dropped weight is below `SAMPLE_BUDGET / n` of the final normaliser and all of
+//! them together below `SAMPLE_BUDGET` = 2^-31 of it: x1_hat moves by at most 2^-31
+//! max|y - x1_hat| / |x1_hat| relative, 128 times under f32's rounding (the same margin as
+//! the pruned path's sample skips).
+//!
+//! Memory: the chunk's logits, at most `LOGIT_BYTES` (B = 256 queries: 131072 rows per
+//! chunk; Fashion-MNIST's 60000 rows take one chunk of 61 MB).
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::screen::{axpy, dot};
+use super::{profiling, PruneIndex, SAMPLE_BUDGET};
+use crate::dataset::{Dataset, Values};
+use crate::oracle::cpu::{query_groups, sgemm_with, Gemm, GemmLib, Partial as CpuPartial};
+use crate::oracle::partial::Partial;
+use crate::oracle::state::exp_nonpositive;
+use crate::oracle::{CentredBatch, SoftmaxState};
+
+/// Rows per logits GEMM: four leaf tiles, S (B x 256) and the tile (256 x D) cache-sized.
+const TILE: usize = 256;
+/// Bound on the memory of one chunk's logits.
+const LOGIT_BYTES: usize = 256 << 20;
+/// Cost of one axpy multiply-add against one of the accumulation GEMM's: the axpy streams
+/// its row from cache for each weight, the GEMM reuses each loaded row across queries.
+const AXPY_COST: f64 = 10.0;
+
+/// Queries and rows of [`kept_share`]'s sample.
+const ESTIMATE_QUERIES: usize = 8;
+const ESTIMATE_ROWS: usize = 4096;
+/// Above this estimated share of kept weights the sparse pass saves too little of the
+/// accumulation to pay for its second pass over the rows: the dense pass runs.
+pub const SPARSE_MAX_SHARE: f64 = 0.15;
+/// Largest 2 err (nats) at which weights are still dropped.
+const MAX_ERR: f64 = 10.0;
+
+/// One task's logits over its row block: per tile, n_q x tile rows, tile after tile; and
+/// per query the block's largest logit and its stored row.
+struct BlockLogits {
+    s: Vec<f32>,
+    best: Vec<(f32, u32)>,
+}
+
+/// One task's share after phase 2.
+struct BlockSums {
+    part: CpuPartial,
+    /// per query: the dropped weights' exact total, units of exp(m)
+    dropped: Vec<f64>,
+    /// per query: weights accumulated
+    kept: Vec<u64>,
+    kept_rows: Vec<Vec<u32>>,
+    /// (query, row) pairs accumulated by GEMM and by axpy
+    pairs: [u64; 2],
+}
+
+/// The sparse pass over `batch.rows` (in the tile order of `index`); `None` where the rows
+/// are not a union of the index's tiles or every query has alpha = 0 (all weights equal,
+/// nothing to drop). `kept`, if given, receives per query the stored rows accumulated.
+pub fn partial(
+    ds: &Dataset,
+    index: &PruneIndex,
+    batch: &CentredBatch<'_>,
+    threads: usize,
+    lib: GemmLib,
+    kept: Option<&mut Vec<Vec<u32>>>,
+) -> Option<Partial> {
+    let tiles = index.tiles_for(&batch.rows)?;
+    if batch.logit_coefs.iter().all(|c| c[0] == 0.0) || tiles.is_empty() {
+        return None;
+    }
+    let clock = std::time::Instant::now();
+    let dim = ds.dim();
+    let n_q = batch.logit_coefs.len();
+    let positions = index.tiles[tiles.start].start..{
+        let last = &index.tiles[tiles.end - 1];
+        last.start + last.len
+    };
+    let n_rows = positions.len();
+    // Each f32 logit, the maximum's included, is within err of its exact value (see
+    // `QueryBound::err`), so an f32 weight e stands for an exact one of at most
+    // e exp(2 err): the threshold is lowered by that factor, and where it is large (f32
+    // logits near t = 1 carry rounding of many nats) nothing is dropped: dense runs.
+    let y_max = index.tiles[tiles.clone()]
+        .iter()
+        .fold(0.0f64, |a, t| a.max(t.max_norm));
+    let err: Vec<f64> = (0..n_q)
+        .map(|q| {
+            let [c_dot, c_norm] = batch.logit_coefs[q].map(|c| c.abs() as f64);
+            let x = &batch.x[q * dim..(q + 1) * dim];
+            let x_norm = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+            (dim + 4) as f64
+                * f64::powi(2.0, -24)
+                * (c_dot * x_norm * y_max + c_norm * y_max * y_max)
+        })
+        .collect();
+    if err.iter().any(|&e| 2.0 * e > MAX_ERR) {
+        return None;
+    }
+    let thresholds: Vec<f64> = err
+        .iter()
+        .map(|e| (SAMPLE_BUDGET / n_rows as f64).ln() - 2.0 * e)
+        .collect();
+    let groups = query_groups(n_q, threads);
+    let chunk = (LOGIT_BYTES / 4 / n_q.max(1)).max(TILE) / TILE * TILE;
+    let record = kept.is_some();
+
+    let mut run = CpuPartial::empty(n_q, dim);
+    let mut dropped = vec![0.0f64; n_q];
+    let mut n_kept = vec![0u64; n_q];
+    let mut kept_rows = vec![Vec::new(); if record { n_q } else { 0 }];
+    let mut pairs = [0u64; 2];
+    let mut t_logits = 0.0;
+    for c0 in positions.clone().step_by(chunk) {
+        let cpos = c0..(c0 + chunk).min(positions.end);
+        let n_tiles = cpos.len().div_ceil(TILE);
+        let per_block = n_tiles.div_ceil(threads.clamp(1, n_tiles));
+        let blocks: Vec<Range<usize>> = (0..n_tiles)
+            .step_by(per_block)
+            .map(|t| cpos.start + t * TILE..(cpos.start + (t + per_block) * TILE).min(cpos.end))
+            .collect();
+        let tasks: Vec<(usize, usize)> = (0..groups.len())
+            .flat_map(|g| (0..blocks.len()).map(move |b| (g, b)))
+            .collect();
+
+        let c1 = std::time::Instant::now();
+        let logits: Vec<BlockLogits> = tasks
+            .par_iter()
+            .map(|&(g, b)| block_logits(ds, index, batch, groups[g].clone(), &blocks[b], lib))
+            .collect();
+        t_logits += c1.elapsed().as_secs_f64();
+        // Each query's maximum over the chunk (ties to the lower stored row, as dense).
+        let mut best = vec![(f32::NEG_INFINITY, u32::MAX); n_q];
+        for (&(g, _), l) in tasks.iter().zip(&logits) {
+            for (q, &cand) in groups[g].clone().zip(&l.best) {
+                if cand.0 > best[q].0 || (cand.0 == best[q].0 && cand.1 < best[q].1) {
+                    best[q] = cand;
+                }
+            }
+        }
+        let sums: Vec<BlockSums> = tasks
+            .par_iter()
+            .zip(logits)
+            .map(|(&(g, b), l)| {
+                let qs = groups[g].clone();
+                block_sums(
+                    ds,
+                    index,
+                    (qs.clone(), &best[qs.clone()], &thresholds[qs]),
+                    &blocks[b],
+                    l.s,
+                    lib,
+                    record,
+                )
+            })
+            .collect();
+
+        // Merge the chunk: every block of a query shares its max, so this is an add; then
+        // into the running state, rescaling the certificate with it.
+        let before: Vec<f32> = run.states.iter().map(|s| s.max).collect();
+        let mut dropped_chunk = vec![0.0f64; n_q];
+        let mut parts = Vec::with_capacity(sums.len());
+        for (&(g, _), s) in tasks.iter().zip(sums) {
+            for (local, q) in groups[g].clone().enumerate() {
+                dropped_chunk[q] += s.dropped[local];
+                n_kept[q] += s.kept[local];
+                if record {
+                    kept_rows[q].extend_from_slice(&s.kept_rows[local]);
+                }
+            }
+            pairs[0] += s.pairs[0];
+            pairs[1] += s.pairs[1];
+            parts.push(s.part);
+        }
+        run.absorb(&groups, &parts, 0);
+        for q in 0..n_q {
+            let m = run.states[q].max as f64;
+            let old = if before[q] == f32::NEG_INFINITY {
+                0.0
+            } else {
+                dropped[q] * (before[q] as f64 - m).exp()
+            };
+            dropped[q] = old + dropped_chunk[q] * (best[q].0 as f64 - m).exp();
+        }
+    }
+
+    if profiling() {
+        let all = (n_q * n_rows) as f64;
+        eprintln!(
+            "prune: sparse pass {:.3}s (logits {:.3}s): accumulated {:.4} of pairs ({:.4} by GEMM, {:.4} by axpy)",
+            clock.elapsed().as_secs_f64(),
+            t_logits,
+            n_kept.iter().sum::<u64>() as f64 / all,
+            pairs[0] as f64 / all,
+            pairs[1] as f64 / all,
+        );
+    }
+    let CpuPartial {
+        states,
+        acc,
+        sum_norm,
+    } = run;
+    if states.iter().any(|s| s.sum == 0.0 || !s.sum.is_finite()) {
+        return None;
+    }
+    for (d, e) in dropped.iter_mut().zip(&err) {
+        *d *= (2.0 * e).exp();
+    }
+    let mut part = Partial::dense(dim, states, acc, sum_norm, n_rows, super::LEAF_ROWS);
+    part.skipped_mass = dropped;
+    // Skipped here means left out of the weighted sum (the logit was computed).
+    part.samples_kept = n_kept;
+    if let Some(k) = kept {
+        *k = kept_rows;
+    }
+    Some(part)
+}
+
+/// An estimate of the share of the weights the sparse pass would keep, from the exact
+/// logits of `ESTIMATE_QUERIES` spread-out queries over `ESTIMATE_ROWS` evenly spaced rows
+/// (the share of those within the drop threshold of their largest). The sample's maximum
+/// is at most the true one, so the estimate errs high: towards the dense pass. About 1% of
+/// a dense evaluation at B = 256.
+pub fn kept_share(ds: &Dataset, batch: &CentredBatch<'_>) -> f64 {
+    let dim = ds.dim();
+    let n_q = batch.logit_coefs.len();
+    let rows = batch.rows.clone();
+    if n_q == 0 || rows.is_empty() {
+        return 1.0;
+    }
+    let step = (rows.len() / ESTIMATE_ROWS).max(1);
+    let sample: Vec<usize> = rows.step_by(step).collect();
+    let mut y = vec![0.0f32; sample.len() * dim];
+    for (&r, out) in sample.iter().zip(y.chunks_exact_mut(dim)) {
+        ds.stored_row(r, out);
+    }
+    let norms = ds.sq_norms();
+    let ln_thr = (SAMPLE_BUDGET / batch.rows.len() as f64).ln() as f32;
+    let queries: Vec<usize> = (0..n_q).step_by((n_q / ESTIMATE_QUERIES).max(1)).collect();
+    let shares: Vec<f64> = queries
+        .par_iter()
+        .map(|&q| {
+            let x = &batch.x[q * dim..(q + 1) * dim];
+            let [c_dot, c_norm] = batch.logit_coefs[q];
+            let s: Vec<f32> = sample
+                .iter()
+                .zip(y.chunks_exact(dim))
+                .map(|(&r, yr)| c_dot * dot(x, yr) - c_norm * norms[r])
+                .collect();
+            let m = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            s.iter().filter(|&&v| v >= m + ln_thr).count() as f64 / s.len() as f64
+        })
+        .collect();
+    shares.iter().sum::<f64>() / shares.len() as f64
+}
+
+/// The stored rows at `positions` of the tile order, as f32 rows into `out`.
+fn gather(ds: &Dataset, index: &PruneIndex, positions: Range<usize>, out: &mut Vec<f32>) {
+    let dim = ds.dim();
+    out.resize(positions.len() * dim, 0.0);
+    for (p, o) in positions.zip(out.chunks_exact_mut(dim)) {
+        ds.stored_row(index.perm[p] as usize, o);
+    }
+}
+
+/// Phase 1 for queries `qs` over the positions `block`: the logits, tile by tile.
+fn block_logits(
+    ds: &Dataset,
+    index: &PruneIndex,
+    batch: &CentredBatch<'_>,
+    qs: Range<usize>,
+    block: &Range<usize>,
+    lib: GemmLib,
+) -> BlockLogits {
+    let dim = ds.dim();
+    let n_q = qs.len();
+    let norms = ds.sq_norms();
+    let x = &batch.x[qs.start * dim..qs.end * dim];
+    let mut s = vec![0.0f32; n_q * block.len()];
+    let mut best = vec![(f32::NEG_INFINITY, u32::MAX); n_q];
+    let mut y = Vec::new();
+    for (t0, out) in block.clone().step_by(TILE).zip(s.chunks_mut(n_q * TILE)) {
+        let tile = t0..(t0 + TILE).min(block.end);
+        let nt = tile.len();
+        gather(ds, index, tile.clone(), &mut y);
+        sgemm_with(
+            lib,
+            Gemm {
+                m: n_q,
+                n: nt,
+                k: dim,
+            },
+            out,
+            false,
+            (x, dim, 1),
+            (&y, 1, dim),
+        );
+        let rows = &index.perm[tile];
+        for (q, row) in out.chunks_exact_mut(nt).enumerate() {
+            let [c_dot, c_norm] = batch.logit_coefs[qs.start + q];
+            let b = &mut best[q];
+            for (v, &r) in row.iter_mut().zip(rows) {
+                *v = c_dot * *v - c_norm * norms[r as usize];
+                if *v > b.0 || (*v == b.0 && r < b.1) {
+                    *b = (*v, r);
+                }
+            }
+        }
+    }
+    BlockLogits { s, best }
+}
+
+/// Phase 2 for queries `qs` (with their chunk maxima `best` and drop thresholds) over the
+/// positions `block`, whose logits `s` phase 1 computed: weights, sums, and the kept
+/// weights' accumulation.
+fn block_sums(
+    ds: &Dataset,
+    index: &PruneIndex,
+    (qs, best, thresholds): (Range<usize>, &[(f32, u32)], &[f64]),
+    block: &Range<usize>,
+    mut s: Vec<f32>,
+    lib: GemmLib,
+    record: bool,
+) -> BlockSums {
+    let dim = ds.dim();
+    let n_q = qs.len();
+    let norms = ds.sq_norms();
+    let mut sums = vec![[0.0f32; 3]; n_q];
+    let mut out = BlockSums {
+        part: CpuPartial::empty(n_q, dim),
+        dropped: vec![0.0; n_q],
+        kept: vec![0; n_q],
+        kept_rows: vec![Vec::new(); if record { n_q } else { 0 }],
+        pairs: [0; 2],
+    };
+    let mut y = Vec::new();
+    let (mut pbuf, mut ycols, mut one) = (Vec::new(), Vec::new(), vec![0.0f32; dim]);
+    let mut cols: Vec<usize> = Vec::with_capacity(TILE);
+    let mut tile_norms = [0.0f32; TILE];
+    for (t0, w) in block.clone().step_by(TILE).zip(s.chunks_mut(n_q * TILE)) {
+        let tile = t0..(t0 + TILE).min(block.end);
+        let nt = tile.len();
+        let rows = &index.perm[tile.clone()];
+        for (n, &r) in tile_norms.iter_mut().zip(rows) {
+            *n = norms[r as usize];
+        }
+        let mut union = [false; TILE];
+        let mut has_kept = vec![false; n_q];
+        let mut n_pairs = 0u64;
+        for (q, row) in w.chunks_exact_mut(nt).enumerate() {
+            let m = best[q].0;
+            let cut = (m as f64 + thresholds[q]) as f32;
+            let (kept, below_max) = count_from(row, cut);
+            if kept < nt {
+                // Each dropped weight is at most exp(below_max - m) (times exp(2 err), at the end).
+                out.dropped[q] += (nt - kept) as f64 * (below_max as f64 - m as f64).exp();
+            }
+            if kept == 0 {
+                continue;
+            }
+            has_kept[q] = true;
+            let acc = &mut sums[q];
+            let mut sn = 0.0f32;
+            for (j, v) in row.iter_mut().enumerate() {
+                if *v >= cut {
+                    let d = *v - m;
+                    let e = exp_nonpositive(d);
+                    acc[0] += e;
+                    acc[1] += e * d;
+                    acc[2] += e * e;
+                    sn += e * tile_norms[j];
+                    *v = e;
+                    union[j] = true;
+                    if record {
+                        out.kept_rows[q].push(rows[j]);
+                    }
+                } else {
+                    *v = 0.0;
+                }
+            }
+            out.part.sum_norm[q] += sn;
+            out.kept[q] += kept as u64;
+            n_pairs += kept as u64;
+        }
+        if n_pairs == 0 {
+            continue;
+        }
+        cols.clear();
+        cols.extend((0..nt).filter(|&j| union[j]));
+        let nc = cols.len();
+        if (n_q * nc) as f64 <= AXPY_COST * n_pairs as f64 {
+            // acc += P Y over the union's columns (all of the tile's without a gather).
+            // The weights of the union's columns (0 for the queries with none kept, whose
+            // rows still hold logits).
+            gather(ds, index, tile, &mut y);
+            pbuf.clear();
+            for (row, &k) in w.chunks_exact(nt).zip(&has_kept) {
+                pbuf.extend(cols.iter().map(|&j| if k { row[j] } else { 0.0 }));
+            }
+            let yc: &[f32] = if nc == nt {
+                &y
+            } else {
+                ycols.clear();
+                for &j in &cols {
+                    ycols.extend_from_slice(&y[j * dim..(j + 1) * dim]);
+                }
+                &ycols
+            };
+            let p = &pbuf[..];
+            sgemm_with(
+                lib,
+                Gemm {
+                    m: n_q,
+                    n: dim,
+                    k: nc,
+                },
+                &mut out.part.acc,
+                true,
+                (p, nc, 1),
+                (yc, dim, 1),
+            );
+            out.pairs[0] += (n_q * nc) as u64;
+        } else {
+            // Query by query, one axpy per kept weight, each row read where it is stored.
+            let per_query = w.chunks_exact(nt).zip(out.part.acc.chunks_exact_mut(dim));
+            for ((row, acc), _) in per_query.zip(&has_kept).filter(|(_, &k)| k) {
+                for (&e, &r) in row.iter().zip(rows) {
+                    if e != 0.0 {
+                        let yr = match ds.values() {
+                            Values::F32(v) => &v[r as usize * dim..(r as usize + 1) * dim],
+                            _ => {
+                                ds.stored_row(r as usize, &mut one);
+                                &one
+                            }
+                        };
+                        axpy(e, yr, acc);
+                    }
+                }
+            }
+            out.pairs[1] += n_pairs;
+        }
+    }
+    for (q, st) in out.part.states.iter_mut().enumerate() {
+        let [sum, sum_shifted_logit, sum_sq] = sums[q];
+        *st = SoftmaxState {
+            max: best[q].0,
+            sum,
+            sum_shifted_logit,
+            sum_sq,
+            // Every block of the chunk carries the chunk's argmax, so merging them keeps it.
+            argmax: best[q].1,
+        };
+    }
+    out
+}
+
+/// How many of `s` reach `cut`, and the largest of the others (-inf if none): one pass in
+/// independent lanes, so that it vectorizes.
+fn count_from(s: &[f32], cut: f32) -> (usize, f32) {
+    const LANES: usize = 8;
+    let (mut kept, mut below) = ([0u32; LANES], [f32::NEG_INFINITY; LANES]);
+    let mut lane = |l: usize, v: f32| {
+        let keep = v >= cut;
+        kept[l] += keep as u32;
+        below[l] = below[l].max(if keep { f32::NEG_INFINITY } else { v });
+    };
+    let chunks = s.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in c.iter().enumerate() {
+            lane(l, v);
+        }
+    }
+    for (l, &v) in rest.iter().enumerate() {
+        lane(l, v);
+    }
+    (
+        kept.iter().sum::<u32>() as usize,
+        below.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
+    )
+}
