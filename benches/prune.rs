@@ -53,6 +53,9 @@ struct Eval {
     stats: Vec<QueryStats>,
     /// |u_pruned - u_dense| / |u_dense|
     rel_diff: f64,
+    /// x1_hat of both, for the comparison with f64 (first queries only)
+    x1_dense: Vec<f32>,
+    x1_pruned: Vec<f32>,
 }
 
 /// A field that evaluates both oracles at every call (alternating which goes first, so
@@ -102,6 +105,7 @@ impl VelocityField for Both<'_, '_> {
             (timed(&mut self.dense), p)
         };
         let (d, p) = (d?, p?);
+        let dim = d.x1_hat.len() / d.stats.len().max(1);
         let num: f64 = p
             .velocity
             .iter()
@@ -116,6 +120,8 @@ impl VelocityField for Both<'_, '_> {
             x: xs,
             stats: p.stats.clone(),
             rel_diff: (num / den.max(1e-300)).sqrt(),
+            x1_dense: d.x1_hat[..d.x1_hat.len().min(IDEAL_KEEP_MAX * dim)].to_vec(),
+            x1_pruned: p.x1_hat[..p.x1_hat.len().min(IDEAL_KEEP_MAX * dim)].to_vec(),
         });
         Ok(FieldEval {
             velocity: p.velocity.iter().map(|&v| v as f64).collect(),
@@ -151,7 +157,11 @@ fn trajectory(ds: &Dataset, b: usize, times: &[f64]) -> Vec<Eval> {
 
 /// Fraction of samples an exact pruner must keep for query x at t: all but the largest
 /// set of smallest weights whose total is below 2^-24 of the whole (f64, from the data).
-fn ideal_keep(ds: &Dataset, samples: &[Vec<f32>], x: &[f32], t: f64) -> f64 {
+/// Most queries per evaluation whose x1_hat is kept for the f64 comparison.
+const IDEAL_KEEP_MAX: usize = 32;
+
+/// The share an ideal exact pruner keeps for query `x` at `t`, and its f64 x1_hat.
+fn ideal_keep(ds: &Dataset, samples: &[Vec<f32>], x: &[f32], t: f64) -> (f64, Vec<f64>) {
     let c = Path::RectifiedFlow.coefs(t);
     let two_s2 = 2.0 * c.sigma_safe().powi(2);
     let mut logits: Vec<f64> = samples
@@ -168,6 +178,14 @@ fn ideal_keep(ds: &Dataset, samples: &[Vec<f32>], x: &[f32], t: f64) -> f64 {
     let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     logits.iter_mut().for_each(|s| *s = (*s - m).exp());
     let z: f64 = logits.iter().sum();
+    let mut mean = vec![0.0f64; x.len()];
+    for (w, y) in logits.iter().zip(samples) {
+        if *w > 0.0 {
+            mean.iter_mut()
+                .zip(y)
+                .for_each(|(a, &v)| *a += w / z * v as f64);
+        }
+    }
     logits.sort_unstable_by(|a, b| a.total_cmp(b));
     let (mut tail, mut dropped) = (0.0, 0usize);
     for w in &logits {
@@ -177,7 +195,7 @@ fn ideal_keep(ds: &Dataset, samples: &[Vec<f32>], x: &[f32], t: f64) -> f64 {
         tail += w;
         dropped += 1;
     }
-    1.0 - dropped as f64 / ds.n_samples() as f64
+    (1.0 - dropped as f64 / ds.n_samples() as f64, mean)
 }
 
 /// Dense and pruned evaluations at fixed times, on x_t = alpha y + sigma eps for training
@@ -192,7 +210,11 @@ fn at_times(ds: &Dataset, b: usize, ts: &[f64], reps: usize) {
         .collect();
     let mut dense = oracle(ds, false);
     let mut pruned = oracle(ds, true);
-    println!("   t   dense s  pruned s  speed-up   kept     tiles skipped  max cert  rel diff");
+    println!(
+        "   t   dense s  pruned s  speed-up   kept     tiles skipped  max cert  rel diff  \
+         dense-f64 pruned-f64"
+    );
+    let samples: Vec<Vec<f32>> = (0..n).map(|i| ds.sample(i)).collect();
     for &t in ts {
         let c = Path::RectifiedFlow.coefs(t);
         let mut x = vec![0.0f32; b * d];
@@ -234,14 +256,31 @@ fn at_times(ds: &Dataset, b: usize, ts: &[f64], reps: usize) {
         let mean =
             |f: fn(&QueryStats) -> f32| st.iter().map(|s| f(s) as f64).sum::<f64>() / b as f64;
         let cert = st.iter().map(|s| s.skipped_mass_bound).fold(0.0, f32::max);
+        // x1_hat of the first queries against f64.
+        let mut errs = [0.0f64; 2];
+        for qi in 0..b.min(8) {
+            let (_, want) = ideal_keep(ds, &samples, &x[qi * d..(qi + 1) * d], t);
+            let den: f64 = want.iter().map(|v| v * v).sum();
+            for (e, o) in errs.iter_mut().zip(&outs) {
+                let g = &o.x1_hat[qi * d..(qi + 1) * d];
+                let num: f64 = g
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (*a as f64 - b).powi(2))
+                    .sum();
+                *e = e.max((num / den.max(1e-300)).sqrt());
+            }
+        }
         println!(
-            "{t:5.3} {:8.4} {:9.4} {:8.1}x {:8.5} {:8.4} {cert:14.3e} {:9.1e}",
+            "{t:5.3} {:8.4} {:9.4} {:8.1}x {:8.5} {:8.4} {cert:14.3e} {:9.1e} {:9.1e} {:9.1e}",
             best[0],
             best[1],
             best[0] / best[1],
             1.0 - mean(|s| s.samples_skipped),
             mean(|s| s.tiles_skipped),
-            (num / den.max(1e-300)).sqrt()
+            (num / den.max(1e-300)).sqrt(),
+            errs[0],
+            errs[1]
         );
     }
 }
@@ -339,19 +378,45 @@ fn main() {
     // Ideal keep fraction from the dense weights of the first few queries of every eval.
     let samples: Vec<Vec<f32>> = (0..n).map(|i| ds.sample(i)).collect();
     let mut csv = String::from(
-        "eval,t,dense_s,pruned_s,numpy_s,speedup,ideal_keep,kept,tiles_skipped,max_cert\n",
+        "eval,t,dense_s,pruned_s,numpy_s,speedup,ideal_keep,kept,tiles_skipped,max_cert,\
+         rel_diff,dense_x1_err,pruned_x1_err\n",
     );
     let (mut pts_speed, mut pts_ideal) = (Vec::new(), Vec::new());
     let mut max_cert = 0.0f32;
-    say("   t   dense s  pruned s  speed-up  ideal  kept    tiles skipped  max cert".into());
+    say(
+        "   t   dense s  pruned s  speed-up  ideal  kept    tiles skipped  max cert  \
+         rel diff  dense-f64 pruned-f64"
+            .into(),
+    );
     let mut max_diff = 0.0f64;
+    let mut max_errs = [0.0f64; 2];
     for (i, e) in evals.iter().enumerate() {
         let (de, pe) = (e, e);
         max_diff = max_diff.max(e.rel_diff);
-        let keep: f64 = (0..ideal_q.min(b))
+        let n_ideal = ideal_q.min(b).min(IDEAL_KEEP_MAX);
+        let ideal: Vec<(f64, Vec<f64>)> = (0..n_ideal)
             .map(|q| ideal_keep(&ds, &samples, &de.x[q * d..(q + 1) * d], de.t))
-            .sum::<f64>()
-            / ideal_q.min(b) as f64;
+            .collect();
+        let keep: f64 = ideal.iter().map(|i| i.0).sum::<f64>() / n_ideal as f64;
+        // Largest relative distance of dense's and pruned's x1_hat from f64, over those queries.
+        let f64_err = |got: &[f32]| {
+            ideal
+                .iter()
+                .enumerate()
+                .map(|(q, (_, want))| {
+                    let g = &got[q * d..(q + 1) * d];
+                    let num: f64 = g
+                        .iter()
+                        .zip(want)
+                        .map(|(a, b)| (*a as f64 - b).powi(2))
+                        .sum();
+                    let den: f64 = want.iter().map(|b| b * b).sum();
+                    (num / den.max(1e-300)).sqrt()
+                })
+                .fold(0.0f64, f64::max)
+        };
+        let (dense_err, pruned_err) = (f64_err(&e.x1_dense), f64_err(&e.x1_pruned));
+        max_errs = [max_errs[0].max(dense_err), max_errs[1].max(pruned_err)];
         let mean = |f: fn(&QueryStats) -> f32| {
             pe.stats.iter().map(|s| f(s) as f64).sum::<f64>() / pe.stats.len() as f64
         };
@@ -366,12 +431,14 @@ fn main() {
         let speed = e.dense_s / e.pruned_s;
         let np = numpy.as_ref().map_or(f64::NAN, |v| v[i]);
         csv.push_str(&format!(
-            "{i},{:.4},{:.5},{:.5},{np:.5},{speed:.3},{keep:.6},{kept:.6},{tiles:.6},{cert:e}\n",
-            e.t, e.dense_s, e.pruned_s
+            "{i},{:.4},{:.5},{:.5},{np:.5},{speed:.3},{keep:.6},{kept:.6},{tiles:.6},{cert:e},\
+             {:.3e},{dense_err:.3e},{pruned_err:.3e}\n",
+            e.t, e.dense_s, e.pruned_s, e.rel_diff
         ));
         say(format!(
-            "{:5.3} {:8.4} {:9.4} {speed:8.1}x {keep:7.4} {kept:7.4} {tiles:8.4} {cert:14.3e}",
-            e.t, e.dense_s, e.pruned_s
+            "{:5.3} {:8.4} {:9.4} {speed:8.1}x {keep:7.4} {kept:7.4} {tiles:8.4} {cert:14.3e} \
+             {:9.1e} {dense_err:9.1e} {pruned_err:9.1e}",
+            e.t, e.dense_s, e.pruned_s, e.rel_diff
         ));
         pts_speed.push((de.t, speed.log10()));
         pts_ideal.push((de.t, (1.0 / keep.max(1.0 / n as f64)).log10()));
@@ -413,6 +480,13 @@ fn main() {
          {max_diff:.1e}",
         evals.len(),
         dense_total / pruned_total
+    ));
+    say(format!(
+        "x1_hat vs f64 (first {} queries of each evaluation): dense within {:.1e}, pruned within \
+         {:.1e}",
+        ideal_q.min(b).min(IDEAL_KEEP_MAX),
+        max_errs[0],
+        max_errs[1]
     ));
     if let Some(np) = &numpy {
         let t: f64 = np.iter().sum();

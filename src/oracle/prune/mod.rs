@@ -83,15 +83,24 @@
 //! **Fallback.** Once per dataset: when the first `FALLBACK_DIMS` principal directions
 //! leave more than `MAX_RESIDUAL_SHARE` of the variance (isotropic data such as
 //! `gaussian:60000,784`), no index is built and every call is dense, having spent only
-//! the basis. Per call: `PROBE_QUERIES` spread-out queries are screened first, and the
-//! screening's work plus `EXACT_PENALTY` x 2 D per surviving pair is compared with the
-//! dense pass's 2 D per pair; above `DENSE_SWITCH` of it (early t, unstructured data,
-//! alpha = 0), [`posterior`] returns `None` and the caller runs the plain dense pass.
+//! the basis. Per call (the order is `CpuBackend`'s): a sample of exact logits estimates
+//! the share of weights that can reach f32 (`sparse::kept_share`); above
+//! `sparse::SPARSE_MAX_SHARE` (the navigation stage, alpha = 0) the dense pass runs.
+//! Else `PROBE_QUERIES` spread-out queries are screened, and the screening's work plus
+//! `EXACT_PENALTY` x 2 D per surviving pair is compared with the dense pass's 2 D per
+//! pair; above `DENSE_SWITCH` of it [`posterior`] returns `None` and the caller runs the
+//! sparse pass ([`sparse`]: every logit, the weighted sum over the weights that count).
+//!
+//! **Dropping computed weights.** In the exact pass, a computed logit whose weight bound
+//! exp(s + err - m0) is below the per-sample threshold is dropped like a sample skipped by
+//! bound (same budget: a sample is one or the other) and its bound joins the certificate;
+//! late in a trajectory most survivors of the bounds are such, and the weighted sum then
+//! takes only the few that count. `QueryStats::samples_skipped` counts both.
 //!
 //! **Limits (measured on Fashion-MNIST).** The tail term loses about
 //! `2 a |x - P_l x| |y - P_l y| / (2 sigma^2)` nats against the truth, since the noise in x
 //! is nearly orthogonal to every y's tail; for t <= 0.45 that still exceeds the logit gaps,
-//! the probe finds the bounds too loose and the dense pass runs.
+//! the probe finds the bounds too loose and the sparse pass runs.
 //! `ORACLEFLOW_PRUNE_PROFILE=1` prints each call's phases (probe, bounds, screening,
 //! exact pass) and its kept fractions to stderr.
 
@@ -131,11 +140,11 @@ pub const LEAF_ROWS: usize = 64;
 const _: () = assert!(LEAF_ROWS <= 64);
 /// Fewest rows in a range for which pruning is tried.
 pub const MIN_PRUNE_ROWS: usize = 2 * LEAF_ROWS;
-/// Estimated cost of the pruned pass, as a share of the dense pass's, above which the call
-/// runs dense (estimated from the probe queries, see [`posterior`]). Calibrated by forcing
-/// the pruned pass on Fashion-MNIST (B = 256, 2 threads, `ORACLEFLOW_PRUNE_AT`): estimate
-/// 0.10 ran at 0.53 of dense (t = 0.6), 0.16 at 0.6 (t = 0.55), 0.28 at 0.7 - 1.0 (t =
-/// 0.5), 0.51 at 1.4 (t = 0.45), so the pruned pass pays up to about 0.2.
+/// Estimated cost of the pruned pass, as a share of the dense pass's, above which the
+/// call runs the sparse pass instead (estimated from the probe queries, see [`posterior`]).
+/// Calibrated by forcing the pruned pass on Fashion-MNIST (B = 256, 2 threads,
+/// `ORACLEFLOW_PRUNE_AT`): estimate 0.10 ran at 0.55 of dense (t = 0.6), 0.16 at 0.85
+/// (t = 0.55), 0.28 at 1.0 (t = 0.5), where the sparse pass runs at 0.55 - 0.6.
 pub const DENSE_SWITCH: f64 = 0.1;
 /// Cost of one multiply-add of the exact pass over the survivors (gathered rows, small
 /// GEMMs, the group's union) relative to one of the dense pass.
@@ -585,7 +594,7 @@ pub fn partial(
     };
 
     // Fallback test first, on a few spread-out queries: when their per-sample bounds leave
-    // more than DENSE_SWITCH of their pairs, the dense pass is cheaper (and little was spent).
+    // more than DENSE_SWITCH of their pairs, the sparse pass is cheaper (and little was spent).
     let probe: Vec<usize> = (0..n_q).step_by((n_q / PROBE_QUERIES).max(1)).collect();
     let probed: Vec<(QueryBound, Vec<bool>)> = probe.par_iter().map(|&q| bound(q)).collect();
     let mut probe_masks = vec![0u64; probe.len() * tiles.len()];
