@@ -214,17 +214,34 @@ impl Backend for CpuBackend<'_> {
                         self.gemm_plan(),
                     ));
                 }
+                // bf16 screening pays where few weights are kept (it computes in f32 every
+                // pair its slack cannot rule out) and the slack is small.
+                let bf16 = share <= prune::sparse::BF16_MAX_SHARE
+                    && prune::sparse::bf16_applies(index, batch);
+                let switch = if bf16 {
+                    prune::DENSE_SWITCH_BF16
+                } else {
+                    prune::DENSE_SWITCH
+                };
                 let kept = self.record_kept.then_some(&mut self.kept);
-                if let Some(part) = prune::partial(self.dataset, index, batch, self.threads, kept) {
+                if let Some(part) =
+                    prune::partial(self.dataset, index, batch, self.threads, switch, kept)
+                {
                     self.last_pass = Pass::Bounds;
                     return Ok(part);
                 }
                 // The bounds are too loose to skip logits: all of them exact, the weighted
                 // sum over the weights that can reach an f32 result.
                 let kept = self.record_kept.then_some(&mut self.kept);
-                if let Some(part) =
-                    prune::sparse::partial(self.dataset, index, batch, self.threads, lib, kept)
-                {
+                if let Some(part) = prune::sparse::partial(
+                    self.dataset,
+                    index,
+                    batch,
+                    self.threads,
+                    lib,
+                    bf16,
+                    kept,
+                ) {
                     self.last_pass = Pass::Sparse;
                     return Ok(part);
                 }

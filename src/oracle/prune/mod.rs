@@ -110,6 +110,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use rayon::prelude::*;
 
 mod basis;
+pub mod bf16;
 mod screen;
 pub mod sparse;
 
@@ -146,6 +147,9 @@ pub const MIN_PRUNE_ROWS: usize = 2 * LEAF_ROWS;
 /// `ORACLEFLOW_PRUNE_AT`): estimate 0.10 ran at 0.55 of dense (t = 0.6), 0.16 at 0.85
 /// (t = 0.55), 0.28 at 1.0 (t = 0.5), where the sparse pass runs at 0.55 - 0.6.
 pub const DENSE_SWITCH: f64 = 0.1;
+/// [`DENSE_SWITCH`] where the sparse pass screens in bf16 (about 0.4 of dense from t = 0.5
+/// on Fashion-MNIST): estimate 0.06 ran at about that (t = 0.65).
+pub const DENSE_SWITCH_BF16: f64 = 0.06;
 /// Cost of one multiply-add of the exact pass over the survivors (gathered rows, small
 /// GEMMs, the group's union) relative to one of the dense pass.
 const EXACT_PENALTY: f64 = 2.0;
@@ -237,6 +241,9 @@ pub struct PruneIndex {
     centre_sq: Vec<f64>,
     /// (stored rows, tiles) of each class (or of the whole dataset without labels)
     segments: Vec<(Range<usize>, Range<usize>)>,
+    /// the rows in tile order as bf16 panels for the sparse pass's screening (built at its
+    /// first use; `None` where the CPU lacks AVX-512 BF16 or ORACLEFLOW_PRUNE_BF16=0)
+    panels: std::sync::OnceLock<Option<bf16::Panels>>,
 }
 
 impl PruneIndex {
@@ -405,6 +412,7 @@ impl PruneIndex {
                 .collect(),
             centres: centres.iter().map(|&v| v as f32).collect(),
             segments,
+            panels: std::sync::OnceLock::new(),
         })
     }
 
@@ -425,6 +433,13 @@ impl PruneIndex {
     pub fn tile_positions(&self, t: usize) -> Range<usize> {
         let tile = &self.tiles[t];
         tile.start..tile.start + tile.len
+    }
+
+    /// The bf16 panels of the rows (see `panels`), packed at the first call.
+    fn bf16_panels(&self, ds: &Dataset) -> Option<&bf16::Panels> {
+        self.panels
+            .get_or_init(|| bf16::supported().then(|| bf16::Panels::pack(ds, &self.perm)))
+            .as_ref()
     }
 
     /// Tiles covering exactly `rows` (all rows, or one class), if any.
@@ -568,16 +583,19 @@ pub fn posterior(
     threads: usize,
     kept: Option<&mut Vec<Vec<u32>>>,
 ) -> Option<Posterior> {
-    partial(ds, index, batch, threads, kept).map(Partial::finish)
+    partial(ds, index, batch, threads, DENSE_SWITCH, kept).map(Partial::finish)
 }
 
 /// [`posterior`] before the division by the normaliser: the state that merges with other
-/// row ranges' (see [`Partial`]); `None` likewise.
+/// row ranges' (see [`Partial`]); `None` likewise, or where the estimated cost exceeds
+/// `switch` of the dense pass's (`DENSE_SWITCH`, or `DENSE_SWITCH_BF16` where the
+/// alternative is the sparse pass with bf16 screening).
 pub fn partial(
     ds: &Dataset,
     index: &PruneIndex,
     batch: &CentredBatch<'_>,
     threads: usize,
+    switch: f64,
     kept: Option<&mut Vec<Vec<u32>>>,
 ) -> Option<Partial> {
     let dim = index.dim;
@@ -625,7 +643,7 @@ pub fn partial(
             probe_count.work / dense_work
         );
     }
-    if pruned_work > DENSE_SWITCH * dense_work {
+    if pruned_work > switch * dense_work {
         return None;
     }
     // The probe queries' bounds are kept, the others computed now.

@@ -50,7 +50,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::screen::{axpy, dot};
-use super::{profiling, PruneIndex, SAMPLE_BUDGET};
+use super::{bf16, profiling, PruneIndex, SAMPLE_BUDGET};
 use crate::dataset::{Dataset, Values};
 use crate::oracle::cpu::{query_groups, sgemm_with, Gemm, GemmLib, Partial as CpuPartial};
 use crate::oracle::partial::Partial;
@@ -73,14 +73,37 @@ const ESTIMATE_ROWS: usize = 4096;
 /// Above this estimated share of kept weights the sparse pass saves too little of the
 /// accumulation to pay for its second pass over the rows: the dense pass runs.
 pub const SPARSE_MAX_SHARE: f64 = 0.25;
+/// Largest estimated kept share ([`kept_share`]) at which the bf16 screening runs: it
+/// computes in f32 several times the kept pairs (at t = 0.35 on Fashion-MNIST, 24% of the
+/// pairs for 9% kept, slower than the f32 GEMM).
+pub const BF16_MAX_SHARE: f64 = 0.03;
+/// Largest screening slack (nats, at the largest row norm) at which the bf16 screening
+/// runs: above it the bound would let through too many pairs to pay.
+const BF16_MAX_SLACK: f64 = 12.0;
 /// Largest 2 err (nats) at which weights are still dropped.
 const MAX_ERR: f64 = 10.0;
 
 /// One task's logits over its row block: per tile, n_q x tile rows, tile after tile; and
-/// per query the block's largest logit and its stored row.
+/// per query the block's largest logit and its stored row. With screening, a logit that
+/// the bound rules out holds that upper bound (below the drop cut) instead.
 struct BlockLogits {
     s: Vec<f32>,
     best: Vec<(f32, u32)>,
+    /// pairs computed in f32 after the screening
+    exact: u64,
+}
+
+/// bf16 screening for one query group (see [`bf16`]).
+struct Screening<'a> {
+    panels: &'a bf16::Panels,
+    /// the group's queries, packed
+    xq: &'a [u32],
+    /// per query (a, b, c): a screening logit is within a |y - y~| + b |y~| + c of the f32
+    /// one (c_dot times the dot product's bound, plus 2 err: one for the f32 logit's
+    /// rounding, one, far more than needed, for the f32 evaluation of the bound itself)
+    slack: &'a [[f64; 3]],
+    /// per query: the ln drop threshold (as in phase 2)
+    thresholds: &'a [f64],
 }
 
 /// A query group as phase 2 sees it: its queries, their chunk maxima (logit, stored row)
@@ -104,8 +127,66 @@ struct BlockSums {
     pairs: [u64; 2],
 }
 
-/// The sparse pass over `batch.rows` (in the tile order of `index`); `None` where the rows
-/// are not a union of the index's tiles or every query has alpha = 0 (all weights equal,
+/// Per query, the bound on how far an f32 logit over the rows of `tiles` is from the
+/// exact one (see `QueryBound::err`).
+fn logit_errors(index: &PruneIndex, batch: &CentredBatch<'_>, tiles: &Range<usize>) -> Vec<f64> {
+    let dim = index.dim;
+    let y_max = index.tiles[tiles.clone()]
+        .iter()
+        .fold(0.0f64, |a, t| a.max(t.max_norm));
+    batch
+        .logit_coefs
+        .iter()
+        .zip(batch.x.chunks_exact(dim))
+        .map(|(coefs, x)| {
+            let [c_dot, c_norm] = coefs.map(|c| c.abs() as f64);
+            let x_norm = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+            (dim + 4) as f64
+                * f64::powi(2.0, -24)
+                * (c_dot * x_norm * y_max + c_norm * y_max * y_max)
+        })
+        .collect()
+}
+
+/// Per query (a, b, c): a bf16 screening logit is within a |y - y~| + b |y~| + c of the
+/// f32 one (c_dot times [`bf16::bound_coefs`], plus 2 err: one for the f32 logit's
+/// rounding, one, far more than needed, for the f32 evaluation of the bound itself).
+fn bf16_slack(batch: &CentredBatch<'_>, err: &[f64]) -> Vec<[f64; 3]> {
+    let dim = batch.x.len() / batch.logit_coefs.len().max(1);
+    let xn = bf16::query_norms(batch.x, dim);
+    (0..batch.logit_coefs.len())
+        .map(|q| {
+            let c_dot = batch.logit_coefs[q][0].abs() as f64;
+            let [a, b, c] = bf16::bound_coefs(xn[q], dim);
+            [c_dot * a, c_dot * b, c_dot * c + 2.0 * err[q]]
+        })
+        .collect()
+}
+
+/// Whether the bf16 screening can run for `batch` and pays: the CPU has AVX-512 BF16
+/// (and ORACLEFLOW_PRUNE_BF16 is not 0), and the screening's typical slack stays within
+/// `BF16_MAX_SLACK` nats (late t, where c_dot grows, it would let too many pairs through).
+pub fn bf16_applies(index: &PruneIndex, batch: &CentredBatch<'_>) -> bool {
+    let off = std::env::var("ORACLEFLOW_PRUNE_BF16").is_ok_and(|v| v == "0");
+    let Some(tiles) = index.tiles_for(&batch.rows) else {
+        return false;
+    };
+    if off || !bf16::supported() || tiles.is_empty() {
+        return false;
+    }
+    let y_max = index.tiles[tiles.clone()]
+        .iter()
+        .fold(0.0f64, |a, t| a.max(t.max_norm));
+    let err = logit_errors(index, batch, &tiles);
+    // Typical: bf16's rounding leaves |y - y~| near u / 3 |y~| (u = 2^-8).
+    bf16_slack(batch, &err)
+        .iter()
+        .all(|s| (s[0] / 768.0 + s[1]) * y_max + s[2] <= BF16_MAX_SLACK)
+}
+
+/// The sparse pass over `batch.rows` (in the tile order of `index`), with the bf16
+/// screening of its logits where `bf16` and [`bf16_applies`]; `None` where the rows are
+/// not a union of the index's tiles or every query has alpha = 0 (all weights equal,
 /// nothing to drop). `kept`, if given, receives per query the stored rows accumulated.
 pub fn partial(
     ds: &Dataset,
@@ -113,6 +194,7 @@ pub fn partial(
     batch: &CentredBatch<'_>,
     threads: usize,
     lib: GemmLib,
+    bf16: bool,
     kept: Option<&mut Vec<Vec<u32>>>,
 ) -> Option<Partial> {
     let tiles = index.tiles_for(&batch.rows)?;
@@ -131,19 +213,7 @@ pub fn partial(
     // `QueryBound::err`), so an f32 weight e stands for an exact one of at most
     // e exp(2 err): the threshold is lowered by that factor, and where it is large (f32
     // logits near t = 1 carry rounding of many nats) nothing is dropped: dense runs.
-    let y_max = index.tiles[tiles.clone()]
-        .iter()
-        .fold(0.0f64, |a, t| a.max(t.max_norm));
-    let err: Vec<f64> = (0..n_q)
-        .map(|q| {
-            let [c_dot, c_norm] = batch.logit_coefs[q].map(|c| c.abs() as f64);
-            let x = &batch.x[q * dim..(q + 1) * dim];
-            let x_norm = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
-            (dim + 4) as f64
-                * f64::powi(2.0, -24)
-                * (c_dot * x_norm * y_max + c_norm * y_max * y_max)
-        })
-        .collect();
+    let err = logit_errors(index, batch, &tiles);
     if err.iter().any(|&e| 2.0 * e > MAX_ERR) {
         return None;
     }
@@ -155,6 +225,18 @@ pub fn partial(
     let chunk = (LOGIT_BYTES / 4 / n_q.max(1)).max(TILE) / TILE * TILE;
     let record = kept.is_some();
 
+    let screen = (bf16 && bf16_applies(index, batch))
+        .then(|| index.bf16_panels(ds))
+        .flatten()
+        .map(|panels| {
+            let slack = bf16_slack(batch, &err);
+            let xq: Vec<Vec<u32>> = groups
+                .iter()
+                .map(|qs| bf16::pack_queries(&batch.x[qs.start * dim..qs.end * dim], dim))
+                .collect();
+            (panels, xq, slack)
+        });
+    let mut screened = 0u64;
     let mut pos_of = vec![0u32; ds.n_samples()];
     for (p, &r) in index.perm.iter().enumerate() {
         pos_of[r as usize] = p as u32;
@@ -180,9 +262,19 @@ pub fn partial(
         let c1 = std::time::Instant::now();
         let logits: Vec<BlockLogits> = tasks
             .par_iter()
-            .map(|&(g, b)| block_logits(ds, index, batch, groups[g].clone(), &blocks[b], lib))
+            .map(|&(g, b)| {
+                let qs = groups[g].clone();
+                let scr = screen.as_ref().map(|(panels, xq, slack)| Screening {
+                    panels,
+                    xq: &xq[g],
+                    slack: &slack[qs.clone()],
+                    thresholds: &thresholds[qs.clone()],
+                });
+                block_logits(ds, index, batch, qs, &blocks[b], lib, scr)
+            })
             .collect();
         t_logits += c1.elapsed().as_secs_f64();
+        screened += logits.iter().map(|l| l.exact).sum::<u64>();
         // Each query's maximum over the chunk (ties to the lower stored row, as dense).
         let mut best = vec![(f32::NEG_INFINITY, u32::MAX); n_q];
         for (&(g, _), l) in tasks.iter().zip(&logits) {
@@ -255,9 +347,14 @@ pub fn partial(
     if profiling() {
         let all = (n_q * n_rows) as f64;
         eprintln!(
-            "prune: sparse pass {:.3}s (logits {:.3}s): accumulated {:.4} of pairs ({:.4} by GEMM, {:.4} by axpy)",
+            "prune: sparse pass {:.3}s (logits {:.3}s{}): accumulated {:.4} of pairs ({:.4} by GEMM, {:.4} by axpy)",
             clock.elapsed().as_secs_f64(),
             t_logits,
+            if screen.is_some() {
+                format!(", bf16 screening, {:.4} of pairs exact", screened as f64 / all)
+            } else {
+                String::new()
+            },
             n_kept.iter().sum::<u64>() as f64 / all,
             pairs[0] as f64 / all,
             pairs[1] as f64 / all,
@@ -331,7 +428,10 @@ fn gather(ds: &Dataset, index: &PruneIndex, positions: Range<usize>, out: &mut V
     }
 }
 
-/// Phase 1 for queries `qs` over the positions `block`: the logits, tile by tile.
+/// Phase 1 for queries `qs` over the positions `block`: the logits, tile by tile. With
+/// `screen`, the tile's bf16 dot products first; a pair is then computed in f32 only where
+/// its upper bound reaches the drop cut under the running lower bound on the maximum.
+#[allow(clippy::too_many_arguments)]
 fn block_logits(
     ds: &Dataset,
     index: &PruneIndex,
@@ -339,6 +439,7 @@ fn block_logits(
     qs: Range<usize>,
     block: &Range<usize>,
     lib: GemmLib,
+    screen: Option<Screening<'_>>,
 ) -> BlockLogits {
     let dim = ds.dim();
     let n_q = qs.len();
@@ -346,36 +447,87 @@ fn block_logits(
     let x = &batch.x[qs.start * dim..qs.end * dim];
     let mut s = vec![0.0f32; n_q * block.len()];
     let mut best = vec![(f32::NEG_INFINITY, u32::MAX); n_q];
-    let mut y = Vec::new();
+    let mut lower = vec![f64::NEG_INFINITY; n_q];
+    let mut exact = 0u64;
+    let (mut y, mut scratch, mut one) = (Vec::new(), Vec::new(), vec![0.0f32; dim]);
+    let mut nsq = [0.0f32; TILE];
     for (t0, out) in block.clone().step_by(TILE).zip(s.chunks_mut(n_q * TILE)) {
         let tile = t0..(t0 + TILE).min(block.end);
         let nt = tile.len();
-        gather(ds, index, tile.clone(), &mut y);
-        sgemm_with(
-            lib,
-            Gemm {
-                m: n_q,
-                n: nt,
-                k: dim,
-            },
-            out,
-            false,
-            (x, dim, 1),
-            (&y, 1, dim),
+        let rows = &index.perm[tile.clone()];
+        let Some(scr) = &screen else {
+            gather(ds, index, tile.clone(), &mut y);
+            sgemm_with(
+                lib,
+                Gemm {
+                    m: n_q,
+                    n: nt,
+                    k: dim,
+                },
+                out,
+                false,
+                (x, dim, 1),
+                (&y, 1, dim),
+            );
+            for (q, row) in out.chunks_exact_mut(nt).enumerate() {
+                let [c_dot, c_norm] = batch.logit_coefs[qs.start + q];
+                let b = &mut best[q];
+                for (v, &r) in row.iter_mut().zip(rows) {
+                    *v = c_dot * *v - c_norm * norms[r as usize];
+                    if *v > b.0 || (*v == b.0 && r < b.1) {
+                        *b = (*v, r);
+                    }
+                }
+            }
+            exact += (n_q * nt) as u64;
+            continue;
+        };
+        bf16::dots(scr.panels, scr.xq, tile.clone(), out, &mut scratch);
+        for (j, &r) in rows.iter().enumerate() {
+            nsq[j] = norms[r as usize];
+        }
+        let (nsq, yn, ye) = (
+            &nsq[..nt],
+            &scr.panels.norms()[tile.clone()],
+            &scr.panels.errs()[tile.clone()],
         );
-        let rows = &index.perm[tile];
         for (q, row) in out.chunks_exact_mut(nt).enumerate() {
             let [c_dot, c_norm] = batch.logit_coefs[qs.start + q];
+            let [ca, cb, cc] = scr.slack[q].map(|v| v as f32);
+            let xq = &x[q * dim..(q + 1) * dim];
+            // Lower bounds first: the tile's best raises the cut for the whole tile.
+            let mut lo = f32::NEG_INFINITY;
+            for (((&v, &n), &yl), &el) in row.iter().zip(nsq).zip(yn).zip(ye) {
+                lo = lo.max(c_dot * v - c_norm * n - (ca * el + cb * yl + cc));
+            }
+            lower[q] = lower[q].max(lo as f64);
+            let cut = (lower[q] + scr.thresholds[q]) as f32;
             let b = &mut best[q];
-            for (v, &r) in row.iter_mut().zip(rows) {
-                *v = c_dot * *v - c_norm * norms[r as usize];
+            for (j, v) in row.iter_mut().enumerate() {
+                let hi = c_dot * *v - c_norm * nsq[j] + (ca * ye[j] + cb * yn[j] + cc);
+                if hi < cut {
+                    // Below the cut whatever the exact value: phase 2 drops it, and its
+                    // certificate uses this bound.
+                    *v = hi;
+                    continue;
+                }
+                let r = rows[j];
+                let yr = match ds.values() {
+                    Values::F32(vals) => &vals[r as usize * dim..(r as usize + 1) * dim],
+                    _ => {
+                        ds.stored_row(r as usize, &mut one);
+                        &one
+                    }
+                };
+                *v = c_dot * dot(xq, yr) - c_norm * nsq[j];
+                exact += 1;
                 if *v > b.0 || (*v == b.0 && r < b.1) {
                     *b = (*v, r);
                 }
             }
         }
     }
-    BlockLogits { s, best }
+    BlockLogits { s, best, exact }
 }
 
 /// Phase 2 for queries `qs` (with their chunk maxima `best` and drop thresholds) over the
