@@ -285,7 +285,7 @@ fn unstructured_data_falls_back_to_dense() {
 #[test]
 fn sparse_pass_equals_dense_and_reference() {
     use oracleflow::oracle::cpu::Pass;
-    let mut sparse_calls = 0;
+    let (mut sparse_calls, mut bf16_calls) = (0, 0);
     let real = |dtype| dataset::load("embedded@1500", dtype).unwrap();
     for (name, ds) in [
         ("clustered", clustered()),
@@ -308,10 +308,11 @@ fn sparse_pass_equals_dense_and_reference() {
                     rows: rows.clone(),
                 };
                 let p = pruned.posterior(&batch).unwrap();
-                if pruned.last_pass() != Pass::Sparse {
-                    continue;
+                match pruned.last_pass() {
+                    Pass::Sparse => sparse_calls += 1,
+                    Pass::SparseBf16 => bf16_calls += 1,
+                    _ => continue,
                 }
-                sparse_calls += 1;
                 let d = dense.posterior(&batch).unwrap();
                 let want = reference::posterior_f64(&ds, &batch);
                 let what = format!("{name} t={t} class={class:?}");
@@ -364,7 +365,12 @@ fn sparse_pass_equals_dense_and_reference() {
             }
         }
     }
-    eprintln!("{sparse_calls} calls took the sparse pass");
+    eprintln!("{sparse_calls} calls took the sparse pass, {bf16_calls} its bf16 screening");
+    if oracleflow::oracle::prune::bf16::supported() {
+        assert!(bf16_calls >= 4, "only {bf16_calls} calls screened in bf16");
+    } else {
+        eprintln!("SKIPPED: bf16 screening (this CPU has no AVX-512 BF16)");
+    }
     assert!(
         sparse_calls >= 6,
         "only {sparse_calls} calls took the sparse pass"

@@ -145,6 +145,8 @@ pub enum Pass {
     Bounds,
     /// every logit, the weighted sum over the weights that can reach f32 (`prune::sparse`)
     Sparse,
+    /// the sparse pass with its logits screened in bf16 first (`prune::bf16`)
+    SparseBf16,
 }
 
 /// Partial result of one task: states and weighted sums (not yet normalised).
@@ -242,7 +244,7 @@ impl Backend for CpuBackend<'_> {
                     bf16,
                     kept,
                 ) {
-                    self.last_pass = Pass::Sparse;
+                    self.last_pass = if bf16 { Pass::SparseBf16 } else { Pass::Sparse };
                     return Ok(part);
                 }
             }

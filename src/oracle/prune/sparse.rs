@@ -185,9 +185,9 @@ pub fn bf16_applies(index: &PruneIndex, batch: &CentredBatch<'_>) -> bool {
 }
 
 /// The sparse pass over `batch.rows` (in the tile order of `index`), with the bf16
-/// screening of its logits where `bf16` and [`bf16_applies`]; `None` where the rows are
-/// not a union of the index's tiles or every query has alpha = 0 (all weights equal,
-/// nothing to drop). `kept`, if given, receives per query the stored rows accumulated.
+/// screening of its logits where `bf16` (the caller checks [`bf16_applies`]); `None` where
+/// the rows are not a union of the index's tiles or every query has alpha = 0 (all
+/// weights equal, nothing to drop). `kept`, if given, receives per query the stored rows accumulated.
 pub fn partial(
     ds: &Dataset,
     index: &PruneIndex,
@@ -225,17 +225,14 @@ pub fn partial(
     let chunk = (LOGIT_BYTES / 4 / n_q.max(1)).max(TILE) / TILE * TILE;
     let record = kept.is_some();
 
-    let screen = (bf16 && bf16_applies(index, batch))
-        .then(|| index.bf16_panels(ds))
-        .flatten()
-        .map(|panels| {
-            let slack = bf16_slack(batch, &err);
-            let xq: Vec<Vec<u32>> = groups
-                .iter()
-                .map(|qs| bf16::pack_queries(&batch.x[qs.start * dim..qs.end * dim], dim))
-                .collect();
-            (panels, xq, slack)
-        });
+    let screen = bf16.then(|| index.bf16_panels(ds)).flatten().map(|panels| {
+        let slack = bf16_slack(batch, &err);
+        let xq: Vec<Vec<u32>> = groups
+            .iter()
+            .map(|qs| bf16::pack_queries(&batch.x[qs.start * dim..qs.end * dim], dim))
+            .collect();
+        (panels, xq, slack)
+    });
     let mut screened = 0u64;
     let mut pos_of = vec![0u32; ds.n_samples()];
     for (p, &r) in index.perm.iter().enumerate() {
