@@ -412,19 +412,7 @@ pub(crate) fn run_task(
         let nt = tile.len();
         let y = stored_rows_f32(ds, tile.clone(), &mut converted);
         let s = &mut logits[..n_q * nt];
-        // S = X * Y_tile^T: (n_q x dim) * (dim x nt); column j of the rhs is row j of y.
-        sgemm_with(
-            lib,
-            Gemm {
-                m: n_q,
-                n: nt,
-                k: dim,
-            },
-            s,
-            false,
-            (x, dim, 1),
-            (y, 1, dim),
-        );
+        dots_with(lib, x, y, dim, s);
         for (q, row) in s.chunks_exact_mut(nt).enumerate() {
             let [c_dot, c_norm] = coefs[q];
             for (v, &n) in row.iter_mut().zip(&norms[tile.clone()]) {
@@ -497,6 +485,21 @@ pub(crate) fn stored_rows_f32<'a>(
             scratch
         }
     }
+}
+
+/// S = X Y^T with `lib`: every row of `x` (queries) against every row of `y` (samples),
+/// both `dim` wide, into `s` (rows of x by rows of y, row-major).
+pub(crate) fn dots_with(lib: GemmLib, x: &[f32], y: &[f32], dim: usize, s: &mut [f32]) {
+    let (m, n) = (x.len() / dim.max(1), y.len() / dim.max(1));
+    // column j of the rhs is row j of y
+    sgemm_with(
+        lib,
+        Gemm { m, n, k: dim },
+        &mut s[..m * n],
+        false,
+        (x, dim, 1),
+        (y, 1, dim),
+    );
 }
 
 #[derive(Clone, Copy)]

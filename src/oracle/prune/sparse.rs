@@ -51,8 +51,10 @@ use rayon::prelude::*;
 
 use super::screen::{axpy, dot};
 use super::{bf16, profiling, PruneIndex, SAMPLE_BUDGET};
-use crate::dataset::{Dataset, Values};
-use crate::oracle::cpu::{query_groups, sgemm_with, Gemm, GemmLib, Partial as CpuPartial};
+use crate::dataset::Dataset;
+use crate::oracle::cpu::{
+    dots_with, query_groups, sgemm_with, stored_rows_f32, Gemm, GemmLib, Partial as CpuPartial,
+};
 use crate::oracle::partial::Partial;
 use crate::oracle::state::exp_nonpositive;
 use crate::oracle::{CentredBatch, SoftmaxState};
@@ -454,18 +456,7 @@ fn block_logits(
         let rows = &index.perm[tile.clone()];
         let Some(scr) = &screen else {
             gather(ds, index, tile.clone(), &mut y);
-            sgemm_with(
-                lib,
-                Gemm {
-                    m: n_q,
-                    n: nt,
-                    k: dim,
-                },
-                out,
-                false,
-                (x, dim, 1),
-                (&y, 1, dim),
-            );
+            dots_with(lib, x, &y, dim, out);
             for (q, row) in out.chunks_exact_mut(nt).enumerate() {
                 let [c_dot, c_norm] = batch.logit_coefs[qs.start + q];
                 let b = &mut best[q];
@@ -509,13 +500,7 @@ fn block_logits(
                     continue;
                 }
                 let r = rows[j];
-                let yr = match ds.values() {
-                    Values::F32(vals) => &vals[r as usize * dim..(r as usize + 1) * dim],
-                    _ => {
-                        ds.stored_row(r as usize, &mut one);
-                        &one
-                    }
-                };
+                let yr = stored_rows_f32(ds, r as usize..r as usize + 1, &mut one);
                 *v = c_dot * dot(xq, yr) - c_norm * nsq[j];
                 exact += 1;
                 if *v > b.0 || (*v == b.0 && r < b.1) {
@@ -674,14 +659,8 @@ fn block_sums(
                     let acc = &mut tmp[..];
                     for (&e, &r) in w[q * nt..(q + 1) * nt].iter().zip(rows) {
                         if e != 0.0 {
-                            let yr = match ds.values() {
-                                Values::F32(v) => &v[r as usize * dim..(r as usize + 1) * dim],
-                                _ => {
-                                    ds.stored_row(r as usize, &mut one);
-                                    &one
-                                }
-                            };
-                            axpy(e, yr, acc);
+                            let r = r as usize;
+                            axpy(e, stored_rows_f32(ds, r..r + 1, &mut one), acc);
                         }
                     }
                     let sum = &mut out.part.acc[q * dim..(q + 1) * dim];
