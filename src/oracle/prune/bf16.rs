@@ -88,6 +88,10 @@ impl Panels {
         let dim = ds.dim();
         let pairs = dim.div_ceil(2);
         let n_panels = perm.len().div_ceil(2 * LANES) * 2 + 2;
+        debug_assert_eq!(
+            Self::bytes_for(perm.len(), dim),
+            n_panels * pairs * LANES * 4 + perm.len() * 8
+        );
         let mut data = vec![0u32; n_panels * pairs * LANES];
         let mut row = vec![0.0f32; 2 * pairs];
         let (mut norm, mut err) = (
@@ -123,8 +127,10 @@ impl Panels {
         &self.err
     }
 
-    pub fn bytes(&self) -> usize {
-        self.data.len() * 4
+    /// The bytes [`Panels::pack`] allocates for `n` rows of `dim` values.
+    pub fn bytes_for(n: usize, dim: usize) -> usize {
+        let n_panels = n.div_ceil(2 * LANES) * 2 + 2;
+        n_panels * dim.div_ceil(2) * LANES * 4 + n * 8
     }
 }
 

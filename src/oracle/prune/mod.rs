@@ -253,7 +253,14 @@ impl PruneIndex {
     /// B = 256) was spent and every call runs dense.
     pub fn build(ds: &Dataset) -> Option<PruneIndex> {
         let (n, dim) = (ds.n_samples(), ds.dim());
+        let clock = std::time::Instant::now();
+        let lap = |what: &str| {
+            if profiling() {
+                eprintln!("prune: index {what} at {:.3}s", clock.elapsed().as_secs_f64());
+            }
+        };
         let (basis, residual_share) = pca_basis(ds);
+        lap("basis");
         if residual_share > MAX_RESIDUAL_SHARE {
             return None;
         }
@@ -280,6 +287,7 @@ impl PruneIndex {
             resid_rows.extend(r);
         }
 
+        lap("projections");
         let seg_rows: Vec<Range<usize>> = match ds.labels() {
             Some(_) => ds
                 .class_counts()
@@ -313,6 +321,7 @@ impl PruneIndex {
             segments.push((rows, first_tile..tiles.len()));
         }
 
+        lap("tree");
         let levels = level_cuts(k);
         let nl = levels.len();
         let mut proj = Vec::with_capacity(n * k);
@@ -392,6 +401,7 @@ impl PruneIndex {
             tile.resid_hi = hi * (1.0 + 1e-9);
             tile.max_norm = mx * (1.0 + 1e-9);
         }
+        lap("tiles");
         Some(PruneIndex {
             dim,
             k,
@@ -436,9 +446,16 @@ impl PruneIndex {
     }
 
     /// The bf16 panels of the rows (see `panels`), packed at the first call.
+    /// Not packed where they would take over a quarter of the available memory (the
+    /// sparse pass then computes its logits in f32).
     fn bf16_panels(&self, ds: &Dataset) -> Option<&bf16::Panels> {
         self.panels
-            .get_or_init(|| bf16::supported().then(|| bf16::Panels::pack(ds, &self.perm)))
+            .get_or_init(|| {
+                let bytes = bf16::Panels::bytes_for(self.perm.len(), self.dim) as u64;
+                let room =
+                    crate::dataset::limits::available_memory().is_none_or(|a| bytes <= a / 4);
+                (bf16::supported() && room).then(|| bf16::Panels::pack(ds, &self.perm))
+            })
             .as_ref()
     }
 
