@@ -51,6 +51,14 @@ pub fn run(a: InfoArgs) -> Result<()> {
         println!("  {:<9} {state}: {}", lib.name(), lib.describe());
     }
     println!("  {}", oracleflow::oracle::cpu::tune::tuning());
+    println!(
+        "  exact pruning's bf16 screening: {}",
+        if oracleflow::oracle::prune::bf16::supported() {
+            "available (AVX-512 BF16)"
+        } else {
+            "not on this CPU (the sparse pass computes its logits in f32)"
+        }
+    );
     if let Some(spec) = a.data {
         let ds = dataset::load(&spec, a.dtype)?;
         println!("dataset: {}", ds.name);

@@ -256,7 +256,10 @@ impl PruneIndex {
         let clock = std::time::Instant::now();
         let lap = |what: &str| {
             if profiling() {
-                eprintln!("prune: index {what} at {:.3}s", clock.elapsed().as_secs_f64());
+                eprintln!(
+                    "prune: index {what} at {:.3}s",
+                    clock.elapsed().as_secs_f64()
+                );
             }
         };
         let (basis, residual_share) = pca_basis(ds);

@@ -42,7 +42,8 @@
 //! 0.72, 0.57, 0.54 of dense (the logits' GEMM alone is 0.45); its x1_hat is as close to
 //! f64 as the dense pass's (both about 1e-6).
 //!
-//! Memory: the chunk's logits, at most `LOGIT_BYTES` (B = 256 queries: 131072 rows per
+//! Memory: the chunk's logits, at most `LOGIT_BYTES` (ORACLEFLOW_PRUNE_CHUNK_KIB overrides
+//! it; the maximum and the certificate carry from chunk to chunk) (B = 256 queries: 131072 rows per
 //! chunk; Fashion-MNIST's 60000 rows take one chunk of 61 MB).
 
 use std::ops::Range;
@@ -63,8 +64,17 @@ use crate::oracle::{CentredBatch, SoftmaxState};
 const TILE: usize = 256;
 /// Queries per accumulation subgroup (see [`block_sums`]).
 const SUBGROUP: usize = 32;
-/// Bound on the memory of one chunk's logits.
+/// Bound on the memory of one chunk's logits, unless ORACLEFLOW_PRUNE_CHUNK_KIB sets it.
 const LOGIT_BYTES: usize = 256 << 20;
+
+/// [`LOGIT_BYTES`], or ORACLEFLOW_PRUNE_CHUNK_KIB KiB (read per call; the tests use it to
+/// run many chunks on small data).
+fn logit_bytes() -> usize {
+    std::env::var("ORACLEFLOW_PRUNE_CHUNK_KIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(LOGIT_BYTES, |k| k.max(1) << 10)
+}
 /// Cost of one axpy multiply-add against one of a subgroup's accumulation GEMM
 /// (calibrated at t = 0.3 - 0.45 on Fashion-MNIST, see the module docs).
 const AXPY_COST: f64 = 4.0;
@@ -224,7 +234,7 @@ pub fn partial(
         .map(|e| (SAMPLE_BUDGET / n_rows as f64).ln() - 2.0 * e)
         .collect();
     let groups = query_groups(n_q, threads);
-    let chunk = (LOGIT_BYTES / 4 / n_q.max(1)).max(TILE) / TILE * TILE;
+    let chunk = (logit_bytes() / 4 / n_q.max(1)).max(TILE) / TILE * TILE;
     let record = kept.is_some();
 
     let screen = bf16.then(|| index.bf16_panels(ds)).flatten().map(|panels| {
