@@ -66,6 +66,8 @@ pub struct CpuBackend<'d> {
     record_kept: bool,
     kept: Vec<Vec<u32>>,
     last_pass: Pass,
+    /// the last sparse call's logits, for the next one's screening (`prune::sparse::Carry`)
+    carry: Option<prune::sparse::Carry>,
     /// GEMM library and tile rows of the dense pass; None: this machine's tuned choice.
     plan: Option<GemmPlan>,
 }
@@ -84,6 +86,7 @@ impl<'d> CpuBackend<'d> {
             record_kept: false,
             kept: Vec::new(),
             last_pass: Pass::Dense,
+            carry: None,
             plan: None,
         }
     }
@@ -147,6 +150,8 @@ pub enum Pass {
     Sparse,
     /// the sparse pass with its logits screened in bf16 first (`prune::bf16`)
     SparseBf16,
+    /// the sparse pass screened by the last sparse call's logits (`prune::sparse::Carry`)
+    SparseCarried,
 }
 
 /// Partial result of one task: states and weighted sums (not yet normalised).
@@ -225,12 +230,19 @@ impl Backend for CpuBackend<'_> {
                 } else {
                     prune::DENSE_SWITCH
                 };
+                // The last sparse call's logits, where they bound this call's closely (Heun's
+                // second evaluation of a step), screen it without any dot product: then the
+                // sparse pass is the cheaper one and the bounds' probe is skipped.
+                let carried =
+                    prune::sparse::carry_applies(self.carry.as_ref(), index, batch, self.threads);
                 let kept = self.record_kept.then_some(&mut self.kept);
-                if let Some(part) =
-                    prune::partial(self.dataset, index, batch, self.threads, switch, kept)
-                {
-                    self.last_pass = Pass::Bounds;
-                    return Ok(part);
+                if !carried {
+                    if let Some(part) =
+                        prune::partial(self.dataset, index, batch, self.threads, switch, kept)
+                    {
+                        self.last_pass = Pass::Bounds;
+                        return Ok(part);
+                    }
                 }
                 // The bounds are too loose to skip logits: all of them exact, the weighted
                 // sum over the weights that can reach an f32 result.
@@ -242,9 +254,14 @@ impl Backend for CpuBackend<'_> {
                     self.threads,
                     lib,
                     bf16,
+                    &mut self.carry,
                     kept,
                 ) {
-                    self.last_pass = if bf16 { Pass::SparseBf16 } else { Pass::Sparse };
+                    self.last_pass = match (carried, bf16) {
+                        (true, _) => Pass::SparseCarried,
+                        (false, true) => Pass::SparseBf16,
+                        (false, false) => Pass::Sparse,
+                    };
                     return Ok(part);
                 }
             }

@@ -92,6 +92,9 @@ pub const BF16_MAX_SHARE: f64 = 0.03;
 /// Largest screening slack (nats, at the largest row norm) at which the bf16 screening
 /// runs: above it the bound would let through too many pairs to pay.
 const BF16_MAX_SLACK: f64 = 12.0;
+/// Largest slack (nats, at the largest row norm) at which the last call's values screen
+/// this one's (see [`Carry`]).
+const CARRY_MAX_SLACK: f64 = 8.0;
 /// Largest 2 err (nats) at which weights are still dropped.
 const MAX_ERR: f64 = 10.0;
 
@@ -103,6 +106,141 @@ struct BlockLogits {
     best: Vec<(f32, u32)>,
     /// pairs computed in f32 after the screening
     exact: u64,
+}
+
+/// What a sparse call leaves for the next one: for every (query, row) pair a value at or
+/// above its f32 logit (the logit itself where computed, else the bound that ruled it
+/// out), in phase 1's layout, with the queries and coefficients it was for.
+///
+/// For the next call's queries x' (same rows, same count), with D = x' - x per query,
+///   x'.y = x.y + D.y <= (s_old + err_old + c_norm_old |y|^2) / c_dot_old + |D| |y|,
+/// so s_new <= ratio (s_old + err_old + c_norm_old |y|^2) + c_dot_new |D| |y| -
+/// c_norm_new |y|^2 + err_new (ratio = c_dot_new / c_dot_old), with no dot product at
+/// all. Heun's second evaluation of a step moves each query by h/2 (k2 - k1), which is tiny
+/// once the posterior has concentrated, so the bound is within a few nats there; the
+/// first (a full step h k1 away) gets its slack checked and usually screens otherwise.
+pub struct Carry {
+    rows: Range<usize>,
+    threads: usize,
+    x: Vec<f32>,
+    coefs: Vec<[f32; 2]>,
+    err: Vec<f64>,
+    /// per query, the stored row of its largest logit
+    best_rows: Vec<u32>,
+    /// per task of phase 1 (group-major), the values
+    s: Vec<Vec<f32>>,
+}
+
+/// Per query, the coefficients of the carried bound (see [`Carry`]), in f32:
+/// hi = ratio s_old + per_norm |y|^2 + per_y |y| + add, and the cut below which a pair
+/// needs no f32 logit.
+#[derive(Clone, Copy)]
+struct CarryCoefs {
+    ratio: f32,
+    per_norm: f32,
+    per_y: f32,
+    add: f32,
+    cut: f32,
+}
+
+/// The carried values of one task and its queries' coefficients.
+struct Incremental<'a> {
+    prev: &'a [f32],
+    coefs: &'a [CarryCoefs],
+}
+
+/// `carry` as this call's screening, where [`carry_applies`]; with per query
+/// the coefficients of the bound and the cut (a lower bound on the new maximum, from the
+/// f32 logit at the last call's best row, plus the drop threshold).
+fn carry_screen(
+    ds: &Dataset,
+    index: &PruneIndex,
+    batch: &CentredBatch<'_>,
+    threads: usize,
+    err: &[f64],
+    thresholds: &[f64],
+    carry: Carry,
+) -> Option<(Carry, Vec<CarryCoefs>)> {
+    if !carry_applies(Some(&carry), index, batch, threads) {
+        return None;
+    }
+    let dim = ds.dim();
+    let n_q = batch.logit_coefs.len();
+    let norms = ds.sq_norms();
+    let mut scratch = Vec::new();
+    let mut coefs = Vec::with_capacity(n_q);
+    for q in 0..n_q {
+        let ([c_dot, c_norm], [o_dot, o_norm]) = (batch.logit_coefs[q], carry.coefs[q]);
+        let (x, xo) = (
+            &batch.x[q * dim..(q + 1) * dim],
+            &carry.x[q * dim..(q + 1) * dim],
+        );
+        let delta = x
+            .iter()
+            .zip(xo)
+            .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+            * (1.0 + 1e-6);
+        let ratio = c_dot as f64 / o_dot as f64;
+        let per_y = c_dot as f64 * delta * (1.0 + 1e-6);
+        // err_new twice: the f32 logit's rounding and this bound's own f32 evaluation.
+        let add = ratio * carry.err[q] + 2.0 * err[q];
+        let r = carry.best_rows[q] as usize;
+        let m_lo = c_dot * dot(x, stored_rows_f32(ds, r..r + 1, &mut scratch)) - c_norm * norms[r];
+        coefs.push(CarryCoefs {
+            ratio: ratio as f32,
+            per_norm: (ratio * o_norm as f64 - c_norm as f64) as f32,
+            per_y: per_y as f32,
+            add: add as f32,
+            cut: (m_lo as f64 + thresholds[q]) as f32,
+        });
+    }
+    Some((carry, coefs))
+}
+
+/// Whether `carry` would screen a sparse call of `batch` (see [`carry_screen`]): then the
+/// caller skips the bounds' probe, the sparse pass being the cheaper one.
+pub fn carry_applies(
+    carry: Option<&Carry>,
+    index: &PruneIndex,
+    batch: &CentredBatch<'_>,
+    threads: usize,
+) -> bool {
+    let Some(c) = carry else { return false };
+    if std::env::var("ORACLEFLOW_PRUNE_CARRY").is_ok_and(|v| v == "0") {
+        return false;
+    }
+    let Some(tiles) = index.tiles_for(&batch.rows) else {
+        return false;
+    };
+    let n_q = batch.logit_coefs.len();
+    let chunk = (logit_bytes() / 4 / n_q.max(1)).max(TILE) / TILE * TILE;
+    if c.rows != batch.rows
+        || c.threads != threads
+        || c.coefs.len() != n_q
+        || batch.rows.len() > chunk
+    {
+        return false;
+    }
+    let err = logit_errors(index, batch, &tiles);
+    let dim = index.dim;
+    let y_max = index.tiles[tiles]
+        .iter()
+        .fold(0.0f64, |a, t| a.max(t.max_norm));
+    (0..n_q).all(|q| {
+        let (c_dot, o_dot) = (batch.logit_coefs[q][0], c.coefs[q][0]);
+        let delta = batch.x[q * dim..(q + 1) * dim]
+            .iter()
+            .zip(&c.x[q * dim..(q + 1) * dim])
+            .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let ratio = c_dot as f64 / o_dot as f64;
+        c_dot > 0.0
+            && o_dot > 0.0
+            && c_dot as f64 * delta * y_max + ratio * c.err[q] + 2.0 * err[q] <= CARRY_MAX_SLACK
+    })
 }
 
 /// bf16 screening for one query group (see [`bf16`]).
@@ -200,6 +338,7 @@ pub fn bf16_applies(index: &PruneIndex, batch: &CentredBatch<'_>) -> bool {
 /// screening of its logits where `bf16` (the caller checks [`bf16_applies`]); `None` where
 /// the rows are not a union of the index's tiles or every query has alpha = 0 (all
 /// weights equal, nothing to drop). `kept`, if given, receives per query the stored rows accumulated.
+#[allow(clippy::too_many_arguments)]
 pub fn partial(
     ds: &Dataset,
     index: &PruneIndex,
@@ -207,6 +346,7 @@ pub fn partial(
     threads: usize,
     lib: GemmLib,
     bf16: bool,
+    carry: &mut Option<Carry>,
     kept: Option<&mut Vec<Vec<u32>>>,
 ) -> Option<Partial> {
     let tiles = index.tiles_for(&batch.rows)?;
@@ -237,6 +377,14 @@ pub fn partial(
     let chunk = (logit_bytes() / 4 / n_q.max(1)).max(TILE) / TILE * TILE;
     let record = kept.is_some();
 
+    // The previous call's values as this one's screening, where they fit and its slack is
+    // small (first, since it needs no dot products at all); else bf16; else f32.
+    let n_chunks = n_rows.div_ceil(chunk);
+    let previous = carry
+        .take()
+        .filter(|_| n_chunks == 1)
+        .and_then(|c| carry_screen(ds, index, batch, threads, &err, &thresholds, c));
+    let bf16 = bf16 && previous.is_none();
     let screen = bf16.then(|| index.bf16_panels(ds)).flatten().map(|panels| {
         let slack = bf16_slack(batch, &err);
         let xq: Vec<Vec<u32>> = groups
@@ -279,7 +427,11 @@ pub fn partial(
                     slack: &slack[qs.clone()],
                     thresholds: &thresholds[qs.clone()],
                 });
-                block_logits(ds, index, batch, qs, &blocks[b], lib, scr)
+                let prev = previous.as_ref().map(|(c, coefs)| Incremental {
+                    prev: &c.s[g * blocks.len() + b],
+                    coefs: &coefs[qs.clone()],
+                });
+                block_logits(ds, index, batch, qs, &blocks[b], lib, scr, prev)
             })
             .collect();
         t_logits += c1.elapsed().as_secs_f64();
@@ -304,7 +456,7 @@ pub fn partial(
             .collect();
         let sums: Vec<BlockSums> = tasks
             .par_iter()
-            .zip(logits)
+            .zip(&logits)
             .map(|(&(g, b), l)| {
                 let qs = groups[g].clone();
                 block_sums(
@@ -317,7 +469,7 @@ pub fn partial(
                         order: &orders[g],
                     },
                     &blocks[b],
-                    l.s,
+                    &l.s,
                     lib,
                     record,
                 )
@@ -351,6 +503,18 @@ pub fn partial(
             };
             dropped[q] = old + dropped_chunk[q] * (best[q].0 as f64 - m).exp();
         }
+        if n_chunks == 1 && c0 == positions.start {
+            // Kept for the next call's screening (see [`Carry`]).
+            *carry = Some(Carry {
+                rows: batch.rows.clone(),
+                threads,
+                x: batch.x.to_vec(),
+                coefs: batch.logit_coefs.to_vec(),
+                err: err.clone(),
+                best_rows: best.iter().map(|b| b.1).collect(),
+                s: logits.into_iter().map(|l| l.s).collect(),
+            });
+        }
     }
 
     if profiling() {
@@ -359,7 +523,9 @@ pub fn partial(
             "prune: sparse pass {:.3}s (logits {:.3}s{}): accumulated {:.4} of pairs ({:.4} by GEMM, {:.4} by axpy)",
             clock.elapsed().as_secs_f64(),
             t_logits,
-            if screen.is_some() {
+            if previous.is_some() {
+                format!(", from the last call's, {:.4} of pairs exact", screened as f64 / all)
+            } else if screen.is_some() {
                 format!(", bf16 screening, {:.4} of pairs exact", screened as f64 / all)
             } else {
                 String::new()
@@ -449,6 +615,7 @@ fn block_logits(
     block: &Range<usize>,
     lib: GemmLib,
     screen: Option<Screening<'_>>,
+    previous: Option<Incremental<'_>>,
 ) -> BlockLogits {
     let dim = ds.dim();
     let n_q = qs.len();
@@ -464,6 +631,34 @@ fn block_logits(
         let tile = t0..(t0 + TILE).min(block.end);
         let nt = tile.len();
         let rows = &index.perm[tile.clone()];
+        if let Some(inc) = &previous {
+            let prev = &inc.prev[(t0 - block.start) * n_q..][..n_q * nt];
+            for (q, (row, old)) in out
+                .chunks_exact_mut(nt)
+                .zip(prev.chunks_exact(nt))
+                .enumerate()
+            {
+                let [c_dot, c_norm] = batch.logit_coefs[qs.start + q];
+                let k = inc.coefs[q];
+                let xq = &x[q * dim..(q + 1) * dim];
+                let b = &mut best[q];
+                for ((v, &o), &r) in row.iter_mut().zip(old).zip(rows) {
+                    let n = norms[r as usize];
+                    let hi = k.ratio * o + k.per_norm * n + k.per_y * n.sqrt() + k.add;
+                    if hi < k.cut {
+                        *v = hi;
+                        continue;
+                    }
+                    let yr = stored_rows_f32(ds, r as usize..r as usize + 1, &mut one);
+                    *v = c_dot * dot(xq, yr) - c_norm * n;
+                    exact += 1;
+                    if *v > b.0 || (*v == b.0 && r < b.1) {
+                        *b = (*v, r);
+                    }
+                }
+            }
+            continue;
+        }
         let Some(scr) = &screen else {
             gather(ds, index, tile.clone(), &mut y);
             dots_with(lib, x, &y, dim, out);
@@ -530,7 +725,7 @@ fn block_sums(
     index: &PruneIndex,
     group: GroupQueries<'_>,
     block: &Range<usize>,
-    mut s: Vec<f32>,
+    s: &[f32],
     lib: GemmLib,
     record: bool,
 ) -> BlockSums {
@@ -558,9 +753,14 @@ fn block_sums(
     let mut cols: Vec<usize> = Vec::with_capacity(TILE);
     let mut tile_norms = [0.0f32; TILE];
     let (mut kq, mut tmp) = (vec![0usize; n_q], Vec::new());
-    for (t0, w) in block.clone().step_by(TILE).zip(s.chunks_mut(n_q * TILE)) {
+    // The logits stay as phase 1 left them (the next call may screen with them); each
+    // tile's weights are made in a copy.
+    let mut wbuf = vec![0.0f32; n_q * TILE];
+    for (t0, logits) in block.clone().step_by(TILE).zip(s.chunks(n_q * TILE)) {
         let tile = t0..(t0 + TILE).min(block.end);
         let nt = tile.len();
+        let w = &mut wbuf[..n_q * nt];
+        w.copy_from_slice(logits);
         let rows = &index.perm[tile.clone()];
         for (n, &r) in tile_norms.iter_mut().zip(rows) {
             *n = norms[r as usize];
