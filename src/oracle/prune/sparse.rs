@@ -116,9 +116,10 @@ struct BlockLogits {
 ///   x'.y = x.y + D.y <= (s_old + err_old + c_norm_old |y|^2) / c_dot_old + |D| |y|,
 /// so s_new <= ratio (s_old + err_old + c_norm_old |y|^2) + c_dot_new |D| |y| -
 /// c_norm_new |y|^2 + err_new (ratio = c_dot_new / c_dot_old), with no dot product at
-/// all. Heun's second evaluation of a step moves each query by h/2 (k2 - k1), which is tiny
-/// once the posterior has concentrated, so the bound is within a few nats there; the
-/// first (a full step h k1 away) gets its slack checked and usually screens otherwise.
+/// all. Heun's step ends at x_{k+1} = x~ + h/2 (k2 - k1), x~ the state of its second
+/// evaluation: the next step's first evaluation is that close to the last one, tiny once
+/// the posterior has concentrated, and the bound is within a few nats there. The second
+/// evaluation (a full step h k1 away) gets its slack checked and screens otherwise.
 pub struct Carry {
     rows: Range<usize>,
     threads: usize,
