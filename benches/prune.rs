@@ -201,13 +201,11 @@ fn ideal_keep(ds: &Dataset, samples: &[Vec<f32>], x: &[f32], t: f64) -> (f64, Ve
 /// Dense and pruned evaluations at fixed times, on x_t = alpha y + sigma eps for training
 /// rows y (the states an oracle trajectory visits), each timed `reps` times (best kept).
 fn at_times(ds: &Dataset, b: usize, ts: &[f64], reps: usize) {
-    // Repeated calls on the same states would screen each other (the sparse pass's carry):
-    // single evaluations are timed without it unless asked for.
-    if std::env::var("ORACLEFLOW_PRUNE_CARRY").is_err() {
-        // SAFETY: set before any other thread reads the environment (rayon's workers only
-        // run the passes).
-        unsafe { std::env::set_var("ORACLEFLOW_PRUNE_CARRY", "0") };
-    }
+    // Repeated calls on the same states would screen each other with the (opt-in) carry:
+    // single evaluations are timed without it.
+    // SAFETY: set before any other thread reads the environment (rayon's workers only run
+    // the passes).
+    unsafe { std::env::set_var("ORACLEFLOW_PRUNE_CARRY", "0") };
     use rand::{Rng, SeedableRng};
     let (n, d) = (ds.n_samples(), ds.dim());
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);

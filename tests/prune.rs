@@ -377,84 +377,40 @@ fn sparse_pass_equals_dense_and_reference() {
     );
 }
 
-/// The sparse pass screened by the previous call's logits: a second call on states moved a
-/// little (as Heun's second evaluation of a step) takes it, and agrees with the f64
-/// reference as closely as the dense pass, with a certificate that bounds what it left out.
+/// A query's result does not depend on the calls before it (a resumed run gives the same
+/// bytes as an uninterrupted one): the same states twice, around other calls, give the
+/// same bits, in every pass the backend picks across t.
 #[test]
-fn carried_screening_equals_reference() {
-    use oracleflow::oracle::cpu::Pass;
+fn results_do_not_depend_on_earlier_calls() {
     let ds = dataset::load("embedded@1500", Dtype::F32).unwrap();
-    let dim = ds.dim();
     let path = Path::RectifiedFlow;
-    let mut carried = 0;
-    for (step, t) in [0.4f32, 0.45, 0.5, 0.55, 0.6].into_iter().enumerate() {
-        let mut pruned = CpuBackend::with_options(&ds, CpuOptions { prune: true });
-        pruned.record_kept_rows(true);
-        let mut dense = CpuBackend::with_options(&ds, CpuOptions { prune: false });
-        let x = path_queries(&ds, path, t, 12, 90 + step as u64);
-        // A small move, different per query and coordinate.
-        let moved: Vec<f32> = x
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| v + 0.002 * (((i * 7919) % 13) as f32 - 6.0) / 6.0)
-            .collect();
-        for (call, xs) in [&x, &moved].into_iter().enumerate() {
+    let mut backend = CpuBackend::with_options(&ds, CpuOptions { prune: true });
+    let mut passes = std::collections::BTreeSet::new();
+    for (i, t) in [0.1f32, 0.35, 0.45, 0.5, 0.6, 0.8, 0.95]
+        .into_iter()
+        .enumerate()
+    {
+        let x = path_queries(&ds, path, t, 12, 200 + i as u64);
+        // The same states moved a little, evaluated in between (as a sampler's next call).
+        let near: Vec<f32> = x.iter().map(|v| v + 1e-3).collect();
+        let mut eval = |xs: &[f32]| {
             let (xc, coefs) = centred(&ds, path, xs, t);
-            let batch = CentredBatch {
-                x: &xc,
-                logit_coefs: &coefs,
-                rows: 0..ds.n_samples(),
-            };
-            let p = pruned.posterior(&batch).unwrap();
-            if call == 0 || pruned.last_pass() != Pass::SparseCarried {
-                continue;
-            }
-            carried += 1;
-            let d = dense.posterior(&batch).unwrap();
-            let want = reference::posterior_f64(&ds, &batch);
-            let c = path.coefs(t as f64);
-            for (q, w) in want.iter().enumerate() {
-                let got = &p.mean[q * dim..(q + 1) * dim];
-                let den = &d.mean[q * dim..(q + 1) * dim];
-                let dense_err = rel_err(den, &w.mean);
-                let ours = rel_err(got, &w.mean);
-                assert!(
-                    ours <= 1e-6 + 2.0 * dense_err,
-                    "t={t} query {q}: {ours:.2e} from f64, dense {dense_err:.2e}"
-                );
-                assert_eq!(p.stats[q].top1_index as usize, w.top1_index, "t={t}");
-                let cert = p.stats[q].skipped_mass_bound as f64;
-                assert!(cert <= 2f64.powi(-30), "t={t}: certificate {cert:e}");
-                let mut is_kept = vec![false; ds.n_samples()];
-                pruned.kept_rows()[q]
-                    .iter()
-                    .for_each(|&r| is_kept[r as usize] = true);
-                let xq = &xs[q * dim..(q + 1) * dim];
-                let logits: Vec<(f64, bool)> = (0..ds.n_samples())
-                    .map(|r| {
-                        let y = ds.sample_f64(r);
-                        let l2: f64 = y
-                            .iter()
-                            .zip(xq)
-                            .map(|(y, &x)| (x as f64 - c.alpha * y).powi(2))
-                            .sum();
-                        (-l2 / (2.0 * c.sigma_safe().powi(2)), is_kept[r])
-                    })
-                    .collect();
-                let m = logits.iter().fold(f64::NEG_INFINITY, |a, l| a.max(l.0));
-                let z: f64 = logits.iter().map(|l| (l.0 - m).exp()).sum();
-                let left: f64 = logits
-                    .iter()
-                    .filter(|l| !l.1)
-                    .map(|l| (l.0 - m).exp() / z)
-                    .sum();
-                assert!(
-                    left <= cert * (1.0 + 1e-3),
-                    "t={t} query {q}: left out {left:e} > certificate {cert:e}"
-                );
-            }
-        }
+            let p = backend
+                .posterior(&CentredBatch {
+                    x: &xc,
+                    logit_coefs: &coefs,
+                    rows: 0..ds.n_samples(),
+                })
+                .unwrap();
+            (p, backend.last_pass())
+        };
+        let (first, pass) = eval(&x);
+        eval(&near);
+        let (again, _) = eval(&x);
+        passes.insert(format!("{pass:?}"));
+        assert_eq!(first.mean, again.mean, "t={t} ({pass:?})");
+        assert_eq!(first.stats, again.stats, "t={t} ({pass:?})");
     }
-    eprintln!("{carried} calls screened by the previous call's logits");
-    assert!(carried >= 3, "only {carried} calls used the carried logits");
+    eprintln!("passes seen: {passes:?}");
+    assert!(passes.len() >= 3, "only {passes:?}");
 }
