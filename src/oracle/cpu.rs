@@ -230,10 +230,10 @@ impl Backend for CpuBackend<'_> {
                 } else {
                     prune::DENSE_SWITCH
                 };
-                // The last sparse call's logits, where they bound this call's closely (the
-                // first evaluation of a Heun step, next to the last step's second), screen
-                // it without any dot product: then the sparse pass is the cheaper one and
-                // the bounds' probe is skipped.
+                // Opt-in (ORACLEFLOW_PRUNE_CARRY=1): the last sparse call's logits, where
+                // they bound this call's closely (the first evaluation of a Heun step, next
+                // to the last step's second), screen it without any dot product: then the
+                // sparse pass is the cheaper one and the bounds' probe is skipped.
                 let carried =
                     prune::sparse::carry_applies(self.carry.as_ref(), index, batch, self.threads);
                 let kept = self.record_kept.then_some(&mut self.kept);
