@@ -11,7 +11,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{path_queries, rel_err};
+use common::{centred, left_out_mass, path_queries, rel_err};
 use oracleflow::dataset::{self, npy, Dataset, Dtype};
 use oracleflow::oracle::cpu::CpuOptions;
 use oracleflow::oracle::gpu::{GpuBackend, GpuOptions};
@@ -174,20 +174,6 @@ fn pruned_gpu_equals_dense_gpu_and_reference_fashion_mnist() {
     }
 }
 
-/// The centred batch that `Oracle` hands a backend (see `Oracle::evaluate`).
-fn centred(ds: &Dataset, path: Path, x: &[f32], t: f32) -> (Vec<f32>, Vec<[f32; 2]>) {
-    let c = path.coefs(t as f64);
-    let d = ds.dim();
-    let mut xc = x.to_vec();
-    for row in xc.chunks_exact_mut(d) {
-        for (v, m) in row.iter_mut().zip(ds.mean()) {
-            *v -= (c.alpha * *m as f64) as f32;
-        }
-    }
-    let (a, b) = c.logit_coefs();
-    (xc, vec![[a as f32, b as f32]; x.len() / d])
-}
-
 #[test]
 fn certificate_bounds_the_true_skipped_mass() {
     if common::skip_gpu() {
@@ -227,29 +213,9 @@ fn certificate_bounds_the_true_skipped_mass() {
                         "{name}: kept rows outside the class"
                     );
                     let n_skipped = rows.clone().filter(|&r| !is_kept[r]).count();
-                    let c = path.coefs(t as f64);
-                    let two_s2 = 2.0 * c.sigma_safe().powi(2);
                     for q in 0..coefs.len() {
                         let xq = &x[q * ds.dim()..(q + 1) * ds.dim()];
-                        let logits: Vec<f64> = rows
-                            .clone()
-                            .map(|r| {
-                                -samples[r]
-                                    .iter()
-                                    .zip(xq)
-                                    .map(|(y, &x)| (x as f64 - c.alpha * y).powi(2))
-                                    .sum::<f64>()
-                                    / two_s2
-                            })
-                            .collect();
-                        let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                        let z: f64 = logits.iter().map(|s| (s - m).exp()).sum();
-                        let skipped: f64 = logits
-                            .iter()
-                            .zip(rows.clone())
-                            .filter(|(_, r)| !is_kept[*r])
-                            .map(|(s, _)| (s - m).exp() / z)
-                            .sum();
+                        let skipped = left_out_mass(&samples, rows.clone(), &kept, path, t, xq);
                         let cert = post.stats[q].skipped_mass_bound as f64;
                         let what =
                             format!("{name} {} t={t} class={class:?} query {q}", path.name());

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{path_queries, rel_err};
+use common::{centred, left_out_mass, path_queries, rel_err};
 use oracleflow::dataset::{self, Dataset, Dtype};
 use oracleflow::oracle::cpu::{CpuBackend, CpuOptions};
 use oracleflow::oracle::gpu::GpuOptions;
@@ -131,20 +131,6 @@ fn pruned_equals_dense_and_reference() {
     assert!(pruned_evals >= 8, "only {pruned_evals} evaluations pruned");
 }
 
-/// The centred batch that `Oracle` hands a backend (see `Oracle::evaluate`).
-fn centred(ds: &Dataset, path: Path, x: &[f32], t: f32) -> (Vec<f32>, Vec<[f32; 2]>) {
-    let c = path.coefs(t as f64);
-    let d = ds.dim();
-    let mut xc = x.to_vec();
-    for row in xc.chunks_exact_mut(d) {
-        for (v, m) in row.iter_mut().zip(ds.mean()) {
-            *v -= (c.alpha * *m as f64) as f32;
-        }
-    }
-    let (a, b) = c.logit_coefs();
-    (xc, vec![[a as f32, b as f32]; x.len() / d])
-}
-
 #[test]
 fn certificate_bounds_the_true_skipped_mass() {
     let mut checked = 0;
@@ -165,32 +151,13 @@ fn certificate_bounds_the_true_skipped_mass() {
                 if !backend.last_was_pruned() {
                     continue;
                 }
-                let c = path.coefs(t as f64);
-                let two_s2 = 2.0 * c.sigma_safe().powi(2);
                 let samples: Vec<Vec<f64>> =
                     (0..ds.n_samples()).map(|r| ds.sample_f64(r)).collect();
                 for (q, kept) in backend.kept_rows().iter().enumerate() {
                     let xq = &x[q * ds.dim()..(q + 1) * ds.dim()];
-                    let logits: Vec<f64> = samples
-                        .iter()
-                        .map(|y| {
-                            -y.iter()
-                                .zip(xq)
-                                .map(|(y, &x)| (x as f64 - c.alpha * y).powi(2))
-                                .sum::<f64>()
-                                / two_s2
-                        })
-                        .collect();
-                    let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let z: f64 = logits.iter().map(|s| (s - m).exp()).sum();
+                    let skipped = left_out_mass(&samples, 0..ds.n_samples(), kept, path, t, xq);
                     let mut is_kept = vec![false; ds.n_samples()];
                     kept.iter().for_each(|&r| is_kept[r as usize] = true);
-                    let skipped: f64 = logits
-                        .iter()
-                        .zip(&is_kept)
-                        .filter(|(_, &k)| !k)
-                        .map(|(s, _)| (s - m).exp() / z)
-                        .sum();
                     let cert = post.stats[q].skipped_mass_bound as f64;
                     let what = format!("{name} {} t={t} query {q}", path.name());
                     assert!(
@@ -295,6 +262,7 @@ fn sparse_pass_equals_dense_and_reference() {
         let mut pruned = CpuBackend::with_options(&ds, CpuOptions { prune: true });
         pruned.record_kept_rows(true);
         let mut dense = CpuBackend::with_options(&ds, CpuOptions { prune: false });
+        let samples: Vec<Vec<f64>> = (0..ds.n_samples()).map(|r| ds.sample_f64(r)).collect();
         let path = Path::RectifiedFlow;
         for step in 0..12 {
             let t = 0.05 + 0.05 * step as f32;
@@ -332,31 +300,9 @@ fn sparse_pass_equals_dense_and_reference() {
                     let cert = p.stats[q].skipped_mass_bound as f64;
                     assert!(cert <= 2f64.powi(-30), "{what}: certificate {cert:e}");
                     // The truly left-out mass, from f64 logits of the rows not kept.
-                    let mut is_kept = vec![false; ds.n_samples()];
-                    pruned.kept_rows()[q]
-                        .iter()
-                        .for_each(|&r| is_kept[r as usize] = true);
-                    let c = path.coefs(t as f64);
                     let xq = &x[q * dim..(q + 1) * dim];
-                    let logits: Vec<(f64, bool)> = rows
-                        .clone()
-                        .map(|r| {
-                            let y = ds.sample_f64(r);
-                            let l2: f64 = y
-                                .iter()
-                                .zip(xq)
-                                .map(|(y, &x)| (x as f64 - c.alpha * y).powi(2))
-                                .sum();
-                            (-l2 / (2.0 * c.sigma_safe().powi(2)), is_kept[r])
-                        })
-                        .collect();
-                    let m = logits.iter().fold(f64::NEG_INFINITY, |a, l| a.max(l.0));
-                    let z: f64 = logits.iter().map(|l| (l.0 - m).exp()).sum();
-                    let left: f64 = logits
-                        .iter()
-                        .filter(|l| !l.1)
-                        .map(|l| (l.0 - m).exp() / z)
-                        .sum();
+                    let kept = &pruned.kept_rows()[q];
+                    let left = left_out_mass(&samples, rows.clone(), kept, path, t, xq);
                     assert!(
                         left <= cert * (1.0 + 1e-3),
                         "{what} query {q}: left out {left:e} > certificate {cert:e}"

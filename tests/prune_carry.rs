@@ -4,24 +4,11 @@
 
 mod common;
 
-use common::{path_queries, rel_err};
-use oracleflow::dataset::{self, Dataset, Dtype};
+use common::{centred, left_out_mass, path_queries, rel_err};
+use oracleflow::dataset::{self, Dtype};
 use oracleflow::oracle::cpu::{CpuBackend, CpuOptions};
 use oracleflow::oracle::{reference, Backend, CentredBatch};
 use oracleflow::Path;
-
-/// The centred batch that `Oracle` hands a backend (as tests/prune.rs).
-fn centred(ds: &Dataset, path: Path, x: &[f32], t: f32) -> (Vec<f32>, Vec<[f32; 2]>) {
-    let c = path.coefs(t as f64);
-    let mut xc = x.to_vec();
-    for row in xc.chunks_exact_mut(ds.dim()) {
-        for (v, m) in row.iter_mut().zip(ds.mean()) {
-            *v -= (c.alpha * *m as f64) as f32;
-        }
-    }
-    let (a, b) = c.logit_coefs();
-    (xc, vec![[a as f32, b as f32]; x.len() / ds.dim()])
-}
 
 /// The sparse pass screened by the previous call's logits: a second call on states moved a
 /// little (as Heun's second evaluation of a step) takes it, and agrees with the f64
@@ -33,6 +20,7 @@ fn carried_screening_equals_reference() {
     std::env::set_var("ORACLEFLOW_PRUNE_CARRY", "1");
     let ds = dataset::load("embedded@1500", Dtype::F32).unwrap();
     let dim = ds.dim();
+    let samples: Vec<Vec<f64>> = (0..ds.n_samples()).map(|r| ds.sample_f64(r)).collect();
     let path = Path::RectifiedFlow;
     let mut carried = 0;
     for (step, t) in [0.4f32, 0.45, 0.5, 0.55, 0.6].into_iter().enumerate() {
@@ -60,7 +48,6 @@ fn carried_screening_equals_reference() {
             carried += 1;
             let d = dense.posterior(&batch).unwrap();
             let want = reference::posterior_f64(&ds, &batch);
-            let c = path.coefs(t as f64);
             for (q, w) in want.iter().enumerate() {
                 let got = &p.mean[q * dim..(q + 1) * dim];
                 let den = &d.mean[q * dim..(q + 1) * dim];
@@ -73,29 +60,9 @@ fn carried_screening_equals_reference() {
                 assert_eq!(p.stats[q].top1_index as usize, w.top1_index, "t={t}");
                 let cert = p.stats[q].skipped_mass_bound as f64;
                 assert!(cert <= 2f64.powi(-30), "t={t}: certificate {cert:e}");
-                let mut is_kept = vec![false; ds.n_samples()];
-                pruned.kept_rows()[q]
-                    .iter()
-                    .for_each(|&r| is_kept[r as usize] = true);
                 let xq = &xs[q * dim..(q + 1) * dim];
-                let logits: Vec<(f64, bool)> = (0..ds.n_samples())
-                    .map(|r| {
-                        let y = ds.sample_f64(r);
-                        let l2: f64 = y
-                            .iter()
-                            .zip(xq)
-                            .map(|(y, &x)| (x as f64 - c.alpha * y).powi(2))
-                            .sum();
-                        (-l2 / (2.0 * c.sigma_safe().powi(2)), is_kept[r])
-                    })
-                    .collect();
-                let m = logits.iter().fold(f64::NEG_INFINITY, |a, l| a.max(l.0));
-                let z: f64 = logits.iter().map(|l| (l.0 - m).exp()).sum();
-                let left: f64 = logits
-                    .iter()
-                    .filter(|l| !l.1)
-                    .map(|l| (l.0 - m).exp() / z)
-                    .sum();
+                let kept = &pruned.kept_rows()[q];
+                let left = left_out_mass(&samples, 0..ds.n_samples(), kept, path, t, xq);
                 assert!(
                     left <= cert * (1.0 + 1e-3),
                     "t={t} query {q}: left out {left:e} > certificate {cert:e}"

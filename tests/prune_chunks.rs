@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{path_queries, rel_err};
+use common::{centred, path_queries, rel_err};
 use oracleflow::dataset::{self, Dtype};
 use oracleflow::oracle::cpu::{CpuBackend, CpuOptions, Pass};
 use oracleflow::oracle::{reference, Backend, CentredBatch};
@@ -19,15 +19,7 @@ fn many_chunks_equal_one_chunk_and_reference() {
     let mut checked = 0;
     for (step, t) in [0.35f32, 0.4, 0.45, 0.5, 0.55].into_iter().enumerate() {
         let x = path_queries(&ds, path, t, 12, 70 + step as u64);
-        let c = path.coefs(t as f64);
-        let mut xc = x.clone();
-        for row in xc.chunks_exact_mut(dim) {
-            for (v, m) in row.iter_mut().zip(ds.mean()) {
-                *v -= (c.alpha * *m as f64) as f32;
-            }
-        }
-        let (a, b) = c.logit_coefs();
-        let coefs = vec![[a as f32, b as f32]; 12];
+        let (xc, coefs) = centred(&ds, path, &x, t);
         let batch = CentredBatch {
             x: &xc,
             logit_coefs: &coefs,

@@ -58,6 +58,55 @@ pub fn path_queries(ds: &Dataset, path: Path, t: f32, b: usize, seed: u64) -> Ve
     x
 }
 
+/// The centred batch that `Oracle` hands a backend (see `Oracle::evaluate`): the queries
+/// less alpha times the dataset mean, and their logit coefficients.
+pub fn centred(ds: &Dataset, path: Path, x: &[f32], t: f32) -> (Vec<f32>, Vec<[f32; 2]>) {
+    let c = path.coefs(t as f64);
+    let d = ds.dim();
+    let mut xc = x.to_vec();
+    for row in xc.chunks_exact_mut(d) {
+        for (v, m) in row.iter_mut().zip(ds.mean()) {
+            *v -= (c.alpha * *m as f64) as f32;
+        }
+    }
+    let (a, b) = c.logit_coefs();
+    (xc, vec![[a as f32, b as f32]; x.len() / d])
+}
+
+/// The f64 posterior mass, over `rows`, of the rows not in `kept`: what a pruned call truly
+/// left out for query `xq` (uncentred) at `t`. `samples` holds every row as f64
+/// (`Dataset::sample_f64`).
+pub fn left_out_mass(
+    samples: &[Vec<f64>],
+    rows: std::ops::Range<usize>,
+    kept: &[u32],
+    path: Path,
+    t: f32,
+    xq: &[f32],
+) -> f64 {
+    let c = path.coefs(t as f64);
+    let two_s2 = 2.0 * c.sigma_safe().powi(2);
+    let mut is_kept = vec![false; samples.len()];
+    kept.iter().for_each(|&r| is_kept[r as usize] = true);
+    let logits: Vec<(f64, bool)> = rows
+        .map(|r| {
+            let d2: f64 = samples[r]
+                .iter()
+                .zip(xq)
+                .map(|(y, &x)| (x as f64 - c.alpha * y).powi(2))
+                .sum();
+            (-d2 / two_s2, is_kept[r])
+        })
+        .collect();
+    let m = logits.iter().fold(f64::NEG_INFINITY, |a, l| a.max(l.0));
+    let z: f64 = logits.iter().map(|l| (l.0 - m).exp()).sum();
+    logits
+        .iter()
+        .filter(|l| !l.1)
+        .map(|l| (l.0 - m).exp() / z)
+        .sum()
+}
+
 /// ||a - b|| / ||b||, with b the f64 truth.
 pub fn rel_err(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
