@@ -221,49 +221,64 @@ impl Backend for CpuBackend<'_> {
                         self.gemm_plan(),
                     ));
                 }
-                // bf16 screening pays where few weights are kept (it computes in f32 every
-                // pair its slack cannot rule out) and the slack is small.
-                let bf16 = share <= prune::sparse::BF16_MAX_SHARE
-                    && prune::sparse::bf16_applies(index, batch);
-                let switch = if bf16 {
-                    prune::DENSE_SWITCH_BF16
-                } else {
-                    prune::DENSE_SWITCH
-                };
-                // Opt-in (ORACLEFLOW_PRUNE_CARRY=1): the last sparse call's logits, where
-                // they bound this call's closely (the first evaluation of a Heun step, next
-                // to the last step's second), screen it without any dot product: then the
-                // sparse pass is the cheaper one and the bounds' probe is skipped.
-                let carried =
-                    prune::sparse::carry_applies(self.carry.as_ref(), index, batch, self.threads);
-                let kept = self.record_kept.then_some(&mut self.kept);
-                if !carried {
-                    if let Some(part) =
-                        prune::partial(self.dataset, index, batch, self.threads, switch, kept)
+                use prune::sparse::Screen;
+                // Rows that are no union of the index's tiles (a shard's) run dense.
+                if let Some(setup) = prune::sparse::Setup::new(index, batch) {
+                    // Opt-in (ORACLEFLOW_PRUNE_CARRY=1): the last sparse call's logits, where
+                    // they bound this call's closely (the first evaluation of a Heun step,
+                    // next to the last step's second), screen it without any dot product:
+                    // then the sparse pass is the cheaper one and the bounds' probe is
+                    // skipped. Else bf16 screening where few weights are kept (it computes
+                    // in f32 every pair its slack cannot rule out) and the slack is small.
+                    let screen = if prune::sparse::carry_applies(
+                        self.carry.as_ref(),
+                        &setup,
+                        batch,
+                        self.threads,
+                    ) {
+                        Screen::Carried
+                    } else if share <= prune::sparse::BF16_MAX_SHARE
+                        && prune::sparse::bf16_applies(&setup, batch)
                     {
-                        self.last_pass = Pass::Bounds;
+                        Screen::Bf16
+                    } else {
+                        Screen::F32
+                    };
+                    let kept = self.record_kept.then_some(&mut self.kept);
+                    if screen != Screen::Carried {
+                        let switch = if screen == Screen::Bf16 {
+                            prune::DENSE_SWITCH_BF16
+                        } else {
+                            prune::DENSE_SWITCH
+                        };
+                        if let Some(part) =
+                            prune::partial(self.dataset, index, batch, self.threads, switch, kept)
+                        {
+                            self.last_pass = Pass::Bounds;
+                            return Ok(part);
+                        }
+                    }
+                    // The bounds are too loose to skip logits: all of them exact, the
+                    // weighted sum over the weights that can reach an f32 result.
+                    let kept = self.record_kept.then_some(&mut self.kept);
+                    if let Some(part) = prune::sparse::partial(
+                        self.dataset,
+                        index,
+                        batch,
+                        &setup,
+                        self.threads,
+                        lib,
+                        screen,
+                        &mut self.carry,
+                        kept,
+                    ) {
+                        self.last_pass = match screen {
+                            Screen::Carried => Pass::SparseCarried,
+                            Screen::Bf16 => Pass::SparseBf16,
+                            Screen::F32 => Pass::Sparse,
+                        };
                         return Ok(part);
                     }
-                }
-                // The bounds are too loose to skip logits: all of them exact, the weighted
-                // sum over the weights that can reach an f32 result.
-                let kept = self.record_kept.then_some(&mut self.kept);
-                if let Some(part) = prune::sparse::partial(
-                    self.dataset,
-                    index,
-                    batch,
-                    self.threads,
-                    lib,
-                    bf16,
-                    &mut self.carry,
-                    kept,
-                ) {
-                    self.last_pass = match (carried, bf16) {
-                        (true, _) => Pass::SparseCarried,
-                        (false, true) => Pass::SparseBf16,
-                        (false, false) => Pass::Sparse,
-                    };
-                    return Ok(part);
                 }
             }
         }

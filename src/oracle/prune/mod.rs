@@ -214,6 +214,8 @@ pub struct PruneIndex {
     basis: Vec<f32>,
     /// stored row at each position of the tile order
     perm: Vec<u32>,
+    /// its inverse: the position of each stored row
+    pos: Vec<u32>,
     /// N x k projections, tile order
     proj: Vec<f32>,
     /// per tile, its rows' first `head_dims` projected coordinates, dimension-major and
@@ -405,11 +407,16 @@ impl PruneIndex {
             tile.max_norm = mx * (1.0 + 1e-9);
         }
         lap("tiles");
+        let mut pos = vec![0u32; n];
+        for (p, &r) in perm.iter().enumerate() {
+            pos[r as usize] = p as u32;
+        }
         Some(PruneIndex {
             dim,
             k,
             basis,
             perm,
+            pos,
             proj,
             proj0t,
             head_dims,

@@ -151,39 +151,24 @@ struct Incremental<'a> {
     coefs: &'a [CarryCoefs],
 }
 
-/// `carry` as this call's screening, where [`carry_applies`]; with per query
-/// the coefficients of the bound and the cut (a lower bound on the new maximum, from the
-/// f32 logit at the last call's best row, plus the drop threshold).
+/// Per query, the coefficients of `carry`'s bound for `batch` (the caller checked
+/// [`carry_applies`]) and the cut (a lower bound on the new maximum, from the f32 logit at
+/// the last call's best row, plus the drop threshold).
 fn carry_screen(
     ds: &Dataset,
-    index: &PruneIndex,
     batch: &CentredBatch<'_>,
-    threads: usize,
     err: &[f64],
     thresholds: &[f64],
-    carry: Carry,
-) -> Option<(Carry, Vec<CarryCoefs>)> {
-    if !carry_applies(Some(&carry), index, batch, threads) {
-        return None;
-    }
+    carry: &Carry,
+) -> Vec<CarryCoefs> {
     let dim = ds.dim();
     let n_q = batch.logit_coefs.len();
     let norms = ds.sq_norms();
     let mut scratch = Vec::new();
     let mut coefs = Vec::with_capacity(n_q);
-    for q in 0..n_q {
+    for (q, delta) in moves(batch, carry).into_iter().enumerate() {
         let ([c_dot, c_norm], [o_dot, o_norm]) = (batch.logit_coefs[q], carry.coefs[q]);
-        let (x, xo) = (
-            &batch.x[q * dim..(q + 1) * dim],
-            &carry.x[q * dim..(q + 1) * dim],
-        );
-        let delta = x
-            .iter()
-            .zip(xo)
-            .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-            .sum::<f64>()
-            .sqrt()
-            * (1.0 + 1e-6);
+        let x = &batch.x[q * dim..(q + 1) * dim];
         let ratio = c_dot as f64 / o_dot as f64;
         let per_y = c_dot as f64 * delta * (1.0 + 1e-6);
         // err_new twice: the f32 logit's rounding and this bound's own f32 evaluation.
@@ -198,14 +183,14 @@ fn carry_screen(
             cut: (m_lo as f64 + thresholds[q]) as f32,
         });
     }
-    Some((carry, coefs))
+    coefs
 }
 
 /// Whether `carry` would screen a sparse call of `batch` (see [`carry_screen`]): then the
 /// caller skips the bounds' probe, the sparse pass being the cheaper one.
 pub fn carry_applies(
     carry: Option<&Carry>,
-    index: &PruneIndex,
+    setup: &Setup,
     batch: &CentredBatch<'_>,
     threads: usize,
 ) -> bool {
@@ -217,35 +202,21 @@ pub fn carry_applies(
     if !std::env::var("ORACLEFLOW_PRUNE_CARRY").is_ok_and(|v| v == "1") {
         return false;
     }
-    let Some(tiles) = index.tiles_for(&batch.rows) else {
-        return false;
-    };
     let n_q = batch.logit_coefs.len();
-    let chunk = (logit_bytes() / 4 / n_q.max(1)).max(TILE) / TILE * TILE;
     if c.rows != batch.rows
         || c.threads != threads
         || c.coefs.len() != n_q
-        || batch.rows.len() > chunk
+        || setup.positions.len() > chunk_rows(n_q)
     {
         return false;
     }
-    let err = logit_errors(index, batch, &tiles);
-    let dim = index.dim;
-    let y_max = index.tiles[tiles]
-        .iter()
-        .fold(0.0f64, |a, t| a.max(t.max_norm));
-    (0..n_q).all(|q| {
+    moves(batch, c).iter().enumerate().all(|(q, delta)| {
         let (c_dot, o_dot) = (batch.logit_coefs[q][0], c.coefs[q][0]);
-        let delta = batch.x[q * dim..(q + 1) * dim]
-            .iter()
-            .zip(&c.x[q * dim..(q + 1) * dim])
-            .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
         let ratio = c_dot as f64 / o_dot as f64;
         c_dot > 0.0
             && o_dot > 0.0
-            && c_dot as f64 * delta * y_max + ratio * c.err[q] + 2.0 * err[q] <= CARRY_MAX_SLACK
+            && c_dot as f64 * delta * setup.y_max + ratio * c.err[q] + 2.0 * setup.err[q]
+                <= CARRY_MAX_SLACK
     })
 }
 
@@ -283,23 +254,75 @@ struct BlockSums {
     pairs: [u64; 2],
 }
 
-/// Per query, the bound on how far an f32 logit over the rows of `tiles` is from the
-/// exact one (see `QueryBound::err`).
-fn logit_errors(index: &PruneIndex, batch: &CentredBatch<'_>, tiles: &Range<usize>) -> Vec<f64> {
-    let dim = index.dim;
-    let y_max = index.tiles[tiles.clone()]
-        .iter()
-        .fold(0.0f64, |a, t| a.max(t.max_norm));
+/// What a call's choice of screening and the sparse pass itself need, computed once per
+/// call: the index's positions of the rows, their largest norm, and per query the bound
+/// err on how far an f32 logit is from the exact one (see `QueryBound::err`).
+pub struct Setup {
+    positions: Range<usize>,
+    y_max: f64,
+    err: Vec<f64>,
+}
+
+impl Setup {
+    /// `None` where the rows are not a union of the index's tiles.
+    pub fn new(index: &PruneIndex, batch: &CentredBatch<'_>) -> Option<Setup> {
+        let tiles = index.tiles_for(&batch.rows).filter(|t| !t.is_empty())?;
+        let (first, last) = (&index.tiles[tiles.start], &index.tiles[tiles.end - 1]);
+        let dim = index.dim;
+        let y_max = index.tiles[tiles.clone()]
+            .iter()
+            .fold(0.0f64, |a, t| a.max(t.max_norm));
+        let err = batch
+            .logit_coefs
+            .iter()
+            .zip(batch.x.chunks_exact(dim))
+            .map(|(coefs, x)| {
+                let [c_dot, c_norm] = coefs.map(|c| c.abs() as f64);
+                let x_norm = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+                (dim + 4) as f64
+                    * f64::powi(2.0, -24)
+                    * (c_dot * x_norm * y_max + c_norm * y_max * y_max)
+            })
+            .collect();
+        Some(Setup {
+            positions: first.start..last.start + last.len,
+            y_max,
+            err,
+        })
+    }
+}
+
+/// How the sparse pass gets its logits (the caller chooses: [`carry_applies`],
+/// [`bf16_applies`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Screen {
+    /// one f32 GEMM per tile
+    F32,
+    /// bf16 dot products first, f32 only where their bound cannot rule a pair out
+    Bf16,
+    /// the last sparse call's values first (see [`Carry`])
+    Carried,
+}
+
+/// Rows per chunk of the sparse pass for `n_q` queries (a multiple of `TILE`).
+fn chunk_rows(n_q: usize) -> usize {
+    (logit_bytes() / 4 / n_q.max(1)).max(TILE) / TILE * TILE
+}
+
+/// |x_q - x_old| per query: how far `batch`'s queries moved since `carry`'s.
+fn moves(batch: &CentredBatch<'_>, carry: &Carry) -> Vec<f64> {
+    let dim = batch.x.len() / batch.logit_coefs.len().max(1);
     batch
-        .logit_coefs
-        .iter()
-        .zip(batch.x.chunks_exact(dim))
-        .map(|(coefs, x)| {
-            let [c_dot, c_norm] = coefs.map(|c| c.abs() as f64);
-            let x_norm = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
-            (dim + 4) as f64
-                * f64::powi(2.0, -24)
-                * (c_dot * x_norm * y_max + c_norm * y_max * y_max)
+        .x
+        .chunks_exact(dim)
+        .zip(carry.x.chunks_exact(dim))
+        .map(|(x, xo)| {
+            x.iter()
+                .zip(xo)
+                .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+                .sum::<f64>()
+                .sqrt()
+                * (1.0 + 1e-6)
         })
         .collect()
 }
@@ -322,56 +345,48 @@ fn bf16_slack(batch: &CentredBatch<'_>, err: &[f64]) -> Vec<[f64; 3]> {
 /// Whether the bf16 screening can run for `batch` and pays: the CPU has AVX-512 BF16
 /// (and ORACLEFLOW_PRUNE_BF16 is not 0), and the screening's typical slack stays within
 /// `BF16_MAX_SLACK` nats (late t, where c_dot grows, it would let too many pairs through).
-pub fn bf16_applies(index: &PruneIndex, batch: &CentredBatch<'_>) -> bool {
+pub fn bf16_applies(setup: &Setup, batch: &CentredBatch<'_>) -> bool {
     let off = std::env::var("ORACLEFLOW_PRUNE_BF16").is_ok_and(|v| v == "0");
-    let Some(tiles) = index.tiles_for(&batch.rows) else {
-        return false;
-    };
-    if off || !bf16::supported() || tiles.is_empty() {
+    if off || !bf16::supported() {
         return false;
     }
-    let y_max = index.tiles[tiles.clone()]
-        .iter()
-        .fold(0.0f64, |a, t| a.max(t.max_norm));
-    let err = logit_errors(index, batch, &tiles);
     // Typical: bf16's rounding leaves |y - y~| near u / 3 |y~| (u = 2^-8).
-    bf16_slack(batch, &err)
+    bf16_slack(batch, &setup.err)
         .iter()
-        .all(|s| (s[0] / 768.0 + s[1]) * y_max + s[2] <= BF16_MAX_SLACK)
+        .all(|s| (s[0] / 768.0 + s[1]) * setup.y_max + s[2] <= BF16_MAX_SLACK)
 }
 
-/// The sparse pass over `batch.rows` (in the tile order of `index`), with the bf16
-/// screening of its logits where `bf16` (the caller checks [`bf16_applies`]); `None` where
-/// the rows are not a union of the index's tiles or every query has alpha = 0 (all
-/// weights equal, nothing to drop). `kept`, if given, receives per query the stored rows accumulated.
+/// The sparse pass over `batch.rows` (in the tile order of `index`, `setup` computed for
+/// them), its logits obtained as `screen` says (the caller checks [`carry_applies`] and
+/// [`bf16_applies`]); `None` where every query has alpha = 0 (all weights equal, nothing to
+/// drop) or the f32 rounding is too large to drop anything. `carry` is read for
+/// [`Screen::Carried`] and left holding this call's values. `kept`, if given, receives per
+/// query the stored rows accumulated.
 #[allow(clippy::too_many_arguments)]
 pub fn partial(
     ds: &Dataset,
     index: &PruneIndex,
     batch: &CentredBatch<'_>,
+    setup: &Setup,
     threads: usize,
     lib: GemmLib,
-    bf16: bool,
+    screen: Screen,
     carry: &mut Option<Carry>,
     kept: Option<&mut Vec<Vec<u32>>>,
 ) -> Option<Partial> {
-    let tiles = index.tiles_for(&batch.rows)?;
-    if batch.logit_coefs.iter().all(|c| c[0] == 0.0) || tiles.is_empty() {
+    if batch.logit_coefs.iter().all(|c| c[0] == 0.0) {
         return None;
     }
     let clock = std::time::Instant::now();
     let dim = ds.dim();
     let n_q = batch.logit_coefs.len();
-    let positions = index.tiles[tiles.start].start..{
-        let last = &index.tiles[tiles.end - 1];
-        last.start + last.len
-    };
+    let positions = setup.positions.clone();
     let n_rows = positions.len();
     // Each f32 logit, the maximum's included, is within err of its exact value (see
     // `QueryBound::err`), so an f32 weight e stands for an exact one of at most
     // e exp(2 err): the threshold is lowered by that factor, and where it is large (f32
     // logits near t = 1 carry rounding of many nats) nothing is dropped: dense runs.
-    let err = logit_errors(index, batch, &tiles);
+    let err = &setup.err;
     if err.iter().any(|&e| 2.0 * e > MAX_ERR) {
         return None;
     }
@@ -380,30 +395,26 @@ pub fn partial(
         .map(|e| (SAMPLE_BUDGET / n_rows as f64).ln() - 2.0 * e)
         .collect();
     let groups = query_groups(n_q, threads);
-    let chunk = (logit_bytes() / 4 / n_q.max(1)).max(TILE) / TILE * TILE;
+    let chunk = chunk_rows(n_q);
     let record = kept.is_some();
 
-    // The previous call's values as this one's screening, where they fit and its slack is
-    // small (first, since it needs no dot products at all); else bf16; else f32.
     let n_chunks = n_rows.div_ceil(chunk);
-    let previous = carry
-        .take()
-        .filter(|_| n_chunks == 1)
-        .and_then(|c| carry_screen(ds, index, batch, threads, &err, &thresholds, c));
-    let bf16 = bf16 && previous.is_none();
-    let screen = bf16.then(|| index.bf16_panels(ds)).flatten().map(|panels| {
-        let slack = bf16_slack(batch, &err);
-        let xq: Vec<Vec<u32>> = groups
-            .iter()
-            .map(|qs| bf16::pack_queries(&batch.x[qs.start * dim..qs.end * dim], dim))
-            .collect();
-        (panels, xq, slack)
+    let previous = carry.take().filter(|_| screen == Screen::Carried).map(|c| {
+        let coefs = carry_screen(ds, batch, err, &thresholds, &c);
+        (c, coefs)
     });
+    let bf16_screen = (screen == Screen::Bf16)
+        .then(|| index.bf16_panels(ds))
+        .flatten()
+        .map(|panels| {
+            let slack = bf16_slack(batch, err);
+            let xq: Vec<Vec<u32>> = groups
+                .iter()
+                .map(|qs| bf16::pack_queries(&batch.x[qs.start * dim..qs.end * dim], dim))
+                .collect();
+            (panels, xq, slack)
+        });
     let mut screened = 0u64;
-    let mut pos_of = vec![0u32; ds.n_samples()];
-    for (p, &r) in index.perm.iter().enumerate() {
-        pos_of[r as usize] = p as u32;
-    }
     let mut run = CpuPartial::empty(n_q, dim);
     let mut dropped = vec![0.0f64; n_q];
     let mut n_kept = vec![0u64; n_q];
@@ -427,7 +438,7 @@ pub fn partial(
             .par_iter()
             .map(|&(g, b)| {
                 let qs = groups[g].clone();
-                let scr = screen.as_ref().map(|(panels, xq, slack)| Screening {
+                let scr = bf16_screen.as_ref().map(|(panels, xq, slack)| Screening {
                     panels,
                     xq: &xq[g],
                     slack: &slack[qs.clone()],
@@ -456,7 +467,7 @@ pub fn partial(
             .iter()
             .map(|qs| {
                 let mut o: Vec<usize> = (0..qs.len()).collect();
-                o.sort_by_key(|&l| (pos_of[best[qs.start + l].1 as usize], l));
+                o.sort_by_key(|&l| (index.pos[best[qs.start + l].1 as usize], l));
                 o
             })
             .collect();
@@ -531,7 +542,7 @@ pub fn partial(
             t_logits,
             if previous.is_some() {
                 format!(", from the last call's, {:.4} of pairs exact", screened as f64 / all)
-            } else if screen.is_some() {
+            } else if bf16_screen.is_some() {
                 format!(", bf16 screening, {:.4} of pairs exact", screened as f64 / all)
             } else {
                 String::new()
@@ -549,7 +560,7 @@ pub fn partial(
     if states.iter().any(|s| s.sum == 0.0 || !s.sum.is_finite()) {
         return None;
     }
-    for (d, e) in dropped.iter_mut().zip(&err) {
+    for (d, e) in dropped.iter_mut().zip(err) {
         *d *= (2.0 * e).exp();
     }
     let mut part = Partial::dense(dim, states, acc, sum_norm, n_rows, super::LEAF_ROWS);
