@@ -482,61 +482,37 @@ mod tests {
                 1.0
             })
         };
-        let c = choose_with(
-            &none,
-            &dev(Dtype::F32, 32 << 10),
-            file.clone(),
-            false,
-            &mut measure,
-        )
-        .unwrap();
+        let mut choose = |dtype, workgroup_bytes, retune| {
+            choose_with(
+                &none,
+                &dev(dtype, workgroup_bytes),
+                file.clone(),
+                retune,
+                &mut measure,
+            )
+            .unwrap()
+        };
+        let c = choose(Dtype::F32, 32 << 10, false);
         assert_eq!(
             (c.tiles, c.source),
             (LogitsTiles::CANDIDATES[4], TileSource::Tuned)
         );
         assert_eq!(c.rates.len(), LogitsTiles::CANDIDATES.len());
         assert!(c.to_string().contains("tuned, cached in"), "{c}");
-        let c = choose_with(
-            &none,
-            &dev(Dtype::F32, 32 << 10),
-            file.clone(),
-            false,
-            &mut measure,
-        )
-        .unwrap();
+        let c = choose(Dtype::F32, 32 << 10, false);
         assert_eq!(
             (c.tiles, c.source),
             (LogitsTiles::CANDIDATES[4], TileSource::Cached)
         );
         assert_eq!(c.rates.len(), LogitsTiles::CANDIDATES.len());
         let after_first = LogitsTiles::CANDIDATES.len();
-        let c = choose_with(
-            &none,
-            &dev(Dtype::F16, 32 << 10),
-            file.clone(),
-            false,
-            &mut measure,
-        )
-        .unwrap();
-        assert_eq!(c.source, TileSource::Tuned);
-        let c = choose_with(
-            &none,
-            &dev(Dtype::F32, 32 << 10),
-            file.clone(),
-            true,
-            &mut measure,
-        )
-        .unwrap();
-        assert_eq!(c.source, TileSource::Tuned);
+        assert_eq!(
+            choose(Dtype::F16, 32 << 10, false).source,
+            TileSource::Tuned
+        );
+        assert_eq!(choose(Dtype::F32, 32 << 10, true).source, TileSource::Tuned);
         // 64 x 128 (18 KiB) does not fit 16 KiB: measured again among what fits.
-        let c = choose_with(
-            &none,
-            &dev(Dtype::F32, 16 << 10),
-            file.clone(),
-            false,
-            &mut measure,
-        )
-        .unwrap();
+        let c = choose(Dtype::F32, 16 << 10, false);
         assert_eq!(
             (c.tiles, c.source),
             (LogitsTiles::SMALLEST, TileSource::Tuned)

@@ -195,11 +195,7 @@ pub fn carry_applies(
     threads: usize,
 ) -> bool {
     let Some(c) = carry else { return false };
-    // Opt-in: a carried call computes other pairs in f32 than a fresh one (and skips the
-    // bounds' probe), so its result, equal to within rounding, is not bitwise the same:
-    // a query's bits would depend on the previous call (a resumed run would differ from
-    // an uninterrupted one).
-    if !std::env::var("ORACLEFLOW_PRUNE_CARRY").is_ok_and(|v| v == "1") {
+    if !carry_enabled() {
         return false;
     }
     let n_q = batch.logit_coefs.len();
@@ -302,6 +298,14 @@ pub enum Screen {
     Bf16,
     /// the last sparse call's values first (see [`Carry`])
     Carried,
+}
+
+/// Whether the carried screening is on (ORACLEFLOW_PRUNE_CARRY=1). Opt-in: a carried call
+/// computes other pairs in f32 than a fresh one (and skips the bounds' probe), so its
+/// result, equal within rounding, is not bitwise the same: a query's bits would depend on
+/// the previous call (a resumed run would differ from an uninterrupted one).
+fn carry_enabled() -> bool {
+    std::env::var("ORACLEFLOW_PRUNE_CARRY").is_ok_and(|v| v == "1")
 }
 
 /// Rows per chunk of the sparse pass for `n_q` queries (a multiple of `TILE`).
@@ -434,7 +438,7 @@ pub fn partial(
             .collect();
 
         let c1 = std::time::Instant::now();
-        let logits: Vec<BlockLogits> = tasks
+        let mut logits: Vec<BlockLogits> = tasks
             .par_iter()
             .map(|&(g, b)| {
                 let qs = groups[g].clone();
@@ -471,9 +475,13 @@ pub fn partial(
                 o
             })
             .collect();
+        // Kept for the next call's screening (see [`Carry`]) before phase 2 turns the
+        // logits into weights, where the carry is on and the rows took one chunk.
+        let keep = (carry_enabled() && n_chunks == 1)
+            .then(|| logits.iter().map(|l| l.s.clone()).collect::<Vec<_>>());
         let sums: Vec<BlockSums> = tasks
             .par_iter()
-            .zip(&logits)
+            .zip(&mut logits)
             .map(|(&(g, b), l)| {
                 let qs = groups[g].clone();
                 block_sums(
@@ -486,7 +494,7 @@ pub fn partial(
                         order: &orders[g],
                     },
                     &blocks[b],
-                    &l.s,
+                    &mut l.s,
                     lib,
                     record,
                 )
@@ -520,8 +528,7 @@ pub fn partial(
             };
             dropped[q] = old + dropped_chunk[q] * (best[q].0 as f64 - m).exp();
         }
-        if n_chunks == 1 && c0 == positions.start {
-            // Kept for the next call's screening (see [`Carry`]).
+        if let Some(values) = keep {
             *carry = Some(Carry {
                 rows: batch.rows.clone(),
                 threads,
@@ -529,7 +536,7 @@ pub fn partial(
                 coefs: batch.logit_coefs.to_vec(),
                 err: err.clone(),
                 best_rows: best.iter().map(|b| b.1).collect(),
-                s: logits.into_iter().map(|l| l.s).collect(),
+                s: values,
             });
         }
     }
@@ -742,7 +749,7 @@ fn block_sums(
     index: &PruneIndex,
     group: GroupQueries<'_>,
     block: &Range<usize>,
-    s: &[f32],
+    s: &mut [f32],
     lib: GemmLib,
     record: bool,
 ) -> BlockSums {
@@ -770,14 +777,9 @@ fn block_sums(
     let mut cols: Vec<usize> = Vec::with_capacity(TILE);
     let mut tile_norms = [0.0f32; TILE];
     let (mut kq, mut tmp) = (vec![0usize; n_q], Vec::new());
-    // The logits stay as phase 1 left them (the next call may screen with them); each
-    // tile's weights are made in a copy.
-    let mut wbuf = vec![0.0f32; n_q * TILE];
-    for (t0, logits) in block.clone().step_by(TILE).zip(s.chunks(n_q * TILE)) {
+    for (t0, w) in block.clone().step_by(TILE).zip(s.chunks_mut(n_q * TILE)) {
         let tile = t0..(t0 + TILE).min(block.end);
         let nt = tile.len();
-        let w = &mut wbuf[..n_q * nt];
-        w.copy_from_slice(logits);
         let rows = &index.perm[tile.clone()];
         for (n, &r) in tile_norms.iter_mut().zip(rows) {
             *n = norms[r as usize];
