@@ -174,7 +174,8 @@ fn carry_screen(
         // err_new twice: the f32 logit's rounding and this bound's own f32 evaluation.
         let add = ratio * carry.err[q] + 2.0 * err[q];
         let r = carry.best_rows[q] as usize;
-        let m_lo = c_dot * dot(x, stored_rows_f32(ds, r..r + 1, &mut scratch)) - c_norm * norms[r];
+        // The same value phase 1 computes for that pair (it is always a candidate there).
+        let m_lo = exact_logit(ds, x, [c_dot, c_norm], r as u32, norms[r], &mut scratch);
         coefs.push(CarryCoefs {
             ratio: ratio as f32,
             per_norm: (ratio * o_norm as f64 - c_norm as f64) as f32,
@@ -461,9 +462,7 @@ pub fn partial(
         let mut best = vec![(f32::NEG_INFINITY, u32::MAX); n_q];
         for (&(g, _), l) in tasks.iter().zip(&logits) {
             for (q, &cand) in groups[g].clone().zip(&l.best) {
-                if cand.0 > best[q].0 || (cand.0 == best[q].0 && cand.1 < best[q].1) {
-                    best[q] = cand;
-                }
+                raise(&mut best[q], cand);
             }
         }
         // Per query group, its queries (local numbers) in the tile order of their maxima.
@@ -673,12 +672,9 @@ fn block_logits(
                         *v = hi;
                         continue;
                     }
-                    let yr = stored_rows_f32(ds, r as usize..r as usize + 1, &mut one);
-                    *v = c_dot * dot(xq, yr) - c_norm * n;
+                    *v = exact_logit(ds, xq, [c_dot, c_norm], r, n, &mut one);
                     exact += 1;
-                    if *v > b.0 || (*v == b.0 && r < b.1) {
-                        *b = (*v, r);
-                    }
+                    raise(b, (*v, r));
                 }
             }
             continue;
@@ -691,9 +687,7 @@ fn block_logits(
                 let b = &mut best[q];
                 for (v, &r) in row.iter_mut().zip(rows) {
                     *v = c_dot * *v - c_norm * norms[r as usize];
-                    if *v > b.0 || (*v == b.0 && r < b.1) {
-                        *b = (*v, r);
-                    }
+                    raise(b, (*v, r));
                 }
             }
             exact += (n_q * nt) as u64;
@@ -728,17 +722,36 @@ fn block_logits(
                     *v = hi;
                     continue;
                 }
-                let r = rows[j];
-                let yr = stored_rows_f32(ds, r as usize..r as usize + 1, &mut one);
-                *v = c_dot * dot(xq, yr) - c_norm * nsq[j];
+                *v = exact_logit(ds, xq, [c_dot, c_norm], rows[j], nsq[j], &mut one);
                 exact += 1;
-                if *v > b.0 || (*v == b.0 && r < b.1) {
-                    *b = (*v, r);
-                }
+                raise(b, (*v, rows[j]));
             }
         }
     }
     BlockLogits { s, best, exact }
+}
+
+/// `best` raised to `cand` (a logit and its stored row) where that is larger, ties to the
+/// lower row (as the dense pass's first maximum in row order).
+fn raise(best: &mut (f32, u32), cand: (f32, u32)) {
+    if cand.0 > best.0 || (cand.0 == best.0 && cand.1 < best.1) {
+        *best = cand;
+    }
+}
+
+/// The f32 logit of query `xq` (coefficients `c_dot`, `c_norm`) with stored row `r`
+/// (squared norm `norm`) by one dot product: a screened pass's value for a pair its bound
+/// could not rule out.
+fn exact_logit(
+    ds: &Dataset,
+    xq: &[f32],
+    [c_dot, c_norm]: [f32; 2],
+    r: u32,
+    norm: f32,
+    scratch: &mut Vec<f32>,
+) -> f32 {
+    let y = stored_rows_f32(ds, r as usize..r as usize + 1, scratch);
+    c_dot * dot(xq, y) - c_norm * norm
 }
 
 /// Phase 2 for queries `qs` (with their chunk maxima `best` and drop thresholds) over the
