@@ -133,7 +133,8 @@ fn pruned_equals_dense_and_reference() {
 
 #[test]
 fn certificate_bounds_the_true_skipped_mass() {
-    let mut checked = 0;
+    use oracleflow::oracle::cpu::Pass;
+    let (mut checked, mut bounds_calls) = (0, 0);
     for (name, ds) in datasets() {
         let mut backend = CpuBackend::with_options(&ds, CpuOptions { prune: true });
         backend.record_kept_rows(true);
@@ -151,6 +152,7 @@ fn certificate_bounds_the_true_skipped_mass() {
                 if !backend.last_was_pruned() {
                     continue;
                 }
+                bounds_calls += (backend.last_pass() == Pass::Bounds) as usize;
                 let samples: Vec<Vec<f64>> =
                     (0..ds.n_samples()).map(|r| ds.sample_f64(r)).collect();
                 for (q, kept) in backend.kept_rows().iter().enumerate() {
@@ -181,6 +183,12 @@ fn certificate_bounds_the_true_skipped_mass() {
         }
     }
     assert!(checked >= 20, "only {checked} queries had skipped samples");
+    // The bounds pass itself (not only the sparse pass's drops) is among those checked.
+    eprintln!("{bounds_calls} calls took the bounds pass");
+    assert!(
+        bounds_calls >= 4,
+        "only {bounds_calls} calls took the bounds pass"
+    );
 }
 
 #[test]

@@ -210,10 +210,10 @@ impl Backend for CpuBackend<'_> {
                 // the bounds nor the sparse pass can save anything, and the plain pass runs
                 // having spent only the estimate.
                 let share = prune::sparse::kept_share(self.dataset, batch);
+                if prune::profiling() {
+                    eprintln!("prune: est. kept share {share:.5}");
+                }
                 if share > prune::sparse::SPARSE_MAX_SHARE {
-                    if prune::profiling() {
-                        eprintln!("prune: est. kept share {share:.3}: dense pass");
-                    }
                     return Ok(dense_pass(
                         self.dataset,
                         batch,
@@ -245,7 +245,7 @@ impl Backend for CpuBackend<'_> {
                         Screen::F32
                     };
                     let kept = self.record_kept.then_some(&mut self.kept);
-                    if screen != Screen::Carried {
+                    if screen != Screen::Carried && share <= prune::PROBE_MAX_SHARE {
                         let switch = if screen == Screen::Bf16 {
                             prune::DENSE_SWITCH_BF16
                         } else {

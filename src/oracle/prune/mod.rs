@@ -117,7 +117,7 @@ pub mod sparse;
 use basis::{pca_basis, split};
 
 pub(crate) use basis::orthonormalise;
-use screen::{axpy, dot, screen};
+use screen::{axpy, dot, screen, ScreenCount};
 
 use crate::dataset::{Dataset, Values};
 use crate::oracle::cpu::{sgemm, stored_rows_f32, Gemm};
@@ -147,9 +147,17 @@ pub const MIN_PRUNE_ROWS: usize = 2 * LEAF_ROWS;
 /// `ORACLEFLOW_PRUNE_AT`): estimate 0.10 ran at 0.55 of dense (t = 0.6), 0.16 at 0.85
 /// (t = 0.55), 0.28 at 1.0 (t = 0.5), where the sparse pass runs at 0.55 - 0.6.
 pub const DENSE_SWITCH: f64 = 0.1;
-/// [`DENSE_SWITCH`] where the sparse pass screens in bf16 (about 0.4 of dense from t = 0.5
-/// on Fashion-MNIST): estimate 0.06 ran at about that (t = 0.65).
-pub const DENSE_SWITCH_BF16: f64 = 0.06;
+/// [`DENSE_SWITCH`] where the sparse pass screens in bf16 (0.27 - 0.3 of dense from
+/// t = 0.6 on Fashion-MNIST, B = 256). The estimate runs low at late t (the screening's
+/// scattered work is slower than its count of multiply-adds): 0.043 ran at 0.37 of dense
+/// (t = 0.68), 0.035 at 0.31 (0.7), 0.013 at 0.19 (0.8).
+pub const DENSE_SWITCH_BF16: f64 = 0.03;
+/// Largest estimated kept share (`sparse::kept_share`) at which the bounds' probe is
+/// run: above it the weights that count are too spread for the per-sample bounds to pay
+/// (on Fashion-MNIST the probe first chooses the bounds at t = 0.68, where the share is
+/// 2e-5; at a share of 1e-3, t = 0.52, it estimates them at 2.5 times the switch), and the
+/// probe's 10 - 15 ms (at B = 256) would be spent for nothing.
+pub const PROBE_MAX_SHARE: f64 = 1e-3;
 /// Cost of one multiply-add of the exact pass over the survivors (gathered rows, small
 /// GEMMs, the group's union) relative to one of the dense pass.
 const EXACT_PENALTY: f64 = 2.0;
@@ -641,19 +649,31 @@ pub fn partial(
     // Fallback test first, on a few spread-out queries: when their per-sample bounds leave
     // more than DENSE_SWITCH of their pairs, the sparse pass is cheaper (and little was spent).
     let probe: Vec<usize> = (0..n_q).step_by((n_q / PROBE_QUERIES).max(1)).collect();
-    let probed: Vec<(QueryBound, Vec<bool>)> = probe.par_iter().map(|&q| bound(q)).collect();
-    let mut probe_masks = vec![0u64; probe.len() * tiles.len()];
-    let mut probe_cert = vec![0.0f64; probe.len()];
-    let probe_count = screen(
-        index,
-        px,
-        &probed.iter().map(|p| &p.0).collect::<Vec<_>>(),
-        &probed.iter().map(|p| &p.1[..]).collect::<Vec<_>>(),
-        &probe,
-        tile_range.clone(),
-        &mut probe_masks,
-        &mut probe_cert,
-    );
+    // Bounds and screening query by query, on every thread.
+    let (probed, counts): (Vec<(QueryBound, Vec<bool>)>, Vec<ScreenCount>) = probe
+        .par_iter()
+        .map(|&q| {
+            let (b, need) = bound(q);
+            let mut masks = vec![0u64; tiles.len()];
+            let count = screen(
+                index,
+                px,
+                &[&b],
+                &[&need[..]],
+                &[q],
+                tile_range.clone(),
+                &mut masks,
+                &mut [0.0],
+            );
+            ((b, need), count)
+        })
+        .unzip();
+    let probe_count = counts
+        .iter()
+        .fold(ScreenCount::default(), |a, c| ScreenCount {
+            survivors: a.survivors + c.survivors,
+            work: a.work + c.work,
+        });
     // Cost model in multiply-adds: the screening's own, plus two products of length D per
     // survivor at EXACT_PENALTY times the dense pass's cost per multiply-add (gathered
     // small GEMMs run slower than the dense pass's large ones).
