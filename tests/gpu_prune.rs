@@ -34,20 +34,6 @@ fn gpu_oracle(ds: &Dataset, path: Path, exact_dense: bool) -> Oracle<'_> {
     .unwrap_or_else(|e| panic!("no usable GPU adapter ({e})"))
 }
 
-/// Clustered data: 12 tight, well separated clusters (labels = cluster) of 200 rows, so
-/// that a class is enough rows to prune.
-fn clustered() -> Dataset {
-    let (v, l) = dataset::synthetic::mixture_with(2400, 96, 12, 5, 3.0, 0.3);
-    Dataset::from_raw(
-        "mixture",
-        dataset::SampleShape::array(vec![96]),
-        dataset::RawRows::F32(&v),
-        Some(l),
-        Dtype::F32,
-    )
-    .unwrap()
-}
-
 const TIMES: [f32; 4] = [0.3, 0.6, 0.9, 0.99];
 
 /// Pruned gpu vs dense gpu vs f64 over `TIMES`, both paths' first, classes, odd batches;
@@ -143,7 +129,7 @@ fn pruned_gpu_equals_dense_gpu_and_reference_clustered() {
     if common::skip_gpu() {
         return;
     }
-    let ds = clustered();
+    let ds = common::clustered_dataset(2400, Dtype::F32);
     let n = compare(
         "clustered",
         &ds,
@@ -181,7 +167,7 @@ fn certificate_bounds_the_true_skipped_mass() {
     }
     let mut checked = 0;
     for (name, ds) in [
-        ("clustered", clustered()),
+        ("clustered", common::clustered_dataset(2400, Dtype::F32)),
         (
             "embedded",
             dataset::load("embedded@1500", Dtype::F32).unwrap(),
@@ -244,7 +230,7 @@ fn partial_state_carries_the_skip_counts() {
     if common::skip_gpu() {
         return;
     }
-    let ds = clustered();
+    let ds = common::clustered_dataset(2400, Dtype::F32);
     let mut backend = GpuBackend::with_options(&ds, GpuOptions::default()).unwrap();
     let path = Path::RectifiedFlow;
     let x = path_queries(&ds, path, 0.95, 5, 3);
@@ -284,7 +270,7 @@ fn unstructured_data_and_early_t_run_dense() {
         return;
     }
     // Clustered data at t = 0 (alpha = 0: all logits equal) and at an early t.
-    let ds = clustered();
+    let ds = common::clustered_dataset(2400, Dtype::F32);
     let mut backend = GpuBackend::with_options(&ds, GpuOptions::default()).unwrap();
     let path = Path::RectifiedFlow;
     for t in [0.0f32, 0.05] {

@@ -25,24 +25,11 @@ fn cpu(ds: &Dataset, path: Path, prune: bool) -> Oracle<'_> {
     .unwrap()
 }
 
-/// Clustered data: 12 tight, well separated clusters (labels = cluster).
-fn clustered() -> Dataset {
-    let (v, l) = dataset::synthetic::mixture_with(1200, 96, 12, 5, 3.0, 0.3);
-    Dataset::from_raw(
-        "mixture",
-        dataset::SampleShape::array(vec![96]),
-        dataset::RawRows::F32(&v),
-        Some(l),
-        Dtype::F32,
-    )
-    .unwrap()
-}
-
 fn datasets() -> Vec<(&'static str, Dataset)> {
     vec![
         // D > the projection's 64 dimensions, so the residual bounds are exercised.
         ("random", common::gaussian_dataset(900, 100, 3, Dtype::F32)),
-        ("clustered", clustered()),
+        ("clustered", common::clustered_dataset(1200, Dtype::F32)),
         (
             "fashion-mnist",
             dataset::load("embedded@1500", Dtype::F32).unwrap(),
@@ -263,7 +250,7 @@ fn sparse_pass_equals_dense_and_reference() {
     let (mut sparse_calls, mut bf16_calls) = (0, 0);
     let real = |dtype| dataset::load("embedded@1500", dtype).unwrap();
     for (name, ds) in [
-        ("clustered", clustered()),
+        ("clustered", common::clustered_dataset(1200, Dtype::F32)),
         ("fashion-mnist", real(Dtype::F32)),
         ("fashion-mnist f16", real(Dtype::F16)),
     ] {

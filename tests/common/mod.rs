@@ -35,6 +35,20 @@ pub fn gaussian_dataset(n: usize, d: usize, seed: u64, dtype: Dtype) -> Dataset 
     .unwrap()
 }
 
+/// Clustered data: `n` rows of D = 96 in 12 tight, well separated clusters (labels =
+/// cluster), the case the pruning bounds are for.
+pub fn clustered_dataset(n: usize, dtype: Dtype) -> Dataset {
+    let (v, l) = oracleflow::dataset::synthetic::mixture_with(n, 96, 12, 5, 3.0, 0.3);
+    Dataset::from_raw(
+        "mixture",
+        SampleShape::array(vec![96]),
+        RawRows::F32(&v),
+        Some(l),
+        dtype,
+    )
+    .unwrap()
+}
+
 /// B queries on the path at time t: x_t = alpha y + sigma x0 for random samples y
 /// (what a sampler sees), except every fourth query is pure noise scaled by 2.
 pub fn path_queries(ds: &Dataset, path: Path, t: f32, b: usize, seed: u64) -> Vec<f32> {

@@ -54,7 +54,7 @@ use super::screen::{axpy, dot};
 use super::{bf16, profiling, PruneIndex, SAMPLE_BUDGET};
 use crate::dataset::Dataset;
 use crate::oracle::cpu::{
-    dots_with, query_groups, sgemm_with, stored_rows_f32, Gemm, GemmLib, Partial as CpuPartial,
+    dots_with, query_groups, sgemm_with, Gemm, GemmLib, Partial as CpuPartial,
 };
 use crate::oracle::partial::Partial;
 use crate::oracle::state::exp_nonpositive;
@@ -160,6 +160,7 @@ struct Incremental<'a> {
 /// the last call's best row, plus the drop threshold).
 fn carry_screen(
     ds: &Dataset,
+    index: &PruneIndex,
     batch: &CentredBatch<'_>,
     err: &[f64],
     thresholds: &[f64],
@@ -179,7 +180,8 @@ fn carry_screen(
         let add = ratio * carry.err[q] + 2.0 * err[q];
         let r = carry.best_rows[q] as usize;
         // The same value phase 1 computes for that pair (it is always a candidate there).
-        let m_lo = exact_logit(ds, x, [c_dot, c_norm], r as u32, norms[r], &mut scratch);
+        let p = index.pos[r] as usize;
+        let m_lo = exact_logit(ds, index, x, [c_dot, c_norm], p, norms[r], &mut scratch);
         coefs.push(CarryCoefs {
             ratio: ratio as f32,
             per_norm: (ratio * o_norm as f64 - c_norm as f64) as f32,
@@ -409,7 +411,7 @@ pub fn partial(
 
     let n_chunks = n_rows.div_ceil(chunk);
     let previous = carry.take().filter(|_| screen == Screen::Carried).map(|c| {
-        let coefs = carry_screen(ds, batch, err, &thresholds, &c);
+        let coefs = carry_screen(ds, index, batch, err, &thresholds, &c);
         (c, coefs)
     });
     let bf16_screen = (screen == Screen::Bf16)
@@ -621,15 +623,6 @@ pub fn kept_share(ds: &Dataset, batch: &CentredBatch<'_>) -> f64 {
     shares.iter().sum::<f64>() / shares.len() as f64
 }
 
-/// The stored rows at `positions` of the tile order, as f32 rows into `out`.
-fn gather(ds: &Dataset, index: &PruneIndex, positions: Range<usize>, out: &mut Vec<f32>) {
-    let dim = ds.dim();
-    out.resize(positions.len() * dim, 0.0);
-    for (p, o) in positions.zip(out.chunks_exact_mut(dim)) {
-        ds.stored_row(index.perm[p] as usize, o);
-    }
-}
-
 /// Phase 1 for queries `qs` over the positions `block`: the logits, tile by tile. With
 /// `screen`, the tile's bf16 dot products first; a pair is then computed in f32 only where
 /// its upper bound reaches the drop cut under the running lower bound on the maximum.
@@ -669,14 +662,14 @@ fn block_logits(
                 let k = inc.coefs[q];
                 let xq = &x[q * dim..(q + 1) * dim];
                 let b = &mut best[q];
-                for ((v, &o), &r) in row.iter_mut().zip(old).zip(rows) {
+                for (j, ((v, &o), &r)) in row.iter_mut().zip(old).zip(rows).enumerate() {
                     let n = norms[r as usize];
                     let hi = k.ratio * o + k.per_norm * n + k.per_y * n.sqrt() + k.add;
                     if hi < k.cut {
                         *v = hi;
                         continue;
                     }
-                    *v = exact_logit(ds, xq, [c_dot, c_norm], r, n, &mut one);
+                    *v = exact_logit(ds, index, xq, [c_dot, c_norm], t0 + j, n, &mut one);
                     exact += 1;
                     raise(b, (*v, r));
                 }
@@ -684,8 +677,7 @@ fn block_logits(
             continue;
         }
         let Some(scr) = &screen else {
-            gather(ds, index, tile.clone(), &mut y);
-            dots_with(lib, x, &y, dim, out);
+            dots_with(lib, x, index.rows_at(ds, tile.clone(), &mut y), dim, out);
             for (q, row) in out.chunks_exact_mut(nt).enumerate() {
                 let [c_dot, c_norm] = batch.logit_coefs[qs.start + q];
                 let b = &mut best[q];
@@ -726,7 +718,7 @@ fn block_logits(
             let b = &mut best[q];
             for (j, v) in row.iter_mut().enumerate() {
                 if *v >= cut {
-                    *v = exact_logit(ds, xq, [c_dot, c_norm], rows[j], nsq[j], &mut one);
+                    *v = exact_logit(ds, index, xq, [c_dot, c_norm], t0 + j, nsq[j], &mut one);
                     exact += 1;
                     raise(b, (*v, rows[j]));
                 }
@@ -744,19 +736,19 @@ fn raise(best: &mut (f32, u32), cand: (f32, u32)) {
     }
 }
 
-/// The f32 logit of query `xq` (coefficients `c_dot`, `c_norm`) with stored row `r`
-/// (squared norm `norm`) by one dot product: a screened pass's value for a pair its bound
+/// The f32 logit of query `xq` (coefficients `c_dot`, `c_norm`) with the row at position
+/// `p` of the tile order (squared norm `norm`) by one dot product: a screened pass's value for a pair its bound
 /// could not rule out.
 fn exact_logit(
     ds: &Dataset,
+    index: &PruneIndex,
     xq: &[f32],
     [c_dot, c_norm]: [f32; 2],
-    r: u32,
+    p: usize,
     norm: f32,
     scratch: &mut Vec<f32>,
 ) -> f32 {
-    let y = stored_rows_f32(ds, r as usize..r as usize + 1, scratch);
-    c_dot * dot(xq, y) - c_norm * norm
+    c_dot * dot(xq, index.rows_at(ds, p..p + 1, scratch)) - c_norm * norm
 }
 
 /// Phase 2 for queries `qs` (with their chunk maxima `best` and drop thresholds) over the
@@ -794,6 +786,7 @@ fn block_sums(
     let (mut pbuf, mut ycols, mut one) = (Vec::new(), Vec::new(), vec![0.0f32; dim]);
     let mut cols: Vec<usize> = Vec::with_capacity(TILE);
     let mut tile_norms = [0.0f32; TILE];
+    let tiled = index.tiled_rows(ds);
     let (mut kq, mut tmp) = (vec![0usize; n_q], Vec::new());
     for (t0, w) in block.clone().step_by(TILE).zip(s.chunks_mut(n_q * TILE)) {
         let tile = t0..(t0 + TILE).min(block.end);
@@ -859,10 +852,11 @@ fn block_sums(
             cols.extend((0..nt).filter(|&j| union[j]));
             let nc = cols.len();
             if (g.len() * nc) as f64 <= AXPY_COST * k_g as f64 {
-                if !y_ready {
-                    gather(ds, index, tile.clone(), &mut y);
+                if tiled.is_none() && !y_ready {
+                    index.rows_at(ds, tile.clone(), &mut y);
                     y_ready = true;
                 }
+                let y = tiled.map_or(&y[..], |rows| &rows[t0 * dim..(t0 + nt) * dim]);
                 // The subgroup's weights of the union's columns (0 for the queries with
                 // none kept, whose rows still hold logits).
                 pbuf.clear();
@@ -871,7 +865,7 @@ fn block_sums(
                     pbuf.extend(cols.iter().map(|&j| if kq[q] > 0 { row[j] } else { 0.0 }));
                 }
                 let yc: &[f32] = if nc == nt {
-                    &y
+                    y
                 } else {
                     ycols.clear();
                     for &j in &cols {
@@ -898,16 +892,15 @@ fn block_sums(
                 }
                 out.pairs[0] += (g.len() * nc) as u64;
             } else {
-                // One axpy per kept weight, each row read where it is stored, into a sum
-                // for the tile that is then added (as the GEMM's is).
+                // One axpy per kept weight, each row read on its own, into a sum for the
+                // tile that is then added (as the GEMM's is).
                 for &q in g.iter().filter(|&&q| kq[q] > 0) {
                     tmp.clear();
                     tmp.resize(dim, 0.0);
                     let acc = &mut tmp[..];
-                    for (&e, &r) in w[q * nt..(q + 1) * nt].iter().zip(rows) {
+                    for (j, &e) in w[q * nt..(q + 1) * nt].iter().enumerate() {
                         if e != 0.0 {
-                            let r = r as usize;
-                            axpy(e, stored_rows_f32(ds, r..r + 1, &mut one), acc);
+                            axpy(e, index.rows_at(ds, t0 + j..t0 + j + 1, &mut one), acc);
                         }
                     }
                     let sum = &mut out.part.acc[q * dim..(q + 1) * dim];
