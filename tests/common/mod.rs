@@ -121,6 +121,66 @@ pub fn left_out_mass(
         .sum()
 }
 
+/// Per query of `batch`, how far (relative) the posterior mean moves when each logit
+/// carries the rounding of its f32 evaluation and nothing else: sum_i w_i e_i
+/// |y_i - mean| / |mean|, with e_i = 2^-24 (|c_dot x.y_i| + c_norm |y_i|^2) (half an ulp of
+/// each term, twice) and w the f64 weights. Any two f32 evaluations of the logits (another
+/// summation order, a dot product instead of a GEMM) differ by about this much where the
+/// posterior is split between distant samples with large logits; the dense pass's own
+/// error may be far smaller there by luck.
+pub fn logit_rounding_effect(ds: &Dataset, batch: &oracleflow::oracle::CentredBatch) -> Vec<f64> {
+    let d = ds.dim();
+    let mut row = vec![0.0f32; d];
+    let ys: Vec<Vec<f64>> = batch
+        .rows
+        .clone()
+        .map(|r| {
+            ds.stored_row(r, &mut row);
+            row.iter().map(|&v| v as f64).collect()
+        })
+        .collect();
+    let u = f64::powi(2.0, -24);
+    (0..batch.logit_coefs.len())
+        .map(|q| {
+            let x = &batch.x[q * d..(q + 1) * d];
+            let [c_dot, c_norm] = batch.logit_coefs[q].map(|c| c as f64);
+            let terms: Vec<(f64, f64)> = ys
+                .iter()
+                .map(|y| {
+                    let dot: f64 = x.iter().zip(y).map(|(&a, b)| a as f64 * b).sum();
+                    let sq: f64 = y.iter().map(|b| b * b).sum();
+                    (
+                        c_dot * dot - c_norm * sq,
+                        u * ((c_dot * dot).abs() + c_norm.abs() * sq),
+                    )
+                })
+                .collect();
+            let m = terms.iter().fold(f64::NEG_INFINITY, |a, t| a.max(t.0));
+            let w: Vec<f64> = terms.iter().map(|t| (t.0 - m).exp()).collect();
+            let z: f64 = w.iter().sum();
+            let mut mean = vec![0.0f64; d];
+            for (wi, y) in w.iter().zip(&ys) {
+                mean.iter_mut().zip(y).for_each(|(a, b)| *a += wi / z * b);
+            }
+            let norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-300);
+            let moved: f64 = w
+                .iter()
+                .zip(&terms)
+                .zip(&ys)
+                .map(|((wi, t), y)| {
+                    let dist = y
+                        .iter()
+                        .zip(&mean)
+                        .map(|(a, b)| (a - b).powi(2))
+                        .sum::<f64>();
+                    wi / z * t.1 * dist.sqrt()
+                })
+                .sum();
+            moved / norm
+        })
+        .collect()
+}
+
 /// ||a - b|| / ||b||, with b the f64 truth.
 pub fn rel_err(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
