@@ -109,6 +109,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use rayon::prelude::*;
 
+mod accumulate;
 mod basis;
 pub mod bf16;
 mod screen;

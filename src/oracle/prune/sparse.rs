@@ -13,18 +13,21 @@
 //! or above the cut m + ln(`SAMPLE_BUDGET` / n) - 2 err (n the rows of the range, err the
 //! f32 rounding bound of a logit, as in the pruned pass) and finds the largest below it;
 //! only those at or above get a weight exp(s - m), which enters the normaliser, the
-//! entropy and ESS sums, sum e |y|^2 (all four summed in f64: a running f32 sum over that
-//! many weights would round far more than the dense pass's per-tile sums) and the weighted
-//! sum. The others are dropped like samples skipped by bound, and (their count) x
+//! entropy and ESS sums, sum e |y|^2 (per tile in f32 lanes, then in f64: a running f32
+//! sum over that many weights would round far more than the dense pass's per-tile sums)
+//! and the weighted sum. The others are dropped like samples skipped by bound, and (their count) x
 //! exp(largest below - m + 2 err) is added to the certificate.
 //!
-//! **Accumulation.** The queries are ordered by the tile-order position of their maximum
-//! and cut into subgroups of `SUBGROUP`: neighbours keep nearly the same columns. Per
-//! (subgroup, tile), one GEMM over the subgroup's union of kept columns, or one axpy per
-//! kept weight, whichever costs less with an axpy's multiply-add at `AXPY_COST` GEMM
-//! ones (measured: the small GEMMs of sparse unions run well below the dense pass's rate,
-//! the axpy streams its row from cache for each weight). On Fashion-MNIST at t = 0.3 the
-//! subgroups' unions hold 45% of the pairs where the whole batch's held 91%.
+//! **Accumulation.** Per tile and query, one branch-free pass turns the logits into
+//! weights (0 below the cut) and sums them in f32 lanes, as the dense pass does per tile;
+//! those sums are added in f64 across tiles. The queries are ordered by the tile-order
+//! position of their maximum and cut into blocks of `accumulate::QUERY_BLOCK` (8):
+//! neighbours keep nearly the same columns. Per (block, tile), the register-blocked kernel
+//! of [`super::accumulate`] over the block's union of kept columns (rows read in place
+//! from the index's tile-ordered copy), or one axpy per kept weight, whichever costs less
+//! with an axpy's multiply-add at `AXPY_COST` kernel ones. On Fashion-MNIST at t = 0.3
+//! the blocks' unions hold 36% of the pairs for 24% kept (32-query subgroups: 45%; the
+//! whole batch: 91%).
 //!
 //! **Why dropping cannot change an f32 result.** With m the chunk's maximum, the chunk's
 //! normaliser is at least 1 in units of exp(m) and later chunks only raise the maximum, so
@@ -50,6 +53,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::accumulate::{accumulate, QUERY_BLOCK};
 use super::screen::{axpy, dot};
 use super::{bf16, profiling, PruneIndex, SAMPLE_BUDGET};
 use crate::dataset::{Dataset, Values};
@@ -62,8 +66,6 @@ use crate::oracle::{CentredBatch, SoftmaxState};
 
 /// Rows per logits GEMM: four leaf tiles, S (B x 256) and the tile (256 x D) cache-sized.
 const TILE: usize = 256;
-/// Queries per accumulation subgroup (see [`block_sums`]).
-const SUBGROUP: usize = 32;
 /// Bound on the memory of one chunk's logits, unless ORACLEFLOW_PRUNE_CHUNK_KIB sets it.
 const LOGIT_BYTES: usize = 256 << 20;
 
@@ -75,8 +77,9 @@ fn logit_bytes() -> usize {
         .and_then(|v| v.parse::<usize>().ok())
         .map_or(LOGIT_BYTES, |k| k.max(1) << 10)
 }
-/// Cost of one axpy multiply-add against one of a subgroup's accumulation GEMM
-/// (calibrated at t = 0.3 - 0.45 on Fashion-MNIST, see the module docs).
+/// Cost of one axpy multiply-add against one of the block kernel's (the axpy streams its
+/// row for one weight; calibrated at t = 0.3 - 0.45 on Fashion-MNIST against the GEMM the
+/// kernel replaced, which ran at about the kernel's rate).
 const AXPY_COST: f64 = 4.0;
 
 /// Queries and rows of [`kept_share`]'s sample.
@@ -255,7 +258,7 @@ struct BlockSums {
     /// per query: weights accumulated
     kept: Vec<u64>,
     kept_rows: Vec<Vec<u32>>,
-    /// (query, row) pairs accumulated by GEMM and by axpy
+    /// (query, row) pairs accumulated by the block kernel and by axpy
     pairs: [u64; 2],
 }
 
@@ -502,7 +505,6 @@ pub fn partial(
                     },
                     &blocks[b],
                     &mut l.s,
-                    lib,
                     record,
                 )
             })
@@ -551,7 +553,7 @@ pub fn partial(
     if profiling() {
         let all = (n_q * n_rows) as f64;
         eprintln!(
-            "prune: sparse pass {:.3}s (logits {:.3}s{}): accumulated {:.4} of pairs ({:.4} by GEMM, {:.4} by axpy)",
+            "prune: sparse pass {:.3}s (logits {:.3}s{}): accumulated {:.4} of pairs ({:.4} by the block kernel, {:.4} by axpy)",
             clock.elapsed().as_secs_f64(),
             t_logits,
             if previous.is_some() {
@@ -786,7 +788,6 @@ fn block_sums(
     group: GroupQueries<'_>,
     block: &Range<usize>,
     s: &mut [f32],
-    lib: GemmLib,
     record: bool,
 ) -> BlockSums {
     let GroupQueries {
@@ -798,8 +799,9 @@ fn block_sums(
     let dim = ds.dim();
     let n_q = qs.len();
     let norms = ds.sq_norms();
-    // Sums over up to n kept weights: in f64 (a running f32 sum of that many terms would
-    // carry rounding far above the dense pass's, whose sums are per tile of rows).
+    // Sums over up to n kept weights: per tile and query in f32 lanes (as the dense pass's
+    // per-tile sums), then in f64 (a running f32 sum of that many terms would carry
+    // rounding far above the dense pass's).
     let mut sums = vec![[0.0f64; 4]; n_q];
     let mut out = BlockSums {
         part: CpuPartial::empty(n_q, dim),
@@ -809,7 +811,7 @@ fn block_sums(
         pairs: [0; 2],
     };
     let mut y = Vec::new();
-    let (mut pbuf, mut ycols, mut one) = (Vec::new(), Vec::new(), vec![0.0f32; dim]);
+    let mut one = vec![0.0f32; dim];
     let mut cols: Vec<usize> = Vec::with_capacity(TILE);
     let mut tile_norms = [0.0f32; TILE];
     let tiled = index.tiled_rows(ds);
@@ -835,23 +837,13 @@ fn block_sums(
                 continue;
             }
             kq[q] = kept;
-            let acc = &mut sums[q];
-            for (j, v) in row.iter_mut().enumerate() {
-                if *v >= cut {
-                    let d = *v - m;
-                    let e = exp_nonpositive(d);
-                    let e64 = e as f64;
-                    acc[0] += e64;
-                    acc[1] += e64 * d as f64;
-                    acc[2] += e64 * e64;
-                    acc[3] += e64 * tile_norms[j] as f64;
-                    *v = e;
-                    if record {
-                        out.kept_rows[q].push(rows[j]);
-                    }
-                } else {
-                    *v = 0.0;
-                }
+            if record {
+                let kept_here = row.iter().zip(rows).filter(|(v, _)| **v >= cut);
+                out.kept_rows[q].extend(kept_here.map(|(_, &r)| r));
+            }
+            let tile_sums = weigh_kept(row, m, cut, &tile_norms[..nt]);
+            for (a, v) in sums[q].iter_mut().zip(tile_sums) {
+                *a += v as f64;
             }
             out.kept[q] += kept as u64;
             n_pairs += kept as u64;
@@ -859,11 +851,11 @@ fn block_sums(
         if n_pairs == 0 {
             continue;
         }
-        // Subgroups of queries whose maxima lie close in the tile order keep close weights:
-        // per subgroup, one GEMM over its union of kept columns where that union is dense
+        // Blocks of queries whose maxima lie close in the tile order keep close weights:
+        // per block, the kernel over its union of kept columns where that union is dense
         // for it, else one axpy per kept weight.
         let mut y_ready = false;
-        for g in order.chunks(SUBGROUP) {
+        for g in order.chunks(QUERY_BLOCK) {
             let k_g: usize = g.iter().map(|&q| kq[q]).sum();
             if k_g == 0 {
                 continue;
@@ -883,43 +875,13 @@ fn block_sums(
                     y_ready = true;
                 }
                 let y = tiled.map_or(&y[..], |rows| &rows[t0 * dim..(t0 + nt) * dim]);
-                // The subgroup's weights of the union's columns (0 for the queries with
-                // none kept, whose rows still hold logits).
-                pbuf.clear();
-                for &q in g {
-                    let row = &w[q * nt..(q + 1) * nt];
-                    pbuf.extend(cols.iter().map(|&j| if kq[q] > 0 { row[j] } else { 0.0 }));
-                }
-                let yc: &[f32] = if nc == nt {
-                    y
-                } else {
-                    ycols.clear();
-                    for &j in &cols {
-                        ycols.extend_from_slice(&y[j * dim..(j + 1) * dim]);
-                    }
-                    &ycols
-                };
-                tmp.resize(g.len() * dim, 0.0);
-                sgemm_with(
-                    lib,
-                    Gemm {
-                        m: g.len(),
-                        n: dim,
-                        k: nc,
-                    },
-                    &mut tmp,
-                    false,
-                    (&pbuf, nc, 1),
-                    (yc, dim, 1),
-                );
-                for (&q, t) in g.iter().zip(tmp.chunks_exact(dim)) {
-                    let acc = &mut out.part.acc[q * dim..(q + 1) * dim];
-                    acc.iter_mut().zip(t).for_each(|(a, v)| *a += v);
-                }
-                out.pairs[0] += (g.len() * nc) as u64;
+                // The queries with none kept still hold logits in their rows: left out.
+                let block: Vec<usize> = g.iter().copied().filter(|&q| kq[q] > 0).collect();
+                accumulate(w, nt, y, dim, &block, &cols, &mut out.part.acc);
+                out.pairs[0] += (block.len() * nc) as u64;
             } else {
                 // One axpy per kept weight, each row read on its own, into a sum for the
-                // tile that is then added (as the GEMM's is).
+                // tile that is then added (as the kernel's is).
                 for &q in g.iter().filter(|&&q| kq[q] > 0) {
                     tmp.clear();
                     tmp.resize(dim, 0.0);
@@ -949,6 +911,37 @@ fn block_sums(
         };
     }
     out
+}
+
+/// One (tile, query) row of logits `s` (maximum `m`) turned into weights in place: exp(s -
+/// m) where s reaches `cut`, else 0; returns the row's sums of e, e (s - m), e^2 and
+/// e |y|^2 (`norms` the rows' |y|^2). Branch-free in independent lanes, so that it
+/// vectorizes (as the dense pass's `weigh`).
+fn weigh_kept(s: &mut [f32], m: f32, cut: f32, norms: &[f32]) -> [f32; 4] {
+    const LANES: usize = 8;
+    let mut lanes = [[0.0f32; LANES]; 4];
+    let mut absorb = |l: usize, v: &mut f32, n: f32| {
+        let keep = *v >= cut;
+        let d = if keep { *v - m } else { 0.0 };
+        let e = if keep { exp_nonpositive(d) } else { 0.0 };
+        lanes[0][l] += e;
+        lanes[1][l] += e * d;
+        lanes[2][l] += e * e;
+        lanes[3][l] += e * n;
+        *v = e;
+    };
+    let mut chunks = s.chunks_exact_mut(LANES);
+    let mut nchunks = norms.chunks_exact(LANES);
+    for (c, nc) in (&mut chunks).zip(&mut nchunks) {
+        for (l, (v, &n)) in c.iter_mut().zip(nc).enumerate() {
+            absorb(l, v, n);
+        }
+    }
+    let rest = nchunks.remainder();
+    for (l, (v, &n)) in chunks.into_remainder().iter_mut().zip(rest).enumerate() {
+        absorb(l, v, n);
+    }
+    lanes.map(|l| l.iter().sum::<f32>())
 }
 
 /// How many of `s` reach `cut`, and the largest of the others (-inf if none): one pass in
