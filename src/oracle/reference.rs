@@ -126,20 +126,22 @@ pub struct PosteriorF64 {
     pub ess: f64,
 }
 
+/// The stored rows `rows` (f32, as the backends see them) in f64.
+pub fn stored_rows_f64(ds: &Dataset, rows: std::ops::Range<usize>) -> Vec<Vec<f64>> {
+    let mut row = vec![0.0f32; ds.dim()];
+    rows.map(|r| {
+        ds.stored_row(r, &mut row);
+        row.iter().map(|&v| v as f64).collect()
+    })
+    .collect()
+}
+
 /// The problem a fast backend solves ([`crate::oracle::Backend::posterior`]), from its
 /// definition in f64: logits `c_dot x.y - c_norm |y|^2` over the stored rows of the range,
 /// softmax, weighted mean. The ground truth of the backend-level tests.
 pub fn posterior_f64(ds: &Dataset, batch: &CentredBatch<'_>) -> Vec<PosteriorF64> {
     let d = ds.dim();
-    let mut row = vec![0.0f32; d];
-    let ys: Vec<Vec<f64>> = batch
-        .rows
-        .clone()
-        .map(|r| {
-            ds.stored_row(r, &mut row);
-            row.iter().map(|&v| v as f64).collect()
-        })
-        .collect();
+    let ys = stored_rows_f64(ds, batch.rows.clone());
     batch
         .logit_coefs
         .iter()

@@ -130,15 +130,7 @@ pub fn left_out_mass(
 /// error may be far smaller there by luck.
 pub fn logit_rounding_effect(ds: &Dataset, batch: &oracleflow::oracle::CentredBatch) -> Vec<f64> {
     let d = ds.dim();
-    let mut row = vec![0.0f32; d];
-    let ys: Vec<Vec<f64>> = batch
-        .rows
-        .clone()
-        .map(|r| {
-            ds.stored_row(r, &mut row);
-            row.iter().map(|&v| v as f64).collect()
-        })
-        .collect();
+    let ys = oracleflow::oracle::reference::stored_rows_f64(ds, batch.rows.clone());
     let u = f64::powi(2.0, -24);
     (0..batch.logit_coefs.len())
         .map(|q| {

@@ -56,6 +56,14 @@ fn pack(w: &[f32], nt: usize, qs: &[usize], cols: &[usize]) -> Vec<f32> {
     wt
 }
 
+/// What the vector kernels' unchecked loads and stores rely on: every column's weights,
+/// every column's row and every query's sum lie inside their slices.
+fn check_bounds(wt: &[f32], rows: &[f32], dim: usize, qs: &[usize], cols: &[usize], acc: &[f32]) {
+    assert!(wt.len() >= cols.len() * QUERY_BLOCK);
+    assert!(cols.iter().all(|&j| (j + 1) * dim <= rows.len()));
+    assert!(qs.iter().all(|&q| (q + 1) * dim <= acc.len()));
+}
+
 /// The kernel with AVX-512: per 32 coordinates, the block's sums in 16 zmm registers
 /// while every column's row streams through (two loads, 16 FMAs); the last coordinates
 /// by [`accumulate_tail`].
@@ -71,15 +79,13 @@ unsafe fn accumulate_avx512(
 ) {
     use std::arch::x86_64::*;
     const L: usize = 32;
-    assert!(wt.len() >= cols.len() * QUERY_BLOCK);
-    assert!(cols.iter().all(|&j| (j + 1) * dim <= rows.len()));
-    assert!(qs.iter().all(|&q| (q + 1) * dim <= acc.len()));
+    check_bounds(wt, rows, dim, qs, cols, acc);
     let mut d0 = 0;
     while d0 + L <= dim {
         let mut s = [_mm512_setzero_ps(); 2 * QUERY_BLOCK];
         for (c, &j) in cols.iter().enumerate() {
-            // SAFETY: row j's coordinates d0..d0 + 32 lie inside `rows` (asserted above),
-            // the column's QUERY_BLOCK weights inside `wt`.
+            // SAFETY: row j's coordinates d0..d0 + 32 lie inside `rows`, the column's
+            // QUERY_BLOCK weights inside `wt` (`check_bounds`).
             unsafe {
                 let y = rows.as_ptr().add(j * dim + d0);
                 let (y0, y1) = (_mm512_loadu_ps(y), _mm512_loadu_ps(y.add(16)));
@@ -92,7 +98,7 @@ unsafe fn accumulate_avx512(
             }
         }
         for (i, &q) in qs.iter().enumerate() {
-            // SAFETY: query q's coordinates d0..d0 + 32 lie inside `acc` (asserted above).
+            // SAFETY: query q's coordinates d0..d0 + 32 lie inside `acc` (`check_bounds`).
             unsafe {
                 let a = acc.as_mut_ptr().add(q * dim + d0);
                 _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), s[2 * i]));
@@ -119,9 +125,7 @@ unsafe fn accumulate_avx2(
 ) {
     use std::arch::x86_64::*;
     const L: usize = 8;
-    assert!(wt.len() >= cols.len() * QUERY_BLOCK);
-    assert!(cols.iter().all(|&j| (j + 1) * dim <= rows.len()));
-    assert!(qs.iter().all(|&q| (q + 1) * dim <= acc.len()));
+    check_bounds(wt, rows, dim, qs, cols, acc);
     let mut d0 = 0;
     while d0 + L <= dim {
         let mut s = [_mm256_setzero_ps(); QUERY_BLOCK];
