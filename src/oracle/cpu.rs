@@ -202,25 +202,28 @@ impl Backend for CpuBackend<'_> {
                 self.gemm_plan(),
             );
         }
-        if self.options.prune && batch.rows.len() >= prune::MIN_PRUNE_ROWS {
+        // Data known to have no structure for the bounds (no index) skips the estimate.
+        let unstructured = matches!(self.index, Some(None));
+        if self.options.prune && batch.rows.len() >= prune::MIN_PRUNE_ROWS && !unstructured {
+            // Early in a trajectory the weights are spread over most samples: neither the
+            // bounds nor the sparse pass can save anything, and the plain pass runs having
+            // spent only the estimate; the index is built at the first call that can use
+            // it (a single early evaluation never pays for it).
+            let share = prune::sparse::kept_share(self.dataset, batch);
+            if prune::profiling() {
+                eprintln!("prune: est. kept share {share:.5}");
+            }
+            if share > prune::sparse::SPARSE_MAX_SHARE {
+                return Ok(dense_pass(
+                    self.dataset,
+                    batch,
+                    self.threads,
+                    self.gemm_plan(),
+                ));
+            }
             self.prepare();
             let lib = self.gemm_plan().lib;
             if let Some(Some(index)) = &self.index {
-                // Early in a trajectory the weights are spread over most samples: neither
-                // the bounds nor the sparse pass can save anything, and the plain pass runs
-                // having spent only the estimate.
-                let share = prune::sparse::kept_share(self.dataset, batch);
-                if prune::profiling() {
-                    eprintln!("prune: est. kept share {share:.5}");
-                }
-                if share > prune::sparse::SPARSE_MAX_SHARE {
-                    return Ok(dense_pass(
-                        self.dataset,
-                        batch,
-                        self.threads,
-                        self.gemm_plan(),
-                    ));
-                }
                 use prune::sparse::Screen;
                 // Rows that are no union of the index's tiles (a shard's) run dense.
                 if let Some(setup) = prune::sparse::Setup::new(index, batch) {
