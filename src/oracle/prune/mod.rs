@@ -153,11 +153,12 @@ pub const DENSE_SWITCH: f64 = 0.1;
 /// scattered work is slower than its count of multiply-adds): 0.043 ran at 0.37 of dense
 /// (t = 0.68), 0.035 at 0.31 (0.7), 0.013 at 0.19 (0.8).
 pub const DENSE_SWITCH_BF16: f64 = 0.03;
-/// Largest estimated kept share (`sparse::kept_share`) at which the bounds' probe is
-/// run: above it the weights that count are too spread for the per-sample bounds to pay
-/// (on Fashion-MNIST the probe first chooses the bounds at t = 0.68, where the share is
-/// 2e-5; at a share of 1e-3, t = 0.52, it estimates them at 2.5 times the switch), and the
-/// probe's 10 - 15 ms (at B = 256) would be spent for nothing.
+/// Largest estimated kept share (`sparse::kept_share`, which errs high) at which the
+/// bounds' probe is run: above it the weights that count are too spread for the
+/// per-sample bounds to pay, and the probe's 10 - 15 ms (at B = 256) would be spent for
+/// nothing. On Fashion-MNIST the probe first chooses the bounds at t = 0.68, where the
+/// estimate is 8.7e-4 (the true kept share 2e-5); the estimate is 1.5e-3 at t = 0.65 and
+/// 0.014 at t = 0.5, where the probe put the bounds at 2.7 times the switch.
 pub const PROBE_MAX_SHARE: f64 = 1e-3;
 /// Cost of one multiply-add of the exact pass over the survivors (gathered rows, small
 /// GEMMs, the group's union) relative to one of the dense pass.
