@@ -65,8 +65,8 @@ fn check_bounds(wt: &[f32], rows: &[f32], dim: usize, qs: &[usize], cols: &[usiz
 }
 
 /// The kernel with AVX-512: per 32 coordinates, the block's sums in 16 zmm registers
-/// while every column's row streams through (two loads, 16 FMAs); the last coordinates
-/// by [`accumulate_tail`].
+/// while every column's row streams through (two loads, 16 FMAs); then 16 coordinates
+/// in 8 registers where that many are left; the last few by [`accumulate_tail`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn accumulate_avx512(
@@ -107,6 +107,28 @@ unsafe fn accumulate_avx512(
             }
         }
         d0 += L;
+    }
+    if d0 + 16 <= dim {
+        // 16 coordinates left (784 = 24 x 32 + 16): one zmm of sums per query.
+        let mut s = [_mm512_setzero_ps(); QUERY_BLOCK];
+        for (c, &j) in cols.iter().enumerate() {
+            // SAFETY: as above, for 16 coordinates.
+            unsafe {
+                let y = _mm512_loadu_ps(rows.as_ptr().add(j * dim + d0));
+                let w = wt.as_ptr().add(c * QUERY_BLOCK);
+                for (i, si) in s.iter_mut().enumerate() {
+                    *si = _mm512_fmadd_ps(_mm512_set1_ps(*w.add(i)), y, *si);
+                }
+            }
+        }
+        for (i, &q) in qs.iter().enumerate() {
+            // SAFETY: as above, for 16 coordinates.
+            unsafe {
+                let a = acc.as_mut_ptr().add(q * dim + d0);
+                _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), s[i]));
+            }
+        }
+        d0 += 16;
     }
     accumulate_tail(wt, rows, dim, d0, qs, cols, acc);
 }
@@ -198,6 +220,7 @@ mod tests {
             (37, 50, 3),
             (5, 9, 8),
             (64, 1, 1),
+            (52, 30, 6),
             (100, 40, 7),
         ] {
             let n_all = nq + 2;
@@ -213,6 +236,10 @@ mod tests {
                 .collect();
             let rows: Vec<f32> = (0..nt * dim).map(|_| next() as f32).collect();
             let qs: Vec<usize> = (0..nq).map(|i| (i * 7 + 1) % n_all).collect();
+            assert!(
+                (0..nq).all(|i| !qs[..i].contains(&qs[i])),
+                "a block's queries are distinct"
+            );
             let cols: Vec<usize> = (0..nt)
                 .filter(|&j| qs.iter().any(|&q| w[q * nt + j] != 0.0))
                 .collect();
