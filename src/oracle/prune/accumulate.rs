@@ -15,6 +15,8 @@
 
 /// Queries per register block.
 pub(super) const QUERY_BLOCK: usize = 8;
+/// Columns ahead whose row segment the AVX-512 kernel prefetches.
+const PREFETCH: usize = 8;
 
 /// acc[q] += sum over the columns j of `cols` of w[q][j] rows[j], for the queries `qs`
 /// (at most `QUERY_BLOCK`). `w` holds each query's tile weights (`nt` per query, query q
@@ -84,6 +86,13 @@ unsafe fn accumulate_avx512(
     while d0 + L <= dim {
         let mut s = [_mm512_setzero_ps(); 2 * QUERY_BLOCK];
         for (c, &j) in cols.iter().enumerate() {
+            // The rows' coordinates at d0 lie 4 D bytes apart: no hardware prefetcher
+            // follows that, so the column PREFETCH ahead is fetched by hand.
+            if let Some(&ahead) = cols.get(c + PREFETCH) {
+                let p = rows.as_ptr().wrapping_add(ahead * dim + d0) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(p);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+            }
             // SAFETY: row j's coordinates d0..d0 + 32 lie inside `rows`, the column's
             // QUERY_BLOCK weights inside `wt` (`check_bounds`).
             unsafe {
