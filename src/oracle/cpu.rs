@@ -60,9 +60,12 @@ pub struct CpuBackend<'d> {
     dataset: &'d Dataset,
     threads: usize,
     options: CpuOptions,
-    /// Built on the first pruned call (once per backend, so once per dataset and run);
-    /// `Some(None)` when the data has no structure for the bounds (always dense).
+    /// Built at the first call that can use it (once per backend, so once per dataset
+    /// and run); `Some(None)` when the data has no structure for the bounds (always
+    /// dense), which the first call of at least `MIN_PRUNE_ROWS` rows finds out.
     index: Option<Option<PruneIndex>>,
+    /// The structure test's basis, from that first call until the index is built from it.
+    structure: Option<prune::Structure>,
     record_kept: bool,
     kept: Vec<Vec<u32>>,
     last_pass: Pass,
@@ -83,6 +86,7 @@ impl<'d> CpuBackend<'d> {
             threads: rayon::current_num_threads(),
             options,
             index: None,
+            structure: None,
             record_kept: false,
             kept: Vec::new(),
             last_pass: Pass::Dense,
@@ -112,8 +116,12 @@ impl<'d> CpuBackend<'d> {
         if self.dataset.disk().is_some() {
             return None; // streamed from disk: always dense (see oracle::stream)
         }
+        let (ds, structure) = (self.dataset, &mut self.structure);
         self.index
-            .get_or_insert_with(|| PruneIndex::build(self.dataset))
+            .get_or_insert_with(|| match structure.take() {
+                Some(s) => Some(PruneIndex::build_from(ds, s)),
+                None => PruneIndex::build(ds),
+            })
             .as_ref()
             .map(|i| i.n_tiles())
     }
@@ -202,9 +210,18 @@ impl Backend for CpuBackend<'_> {
                 self.gemm_plan(),
             );
         }
-        // Data known to have no structure for the bounds (no index) skips the estimate.
+        let prunable = self.options.prune && batch.rows.len() >= prune::MIN_PRUNE_ROWS;
+        // The first such call tests the data's structure (the index's basis, about 1% of
+        // a dense evaluation); data without any is dense from then on, skipping the
+        // estimate below.
+        if prunable && self.index.is_none() && self.structure.is_none() {
+            match prune::Structure::test(self.dataset) {
+                Some(s) => self.structure = Some(s),
+                None => self.index = Some(None),
+            }
+        }
         let unstructured = matches!(self.index, Some(None));
-        if self.options.prune && batch.rows.len() >= prune::MIN_PRUNE_ROWS && !unstructured {
+        if prunable && !unstructured {
             // Early in a trajectory the weights are spread over most samples: neither the
             // bounds nor the sparse pass can save anything, and the plain pass runs having
             // spent only the estimate; the index is built at the first call that can use

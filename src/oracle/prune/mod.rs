@@ -216,6 +216,29 @@ struct Tile {
     max_norm: f64,
 }
 
+/// The first step of the index: its PCA basis, found only where the data has the
+/// low-dimensional structure the bounds need (see [`Structure::test`]).
+pub struct Structure {
+    basis: Vec<f32>,
+}
+
+impl Structure {
+    /// The PCA basis (about 1% of one dense evaluation at B = 256), or `None` where the
+    /// projection leaves over `MAX_RESIDUAL_SHARE` of the variance (isotropic data such as
+    /// `gaussian:60000,784`): then every call runs dense.
+    pub fn test(ds: &Dataset) -> Option<Structure> {
+        let clock = std::time::Instant::now();
+        let (basis, residual_share) = pca_basis(ds);
+        if profiling() {
+            eprintln!(
+                "prune: structure test {:.3}s, residual share {residual_share:.3}",
+                clock.elapsed().as_secs_f64()
+            );
+        }
+        (residual_share <= MAX_RESIDUAL_SHARE).then_some(Structure { basis })
+    }
+}
+
 /// The per-dataset pruning index (see the module docs).
 pub struct PruneIndex {
     dim: usize,
@@ -267,6 +290,11 @@ impl PruneIndex {
     /// isotropic Gaussians): then only the basis (about 1% of one dense evaluation at
     /// B = 256) was spent and every call runs dense.
     pub fn build(ds: &Dataset) -> Option<PruneIndex> {
+        Some(Self::build_from(ds, Structure::test(ds)?))
+    }
+
+    /// The index from the basis [`Structure::test`] found (the rest of [`Self::build`]).
+    pub fn build_from(ds: &Dataset, structure: Structure) -> PruneIndex {
         let (n, dim) = (ds.n_samples(), ds.dim());
         let clock = std::time::Instant::now();
         let lap = |what: &str| {
@@ -277,11 +305,7 @@ impl PruneIndex {
                 );
             }
         };
-        let (basis, residual_share) = pca_basis(ds);
-        lap("basis");
-        if residual_share > MAX_RESIDUAL_SHARE {
-            return None;
-        }
+        let basis = structure.basis;
         let k = basis.len() / dim;
 
         // Projections and residual norms of every stored row, in row blocks.
@@ -424,7 +448,7 @@ impl PruneIndex {
         for (p, &r) in perm.iter().enumerate() {
             pos[r as usize] = p as u32;
         }
-        Some(PruneIndex {
+        PruneIndex {
             dim,
             k,
             basis,
@@ -447,7 +471,7 @@ impl PruneIndex {
             segments,
             panels: std::sync::OnceLock::new(),
             tiled: std::sync::OnceLock::new(),
-        })
+        }
     }
 
     pub fn n_tiles(&self) -> usize {
