@@ -66,6 +66,36 @@ fn check_bounds(wt: &[f32], rows: &[f32], dim: usize, qs: &[usize], cols: &[usiz
     assert!(qs.iter().all(|&q| (q + 1) * dim <= acc.len()));
 }
 
+/// One vector register of sums per query of the block over the coordinates at `d0`, every
+/// column's row streamed through: the AVX2 kernel's step and the AVX-512 kernel's 16-wide
+/// remainder, with their ISA's intrinsics (zero, load, broadcast, FMA, add, store). The
+/// caller ran `check_bounds` and has the register's width of coordinates left at d0.
+#[cfg(target_arch = "x86_64")]
+macro_rules! one_register_per_query {
+    (($zero:ident, $load:ident, $set1:ident), ($fmadd:ident, $add:ident, $store:ident),
+     ($wt:expr, $rows:expr, $dim:expr, $d0:expr, $qs:expr, $cols:expr, $acc:expr)) => {{
+        let mut s = [$zero(); QUERY_BLOCK];
+        for (c, &j) in $cols.iter().enumerate() {
+            // SAFETY: row j's coordinates from d0 (one register's width) and the column's
+            // QUERY_BLOCK weights lie inside their slices (`check_bounds`, the caller's loop).
+            unsafe {
+                let y = $load($rows.as_ptr().add(j * $dim + $d0));
+                let w = $wt.as_ptr().add(c * QUERY_BLOCK);
+                for (i, si) in s.iter_mut().enumerate() {
+                    *si = $fmadd($set1(*w.add(i)), y, *si);
+                }
+            }
+        }
+        for (i, &q) in $qs.iter().enumerate() {
+            // SAFETY: query q's coordinates from d0 lie inside `acc` (as above).
+            unsafe {
+                let a = $acc.as_mut_ptr().add(q * $dim + $d0);
+                $store(a, $add($load(a), s[i]));
+            }
+        }
+    }};
+}
+
 /// The kernel with AVX-512: per 32 coordinates, the block's sums in 16 zmm registers
 /// while every column's row streams through (two loads, 16 FMAs); then 16 coordinates
 /// in 8 registers where that many are left; the last few by [`accumulate_tail`].
@@ -119,31 +149,19 @@ unsafe fn accumulate_avx512(
     }
     if d0 + 16 <= dim {
         // 16 coordinates left (784 = 24 x 32 + 16): one zmm of sums per query.
-        let mut s = [_mm512_setzero_ps(); QUERY_BLOCK];
-        for (c, &j) in cols.iter().enumerate() {
-            // SAFETY: as above, for 16 coordinates.
-            unsafe {
-                let y = _mm512_loadu_ps(rows.as_ptr().add(j * dim + d0));
-                let w = wt.as_ptr().add(c * QUERY_BLOCK);
-                for (i, si) in s.iter_mut().enumerate() {
-                    *si = _mm512_fmadd_ps(_mm512_set1_ps(*w.add(i)), y, *si);
-                }
-            }
-        }
-        for (i, &q) in qs.iter().enumerate() {
-            // SAFETY: as above, for 16 coordinates.
-            unsafe {
-                let a = acc.as_mut_ptr().add(q * dim + d0);
-                _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), s[i]));
-            }
-        }
+        one_register_per_query!(
+            (_mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps),
+            (_mm512_fmadd_ps, _mm512_add_ps, _mm512_storeu_ps),
+            (wt, rows, dim, d0, qs, cols, acc)
+        );
         d0 += 16;
     }
     accumulate_tail(wt, rows, dim, d0, qs, cols, acc);
 }
 
 /// The kernel with AVX2: per 8 coordinates, the block's sums in 8 ymm registers (one
-/// load, 8 FMAs per column); the last coordinates by [`accumulate_tail`].
+/// load, 8 FMAs per column, `one_register_per_query`); the last coordinates by
+/// [`accumulate_tail`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn accumulate_avx2(
@@ -159,24 +177,11 @@ unsafe fn accumulate_avx2(
     check_bounds(wt, rows, dim, qs, cols, acc);
     let mut d0 = 0;
     while d0 + L <= dim {
-        let mut s = [_mm256_setzero_ps(); QUERY_BLOCK];
-        for (c, &j) in cols.iter().enumerate() {
-            // SAFETY: as in `accumulate_avx512`, for 8 coordinates.
-            unsafe {
-                let y = _mm256_loadu_ps(rows.as_ptr().add(j * dim + d0));
-                let w = wt.as_ptr().add(c * QUERY_BLOCK);
-                for (i, si) in s.iter_mut().enumerate() {
-                    *si = _mm256_fmadd_ps(_mm256_set1_ps(*w.add(i)), y, *si);
-                }
-            }
-        }
-        for (i, &q) in qs.iter().enumerate() {
-            // SAFETY: as in `accumulate_avx512`, for 8 coordinates.
-            unsafe {
-                let a = acc.as_mut_ptr().add(q * dim + d0);
-                _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), s[i]));
-            }
-        }
+        one_register_per_query!(
+            (_mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps),
+            (_mm256_fmadd_ps, _mm256_add_ps, _mm256_storeu_ps),
+            (wt, rows, dim, d0, qs, cols, acc)
+        );
         d0 += L;
     }
     accumulate_tail(wt, rows, dim, d0, qs, cols, acc);
