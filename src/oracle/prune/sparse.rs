@@ -269,6 +269,9 @@ pub struct Setup {
     positions: Range<usize>,
     y_max: f64,
     err: Vec<f64>,
+    /// per query, the bf16 screening's slack (see [`Setup::bf16_slack`]), computed the
+    /// first time the choice or the pass asks
+    slack: std::sync::OnceLock<Vec<[f64; 3]>>,
 }
 
 impl Setup {
@@ -296,6 +299,25 @@ impl Setup {
             positions: first.start..last.start + last.len,
             y_max,
             err,
+            slack: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Per query (a, b, c): a bf16 screening logit is within a |y - y~| + b |y~| + c of
+    /// the f32 one (c_dot times [`bf16::bound_coefs`], plus 2 err: one for the f32 logit's
+    /// rounding, one, far more than needed, for the f32 evaluation of the bound itself).
+    /// Computed once per call, for [`bf16_applies`] and the pass.
+    fn bf16_slack(&self, batch: &CentredBatch<'_>) -> &[[f64; 3]] {
+        self.slack.get_or_init(|| {
+            let dim = batch.x.len() / batch.logit_coefs.len().max(1);
+            let xn = bf16::query_norms(batch.x, dim);
+            (0..batch.logit_coefs.len())
+                .map(|q| {
+                    let c_dot = batch.logit_coefs[q][0].abs() as f64;
+                    let [a, b, c] = bf16::bound_coefs(xn[q], dim);
+                    [c_dot * a, c_dot * b, c_dot * c + 2.0 * self.err[q]]
+                })
+                .collect()
         })
     }
 }
@@ -343,21 +365,6 @@ fn moves(batch: &CentredBatch<'_>, carry: &Carry) -> Vec<f64> {
         .collect()
 }
 
-/// Per query (a, b, c): a bf16 screening logit is within a |y - y~| + b |y~| + c of the
-/// f32 one (c_dot times [`bf16::bound_coefs`], plus 2 err: one for the f32 logit's
-/// rounding, one, far more than needed, for the f32 evaluation of the bound itself).
-fn bf16_slack(batch: &CentredBatch<'_>, err: &[f64]) -> Vec<[f64; 3]> {
-    let dim = batch.x.len() / batch.logit_coefs.len().max(1);
-    let xn = bf16::query_norms(batch.x, dim);
-    (0..batch.logit_coefs.len())
-        .map(|q| {
-            let c_dot = batch.logit_coefs[q][0].abs() as f64;
-            let [a, b, c] = bf16::bound_coefs(xn[q], dim);
-            [c_dot * a, c_dot * b, c_dot * c + 2.0 * err[q]]
-        })
-        .collect()
-}
-
 /// Whether the bf16 screening can run for `batch` and pays: the CPU has AVX-512 BF16
 /// (and ORACLEFLOW_PRUNE_BF16 is not 0), and the screening's typical slack stays within
 /// `BF16_MAX_SLACK` nats (late t, where c_dot grows, it would let too many pairs through).
@@ -367,7 +374,8 @@ pub fn bf16_applies(setup: &Setup, batch: &CentredBatch<'_>) -> bool {
         return false;
     }
     // Typical: bf16's rounding leaves |y - y~| near u / 3 |y~| (u = 2^-8).
-    bf16_slack(batch, &setup.err)
+    setup
+        .bf16_slack(batch)
         .iter()
         .all(|s| (s[0] / 768.0 + s[1]) * setup.y_max + s[2] <= BF16_MAX_SLACK)
 }
@@ -423,7 +431,7 @@ pub fn partial(
         .then(|| index.bf16_panels(ds))
         .flatten()
         .map(|panels| {
-            let slack = bf16_slack(batch, err);
+            let slack = setup.bf16_slack(batch);
             let xq: Vec<Vec<u32>> = groups
                 .iter()
                 .map(|qs| bf16::pack_queries(&batch.x[qs.start * dim..qs.end * dim], dim))
