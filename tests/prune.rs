@@ -281,14 +281,12 @@ fn sparse_pass_equals_dense_and_reference() {
                 let what = format!("{name} t={t} class={class:?}");
                 let dim = ds.dim();
                 for (q, w) in want.iter().enumerate() {
-                    let got = &p.mean[q * dim..(q + 1) * dim];
-                    let den = &d.mean[q * dim..(q + 1) * dim];
-                    let dense_err = rel_err(den, &w.mean);
-                    let ours = rel_err(got, &w.mean);
-                    assert!(
-                        ours <= 1e-6 + 2.0 * dense_err,
-                        "{what} query {q}: {ours:.2e} from f64, dense {dense_err:.2e}"
+                    let (got, den) = (
+                        &p.mean[q * dim..(q + 1) * dim],
+                        &d.mean[q * dim..(q + 1) * dim],
                     );
+                    let query = format!("{what} query {q}");
+                    common::assert_as_close_as_dense(got, den, &w.mean, 0.0, &query);
                     if w.top1_weight > 0.6 {
                         assert_eq!(p.stats[q].top1_index as usize, w.top1_index, "{what}");
                     }
@@ -393,16 +391,15 @@ fn low_and_odd_dimensions_equal_dense_and_reference() {
                 let rounding = common::logit_rounding_effect(&ds, &batch);
                 for (q, w) in want.iter().enumerate() {
                     let what = format!("dim {dim} t={t} class={class:?} query {q}");
-                    let dense_err = rel_err(&d.mean[q * dim..(q + 1) * dim], &w.mean);
-                    let ours = rel_err(&p.mean[q * dim..(q + 1) * dim], &w.mean);
+                    let (ours, dense_err) = common::assert_as_close_as_dense(
+                        &p.mean[q * dim..(q + 1) * dim],
+                        &d.mean[q * dim..(q + 1) * dim],
+                        &w.mean,
+                        rounding[q],
+                        &what,
+                    );
                     worst = worst.max(ours / (1e-6 + 2.0 * dense_err));
                     largest_rounding = largest_rounding.max(rounding[q]);
-                    assert!(
-                        ours <= 1e-6 + 2.0 * dense_err.max(rounding[q]),
-                        "{what}: {ours:.2e} from f64, dense {dense_err:.2e}, f32 logit \
-                         rounding {:.2e}",
-                        rounding[q]
-                    );
                     let cert = p.stats[q].skipped_mass_bound;
                     assert!(
                         cert <= 2f32.powi(-30) * 1.001,

@@ -173,6 +173,25 @@ pub fn logit_rounding_effect(ds: &Dataset, batch: &oracleflow::oracle::CentredBa
         .collect()
 }
 
+/// Asserts that a pruned posterior mean `got` is as close to the f64 truth `want` as the
+/// dense pass's `dense` is: within 1e-6 + 2 max(|dense - f64|, `floor`) relative (`floor`:
+/// an error every f32 evaluation shares, e.g. [`logit_rounding_effect`]; 0 for none).
+/// Returns (|got - f64|, |dense - f64|).
+pub fn assert_as_close_as_dense(
+    got: &[f32],
+    dense: &[f32],
+    want: &[f64],
+    floor: f64,
+    what: &str,
+) -> (f64, f64) {
+    let (ours, dense_err) = (rel_err(got, want), rel_err(dense, want));
+    assert!(
+        ours <= 1e-6 + 2.0 * dense_err.max(floor),
+        "{what}: {ours:.2e} from f64, dense {dense_err:.2e}, shared f32 floor {floor:.2e}"
+    );
+    (ours, dense_err)
+}
+
 /// ||a - b|| / ||b||, with b the f64 truth.
 pub fn rel_err(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
