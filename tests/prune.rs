@@ -239,15 +239,16 @@ fn unstructured_data_falls_back_to_dense() {
 }
 
 /// The sparse pass (every logit, the weighted sum over the weights that can reach f32):
-/// taken between the navigation stage and the point where the bounds skip logits, on
-/// clustered and real data, f32 and f16 storage, whole dataset and one class; its posterior
+/// taken between the navigation stage and the point where the bounds skip logits, and the
+/// projected pass (per-sample bounds of every pair from projection GEMMs) after it, on
+/// clustered and real data, f32 and f16 storage, whole dataset and one class; the posterior
 /// mean as close to the f64 reference as the dense pass's (1e-6 plus twice dense's own
 /// error), the same top-1 sample, and a certificate within the budget that bounds the mass
 /// it truly left out.
 #[test]
-fn sparse_pass_equals_dense_and_reference() {
+fn sparse_and_projected_passes_equal_dense_and_reference() {
     use oracleflow::oracle::cpu::Pass;
-    let (mut sparse_calls, mut bf16_calls) = (0, 0);
+    let (mut sparse_calls, mut bf16_calls, mut projected_calls) = (0, 0, 0);
     let real = |dtype| dataset::load("embedded@1500", dtype).unwrap();
     for (name, ds) in [
         ("clustered", common::clustered_dataset(1200, Dtype::F32)),
@@ -259,7 +260,7 @@ fn sparse_pass_equals_dense_and_reference() {
         let mut dense = CpuBackend::with_options(&ds, CpuOptions { prune: false });
         let samples: Vec<Vec<f64>> = (0..ds.n_samples()).map(|r| ds.sample_f64(r)).collect();
         let path = Path::RectifiedFlow;
-        for step in 0..12 {
+        for step in 0..19 {
             let t = 0.05 + 0.05 * step as f32;
             for class in [None, Some(2)] {
                 let rows = ds.rows_for(class).unwrap();
@@ -274,6 +275,7 @@ fn sparse_pass_equals_dense_and_reference() {
                 match pruned.last_pass() {
                     Pass::Sparse => sparse_calls += 1,
                     Pass::SparseBf16 => bf16_calls += 1,
+                    Pass::Projected => projected_calls += 1,
                     _ => continue,
                 }
                 let d = dense.posterior(&batch).unwrap();
@@ -304,7 +306,14 @@ fn sparse_pass_equals_dense_and_reference() {
             }
         }
     }
-    eprintln!("{sparse_calls} calls took the sparse pass, {bf16_calls} its bf16 screening");
+    eprintln!(
+        "{sparse_calls} calls took the sparse pass, {bf16_calls} its bf16 screening, \
+         {projected_calls} the projected pass"
+    );
+    assert!(
+        projected_calls >= 4,
+        "only {projected_calls} calls took the projected pass"
+    );
     if oracleflow::oracle::prune::bf16::supported() {
         assert!(bf16_calls >= 4, "only {bf16_calls} calls screened in bf16");
     } else {

@@ -71,6 +71,8 @@ pub struct CpuBackend<'d> {
     last_pass: Pass,
     /// the last sparse call's logits, for the next one's screening (`prune::sparse::Carry`)
     carry: Option<prune::sparse::Carry>,
+    /// the sparse pass's logit buffers, kept from call to call
+    buffers: prune::sparse::Buffers,
     /// GEMM library and tile rows of the dense pass; None: this machine's tuned choice.
     plan: Option<GemmPlan>,
 }
@@ -91,6 +93,7 @@ impl<'d> CpuBackend<'d> {
             kept: Vec::new(),
             last_pass: Pass::Dense,
             carry: None,
+            buffers: Default::default(),
             plan: None,
         }
     }
@@ -160,6 +163,9 @@ pub enum Pass {
     SparseBf16,
     /// the sparse pass screened by the last sparse call's logits (`prune::sparse::Carry`)
     SparseCarried,
+    /// per-sample bounds of every pair by projection GEMMs, f32 logits only where they
+    /// cannot rule a pair out (`prune::projected`)
+    Projected,
 }
 
 /// Partial result of one task: states and weighted sums (not yet normalised).
@@ -264,6 +270,28 @@ impl Backend for CpuBackend<'_> {
                     } else {
                         Screen::F32
                     };
+                    // Few weights count: per-sample bounds of every pair from projection
+                    // GEMMs (the bounds' probe runs only where this declines: f32 rounding
+                    // too large near t = 1, or a query that cannot be pruned).
+                    if screen != Screen::Carried
+                        && share <= prune::projected::MAX_SHARE
+                        && prune::projected::enabled()
+                    {
+                        let kept = self.record_kept.then_some(&mut self.kept);
+                        if let Some(part) = prune::projected::partial(
+                            self.dataset,
+                            index,
+                            batch,
+                            &setup,
+                            self.threads,
+                            lib,
+                            share,
+                            kept,
+                        ) {
+                            self.last_pass = Pass::Projected;
+                            return Ok(part);
+                        }
+                    }
                     let kept = self.record_kept.then_some(&mut self.kept);
                     if screen != Screen::Carried && share <= prune::PROBE_MAX_SHARE {
                         let switch = if screen == Screen::Bf16 {
@@ -290,6 +318,7 @@ impl Backend for CpuBackend<'_> {
                         lib,
                         screen,
                         &mut self.carry,
+                        &mut self.buffers,
                         kept,
                     ) {
                         self.last_pass = match screen {

@@ -112,6 +112,7 @@ use rayon::prelude::*;
 mod accumulate;
 mod basis;
 pub mod bf16;
+pub mod projected;
 mod screen;
 pub mod sparse;
 

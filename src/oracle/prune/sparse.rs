@@ -65,7 +65,7 @@ use crate::oracle::state::exp_nonpositive;
 use crate::oracle::{CentredBatch, SoftmaxState};
 
 /// Rows per logits GEMM: four leaf tiles, S (B x 256) and the tile (256 x D) cache-sized.
-const TILE: usize = 256;
+pub(super) const TILE: usize = 256;
 /// Bound on the memory of one chunk's logits, unless ORACLEFLOW_PRUNE_CHUNK_KIB sets it.
 const LOGIT_BYTES: usize = 256 << 20;
 
@@ -105,7 +105,7 @@ const BF16_MAX_SLACK: f64 = 48.0;
 /// this one's (see [`Carry`]).
 const CARRY_MAX_SLACK: f64 = 8.0;
 /// Largest 2 err (nats) at which weights are still dropped.
-const MAX_ERR: f64 = 10.0;
+pub(super) const MAX_ERR: f64 = 10.0;
 
 /// One task's logits over its row block: per tile, n_q x tile rows, tile after tile; and
 /// per query the block's largest logit and its stored row. With screening, a logit that
@@ -275,6 +275,21 @@ pub struct Setup {
 }
 
 impl Setup {
+    /// The index's positions of the rows.
+    pub(super) fn positions(&self) -> Range<usize> {
+        self.positions.clone()
+    }
+
+    /// The rows' largest norm.
+    pub(super) fn y_max(&self) -> f64 {
+        self.y_max
+    }
+
+    /// Per query, the bound on how far an f32 logit is from the exact one.
+    pub(super) fn err(&self) -> &[f64] {
+        &self.err
+    }
+
     /// `None` where the rows are not a union of the index's tiles.
     pub fn new(index: &PruneIndex, batch: &CentredBatch<'_>) -> Option<Setup> {
         let tiles = index.tiles_for(&batch.rows).filter(|t| !t.is_empty())?;
@@ -396,6 +411,7 @@ pub fn partial(
     lib: GemmLib,
     screen: Screen,
     carry: &mut Option<Carry>,
+    buffers: &mut Buffers,
     kept: Option<&mut Vec<Vec<u32>>>,
 ) -> Option<Partial> {
     if batch.logit_coefs.iter().all(|c| c[0] == 0.0) {
@@ -458,9 +474,12 @@ pub fn partial(
             .collect();
 
         let c1 = std::time::Instant::now();
+        let mut spare = std::mem::take(&mut buffers.logits);
+        spare.resize_with(tasks.len(), Vec::new);
         let mut logits: Vec<BlockLogits> = tasks
             .par_iter()
-            .map(|&(g, b)| {
+            .zip(spare)
+            .map(|(&(g, b), buf)| {
                 let qs = groups[g].clone();
                 let scr = bf16_screen.as_ref().map(|(panels, xq, slack)| Screening {
                     panels,
@@ -472,7 +491,7 @@ pub fn partial(
                     prev: &c.s[g * blocks.len() + b],
                     coefs: &coefs[qs.clone()],
                 });
-                block_logits(ds, index, batch, qs, &blocks[b], lib, scr, prev)
+                block_logits(ds, index, batch, qs, &blocks[b], lib, scr, prev, buf)
             })
             .collect();
         t_logits += c1.elapsed().as_secs_f64();
@@ -517,6 +536,7 @@ pub fn partial(
                 )
             })
             .collect();
+        buffers.logits = logits.into_iter().map(|l| l.s).collect();
 
         // Merge the chunk: every block of a query shares its max, so this is an add; then
         // into the running state, rescaling the certificate with it.
@@ -568,6 +588,7 @@ pub fn partial(
                 format!(", from the last call's, {:.4} of pairs exact", screened as f64 / all)
             } else if bf16_screen.is_some() {
                 format!(", bf16 screening, {:.4} of pairs exact", screened as f64 / all)
+
             } else {
                 String::new()
             },
@@ -672,12 +693,13 @@ fn block_logits(
     lib: GemmLib,
     screen: Option<Screening<'_>>,
     previous: Option<Incremental<'_>>,
+    mut s: Vec<f32>,
 ) -> BlockLogits {
     let dim = ds.dim();
     let n_q = qs.len();
     let norms = ds.sq_norms();
     let x = &batch.x[qs.start * dim..qs.end * dim];
-    let mut s = vec![0.0f32; n_q * block.len()];
+    sized(&mut s, n_q * block.len());
     let mut best = vec![(f32::NEG_INFINITY, u32::MAX); n_q];
     let mut lower = vec![f64::NEG_INFINITY; n_q];
     let mut exact = 0u64;
@@ -764,9 +786,26 @@ fn block_logits(
     BlockLogits { s, best, exact }
 }
 
+/// `s` made `len` long, its values left as they are: every user writes them all first.
+/// (A buffer taken back from [`Buffers`] keeps its pages: a fresh one of tens of MB costs
+/// a page fault per 4 KB, 10 - 15 ms per call at B = 256 on Fashion-MNIST.)
+fn sized(s: &mut Vec<f32>, len: usize) {
+    if s.len() < len {
+        s.resize(len, 0.0);
+    }
+    s.truncate(len);
+}
+
+/// Memory the sparse pass keeps from call to call: the chunk's logits (one buffer per
+/// task; at most `LOGIT_BYTES` in all, unless ORACLEFLOW_PRUNE_CHUNK_KIB sets it).
+#[derive(Default)]
+pub struct Buffers {
+    logits: Vec<Vec<f32>>,
+}
+
 /// `best` raised to `cand` (a logit and its stored row) where that is larger, ties to the
 /// lower row (as the dense pass's first maximum in row order).
-fn raise(best: &mut (f32, u32), cand: (f32, u32)) {
+pub(super) fn raise(best: &mut (f32, u32), cand: (f32, u32)) {
     if cand.0 > best.0 || (cand.0 == best.0 && cand.1 < best.1) {
         *best = cand;
     }
@@ -775,7 +814,7 @@ fn raise(best: &mut (f32, u32), cand: (f32, u32)) {
 /// The f32 logit of query `xq` (coefficients `c_dot`, `c_norm`) with the row at position
 /// `p` of the tile order (squared norm `norm`) by one dot product: a screened pass's value for a pair its bound
 /// could not rule out.
-fn exact_logit(
+pub(super) fn exact_logit(
     ds: &Dataset,
     index: &PruneIndex,
     xq: &[f32],
@@ -954,13 +993,15 @@ fn weigh_kept(s: &mut [f32], m: f32, cut: f32, norms: &[f32]) -> [f32; 4] {
 
 /// How many of `s` reach `cut`, and the largest of the others (-inf if none): one pass in
 /// independent lanes, so that it vectorizes.
-fn count_from(s: &[f32], cut: f32) -> (usize, f32) {
-    const LANES: usize = 8;
+pub(super) fn count_from(s: &[f32], cut: f32) -> (usize, f32) {
+    const LANES: usize = 16;
     let (mut kept, mut below) = ([0u32; LANES], [f32::NEG_INFINITY; LANES]);
+    // Compares and selects only (`f32::max`'s NaN rules kept this from vectorizing well).
     let mut lane = |l: usize, v: f32| {
         let keep = v >= cut;
         kept[l] += keep as u32;
-        below[l] = below[l].max(if keep { f32::NEG_INFINITY } else { v });
+        let c = if keep { f32::NEG_INFINITY } else { v };
+        below[l] = if c > below[l] { c } else { below[l] };
     };
     let chunks = s.chunks_exact(LANES);
     let rest = chunks.remainder();

@@ -1,0 +1,630 @@
+//! The projected pass: per-sample bounds for every (query, row) pair from GEMMs over the
+//! leading projected coordinates, f32 logits only for the pairs they cannot rule out.
+//!
+//! Late in a trajectory the weights that count are a few per query. The pruned pass
+//! ([`super::partial`]) finds them through tile bounds and per-pair screening, query by
+//! query: at t = 0.8 - 0.9 on Fashion-MNIST its bounds and screening took 25 - 45 ms at
+//! B = 256, about an eighth of a GEMM's rate. Here one GEMM of the queries' first
+//! `levels[l]` projected coordinates against the rows' (the index's `proj`, tile order)
+//! bounds every pair at once, at levels[l] / D of the logits' GEMM (16 of 784 coordinates:
+//! a fiftieth). Per pair, |x - a y|^2 >= |P_l x - a P_l y|^2 + (|x - P_l x| - a |y - P_l y|)^2
+//! (the module docs of `prune`) gives an upper bound on its f32 logit, with the same margin
+//! and rounding terms as the pruned pass.
+//!
+//! **Two sweeps.** (1) The first level (16 coordinates) for every pair, keeping only each
+//! (task, query)'s row of largest bound; those rows' f32 logits give each query a lower
+//! bound on its f32 maximum, so the drop cut lower + ln(`SAMPLE_BUDGET` / n) - 2 err holds
+//! from the first tile of (2). (2) Per tile: the bounds at the pass's level; the pairs that
+//! reach the cut get the bound of the last level (all k coordinates, one dot product with
+//! the row's projection), and those still reaching it their f32 logit, which raises the
+//! lower bound. Only those logits are kept, per query, with their positions.
+//!
+//! **Weights and certificate.** Per query, m is the largest computed logit (the f32
+//! maximum: no pair left out can reach it) and the computed logits at or above
+//! m + ln(`SAMPLE_BUDGET` / n) - 2 err get their weights exp(s - m), summed in f64, their
+//! rows added one axpy each. Every pair left out, by bound or below the cut, weighs at most
+//! `SAMPLE_BUDGET` / n of the normaliser, as in the sparse pass (see its module docs: the
+//! same margin, so the same argument that no f32 result can change). The certificate sums
+//! (per tile and query) the count of pairs ruled out times exp of the largest of their
+//! bounds, plus the dropped weights, times exp(2 err) for the f32 logits' rounding.
+//!
+//! **When.** Where the estimated kept share is small (see `CpuBackend`). Measured on
+//! Fashion-MNIST (numpy, bounds against the true maximum): 64 coordinates let through 18%
+//! of the pairs at t = 0.6, 3.6% at 0.7 and 0.26% at 0.8; all 256 4.9%, 0.46% and 0.01%.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::screen::{axpy, dot};
+use super::sparse::{count_from, exact_logit, Setup, MAX_ERR, TILE};
+use super::{level_norms, project, PruneIndex, LB_MARGIN, LEAF_ROWS, SAMPLE_BUDGET, SEED_ROWS};
+use crate::dataset::Dataset;
+use crate::oracle::cpu::{query_groups, sgemm_with, Gemm, GemmLib};
+use crate::oracle::partial::Partial;
+use crate::oracle::state::exp_nonpositive;
+use crate::oracle::{CentredBatch, SoftmaxState};
+
+/// Largest estimated kept share (`sparse::kept_share`) at which the caller runs this
+/// pass. On Fashion-MNIST (B = 256, 2 threads, `ORACLEFLOW_PRUNE_AT`) at t = 0.6
+/// (estimate 2.7e-3) it ran at 0.078 s, as the sparse pass with bf16 screening; at t = 0.64
+/// (1.6e-3) at 0.063 s against 0.077; at t = 0.68 (8.7e-4) at 0.051 against 0.083.
+pub const MAX_SHARE: f64 = 2e-3;
+
+/// Whether the pass may run (ORACLEFLOW_PRUNE_PROJECTED=0 turns it off, for comparisons:
+/// the bounds pass and the bf16 screening then take its calls).
+pub fn enabled() -> bool {
+    !std::env::var("ORACLEFLOW_PRUNE_PROJECTED").is_ok_and(|v| v == "0")
+}
+
+/// The level (index in `LEVELS`) of the pass's GEMM for an estimated kept share: the more
+/// weights count, the more pairs a coarse bound lets through to the row-by-row refinement,
+/// and the deeper the GEMM pays. Measured on Fashion-MNIST as for [`MAX_SHARE`], pass time
+/// at levels 16 / 64 / 128 coordinates: t = 0.64 0.100 / 0.067 / 0.063 s, t = 0.72
+/// 0.052 / 0.043 / -, t = 0.8 0.035 / 0.042 / 0.051, t = 0.9 0.026 / 0.030 / 0.039
+/// (estimates 1.6e-3, 5.5e-4, 2.9e-4, 2.3e-4). ORACLEFLOW_PRUNE_PROJ_LEVEL overrides it.
+fn level(share: f64) -> usize {
+    let env = std::env::var("ORACLEFLOW_PRUNE_PROJ_LEVEL").ok();
+    if let Some(l) = env.and_then(|v| v.parse().ok()) {
+        return l;
+    }
+    if share > 1e-3 {
+        2
+    } else if share > 3.5e-4 {
+        1
+    } else {
+        0
+    }
+}
+
+/// Per query, what its bounds need, in f32 (the bounds' rounding is far inside the
+/// margin, see the module docs of `prune`).
+#[derive(Clone, Copy)]
+struct QueryProj {
+    a: f32,
+    a2: f32,
+    /// 1 / (2 sigma^2)
+    inv: f32,
+    /// inv |x|^2 + err: the bound at distance 0 (err the f32 logit's rounding bound)
+    top: f32,
+    /// `LB_MARGIN` (|x| + a |y|max)^2, taken off every distance bound
+    margin: f32,
+    /// |P_l x|^2 and |x - P_l x| at each level of `Projection::levels`
+    sq: [f32; 2],
+    tail: [f32; 2],
+}
+
+/// The queries' projections and bound terms for one call.
+struct Projection {
+    k: usize,
+    /// indices in the index's levels: the pass's (its GEMM) and the last
+    levels: [usize; 2],
+    /// n_q x k
+    px: Vec<f32>,
+    queries: Vec<QueryProj>,
+}
+
+/// Which of `Projection::levels` a bound is taken at.
+#[derive(Clone, Copy)]
+enum At {
+    Pass = 0,
+    Last = 1,
+}
+
+impl Projection {
+    /// `None` where some query cannot be pruned (alpha = 0, coefficients not finite).
+    fn new(
+        index: &PruneIndex,
+        batch: &CentredBatch<'_>,
+        setup: &Setup,
+        level: usize,
+    ) -> Option<Projection> {
+        let (dim, k) = (index.dim, index.k);
+        let n_q = batch.logit_coefs.len();
+        let last = index.levels.len() - 1;
+        let levels = [level.min(last), last];
+        let (px, rx) = project(batch.x, n_q, dim, &index.basis, k);
+        let (mut sq, mut tail) = (Vec::new(), Vec::new());
+        let mut queries = Vec::with_capacity(n_q);
+        for q in 0..n_q {
+            let [c_dot, c_norm] = batch.logit_coefs[q].map(|v| v as f64);
+            if !(c_dot > 0.0 && c_norm > 0.0 && c_dot.is_finite() && c_norm.is_finite()) {
+                return None;
+            }
+            let x = &batch.x[q * dim..(q + 1) * dim];
+            let x_sq: f64 = x.iter().map(|&v| (v as f64).powi(2)).sum();
+            let (a, inv) = (2.0 * c_norm / c_dot, c_dot * c_dot / (4.0 * c_norm));
+            sq.clear();
+            tail.clear();
+            level_norms(
+                &px[q * k..(q + 1) * k],
+                rx[q],
+                &index.levels,
+                &mut sq,
+                &mut tail,
+            );
+            queries.push(QueryProj {
+                a: a as f32,
+                a2: (a * a) as f32,
+                inv: inv as f32,
+                top: (inv * x_sq + setup.err()[q]) as f32,
+                margin: (LB_MARGIN * (x_sq.sqrt() + a * setup.y_max()).powi(2)) as f32,
+                sq: levels.map(|l| sq[l] as f32),
+                tail: levels.map(|l| tail[l] as f32),
+            });
+        }
+        Some(Projection {
+            k,
+            levels,
+            px,
+            queries,
+        })
+    }
+
+    /// Bounds of queries `qs` against the tile at positions `t0..t0 + nt` at level `at`:
+    /// the GEMM of the level's leading coordinates into `out` (qs.len() x nt), then each
+    /// pair's upper bound on its f32 logit in place.
+    fn tile_bounds(
+        &self,
+        index: &PruneIndex,
+        qs: &Range<usize>,
+        (t0, nt): (usize, usize),
+        at: At,
+        lib: GemmLib,
+        out: &mut [f32],
+    ) {
+        let (k, n_all) = (self.k, index.perm.len());
+        let level = self.levels[at as usize];
+        let cut = index.levels[level];
+        // (n_q x cut) * (cut x nt): element (c, j) of the rhs is proj[(t0 + j) k + c].
+        sgemm_with(
+            lib,
+            Gemm {
+                m: qs.len(),
+                n: nt,
+                k: cut,
+            },
+            out,
+            false,
+            (&self.px[qs.start * k..qs.end * k], k, 1),
+            (&index.proj[t0 * k..(t0 + nt) * k], 1, k),
+        );
+        let ysq = &index.lvl_sq[level * n_all + t0..][..nt];
+        let yt = &index.lvl_tail[level * n_all + t0..][..nt];
+        for (row, qp) in out.chunks_exact_mut(nt).zip(&self.queries[qs.clone()]) {
+            bounds(qp, at, row, ysq, yt);
+        }
+    }
+}
+
+/// Per pair of one query's row: the partial dot product over the level's coordinates in,
+/// the upper bound on the f32 logit out.
+#[inline(always)]
+fn bounds(qp: &QueryProj, at: At, d: &mut [f32], ysq: &[f32], yt: &[f32]) {
+    let (a, a2, inv, top, margin) = (qp.a, qp.a2, qp.inv, qp.top, qp.margin);
+    let (xs, xt) = (qp.sq[at as usize], qp.tail[at as usize]);
+    // `if x > 0 { x } else { 0 }` rather than `max`: one vector max, no NaN handling.
+    let pos = |x: f32| if x > 0.0 { x } else { 0.0 };
+    for ((v, &ys), &yt) in d.iter_mut().zip(ysq).zip(yt) {
+        let dp2 = pos(xs - 2.0 * a * *v + a2 * ys);
+        let g = xt - a * yt;
+        *v = top - inv * pos(dp2 + g * g - margin);
+    }
+}
+
+/// What one task (query group, row block) of sweep (2) found, per query of the group.
+struct TaskOut {
+    /// (position, f32 logit) of every pair computed, in position order
+    logits: Vec<Vec<(u32, f32)>>,
+    /// the pairs ruled out by bound: sum over tiles of their count times exp(largest
+    /// bound - lower), in units of exp(lower)
+    cert: Vec<f64>,
+    /// the query's lower bound on its f32 maximum at the end of the task
+    lower: Vec<f64>,
+}
+
+/// The projected pass over `batch.rows` (in the tile order of `index`, `setup` computed
+/// for them), its GEMM's level chosen from the estimated kept `share`; `None` where some query cannot be pruned or the f32 rounding is too large to
+/// drop anything (then the caller runs another pass). `kept`, if given, receives per query
+/// the stored rows accumulated.
+#[allow(clippy::too_many_arguments)]
+pub fn partial(
+    ds: &Dataset,
+    index: &PruneIndex,
+    batch: &CentredBatch<'_>,
+    setup: &Setup,
+    threads: usize,
+    lib: GemmLib,
+    share: f64,
+    kept: Option<&mut Vec<Vec<u32>>>,
+) -> Option<Partial> {
+    let clock = std::time::Instant::now();
+    let dim = ds.dim();
+    let n_q = batch.logit_coefs.len();
+    let err = setup.err();
+    if n_q == 0 || err.iter().any(|&e| 2.0 * e > MAX_ERR) {
+        return None;
+    }
+    let proj = Projection::new(index, batch, setup, level(share))?;
+    let t_proj = clock.elapsed().as_secs_f64();
+    let positions = setup.positions();
+    let n_rows = positions.len();
+    let thresholds: Vec<f64> = err
+        .iter()
+        .map(|e| (SAMPLE_BUDGET / n_rows as f64).ln() - 2.0 * e)
+        .collect();
+    let groups = query_groups(n_q, threads);
+    let n_tiles = n_rows.div_ceil(TILE);
+    let per_block = n_tiles.div_ceil(threads.clamp(1, n_tiles));
+    let blocks: Vec<Range<usize>> = (0..n_tiles)
+        .step_by(per_block)
+        .map(|t| {
+            positions.start + t * TILE
+                ..(positions.start + (t + per_block) * TILE).min(positions.end)
+        })
+        .collect();
+    let tasks: Vec<(usize, usize)> = (0..groups.len())
+        .flat_map(|g| (0..blocks.len()).map(move |b| (g, b)))
+        .collect();
+
+    // (1) Per query, a lower bound on its f32 maximum: the largest f32 logit over the
+    // tile whose projected centroid is nearest (late in a trajectory it holds the
+    // nearest sample; any computed logit is a valid bound).
+    let lower = seed_lower(ds, index, batch, &proj);
+    let t_seed = clock.elapsed().as_secs_f64();
+
+    // (2) Every pair's bound at the pass's level; the last level and f32 for the few that
+    // reach the cut.
+    let found: Vec<TaskOut> = tasks
+        .par_iter()
+        .map(|&(g, b)| {
+            let qs = groups[g].clone();
+            sweep(
+                ds,
+                index,
+                batch,
+                &proj,
+                &qs,
+                &blocks[b],
+                lib,
+                &lower[qs.clone()],
+                &thresholds[qs.clone()],
+            )
+        })
+        .collect();
+    let t_sweep = clock.elapsed().as_secs_f64();
+
+    // Per query: its computed logits in position order, and the certificate so far in
+    // units of exp(lower[q]).
+    let mut logits: Vec<Vec<(u32, f32)>> = vec![Vec::new(); n_q];
+    let mut cert = vec![0.0f64; n_q];
+    let mut lower = lower;
+    for (&(g, _), t) in tasks.iter().zip(&found) {
+        for (q, &lo) in groups[g].clone().zip(&t.lower) {
+            lower[q] = lower[q].max(lo);
+        }
+    }
+    for (&(g, _), t) in tasks.iter().zip(found) {
+        for (((q, l), c), lo) in groups[g].clone().zip(t.logits).zip(t.cert).zip(t.lower) {
+            logits[q].extend(l);
+            cert[q] += c * (lo - lower[q]).exp();
+        }
+    }
+    let computed: usize = logits.iter().map(Vec::len).sum();
+    let record = kept.is_some();
+    let per_query: Vec<Weighed> = (0..n_q)
+        .into_par_iter()
+        .map(|q| weigh(ds, index, &logits[q], thresholds[q], record))
+        .collect();
+
+    let mut states = Vec::with_capacity(n_q);
+    let mut acc = vec![0.0f32; n_q * dim];
+    let mut sum_norm = vec![0.0f32; n_q];
+    let mut part_kept = Vec::with_capacity(n_q);
+    let mut tiles_kept = Vec::with_capacity(n_q);
+    let mut kept_rows = Vec::new();
+    for (q, w) in per_query.into_iter().enumerate() {
+        if !(w.state.sum > 0.0 && w.state.sum.is_finite()) {
+            return None;
+        }
+        acc[q * dim..(q + 1) * dim].copy_from_slice(&w.acc);
+        sum_norm[q] = w.sum_norm;
+        // The certificate in units of exp(m), with exp(2 err) for the f32 logits' rounding.
+        let ruled_out = cert[q] * (lower[q] - w.state.max as f64).exp();
+        cert[q] = (ruled_out + w.dropped) * (2.0 * err[q]).exp();
+        part_kept.push(w.kept);
+        // A tile counts as visited where any of its pairs got an f32 logit.
+        tiles_kept.push(tiles_touched(index, logits[q].iter().map(|l| l.0)));
+        states.push(w.state);
+        if record {
+            kept_rows.push(w.kept_rows);
+        }
+    }
+    if super::profiling() {
+        let all = (n_q * n_rows) as f64;
+        eprintln!(
+            "prune: projected pass {:.3}s (projection {:.3}s, seeds {:.3}s, sweep {:.3}s) from {} coordinates: {:.5} of pairs computed, {:.5} accumulated",
+            clock.elapsed().as_secs_f64(),
+            t_proj,
+            t_seed,
+            t_sweep - t_seed,
+            index.levels[proj.levels[0]],
+            computed as f64 / all,
+            part_kept.iter().sum::<u64>() as f64 / all,
+        );
+    }
+    let n_index_tiles = index.tiles_for(&batch.rows).map_or(0, |t| t.len()) as u64;
+    let mut part = Partial::dense(dim, states, acc, sum_norm, n_rows, super::LEAF_ROWS);
+    part.skipped_mass = cert;
+    part.samples_kept = part_kept;
+    part.tiles_kept = tiles_kept;
+    part.tiles_total = n_index_tiles;
+    if let Some(k) = kept {
+        *k = kept_rows;
+    }
+    Some(part)
+}
+
+/// Sweep (2) for queries `qs` over the positions `block`, from their lower bounds `lower`
+/// and ln drop thresholds.
+#[allow(clippy::too_many_arguments)]
+fn sweep(
+    ds: &Dataset,
+    index: &PruneIndex,
+    batch: &CentredBatch<'_>,
+    proj: &Projection,
+    qs: &Range<usize>,
+    block: &Range<usize>,
+    lib: GemmLib,
+    lower: &[f64],
+    thresholds: &[f64],
+) -> TaskOut {
+    let (dim, k, n_all) = (ds.dim(), proj.k, index.perm.len());
+    let [pass, last] = proj.levels;
+    let refine = pass < last;
+    let (ysq, yt) = (
+        &index.lvl_sq[last * n_all..(last + 1) * n_all],
+        &index.lvl_tail[last * n_all..(last + 1) * n_all],
+    );
+    let norms = ds.sq_norms();
+    let n_q = qs.len();
+    let mut lower = lower.to_vec();
+    let mut out = TaskOut {
+        logits: vec![Vec::new(); n_q],
+        cert: vec![0.0; n_q],
+        lower: Vec::new(),
+    };
+    let mut bnd = vec![0.0f32; n_q * TILE];
+    let mut one = Vec::new();
+    for t0 in block.clone().step_by(TILE) {
+        let nt = TILE.min(block.end - t0);
+        let bnd = &mut bnd[..n_q * nt];
+        proj.tile_bounds(index, qs, (t0, nt), At::Pass, lib, bnd);
+        for (l, row) in bnd.chunks_exact_mut(nt).enumerate() {
+            let q = qs.start + l;
+            let mut cut = (lower[l] + thresholds[l]) as f32;
+            let (reach, below) = count_from(row, cut);
+            if reach == 0 {
+                // The common case: the whole tile ruled out, by bounds below the cut.
+                out.cert[l] += nt as f64 * (below as f64 - lower[l]).exp();
+                continue;
+            }
+            {
+                let qp = &proj.queries[q];
+                let x = &batch.x[q * dim..(q + 1) * dim];
+                let pq = &proj.px[q * k..(q + 1) * k];
+                for (j, v) in row.iter_mut().enumerate() {
+                    if *v < cut {
+                        continue;
+                    }
+                    let p = t0 + j;
+                    if refine {
+                        let mut d = [dot(pq, &index.proj[p * k..(p + 1) * k])];
+                        bounds(qp, At::Last, &mut d, &ysq[p..p + 1], &yt[p..p + 1]);
+                        if d[0] < cut {
+                            *v = v.min(d[0]);
+                            continue;
+                        }
+                    }
+                    let r = index.perm[p] as usize;
+                    let s = exact_logit(ds, index, x, batch.logit_coefs[q], p, norms[r], &mut one);
+                    out.logits[l].push((p as u32, s));
+                    // Marked as computed: not counted as ruled out below.
+                    *v = f32::INFINITY;
+                    if s as f64 > lower[l] {
+                        // The certificate so far is in units of exp(lower): rescaled.
+                        out.cert[l] *= (lower[l] - s as f64).exp();
+                        lower[l] = s as f64;
+                        cut = (lower[l] + thresholds[l]) as f32;
+                    }
+                }
+            }
+            // The pairs ruled out, each by a bound below the cut then in force (which only
+            // rose): their count and the largest of those bounds.
+            let (computed, largest) = count_from(row, f32::INFINITY);
+            let n_out = nt - computed;
+            if n_out > 0 {
+                out.cert[l] += n_out as f64 * (largest as f64 - lower[l]).exp();
+            }
+        }
+    }
+    out.lower = lower;
+    out
+}
+
+/// Per query, the largest f32 logit over the rows of the tile whose projected centroid
+/// is nearest to it (in the first levels' coordinates, which the index keeps per tile
+/// dimension-major for such small products).
+fn seed_lower(
+    ds: &Dataset,
+    index: &PruneIndex,
+    batch: &CentredBatch<'_>,
+    proj: &Projection,
+) -> Vec<f64> {
+    let (dim, k) = (ds.dim(), proj.k);
+    let n_q = batch.logit_coefs.len();
+    let tiles = index
+        .tiles_for(&batch.rows)
+        .expect("the rows are a union of tiles (Setup)");
+    let hd = index.head_dims;
+    // |c|^2 over the head coordinates per tile, and every query's products with the
+    // centroids' head coordinates (one GEMM).
+    let centres = &index.centres[tiles.start * k..tiles.end * k];
+    let c_sq: Vec<f32> = centres
+        .chunks_exact(k)
+        .map(|c| c[..hd].iter().map(|v| v * v).sum())
+        .collect();
+    let n_t = tiles.len();
+    let mut pc = vec![0.0f32; n_q * n_t];
+    sgemm_with(
+        GemmLib::Gemm,
+        Gemm {
+            m: n_q,
+            n: n_t,
+            k: hd,
+        },
+        &mut pc,
+        false,
+        (&proj.px, k, 1),
+        (centres, 1, k),
+    );
+    let norms = ds.sq_norms();
+    let n_all = index.perm.len();
+    let head_level = index
+        .levels
+        .iter()
+        .position(|&c| c == hd)
+        .expect("the head coordinates are a level's");
+    (0..n_q)
+        .into_par_iter()
+        .map(|q| {
+            let a = proj.queries[q].a;
+            let row = &pc[q * n_t..(q + 1) * n_t];
+            // |P x - a c|^2 less the query's own |P x|^2, over the head coordinates.
+            let t = (0..n_t)
+                .min_by(|&i, &j| {
+                    let d = |t: usize| a * a * c_sq[t] - 2.0 * a * row[t];
+                    d(i).total_cmp(&d(j)).then(i.cmp(&j))
+                })
+                .expect("tiles");
+            let t = tiles.start + t;
+            let tile = &index.tiles[t];
+            // Its rows nearest the query over the head coordinates (the tile's
+            // dimension-major block: vector FMAs over its LEAF_ROWS columns) get f32 logits.
+            let block = &index.proj0t[t * hd * LEAF_ROWS..][..hd * LEAF_ROWS];
+            let mut acc = [0.0f32; LEAF_ROWS];
+            for (col, &xd) in block.chunks_exact(LEAF_ROWS).zip(&proj.px[q * k..]) {
+                for (a, &y) in acc.iter_mut().zip(col) {
+                    *a += xd * y;
+                }
+            }
+            let sq = &index.lvl_sq[head_level * n_all + tile.start..][..tile.len];
+            let mut order: Vec<(f32, usize)> = (0..tile.len)
+                .map(|j| (a * a * sq[j] - 2.0 * a * acc[j], j))
+                .collect();
+            let n_seed = SEED_ROWS.min(tile.len);
+            order
+                .select_nth_unstable_by(n_seed - 1, |x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+            let x = &batch.x[q * dim..(q + 1) * dim];
+            let mut one = Vec::new();
+            order[..n_seed]
+                .iter()
+                .map(|&(_, j)| {
+                    let p = tile.start + j;
+                    let r = index.perm[p] as usize;
+                    exact_logit(ds, index, x, batch.logit_coefs[q], p, norms[r], &mut one) as f64
+                })
+                .fold(f64::NEG_INFINITY, f64::max)
+        })
+        .collect()
+}
+
+/// One query's result from its computed logits.
+struct Weighed {
+    state: SoftmaxState,
+    acc: Vec<f32>,
+    sum_norm: f32,
+    /// computed weights dropped below the cut, units of exp(m)
+    dropped: f64,
+    /// weights accumulated, and their stored rows (if recorded)
+    kept: u64,
+    kept_rows: Vec<u32>,
+}
+
+/// The weights of one query's computed logits `logits` ((position, f32 logit), in
+/// position order): exp(s - m) for those at or above m + `threshold`, m the largest
+/// (ties to the lower stored row, as the dense pass's first maximum in row order); the
+/// others are dropped. Sums in f64, rows added one axpy each.
+fn weigh(
+    ds: &Dataset,
+    index: &PruneIndex,
+    logits: &[(u32, f32)],
+    threshold: f64,
+    record: bool,
+) -> Weighed {
+    let dim = ds.dim();
+    let norms = ds.sq_norms();
+    let mut best = (f32::NEG_INFINITY, u32::MAX);
+    for &(p, s) in logits {
+        super::sparse::raise(&mut best, (s, index.perm[p as usize]));
+    }
+    let m = best.0;
+    let cut = (m as f64 + threshold) as f32;
+    let mut sums = [0.0f64; 4];
+    let mut dropped = 0.0f64;
+    let mut acc = vec![0.0f32; dim];
+    let mut one = Vec::new();
+    let mut kept_rows = Vec::new();
+    let mut kept = 0;
+    for &(p, s) in logits {
+        let d = s - m;
+        if s < cut {
+            dropped += (d as f64).exp();
+            continue;
+        }
+        let e = exp_nonpositive(d);
+        let r = index.perm[p as usize];
+        sums[0] += e as f64;
+        sums[1] += e as f64 * d as f64;
+        sums[2] += e as f64 * e as f64;
+        sums[3] += e as f64 * norms[r as usize] as f64;
+        axpy(
+            e,
+            index.rows_at(ds, p as usize..p as usize + 1, &mut one),
+            &mut acc,
+        );
+        kept += 1;
+        if record {
+            kept_rows.push(r);
+        }
+    }
+    Weighed {
+        state: SoftmaxState {
+            max: m,
+            sum: sums[0] as f32,
+            sum_shifted_logit: sums[1] as f32,
+            sum_sq: sums[2] as f32,
+            argmax: best.1,
+        },
+        acc,
+        sum_norm: sums[3] as f32,
+        dropped,
+        kept,
+        kept_rows,
+    }
+}
+
+/// How many of the index's tiles hold at least one of `positions` (ascending).
+fn tiles_touched(index: &PruneIndex, positions: impl Iterator<Item = u32>) -> u64 {
+    let mut n = 0u64;
+    let mut end = 0usize;
+    for p in positions {
+        let p = p as usize;
+        if p >= end {
+            let t = index.tiles.partition_point(|t| t.start + t.len <= p);
+            end = index.tiles[t].start + index.tiles[t].len;
+            n += 1;
+        }
+    }
+    n
+}
