@@ -223,7 +223,7 @@ pub(super) fn split(ids: &mut [u32], proj: &[f32], stride: usize, k: usize) -> V
         *slot = e.1;
     }
     let (l, r) = ids.split_at_mut(mid);
-    let (mut a, b) = if n > 8192 {
+    let (mut a, b) = if n > 2048 {
         rayon::join(|| split(l, proj, stride, k), || split(r, proj, stride, k))
     } else {
         (split(l, proj, stride, k), split(r, proj, stride, k))

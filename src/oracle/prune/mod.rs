@@ -339,12 +339,20 @@ impl PruneIndex {
                 .collect(),
             None => std::iter::once(0..n).collect(),
         };
+        // The classes' trees in parallel (each class's is one task below `split`'s own
+        // threshold for splitting in parallel), then laid out one after another.
+        let trees: Vec<(Range<usize>, Vec<u32>, Vec<usize>)> = seg_rows
+            .into_par_iter()
+            .map(|rows| {
+                let mut ids: Vec<u32> = rows.clone().map(|r| r as u32).collect();
+                let leaves = split(&mut ids, &proj_rows, k, TREE_DIMS.min(k));
+                (rows, ids, leaves)
+            })
+            .collect();
         let mut perm = Vec::with_capacity(n);
         let mut tiles = Vec::new();
         let mut segments = Vec::new();
-        for rows in seg_rows {
-            let mut ids: Vec<u32> = rows.clone().map(|r| r as u32).collect();
-            let leaves = split(&mut ids, &proj_rows, k, TREE_DIMS.min(k));
+        for (rows, ids, leaves) in trees {
             let first_tile = tiles.len();
             let mut pos = perm.len();
             for len in leaves {
@@ -367,17 +375,26 @@ impl PruneIndex {
         lap("tree");
         let levels = level_cuts(k);
         let nl = levels.len();
-        let mut proj = Vec::with_capacity(n * k);
-        let mut row_sq = Vec::with_capacity(n * nl);
-        let mut row_tail = Vec::with_capacity(n * nl);
-        let mut resid = Vec::with_capacity(n);
-        for &row in &perm {
-            let p = &proj_rows[row as usize * k..(row as usize + 1) * k];
-            proj.extend_from_slice(p);
-            let r = resid_rows[row as usize];
-            level_norms(p, r, &levels, &mut row_sq, &mut row_tail);
-            resid.push(r);
-        }
+        // The rows' projections in tile order and their level norms, in parallel.
+        let mut proj = vec![0.0f32; n * k];
+        let mut row_sq = vec![0.0f64; n * nl];
+        let mut row_tail = vec![0.0f64; n * nl];
+        let resid: Vec<f32> = perm.iter().map(|&row| resid_rows[row as usize]).collect();
+        proj.par_chunks_mut(k)
+            .zip(row_sq.par_chunks_mut(nl))
+            .zip(row_tail.par_chunks_mut(nl))
+            .zip(perm.par_iter())
+            .for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(sq, tail), (((p, rs), rt), &row)| {
+                    p.copy_from_slice(&proj_rows[row as usize * k..(row as usize + 1) * k]);
+                    sq.clear();
+                    tail.clear();
+                    level_norms(p, resid_rows[row as usize], &levels, sq, tail);
+                    rs.copy_from_slice(sq);
+                    rt.copy_from_slice(tail);
+                },
+            );
         // Level-major, so that a tile's rows are contiguous at every level.
         let level_major = |v: &[f64]| -> Vec<f32> {
             (0..nl)
@@ -400,8 +417,12 @@ impl PruneIndex {
         let nb = BOX_DIMS.min(k);
         let mut centres = vec![0.0f64; tiles.len() * k];
         let mut boxes = vec![0.0f32; tiles.len() * 2 * nb];
-        for (t, tile) in tiles.iter_mut().enumerate() {
-            let c = &mut centres[t * k..(t + 1) * k];
+        // Per tile, in parallel: its centroid, radii, box and norm ranges.
+        let tiles_stats = tiles
+            .par_iter_mut()
+            .zip(centres.par_chunks_mut(k))
+            .zip(boxes.par_chunks_mut(2 * nb));
+        tiles_stats.for_each(|((tile, c), bx)| {
             let pos = tile.start..tile.start + tile.len;
             for i in pos.clone() {
                 for (cj, &v) in c.iter_mut().zip(&proj[i * k..(i + 1) * k]) {
@@ -413,7 +434,7 @@ impl PruneIndex {
                 .for_each(|v| *v = (*v / tile.len as f64) as f32 as f64);
             let (mut rad, mut lo, mut hi, mut mx) = (0.0f64, f64::INFINITY, 0.0f64, 0.0f64);
             let mut rest = 0.0f64;
-            let (blo, bhi) = boxes[t * 2 * nb..(t + 1) * 2 * nb].split_at_mut(nb);
+            let (blo, bhi) = bx.split_at_mut(nb);
             blo.fill(f32::INFINITY);
             bhi.fill(f32::NEG_INFINITY);
             for i in pos {
@@ -443,7 +464,7 @@ impl PruneIndex {
             tile.resid_lo = lo * (1.0 - 1e-9);
             tile.resid_hi = hi * (1.0 + 1e-9);
             tile.max_norm = mx * (1.0 + 1e-9);
-        }
+        });
         lap("tiles");
         let mut pos = vec![0u32; n];
         for (p, &r) in perm.iter().enumerate() {
