@@ -23,7 +23,10 @@ fn carried_screening_equals_reference() {
     let samples: Vec<Vec<f64>> = (0..ds.n_samples()).map(|r| ds.sample_f64(r)).collect();
     let path = Path::RectifiedFlow;
     let mut carried = 0;
-    for (step, t) in [0.4f32, 0.45, 0.5, 0.55, 0.6].into_iter().enumerate() {
+    for (step, t) in [0.3f32, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6]
+        .into_iter()
+        .enumerate()
+    {
         let mut pruned = CpuBackend::with_options(&ds, CpuOptions { prune: true });
         pruned.record_kept_rows(true);
         let mut dense = CpuBackend::with_options(&ds, CpuOptions { prune: false });

@@ -44,6 +44,8 @@ const K: usize = 8;
 const PCA_ROWS: usize = 2048;
 /// Subspace iterations of the PCA (the screen needs good, not converged, directions).
 const PCA_ITERATIONS: usize = 6;
+/// Sample rows per parallel task of a PCA iteration.
+const PCA_CHUNK: usize = 256;
 /// Most rows in the norm band for which the projection screen runs.
 const BAND_CAP: usize = 8192;
 /// Most candidates whose exact distances are computed.
@@ -299,18 +301,26 @@ impl Basis {
         orthonormalise(&mut dirs[..used], d, &mut rng);
         for _ in 0..PCA_ITERATIONS {
             // dirs <- Y^T Y dirs, then orthonormalised.
-            let mut next = vec![0.0f64; K * d];
-            for y in &sample {
-                for k in 0..K {
-                    let c: f64 = dirs[k * d..(k + 1) * d]
-                        .iter()
-                        .zip(y)
-                        .map(|(a, b)| a * b)
-                        .sum();
-                    for (o, v) in next[k * d..(k + 1) * d].iter_mut().zip(y) {
-                        *o += c * v;
+            // In fixed chunks of the sample on every thread, summed in chunk order: the
+            // same bits whatever the thread count.
+            let parts: Vec<Vec<f64>> = sample
+                .par_chunks(PCA_CHUNK)
+                .map(|chunk| {
+                    let mut part = vec![0.0f64; K * d];
+                    for y in chunk {
+                        for k in 0..K {
+                            let c = dot_lanes(&dirs[k * d..(k + 1) * d], y, |v| v);
+                            for (o, v) in part[k * d..(k + 1) * d].iter_mut().zip(y) {
+                                *o += c * v;
+                            }
+                        }
                     }
-                }
+                    part
+                })
+                .collect();
+            let mut next = vec![0.0f64; K * d];
+            for part in parts {
+                next.iter_mut().zip(part).for_each(|(o, v)| *o += v);
             }
             orthonormalise(&mut next[..used], d, &mut rng);
             dirs = next;
@@ -326,19 +336,33 @@ impl Basis {
             let part: Vec<f32> = values
                 .par_chunks(d)
                 .flat_map_iter(|y| {
-                    (0..K).map(move |k| {
-                        dirs[k * d..(k + 1) * d]
-                            .iter()
-                            .zip(y)
-                            .map(|(a, &b)| a * b as f64)
-                            .sum::<f64>() as f32
-                    })
+                    (0..K)
+                        .map(move |k| dot_lanes(&dirs[k * d..(k + 1) * d], y, |v| v as f64) as f32)
                 })
                 .collect();
             proj.extend(part);
         }
         Ok(Basis { dirs, proj })
     }
+}
+
+/// sum_i a_i f(b_i) in f64 over 8 independent running sums (a single running sum cannot
+/// vectorize; the order changes only f64 rounding, far below the f32 the screen allows for).
+fn dot_lanes<T: Copy>(a: &[f64], b: &[T], f: impl Fn(T) -> f64) -> f64 {
+    const LANES: usize = 8;
+    let mut acc = [0.0f64; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * f(y[l]);
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, &y) in ra.iter().zip(rb) {
+        s += x * f(y);
+    }
+    s
 }
 
 /// The stored (centred) values of `rows` as f32, row-major: from memory, or read from the
