@@ -121,60 +121,14 @@ fn pruned_equals_dense_and_reference() {
 #[test]
 fn certificate_bounds_the_true_skipped_mass() {
     use oracleflow::oracle::cpu::Pass;
-    let (mut checked, mut bounds_calls) = (0, 0);
-    for (name, ds) in datasets() {
-        let mut backend = CpuBackend::with_options(&ds, CpuOptions { prune: true });
-        backend.record_kept_rows(true);
-        for path in [Path::RectifiedFlow, Path::VpCosine] {
-            for &t in &TIMES[2..] {
-                let x = path_queries(&ds, path, t, 8, 7);
-                let (xc, coefs) = centred(&ds, path, &x, t);
-                let post = backend
-                    .posterior(&CentredBatch {
-                        x: &xc,
-                        logit_coefs: &coefs,
-                        rows: 0..ds.n_samples(),
-                    })
-                    .unwrap();
-                if !backend.last_was_pruned() {
-                    continue;
-                }
-                bounds_calls += (backend.last_pass() == Pass::Bounds) as usize;
-                let samples: Vec<Vec<f64>> =
-                    (0..ds.n_samples()).map(|r| ds.sample_f64(r)).collect();
-                for (q, kept) in backend.kept_rows().iter().enumerate() {
-                    let xq = &x[q * ds.dim()..(q + 1) * ds.dim()];
-                    let skipped = left_out_mass(&samples, 0..ds.n_samples(), kept, path, t, xq);
-                    let mut is_kept = vec![false; ds.n_samples()];
-                    kept.iter().for_each(|&r| is_kept[r as usize] = true);
-                    let cert = post.stats[q].skipped_mass_bound as f64;
-                    let what = format!("{name} {} t={t} query {q}", path.name());
-                    assert!(
-                        skipped <= cert * (1.0 + 1e-3),
-                        "{what}: true skipped mass {skipped:e} > certificate {cert:e}"
-                    );
-                    assert!(
-                        cert <= 2f64.powi(-30) * 1.001,
-                        "{what}: certificate {cert:e}"
-                    );
-                    let n_skipped = is_kept.iter().filter(|&&k| !k).count();
-                    let share = n_skipped as f32 / ds.n_samples() as f32;
-                    assert!(
-                        (post.stats[q].samples_skipped - share).abs() < 1e-6,
-                        "{what}: samples_skipped {} vs {share}",
-                        post.stats[q].samples_skipped
-                    );
-                    checked += (n_skipped > 0) as usize;
-                }
-            }
-        }
-    }
+    let (checked, passes) = common::check_certificates(&datasets(), &TIMES[2..]);
     assert!(checked >= 20, "only {checked} queries had skipped samples");
-    // The bounds pass itself (not only the sparse pass's drops) is among those checked.
-    eprintln!("{bounds_calls} calls took the bounds pass");
+    // The projected pass itself (not only the sparse pass's drops) is among those checked.
+    let projected = passes.iter().filter(|&&p| p == Pass::Projected).count();
+    eprintln!("{projected} calls took the projected pass");
     assert!(
-        bounds_calls >= 4,
-        "only {bounds_calls} calls took the bounds pass"
+        projected >= 4,
+        "only {projected} calls took the projected pass"
     );
 }
 

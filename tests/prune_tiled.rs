@@ -3,7 +3,7 @@
 //! every pass the backend picks across t, on real and clustered data, f32 and f16, whole
 //! dataset and one class.
 //! Alone in its binary: it sets ORACLEFLOW_PRUNE_TILED, which the index reads when it
-//! first needs the copy.
+//! first needs the copy, and ORACLEFLOW_PRUNE_PROJECTED, which the backend reads per call.
 
 mod common;
 
@@ -16,11 +16,16 @@ use oracleflow::Path;
 #[test]
 fn tile_ordered_copy_gives_the_same_bits_as_gathers() {
     let mut passes = std::collections::BTreeSet::new();
-    for (name, dtype) in [
-        ("fashion-mnist", Dtype::F32),
-        ("fashion-mnist", Dtype::F16),
-        ("clustered", Dtype::F16),
-    ] {
+    // Late calls: the projected pass, then (with it off) the bounds pass.
+    for (projected, (name, dtype)) in ["1", "0"].into_iter().flat_map(|p| {
+        [
+            ("fashion-mnist", Dtype::F32),
+            ("fashion-mnist", Dtype::F16),
+            ("clustered", Dtype::F16),
+        ]
+        .map(|d| (p, d))
+    }) {
+        std::env::set_var("ORACLEFLOW_PRUNE_PROJECTED", projected);
         let ds = match name {
             "clustered" => common::clustered_dataset(1200, dtype),
             _ => dataset::load("embedded@1500", dtype).unwrap(),

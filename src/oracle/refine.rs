@@ -104,21 +104,21 @@ impl Refiner {
         ds: &Dataset,
         q: &RefineQuery<'_>,
     ) -> Result<Option<(Vec<f64>, QueryStats)>> {
+        if self.basis.is_none() && self.band(ds, q)?.is_some() {
+            self.basis = Some(Basis::new(ds)?);
+        }
+        self.refine_ready(ds, q)
+    }
+
+    /// The screen's first cut for `q`: (rho^2, r, |x| / alpha, the norm band lo..hi), or
+    /// None where the query cannot be refined or its band holds over `BAND_CAP` rows.
+    fn band(&self, ds: &Dataset, q: &RefineQuery<'_>) -> Result<Option<Band>> {
         if q.alpha.is_nan() || q.alpha <= 0.0 || q.rows.is_empty() {
             return Ok(None);
         }
-        let mut row = Vec::new();
-        let dist2 = |row: &mut Vec<f32>, i: usize| -> Result<f64> {
-            read_rows(ds, i..i + 1, row)?;
-            Ok(q.x
-                .iter()
-                .zip(row.iter())
-                .map(|(&x, &y)| (x - q.alpha * y as f64).powi(2))
-                .sum())
-        };
         let n = q.rows.len() as f64;
         let two_s2 = 2.0 * q.sigma * q.sigma;
-        let rho2 = dist2(&mut row, q.anchor)? + two_s2 * (n.ln() + MARGIN);
+        let rho2 = dist2(ds, q, &mut Vec::new(), q.anchor)? + two_s2 * (n.ln() + MARGIN);
         // In units of y: candidates satisfy |x / alpha - y| < r.
         let r = rho2.sqrt() / q.alpha;
         let x_norm = q.x.iter().map(|v| v * v).sum::<f64>().sqrt() / q.alpha;
@@ -130,13 +130,34 @@ impl Refiner {
         let hi = self
             .by_norm
             .partition_point(|e| e.0 as f64 <= x_norm + r + slack);
-        if hi - lo > BAND_CAP {
+        Ok((hi - lo <= BAND_CAP).then_some(Band {
+            rho2,
+            r,
+            x_norm,
+            rows: lo..hi,
+        }))
+    }
+
+    /// [`Self::refine`] once the basis exists wherever a query's band needs it (read-only,
+    /// so that queries refine in parallel).
+    fn refine_ready(
+        &self,
+        ds: &Dataset,
+        q: &RefineQuery<'_>,
+    ) -> Result<Option<(Vec<f64>, QueryStats)>> {
+        let Some(Band {
+            rho2,
+            r,
+            x_norm,
+            rows: band,
+        }) = self.band(ds, q)?
+        else {
             return Ok(None);
-        }
-        if self.basis.is_none() {
-            self.basis = Some(Basis::new(ds)?);
-        }
-        let basis = self.basis.as_ref().expect("built above");
+        };
+        let (lo, hi) = (band.start, band.end);
+        let mut row = Vec::new();
+        let two_s2 = 2.0 * q.sigma * q.sigma;
+        let basis = self.basis.as_ref().expect("built for every band");
         let d = ds.dim();
         let px: Vec<f64> = (0..K)
             .map(|k| {
@@ -168,7 +189,7 @@ impl Refiner {
         // Exact distances; keep the rows inside rho (the anchor always is).
         let mut cands = Vec::with_capacity(survivors.len());
         for i in survivors {
-            let d2 = dist2(&mut row, i)?;
+            let d2 = dist2(ds, q, &mut row, i)?;
             if d2 < rho2 {
                 cands.push((i, d2));
             }
@@ -234,6 +255,24 @@ impl Refiner {
     }
 }
 
+/// The norm band of one query (see `Refiner::band`).
+struct Band {
+    rho2: f64,
+    r: f64,
+    x_norm: f64,
+    rows: Range<usize>,
+}
+
+/// |x - alpha y_i|^2 in f64 for the query `q` and stored row i (read into `row`).
+fn dist2(ds: &Dataset, q: &RefineQuery<'_>, row: &mut Vec<f32>, i: usize) -> Result<f64> {
+    read_rows(ds, i..i + 1, row)?;
+    Ok(q.x
+        .iter()
+        .zip(row.iter())
+        .map(|(&x, &y)| (x - q.alpha * y as f64).powi(2))
+        .sum())
+}
+
 /// Refines every query of a fast result `post` (over `rows`, queries `x` in user
 /// coordinates at path coefficients `coefs`) where the screen is cheap: replaces their
 /// stats (keeping the fast pass's pruning certificate and shares) and returns their f64
@@ -247,23 +286,44 @@ pub fn refine_batch(
     post: &mut Posterior,
 ) -> Result<(Vec<Option<Vec<f64>>>, u64)> {
     let dim = ds.dim();
+    // The centred queries in f64 (the backends got them rounded to f32).
+    let xc: Vec<Vec<f64>> = coefs
+        .iter()
+        .enumerate()
+        .map(|(q, c)| {
+            x[q * dim..(q + 1) * dim]
+                .iter()
+                .zip(ds.mean())
+                .map(|(&v, &m)| v as f64 - c.alpha * m as f64)
+                .collect()
+        })
+        .collect();
+    let query = |q: usize| RefineQuery {
+        x: &xc[q],
+        alpha: coefs[q].alpha,
+        sigma: coefs[q].sigma_safe(),
+        rows: rows.clone(),
+        anchor: post.stats[q].top1_index as usize,
+    };
+    // The basis first, where some query's band needs it; then every query on its own
+    // thread (each result depends on its query alone).
+    if refiner.basis.is_none() {
+        for q in 0..coefs.len() {
+            if refiner.band(ds, &query(q))?.is_some() {
+                refiner.basis = Some(Basis::new(ds)?);
+                break;
+            }
+        }
+    }
+    let refiner = &*refiner;
+    let results: Vec<Option<(Vec<f64>, QueryStats)>> = (0..coefs.len())
+        .into_par_iter()
+        .map(|q| refiner.refine_ready(ds, &query(q)))
+        .collect::<Result<_>>()?;
     let mut exact_means = vec![None; coefs.len()];
     let mut refined = 0;
-    for (q, c) in coefs.iter().enumerate() {
-        // The centred query in f64 (the backends got it rounded to f32).
-        let xc: Vec<f64> = x[q * dim..(q + 1) * dim]
-            .iter()
-            .zip(ds.mean())
-            .map(|(&v, &m)| v as f64 - c.alpha * m as f64)
-            .collect();
-        let query = RefineQuery {
-            x: &xc,
-            alpha: c.alpha,
-            sigma: c.sigma_safe(),
-            rows: rows.clone(),
-            anchor: post.stats[q].top1_index as usize,
-        };
-        if let Some((mean, stats)) = refiner.refine(ds, &query)? {
+    for (q, result) in results.into_iter().enumerate() {
+        if let Some((mean, stats)) = result {
             exact_means[q] = Some(mean);
             let fast = post.stats[q];
             post.stats[q] = QueryStats {

@@ -358,3 +358,68 @@ fn announce_skip(reason: &'static str, text: &str) {
     );
     let _ = std::io::stderr().write_all(line.as_bytes());
 }
+
+/// Per dataset, path (rectified flow, VP cosine) and t of `times`: one pruned call of 8
+/// queries on every row, and for each query the f64 mass its call truly left out, checked
+/// against the call's certificate (which must also stay within the 2^-30 budget), and the
+/// reported share of skipped samples against the rows it kept. Returns how many queries
+/// skipped any sample and which pass each pruned call took.
+pub fn check_certificates(
+    datasets: &[(&str, oracleflow::dataset::Dataset)],
+    times: &[f32],
+) -> (usize, Vec<oracleflow::oracle::cpu::Pass>) {
+    use oracleflow::oracle::cpu::{CpuBackend, CpuOptions};
+    use oracleflow::oracle::{Backend, CentredBatch};
+    let (mut checked, mut passes) = (0, Vec::new());
+    for (name, ds) in datasets {
+        let mut backend = CpuBackend::with_options(ds, CpuOptions { prune: true });
+        backend.record_kept_rows(true);
+        let samples: Vec<Vec<f64>> = (0..ds.n_samples()).map(|r| ds.sample_f64(r)).collect();
+        for path in [Path::RectifiedFlow, Path::VpCosine] {
+            for &t in times {
+                let x = path_queries(ds, path, t, 8, 7);
+                let (xc, coefs) = centred(ds, path, &x, t);
+                let post = backend
+                    .posterior(&CentredBatch {
+                        x: &xc,
+                        logit_coefs: &coefs,
+                        rows: 0..ds.n_samples(),
+                    })
+                    .unwrap();
+                if !backend.last_was_pruned() {
+                    continue;
+                }
+                passes.push(backend.last_pass());
+                for (q, kept) in backend.kept_rows().iter().enumerate() {
+                    let xq = &x[q * ds.dim()..(q + 1) * ds.dim()];
+                    let skipped = left_out_mass(&samples, 0..ds.n_samples(), kept, path, t, xq);
+                    let mut is_kept = vec![false; ds.n_samples()];
+                    kept.iter().for_each(|&r| is_kept[r as usize] = true);
+                    let cert = post.stats[q].skipped_mass_bound as f64;
+                    let what = format!(
+                        "{name} {} t={t} query {q} ({:?})",
+                        path.name(),
+                        backend.last_pass()
+                    );
+                    assert!(
+                        skipped <= cert * (1.0 + 1e-3),
+                        "{what}: true skipped mass {skipped:e} > certificate {cert:e}"
+                    );
+                    assert!(
+                        cert <= 2f64.powi(-30) * 1.001,
+                        "{what}: certificate {cert:e}"
+                    );
+                    let n_skipped = is_kept.iter().filter(|&&k| !k).count();
+                    let share = n_skipped as f32 / ds.n_samples() as f32;
+                    assert!(
+                        (post.stats[q].samples_skipped - share).abs() < 1e-6,
+                        "{what}: samples_skipped {} vs {share}",
+                        post.stats[q].samples_skipped
+                    );
+                    checked += (n_skipped > 0) as usize;
+                }
+            }
+        }
+    }
+    (checked, passes)
+}

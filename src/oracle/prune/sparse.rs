@@ -105,7 +105,7 @@ const BF16_MAX_SLACK: f64 = 48.0;
 /// this one's (see [`Carry`]).
 const CARRY_MAX_SLACK: f64 = 8.0;
 /// Largest 2 err (nats) at which weights are still dropped.
-pub(super) const MAX_ERR: f64 = 10.0;
+const MAX_ERR: f64 = 10.0;
 
 /// One task's logits over its row block: per tile, n_q x tile rows, tile after tile; and
 /// per query the block's largest logit and its stored row. With screening, a logit that
