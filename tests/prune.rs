@@ -234,6 +234,11 @@ fn sparse_and_projected_passes_equal_dense_and_reference() {
                 }
                 let d = dense.posterior(&batch).unwrap();
                 let want = reference::posterior_f64(&ds, &batch);
+                // The screened passes' logits are dot products, dense's a GEMM: where a
+                // posterior is split between distant samples with large logits, the two
+                // f32 orders alone move the mean by up to this much (see the low-dimension
+                // test).
+                let rounding = common::logit_rounding_effect(&ds, &batch);
                 let what = format!("{name} t={t} class={class:?}");
                 let dim = ds.dim();
                 for (q, w) in want.iter().enumerate() {
@@ -242,7 +247,7 @@ fn sparse_and_projected_passes_equal_dense_and_reference() {
                         &d.mean[q * dim..(q + 1) * dim],
                     );
                     let query = format!("{what} query {q}");
-                    common::assert_as_close_as_dense(got, den, &w.mean, 0.0, &query);
+                    common::assert_as_close_as_dense(got, den, &w.mean, rounding[q], &query);
                     if w.top1_weight > 0.6 {
                         assert_eq!(p.stats[q].top1_index as usize, w.top1_index, "{what}");
                     }
