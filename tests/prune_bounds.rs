@@ -1,7 +1,9 @@
-//! The bounds pass (tile bounds, then per-sample screening in levels), which the projected
-//! pass otherwise takes the late calls from: with ORACLEFLOW_PRUNE_PROJECTED=0 it runs
-//! from an estimated kept share of 1e-3 on, and its certificate bounds the mass it truly
-//! left out. Alone in its binary: it sets the variable, which the backend reads per call.
+//! The bounds pass (tile bounds, then per-sample screening in levels), which takes the
+//! late calls the projected pass gives up. ORACLEFLOW_PRUNE_PROJ_MAX_COMPUTED=0 makes the
+//! projected pass give up every call after its first tile (as it does where its bounds
+//! are too loose): the bounds pass then runs from an estimated kept share of 1e-3 on, as
+//! close to f64 as dense, and its certificate bounds the mass it truly left out. Alone in
+//! its binary: it sets the variable, which the pass reads per call.
 
 mod common;
 
@@ -10,7 +12,7 @@ use oracleflow::oracle::cpu::Pass;
 
 #[test]
 fn bounds_pass_certificate_bounds_the_true_skipped_mass() {
-    std::env::set_var("ORACLEFLOW_PRUNE_PROJECTED", "0");
+    std::env::set_var("ORACLEFLOW_PRUNE_PROJ_MAX_COMPUTED", "0");
     let datasets = vec![
         ("random", common::gaussian_dataset(900, 100, 3, Dtype::F32)),
         ("clustered", common::clustered_dataset(1200, Dtype::F32)),
@@ -35,7 +37,7 @@ fn bounds_pass_equals_dense_and_reference() {
     use oracleflow::oracle::cpu::{CpuBackend, CpuOptions};
     use oracleflow::oracle::{reference, Backend, CentredBatch};
     use oracleflow::Path;
-    std::env::set_var("ORACLEFLOW_PRUNE_PROJECTED", "0");
+    std::env::set_var("ORACLEFLOW_PRUNE_PROJ_MAX_COMPUTED", "0");
     let mut bounds = 0;
     for (name, ds) in [
         ("random", common::gaussian_dataset(900, 100, 3, Dtype::F32)),

@@ -51,6 +51,20 @@ use crate::oracle::{CentredBatch, SoftmaxState};
 /// (1.6e-3) at 0.063 s against 0.077; at t = 0.68 (8.7e-4) at 0.051 against 0.083.
 pub const MAX_SHARE: f64 = 2e-3;
 
+/// Largest share of a task's pairs whose f32 logits the pass computes before it gives the
+/// call up (its memory, 8 bytes a pair, and time then go to another pass). On
+/// Fashion-MNIST it computes at most 1.8% (t = 0.64, estimated kept share 1.6e-3).
+const MAX_COMPUTED: f64 = 0.1;
+
+/// [`MAX_COMPUTED`], or ORACLEFLOW_PRUNE_PROJ_MAX_COMPUTED (read per call; the tests set
+/// 0 to make the pass give up and its fallback run).
+fn max_computed() -> f64 {
+    std::env::var("ORACLEFLOW_PRUNE_PROJ_MAX_COMPUTED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(MAX_COMPUTED)
+}
+
 /// Whether the pass may run (ORACLEFLOW_PRUNE_PROJECTED=0 turns it off, for comparisons:
 /// the bounds pass and the bf16 screening then take its calls).
 pub fn enabled() -> bool {
@@ -277,7 +291,7 @@ pub fn partial(
 
     // (2) Every pair's bound at the pass's level; the last level and f32 for the few that
     // reach the cut.
-    let found: Vec<TaskOut> = tasks
+    let found: Vec<Option<TaskOut>> = tasks
         .par_iter()
         .map(|&(g, b)| {
             let qs = groups[g].clone();
@@ -294,6 +308,9 @@ pub fn partial(
             )
         })
         .collect();
+    // A task that computed too many logits gave up: the bounds were too loose for this
+    // call, and another pass takes it.
+    let found: Vec<TaskOut> = found.into_iter().collect::<Option<_>>()?;
     let t_sweep = clock.elapsed().as_secs_f64();
 
     // Per query: its computed logits in position order, and the certificate so far in
@@ -386,7 +403,7 @@ fn sweep(
     lib: GemmLib,
     lower: &[f64],
     thresholds: &[f64],
-) -> TaskOut {
+) -> Option<TaskOut> {
     let (dim, k, n_all) = (ds.dim(), proj.k, index.perm.len());
     let [pass, last] = proj.levels;
     let refine = pass < last;
@@ -404,7 +421,12 @@ fn sweep(
     };
     let mut bnd = vec![0.0f32; n_q * TILE];
     let mut one = Vec::new();
+    let most = (max_computed() * (n_q * block.len()) as f64) as usize;
+    let mut computed = 0usize;
     for t0 in block.clone().step_by(TILE) {
+        if computed > most {
+            return None;
+        }
         let nt = TILE.min(block.end - t0);
         let bnd = &mut bnd[..n_q * nt];
         proj.tile_bounds(index, qs, (t0, nt), At::Pass, lib, bnd);
@@ -437,6 +459,7 @@ fn sweep(
                     let r = index.perm[p] as usize;
                     let s = exact_logit(ds, index, x, batch.logit_coefs[q], p, norms[r], &mut one);
                     out.logits[l].push((p as u32, s));
+                    computed += 1;
                     // Marked as computed: not counted as ruled out below.
                     *v = f32::INFINITY;
                     if s as f64 > lower[l] {
@@ -457,7 +480,7 @@ fn sweep(
         }
     }
     out.lower = lower;
-    out
+    Some(out)
 }
 
 /// Per query, the largest f32 logit over the rows of the tile whose projected centroid
