@@ -238,9 +238,10 @@ struct TaskOut {
 }
 
 /// The projected pass over `batch.rows` (in the tile order of `index`, `setup` computed
-/// for them), its GEMM's level chosen from the estimated kept `share`; `None` where some query cannot be pruned or the f32 rounding is too large to
-/// drop anything (then the caller runs another pass). `kept`, if given, receives per query
-/// the stored rows accumulated.
+/// for them), its GEMM's level chosen from the estimated kept `share`; `None` where some
+/// query cannot be pruned or a task gives up (over `MAX_COMPUTED` of its pairs computed):
+/// then the caller runs another pass. `kept`, if given, receives per query the stored rows
+/// accumulated.
 #[allow(clippy::too_many_arguments)]
 pub fn partial(
     ds: &Dataset,

@@ -56,43 +56,32 @@ pub(super) fn screen(
     screen_impl(index, px, qb, needed, qids, tile_range, masks, cert, dot8)
 }
 
-/// [`screen_impl`] compiled for AVX2 + FMA (the build targets baseline x86-64).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn screen_avx2(
-    index: &PruneIndex,
-    px: &[f32],
-    qb: &[&QueryBound],
-    needed: &[&[bool]],
-    qids: &[usize],
-    tile_range: Range<usize>,
-    masks: &mut [u64],
-    cert: &mut [f64],
-) -> ScreenCount {
-    // SAFETY (of the calls to dot_avx2): this function only runs where AVX2 and FMA are.
-    let dot = |a: &[f32], b: &[f32]| unsafe { dot_avx2(a, b) };
-    screen_impl(index, px, qb, needed, qids, tile_range, masks, cert, dot)
+/// [`screen_impl`] compiled for an ISA's features (the build targets baseline x86-64),
+/// with that ISA's dot product.
+macro_rules! screen_for {
+    ($name:ident, $features:literal, $dot:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name(
+            index: &PruneIndex,
+            px: &[f32],
+            qb: &[&QueryBound],
+            needed: &[&[bool]],
+            qids: &[usize],
+            tile_range: Range<usize>,
+            masks: &mut [u64],
+            cert: &mut [f64],
+        ) -> ScreenCount {
+            // SAFETY (of the calls to the dot product): this function only runs where the
+            // features it is compiled for are.
+            let dot = |a: &[f32], b: &[f32]| unsafe { $dot(a, b) };
+            screen_impl(index, px, qb, needed, qids, tile_range, masks, cert, dot)
+        }
+    };
 }
-
-/// [`screen_impl`] compiled for AVX-512.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn screen_avx512(
-    index: &PruneIndex,
-    px: &[f32],
-    qb: &[&QueryBound],
-    needed: &[&[bool]],
-    qids: &[usize],
-    tile_range: Range<usize>,
-    masks: &mut [u64],
-    cert: &mut [f64],
-) -> ScreenCount {
-    // SAFETY (of the calls to dot_avx512): this function only runs where AVX-512 is.
-    let dot = |a: &[f32], b: &[f32]| unsafe { dot_avx512(a, b) };
-    screen_impl(index, px, qb, needed, qids, tile_range, masks, cert, dot)
-}
+screen_for!(screen_avx2, "avx2,fma", dot_avx2);
+screen_for!(screen_avx512, "avx512f,avx2,fma", dot_avx512);
 
 /// Dot product with AVX2 FMAs (two accumulators of 8 lanes).
 #[cfg(target_arch = "x86_64")]
