@@ -653,19 +653,34 @@ pub fn kept_share(ds: &Dataset, batch: &CentredBatch<'_>) -> f64 {
         .iter()
         .flat_map(|&q| batch.x[q * dim..(q + 1) * dim].iter().copied())
         .collect();
-    let mut s = vec![0.0f32; queries.len() * sample.len()];
-    sgemm_with(
-        GemmLib::Gemm,
-        Gemm {
-            m: queries.len(),
-            n: sample.len(),
-            k: dim,
-        },
-        &mut s,
-        false,
-        (&xs, dim, 1),
-        (ys, 1, stride),
-    );
+    // Two column halves on two threads (each reads half the sample's rows), then laid out
+    // as one (queries x sample) block.
+    let (m, n) = (queries.len(), sample.len());
+    let half = n.div_ceil(2);
+    let part = |cols: Range<usize>| {
+        let mut out = vec![0.0f32; m * cols.len()];
+        if !cols.is_empty() {
+            sgemm_with(
+                GemmLib::Gemm,
+                Gemm {
+                    m,
+                    n: cols.len(),
+                    k: dim,
+                },
+                &mut out,
+                false,
+                (&xs, dim, 1),
+                (&ys[cols.start * stride..], 1, stride),
+            );
+        }
+        out
+    };
+    let (lo, hi) = rayon::join(|| part(0..half), || part(half..n));
+    let mut s = vec![0.0f32; m * n];
+    for (q, row) in s.chunks_exact_mut(n).enumerate() {
+        row[..half].copy_from_slice(&lo[q * half..(q + 1) * half]);
+        row[half..].copy_from_slice(&hi[q * (n - half)..(q + 1) * (n - half)]);
+    }
     let shares: Vec<f64> = queries
         .iter()
         .zip(s.chunks_exact_mut(sample.len()))
