@@ -11,13 +11,17 @@
 //! (the module docs of `prune`) gives an upper bound on its f32 logit, with the same margin
 //! and rounding terms as the pruned pass.
 //!
-//! **Two sweeps.** (1) The first level (16 coordinates) for every pair, keeping only each
-//! (task, query)'s row of largest bound; those rows' f32 logits give each query a lower
-//! bound on its f32 maximum, so the drop cut lower + ln(`SAMPLE_BUDGET` / n) - 2 err holds
-//! from the first tile of (2). (2) Per tile: the bounds at the pass's level; the pairs that
-//! reach the cut get the bound of the last level (all k coordinates, one dot product with
-//! the row's projection), and those still reaching it their f32 logit, which raises the
-//! lower bound. Only those logits are kept, per query, with their positions.
+//! **Seed, then one sweep.** (1) Per query, the f32 logits of the `SEED_ROWS` rows of its
+//! nearest tile (by projected centroid) nearest to it in the head coordinates: their
+//! largest is a lower bound on its f32 maximum, so the drop cut
+//! lower + ln(`SAMPLE_BUDGET` / n) - 2 err holds from the first tile of (2). (Seeding from
+//! each task's largest 16-coordinate bound instead computed 4.5 times as many logits at
+//! t = 0.7.) (2) Per tile: the bounds at the pass's level (16, 64 or 128 coordinates, by
+//! the estimated kept share); the pairs that reach the cut get the bound of the last level
+//! (all k coordinates, one dot product with the row's projection), and those still
+//! reaching it their f32 logit, which raises the lower bound. Only those logits are kept,
+//! per query, with their positions; a task that computes over `MAX_COMPUTED` of its
+//! pairs gives the call up.
 //!
 //! **Weights and certificate.** Per query, m is the largest computed logit (the f32
 //! maximum: no pair left out can reach it) and the computed logits at or above
@@ -26,7 +30,9 @@
 //! `SAMPLE_BUDGET` / n of the normaliser, as in the sparse pass (see its module docs: the
 //! same margin, so the same argument that no f32 result can change). The certificate sums
 //! (per tile and query) the count of pairs ruled out times exp of the largest of their
-//! bounds, plus the dropped weights, times exp(2 err) for the f32 logits' rounding.
+//! bounds (in units of the running lower bound, rescaled as it rises), plus the dropped
+//! weights, times exp(2 err) for the f32 logits' rounding (added in logs: near t = 1,
+//! 2 err reaches hundreds of nats, which only lowers the cut).
 //!
 //! **When.** Where the estimated kept share is small (see `CpuBackend`). Measured on
 //! Fashion-MNIST (numpy, bounds against the true maximum): 64 coordinates let through 18%
@@ -484,9 +490,10 @@ fn sweep(
     Some(out)
 }
 
-/// Per query, the largest f32 logit over the rows of the tile whose projected centroid
-/// is nearest to it (in the first levels' coordinates, which the index keeps per tile
-/// dimension-major for such small products).
+/// Per query, the largest f32 logit over the `SEED_ROWS` rows nearest to it (in the head
+/// coordinates, which the index keeps per tile dimension-major for such small products) of
+/// the tile whose projected centroid is nearest to it: any computed logit is a lower bound
+/// on the f32 maximum, and late in a trajectory these hold the nearest sample.
 fn seed_lower(
     ds: &Dataset,
     index: &PruneIndex,
