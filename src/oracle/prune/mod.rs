@@ -85,8 +85,11 @@
 //! `gaussian:60000,784`), no index is built and every call is dense, having spent only
 //! the basis. Per call (the order is `CpuBackend`'s): a sample of exact logits estimates
 //! the share of weights that can reach f32 (`sparse::kept_share`); above
-//! `sparse::SPARSE_MAX_SHARE` (the navigation stage, alpha = 0) the dense pass runs.
-//! Else `PROBE_QUERIES` spread-out queries are screened, and the screening's work plus
+//! `sparse::SPARSE_MAX_SHARE` (the navigation stage, alpha = 0) the dense pass runs. At
+//! most `projected::MAX_SHARE` (late t) the projected pass ([`projected`]: the same
+//! per-sample bounds for every pair at once, from projection GEMMs) runs first; where it
+//! declines or gives up, and the share is at most `PROBE_MAX_SHARE`, this module's pass is
+//! tried: `PROBE_QUERIES` spread-out queries are screened, and the screening's work plus
 //! `EXACT_PENALTY` x 2 D per surviving pair is compared with the dense pass's 2 D per
 //! pair; above `DENSE_SWITCH` of it [`posterior`] returns `None` and the caller runs the
 //! sparse pass ([`sparse`]: every logit, the weighted sum over the weights that count).
