@@ -271,8 +271,8 @@ impl Backend for CpuBackend<'_> {
                         Screen::F32
                     };
                     // Few weights count: per-sample bounds of every pair from projection
-                    // GEMMs (the bounds' probe runs only where this declines: f32 rounding
-                    // too large near t = 1, or a query that cannot be pruned).
+                    // GEMMs (the bounds' probe runs only where this declines: a query that
+                    // cannot be pruned, or bounds that let through too many pairs).
                     if screen != Screen::Carried
                         && share <= prune::projected::MAX_SHARE
                         && prune::projected::enabled()

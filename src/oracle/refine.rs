@@ -96,20 +96,6 @@ impl Refiner {
         }
     }
 
-    /// The exact posterior of `q` as (centred mean in f64, stats with stored-row top-1), or
-    /// None when the screen is not selective enough to be cheap. The mean stays f64: at late
-    /// t the velocity (x1_hat - x) / sigma would magnify its f32 rounding.
-    pub fn refine(
-        &mut self,
-        ds: &Dataset,
-        q: &RefineQuery<'_>,
-    ) -> Result<Option<(Vec<f64>, QueryStats)>> {
-        if self.basis.is_none() && self.band(ds, q)?.is_some() {
-            self.basis = Some(Basis::new(ds)?);
-        }
-        self.refine_ready(ds, q)
-    }
-
     /// The screen's first cut for `q`: (rho^2, r, |x| / alpha, the norm band lo..hi), or
     /// None where the query cannot be refined or its band holds over `BAND_CAP` rows.
     fn band(&self, ds: &Dataset, q: &RefineQuery<'_>) -> Result<Option<Band>> {
@@ -138,9 +124,12 @@ impl Refiner {
         }))
     }
 
-    /// [`Self::refine`] once the basis exists wherever a query's band needs it (read-only,
-    /// so that queries refine in parallel).
-    fn refine_ready(
+    /// The exact posterior of `q` as (centred mean in f64, stats with stored-row top-1), or
+    /// None when the screen is not selective enough to be cheap. The mean stays f64: at late
+    /// t the velocity (x1_hat - x) / sigma would magnify its f32 rounding. The basis must
+    /// exist wherever the query's band needs it ([`refine_batch`] builds it first; read-only
+    /// here, so that queries refine in parallel).
+    pub fn refine(
         &self,
         ds: &Dataset,
         q: &RefineQuery<'_>,
@@ -318,7 +307,7 @@ pub fn refine_batch(
     let refiner = &*refiner;
     let results: Vec<Option<(Vec<f64>, QueryStats)>> = (0..coefs.len())
         .into_par_iter()
-        .map(|q| refiner.refine_ready(ds, &query(q)))
+        .map(|q| refiner.refine(ds, &query(q)))
         .collect::<Result<_>>()?;
     let mut exact_means = vec![None; coefs.len()];
     let mut refined = 0;

@@ -1126,15 +1126,13 @@ impl<'a> Bounder<'a> {
         let xq = &x[q * dim..(q + 1) * dim];
         let x_sq: f64 = xq.iter().map(|&v| (v as f64).powi(2)).sum();
         let pq = &px[q * k..(q + 1) * k];
-        let prunable = c_dot > 0.0 && c_norm > 0.0 && c_dot.is_finite() && c_norm.is_finite();
+        let geometry = logit_geometry([c_dot, c_norm]);
+        let prunable = geometry.is_some();
+        let (a, inv) = geometry.unwrap_or((0.0, 0.0));
         let mut b = QueryBound {
             prunable,
-            a: if prunable { 2.0 * c_norm / c_dot } else { 0.0 },
-            inv: if prunable {
-                c_dot * c_dot / (4.0 * c_norm)
-            } else {
-                0.0
-            },
+            a,
+            inv,
             c_dot,
             c_norm,
             x_sq,
@@ -1239,6 +1237,23 @@ fn seed_max(
 ) -> f64 {
     let tile = &index.tiles[t];
     let norms = ds.sq_norms();
+    let mut scratch = Vec::new();
+    let mut m = f64::NEG_INFINITY;
+    for p in seed_rows(index, b.a, pq, t) {
+        let row = index.perm[p] as usize;
+        let y = stored_rows_f32(ds, row..row + 1, &mut scratch);
+        let dot = dot(xq, y) as f64;
+        m = m.max(b.c_dot * dot - b.c_norm * norms[row] as f64);
+    }
+    m - 2.0 * b.err(tile.max_norm, index.dim)
+}
+
+/// The positions of the `SEED_ROWS` rows of tile `t` nearest to a query (projection `pq`,
+/// scale `a`) in the index's head coordinates (the tile's dimension-major block: vector
+/// FMAs over its `LEAF_ROWS` columns); late in a trajectory the nearest sample is among
+/// them. Any of their f32 logits is a lower bound on the query's f32 maximum.
+fn seed_rows(index: &PruneIndex, a: f64, pq: &[f32], t: usize) -> Vec<usize> {
+    let tile = &index.tiles[t];
     let hd = index.head_dims;
     let block = &index.proj0t[t * hd * LEAF_ROWS..][..hd * LEAF_ROWS];
     let mut acc = [0.0f32; LEAF_ROWS];
@@ -1256,19 +1271,22 @@ fn seed_max(
     let n_all = index.perm.len();
     let sq = &index.lvl_sq[level * n_all + tile.start..][..tile.len];
     let mut order: Vec<(f32, usize)> = (0..tile.len)
-        .map(|j| ((b.a * b.a) as f32 * sq[j] - 2.0 * b.a as f32 * acc[j], j))
+        .map(|j| ((a * a) as f32 * sq[j] - 2.0 * a as f32 * acc[j], j))
         .collect();
     let n_seed = SEED_ROWS.min(tile.len);
     order.select_nth_unstable_by(n_seed - 1, |x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
-    let mut scratch = Vec::new();
-    let mut m = f64::NEG_INFINITY;
-    for &(_, j) in &order[..n_seed] {
-        let row = index.perm[tile.start + j] as usize;
-        let y = stored_rows_f32(ds, row..row + 1, &mut scratch);
-        let dot = dot(xq, y) as f64;
-        m = m.max(b.c_dot * dot - b.c_norm * norms[row] as f64);
-    }
-    m - 2.0 * b.err(tile.max_norm, index.dim)
+    order[..n_seed]
+        .iter()
+        .map(|&(_, j)| tile.start + j)
+        .collect()
+}
+
+/// The logits' geometry from their coefficients `[c_dot, c_norm]`: (a, 1 / (2 sigma^2)),
+/// with s = (|x|^2 - |x - a y|^2) / (2 sigma^2) (see the module docs); `None` where the
+/// query cannot be pruned (alpha = 0: all logits equal, or coefficients not finite).
+fn logit_geometry([c_dot, c_norm]: [f64; 2]) -> Option<(f64, f64)> {
+    (c_dot > 0.0 && c_norm > 0.0 && c_dot.is_finite() && c_norm.is_finite())
+        .then(|| (2.0 * c_norm / c_dot, c_dot * c_dot / (4.0 * c_norm)))
 }
 
 /// Drops the computed logits `row` (of `tile`, one query with bounds `b`) whose exact

@@ -43,8 +43,8 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::screen::{axpy, dot};
-use super::sparse::{count_from, exact_logit, Setup, TILE};
-use super::{level_norms, project, PruneIndex, LB_MARGIN, LEAF_ROWS, SAMPLE_BUDGET, SEED_ROWS};
+use super::sparse::{count_from, exact_logit, row_blocks, Setup, TILE};
+use super::{level_norms, logit_geometry, project, seed_rows, PruneIndex, LB_MARGIN};
 use crate::dataset::Dataset;
 use crate::oracle::cpu::{query_groups, sgemm_with, Gemm, GemmLib};
 use crate::oracle::partial::Partial;
@@ -147,13 +147,9 @@ impl Projection {
         let (mut sq, mut tail) = (Vec::new(), Vec::new());
         let mut queries = Vec::with_capacity(n_q);
         for q in 0..n_q {
-            let [c_dot, c_norm] = batch.logit_coefs[q].map(|v| v as f64);
-            if !(c_dot > 0.0 && c_norm > 0.0 && c_dot.is_finite() && c_norm.is_finite()) {
-                return None;
-            }
+            let (a, inv) = logit_geometry(batch.logit_coefs[q].map(|v| v as f64))?;
             let x = &batch.x[q * dim..(q + 1) * dim];
             let x_sq: f64 = x.iter().map(|&v| (v as f64).powi(2)).sum();
-            let (a, inv) = (2.0 * c_norm / c_dot, c_dot * c_dot / (4.0 * c_norm));
             sq.clear();
             tail.clear();
             level_norms(
@@ -181,20 +177,19 @@ impl Projection {
         })
     }
 
-    /// Bounds of queries `qs` against the tile at positions `t0..t0 + nt` at level `at`:
-    /// the GEMM of the level's leading coordinates into `out` (qs.len() x nt), then each
+    /// Bounds of queries `qs` against the tile at positions `t0..t0 + nt` at the pass's
+    /// level: the GEMM of its leading coordinates into `out` (qs.len() x nt), then each
     /// pair's upper bound on its f32 logit in place.
     fn tile_bounds(
         &self,
         index: &PruneIndex,
         qs: &Range<usize>,
         (t0, nt): (usize, usize),
-        at: At,
         lib: GemmLib,
         out: &mut [f32],
     ) {
         let (k, n_all) = (self.k, index.perm.len());
-        let level = self.levels[at as usize];
+        let level = self.levels[At::Pass as usize];
         let cut = index.levels[level];
         // (n_q x cut) * (cut x nt): element (c, j) of the rhs is proj[(t0 + j) k + c].
         sgemm_with(
@@ -212,7 +207,7 @@ impl Projection {
         let ysq = &index.lvl_sq[level * n_all + t0..][..nt];
         let yt = &index.lvl_tail[level * n_all + t0..][..nt];
         for (row, qp) in out.chunks_exact_mut(nt).zip(&self.queries[qs.clone()]) {
-            bounds(qp, at, row, ysq, yt);
+            bounds(qp, At::Pass, row, ysq, yt);
         }
     }
 }
@@ -272,27 +267,15 @@ pub fn partial(
     let t_proj = clock.elapsed().as_secs_f64();
     let positions = setup.positions();
     let n_rows = positions.len();
-    let thresholds: Vec<f64> = err
-        .iter()
-        .map(|e| (SAMPLE_BUDGET / n_rows as f64).ln() - 2.0 * e)
-        .collect();
+    let thresholds = setup.thresholds();
     let groups = query_groups(n_q, threads);
-    let n_tiles = n_rows.div_ceil(TILE);
-    let per_block = n_tiles.div_ceil(threads.clamp(1, n_tiles));
-    let blocks: Vec<Range<usize>> = (0..n_tiles)
-        .step_by(per_block)
-        .map(|t| {
-            positions.start + t * TILE
-                ..(positions.start + (t + per_block) * TILE).min(positions.end)
-        })
-        .collect();
+    let blocks = row_blocks(positions, threads);
     let tasks: Vec<(usize, usize)> = (0..groups.len())
         .flat_map(|g| (0..blocks.len()).map(move |b| (g, b)))
         .collect();
 
-    // (1) Per query, a lower bound on its f32 maximum: the largest f32 logit over the
-    // tile whose projected centroid is nearest (late in a trajectory it holds the
-    // nearest sample; any computed logit is a valid bound).
+    // (1) Per query, a lower bound on its f32 maximum: the largest f32 logit over a few
+    // rows of the tile whose projected centroid is nearest (any computed logit is one).
     let lower = seed_lower(ds, index, batch, &proj);
     let t_seed = clock.elapsed().as_secs_f64();
 
@@ -436,7 +419,7 @@ fn sweep(
         }
         let nt = TILE.min(block.end - t0);
         let bnd = &mut bnd[..n_q * nt];
-        proj.tile_bounds(index, qs, (t0, nt), At::Pass, lib, bnd);
+        proj.tile_bounds(index, qs, (t0, nt), lib, bnd);
         for (l, row) in bnd.chunks_exact_mut(nt).enumerate() {
             let q = qs.start + l;
             let mut cut = (lower[l] + thresholds[l]) as f32;
@@ -446,41 +429,39 @@ fn sweep(
                 out.cert[l] += nt as f64 * (below as f64 - lower[l]).exp();
                 continue;
             }
-            {
-                let qp = &proj.queries[q];
-                let x = &batch.x[q * dim..(q + 1) * dim];
-                let pq = &proj.px[q * k..(q + 1) * k];
-                for (j, v) in row.iter_mut().enumerate() {
-                    if *v < cut {
+            let qp = &proj.queries[q];
+            let x = &batch.x[q * dim..(q + 1) * dim];
+            let pq = &proj.px[q * k..(q + 1) * k];
+            for (j, v) in row.iter_mut().enumerate() {
+                if *v < cut {
+                    continue;
+                }
+                let p = t0 + j;
+                if refine {
+                    let mut d = [dot(pq, &index.proj[p * k..(p + 1) * k])];
+                    bounds(qp, At::Last, &mut d, &ysq[p..p + 1], &yt[p..p + 1]);
+                    if d[0] < cut {
+                        *v = v.min(d[0]);
                         continue;
                     }
-                    let p = t0 + j;
-                    if refine {
-                        let mut d = [dot(pq, &index.proj[p * k..(p + 1) * k])];
-                        bounds(qp, At::Last, &mut d, &ysq[p..p + 1], &yt[p..p + 1]);
-                        if d[0] < cut {
-                            *v = v.min(d[0]);
-                            continue;
-                        }
-                    }
-                    let r = index.perm[p] as usize;
-                    let s = exact_logit(ds, index, x, batch.logit_coefs[q], p, norms[r], &mut one);
-                    out.logits[l].push((p as u32, s));
-                    computed += 1;
-                    // Marked as computed: not counted as ruled out below.
-                    *v = f32::INFINITY;
-                    if s as f64 > lower[l] {
-                        // The certificate so far is in units of exp(lower): rescaled.
-                        out.cert[l] *= (lower[l] - s as f64).exp();
-                        lower[l] = s as f64;
-                        cut = (lower[l] + thresholds[l]) as f32;
-                    }
+                }
+                let r = index.perm[p] as usize;
+                let s = exact_logit(ds, index, x, batch.logit_coefs[q], p, norms[r], &mut one);
+                out.logits[l].push((p as u32, s));
+                computed += 1;
+                // Marked as computed: not counted as ruled out below.
+                *v = f32::INFINITY;
+                if s as f64 > lower[l] {
+                    // The certificate so far is in units of exp(lower): rescaled.
+                    out.cert[l] *= (lower[l] - s as f64).exp();
+                    lower[l] = s as f64;
+                    cut = (lower[l] + thresholds[l]) as f32;
                 }
             }
             // The pairs ruled out, each by a bound below the cut then in force (which only
             // rose): their count and the largest of those bounds.
-            let (computed, largest) = count_from(row, f32::INFINITY);
-            let n_out = nt - computed;
+            let (in_tile, largest) = count_from(row, f32::INFINITY);
+            let n_out = nt - in_tile;
             if n_out > 0 {
                 out.cert[l] += n_out as f64 * (largest as f64 - lower[l]).exp();
             }
@@ -528,12 +509,6 @@ fn seed_lower(
         (centres, 1, k),
     );
     let norms = ds.sq_norms();
-    let n_all = index.perm.len();
-    let head_level = index
-        .levels
-        .iter()
-        .position(|&c| c == hd)
-        .expect("the head coordinates are a level's");
     (0..n_q)
         .into_par_iter()
         .map(|q| {
@@ -546,30 +521,12 @@ fn seed_lower(
                     d(i).total_cmp(&d(j)).then(i.cmp(&j))
                 })
                 .expect("tiles");
-            let t = tiles.start + t;
-            let tile = &index.tiles[t];
-            // Its rows nearest the query over the head coordinates (the tile's
-            // dimension-major block: vector FMAs over its LEAF_ROWS columns) get f32 logits.
-            let block = &index.proj0t[t * hd * LEAF_ROWS..][..hd * LEAF_ROWS];
-            let mut acc = [0.0f32; LEAF_ROWS];
-            for (col, &xd) in block.chunks_exact(LEAF_ROWS).zip(&proj.px[q * k..]) {
-                for (a, &y) in acc.iter_mut().zip(col) {
-                    *a += xd * y;
-                }
-            }
-            let sq = &index.lvl_sq[head_level * n_all + tile.start..][..tile.len];
-            let mut order: Vec<(f32, usize)> = (0..tile.len)
-                .map(|j| (a * a * sq[j] - 2.0 * a * acc[j], j))
-                .collect();
-            let n_seed = SEED_ROWS.min(tile.len);
-            order
-                .select_nth_unstable_by(n_seed - 1, |x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+            let pq = &proj.px[q * k..(q + 1) * k];
             let x = &batch.x[q * dim..(q + 1) * dim];
             let mut one = Vec::new();
-            order[..n_seed]
-                .iter()
-                .map(|&(_, j)| {
-                    let p = tile.start + j;
+            seed_rows(index, a as f64, pq, tiles.start + t)
+                .into_iter()
+                .map(|p| {
                     let r = index.perm[p] as usize;
                     exact_logit(ds, index, x, batch.logit_coefs[q], p, norms[r], &mut one) as f64
                 })

@@ -291,6 +291,17 @@ impl Setup {
         &self.err
     }
 
+    /// Per query, the ln drop threshold relative to the f32 maximum: a weight below
+    /// `SAMPLE_BUDGET` / n of it, lowered by exp(2 err) (an f32 weight e stands for an exact
+    /// one of at most e exp(2 err)), cannot reach an f32 result.
+    pub(super) fn thresholds(&self) -> Vec<f64> {
+        let n = self.positions.len() as f64;
+        self.err
+            .iter()
+            .map(|e| (SAMPLE_BUDGET / n).ln() - 2.0 * e)
+            .collect()
+    }
+
     /// `None` where the rows are not a union of the index's tiles.
     pub fn new(index: &PruneIndex, batch: &CentredBatch<'_>) -> Option<Setup> {
         let tiles = index.tiles_for(&batch.rows).filter(|t| !t.is_empty())?;
@@ -431,10 +442,7 @@ pub fn partial(
     if err.iter().any(|&e| 2.0 * e > MAX_ERR) {
         return None;
     }
-    let thresholds: Vec<f64> = err
-        .iter()
-        .map(|e| (SAMPLE_BUDGET / n_rows as f64).ln() - 2.0 * e)
-        .collect();
+    let thresholds = setup.thresholds();
     let groups = query_groups(n_q, threads);
     let chunk = chunk_rows(n_q);
     let record = kept.is_some();
@@ -464,12 +472,7 @@ pub fn partial(
     let mut t_logits = 0.0;
     for c0 in positions.clone().step_by(chunk) {
         let cpos = c0..(c0 + chunk).min(positions.end);
-        let n_tiles = cpos.len().div_ceil(TILE);
-        let per_block = n_tiles.div_ceil(threads.clamp(1, n_tiles));
-        let blocks: Vec<Range<usize>> = (0..n_tiles)
-            .step_by(per_block)
-            .map(|t| cpos.start + t * TILE..(cpos.start + (t + per_block) * TILE).min(cpos.end))
-            .collect();
+        let blocks = row_blocks(cpos, threads);
         let tasks: Vec<(usize, usize)> = (0..groups.len())
             .flat_map(|g| (0..blocks.len()).map(move |b| (g, b)))
             .collect();
@@ -800,6 +803,20 @@ fn block_logits(
         }
     }
     BlockLogits { s, best, exact }
+}
+
+/// `positions` cut into at most `threads` blocks of whole `TILE`s (the last may be
+/// shorter): one per task of a query group.
+pub(super) fn row_blocks(positions: Range<usize>, threads: usize) -> Vec<Range<usize>> {
+    let n_tiles = positions.len().div_ceil(TILE);
+    let per_block = n_tiles.div_ceil(threads.clamp(1, n_tiles.max(1))).max(1);
+    (0..n_tiles)
+        .step_by(per_block)
+        .map(|t| {
+            positions.start + t * TILE
+                ..(positions.start + (t + per_block) * TILE).min(positions.end)
+        })
+        .collect()
 }
 
 /// `s` made `len` long, its values left as they are: every user writes them all first.
