@@ -122,7 +122,7 @@ pub mod sparse;
 use basis::{pca_basis, split};
 
 pub(crate) use basis::orthonormalise;
-use screen::{axpy, dot, screen, ScreenCount};
+use screen::{dot, screen, RowSum, ScreenCount};
 
 use crate::dataset::{Dataset, Values};
 use crate::oracle::cpu::{sgemm, stored_rows_f32, Gemm};
@@ -892,8 +892,12 @@ pub fn partial(
             if st.sum == 0.0 || !st.sum.is_finite() {
                 return None;
             }
-            part.acc[q * dim..(q + 1) * dim]
-                .copy_from_slice(&r.acc[local * dim..(local + 1) * dim]);
+            for (o, &a) in part.acc[q * dim..(q + 1) * dim]
+                .iter_mut()
+                .zip(&r.acc[local * dim..(local + 1) * dim])
+            {
+                *o = a as f32;
+            }
             let b = &qb[q];
             part.states[q] = st;
             part.sum_norm[q] = r.sum_norm[local];
@@ -1320,7 +1324,10 @@ fn drop_small(
 
 struct GroupResult {
     states: Vec<SoftmaxState>,
-    acc: Vec<f32>,
+    /// per query: the weighted sum of rows, over the tiles in f64 (tiles in index order lie
+    /// close together, so a running f32 sum of theirs would grow with every tile and carry
+    /// its rounding: 1e-5 relative at alpha = 0 on rank-2 data, against dense's 2e-7)
+    acc: Vec<f64>,
     /// per query: sum_j e_j |y_j|^2 on the state's scale (for the posterior variance)
     sum_norm: Vec<f32>,
     /// per-sample skips' bounds, units of exp(m0)
@@ -1346,7 +1353,7 @@ fn direct_tile(
     tile: &Tile,
     (masks, t, n_t): (&[u64], usize, usize),
     qids: &[usize],
-    ybuf: &mut [f32],
+    (ybuf, row_sum): (&mut [f32], &mut RowSum),
     r: &mut GroupResult,
     record: bool,
 ) {
@@ -1424,15 +1431,18 @@ fn direct_tile(
         }
         let acc = &mut r.acc[l * dim..(l + 1) * dim];
         if scale != 1.0 {
-            acc.iter_mut().for_each(|a| *a *= scale);
+            acc.iter_mut().for_each(|a| *a *= scale as f64);
         }
+        // Into the f64 sum in chunks (`RowSum`): a running f32 sum over every row of the
+        // group would carry far more rounding than the dense pass's per-tile GEMMs.
         let mut tile_norm = 0.0f32;
         for (&e, &j) in row.iter().zip(&cols[..n]) {
             if e != 0.0 {
                 tile_norm += e * norms[index.perm[pos0 + j] as usize];
-                axpy(e, rows[j], acc);
+                row_sum.add(e, rows[j], acc);
             }
         }
+        row_sum.finish(acc);
         r.sum_norm[l] = scale * r.sum_norm[l] + tile_norm;
     }
 }
@@ -1456,7 +1466,7 @@ fn run_group(
     let norms = ds.sq_norms();
     let mut r = GroupResult {
         states: vec![SoftmaxState::EMPTY; gq],
-        acc: vec![0.0f32; gq * dim],
+        acc: vec![0.0f64; gq * dim],
         sum_norm: vec![0.0f32; gq],
         cert: vec![0.0; gq],
         computed: vec![0; gq],
@@ -1473,6 +1483,7 @@ fn run_group(
     let mut pbuf = vec![0.0f32; gq * LEAF_ROWS];
     let mut ycols = vec![0.0f32; LEAF_ROWS * dim];
     let mut tmp = vec![0.0f32; gq * dim];
+    let mut row_sum = RowSum::new(dim);
 
     for (t, tile) in index.tiles[tile_range].iter().enumerate() {
         let all = (0..gq).fold(0u64, |a, l| a | masks[l * n_t + t]);
@@ -1498,7 +1509,7 @@ fn run_group(
                 tile,
                 (masks, t, n_t),
                 qids,
-                &mut ybuf,
+                (&mut ybuf, &mut row_sum),
                 &mut r,
                 record,
             );
@@ -1561,7 +1572,7 @@ fn run_group(
             if scale != 1.0 {
                 r.acc[l * dim..(l + 1) * dim]
                     .iter_mut()
-                    .for_each(|a| *a *= scale);
+                    .for_each(|a| *a *= scale as f64);
             }
         }
         // Sparse accumulation: only the columns with a non-zero weight for some query.
@@ -1599,7 +1610,7 @@ fn run_group(
             r.acc[l * dim..(l + 1) * dim]
                 .iter_mut()
                 .zip(&tmp[i * dim..(i + 1) * dim])
-                .for_each(|(a, t)| *a += t);
+                .for_each(|(a, &t)| *a += t as f64);
         }
     }
     r

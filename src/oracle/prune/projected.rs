@@ -42,7 +42,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::screen::{axpy, dot};
+use super::screen::{dot, RowSum};
 use super::sparse::{count_from, exact_logit, row_blocks, Setup, TILE};
 use super::{level_norms, logit_geometry, project, seed_rows, PruneIndex, LB_MARGIN};
 use crate::dataset::Dataset;
@@ -550,7 +550,7 @@ struct Weighed {
 /// The weights of one query's computed logits `logits` ((position, f32 logit), in
 /// position order): exp(s - m) for those at or above m + `threshold`, m the largest
 /// (ties to the lower stored row, as the dense pass's first maximum in row order); the
-/// others are dropped. Sums in f64, rows added one axpy each.
+/// others are dropped. Sums in f64, rows added one axpy each (`RowSum`).
 fn weigh(
     ds: &Dataset,
     index: &PruneIndex,
@@ -568,7 +568,9 @@ fn weigh(
     let cut = (m as f64 + threshold) as f32;
     let mut sums = [0.0f64; 4];
     let mut dropped = 0.0f64;
-    let mut acc = vec![0.0f32; dim];
+    // In f64, rows added in chunks (`RowSum`): near-duplicate data keeps thousands.
+    let mut acc = vec![0.0f64; dim];
+    let mut row_sum = RowSum::new(dim);
     let mut one = Vec::new();
     let mut kept_rows = Vec::new();
     let mut kept = 0;
@@ -584,7 +586,7 @@ fn weigh(
         sums[1] += e as f64 * d as f64;
         sums[2] += e as f64 * e as f64;
         sums[3] += e as f64 * norms[r as usize] as f64;
-        axpy(
+        row_sum.add(
             e,
             index.rows_at(ds, p as usize..p as usize + 1, &mut one),
             &mut acc,
@@ -594,6 +596,7 @@ fn weigh(
             kept_rows.push(r);
         }
     }
+    row_sum.finish(&mut acc);
     Weighed {
         state: SoftmaxState {
             max: m,
@@ -602,7 +605,7 @@ fn weigh(
             sum_sq: sums[2] as f32,
             argmax: best.1,
         },
-        acc,
+        acc: acc.iter().map(|&a| a as f32).collect(),
         sum_norm: sums[3] as f32,
         dropped,
         kept,
