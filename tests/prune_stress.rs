@@ -1,7 +1,7 @@
-//! Exact pruning on odd data (cpu), drawn at random from a seed: tiny and large scales, far
+//! Exact pruning on odd data (cpu and gpu), drawn at random from a seed: tiny and large scales, far
 //! offsets, duplicate rows, low-rank data, one far outlier, one dimension, one row, mixed
 //! times in a batch, f16 storage. Pruned results must be as close to f64 as dense ones.
-//! `ORACLEFLOW_STRESS_CASES` sets how many cases run (default 48),
+//! `ORACLEFLOW_STRESS_CASES` sets how many cases run (default 48 on cpu, 12 on gpu),
 //! `ORACLEFLOW_STRESS_SEED` their seed (7) and `ORACLEFLOW_STRESS_FIRST` the first (0): a
 //! failure names its case, which then reruns alone.
 
@@ -16,8 +16,11 @@ use oracleflow::Path;
 use rand::Rng;
 
 /// One random dataset: (description, rows, labels).
-fn draw_data(r: &mut rand_chacha::ChaCha8Rng) -> (String, usize, Vec<f32>, Vec<u32>) {
-    let n = [1, 2, 7, 64, 300, 1500, 3000, 12000][r.random_range(0..8)];
+fn draw_data(
+    r: &mut rand_chacha::ChaCha8Rng,
+    max_rows: usize,
+) -> (String, usize, Vec<f32>, Vec<u32>) {
+    let n = [1, 2, 7, 64, 300, 1500, 3000, 12000][r.random_range(0..8)].min(max_rows);
     let d = [1, 2, 5, 33, 64, 65, 200][r.random_range(0..7)];
     let scale = [1e-3f32, 1.0, 30.0, 1e3][r.random_range(0..4)];
     let offset = [0.0f32, 0.0, 5.0, -100.0][r.random_range(0..4)];
@@ -115,23 +118,43 @@ fn flip_distance(ds: &Dataset, batch: &CentredBatch<'_>, mean: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// The cases to run: (seed, first, count) from the environment, `count` by default.
+fn cases(count: u64) -> (u64, std::ops::Range<u64>) {
+    let var = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let first = var("ORACLEFLOW_STRESS_FIRST", 0);
+    (
+        var("ORACLEFLOW_STRESS_SEED", 7),
+        first..first + var("ORACLEFLOW_STRESS_CASES", count),
+    )
+}
+
 #[test]
-fn pruned_matches_f64_on_random_odd_data() {
-    let cases: u64 = std::env::var("ORACLEFLOW_STRESS_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(48);
-    let seed0: u64 = std::env::var("ORACLEFLOW_STRESS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(7);
-    let first: u64 = std::env::var("ORACLEFLOW_STRESS_FIRST")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    for case in first..first + cases {
+fn cpu_pruned_matches_f64_on_random_odd_data() {
+    stress(BackendKind::Cpu, 48, 12000);
+}
+
+/// The gpu backend's pruning (whole tiles skipped for the batch) on the same kind of data,
+/// fewer and smaller cases (lavapipe does a few GFLOP/s).
+#[test]
+fn gpu_pruned_matches_f64_on_random_odd_data() {
+    if !common::enabled(BackendKind::Gpu) {
+        return;
+    }
+    stress(BackendKind::Gpu, 12, 3000);
+}
+
+/// Pruned (`kind`) against f64, next to dense on the same backend, on `count` random
+/// cases of at most `max_rows` rows.
+fn stress(kind: BackendKind, count: u64, max_rows: usize) {
+    let (seed0, cases) = cases(count);
+    for case in cases {
         let mut r = rng(seed0 * 1000 + case);
-        let (name, d, vals, labels) = draw_data(&mut r);
+        let (name, d, vals, labels) = draw_data(&mut r, max_rows);
         let dtype = if r.random_range(0..4) == 0 {
             Dtype::F16
         } else {
@@ -152,15 +175,12 @@ fn pruned_matches_f64_on_random_odd_data() {
             Err(_) => (build(Dtype::F32).unwrap(), Dtype::F32),
         };
         let path = [Path::RectifiedFlow, Path::VpCosine][r.random_range(0..2)];
-        let make = |prune| {
-            Oracle::with_options(
-                &ds,
-                path,
-                BackendKind::Cpu,
-                GpuOptions::default(),
-                CpuOptions { prune },
-            )
-            .unwrap()
+        let make = |prune: bool| {
+            let gpu = GpuOptions {
+                exact_dense: !prune,
+                ..Default::default()
+            };
+            Oracle::with_options(&ds, path, kind, gpu, CpuOptions { prune }).unwrap()
         };
         let (mut pruned, mut dense) = (make(true), make(false));
         let times = [0.0f32, 1e-4, 0.3, 0.5, 0.7, 0.9, 0.99, 0.9999, 0.999999];
@@ -208,7 +228,7 @@ fn pruned_matches_f64_on_random_odd_data() {
             for qi in 0..b {
                 let sl = qi * d..(qi + 1) * d;
                 let what = format!(
-                    "case {case} {name} {dtype:?} {} t={} class={class:?} q={qi}",
+                    "{kind:?} case {case} {name} {dtype:?} {} t={} class={class:?} q={qi}",
                     path.name(),
                     q.t.get(qi)
                 );
