@@ -341,6 +341,56 @@ fn near_duplicate_samples_at_late_t() {
     }
 }
 
+/// Many near-duplicates: 5 points of norm about 1700, each repeated 800 times with 0.01
+/// noise per coordinate. Late on the path the posterior sits on one cluster, where the f32
+/// logits' rounding (about 2^-24 |y|^2 alpha^2 / sigma^2) dwarfs the gaps between its
+/// members; all 800 lie inside the refinement's radius, which once declined over 512
+/// candidates: both fast paths then ended 30-step runs on other rows than f64 (4e-5
+/// relative), and now agree with it to 1e-6.
+#[test]
+fn a_cluster_of_near_duplicates_at_late_t() {
+    let (k, copies, d) = (5usize, 800usize, 32usize);
+    let mut r = rng(21);
+    let centres: Vec<f32> = normal(&mut r, k * d).iter().map(|v| 300.0 * v).collect();
+    let noise = normal(&mut r, k * copies * d);
+    let vals: Vec<f32> = (0..k * copies * d)
+        .map(|i| centres[(i / (copies * d)) * d + i % d] + 0.01 * noise[i])
+        .collect();
+    let ds = dataset("near-duplicate clusters", d, &vals);
+    for kind in backends() {
+        let mut oracle = Oracle::new(&ds, Path::RectifiedFlow, kind).unwrap();
+        for &t in &[0.99f32, 0.999, 0.9999] {
+            let c = Path::RectifiedFlow.coefs(t as f64);
+            // Four queries near one cluster's members, on the path.
+            let x: Vec<f32> = (0..4)
+                .flat_map(|q| {
+                    let y = ds.sample_f64(q * 997 % ds.n_samples());
+                    let n = normal(&mut r, d);
+                    (0..d)
+                        .map(|j| (c.alpha * y[j] + c.sigma * 0.05 * n[j] as f64) as f32)
+                        .collect::<Vec<f32>>()
+                })
+                .collect();
+            let q = Query {
+                x: &x,
+                t: Times::Scalar(t),
+                class: None,
+            };
+            let got = oracle.evaluate(&q).unwrap();
+            let want = reference::evaluate_f64(&ds, Path::RectifiedFlow, &q, 0..ds.n_samples());
+            let (ev, eh) = (
+                rel_err(&got.velocity, &want.velocity),
+                rel_err(&got.x1_hat, &want.x1_hat),
+            );
+            eprintln!("| near-duplicate clusters | {kind:?} | {t} | {ev:.1e} | {eh:.1e} |");
+            assert!(
+                ev <= 1e-6 && eh <= 1e-6,
+                "{kind:?} t={t}: velocity {ev:.2e}, x1_hat {eh:.2e}"
+            );
+        }
+    }
+}
+
 /// Fashion-MNIST holds exact and near duplicates. Late on the path (1 - t = 1e-2 .. 1e-5)
 /// the refined fast backends agree with the f64 reference to f32 rounding for queries near
 /// training images, for all classes and for one; at t = 0.5 the screen declines (the

@@ -50,6 +50,15 @@ const PCA_CHUNK: usize = 256;
 const BAND_CAP: usize = 8192;
 /// Most candidates whose exact distances are computed.
 const SURVIVOR_CAP: usize = 512;
+/// ... and where the fast logits' rounding reaches `ROUNDING_NATS` (at most 4096 D f64
+/// products per query, 2 - 3 ms at D = 784). A cluster of near-duplicates lies whole inside
+/// the radius: 800 copies of a point, where f32 logits cannot tell them apart, went
+/// unrefined under the smaller cap (`tests/extremes.rs`). Where the rounding is far below
+/// a nat (a spread posterior at mid t) the fast result already agrees with f64, and the
+/// small cap keeps the refinement off small datasets there.
+const ROUNDING_SURVIVOR_CAP: usize = 4096;
+/// Bound on the fast logits' f32 rounding (nats) from which `ROUNDING_SURVIVOR_CAP` applies.
+const ROUNDING_NATS: f64 = 1e-3;
 /// Logit margin beyond ln n: the dropped rows weigh at most e^-30 of the maximum.
 const MARGIN: f64 = 30.0;
 
@@ -154,6 +163,21 @@ impl Refiner {
                 dir.iter().zip(q.x).map(|(a, b)| a * b).sum::<f64>() / q.alpha
             })
             .collect();
+        // The fast logits c_dot x.y - c_norm |y|^2 (c_dot = alpha / sigma^2, c_norm =
+        // alpha^2 / (2 sigma^2), |x| = alpha x_norm, |y| at most the band's largest norm)
+        // carry about 2^-24 of their terms' magnitude.
+        let y_max = if hi > lo {
+            self.by_norm[hi - 1].0 as f64
+        } else {
+            0.0
+        };
+        let rounding = f64::powi(2.0, -24) * q.alpha * q.alpha / (q.sigma * q.sigma)
+            * (x_norm * y_max + 0.5 * y_max * y_max);
+        let cap = if rounding >= ROUNDING_NATS {
+            ROUNDING_SURVIVOR_CAP
+        } else {
+            SURVIVOR_CAP
+        };
         let mut survivors = Vec::new();
         for &(norm, i) in &self.by_norm[lo..hi] {
             let i = i as usize;
@@ -170,7 +194,7 @@ impl Refiner {
                 .sum();
             if s <= ri * ri * (1.0 + 1e-9) + 1e-12 * (x_norm * x_norm + 1.0) {
                 survivors.push(i);
-                if survivors.len() > SURVIVOR_CAP {
+                if survivors.len() > cap {
                     return Ok(None);
                 }
             }
