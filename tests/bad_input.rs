@@ -438,6 +438,26 @@ fn npy_inf_in_data() {
     c.sample_refused(&f, &[&f, "sample 2 holds a non-finite value"]);
 }
 
+/// Values whose squares overflow f32 (|y| above about 1.8e19): refused with a hint that
+/// fits f32 storage (not "try --dtype f32", which is what runs).
+#[test]
+fn npy_values_too_large_for_f32_logits() {
+    let c = Case::new();
+    let f = c.write(
+        "a.npy",
+        &npy_f32("(3, 2)", &[0.0, 1.0, 2.0, 3.0, 1e30, 5.0]),
+    );
+    c.sample_refused(
+        &f,
+        &[
+            &f,
+            "does not fit F32 storage",
+            "squared norm overflows f32",
+            "scale the data down",
+        ],
+    );
+}
+
 #[test]
 fn npy_labels_of_wrong_length() {
     let c = Case::new();

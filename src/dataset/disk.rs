@@ -526,12 +526,7 @@ fn compute_stats(disk: &mut DiskRows) -> Result<(Vec<f32>, Vec<f32>)> {
     })?;
     bar.finish_and_clear();
     if let Some(row) = norms.iter().position(|v| !v.is_finite()) {
-        return Err(Error::data(
-            &disk.path,
-            format!(
-                "sample {row} does not fit {storage:?} storage (|value| too large; try --dtype f32)"
-            ),
-        ));
+        return Err(Error::data(&disk.path, super::too_large(row, storage)));
     }
     Ok((mean, norms))
 }

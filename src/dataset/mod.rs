@@ -31,6 +31,21 @@ use half::f16;
 
 use crate::error::{Error, Result};
 
+/// Why sample `row` cannot be stored as `dtype`: a value (after centring) beyond f16's
+/// range, or beyond what f32 logits can square (|y|^2 must stay finite), and what to do.
+pub(crate) fn too_large(row: usize, dtype: Dtype) -> String {
+    match dtype {
+        Dtype::F16 => format!(
+            "sample {row} does not fit F16 storage (a value beyond 65504 after centring; try \
+             --dtype f32)"
+        ),
+        Dtype::F32 => format!(
+            "sample {row} does not fit F32 storage (its squared norm overflows f32; scale the \
+             data down)"
+        ),
+    }
+}
+
 /// How the dataset values are held in memory (and on the device).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -324,13 +339,7 @@ impl Dataset {
 
         // Values beyond the storage range (65504 for f16) become infinite when stored.
         if let Some(row) = sq_norms.iter().position(|v| !v.is_finite()) {
-            return Err(Error::data(
-                &name,
-                format!(
-                    "sample {} does not fit {dtype:?} storage (|value| too large; try --dtype f32)",
-                    order[row]
-                ),
-            ));
+            return Err(Error::data(&name, too_large(order[row] as usize, dtype)));
         }
 
         let labels = labels.map(|l| order.iter().map(|&i| l[i as usize]).collect::<Vec<_>>());
