@@ -87,18 +87,10 @@ fn draw_data(
 /// order in the weights, sees none of it.
 fn flip_distance(ds: &Dataset, batch: &CentredBatch<'_>, mean: &[f64]) -> f64 {
     let ys = reference::stored_rows_f64(ds, batch.rows.clone());
-    let [c_dot, c_norm] = batch.logit_coefs[0].map(|c| c as f64);
-    let u = f64::powi(2.0, -24);
-    let terms: Vec<(f64, f64)> = ys
-        .iter()
-        .map(|y| {
-            let dot: f64 = batch.x.iter().zip(y).map(|(&a, b)| a as f64 * b).sum();
-            let sq: f64 = y.iter().map(|b| b * b).sum();
-            (
-                c_dot * dot - c_norm * sq,
-                2.0 * u * ((c_dot * dot).abs() + c_norm.abs() * sq),
-            )
-        })
+    // Each logit's rounding: half an ulp of each term, twice.
+    let terms: Vec<(f64, f64)> = common::logit_terms(batch, 0, &ys)
+        .into_iter()
+        .map(|(s, e)| (s, 2.0 * e))
         .collect();
     let (m, e_m) = terms.iter().fold(
         (f64::NEG_INFINITY, 0.0),

@@ -250,6 +250,14 @@ impl Backend for CpuBackend<'_> {
                 use prune::sparse::Screen;
                 // Rows that are no union of the index's tiles (a shard's) run dense.
                 if let Some(setup) = prune::sparse::Setup::new(index, batch) {
+                    let inputs = prune::sparse::PassInputs {
+                        ds: self.dataset,
+                        index,
+                        batch,
+                        setup: &setup,
+                        threads: self.threads,
+                        lib,
+                    };
                     // Opt-in (ORACLEFLOW_PRUNE_CARRY=1): the last sparse call's logits, where
                     // they bound this call's closely (the first evaluation of a Heun step,
                     // next to the last step's second), screen it without any dot product:
@@ -278,16 +286,7 @@ impl Backend for CpuBackend<'_> {
                         && prune::projected::enabled()
                     {
                         let kept = self.record_kept.then_some(&mut self.kept);
-                        if let Some(part) = prune::projected::partial(
-                            self.dataset,
-                            index,
-                            batch,
-                            &setup,
-                            self.threads,
-                            lib,
-                            share,
-                            kept,
-                        ) {
+                        if let Some(part) = prune::projected::partial(inputs, share, kept) {
                             self.last_pass = Pass::Projected;
                             return Ok(part);
                         }
@@ -310,12 +309,7 @@ impl Backend for CpuBackend<'_> {
                     // weighted sum over the weights that can reach an f32 result.
                     let kept = self.record_kept.then_some(&mut self.kept);
                     if let Some(part) = prune::sparse::partial(
-                        self.dataset,
-                        index,
-                        batch,
-                        &setup,
-                        self.threads,
-                        lib,
+                        inputs,
                         screen,
                         &mut self.carry,
                         &mut self.buffers,

@@ -131,22 +131,9 @@ pub fn left_out_mass(
 pub fn logit_rounding_effect(ds: &Dataset, batch: &oracleflow::oracle::CentredBatch) -> Vec<f64> {
     let d = ds.dim();
     let ys = oracleflow::oracle::reference::stored_rows_f64(ds, batch.rows.clone());
-    let u = f64::powi(2.0, -24);
     (0..batch.logit_coefs.len())
         .map(|q| {
-            let x = &batch.x[q * d..(q + 1) * d];
-            let [c_dot, c_norm] = batch.logit_coefs[q].map(|c| c as f64);
-            let terms: Vec<(f64, f64)> = ys
-                .iter()
-                .map(|y| {
-                    let dot: f64 = x.iter().zip(y).map(|(&a, b)| a as f64 * b).sum();
-                    let sq: f64 = y.iter().map(|b| b * b).sum();
-                    (
-                        c_dot * dot - c_norm * sq,
-                        u * ((c_dot * dot).abs() + c_norm.abs() * sq),
-                    )
-                })
-                .collect();
+            let terms = logit_terms(batch, q, &ys);
             let m = terms.iter().fold(f64::NEG_INFINITY, |a, t| a.max(t.0));
             let w: Vec<f64> = terms.iter().map(|t| (t.0 - m).exp()).collect();
             let z: f64 = w.iter().sum();
@@ -169,6 +156,30 @@ pub fn logit_rounding_effect(ds: &Dataset, batch: &oracleflow::oracle::CentredBa
                 })
                 .sum();
             moved / norm
+        })
+        .collect()
+}
+
+/// Per row y of `ys` (the batch's stored rows in f64), query `q`'s f64 logit
+/// c_dot x.y - c_norm |y|^2 and half an ulp of each of its terms, 2^-24 (|c_dot x.y| +
+/// c_norm |y|^2): about what its f32 evaluation's rounding moves it.
+pub fn logit_terms(
+    batch: &oracleflow::oracle::CentredBatch,
+    q: usize,
+    ys: &[Vec<f64>],
+) -> Vec<(f64, f64)> {
+    let d = batch.x.len() / batch.logit_coefs.len();
+    let x = &batch.x[q * d..(q + 1) * d];
+    let [c_dot, c_norm] = batch.logit_coefs[q].map(|c| c as f64);
+    let u = f64::powi(2.0, -24);
+    ys.iter()
+        .map(|y| {
+            let dot: f64 = x.iter().zip(y).map(|(&a, b)| a as f64 * b).sum();
+            let sq: f64 = y.iter().map(|b| b * b).sum();
+            (
+                c_dot * dot - c_norm * sq,
+                u * ((c_dot * dot).abs() + c_norm.abs() * sq),
+            )
         })
         .collect()
 }

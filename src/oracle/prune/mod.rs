@@ -122,7 +122,7 @@ pub mod sparse;
 use basis::{pca_basis, split};
 
 pub(crate) use basis::orthonormalise;
-use screen::{dot, screen, RowSum, ScreenCount};
+use screen::{dot, screen, RowSum, ScreenCount, ScreenInputs};
 
 use crate::dataset::{Dataset, Values};
 use crate::oracle::cpu::{sgemm, stored_rows_f32, Gemm};
@@ -760,16 +760,15 @@ pub fn partial(
         .map(|&q| {
             let (b, need) = bound(q);
             let mut masks = vec![0u64; tiles.len()];
-            let count = screen(
+            let inputs = ScreenInputs {
                 index,
                 px,
-                &[&b],
-                &[&need[..]],
-                &[q],
-                tile_range.clone(),
-                &mut masks,
-                &mut [0.0],
-            );
+                qb: &[&b],
+                needed: &[&need[..]],
+                qids: &[q],
+                tile_range: tile_range.clone(),
+            };
+            let count = screen(&inputs, &mut masks, &mut [0.0]);
             ((b, need), count)
         })
         .unzip();
@@ -833,16 +832,15 @@ pub fn partial(
             let mut masks = vec![0u64; qs.len() * tiles.len()];
             let mut cert = vec![0.0f64; qs.len()];
             let c0 = std::time::Instant::now();
-            let sc = screen(
+            let inputs = ScreenInputs {
                 index,
                 px,
-                &qs.iter().map(|&q| &qb[q]).collect::<Vec<_>>(),
-                &qs.iter().map(|&q| &needed[q][..]).collect::<Vec<_>>(),
-                qs,
-                tile_range.clone(),
-                &mut masks,
-                &mut cert,
-            );
+                qb: &qs.iter().map(|&q| &qb[q]).collect::<Vec<_>>(),
+                needed: &qs.iter().map(|&q| &needed[q][..]).collect::<Vec<_>>(),
+                qids: qs,
+                tile_range: tile_range.clone(),
+            };
+            let sc = screen(&inputs, &mut masks, &mut cert);
             let c1 = std::time::Instant::now();
             let bounds: Vec<&QueryBound> = qs.iter().map(|&q| &qb[q]).collect();
             let mut r = run_group(

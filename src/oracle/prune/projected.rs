@@ -43,7 +43,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::screen::{dot, RowSum};
-use super::sparse::{count_from, exact_logit, row_blocks, Setup, TILE};
+use super::sparse::{count_from, exact_logit, row_blocks, PassInputs, Setup, TILE};
 use super::{level_norms, logit_geometry, project, seed_rows, PruneIndex, LB_MARGIN};
 use crate::dataset::Dataset;
 use crate::oracle::cpu::{query_groups, sgemm_with, Gemm, GemmLib};
@@ -238,22 +238,23 @@ struct TaskOut {
     lower: Vec<f64>,
 }
 
-/// The projected pass over `batch.rows` (in the tile order of `index`, `setup` computed
-/// for them), its GEMM's level chosen from the estimated kept `share`; `None` where some
+/// The projected pass over `inputs.batch.rows` (see [`PassInputs`]), its GEMM's level chosen from the estimated kept `share`; `None` where some
 /// query cannot be pruned or a task gives up (over `MAX_COMPUTED` of its pairs computed):
 /// then the caller runs another pass. `kept`, if given, receives per query the stored rows
 /// accumulated.
-#[allow(clippy::too_many_arguments)]
 pub fn partial(
-    ds: &Dataset,
-    index: &PruneIndex,
-    batch: &CentredBatch<'_>,
-    setup: &Setup,
-    threads: usize,
-    lib: GemmLib,
+    inputs: PassInputs<'_>,
     share: f64,
     kept: Option<&mut Vec<Vec<u32>>>,
 ) -> Option<Partial> {
+    let PassInputs {
+        ds,
+        index,
+        batch,
+        setup,
+        threads,
+        lib,
+    } = inputs;
     let clock = std::time::Instant::now();
     let dim = ds.dim();
     let n_q = batch.logit_coefs.len();

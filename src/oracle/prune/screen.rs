@@ -32,28 +32,33 @@ const PAIR_COST: f64 = 8.0;
 /// lower bound on the rest. A sample whose bound reaches the threshold is skipped at that
 /// level; the survivors' partial dot products are extended by the next levels' coordinates
 /// (one GEMM over the queries and the column span still alive).
-#[allow(clippy::too_many_arguments)]
+/// What [`screen`] reads: the index, the queries' projections `px`, their bounds `qb`
+/// and needed tiles `needed` (per query of `qids`), and the tiles to screen.
+pub(super) struct ScreenInputs<'a> {
+    pub index: &'a PruneIndex,
+    pub px: &'a [f32],
+    pub qb: &'a [&'a QueryBound],
+    pub needed: &'a [&'a [bool]],
+    pub qids: &'a [usize],
+    pub tile_range: Range<usize>,
+}
+
 pub(super) fn screen(
-    index: &PruneIndex,
-    px: &[f32],
-    qb: &[&QueryBound],
-    needed: &[&[bool]],
-    qids: &[usize],
-    tile_range: Range<usize>,
+    inputs: &ScreenInputs<'_>,
     masks: &mut [u64],
     cert: &mut [f64],
 ) -> ScreenCount {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features the function is compiled for (checked above).
-        return unsafe { screen_avx512(index, px, qb, needed, qids, tile_range, masks, cert) };
+        return unsafe { screen_avx512(inputs, masks, cert) };
     }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features the function is compiled for (checked above).
-        return unsafe { screen_avx2(index, px, qb, needed, qids, tile_range, masks, cert) };
+        return unsafe { screen_avx2(inputs, masks, cert) };
     }
-    screen_impl(index, px, qb, needed, qids, tile_range, masks, cert, dot8)
+    screen_impl(inputs, masks, cert, dot8)
 }
 
 /// [`screen_impl`] compiled for an ISA's features (the build targets baseline x86-64),
@@ -62,21 +67,15 @@ macro_rules! screen_for {
     ($name:ident, $features:literal, $dot:ident) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        #[allow(clippy::too_many_arguments)]
         unsafe fn $name(
-            index: &PruneIndex,
-            px: &[f32],
-            qb: &[&QueryBound],
-            needed: &[&[bool]],
-            qids: &[usize],
-            tile_range: Range<usize>,
+            inputs: &ScreenInputs<'_>,
             masks: &mut [u64],
             cert: &mut [f64],
         ) -> ScreenCount {
             // SAFETY (of the calls to the dot product): this function only runs where the
             // features it is compiled for are.
             let dot = |a: &[f32], b: &[f32]| unsafe { $dot(a, b) };
-            screen_impl(index, px, qb, needed, qids, tile_range, masks, cert, dot)
+            screen_impl(inputs, masks, cert, dot)
         }
     };
 }
@@ -256,18 +255,21 @@ pub(super) fn dot8(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn screen_impl(
-    index: &PruneIndex,
-    px: &[f32],
-    qb: &[&QueryBound],
-    needed: &[&[bool]],
-    qids: &[usize],
-    tile_range: Range<usize>,
+    inputs: &ScreenInputs<'_>,
     masks: &mut [u64],
     cert: &mut [f64],
     dot: impl Fn(&[f32], &[f32]) -> f32,
 ) -> ScreenCount {
+    let ScreenInputs {
+        index,
+        px,
+        qb,
+        needed,
+        qids,
+        ..
+    } = *inputs;
+    let tile_range = inputs.tile_range.clone();
     let (dim, k) = (index.dim, index.k);
     let levels = &index.levels;
     let n_t = tile_range.len();

@@ -263,6 +263,19 @@ struct BlockSums {
     pairs: [u64; 2],
 }
 
+/// What the sparse and projected passes read for one call: the data, its index, the batch
+/// (its rows in the index's tile order), the call's [`Setup`], the threads and the GEMM
+/// library.
+#[derive(Clone, Copy)]
+pub struct PassInputs<'a> {
+    pub ds: &'a Dataset,
+    pub index: &'a PruneIndex,
+    pub batch: &'a CentredBatch<'a>,
+    pub setup: &'a Setup,
+    pub threads: usize,
+    pub lib: GemmLib,
+}
+
 /// What a call's choice of screening and the sparse pass itself need, computed once per
 /// call: the index's positions of the rows, their largest norm, and per query the bound
 /// err on how far an f32 logit is from the exact one (see `QueryBound::err`).
@@ -407,25 +420,26 @@ pub fn bf16_applies(setup: &Setup, batch: &CentredBatch<'_>) -> bool {
         .all(|s| (s[0] / 768.0 + s[1]) * setup.y_max + s[2] <= BF16_MAX_SLACK)
 }
 
-/// The sparse pass over `batch.rows` (in the tile order of `index`, `setup` computed for
-/// them), its logits obtained as `screen` says (the caller checks [`carry_applies`] and
+/// The sparse pass over `inputs.batch.rows` (see [`PassInputs`]), its logits obtained as `screen` says (the caller checks [`carry_applies`] and
 /// [`bf16_applies`]); `None` where every query has alpha = 0 (all weights equal, nothing to
 /// drop) or the f32 rounding is too large to drop anything. `carry` is read for
 /// [`Screen::Carried`] and left holding this call's values. `kept`, if given, receives per
 /// query the stored rows accumulated.
-#[allow(clippy::too_many_arguments)]
 pub fn partial(
-    ds: &Dataset,
-    index: &PruneIndex,
-    batch: &CentredBatch<'_>,
-    setup: &Setup,
-    threads: usize,
-    lib: GemmLib,
+    inputs: PassInputs<'_>,
     screen: Screen,
     carry: &mut Option<Carry>,
     buffers: &mut Buffers,
     kept: Option<&mut Vec<Vec<u32>>>,
 ) -> Option<Partial> {
+    let PassInputs {
+        ds,
+        index,
+        batch,
+        setup,
+        threads,
+        lib,
+    } = inputs;
     if batch.logit_coefs.iter().all(|c| c[0] == 0.0) {
         return None;
     }
