@@ -28,6 +28,7 @@ use crate::dataset::{Dataset, Values};
 use crate::error::Result;
 use crate::oracle::partial::Partial as PartialState;
 use crate::oracle::prune::{self, PruneIndex};
+use crate::oracle::simd::multiversion;
 use crate::oracle::{Backend, CentredBatch, Posterior, SoftmaxState};
 
 pub use tune::{GemmLib, GemmPlan};
@@ -386,6 +387,38 @@ pub fn flush_subnormal_weights(weights: &mut [f32]) {
     }
 }
 
+multiversion! {
+    /// A row of the GEMM's dot products x.y turned into logits c_dot x.y - c_norm |y|^2
+    /// (`norms` the rows' |y|^2).
+    pub(crate) fn to_logits(row: &mut [f32], norms: &[f32], coefs: [f32; 2]) = to_logits_body;
+}
+
+#[inline(always)]
+fn to_logits_body(row: &mut [f32], norms: &[f32], [c_dot, c_norm]: [f32; 2]) {
+    for (v, &n) in row.iter_mut().zip(norms) {
+        *v = c_dot * *v - c_norm * n;
+    }
+}
+
+multiversion! {
+    /// [`flush_subnormal_weights`], returning sum e_j |y_j|^2 over the row's weights
+    /// (`norms` the rows' |y|^2), summed in 8 lanes.
+    fn flush_and_weigh_norms(weights: &mut [f32], norms: &[f32]) -> f32 = flush_and_norm_body;
+}
+
+#[inline(always)]
+fn flush_and_norm_body(weights: &mut [f32], norms: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut lanes = [0.0f32; LANES];
+    for (w, n) in weights.chunks_mut(LANES).zip(norms.chunks(LANES)) {
+        for ((w, &n), s) in w.iter_mut().zip(n).zip(lanes.iter_mut()) {
+            *w = if *w < f32::MIN_POSITIVE { 0.0 } else { *w };
+            *s += *w * n;
+        }
+    }
+    lanes.iter().sum()
+}
+
 /// The batch's queries in groups of at least [`MIN_QUERY_GROUP`], one per thread where the
 /// batch is large enough.
 pub(crate) fn query_groups(n_queries: usize, threads: usize) -> Vec<Range<usize>> {
@@ -490,18 +523,10 @@ pub(crate) fn run_task(
         let s = &mut logits[..n_q * nt];
         dots_with(lib, x, y, dim, s);
         for (q, row) in s.chunks_exact_mut(nt).enumerate() {
-            let [c_dot, c_norm] = coefs[q];
-            for (v, &n) in row.iter_mut().zip(&norms[tile.clone()]) {
-                *v = c_dot * *v - c_norm * n;
-            }
+            to_logits(row, &norms[tile.clone()], coefs[q]);
             let scale = states[q].absorb_tile(row, tile.start as u32);
-            flush_subnormal_weights(row);
             // The row now holds the weights e_j: sum e_j |y_j|^2 rides along with l.
-            let tile_norm: f32 = row
-                .iter()
-                .zip(&norms[tile.clone()])
-                .map(|(e, n)| e * n)
-                .sum();
+            let tile_norm = flush_and_weigh_norms(row, &norms[tile.clone()]);
             sum_norm[q] = scale * sum_norm[q] + tile_norm;
             if scale != 1.0 {
                 // The accumulator is the GEMM's addend: keep it free of subnormals too.
@@ -680,6 +705,39 @@ pub(crate) fn sgemm_with(
 
 #[cfg(test)]
 mod tests {
+    /// The vector versions of the dense pass's row steps (whichever this CPU runs) equal
+    /// the baseline bitwise, and the weighted norm sum equals an f64 one.
+    #[test]
+    fn row_steps_match_the_baseline_and_f64() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for n in [0usize, 1, 7, 8, 9, 31, 256, 257, 1000] {
+            let dots: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 40.0 - 20.0).collect();
+            let norms: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 30.0).collect();
+            let (mut a, mut b) = (dots.clone(), dots.clone());
+            to_logits(&mut a, &norms, [1.5, 0.25]);
+            to_logits_body(&mut b, &norms, [1.5, 0.25]);
+            assert_eq!(a, b);
+            // Weights with subnormals and zeros among them.
+            let mut w: Vec<f32> = a.iter().map(|&v| (v - 40.0).exp()).collect();
+            for v in w.iter_mut().step_by(3) {
+                *v = f32::MIN_POSITIVE / 4.0;
+            }
+            let mut w2 = w.clone();
+            let sa = flush_and_weigh_norms(&mut w, &norms);
+            let sb = flush_and_norm_body(&mut w2, &norms);
+            assert_eq!(sa.to_bits(), sb.to_bits());
+            assert_eq!(w, w2);
+            assert!(w.iter().all(|&v| v == 0.0 || v >= f32::MIN_POSITIVE));
+            let want: f64 = w
+                .iter()
+                .zip(&norms)
+                .map(|(&e, &n)| e as f64 * n as f64)
+                .sum();
+            assert!((sa as f64 - want).abs() <= 1e-6 * want.abs().max(f64::MIN_POSITIVE));
+        }
+    }
+
     use super::*;
 
     #[test]

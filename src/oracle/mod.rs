@@ -17,6 +17,7 @@ pub mod prune;
 pub mod reference;
 pub mod refine;
 pub mod shard;
+pub mod simd;
 pub mod state;
 pub mod stream;
 

@@ -7,6 +7,8 @@
 //! (q by r^2, and t also shifts by l (m - m')). Merging two states is that rescale and
 //! an add: exact and associative, so tiles, devices and machines combine the same way.
 
+use super::simd::multiversion;
+
 /// Per-query diagnostics of the posterior.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct QueryStats {
@@ -172,13 +174,7 @@ impl SoftmaxState {
     /// holds `exp(s_j - m_new)`, the weight to accumulate with, and the returned factor
     /// `exp(m_old - m_new)` is what the existing weighted sum must be scaled by first.
     pub fn absorb_tile(&mut self, logits: &mut [f32], first_row: u32) -> f32 {
-        let (mut tile_max, mut tile_arg) = (f32::NEG_INFINITY, 0usize);
-        for (j, &s) in logits.iter().enumerate() {
-            if s > tile_max {
-                tile_max = s;
-                tile_arg = j;
-            }
-        }
+        let (tile_max, tile_arg) = max_first(logits);
         let empty = self.sum == 0.0;
         let m_new = if empty {
             tile_max
@@ -203,31 +199,63 @@ impl SoftmaxState {
     }
 }
 
-/// Overwrites each logit s (all <= `m`) with its weight exp(s - m) and returns
-/// (sum e, sum e (s - m), sum e^2): one tile's share of a state whose max is `m`.
-pub fn weigh(logits: &mut [f32], m: f32) -> [f32; 3] {
-    // Eight independent partial sums per quantity, so the loop vectorizes (a single
-    // running sum is a serial dependency the compiler may not reorder).
+multiversion! {
+    /// Overwrites each logit s (all <= `m`) with its weight exp(s - m) and returns
+    /// (sum e, sum e (s - m), sum e^2): one tile's share of a state whose max is `m`.
+    pub fn weigh(logits: &mut [f32], m: f32) -> [f32; 3] = weigh_body;
+}
+
+#[inline(always)]
+fn weigh_body(logits: &mut [f32], m: f32) -> [f32; 3] {
+    // Eight independent partial sums per quantity (a single running sum is a serial
+    // dependency the compiler may not reorder). The exponentials of a block first, in a
+    // plain map over the block (what LLVM's loop vectorizer handles), then the sums.
     const LANES: usize = 8;
-    let mut lanes = [[0.0f32; LANES]; 3];
-    let mut absorb = |lane: usize, s: &mut f32| {
-        let d = *s - m;
-        let e = exp_nonpositive(d);
-        lanes[0][lane] += e;
-        lanes[1][lane] += e * d;
-        lanes[2][lane] += e * e;
-        *s = e;
-    };
-    let mut chunks = logits.chunks_exact_mut(LANES);
-    for chunk in &mut chunks {
-        for (lane, s) in chunk.iter_mut().enumerate() {
-            absorb(lane, s);
+    const BLOCK: usize = 64;
+    let mut sums = [[0.0f32; LANES]; 3];
+    let mut e = [0.0f32; BLOCK];
+    for block in logits.chunks_mut(BLOCK) {
+        let e = &mut e[..block.len()];
+        for (e, &s) in e.iter_mut().zip(block.iter()) {
+            *e = exp_nonpositive(s - m);
+        }
+        for (j, (s, &e)) in block.iter_mut().zip(e.iter()).enumerate() {
+            let l = j % LANES;
+            let d = *s - m;
+            sums[0][l] += e;
+            sums[1][l] += e * d;
+            sums[2][l] += e * e;
+            *s = e;
         }
     }
-    for (lane, s) in chunks.into_remainder().iter_mut().enumerate() {
-        absorb(lane, s);
+    sums.map(|l| l.iter().sum::<f32>())
+}
+
+multiversion! {
+    /// The largest of `s` and the first position holding it; NaNs are passed over, and
+    /// (-inf, 0) is returned where there is nothing larger than -inf.
+    pub fn max_first(s: &[f32]) -> (f32, usize) = max_first_body;
+}
+
+#[inline(always)]
+fn max_first_body(s: &[f32]) -> (f32, usize) {
+    // The maximum in independent lanes with compares and selects (vectorizes), then the
+    // first position holding it (an early-exit scan).
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = s.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
     }
-    lanes.map(|l| l.iter().sum::<f32>())
+    for (m, &v) in lanes.iter_mut().zip(chunks.remainder()) {
+        *m = if v > *m { v } else { *m };
+    }
+    let max = lanes
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    (max, s.iter().position(|&v| v == max).unwrap_or(0))
 }
 
 /// e^d for d <= 0 (a softmax weight), branch-free so that loops over it vectorize:
@@ -265,6 +293,64 @@ pub fn exp_nonpositive(d: f32) -> f32 {
 #[cfg(test)]
 mod tile_tests {
     use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Rows of logits at or below 0 (-80 to 0, some far below, ties at the maximum) of
+    /// lengths around the vector widths.
+    fn rows() -> Vec<Vec<f32>> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        [0, 1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 255, 256, 257, 1000]
+            .iter()
+            .map(|&n| {
+                let mut row: Vec<f32> = (0..n).map(|_| -80.0 * rng.random::<f32>()).collect();
+                for v in row.iter_mut().step_by(5) {
+                    *v = -200.0 * rng.random::<f32>();
+                }
+                if n > 3 {
+                    row[n / 3] = 0.0;
+                    row[n - 1] = 0.0;
+                }
+                row
+            })
+            .collect()
+    }
+
+    /// The vector versions (whichever this CPU runs) equal the baseline bitwise, and the
+    /// sums equal f64 ones within f32 rounding.
+    #[test]
+    fn weigh_and_max_first_match_the_baseline_and_f64() {
+        for row in rows() {
+            let (mut a, mut b) = (row.clone(), row.clone());
+            let sa = weigh(&mut a, 0.0);
+            let sb = weigh_body(&mut b, 0.0);
+            assert_eq!(sa.map(f32::to_bits), sb.map(f32::to_bits));
+            assert_eq!(
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            let e: Vec<f64> = row.iter().map(|&v| (v as f64).exp()).collect();
+            let want = [
+                e.iter().sum::<f64>(),
+                e.iter().zip(&row).map(|(e, &v)| e * v as f64).sum(),
+                e.iter().map(|e| e * e).sum(),
+            ];
+            for (got, want) in sa.iter().zip(want) {
+                assert!((*got as f64 - want).abs() <= 1e-6 * want.abs().max(1.0));
+            }
+            let naive = row
+                .iter()
+                .enumerate()
+                .fold(
+                    (f32::NEG_INFINITY, 0),
+                    |(m, i), (j, &v)| if v > m { (v, j) } else { (m, i) },
+                );
+            assert_eq!(max_first(&row), naive);
+            assert_eq!(max_first_body(&row), naive);
+        }
+        assert_eq!(max_first(&[f32::NAN, -1.0, f32::NAN, 2.0, 2.0]), (2.0, 3));
+        assert_eq!(max_first(&[f32::NEG_INFINITY; 3]), (f32::NEG_INFINITY, 0));
+        assert_eq!(max_first(&[]), (f32::NEG_INFINITY, 0));
+    }
 
     #[test]
     fn exp_nonpositive_is_within_two_ulp() {

@@ -58,10 +58,12 @@ use super::screen::{dot, RowSum};
 use super::{bf16, profiling, PruneIndex, SAMPLE_BUDGET};
 use crate::dataset::{Dataset, Values};
 use crate::oracle::cpu::{
-    dots_with, query_groups, sgemm_with, Gemm, GemmLib, Partial as CpuPartial,
+    dots_with, query_groups, sgemm_with, to_logits, Gemm, GemmLib, Partial as CpuPartial,
 };
 use crate::oracle::partial::Partial;
+use crate::oracle::simd::multiversion;
 use crate::oracle::state::exp_nonpositive;
+use crate::oracle::state::max_first;
 use crate::oracle::{CentredBatch, SoftmaxState};
 
 /// Rows per logits GEMM: four leaf tiles, S (B x 256) and the tile (256 x D) cache-sized.
@@ -767,23 +769,19 @@ fn block_logits(
             }
             continue;
         }
+        for (n, &r) in nsq.iter_mut().zip(rows) {
+            *n = norms[r as usize];
+        }
         let Some(scr) = &screen else {
             dots_with(lib, x, index.rows_at(ds, tile.clone(), &mut y), dim, out);
             for (q, row) in out.chunks_exact_mut(nt).enumerate() {
-                let [c_dot, c_norm] = batch.logit_coefs[qs.start + q];
-                let b = &mut best[q];
-                for (v, &r) in row.iter_mut().zip(rows) {
-                    *v = c_dot * *v - c_norm * norms[r as usize];
-                    raise(b, (*v, r));
-                }
+                to_logits(row, &nsq[..nt], batch.logit_coefs[qs.start + q]);
+                raise_to_row_max(&mut best[q], row, rows);
             }
             exact += (n_q * nt) as u64;
             continue;
         };
         bf16::dots(scr.panels, scr.xq, tile.clone(), out, &mut scratch);
-        for (j, &r) in rows.iter().enumerate() {
-            nsq[j] = norms[r as usize];
-        }
         let (nsq, yn, ye) = (
             &nsq[..nt],
             &scr.panels.norms()[tile.clone()],
@@ -855,6 +853,19 @@ pub struct Buffers {
 pub(super) fn raise(best: &mut (f32, u32), cand: (f32, u32)) {
     if cand.0 > best.0 || (cand.0 == best.0 && cand.1 < best.1) {
         *best = cand;
+    }
+}
+
+/// `best` raised to the largest of a row of logits (`rows` their stored rows), as
+/// [`raise`] for each in turn: the row's maximum first (vectorized), then its ties.
+fn raise_to_row_max(best: &mut (f32, u32), row: &[f32], rows: &[u32]) {
+    let (m, _) = max_first(row);
+    if m >= best.0 {
+        for (&v, &r) in row.iter().zip(rows) {
+            if v == m {
+                raise(best, (v, r));
+            }
+        }
     }
 }
 
@@ -1023,61 +1034,107 @@ fn block_sums(
     out
 }
 
-/// One (tile, query) row of logits `s` (maximum `m`) turned into weights in place: exp(s -
-/// m) where s reaches `cut`, else 0; returns the row's sums of e, e (s - m), e^2 and
-/// e |y|^2 (`norms` the rows' |y|^2). Branch-free in independent lanes, so that it
-/// vectorizes (as the dense pass's `weigh`).
-fn weigh_kept(s: &mut [f32], m: f32, cut: f32, norms: &[f32]) -> [f32; 4] {
+multiversion! {
+    /// One (tile, query) row of logits `s` (maximum `m`) turned into weights in place:
+    /// exp(s - m) where s reaches `cut`, else 0; returns the row's sums of e, e (s - m),
+    /// e^2 and e |y|^2 (`norms` the rows' |y|^2).
+    fn weigh_kept(s: &mut [f32], m: f32, cut: f32, norms: &[f32]) -> [f32; 4] = weigh_kept_body;
+}
+
+/// [`weigh_kept`]: branch-free, the exponentials of a block in a plain map (what LLVM's
+/// loop vectorizer handles), then the sums in independent lanes (as the dense pass's
+/// `weigh`).
+#[inline(always)]
+fn weigh_kept_body(s: &mut [f32], m: f32, cut: f32, norms: &[f32]) -> [f32; 4] {
     const LANES: usize = 8;
+    const BLOCK: usize = 64;
     let mut lanes = [[0.0f32; LANES]; 4];
-    let mut absorb = |l: usize, v: &mut f32, n: f32| {
-        let keep = *v >= cut;
-        let d = if keep { *v - m } else { 0.0 };
-        let e = if keep { exp_nonpositive(d) } else { 0.0 };
-        lanes[0][l] += e;
-        lanes[1][l] += e * d;
-        lanes[2][l] += e * e;
-        lanes[3][l] += e * n;
-        *v = e;
-    };
-    let mut chunks = s.chunks_exact_mut(LANES);
-    let mut nchunks = norms.chunks_exact(LANES);
-    for (c, nc) in (&mut chunks).zip(&mut nchunks) {
-        for (l, (v, &n)) in c.iter_mut().zip(nc).enumerate() {
-            absorb(l, v, n);
+    let mut e = [0.0f32; BLOCK];
+    for (block, nb) in s.chunks_mut(BLOCK).zip(norms.chunks(BLOCK)) {
+        let e = &mut e[..block.len()];
+        for (e, &v) in e.iter_mut().zip(block.iter()) {
+            let x = exp_nonpositive(v - m);
+            *e = if v >= cut { x } else { 0.0 };
         }
-    }
-    let rest = nchunks.remainder();
-    for (l, (v, &n)) in chunks.into_remainder().iter_mut().zip(rest).enumerate() {
-        absorb(l, v, n);
+        for (j, ((v, &e), &n)) in block.iter_mut().zip(e.iter()).zip(nb).enumerate() {
+            let l = j % LANES;
+            let d = if e > 0.0 { *v - m } else { 0.0 };
+            lanes[0][l] += e;
+            lanes[1][l] += e * d;
+            lanes[2][l] += e * e;
+            lanes[3][l] += e * n;
+            *v = e;
+        }
     }
     lanes.map(|l| l.iter().sum::<f32>())
 }
 
-/// How many of `s` reach `cut`, and the largest of the others (-inf if none): one pass in
-/// independent lanes, so that it vectorizes.
-pub(super) fn count_from(s: &[f32], cut: f32) -> (usize, f32) {
+multiversion! {
+    /// How many of `s` reach `cut`, and the largest of the others (-inf if none).
+    pub(super) fn count_from(s: &[f32], cut: f32) -> (usize, f32) = count_from_body;
+}
+
+/// [`count_from`]: one pass in independent lanes of compares and selects, so that it
+/// vectorizes (`f32::max`'s NaN rules kept it from vectorizing well; a closure need not be
+/// inlined into the ISA's version).
+#[inline(always)]
+fn count_from_body(s: &[f32], cut: f32) -> (usize, f32) {
     const LANES: usize = 16;
     let (mut kept, mut below) = ([0u32; LANES], [f32::NEG_INFINITY; LANES]);
-    // Compares and selects only (`f32::max`'s NaN rules kept this from vectorizing well).
-    let mut lane = |l: usize, v: f32| {
-        let keep = v >= cut;
-        kept[l] += keep as u32;
-        let c = if keep { f32::NEG_INFINITY } else { v };
-        below[l] = if c > below[l] { c } else { below[l] };
-    };
-    let chunks = s.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (l, &v) in c.iter().enumerate() {
-            lane(l, v);
+    for c in s.chunks(LANES) {
+        for ((k, b), &v) in kept.iter_mut().zip(below.iter_mut()).zip(c) {
+            let keep = v >= cut;
+            *k += keep as u32;
+            let c = if keep { f32::NEG_INFINITY } else { v };
+            *b = if c > *b { c } else { *b };
         }
     }
-    for (l, &v) in rest.iter().enumerate() {
-        lane(l, v);
+    let mut largest = f32::NEG_INFINITY;
+    for b in below {
+        largest = if b > largest { b } else { largest };
     }
-    (
-        kept.iter().sum::<u32>() as usize,
-        below.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
-    )
+    (kept.iter().sum::<u32>() as usize, largest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The vector versions of phase 2's row steps (whichever this CPU runs) equal the
+    /// baseline bitwise and a plain f64 evaluation.
+    #[test]
+    fn row_steps_match_the_baseline_and_f64() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        for n in [0usize, 1, 7, 8, 15, 16, 17, 64, 65, 256, 1000] {
+            let row: Vec<f32> = (0..n).map(|_| -60.0 * rng.random::<f32>()).collect();
+            let norms: Vec<f32> = (0..n).map(|_| 10.0 * rng.random::<f32>()).collect();
+            let cut = -20.0f32;
+            let want_kept = row.iter().filter(|&&v| v >= cut).count();
+            let want_below = row
+                .iter()
+                .filter(|&&v| v < cut)
+                .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            assert_eq!(count_from(&row, cut), (want_kept, want_below));
+            assert_eq!(count_from_body(&row, cut), (want_kept, want_below));
+            let (mut a, mut b) = (row.clone(), row.clone());
+            let sa = weigh_kept(&mut a, 0.0, cut, &norms);
+            let sb = weigh_kept_body(&mut b, 0.0, cut, &norms);
+            assert_eq!(sa.map(f32::to_bits), sb.map(f32::to_bits));
+            assert_eq!(a, b);
+            let mut want = [0.0f64; 4];
+            for ((&v, &n), &w) in row.iter().zip(&norms).zip(&a) {
+                let e = if v >= cut { (v as f64).exp() } else { 0.0 };
+                assert!((w as f64 - e).abs() <= 2.5e-7 * e);
+                let d = if v >= cut { v as f64 } else { 0.0 };
+                want[0] += e;
+                want[1] += e * d;
+                want[2] += e * e;
+                want[3] += e * n as f64;
+            }
+            for (got, want) in sa.iter().zip(want) {
+                assert!((*got as f64 - want).abs() <= 1e-6 * want.abs().max(1e-30));
+            }
+        }
+    }
 }
