@@ -115,6 +115,7 @@ use rayon::prelude::*;
 mod accumulate;
 mod basis;
 pub mod bf16;
+mod budget;
 pub mod projected;
 mod screen;
 pub mod sparse;
