@@ -113,6 +113,16 @@ pub(super) struct Cuts {
     pub bound: Vec<Option<f64>>,
 }
 
+impl Cuts {
+    /// The per-sample thresholds, not raised.
+    pub fn none(thresholds: &[f64]) -> Cuts {
+        Cuts {
+            cut: thresholds.to_vec(),
+            bound: vec![None; thresholds.len()],
+        }
+    }
+}
+
 /// One query group's phase-1 logits over a block of positions, as the sparse pass lays
 /// them out: tile by tile (`TILE` positions), in each the rows of its queries.
 pub(super) struct BlockView<'a> {
@@ -121,9 +131,9 @@ pub(super) struct BlockView<'a> {
     pub logits: &'a [f32],
 }
 
-/// The cuts for a chunk whose share of the rows is `share`, from its phase-1 logits
-/// (`views`), the queries' chunk maxima, per-sample ln thresholds and f32 logit error
-/// bounds `err`.
+/// The cuts for a chunk from its phase-1 logits (`views`), the queries' chunk maxima,
+/// per-sample ln thresholds and f32 logit error bounds `err`, the dropped mass within
+/// `budget` (the chunk's share of `SAMPLE_BUDGET`) of the normaliser.
 pub(super) fn cuts(
     views: &[BlockView<'_>],
     best: &[(f32, u32)],
@@ -159,10 +169,7 @@ pub(super) fn cuts(
             }
         }
     }
-    let mut out = Cuts {
-        cut: thresholds.to_vec(),
-        bound: vec![None; best.len()],
-    };
+    let mut out = Cuts::none(thresholds);
     for (q, (b, hist)) in buckets.iter().zip(&merged).enumerate() {
         // The normaliser's lower bound: each logit at its bucket's lower edge.
         let z_low: f64 = hist
