@@ -48,6 +48,7 @@ use super::{level_norms, logit_geometry, project, seed_rows, PruneIndex, LB_MARG
 use crate::dataset::Dataset;
 use crate::oracle::cpu::{query_groups, sgemm_with, Gemm, GemmLib};
 use crate::oracle::partial::Partial;
+use crate::oracle::simd::multiversion;
 use crate::oracle::state::exp_nonpositive;
 use crate::oracle::{CentredBatch, SoftmaxState};
 
@@ -207,9 +208,19 @@ impl Projection {
         let ysq = &index.lvl_sq[level * n_all + t0..][..nt];
         let yt = &index.lvl_tail[level * n_all + t0..][..nt];
         for (row, qp) in out.chunks_exact_mut(nt).zip(&self.queries[qs.clone()]) {
-            bounds(qp, At::Pass, row, ysq, yt);
+            pass_bounds(qp, row, ysq, yt);
         }
     }
+}
+
+multiversion! {
+    /// [`bounds`] at the pass's level over one (query, tile) row, vectorized.
+    fn pass_bounds(qp: &QueryProj, d: &mut [f32], ysq: &[f32], yt: &[f32]) = pass_bounds_body;
+}
+
+#[inline(always)]
+fn pass_bounds_body(qp: &QueryProj, d: &mut [f32], ysq: &[f32], yt: &[f32]) {
+    bounds(qp, At::Pass, d, ysq, yt)
 }
 
 /// Per pair of one query's row: the partial dot product over the level's coordinates in,

@@ -1107,16 +1107,28 @@ multiversion! {
 /// vectorizes (`f32::max`'s NaN rules kept it from vectorizing well; a closure need not be
 /// inlined into the ISA's version).
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // (fixed-length indexed lanes: see the body)
 fn count_from_body(s: &[f32], cut: f32) -> (usize, f32) {
     const LANES: usize = 16;
     let (mut kept, mut below) = ([0u32; LANES], [f32::NEG_INFINITY; LANES]);
-    for c in s.chunks(LANES) {
-        for ((k, b), &v) in kept.iter_mut().zip(below.iter_mut()).zip(c) {
-            let keep = v >= cut;
-            *k += keep as u32;
-            let c = if keep { f32::NEG_INFINITY } else { v };
-            *b = if c > *b { c } else { *b };
+    // Whole chunks of fixed length first (so that the lanes stay in registers; a shorter
+    // last chunk in the same loop made LLVM keep them in memory behind masked stores), then
+    // the rest.
+    let mut chunks = s.chunks_exact(LANES);
+    for c in &mut chunks {
+        let c: &[f32; LANES] = c.try_into().expect("LANES long");
+        for l in 0..LANES {
+            let keep = c[l] >= cut;
+            kept[l] += keep as u32;
+            let v = if keep { f32::NEG_INFINITY } else { c[l] };
+            below[l] = if v > below[l] { v } else { below[l] };
         }
+    }
+    for (l, &v) in chunks.remainder().iter().enumerate() {
+        let keep = v >= cut;
+        kept[l] += keep as u32;
+        let v = if keep { f32::NEG_INFINITY } else { v };
+        below[l] = if v > below[l] { v } else { below[l] };
     }
     let mut largest = f32::NEG_INFINITY;
     for b in below {
