@@ -21,7 +21,7 @@ pub mod tune;
 
 use std::ops::Range;
 
-use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::dataset::{Dataset, Values};
@@ -569,12 +569,12 @@ pub(crate) fn stored_rows_f32<'a>(
     match ds.values() {
         Values::F32(v) => &v[rows.start * dim..rows.end * dim],
         Values::F16(v) => {
-            scratch.clear();
-            scratch.extend(
-                v[rows.start * dim..rows.end * dim]
-                    .iter()
-                    .map(|h: &f16| h.to_f32()),
-            );
+            // half's slice conversion uses the CPU's F16C (8 values per instruction) where
+            // it has it; one value at a time cost 0.5 s per dense evaluation at B = 256 on
+            // Fashion-MNIST (two query groups convert every row), twice the evaluation.
+            let src = &v[rows.start * dim..rows.end * dim];
+            scratch.resize(src.len(), 0.0);
+            src.convert_to_f32_slice(scratch);
             scratch
         }
         // The streamed passes read their tiles themselves (oracle::stream); a stray read
