@@ -292,13 +292,7 @@ fn near_duplicate_samples_at_late_t() {
             let x: Vec<f32> = (0..d)
                 .map(|k| (c.alpha * 0.5 * (y0[k] + y1[k]) + c.sigma * noise[k] as f64) as f32)
                 .collect();
-            let q = Query {
-                x: &x,
-                t: Times::Scalar(t),
-                class: None,
-            };
-            let got = oracle.evaluate(&q).unwrap();
-            let want = reference::evaluate_f64(&ds, Path::RectifiedFlow, &q, 0..ds.n_samples());
+            let (got, want) = evaluate_with_f64(&mut oracle, &ds, &x, t);
             assert!(got
                 .velocity
                 .iter()
@@ -371,13 +365,7 @@ fn a_cluster_of_near_duplicates_at_late_t() {
                         .collect::<Vec<f32>>()
                 })
                 .collect();
-            let q = Query {
-                x: &x,
-                t: Times::Scalar(t),
-                class: None,
-            };
-            let got = oracle.evaluate(&q).unwrap();
-            let want = reference::evaluate_f64(&ds, Path::RectifiedFlow, &q, 0..ds.n_samples());
+            let (got, want) = evaluate_with_f64(&mut oracle, &ds, &x, t);
             let (ev, eh) = (
                 rel_err(&got.velocity, &want.velocity),
                 rel_err(&got.x1_hat, &want.x1_hat),

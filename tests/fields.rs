@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 
 use oracleflow::dataset::{npy, Dataset, Dtype, RawRows, SampleShape};
 use oracleflow::field::{GaussianField, OracleField, SwitchField, VelocityField};
-use oracleflow::oracle::{reference, BackendKind, Oracle, Query, Times};
+use oracleflow::oracle::{BackendKind, Oracle};
 use oracleflow::sample::{self, SampleOptions, Solver};
 use oracleflow::schedule::Schedule;
 use oracleflow::Path;
@@ -472,13 +472,7 @@ fn check_posterior_variance(kind: BackendKind) {
     let mut oracle = Oracle::new(&ds, Path::RectifiedFlow, kind).unwrap();
     for &t in &[0.05f32, 0.3, 0.6, 0.9, 0.99] {
         let x = common::path_queries(&ds, Path::RectifiedFlow, t, 16, 3);
-        let q = Query {
-            x: &x,
-            t: Times::Scalar(t),
-            class: None,
-        };
-        let got = oracle.evaluate(&q).unwrap();
-        let want = reference::evaluate_f64(&ds, Path::RectifiedFlow, &q, 0..ds.n_samples());
+        let (got, want) = common::evaluate_with_f64(&mut oracle, &ds, &x, t);
         for (g, w) in got.stats.iter().zip(&want.stats) {
             // f32: the two terms (~|y|^2 / D ~ 1) cancel, so absolute error ~1e-6 is the
             // floor; relative 1e-3 where the variance is large.

@@ -417,13 +417,7 @@ pub fn late_times(kind: BackendKind) {
     let mut oracle = Oracle::new(&ds, Path::RectifiedFlow, kind).unwrap();
     for (k, &t) in [0.995f32, 0.999, 0.9999, 1.0].iter().enumerate() {
         let x = path_queries(&ds, Path::RectifiedFlow, t, 12, 60 + k as u64);
-        let q = Query {
-            x: &x,
-            t: Times::Scalar(t),
-            class: None,
-        };
-        let got = oracle.evaluate(&q).unwrap();
-        let want = reference::evaluate_f64(&ds, Path::RectifiedFlow, &q, 0..ds.n_samples());
+        let (got, want) = evaluate_with_f64(&mut oracle, &ds, &x, t);
         assert!(
             got.velocity
                 .iter()

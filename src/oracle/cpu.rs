@@ -381,9 +381,17 @@ pub(crate) fn dense_pass(
 #[inline]
 pub fn flush_subnormal_weights(weights: &mut [f32]) {
     for w in weights {
-        if *w < f32::MIN_POSITIVE {
-            *w = 0.0;
-        }
+        *w = flushed(*w);
+    }
+}
+
+/// One weight as [`flush_subnormal_weights`] leaves it (a select, so that loops vectorize).
+#[inline(always)]
+fn flushed(w: f32) -> f32 {
+    if w < f32::MIN_POSITIVE {
+        0.0
+    } else {
+        w
     }
 }
 
@@ -412,7 +420,7 @@ fn flush_and_norm_body(weights: &mut [f32], norms: &[f32]) -> f32 {
     let mut lanes = [0.0f32; LANES];
     for (w, n) in weights.chunks_mut(LANES).zip(norms.chunks(LANES)) {
         for ((w, &n), s) in w.iter_mut().zip(n).zip(lanes.iter_mut()) {
-            *w = if *w < f32::MIN_POSITIVE { 0.0 } else { *w };
+            *w = flushed(*w);
             *s += *w * n;
         }
     }

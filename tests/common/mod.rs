@@ -4,7 +4,8 @@
 pub mod backend;
 
 use oracleflow::dataset::{Dataset, Dtype, RawRows, SampleShape};
-use oracleflow::oracle::BackendKind;
+use oracleflow::oracle::reference::{self, ReferenceOutput};
+use oracleflow::oracle::{BackendKind, Oracle, OracleOutput, Query, Times};
 use oracleflow::Path;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -204,6 +205,24 @@ pub fn assert_as_close_as_dense(
 }
 
 /// ||a - b|| / ||b||, with b the f64 truth.
+/// One evaluation of the queries `x` at time `t` (rectified flow, every sample) and the
+/// f64 reference's for the same queries.
+pub fn evaluate_with_f64(
+    oracle: &mut Oracle,
+    ds: &Dataset,
+    x: &[f32],
+    t: f32,
+) -> (OracleOutput, ReferenceOutput) {
+    let q = Query {
+        x,
+        t: Times::Scalar(t),
+        class: None,
+    };
+    let got = oracle.evaluate(&q).unwrap();
+    let want = reference::evaluate_f64(ds, Path::RectifiedFlow, &q, 0..ds.n_samples());
+    (got, want)
+}
+
 pub fn rel_err(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
     let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - y).powi(2)).sum();

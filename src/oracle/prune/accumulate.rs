@@ -279,12 +279,7 @@ mod tests {
     #[test]
     fn equals_the_f64_sum() {
         let mut seed = 7u64;
-        let mut next = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        };
+        let mut next = || crate::oracle::prune::tests::lcg(&mut seed);
         for (dim, nt, nq) in [
             (784, 256, 8),
             (37, 50, 3),

@@ -252,12 +252,7 @@ mod tests {
         }
         let (n, dim, n_q) = (300, 37, 11);
         let mut seed = 7u64;
-        let mut next = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0) as f32
-        };
+        let mut next = || (2.0 * crate::oracle::prune::tests::lcg(&mut seed)) as f32;
         let v: Vec<f32> = (0..n * dim).map(|_| next()).collect();
         let ds = Dataset::from_raw(
             "random",

@@ -210,12 +210,8 @@ mod tests {
     #[test]
     fn the_bound_covers_what_the_cut_drops() {
         let mut state = 12345u64;
-        let mut next = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 40) as f64 / (1u64 << 24) as f64
-        };
+        // uniform in [0, 1)
+        let mut next = || (crate::oracle::prune::tests::lcg(&mut state) + 1.0) / 2.0;
         let mut raised = 0;
         for case in 0..40 {
             let n = 1 + (next() * 3000.0) as usize;

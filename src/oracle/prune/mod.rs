@@ -1659,8 +1659,9 @@ mod tests {
         }
     }
 
-    /// A small deterministic generator (the tests need no crate for it).
-    fn lcg(seed: &mut u64) -> f64 {
+    /// A small deterministic generator (the tests need no crate for it): uniform in
+    /// [-1, 1). The passes' own test modules use it too.
+    pub(super) fn lcg(seed: &mut u64) -> f64 {
         *seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
