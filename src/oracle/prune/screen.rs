@@ -161,6 +161,79 @@ unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
+/// [`dot_avx512`] of one row with `Q` vectors at once: the row's vectors are loaded once
+/// for all of them, and each product keeps dot_avx512's four accumulators, steps and final
+/// sum, so that every result is bitwise the one dot_avx512 gives.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+unsafe fn dots_avx512<const Q: usize>(row: &[f32], xs: [&[f32]; Q]) -> [f32; Q] {
+    use std::arch::x86_64::*;
+    let n = xs.iter().fold(row.len(), |m, x| m.min(x.len()));
+    let pr = row.as_ptr();
+    let px = xs.map(|x| x.as_ptr());
+    let mut s = [[_mm512_setzero_ps(); 4]; Q];
+    let mut i = 0;
+    // SAFETY: as in dot_avx512: full loads at i..i + 16 <= n, the masked one only the
+    // n - i < 16 lanes left, inside the row and every vector (each at least n long).
+    unsafe {
+        while i + 64 <= n {
+            for u in 0..4 {
+                let y = _mm512_loadu_ps(pr.add(i + 16 * u));
+                for (acc, p) in s.iter_mut().zip(&px) {
+                    acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(p.add(i + 16 * u)), y, acc[u]);
+                }
+            }
+            i += 64;
+        }
+        let mut u = 0;
+        while i + 16 <= n {
+            let y = _mm512_loadu_ps(pr.add(i));
+            for (acc, p) in s.iter_mut().zip(&px) {
+                acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(p.add(i)), y, acc[u]);
+            }
+            u += 1;
+            i += 16;
+        }
+        if i < n {
+            let m: __mmask16 = (1u16 << (n - i)) - 1;
+            let y = _mm512_maskz_loadu_ps(m, pr.add(i));
+            for (acc, p) in s.iter_mut().zip(&px) {
+                acc[3] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, p.add(i)), y, acc[3]);
+            }
+        }
+        s.map(|a| {
+            _mm512_reduce_add_ps(_mm512_add_ps(
+                _mm512_add_ps(a[0], a[1]),
+                _mm512_add_ps(a[2], a[3]),
+            ))
+        })
+    }
+}
+
+/// `out[i] = dot(xs[i], row)` for every i, bitwise as [`dot`] one at a time, with the
+/// row read once per four vectors (AVX-512): a screened pass's f32 logits, grouped by
+/// row, run near a GEMM's rate where one dot product per pair waits on the row's loads.
+pub(super) fn dots_with_row(row: &[f32], xs: &[&[f32]], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+        let mut chunks = xs.chunks_exact(4);
+        let mut o = out.chunks_exact_mut(4);
+        for (x, o) in (&mut chunks).zip(&mut o) {
+            // SAFETY: the CPU has the features the function is compiled for (checked above).
+            o.copy_from_slice(&unsafe { dots_avx512(row, [x[0], x[1], x[2], x[3]]) });
+        }
+        for (x, o) in chunks.remainder().iter().zip(o.into_remainder()) {
+            // SAFETY: as above.
+            *o = unsafe { dots_avx512(row, [*x]) }[0];
+        }
+        return;
+    }
+    for (x, o) in xs.iter().zip(out) {
+        *o = dot(x, row);
+    }
+}
+
 /// Dot product, with AVX-512 or AVX2 FMAs where the CPU has them (else [`dot8`]).
 pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -442,4 +515,31 @@ fn screen_impl(
         }
     }
     count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One row's products with several vectors are bitwise [`dot`]'s, at lengths around
+    /// the vector widths and for group sizes around the kernel's four.
+    #[test]
+    fn dots_with_row_are_bitwise_dot() {
+        let mut seed = 5u64;
+        let mut next = || (2.0 * crate::oracle::prune::tests::lcg(&mut seed) - 1.0) as f32;
+        for n in [1usize, 15, 16, 17, 63, 64, 65, 100, 784] {
+            let row: Vec<f32> = (0..n).map(|_| next()).collect();
+            let vs: Vec<Vec<f32>> = (0..9)
+                .map(|_| (0..n).map(|_| 3.0 * next()).collect())
+                .collect();
+            for m in 0..=9 {
+                let xs: Vec<&[f32]> = vs[..m].iter().map(|v| v.as_slice()).collect();
+                let mut out = vec![f32::NAN; m];
+                dots_with_row(&row, &xs, &mut out);
+                for (x, o) in xs.iter().zip(&out) {
+                    assert_eq!(o.to_bits(), dot(x, &row).to_bits(), "n {n} m {m}");
+                }
+            }
+        }
+    }
 }

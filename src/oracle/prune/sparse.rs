@@ -59,7 +59,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::accumulate::{accumulate, QUERY_BLOCK};
-use super::screen::{dot, RowSum};
+use super::screen::{dot, dots_with_row, RowSum};
 use super::{bf16, budget, profiling, PruneIndex, SAMPLE_BUDGET};
 use crate::dataset::{Dataset, Values};
 use crate::oracle::cpu::{
@@ -769,6 +769,10 @@ fn block_logits(
     let mut exact = 0u64;
     let (mut y, mut scratch, mut one) = (Vec::new(), Vec::new(), vec![0.0f32; dim]);
     let mut nsq = [0.0f32; TILE];
+    // The screened pass's pairs left for f32: (row in tile, query), grouped by row, and
+    // the vectors and products of one row's queries.
+    let (mut pending, mut by_row) = (Vec::new(), Vec::new());
+    let (mut xs, mut d): (Vec<&[f32]>, Vec<f32>) = (Vec::new(), Vec::new());
     for (t0, out) in block.clone().step_by(TILE).zip(s.chunks_mut(n_q * TILE)) {
         let tile = t0..(t0 + TILE).min(block.end);
         let nt = tile.len();
@@ -816,34 +820,78 @@ fn block_logits(
             &scr.panels.norms()[tile.clone()],
             &scr.panels.errs()[tile.clone()],
         );
+        pending.clear();
         for (q, row) in out.chunks_exact_mut(nt).enumerate() {
             let [c_dot, c_norm] = batch.logit_coefs[qs.start + q];
             let [ca, cb, cc] = scr.slack[q].map(|v| v as f32);
-            let xq = &x[q * dim..(q + 1) * dim];
-            // Lower bounds first: the tile's best raises the cut for the whole tile.
-            let mut lo = f32::NEG_INFINITY;
-            for (((&v, &n), &yl), &el) in row.iter().zip(nsq).zip(yn).zip(ye) {
-                lo = lo.max(c_dot * v - c_norm * n - (ca * el + cb * yl + cc));
-            }
+            // Every pair's upper bound in place, and the largest lower bound: the tile's
+            // best raises the cut for the whole tile. A bound below the cut stays (phase 2
+            // drops the pair whatever its exact value, and its certificate uses the
+            // bound), the few others are replaced by their f32 logits.
+            let lo = bf16_bounds(row, nsq, yn, ye, [c_dot, c_norm, ca, cb, cc]);
             lower[q] = lower[q].max(lo as f64);
             let cut = (lower[q] + scr.thresholds[q]) as f32;
-            // Every pair's upper bound in one vectorized pass; a bound below the cut stays
-            // (phase 2 drops the pair whatever its exact value, and its certificate uses
-            // the bound), the few others are replaced by their f32 logits.
-            for (((v, &n), &yl), &el) in row.iter_mut().zip(nsq).zip(yn).zip(ye) {
-                *v = c_dot * *v - c_norm * n + (ca * el + cb * yl + cc);
+            if count_from(row, cut).0 == 0 {
+                continue;
             }
-            let b = &mut best[q];
-            for (j, v) in row.iter_mut().enumerate() {
-                if *v >= cut {
-                    *v = exact_logit(ds, index, xq, [c_dot, c_norm], t0 + j, nsq[j], &mut one);
-                    exact += 1;
-                    raise(b, (*v, rows[j]));
+            for (j, &v) in row.iter().enumerate() {
+                if v >= cut {
+                    pending.push((j as u32, q as u32));
                 }
             }
         }
+        // The pairs left, in f32, row by row (each row read once for all its queries),
+        // in place of their bounds.
+        exact += pending.len() as u64;
+        for_each_row(&pending, nt, &mut by_row, |j, queries| {
+            let yj = index.rows_at(ds, t0 + j..t0 + j + 1, &mut one);
+            xs.clear();
+            xs.extend(
+                queries
+                    .iter()
+                    .map(|&q| &x[q as usize * dim..(q as usize + 1) * dim]),
+            );
+            d.resize(queries.len(), 0.0);
+            dots_with_row(yj, &xs, &mut d);
+            for (&q, &dq) in queries.iter().zip(&d) {
+                let [c_dot, c_norm] = batch.logit_coefs[qs.start + q as usize];
+                let v = c_dot * dq - c_norm * nsq[j];
+                out[q as usize * nt + j] = v;
+                raise(&mut best[q as usize], (v, rows[j]));
+            }
+        });
     }
     BlockLogits { s, best, exact }
+}
+
+/// Calls `f(j, queries)` for every row j (ascending) of a tile of `nt` rows that has
+/// pairs in `pairs` ((row, query), in query-major order), with that row's queries in
+/// ascending order: a counting sort by row into `by_row`.
+fn for_each_row(
+    pairs: &[(u32, u32)],
+    nt: usize,
+    by_row: &mut Vec<u32>,
+    mut f: impl FnMut(usize, &[u32]),
+) {
+    let mut start = [0u32; TILE + 1];
+    for &(j, _) in pairs.iter() {
+        start[j as usize + 1] += 1;
+    }
+    for j in 0..nt {
+        start[j + 1] += start[j];
+    }
+    by_row.resize(pairs.len(), 0);
+    let mut next = start;
+    for &(j, q) in pairs.iter() {
+        by_row[next[j as usize] as usize] = q;
+        next[j as usize] += 1;
+    }
+    for j in 0..nt {
+        let (a, b) = (start[j] as usize, start[j + 1] as usize);
+        if a < b {
+            f(j, &by_row[a..b]);
+        }
+    }
 }
 
 /// `positions` cut into at most `threads` blocks of whole `TILE`s (the last may be
@@ -1099,6 +1147,50 @@ fn weigh_kept_body(s: &mut [f32], m: f32, cut: f32, norms: &[f32]) -> [f32; 4] {
 }
 
 multiversion! {
+    /// One (tile, query) row of bf16 screening products `v` turned in place into upper
+    /// bounds on the f32 logits, c_dot v - c_norm |y|^2 + slack (slack = ca |y - y~| +
+    /// cb |y~| + cc, `k` = [c_dot, c_norm, ca, cb, cc]); returns the largest lower bound,
+    /// c_dot v - c_norm |y|^2 - slack (-inf for an empty row).
+    fn bf16_bounds(v: &mut [f32], nsq: &[f32], yn: &[f32], ye: &[f32], k: [f32; 5]) -> f32 = bf16_bounds_body;
+}
+
+/// [`bf16_bounds`]: one pass in independent lanes.
+#[inline(always)]
+fn bf16_bounds_body(v: &mut [f32], nsq: &[f32], yn: &[f32], ye: &[f32], k: [f32; 5]) -> f32 {
+    const L: usize = 16;
+    let [c_dot, c_norm, ca, cb, cc] = k;
+    let n = v.len().min(nsq.len()).min(yn.len()).min(ye.len());
+    let (v, nsq, yn, ye) = (&mut v[..n], &nsq[..n], &yn[..n], &ye[..n]);
+    let mut lo = [f32::NEG_INFINITY; L];
+    let step = |v: &mut f32, n: f32, yl: f32, el: f32, lo: &mut f32| {
+        let base = c_dot * *v - c_norm * n;
+        let slack = ca * el + cb * yl + cc;
+        let l = base - slack;
+        *lo = if l > *lo { l } else { *lo };
+        *v = base + slack;
+    };
+    let mut vc = v.chunks_exact_mut(L);
+    let (mut nc, mut yc, mut ec) = (nsq.chunks_exact(L), yn.chunks_exact(L), ye.chunks_exact(L));
+    for (((v, n), y), e) in (&mut vc).zip(&mut nc).zip(&mut yc).zip(&mut ec) {
+        for i in 0..L {
+            step(&mut v[i], n[i], y[i], e[i], &mut lo[i]);
+        }
+    }
+    let rest = vc.into_remainder();
+    for (i, v) in rest.iter_mut().enumerate() {
+        step(
+            v,
+            nc.remainder()[i],
+            yc.remainder()[i],
+            ec.remainder()[i],
+            &mut lo[i],
+        );
+    }
+    lo.into_iter()
+        .fold(f32::NEG_INFINITY, |a, b| if b > a { b } else { a })
+}
+
+multiversion! {
     /// How many of `s` reach `cut`, and the largest of the others (-inf if none).
     pub(super) fn count_from(s: &[f32], cut: f32) -> (usize, f32) = count_from_body;
 }
@@ -1177,5 +1269,47 @@ mod tests {
                 assert!((*got as f64 - want).abs() <= 1e-6 * want.abs().max(1e-30));
             }
         }
+    }
+
+    /// The bf16 screening's bounds step (whichever version this CPU runs) gives bitwise
+    /// the per-pair formulas it replaced, and its lower bound is their largest.
+    #[test]
+    fn bf16_bounds_match_the_per_pair_formulas() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
+        let k = [3.5f32, 1.25, 0.8, 0.003, 1e-3];
+        let [c_dot, c_norm, ca, cb, cc] = k;
+        for n in [0usize, 1, 15, 16, 17, 33, 256] {
+            let mut draw =
+                |scale: f32| -> Vec<f32> { (0..n).map(|_| scale * rng.random::<f32>()).collect() };
+            let (v, nsq, yn, ye) = (draw(40.0), draw(30.0), draw(6.0), draw(0.05));
+            let mut want_lo = f32::NEG_INFINITY;
+            let mut want = v.clone();
+            for (((w, &n), &yl), &el) in want.iter_mut().zip(&nsq).zip(&yn).zip(&ye) {
+                want_lo = want_lo.max(c_dot * *w - c_norm * n - (ca * el + cb * yl + cc));
+                *w = c_dot * *w - c_norm * n + (ca * el + cb * yl + cc);
+            }
+            let (mut got, mut base) = (v.clone(), v.clone());
+            let lo = bf16_bounds(&mut got, &nsq, &yn, &ye, k);
+            let lo_base = bf16_bounds_body(&mut base, &nsq, &yn, &ye, k);
+            assert_eq!(got, want);
+            assert_eq!(base, want);
+            assert_eq!(lo.to_bits(), want_lo.to_bits());
+            assert_eq!(lo_base.to_bits(), want_lo.to_bits());
+        }
+    }
+
+    /// Grouping by row hands every pair over once, rows ascending, each row's queries in
+    /// their order.
+    #[test]
+    fn pairs_grouped_by_row() {
+        let pairs = [(3u32, 0u32), (7, 0), (3, 1), (0, 2), (7, 2), (3, 2)];
+        let mut by_row = Vec::new();
+        let mut seen = Vec::new();
+        for_each_row(&pairs, 8, &mut by_row, |j, qs| seen.push((j, qs.to_vec())));
+        assert_eq!(
+            seen,
+            vec![(0, vec![2]), (3, vec![0, 1, 2]), (7, vec![0, 2])]
+        );
+        for_each_row(&[], 8, &mut by_row, |_, _| panic!("no pairs"));
     }
 }
