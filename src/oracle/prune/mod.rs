@@ -196,7 +196,7 @@ const SAMPLE_BUDGET: f64 = 1.0 / (1u64 << 31) as f64;
 /// products over each query's own survivors.
 const GEMM_FILL: f64 = 0.5;
 /// Rows of the seed tile whose exact logits give the running max's lower bound m0.
-const SEED_ROWS: usize = 4;
+pub(super) const SEED_ROWS: usize = 4;
 /// Share of (|x| + a |y|max)^2 taken off every distance bound for the f32 projections.
 const LB_MARGIN: f64 = 1e-3;
 /// Leading projected coordinates in which each tile also keeps its bounding box. Tiles are

@@ -11,12 +11,14 @@
 //! (the module docs of `prune`) gives an upper bound on its f32 logit, with the same margin
 //! and rounding terms as the pruned pass.
 //!
-//! **Seed, then one sweep.** (1) Per query, the f32 logits of the `SEED_ROWS` rows of its
-//! nearest tile (by projected centroid) nearest to it in the head coordinates: their
-//! largest is a lower bound on its f32 maximum, so the drop cut
-//! lower + ln(`SAMPLE_BUDGET` / n) - 2 err holds from the first tile of (2). (Seeding from
-//! each task's largest 16-coordinate bound instead computed 4.5 times as many logits at
-//! t = 0.7.) (2) Per tile: the bounds at the pass's level (16, 64 or 128 coordinates, by
+//! **Seed, then one sweep.** (1) Per query, the f32 logits of the `SEED_ROWS` rows nearest
+//! to it in the first level's coordinates among those of its `SEED_TILES` nearest tiles
+//! (by projected centroid in the head coordinates): their largest is a lower bound on its
+//! f32 maximum, so the drop cut lower + ln(`SAMPLE_BUDGET` / n) - 2 err holds from the
+//! first tile of (2). A seed below the maximum costs refinements until the sweep reaches
+//! the maximum's tile. (Seeding from each task's largest 16-coordinate bound instead
+//! computed 4.5 times as many logits at t = 0.7.) (2) Per tile: the bounds at the pass's
+//! level (16, 64 or 128 coordinates, by
 //! the estimated kept share); the pairs that reach the cut get the bound of the last level
 //! (all k coordinates, one dot product with the row's projection), and those still
 //! reaching it their f32 logit, which raises the lower bound. Only those logits are kept,
@@ -44,7 +46,7 @@ use rayon::prelude::*;
 
 use super::screen::{dot, RowSum};
 use super::sparse::{count_from, exact_logit, row_blocks, PassInputs, Setup, TILE};
-use super::{level_norms, logit_geometry, project, seed_rows, PruneIndex, LB_MARGIN};
+use super::{level_norms, logit_geometry, project, PruneIndex, LB_MARGIN, LEAF_ROWS, SEED_ROWS};
 use crate::dataset::Dataset;
 use crate::oracle::cpu::{query_groups, sgemm_with, Gemm, GemmLib};
 use crate::oracle::partial::Partial;
@@ -53,10 +55,20 @@ use crate::oracle::state::exp_nonpositive;
 use crate::oracle::{CentredBatch, SoftmaxState};
 
 /// Largest estimated kept share (`sparse::kept_share`) at which the caller runs this
-/// pass. On Fashion-MNIST (B = 256, 2 threads, `ORACLEFLOW_PRUNE_AT`) at t = 0.6
-/// (estimate 2.7e-3) it ran at 0.078 s, as the sparse pass with bf16 screening; at t = 0.64
-/// (1.6e-3) at 0.063 s against 0.077; at t = 0.68 (8.7e-4) at 0.051 against 0.083.
-pub const MAX_SHARE: f64 = 2e-3;
+/// pass. On Fashion-MNIST (B = 256, 2 threads, `ORACLEFLOW_PRUNE_AT`), with the seeding
+/// of [`SEED_TILES`]: at t = 0.6 (estimate 2.7e-3) it ran at 0.066 s against 0.072 - 0.076
+/// for the sparse pass with bf16 screening; at t = 0.58 (3.5e-3) at 0.073 - 0.086 against
+/// 0.074; at t = 0.56 (5.1e-3) at 0.095 against 0.076 - 0.082. (Before that seeding,
+/// 2e-3: at t = 0.6 it ran as the bf16 pass.)
+pub const MAX_SHARE: f64 = 3e-3;
+
+/// Tiles whose rows the seeding ranks per query (see [`seed_lower`]). With the nearest
+/// tile alone, 43% of the queries of a Fashion-MNIST call (B = 256, t = 0.7 - 0.9) were
+/// seeded below their maximum, by 150 - 2000 nats, and every pair before their maximum's
+/// tile was refined against that loose cut; with 8, a tenth were. Measured
+/// (`ORACLEFLOW_PRUNE_AT`): t = 0.62, 0.7, 0.8, 0.9 in 0.057, 0.036, 0.023, 0.017 s
+/// against 0.066, 0.044, 0.027, 0.021 (16 tiles: no faster; 32: slower).
+const SEED_TILES: usize = 8;
 
 /// Largest share of a task's pairs whose f32 logits the pass computes before it gives the
 /// call up (its memory, 8 bytes a pair, and time then go to another pass). On
@@ -81,17 +93,16 @@ pub fn enabled() -> bool {
 /// The level (index in `LEVELS`) of the pass's GEMM for an estimated kept share: the more
 /// weights count, the more pairs a coarse bound lets through to the row-by-row refinement,
 /// and the deeper the GEMM pays. Measured on Fashion-MNIST as for [`MAX_SHARE`], pass time
-/// at levels 16 / 64 / 128 coordinates: t = 0.64 0.100 / 0.067 / 0.063 s, t = 0.72
-/// 0.052 / 0.043 / -, t = 0.8 0.035 / 0.042 / 0.051, t = 0.9 0.026 / 0.030 / 0.039
-/// (estimates 1.6e-3, 5.5e-4, 2.9e-4, 2.3e-4). ORACLEFLOW_PRUNE_PROJ_LEVEL overrides it.
+/// at levels 16 / 64 / 128 coordinates: t = 0.6 - / 0.066 / 0.067, t = 0.62 0.071 /
+/// 0.056 / 0.058 s, t = 0.66 0.053 / 0.042 / 0.049, t = 0.7 0.040 / 0.035 / 0.041, t = 0.75
+/// 0.028 / 0.029 / 0.036, t = 0.8 0.022 / 0.024 / 0.034 (estimates 2.7e-3, 2.0e-3, -,
+/// 7e-4, -, 2.9e-4). ORACLEFLOW_PRUNE_PROJ_LEVEL overrides it.
 fn level(share: f64) -> usize {
     let env = std::env::var("ORACLEFLOW_PRUNE_PROJ_LEVEL").ok();
     if let Some(l) = env.and_then(|v| v.parse().ok()) {
         return l;
     }
-    if share > 1e-3 {
-        2
-    } else if share > 3.5e-4 {
+    if share > 3.5e-4 {
         1
     } else {
         0
@@ -483,10 +494,12 @@ fn sweep(
     Some(out)
 }
 
-/// Per query, the largest f32 logit over the `SEED_ROWS` rows nearest to it (in the head
-/// coordinates, which the index keeps per tile dimension-major for such small products) of
-/// the tile whose projected centroid is nearest to it: any computed logit is a lower bound
-/// on the f32 maximum, and late in a trajectory these hold the nearest sample.
+/// Per query, the largest f32 logit over the `SEED_ROWS` rows nearest to it in the first
+/// level's coordinates among the rows of the `SEED_TILES` tiles whose projected centroids
+/// are nearest to it in the head coordinates (the index keeps each tile's head
+/// coordinates dimension-major for such small products; the first level's are the
+/// leading rows of that block): any computed logit is a lower bound on the f32 maximum,
+/// and late in a trajectory these hold the nearest sample.
 fn seed_lower(
     ds: &Dataset,
     index: &PruneIndex,
@@ -521,30 +534,60 @@ fn seed_lower(
         (centres, 1, k),
     );
     let norms = ds.sq_norms();
+    // level 0's coordinates, inside the head block
+    let sd = index.levels[0].min(hd);
     (0..n_q)
         .into_par_iter()
         .map(|q| {
             let a = proj.queries[q].a;
             let row = &pc[q * n_t..(q + 1) * n_t];
-            // |P x - a c|^2 less the query's own |P x|^2, over the head coordinates.
-            let t = (0..n_t)
-                .min_by(|&i, &j| {
-                    let d = |t: usize| a * a * c_sq[t] - 2.0 * a * row[t];
-                    d(i).total_cmp(&d(j)).then(i.cmp(&j))
-                })
-                .expect("tiles");
+            // |P x - a c|^2 less the query's own |P x|^2, over the head coordinates: the
+            // `SEED_TILES` nearest tiles.
+            let d = |t: usize| a * a * c_sq[t] - 2.0 * a * row[t];
+            let near = smallest((0..n_t).map(|t| (d(t), t)), SEED_TILES);
+            // Their rows by |P x - a P y|^2 less |P x|^2 over the first level's
+            // coordinates (the leading rows of each tile's dimension-major block).
             let pq = &proj.px[q * k..(q + 1) * k];
+            let rows = near.iter().flat_map(|&(_, t)| {
+                let t = tiles.start + t;
+                let tile = &index.tiles[t];
+                let block = &index.proj0t[t * hd * LEAF_ROWS..][..sd * LEAF_ROWS];
+                let mut acc = [0.0f32; LEAF_ROWS];
+                for (col, &xd) in block.chunks_exact(LEAF_ROWS).zip(&pq[..sd]) {
+                    for (s, &y) in acc.iter_mut().zip(col) {
+                        *s += xd * y;
+                    }
+                }
+                let sq = &index.lvl_sq[tile.start..tile.start + tile.len];
+                (0..tile.len).map(move |j| (a * a * sq[j] - 2.0 * a * acc[j], tile.start + j))
+            });
+            let cand = smallest(rows, SEED_ROWS);
             let x = &batch.x[q * dim..(q + 1) * dim];
             let mut one = Vec::new();
-            seed_rows(index, a as f64, pq, tiles.start + t)
-                .into_iter()
-                .map(|p| {
+            cand.iter()
+                .map(|&(_, p)| {
                     let r = index.perm[p] as usize;
                     exact_logit(ds, index, x, batch.logit_coefs[q], p, norms[r], &mut one) as f64
                 })
                 .fold(f64::NEG_INFINITY, f64::max)
         })
         .collect()
+}
+
+/// The `n` smallest of `items` by key, ties to the smaller index (in that order; fewer
+/// where there are fewer items): one pass, each item compared with the worst kept.
+fn smallest(items: impl Iterator<Item = (f32, usize)>, n: usize) -> Vec<(f32, usize)> {
+    let before = |x: &(f32, usize), y: &(f32, usize)| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1));
+    let mut kept: Vec<(f32, usize)> = Vec::with_capacity(n + 1);
+    for item in items {
+        if kept.len() == n && kept.last().is_none_or(|w| before(w, &item).is_lt()) {
+            continue;
+        }
+        let at = kept.partition_point(|k| before(k, &item).is_lt());
+        kept.insert(at, item);
+        kept.truncate(n);
+    }
+    kept
 }
 
 /// One query's result from its computed logits.
@@ -638,4 +681,28 @@ fn tiles_touched(index: &PruneIndex, positions: impl Iterator<Item = u32>) -> u6
         }
     }
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `smallest` keeps what a full sort would put first, ties to the smaller index.
+    #[test]
+    fn smallest_matches_a_sort() {
+        let mut seed = 3u64;
+        let mut next = || crate::oracle::prune::tests::lcg(&mut seed);
+        for len in [0usize, 1, 5, 8, 9, 100] {
+            // Few distinct keys, so that ties occur.
+            let items: Vec<(f32, usize)> = (0..len)
+                .map(|i| ((next() * 6.0).floor() as f32, i))
+                .collect();
+            for n in [1usize, 4, 8] {
+                let mut sorted = items.clone();
+                sorted.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+                sorted.truncate(n);
+                assert_eq!(smallest(items.iter().copied(), n), sorted);
+            }
+        }
+    }
 }
