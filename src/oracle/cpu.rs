@@ -74,6 +74,8 @@ pub struct CpuBackend<'d> {
     carry: Option<prune::sparse::Carry>,
     /// the sparse pass's logit buffers, kept from call to call
     buffers: prune::sparse::Buffers,
+    /// the kept-share estimate's sample rows, kept from call to call
+    estimate: prune::sparse::EstimateRows,
     /// GEMM library and tile rows of the dense pass; None: this machine's tuned choice.
     plan: Option<GemmPlan>,
 }
@@ -95,6 +97,7 @@ impl<'d> CpuBackend<'d> {
             last_pass: Pass::Dense,
             carry: None,
             buffers: Default::default(),
+            estimate: Default::default(),
             plan: None,
         }
     }
@@ -233,7 +236,7 @@ impl Backend for CpuBackend<'_> {
             // bounds nor the sparse pass can save anything, and the plain pass runs having
             // spent only the estimate; the index is built at the first call that can use
             // it (a single early evaluation never pays for it).
-            let share = prune::sparse::kept_share(self.dataset, batch);
+            let share = prune::sparse::kept_share(self.dataset, batch, &mut self.estimate);
             if prune::profiling() {
                 eprintln!("prune: est. kept share {share:.5}");
             }
