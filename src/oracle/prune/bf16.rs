@@ -18,6 +18,8 @@
 //! vector). The kernel keeps 8 queries x 2 panels of f32 sums in 16 registers and per pair
 //! of coordinates loads two panel vectors and broadcasts each query's pair.
 
+use rayon::prelude::*;
+
 use crate::dataset::Dataset;
 
 /// Rows per panel (one 512-bit vector of f32 sums).
@@ -93,22 +95,25 @@ impl Panels {
             n_panels * pairs * LANES * 4 + perm.len() * 8
         );
         let mut data = vec![0u32; n_panels * pairs * LANES];
-        let mut row = vec![0.0f32; 2 * pairs];
-        let (mut norm, mut err) = (
-            Vec::with_capacity(perm.len()),
-            Vec::with_capacity(perm.len()),
-        );
-        for (p, &r) in perm.iter().enumerate() {
-            ds.stored_row(r as usize, &mut row[..dim]);
-            let [_, nq, e] = norms(&row[..dim]);
-            norm.push(nq);
-            err.push(e);
-            let (panel, lane) = (p / LANES, p % LANES);
-            let base = panel * pairs * LANES + lane;
-            for k in 0..pairs {
-                data[base + k * LANES] = pair(row[2 * k], row[2 * k + 1]);
-            }
-        }
+        // Panel by panel in parallel (one thread took 0.11 s on Fashion-MNIST).
+        let per_panel: Vec<[f32; 2]> = data
+            .par_chunks_mut(pairs * LANES)
+            .zip(perm.par_chunks(LANES))
+            .flat_map_iter(|(panel, rows)| {
+                let mut row = vec![0.0f32; 2 * pairs];
+                let mut out = Vec::with_capacity(rows.len());
+                for (lane, &r) in rows.iter().enumerate() {
+                    ds.stored_row(r as usize, &mut row[..dim]);
+                    let [_, nq, e] = norms(&row[..dim]);
+                    out.push([nq, e]);
+                    for k in 0..pairs {
+                        panel[k * LANES + lane] = pair(row[2 * k], row[2 * k + 1]);
+                    }
+                }
+                out
+            })
+            .collect();
+        let (norm, err) = per_panel.into_iter().map(|[n, e]| (n, e)).unzip();
         Panels {
             pairs,
             data,
