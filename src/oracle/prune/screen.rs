@@ -121,49 +121,20 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 
 /// Dot product with AVX-512 FMAs: four accumulators of 16 lanes (one FMA chain would wait
 /// out its latency at every step: a 784-long product took about 4 times as long), the last
-/// partial vector by a masked load.
+/// partial vector by a masked load ([`dots_avx512`] with one vector).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let mut s = [_mm512_setzero_ps(); 4];
-    let mut i = 0;
-    // SAFETY: the full loads read 16 floats at i..i + 16 <= n, the masked one only the
-    // n - i < 16 lanes left, inside both slices.
-    unsafe {
-        while i + 64 <= n {
-            for (u, acc) in s.iter_mut().enumerate() {
-                let (x, y) = (pa.add(i + 16 * u), pb.add(i + 16 * u));
-                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(x), _mm512_loadu_ps(y), *acc);
-            }
-            i += 64;
-        }
-        let mut u = 0;
-        while i + 16 <= n {
-            s[u] = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s[u]);
-            u += 1;
-            i += 16;
-        }
-        if i < n {
-            let m: __mmask16 = (1u16 << (n - i)) - 1;
-            let (x, y) = (
-                _mm512_maskz_loadu_ps(m, pa.add(i)),
-                _mm512_maskz_loadu_ps(m, pb.add(i)),
-            );
-            s[3] = _mm512_fmadd_ps(x, y, s[3]);
-        }
-        _mm512_reduce_add_ps(_mm512_add_ps(
-            _mm512_add_ps(s[0], s[1]),
-            _mm512_add_ps(s[2], s[3]),
-        ))
-    }
+    // SAFETY: this function only runs where the features dots_avx512 needs are.
+    let [d] = unsafe { dots_avx512(b, [a]) };
+    d
 }
 
-/// [`dot_avx512`] of one row with `Q` vectors at once: the row's vectors are loaded once
-/// for all of them, and each product keeps dot_avx512's four accumulators, steps and final
-/// sum, so that every result is bitwise the one dot_avx512 gives.
+/// Dot products of one row with `Q` vectors at once, the row's vectors loaded once for all
+/// of them: per product four accumulators of 16 lanes (one FMA chain would wait out its
+/// latency at every step: a 784-long product took about 4 times as long), the last partial
+/// vector by a masked load. The same steps and final sum for any `Q`, so that a product
+/// is bitwise the same whichever group it is computed in.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 #[inline]
@@ -174,7 +145,7 @@ unsafe fn dots_avx512<const Q: usize>(row: &[f32], xs: [&[f32]; Q]) -> [f32; Q] 
     let px = xs.map(|x| x.as_ptr());
     let mut s = [[_mm512_setzero_ps(); 4]; Q];
     let mut i = 0;
-    // SAFETY: as in dot_avx512: full loads at i..i + 16 <= n, the masked one only the
+    // SAFETY: full loads at i..i + 16 <= n, the masked one only the
     // n - i < 16 lanes left, inside the row and every vector (each at least n long).
     unsafe {
         while i + 64 <= n {
@@ -212,8 +183,9 @@ unsafe fn dots_avx512<const Q: usize>(row: &[f32], xs: [&[f32]; Q]) -> [f32; Q] 
 }
 
 /// `out[i] = dot(xs[i], row)` for every i, bitwise as [`dot`] one at a time, with the
-/// row read once per four vectors (AVX-512): a screened pass's f32 logits, grouped by
-/// row, run near a GEMM's rate where one dot product per pair waits on the row's loads.
+/// row read once per four vectors (AVX-512). (For the bf16 screening's f32 logits, grouped
+/// by row, this measured no faster than a dot product per pair on Fashion-MNIST: reading
+/// the rows bounds both. Its callers get a stored row converted once for all its vectors.)
 pub(super) fn dots_with_row(row: &[f32], xs: &[&[f32]], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
