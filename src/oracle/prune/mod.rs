@@ -196,7 +196,7 @@ const SAMPLE_BUDGET: f64 = 1.0 / (1u64 << 31) as f64;
 /// products over each query's own survivors.
 const GEMM_FILL: f64 = 0.5;
 /// Rows of the seed tile whose exact logits give the running max's lower bound m0.
-pub(super) const SEED_ROWS: usize = 4;
+const SEED_ROWS: usize = 4;
 /// Share of (|x| + a |y|max)^2 taken off every distance bound for the f32 projections.
 const LB_MARGIN: f64 = 1e-3;
 /// Leading projected coordinates in which each tile also keeps its bounding box. Tiles are
@@ -1272,36 +1272,60 @@ fn seed_max(
 }
 
 /// The positions of the `SEED_ROWS` rows of tile `t` nearest to a query (projection `pq`,
-/// scale `a`) in the index's head coordinates (the tile's dimension-major block: vector
-/// FMAs over its `LEAF_ROWS` columns); late in a trajectory the nearest sample is among
-/// them. Any of their f32 logits is a lower bound on the query's f32 maximum.
+/// scale `a`) in the index's head coordinates; late in a trajectory the nearest sample is
+/// among them. Any of their f32 logits is a lower bound on the query's f32 maximum.
 fn seed_rows(index: &PruneIndex, a: f64, pq: &[f32], t: usize) -> Vec<usize> {
+    let scale = [(a * a) as f32, 2.0 * a as f32];
+    let keys = row_keys(index, scale, pq, t, index.head_dims);
+    smallest(keys, SEED_ROWS)
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect()
+}
+
+/// Per row of tile `t`: |P x - a P y|^2 less the query's own |P x|^2 over the first `dims`
+/// projected coordinates (a level cut inside the head coordinates), from the tile's
+/// dimension-major block (vector FMAs over its `LEAF_ROWS` columns), with the row's
+/// position. `scale` is [a^2, 2 a].
+fn row_keys<'a>(
+    index: &'a PruneIndex,
+    [a2, two_a]: [f32; 2],
+    pq: &[f32],
+    t: usize,
+    dims: usize,
+) -> impl Iterator<Item = (f32, usize)> + 'a {
     let tile = &index.tiles[t];
-    let hd = index.head_dims;
-    let block = &index.proj0t[t * hd * LEAF_ROWS..][..hd * LEAF_ROWS];
+    let block = &index.proj0t[t * index.head_dims * LEAF_ROWS..][..dims * LEAF_ROWS];
     let mut acc = [0.0f32; LEAF_ROWS];
     for (col, &xd) in block.chunks_exact(LEAF_ROWS).zip(pq) {
         for (a, &y) in acc.iter_mut().zip(col) {
             *a += xd * y;
         }
     }
-    // |P x - a P y|^2 over those coordinates, less the query's own |P x|^2.
     let level = index
         .levels
         .iter()
-        .position(|&c| c == hd)
+        .position(|&c| c == dims)
         .expect("a level cut");
     let n_all = index.perm.len();
     let sq = &index.lvl_sq[level * n_all + tile.start..][..tile.len];
-    let mut order: Vec<(f32, usize)> = (0..tile.len)
-        .map(|j| ((a * a) as f32 * sq[j] - 2.0 * a as f32 * acc[j], j))
-        .collect();
-    let n_seed = SEED_ROWS.min(tile.len);
-    order.select_nth_unstable_by(n_seed - 1, |x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
-    order[..n_seed]
-        .iter()
-        .map(|&(_, j)| tile.start + j)
-        .collect()
+    (0..tile.len).map(move |j| (a2 * sq[j] - two_a * acc[j], tile.start + j))
+}
+
+/// The `n` smallest of `items` by key, ties to the smaller index (in that order; fewer
+/// where there are fewer items): one pass, each item compared with the worst kept.
+fn smallest(items: impl Iterator<Item = (f32, usize)>, n: usize) -> Vec<(f32, usize)> {
+    let before = |x: &(f32, usize), y: &(f32, usize)| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1));
+    let mut kept: Vec<(f32, usize)> = Vec::with_capacity(n + 1);
+    for item in items {
+        if kept.len() == n && kept.last().is_none_or(|w| before(w, &item).is_lt()) {
+            continue;
+        }
+        let at = kept.partition_point(|k| before(k, &item).is_lt());
+        kept.insert(at, item);
+        kept.truncate(n);
+    }
+    kept
 }
 
 /// The logits' geometry from their coefficients `[c_dot, c_norm]`: (a, 1 / (2 sigma^2)),
@@ -1656,6 +1680,25 @@ mod tests {
                 .sqrt();
             assert_eq!(distance(&a, &b).to_bits(), distance_body(&a, &b).to_bits());
             assert!((distance(&a, &b) - want).abs() <= 1e-14 * want.max(1.0));
+        }
+    }
+
+    /// `smallest` keeps what a full sort would put first, ties to the smaller index.
+    #[test]
+    fn smallest_matches_a_sort() {
+        let mut seed = 3u64;
+        let mut next = || lcg(&mut seed);
+        for len in [0usize, 1, 5, 8, 9, 100] {
+            // Few distinct keys, so that ties occur.
+            let items: Vec<(f32, usize)> = (0..len)
+                .map(|i| ((next() * 6.0).floor() as f32, i))
+                .collect();
+            for n in [1usize, 4, 8] {
+                let mut sorted = items.clone();
+                sorted.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+                sorted.truncate(n);
+                assert_eq!(smallest(items.iter().copied(), n), sorted);
+            }
         }
     }
 

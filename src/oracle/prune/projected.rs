@@ -46,7 +46,9 @@ use rayon::prelude::*;
 
 use super::screen::{dot, RowSum};
 use super::sparse::{count_from, exact_logit, row_blocks, PassInputs, Setup, TILE};
-use super::{level_norms, logit_geometry, project, PruneIndex, LB_MARGIN, LEAF_ROWS, SEED_ROWS};
+use super::{
+    level_norms, logit_geometry, project, row_keys, smallest, PruneIndex, LB_MARGIN, SEED_ROWS,
+};
 use crate::dataset::Dataset;
 use crate::oracle::cpu::{query_groups, sgemm_with, Gemm, GemmLib};
 use crate::oracle::partial::Partial;
@@ -557,22 +559,12 @@ fn seed_lower(
             // `SEED_TILES` nearest tiles.
             let d = |t: usize| a * a * c_sq[t] - 2.0 * a * row[t];
             let near = smallest((0..n_t).map(|t| (d(t), t)), SEED_TILES);
-            // Their rows by |P x - a P y|^2 less |P x|^2 over the first level's
-            // coordinates (the leading rows of each tile's dimension-major block).
+            // Their rows by the first level's coordinates.
             let pq = &proj.px[q * k..(q + 1) * k];
-            let rows = near.iter().flat_map(|&(_, t)| {
-                let t = tiles.start + t;
-                let tile = &index.tiles[t];
-                let block = &index.proj0t[t * hd * LEAF_ROWS..][..sd * LEAF_ROWS];
-                let mut acc = [0.0f32; LEAF_ROWS];
-                for (col, &xd) in block.chunks_exact(LEAF_ROWS).zip(&pq[..sd]) {
-                    for (s, &y) in acc.iter_mut().zip(col) {
-                        *s += xd * y;
-                    }
-                }
-                let sq = &index.lvl_sq[tile.start..tile.start + tile.len];
-                (0..tile.len).map(move |j| (a * a * sq[j] - 2.0 * a * acc[j], tile.start + j))
-            });
+            let scale = [a * a, 2.0 * a];
+            let rows = near
+                .iter()
+                .flat_map(|&(_, t)| row_keys(index, scale, pq, tiles.start + t, sd));
             let cand = smallest(rows, SEED_ROWS);
             let x = &batch.x[q * dim..(q + 1) * dim];
             let mut one = Vec::new();
@@ -584,22 +576,6 @@ fn seed_lower(
                 .fold(f64::NEG_INFINITY, f64::max)
         })
         .collect()
-}
-
-/// The `n` smallest of `items` by key, ties to the smaller index (in that order; fewer
-/// where there are fewer items): one pass, each item compared with the worst kept.
-fn smallest(items: impl Iterator<Item = (f32, usize)>, n: usize) -> Vec<(f32, usize)> {
-    let before = |x: &(f32, usize), y: &(f32, usize)| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1));
-    let mut kept: Vec<(f32, usize)> = Vec::with_capacity(n + 1);
-    for item in items {
-        if kept.len() == n && kept.last().is_none_or(|w| before(w, &item).is_lt()) {
-            continue;
-        }
-        let at = kept.partition_point(|k| before(k, &item).is_lt());
-        kept.insert(at, item);
-        kept.truncate(n);
-    }
-    kept
 }
 
 /// One query's result from its computed logits.
@@ -693,28 +669,4 @@ fn tiles_touched(index: &PruneIndex, positions: impl Iterator<Item = u32>) -> u6
         }
     }
     n
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// `smallest` keeps what a full sort would put first, ties to the smaller index.
-    #[test]
-    fn smallest_matches_a_sort() {
-        let mut seed = 3u64;
-        let mut next = || crate::oracle::prune::tests::lcg(&mut seed);
-        for len in [0usize, 1, 5, 8, 9, 100] {
-            // Few distinct keys, so that ties occur.
-            let items: Vec<(f32, usize)> = (0..len)
-                .map(|i| ((next() * 6.0).floor() as f32, i))
-                .collect();
-            for n in [1usize, 4, 8] {
-                let mut sorted = items.clone();
-                sorted.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
-                sorted.truncate(n);
-                assert_eq!(smallest(items.iter().copied(), n), sorted);
-            }
-        }
-    }
 }

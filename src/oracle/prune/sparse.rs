@@ -698,29 +698,29 @@ pub fn kept_share(ds: &Dataset, batch: &CentredBatch<'_>, sample: &mut EstimateR
     let step = (rows.len() / ESTIMATE_ROWS).max(1);
     let picked: Vec<usize> = rows.clone().step_by(step).collect();
     let bytes = picked.len() * dim * 4;
+    let gather = |out: &mut Vec<f32>| {
+        out.resize(picked.len() * dim, 0.0);
+        for (&r, o) in picked.iter().zip(out.chunks_exact_mut(dim)) {
+            ds.stored_row(r, o);
+        }
+    };
     let mut gathered = Vec::new();
     let (ys, stride): (&[f32], usize) = match ds.values() {
-        // Too large to keep: every step-th row in place, a strided operand.
+        // Too large to keep: an f32 dataset's every step-th row in place (a strided
+        // operand), other storage converted for this call.
         Values::F32(v) if bytes > SAMPLE_BYTES => (&v[rows.start * dim..], step * dim),
         _ if bytes > SAMPLE_BYTES => {
-            gathered.resize(picked.len() * dim, 0.0);
-            for (&r, out) in picked.iter().zip(gathered.chunks_exact_mut(dim)) {
-                ds.stored_row(r, out);
-            }
+            gather(&mut gathered);
             (&gathered, dim)
         }
         _ => {
-            if sample.rows != rows || sample.values.len() != bytes / 4 {
+            if sample.rows != rows {
                 sample.rows = rows.clone();
-                sample.values.resize(picked.len() * dim, 0.0);
-                for (&r, out) in picked.iter().zip(sample.values.chunks_exact_mut(dim)) {
-                    ds.stored_row(r, out);
-                }
+                gather(&mut sample.values);
             }
             (&sample.values, dim)
         }
     };
-    let sample = picked;
     let norms = ds.sq_norms();
     let ln_thr = (SAMPLE_BUDGET / batch.rows.len() as f64).ln() as f32;
     let queries: Vec<usize> = (0..n_q).step_by((n_q / ESTIMATE_QUERIES).max(1)).collect();
@@ -731,7 +731,7 @@ pub fn kept_share(ds: &Dataset, batch: &CentredBatch<'_>, sample: &mut EstimateR
     // The products row by row (each sample row read once for all the queries; a GEMM of so
     // few queries spent most of its time packing the sample), rows split over the threads,
     // then laid out query-major.
-    let n = sample.len();
+    let n = picked.len();
     let x_rows: Vec<&[f32]> = xs.chunks_exact(dim).collect();
     let mut by_row = vec![0.0f32; n * x_rows.len()];
     by_row
@@ -751,10 +751,10 @@ pub fn kept_share(ds: &Dataset, batch: &CentredBatch<'_>, sample: &mut EstimateR
     }
     let shares: Vec<f64> = queries
         .iter()
-        .zip(s.chunks_exact_mut(sample.len()))
+        .zip(s.chunks_exact_mut(n))
         .map(|(&q, row)| {
             let [c_dot, c_norm] = batch.logit_coefs[q];
-            for (v, &r) in row.iter_mut().zip(&sample) {
+            for (v, &r) in row.iter_mut().zip(&picked) {
                 *v = c_dot * *v - c_norm * norms[r];
             }
             let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
