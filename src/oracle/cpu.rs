@@ -6,8 +6,8 @@
 //! row block) tasks for rayon; row blocks of one query group are merged with the same
 //! rescale-and-add as tiles ([`SoftmaxState::merge`]).
 //!
-//! Which library runs the two GEMMs (the `gemm` crate, faer, or an OpenBLAS found at run
-//! time) and how many rows a tile has is chosen per machine by a short measured autotune
+//! Which library runs the two GEMMs (the `gemm` crate, faer, an OpenBLAS found at run
+//! time, or this crate's AVX-512 kernels, [`native`]) and how many rows a tile has is chosen per machine by a short measured autotune
 //! ([`tune`]), cached on disk; `ORACLEFLOW_CPU_GEMM` forces a choice. Weights below the
 //! f32 normal range are flushed to 0 before they reach a GEMM: subnormal operands slow
 //! some CPUs' FMA units by two orders of magnitude (measured: numpy 170x on Sapphire
@@ -17,6 +17,7 @@
 //! accumulator, the GEMM's addend.)
 
 mod blas;
+pub mod native;
 pub mod tune;
 
 use std::ops::Range;
@@ -413,19 +414,34 @@ fn to_logits_body(row: &mut [f32], norms: &[f32], [c_dot, c_norm]: [f32; 2]) {
 
 multiversion! {
     /// [`flush_subnormal_weights`], returning sum e_j |y_j|^2 over the row's weights
-    /// (`norms` the rows' |y|^2), summed in 8 lanes.
+    /// (`norms` the rows' |y|^2), summed in 16 lanes.
     fn flush_and_weigh_norms(weights: &mut [f32], norms: &[f32]) -> f32 = flush_and_norm_body;
 }
 
 #[inline(always)]
 fn flush_and_norm_body(weights: &mut [f32], norms: &[f32]) -> f32 {
-    const LANES: usize = 8;
+    // Whole blocks of 16 (one vector each), then the rest.
+    const LANES: usize = 16;
     let mut lanes = [0.0f32; LANES];
-    for (w, n) in weights.chunks_mut(LANES).zip(norms.chunks(LANES)) {
-        for ((w, &n), s) in w.iter_mut().zip(n).zip(lanes.iter_mut()) {
+    let norms = &norms[..weights.len()];
+    let mut w = weights.chunks_exact_mut(LANES);
+    let mut n = norms.chunks_exact(LANES);
+    for (w, n) in (&mut w).zip(&mut n) {
+        for w in w.iter_mut() {
             *w = flushed(*w);
-            *s += *w * n;
         }
+        for ((s, &w), &n) in lanes.iter_mut().zip(w.iter()).zip(n) {
+            *s += w * n;
+        }
+    }
+    for ((w, &n), s) in w
+        .into_remainder()
+        .iter_mut()
+        .zip(n.remainder())
+        .zip(&mut lanes)
+    {
+        *w = flushed(*w);
+        *s += *w * n;
     }
     lanes.iter().sum()
 }
@@ -526,13 +542,14 @@ pub(crate) fn run_task(
     let mut logits = vec![0.0f32; n_q * tile_rows];
     let mut converted = Vec::new();
     let norms = ds.sq_norms();
+    let queries = Queries::new(lib, x, dim);
 
     for start in rows.clone().step_by(tile_rows) {
         let tile = start..(start + tile_rows).min(rows.end);
         let nt = tile.len();
         let y = stored_rows_f32(ds, tile.clone(), &mut converted);
         let s = &mut logits[..n_q * nt];
-        dots_with(lib, x, y, dim, s);
+        queries.dots(y, s);
         for (q, row) in s.chunks_exact_mut(nt).enumerate() {
             to_logits(row, &norms[tile.clone()], coefs[q]);
             let scale = states[q].absorb_tile(row, tile.start as u32);
@@ -599,19 +616,45 @@ pub(crate) fn stored_rows_f32<'a>(
     }
 }
 
-/// S = X Y^T with `lib`: every row of `x` (queries) against every row of `y` (samples),
-/// both `dim` wide, into `s` (rows of x by rows of y, row-major).
-pub(crate) fn dots_with(lib: GemmLib, x: &[f32], y: &[f32], dim: usize, s: &mut [f32]) {
-    let (m, n) = (x.len() / dim.max(1), y.len() / dim.max(1));
-    // column j of the rhs is row j of y
-    sgemm_with(
-        lib,
-        Gemm { m, n, k: dim },
-        &mut s[..m * n],
-        false,
-        (x, dim, 1),
-        (y, 1, dim),
-    );
+/// One task's queries, for its logits tile after tile: packed once for the native
+/// kernels (the libraries pack them at every call).
+pub(crate) struct Queries<'a> {
+    lib: GemmLib,
+    x: &'a [f32],
+    dim: usize,
+    packed: Option<native::Packed>,
+}
+
+impl<'a> Queries<'a> {
+    /// The rows of `x` (row-major, `dim` wide) for `lib`'s GEMMs.
+    pub(crate) fn new(lib: GemmLib, x: &'a [f32], dim: usize) -> Self {
+        let packed = (lib == GemmLib::Native && native::available() && dim > 0)
+            .then(|| native::Packed::new(x, dim));
+        Queries {
+            lib,
+            x,
+            dim,
+            packed,
+        }
+    }
+
+    /// S = X Y^T: every query against every row of `y` (samples, `dim` wide), into `s`
+    /// (queries by rows of y, row-major).
+    pub(crate) fn dots(&self, y: &[f32], s: &mut [f32]) {
+        let (m, n) = (self.x.len() / self.dim.max(1), y.len() / self.dim.max(1));
+        if let Some(p) = &self.packed {
+            return p.dots(y, &mut s[..m * n], n, false);
+        }
+        // column j of the rhs is row j of y
+        sgemm_with(
+            self.lib,
+            Gemm { m, n, k: self.dim },
+            &mut s[..m * n],
+            false,
+            (self.x, self.dim, 1),
+            (y, 1, self.dim),
+        );
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -655,6 +698,42 @@ pub(crate) fn sgemm_with(
             if let Some(b) = blas::get() {
                 return b.sgemm(g.m, g.n, g.k, dst, accumulate, lhs, rhs);
             }
+        }
+        // The native kernels' two layouts: a row-major rhs, or one whose columns are rows
+        // (the dataset's, for logits: the lhs is packed for this call).
+        GemmLib::Native if native::available() && lhs.2 == 1 && (rhs.1 == 1 || rhs.2 == 1) => {
+            if rhs.2 == 1 {
+                native::gemm_rows(
+                    (g.m, g.n, g.k),
+                    dst,
+                    g.n,
+                    accumulate,
+                    (lhs.0, lhs.1),
+                    (rhs.0, rhs.1),
+                );
+            } else {
+                // Rows wider than k are copied to contiguous ones first.
+                let rows = |v: &[f32], count: usize, stride: usize| -> Vec<f32> {
+                    (0..count)
+                        .flat_map(|i| &v[i * stride..i * stride + g.k])
+                        .copied()
+                        .collect()
+                };
+                let y_copy;
+                let y = if rhs.2 == g.k {
+                    &rhs.0[..g.n * g.k]
+                } else {
+                    y_copy = rows(rhs.0, g.n, rhs.2);
+                    &y_copy
+                };
+                let packed = if lhs.1 == g.k {
+                    native::Packed::new(&lhs.0[..g.m * g.k], g.k)
+                } else {
+                    native::Packed::new(&rows(lhs.0, g.m, lhs.1), g.k)
+                };
+                packed.dots(y, dst, g.n, accumulate);
+            }
+            return;
         }
         GemmLib::Faer => {
             use faer::{Accum, MatMut, MatRef, Par};

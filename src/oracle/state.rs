@@ -207,28 +207,41 @@ multiversion! {
 
 #[inline(always)]
 fn weigh_body(logits: &mut [f32], m: f32) -> [f32; 3] {
-    // Eight independent partial sums per quantity (a single running sum is a serial
-    // dependency the compiler may not reorder). The exponentials of a block first, in a
-    // plain map over the block (what LLVM's loop vectorizer handles), then the sums.
-    const LANES: usize = 8;
-    const BLOCK: usize = 64;
-    let mut sums = [[0.0f32; LANES]; 3];
-    let mut e = [0.0f32; BLOCK];
-    for block in logits.chunks_mut(BLOCK) {
-        let e = &mut e[..block.len()];
-        for (e, &s) in e.iter_mut().zip(block.iter()) {
-            *e = exp_nonpositive(s - m);
+    // Sixteen independent partial sums per quantity (a single running sum is a serial
+    // dependency the compiler may not reorder), over fixed-size blocks of 16 that LLVM
+    // turns into one vector each (a loop indexing lanes by j % 8 stayed scalar: 6 cycles
+    // per weight, 5% of a dense evaluation).
+    const LANES: usize = 16;
+    let (mut s0, mut s1, mut s2) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
+    let mut chunks = logits.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        // Plain loops over arrays (array::from_fn's closures were not inlined into the
+        // vector versions).
+        let (mut d, mut e) = ([0.0f32; LANES], [0.0f32; LANES]);
+        for l in 0..LANES {
+            d[l] = c[l] - m;
+            e[l] = exp_nonpositive(d[l]);
         }
-        for (j, (s, &e)) in block.iter_mut().zip(e.iter()).enumerate() {
-            let l = j % LANES;
-            let d = *s - m;
-            sums[0][l] += e;
-            sums[1][l] += e * d;
-            sums[2][l] += e * e;
-            *s = e;
+        for ((s, &e), &d) in s1.iter_mut().zip(&e).zip(&d) {
+            *s += e * d;
         }
+        for (s, &e) in s2.iter_mut().zip(&e) {
+            *s += e * e;
+        }
+        for (s, &e) in s0.iter_mut().zip(&e) {
+            *s += e;
+        }
+        c.copy_from_slice(&e);
     }
-    sums.map(|l| l.iter().sum::<f32>())
+    for (l, c) in chunks.into_remainder().iter_mut().enumerate() {
+        let d = *c - m;
+        let e = exp_nonpositive(d);
+        s0[l] += e;
+        s1[l] += e * d;
+        s2[l] += e * e;
+        *c = e;
+    }
+    [s0, s1, s2].map(|l| l.iter().sum::<f32>())
 }
 
 multiversion! {

@@ -40,16 +40,24 @@ pub enum GemmLib {
     Faer,
     /// OpenBLAS loaded at run time (only where one is installed)
     Openblas,
+    /// This crate's AVX-512 kernels (`super::native`; only where the CPU has AVX-512F)
+    Native,
 }
 
 impl GemmLib {
-    pub const ALL: [GemmLib; 3] = [GemmLib::Gemm, GemmLib::Faer, GemmLib::Openblas];
+    pub const ALL: [GemmLib; 4] = [
+        GemmLib::Gemm,
+        GemmLib::Faer,
+        GemmLib::Openblas,
+        GemmLib::Native,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             GemmLib::Gemm => "gemm",
             GemmLib::Faer => "faer",
             GemmLib::Openblas => "openblas",
+            GemmLib::Native => "native",
         }
     }
 
@@ -57,6 +65,7 @@ impl GemmLib {
     pub fn available(self) -> bool {
         match self {
             GemmLib::Openblas => super::blas::get().is_some(),
+            GemmLib::Native => super::native::available(),
             _ => true,
         }
     }
@@ -71,6 +80,7 @@ impl GemmLib {
         match self {
             GemmLib::Gemm => "gemm crate 0.19".into(),
             GemmLib::Faer => "faer 0.22 matmul".into(),
+            GemmLib::Native => "oracleflow's AVX-512 kernels".into(),
             GemmLib::Openblas => super::blas::get()
                 .map(|b| format!("OpenBLAS {}", b.describe))
                 .unwrap_or_else(|| "OpenBLAS (not found)".into()),
@@ -111,17 +121,23 @@ impl GemmPlan {
             "gemm" => GemmLib::Gemm,
             "faer" => GemmLib::Faer,
             "openblas" => GemmLib::Openblas,
+            "native" => GemmLib::Native,
             other => {
                 return Err(Error::Input(format!(
-                    "{what}: unknown GEMM library {other:?} (gemm, faer or openblas)"
+                    "{what}: unknown GEMM library {other:?} (gemm, faer, openblas or native)"
                 )))
             }
         };
         if !lib.available() {
-            return Err(Error::Input(format!(
-                "{what}: openblas asked for but none could be loaded (install \
-                 libopenblas0-pthread or set ORACLEFLOW_OPENBLAS to a libopenblas.so)"
-            )));
+            return Err(Error::Input(match lib {
+                GemmLib::Native => {
+                    format!("{what}: native asked for but this CPU has no AVX-512F")
+                }
+                _ => format!(
+                    "{what}: openblas asked for but none could be loaded (install \
+                     libopenblas0-pthread or set ORACLEFLOW_OPENBLAS to a libopenblas.so)"
+                ),
+            }));
         }
         let tile_rows = match tile {
             None => super::TILE_ROWS,
@@ -141,11 +157,12 @@ impl GemmPlan {
     /// promises the same samples across --batch; tests/cpu_gemm.rs checks it). faer keeps
     /// it at every shape tried; the gemm crate with 256-row tiles (other tile sizes, 37 and
     /// 1024 rows, change its blocking with the number of queries); OpenBLAS does not (its
-    /// small-matrix kernels depend on the batch). The others are measured and reported but
-    /// chosen only when forced.
+    /// small-matrix kernels depend on the batch); the native kernels keep it by construction
+    /// (one FMA chain per element, whatever its position). The others are measured and
+    /// reported but chosen only when forced.
     pub fn batch_invariant(&self) -> bool {
         match self.lib {
-            GemmLib::Faer => true,
+            GemmLib::Faer | GemmLib::Native => true,
             GemmLib::Gemm => self.tile_rows == 256,
             GemmLib::Openblas => false,
         }
@@ -295,10 +312,15 @@ fn cache_key(threads: usize) -> String {
         "release"
     };
     format!(
-        "{} | {threads} threads | {profile} | openblas {}",
+        "{} | {threads} threads | {profile} | openblas {} | native {}",
         crate::bench::peers::cpu_model(),
         if GemmLib::Openblas.available() {
             "found"
+        } else {
+            "absent"
+        },
+        if GemmLib::Native.available() {
+            "avx512"
         } else {
             "absent"
         }

@@ -62,7 +62,7 @@ use super::accumulate::{accumulate, QUERY_BLOCK};
 use super::screen::{dot, dots_with_row, RowSum};
 use super::{bf16, budget, profiling, PruneIndex, SAMPLE_BUDGET};
 use crate::dataset::{Dataset, Values};
-use crate::oracle::cpu::{dots_with, query_groups, to_logits, GemmLib, Partial as CpuPartial};
+use crate::oracle::cpu::{query_groups, to_logits, GemmLib, Partial as CpuPartial, Queries};
 use crate::oracle::partial::Partial;
 use crate::oracle::simd::multiversion;
 use crate::oracle::state::exp_nonpositive;
@@ -783,6 +783,8 @@ fn block_logits(
     let n_q = qs.len();
     let norms = ds.sq_norms();
     let x = &batch.x[qs.start * dim..qs.end * dim];
+    // Only the unscreened pass computes every logit by GEMM.
+    let queries = (screen.is_none() && previous.is_none()).then(|| Queries::new(lib, x, dim));
     sized(&mut s, n_q * block.len());
     let mut best = vec![(f32::NEG_INFINITY, u32::MAX); n_q];
     let mut lower = vec![f64::NEG_INFINITY; n_q];
@@ -826,7 +828,10 @@ fn block_logits(
             *n = norms[r as usize];
         }
         let Some(scr) = &screen else {
-            dots_with(lib, x, index.rows_at(ds, tile.clone(), &mut y), dim, out);
+            let queries = queries
+                .as_ref()
+                .expect("the unscreened pass has its queries");
+            queries.dots(index.rows_at(ds, tile.clone(), &mut y), out);
             for (q, row) in out.chunks_exact_mut(nt).enumerate() {
                 to_logits(row, &nsq[..nt], batch.logit_coefs[qs.start + q]);
                 raise_to_row_max(&mut best[q], row, rows);
