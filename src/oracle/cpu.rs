@@ -699,9 +699,15 @@ pub(crate) fn sgemm_with(
                 return b.sgemm(g.m, g.n, g.k, dst, accumulate, lhs, rhs);
             }
         }
-        // The native kernels' two layouts: a row-major rhs, or one whose columns are rows
-        // (the dataset's, for logits: the lhs is packed for this call).
-        GemmLib::Native if native::available() && lhs.2 == 1 && (rhs.1 == 1 || rhs.2 == 1) => {
+        // The native kernels' two layouts: a row-major rhs, or one whose columns are
+        // contiguous rows (the dataset's, for logits; the lhs is packed for this call, so
+        // small calls on strided rows, like the projected pass's per-tile bounds, are left
+        // to the gemm crate).
+        GemmLib::Native
+            if native::available()
+                && lhs.2 == 1
+                && (rhs.2 == 1 || (rhs.1 == 1 && rhs.2 == g.k && lhs.1 == g.k)) =>
+        {
             if rhs.2 == 1 {
                 native::gemm_rows(
                     (g.m, g.n, g.k),
@@ -712,26 +718,8 @@ pub(crate) fn sgemm_with(
                     (rhs.0, rhs.1),
                 );
             } else {
-                // Rows wider than k are copied to contiguous ones first.
-                let rows = |v: &[f32], count: usize, stride: usize| -> Vec<f32> {
-                    (0..count)
-                        .flat_map(|i| &v[i * stride..i * stride + g.k])
-                        .copied()
-                        .collect()
-                };
-                let y_copy;
-                let y = if rhs.2 == g.k {
-                    &rhs.0[..g.n * g.k]
-                } else {
-                    y_copy = rows(rhs.0, g.n, rhs.2);
-                    &y_copy
-                };
-                let packed = if lhs.1 == g.k {
-                    native::Packed::new(&lhs.0[..g.m * g.k], g.k)
-                } else {
-                    native::Packed::new(&rows(lhs.0, g.m, lhs.1), g.k)
-                };
-                packed.dots(y, dst, g.n, accumulate);
+                let packed = native::Packed::new(&lhs.0[..g.m * g.k], g.k);
+                packed.dots(&rhs.0[..g.n * g.k], dst, g.n, accumulate);
             }
             return;
         }
