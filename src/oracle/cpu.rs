@@ -677,6 +677,16 @@ pub(crate) fn sgemm(
     sgemm_with(GemmLib::Gemm, g, dst, accumulate, lhs, rhs)
 }
 
+/// For a few large GEMMs outside the dense pass (the pruning index's projections): the
+/// native kernels where the CPU has them (at this CPU's FMA peak), else the gemm crate.
+pub(crate) fn large_gemm_lib() -> GemmLib {
+    if native::available() {
+        GemmLib::Native
+    } else {
+        GemmLib::Gemm
+    }
+}
+
 /// [`sgemm`] with the chosen library; OpenBLAS falls back to the `gemm` crate when it is
 /// not loaded or an operand has no unit stride (BLAS needs one per operand).
 pub(crate) fn sgemm_with(
@@ -718,8 +728,13 @@ pub(crate) fn sgemm_with(
                     (rhs.0, rhs.1),
                 );
             } else {
-                let packed = native::Packed::new(&lhs.0[..g.m * g.k], g.k);
-                packed.dots(&rhs.0[..g.n * g.k], dst, g.n, accumulate);
+                // Pack the smaller side (its panels stay in cache while the other streams).
+                let (a, b) = (&lhs.0[..g.m * g.k], &rhs.0[..g.n * g.k]);
+                if g.n < g.m {
+                    native::Packed::new(b, g.k).dots_t(a, dst, g.n, accumulate);
+                } else {
+                    native::Packed::new(a, g.k).dots(b, dst, g.n, accumulate);
+                }
             }
             return;
         }

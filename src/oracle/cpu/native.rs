@@ -88,19 +88,35 @@ impl Packed {
     /// s (packed rows by rows of `y`, row-major with row stride `ld`) = [s +] X Y^T, `y`
     /// holding rows of the packed width, contiguous.
     pub fn dots(&self, y: &[f32], s: &mut [f32], ld: usize, accumulate: bool) {
+        self.dots_in(y, s, ld, accumulate, false)
+    }
+
+    /// The same products laid out the other way: s (rows of `y` by packed rows, row
+    /// stride `ld`) = [s +] Y X^T. The kernel's natural layout (no transposed writes):
+    /// the better one where the packed side is the smaller.
+    pub fn dots_t(&self, y: &[f32], s: &mut [f32], ld: usize, accumulate: bool) {
+        self.dots_in(y, s, ld, accumulate, true)
+    }
+
+    fn dots_in(&self, y: &[f32], s: &mut [f32], ld: usize, accumulate: bool, t: bool) {
         let n = y.len() / self.dim;
         assert!(available());
         assert_eq!(y.len(), n * self.dim);
-        assert!(n <= ld);
+        assert!(if t { self.rows <= ld } else { n <= ld });
         if n == 0 || self.rows == 0 {
             return;
         }
-        assert!(s.len() >= (self.rows - 1) * ld + n);
+        let last = if t {
+            (n - 1) * ld + self.rows
+        } else {
+            (self.rows - 1) * ld + n
+        };
+        assert!(s.len() >= last);
         // SAFETY: the CPU has AVX-512F (asserted); every read is inside the panels (sized
         // by construction) and `y` (n rows of dim), every write inside `s` (asserted).
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            dots_avx512(self, y, n, s, ld, accumulate)
+            dots_avx512(self, y, n, s, (ld, t), accumulate)
         }
     }
 }
@@ -136,6 +152,15 @@ pub fn gemm_rows(
             (lhs.as_ptr(), lrs),
             (rhs.as_ptr(), rrs),
         )
+    }
+}
+
+/// The lane mask of the first `c` of 16 lanes (all of them from 16 on).
+fn mask(c: usize) -> u16 {
+    if c >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << c) - 1
     }
 }
 
@@ -200,7 +225,14 @@ macro_rules! with_rows {
 /// them), each against every panel.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn dots_avx512(p: &Packed, y: &[f32], n: usize, s: &mut [f32], ld: usize, acc: bool) {
+unsafe fn dots_avx512(
+    p: &Packed,
+    y: &[f32],
+    n: usize,
+    s: &mut [f32],
+    (ld, t): (usize, bool),
+    acc: bool,
+) {
     let k = p.dim;
     let panels = p.rows.div_ceil(PANEL);
     let mut j = 0;
@@ -213,9 +245,10 @@ unsafe fn dots_avx512(p: &Packed, y: &[f32], n: usize, s: &mut [f32], ld: usize,
             // exist; the writes are rows q0..q0 + lanes, columns j..j + r of s.
             unsafe {
                 let panel = p.data.as_ptr().add(p.offset + q * k * PANEL);
-                let out = s.as_mut_ptr().add(q0 * ld + j);
+                let at = if t { j * ld + q0 } else { q0 * ld + j };
+                let out = s.as_mut_ptr().add(at);
                 let yb = y.as_ptr().add(j * k);
-                with_rows!(r, R => dot_tile::<R>(k, panel, yb, out, ld, lanes, acc));
+                with_rows!(r, R => dot_tile::<R>(k, panel, yb, out, (ld, t), lanes, acc));
             }
         }
         j += r;
@@ -223,7 +256,8 @@ unsafe fn dots_avx512(p: &Packed, y: &[f32], n: usize, s: &mut [f32], ld: usize,
 }
 
 /// One micro-tile of the logits: rows `yb` (R rows of k) against one panel, written to
-/// `out` (row q of the panel at `out + q * ld`, R values) for the first `lanes` queries.
+/// `out` for the first `lanes` queries: query q's R values at `out + q * ld`, or with `t`
+/// row r's `lanes` values at `out + r * ld`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 #[inline]
@@ -232,7 +266,7 @@ unsafe fn dot_tile<const R: usize>(
     panel: *const f32,
     yb: *const f32,
     out: *mut f32,
-    ld: usize,
+    (ld, t): (usize, bool),
     lanes: usize,
     accumulate: bool,
 ) {
@@ -257,6 +291,21 @@ unsafe fn dot_tile<const R: usize>(
                 t[0] = _mm512_add_ps(t[0], a[0]);
                 t[1] = _mm512_add_ps(t[1], a[1]);
             }
+        }
+        if t {
+            let masks = [lanes.min(16), lanes.saturating_sub(16)].map(mask);
+            for (r, a) in total.iter().enumerate() {
+                for (v, &a) in a.iter().enumerate() {
+                    let o = out.add(r * ld + 16 * v);
+                    let a = if accumulate {
+                        _mm512_add_ps(_mm512_maskz_loadu_ps(masks[v], o), a)
+                    } else {
+                        a
+                    };
+                    _mm512_mask_storeu_ps(o, masks[v], a);
+                }
+            }
+            return;
         }
         let mut tmp = [[0.0f32; PANEL]; R];
         for (t, a) in tmp.iter_mut().zip(&total) {
@@ -285,13 +334,6 @@ unsafe fn rows_avx512(
     (lhs, lrs): (*const f32, usize),
     (rhs, rrs): (*const f32, usize),
 ) {
-    let mask = |c: usize| -> u16 {
-        if c >= 16 {
-            u16::MAX
-        } else {
-            (1u16 << c) - 1
-        }
-    };
     let mut j = 0;
     while j < n {
         let cols = (n - j).min(2 * 16);
@@ -411,6 +453,29 @@ mod tests {
                             want += init[i * ld + j] as f64;
                         }
                         assert!((got - want).abs() <= tol, "dots {m}x{n}x{k} ({i},{j})");
+                    }
+                }
+            }
+            // dots_t: the same products, rows of y by packed rows, into n x (m + 2).
+            let ldt = m + 2;
+            for accumulate in [false, true] {
+                let init = values(n * ldt, &mut rng);
+                let mut s = init.clone();
+                Packed::new(&x, k).dots_t(&y, &mut s, ldt, accumulate);
+                for j in 0..n {
+                    for i in 0..ldt {
+                        let got = s[j * ldt + i] as f64;
+                        if i >= m {
+                            assert_eq!(got, init[j * ldt + i] as f64, "padding untouched");
+                            continue;
+                        }
+                        let mut want: f64 = (0..k)
+                            .map(|kk| x[i * k + kk] as f64 * y[j * k + kk] as f64)
+                            .sum();
+                        if accumulate {
+                            want += init[j * ldt + i] as f64;
+                        }
+                        assert!((got - want).abs() <= tol, "dots_t {m}x{n}x{k} ({j},{i})");
                     }
                 }
             }

@@ -127,7 +127,7 @@ pub(crate) use basis::orthonormalise;
 use screen::{dot, screen, RowSum, ScreenCount, ScreenInputs};
 
 use crate::dataset::{Dataset, Values};
-use crate::oracle::cpu::{sgemm, stored_rows_f32, Gemm};
+use crate::oracle::cpu::{large_gemm_lib, sgemm, sgemm_with, stored_rows_f32, Gemm};
 use crate::oracle::partial::Partial;
 use crate::oracle::{CentredBatch, Posterior, SoftmaxState};
 
@@ -637,8 +637,10 @@ fn level_norms(p: &[f32], r: f32, levels: &[usize], sq: &mut Vec<f64>, tail: &mu
 /// Projections (nr x k) and residual norms of `nr` rows `y` (nr x dim).
 fn project(y: &[f32], nr: usize, dim: usize, basis: &[f32], k: usize) -> (Vec<f32>, Vec<f32>) {
     let mut p = vec![0.0f32; nr * k];
+    let lib = large_gemm_lib();
     // (nr x dim) * (dim x k): element (d, j) of the rhs is basis[j * dim + d].
-    sgemm(
+    sgemm_with(
+        lib,
         Gemm {
             m: nr,
             n: k,
@@ -650,7 +652,8 @@ fn project(y: &[f32], nr: usize, dim: usize, basis: &[f32], k: usize) -> (Vec<f3
         (basis, 1, dim),
     );
     let mut back = vec![0.0f32; nr * dim];
-    sgemm(
+    sgemm_with(
+        lib,
         Gemm { m: nr, n: dim, k },
         &mut back,
         false,
