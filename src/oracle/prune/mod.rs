@@ -541,8 +541,10 @@ impl PruneIndex {
     /// exact logit), from this copy a tile is one contiguous block. The values are the
     /// stored rows' f32 values, so every result is the same bits either way
     /// (tests/prune_tiled.rs). On Fashion-MNIST (188 MB, built in about 0.1 s at the first
-    /// call that prunes) the bounds pass at t = 0.8 takes 0.042 s instead of 0.054.
-    fn tiled_rows(&self, ds: &Dataset) -> Option<&[f32]> {
+    /// call that prunes) the bounds pass at t = 0.8 takes 0.042 s instead of 0.054. Built
+    /// by the first caller: callers outside the passes' parallel tasks (a rayon task
+    /// waiting on the build would leave it one thread; see `CpuBackend::prepare`).
+    pub(crate) fn tiled_rows(&self, ds: &Dataset) -> Option<&[f32]> {
         self.tiled
             .get_or_init(|| {
                 let bytes = (self.perm.len() * self.dim * 4) as u64;
