@@ -44,7 +44,7 @@ pub struct BenchArgs {
     #[arg(long)]
     exact_dense: bool,
     /// Force the cpu backend's GEMM library and tile rows, LIB[:TILE_ROWS] with LIB one of
-    /// gemm, faer, openblas (default: this machine's autotuned choice; the environment
+    /// gemm, faer, openblas, native (default: this machine's autotuned choice; the environment
     /// variable ORACLEFLOW_CPU_GEMM does the same)
     #[arg(long, value_name = "LIB[:TILE_ROWS]")]
     cpu_gemm: Option<String>,
