@@ -21,6 +21,7 @@
 use rayon::prelude::*;
 
 use crate::dataset::Dataset;
+use crate::oracle::simd::multiversion;
 
 /// Rows per panel (one 512-bit vector of f32 sums).
 pub const LANES: usize = 16;
@@ -38,14 +39,38 @@ pub const TINY: f64 = 1e-30;
 /// Norms of a vector, its bf16 rounding and their difference: (|v|, |v~|, |v - v~|), each
 /// rounded up to f32.
 fn norms(v: &[f32]) -> [f32; 3] {
-    let (mut n, mut nq, mut e) = (0.0f64, 0.0f64, 0.0f64);
-    for &a in v {
-        let r = f32::from_bits((bf16(a) as u32) << 16) as f64;
-        n += (a as f64).powi(2);
-        nq += r * r;
-        e += (a as f64 - r).powi(2);
+    norm_sums(v).map(|s| (s.sqrt() * (1.0 + 1e-6)) as f32)
+}
+
+multiversion! {
+    /// (|v|^2, |v~|^2, |v - v~|^2) in f64 (v~ the bf16 rounding of v).
+    fn norm_sums(v: &[f32]) -> [f64; 3] = norm_sums_body;
+}
+
+/// [`norm_sums`] in four lanes per sum (three serial f64 sums waited out the add latency
+/// at every value: a quarter of the bf16 panels' packing, once per dataset).
+#[inline(always)]
+fn norm_sums_body(v: &[f32]) -> [f64; 3] {
+    const L: usize = 4;
+    let (mut n, mut nq, mut e) = ([0.0f64; L], [0.0f64; L], [0.0f64; L]);
+    let mut chunks = v.chunks_exact(L);
+    for c in &mut chunks {
+        for l in 0..L {
+            let a = c[l] as f64;
+            let r = f32::from_bits((bf16(c[l]) as u32) << 16) as f64;
+            n[l] += a * a;
+            nq[l] += r * r;
+            e[l] += (a - r) * (a - r);
+        }
     }
-    [n, nq, e].map(|s| (s.sqrt() * (1.0 + 1e-6)) as f32)
+    for (l, &a) in chunks.remainder().iter().enumerate() {
+        let r = f32::from_bits((bf16(a) as u32) << 16) as f64;
+        let a = a as f64;
+        n[l] += a * a;
+        nq[l] += r * r;
+        e[l] += (a - r) * (a - r);
+    }
+    [n, nq, e].map(|s| (s[0] + s[1]) + (s[2] + s[3]))
 }
 
 /// Whether this CPU runs the kernel.
@@ -61,14 +86,28 @@ pub fn supported() -> bool {
 }
 
 /// f32 to bf16, round to nearest even (the inputs are finite).
+#[inline(always)]
 fn bf16(v: f32) -> u16 {
     let b = v.to_bits();
     ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
 /// Two bf16 values in one u32, the first in the low half (the instruction's pair order).
+#[inline(always)]
 fn pair(a: f32, b: f32) -> u32 {
     bf16(a) as u32 | (bf16(b) as u32) << 16
+}
+
+multiversion! {
+    /// `row` (an even number of values) as bf16 pairs.
+    fn pack_row(row: &[f32], out: &mut [u32]) = pack_row_body;
+}
+
+#[inline(always)]
+fn pack_row_body(row: &[f32], out: &mut [u32]) {
+    for (o, c) in out.iter_mut().zip(row.chunks_exact(2)) {
+        *o = pair(c[0], c[1]);
+    }
 }
 
 /// The rows of a dataset in tile order, as bf16 panels.
@@ -101,13 +140,16 @@ impl Panels {
             .zip(perm.par_chunks(LANES))
             .flat_map_iter(|(panel, rows)| {
                 let mut row = vec![0.0f32; 2 * pairs];
+                let mut packed = vec![0u32; pairs];
                 let mut out = Vec::with_capacity(rows.len());
                 for (lane, &r) in rows.iter().enumerate() {
                     ds.stored_row(r as usize, &mut row[..dim]);
                     let [_, nq, e] = norms(&row[..dim]);
                     out.push([nq, e]);
-                    for k in 0..pairs {
-                        panel[k * LANES + lane] = pair(row[2 * k], row[2 * k + 1]);
+                    // The row's pairs first (vectorized), then into the panel's lane.
+                    pack_row(&row, &mut packed);
+                    for (dst, &p) in panel.chunks_exact_mut(LANES).zip(&packed) {
+                        dst[lane] = p;
                     }
                 }
                 out
