@@ -79,6 +79,8 @@ pub struct CpuBackend<'d> {
     estimate: prune::sparse::EstimateRows,
     /// GEMM library and tile rows of the dense pass; None: this machine's tuned choice.
     plan: Option<GemmPlan>,
+    /// The last row range's sums for calls where every logit is 0 (see [`uniform_pass`]).
+    uniform: Option<UniformSums>,
 }
 
 impl<'d> CpuBackend<'d> {
@@ -100,6 +102,7 @@ impl<'d> CpuBackend<'d> {
             buffers: Default::default(),
             estimate: Default::default(),
             plan: None,
+            uniform: None,
         }
     }
 
@@ -230,6 +233,16 @@ impl Backend for CpuBackend<'_> {
                 self.gemm_plan(),
             );
         }
+        // At t = 0 (alpha = 0) every logit is 0: the posterior is the uniform average of
+        // the rows, the same for every query, whatever the queries are (both modes: it
+        // prunes nothing, and `--exact-dense` then gives the same samples bit for bit).
+        if batch
+            .logit_coefs
+            .iter()
+            .all(|&[c_dot, c_norm]| c_dot == 0.0 && c_norm == 0.0)
+        {
+            return Ok(uniform_pass(self.dataset, batch, &mut self.uniform));
+        }
         let prunable = self.options.prune && batch.rows.len() >= prune::MIN_PRUNE_ROWS;
         // The first such call tests the data's structure (the index's basis, about 1% of
         // a dense evaluation); data without any is dense from then on, skipping the
@@ -347,6 +360,76 @@ impl Backend for CpuBackend<'_> {
             self.gemm_plan(),
         ))
     }
+}
+
+/// The sum of a row range's rows and of their squared norms (f64 sums rounded once).
+pub(crate) struct UniformSums {
+    rows: Range<usize>,
+    sum: Vec<f32>,
+    sum_norm: f32,
+}
+
+/// Rows per chunk of [`uniform_pass`]'s sums: fixed, so that the sums are the same bits
+/// whatever the thread count.
+const UNIFORM_CHUNK: usize = 4096;
+
+/// The pass where every logit is 0 (t = 0): each query's state is n weights of 1 (the
+/// first row its top-1, as the dense pass's first maximum), its sum the rows' sum. That
+/// sum and the norms' are computed once per row range, in f64 (the dense pass's f32 GEMM
+/// tiles give the same to within their rounding), and kept in `cache`. O(N D) once, then
+/// O(B D) per call, instead of two GEMMs.
+pub(crate) fn uniform_pass(
+    ds: &Dataset,
+    batch: &CentredBatch<'_>,
+    cache: &mut Option<UniformSums>,
+) -> PartialState {
+    let (dim, rows) = (ds.dim(), batch.rows.clone());
+    if cache.as_ref().is_none_or(|c| c.rows != rows) {
+        let starts: Vec<usize> = rows.clone().step_by(UNIFORM_CHUNK).collect();
+        let parts: Vec<(Vec<f64>, f64)> = starts
+            .par_iter()
+            .map(|&start| {
+                let chunk = start..(start + UNIFORM_CHUNK).min(rows.end);
+                let mut scratch = Vec::new();
+                let y = stored_rows_f32(ds, chunk.clone(), &mut scratch);
+                let mut sum = vec![0.0f64; dim];
+                for row in y.chunks_exact(dim) {
+                    sum.iter_mut().zip(row).for_each(|(s, &v)| *s += v as f64);
+                }
+                let norms = ds.sq_norms()[chunk].iter().map(|&v| v as f64).sum();
+                (sum, norms)
+            })
+            .collect();
+        let mut sum = vec![0.0f64; dim];
+        let mut sum_norm = 0.0f64;
+        for (s, n) in parts {
+            sum.iter_mut().zip(&s).for_each(|(a, b)| *a += b);
+            sum_norm += n;
+        }
+        *cache = Some(UniformSums {
+            rows: rows.clone(),
+            sum: sum.into_iter().map(|v| v as f32).collect(),
+            sum_norm: sum_norm as f32,
+        });
+    }
+    let c = cache.as_ref().expect("just filled");
+    let n_q = batch.logit_coefs.len();
+    let n = rows.len() as f32;
+    let state = SoftmaxState {
+        max: 0.0,
+        sum: n,
+        sum_shifted_logit: 0.0,
+        sum_sq: n,
+        argmax: rows.start as u32,
+    };
+    let states = if rows.is_empty() {
+        vec![SoftmaxState::EMPTY; n_q]
+    } else {
+        vec![state; n_q]
+    };
+    let acc: Vec<f32> = (0..n_q).flat_map(|_| c.sum.iter().copied()).collect();
+    let sum_norm = vec![c.sum_norm; n_q];
+    PartialState::dense(dim, states, acc, sum_norm, rows.len(), prune::LEAF_ROWS)
 }
 
 /// The dense pass over `batch.rows` on `threads` tasks with `plan`'s GEMMs and tiles.
@@ -841,6 +924,66 @@ mod tests {
     }
 
     use super::*;
+
+    /// Where every logit is 0 (t = 0), the closed form equals the dense pass: the same
+    /// top-1 and statistics, means within 1e-6 of the rows' rms norm, for the whole set and
+    /// a row range starting and ending inside chunks, f32 and f16 storage.
+    #[test]
+    fn uniform_pass_equals_the_dense_pass() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+        for dtype in [crate::Dtype::F32, crate::Dtype::F16] {
+            let (n, dim) = (9000usize, 13usize);
+            let v: Vec<f32> = (0..n * dim)
+                .map(|_| rng.random::<f32>() * 4.0 - 1.0)
+                .collect();
+            let ds = Dataset::from_raw(
+                "uniform",
+                crate::dataset::SampleShape::array(vec![dim]),
+                crate::dataset::RawRows::F32(&v),
+                None,
+                dtype,
+            )
+            .unwrap();
+            let x: Vec<f32> = (0..3 * dim).map(|_| rng.random::<f32>()).collect();
+            let coefs = vec![[0.0f32, 0.0f32]; 3];
+            for rows in [0..n, 37..8191] {
+                let batch = CentredBatch {
+                    x: &x,
+                    logit_coefs: &coefs,
+                    rows: rows.clone(),
+                };
+                let fast = uniform_pass(&ds, &batch, &mut None).finish();
+                let dense = dense_pass(&ds, &batch, 2, GemmPlan::default()).finish();
+                for (a, b) in fast.stats.iter().zip(&dense.stats) {
+                    assert_eq!(a.top1_index, b.top1_index);
+                    assert_eq!(a.top1_weight, b.top1_weight);
+                    assert!((a.entropy - b.entropy).abs() <= 1e-5 * b.entropy.abs());
+                    assert!((a.ess - b.ess).abs() <= 1e-5 * b.ess);
+                    let pv = (a.posterior_variance - b.posterior_variance).abs();
+                    assert!(pv <= 1e-5 * b.posterior_variance.abs());
+                }
+                // The stored rows are centred: their mean is near 0, so the means are
+                // compared on the rows' scale (rms norm).
+                let scale = (ds.sq_norms()[rows.clone()]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .sum::<f64>()
+                    / rows.len() as f64)
+                    .sqrt();
+                let worst = fast
+                    .mean
+                    .iter()
+                    .zip(&dense.mean)
+                    .map(|(a, b)| (a - b).abs() as f64)
+                    .fold(0.0, f64::max);
+                assert!(
+                    worst <= 1e-6 * scale,
+                    "{dtype:?} {rows:?}: {worst} (scale {scale})"
+                );
+            }
+        }
+    }
 
     #[test]
     fn tile_weights_below_the_normal_range_come_out_zero() {
