@@ -34,7 +34,7 @@ use rayon::prelude::*;
 
 use crate::dataset::Dataset;
 use crate::error::Result;
-use crate::oracle::prune::orthonormalise;
+use crate::oracle::prune::{dot_lanes, orthonormalise};
 use crate::oracle::{Posterior, QueryStats};
 use crate::path::PathCoefs;
 
@@ -477,25 +477,6 @@ unsafe fn project_row_avx512(dirs: &[f64], y: &[f32], out: &mut [f32]) {
         }
         *o = s as f32;
     }
-}
-
-/// sum_i a_i f(b_i) in f64 over 8 independent running sums (a single running sum cannot
-/// vectorize; the order changes only f64 rounding, far below the f32 the screen allows for).
-fn dot_lanes<T: Copy>(a: &[f64], b: &[T], f: impl Fn(T) -> f64) -> f64 {
-    const LANES: usize = 8;
-    let mut acc = [0.0f64; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..LANES {
-            acc[l] += x[l] * f(y[l]);
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, &y) in ra.iter().zip(rb) {
-        s += x * f(y);
-    }
-    s
 }
 
 /// The stored (centred) values of `rows` as f32, row-major: from memory, or read from the

@@ -80,11 +80,6 @@ impl Packed {
         }
     }
 
-    /// How many rows were packed.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// s (packed rows by rows of `y`, row-major with row stride `ld`) = [s +] X Y^T, `y`
     /// holding rows of the packed width, contiguous.
     pub fn dots(&self, y: &[f32], s: &mut [f32], ld: usize, accumulate: bool) {
@@ -123,7 +118,6 @@ impl Packed {
 
 /// dst (m x n, row stride `ld`) = [dst +] lhs (m x k, row stride `lrs`) * rhs (k x n,
 /// row stride `rrs`), all row-major with unit column stride.
-#[allow(clippy::too_many_arguments)]
 pub fn gemm_rows(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
@@ -156,6 +150,7 @@ pub fn gemm_rows(
 }
 
 /// The lane mask of the first `c` of 16 lanes (all of them from 16 on).
+#[cfg(target_arch = "x86_64")]
 fn mask(c: usize) -> u16 {
     if c >= 16 {
         u16::MAX
@@ -242,8 +237,8 @@ macro_rules! store_sums {
     };
 }
 
-/// [`Packed::dots`]: blocks of 12 dataset rows (in L1/L2 while every panel passes over
-/// them), each against every panel.
+/// [`Packed::dots`] and [`Packed::dots_t`]: blocks of 12 dataset rows (in L1/L2 while
+/// every panel passes over them), each against every panel.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn dots_avx512(
@@ -251,7 +246,7 @@ unsafe fn dots_avx512(
     y: &[f32],
     n: usize,
     s: &mut [f32],
-    (ld, t): (usize, bool),
+    (ld, transposed): (usize, bool),
     acc: bool,
 ) {
     let k = p.dim;
@@ -266,10 +261,10 @@ unsafe fn dots_avx512(
             // exist; the writes are rows q0..q0 + lanes, columns j..j + r of s.
             unsafe {
                 let panel = p.data.as_ptr().add(p.offset + q * k * PANEL);
-                let at = if t { j * ld + q0 } else { q0 * ld + j };
+                let at = if transposed { j * ld + q0 } else { q0 * ld + j };
                 let out = s.as_mut_ptr().add(at);
                 let yb = y.as_ptr().add(j * k);
-                with_rows!(r, R => dot_tile::<R>(k, panel, yb, out, (ld, t), lanes, acc));
+                with_rows!(r, R => dot_tile::<R>(k, panel, yb, out, (ld, transposed), lanes, acc));
             }
         }
         j += r;
@@ -277,8 +272,8 @@ unsafe fn dots_avx512(
 }
 
 /// One micro-tile of the logits: rows `yb` (R rows of k) against one panel, written to
-/// `out` for the first `lanes` queries: query q's R values at `out + q * ld`, or with `t`
-/// row r's `lanes` values at `out + r * ld`.
+/// `out` for the first `lanes` queries: query q's R values at `out + q * ld`, or
+/// `transposed`, row r's `lanes` values at `out + r * ld`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 #[inline]
@@ -287,7 +282,7 @@ unsafe fn dot_tile<const R: usize>(
     panel: *const f32,
     yb: *const f32,
     out: *mut f32,
-    (ld, t): (usize, bool),
+    (ld, transposed): (usize, bool),
     lanes: usize,
     accumulate: bool,
 ) {
@@ -308,26 +303,26 @@ unsafe fn dot_tile<const R: usize>(
                     acc[1] = _mm512_fmadd_ps(a1, b, acc[1]);
                 }
             }
-            for (t, a) in total.iter_mut().zip(&acc) {
-                t[0] = _mm512_add_ps(t[0], a[0]);
-                t[1] = _mm512_add_ps(t[1], a[1]);
+            for (sum, a) in total.iter_mut().zip(&acc) {
+                sum[0] = _mm512_add_ps(sum[0], a[0]);
+                sum[1] = _mm512_add_ps(sum[1], a[1]);
             }
         }
-        if t {
+        if transposed {
             let masks = [lanes.min(16), lanes.saturating_sub(16)].map(mask);
             store_sums!(&total, out, ld, masks, accumulate);
             return;
         }
         let mut tmp = [[0.0f32; PANEL]; R];
-        for (t, a) in tmp.iter_mut().zip(&total) {
-            _mm512_storeu_ps(t.as_mut_ptr(), a[0]);
-            _mm512_storeu_ps(t.as_mut_ptr().add(16), a[1]);
+        for (row, a) in tmp.iter_mut().zip(&total) {
+            _mm512_storeu_ps(row.as_mut_ptr(), a[0]);
+            _mm512_storeu_ps(row.as_mut_ptr().add(16), a[1]);
         }
         for l in 0..lanes {
             let row = out.add(l * ld);
-            for (r, t) in tmp.iter().enumerate() {
+            for (r, sums) in tmp.iter().enumerate() {
                 let o = row.add(r);
-                *o = if accumulate { *o + t[l] } else { t[l] };
+                *o = if accumulate { *o + sums[l] } else { sums[l] };
             }
         }
     }
@@ -408,6 +403,16 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
+    /// Whether the kernels cannot run here, said in one loud line (the test then checks
+    /// nothing).
+    fn skipped() -> bool {
+        let skip = !available();
+        if skip {
+            eprintln!("SKIPPED: no AVX-512F on this CPU, the native kernels are not used");
+        }
+        skip
+    }
+
     fn values(len: usize, rng: &mut impl Rng) -> Vec<f32> {
         (0..len).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
     }
@@ -417,8 +422,7 @@ mod tests {
     /// Tolerance: k ulp-sized roundings of terms of magnitude <= 1, 1e-6 * k absolute.
     #[test]
     fn kernels_match_f64() {
-        if !available() {
-            eprintln!("SKIPPED: no AVX-512F on this CPU, the native kernels are not used");
+        if skipped() {
             return;
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
@@ -521,8 +525,7 @@ mod tests {
     /// column block computes them (the batch invariance the dense pass promises).
     #[test]
     fn results_do_not_depend_on_position() {
-        if !available() {
-            eprintln!("SKIPPED: no AVX-512F on this CPU, the native kernels are not used");
+        if skipped() {
             return;
         }
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);

@@ -225,42 +225,47 @@ multiversion! {
 #[inline(always)]
 fn split_keys_body(centred: &[f64], k: usize, ids: &[u32]) -> Vec<f64> {
     let rows = || centred.chunks_exact(k);
+    let dot = |a: &[f64], b: &[f64]| dot_lanes(a, b, |v| v);
+    // The farthest row's position (largest |c|, ties to the lower stored row).
     let far = rows()
         .zip(ids)
-        .map(|(c, &i)| (dot4(c, c), i))
+        .enumerate()
+        .map(|(at, (c, &i))| (dot(c, c), i, at))
         .max_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)))
-        .map_or(0, |(_, i)| i);
-    let at = ids.iter().position(|&i| i == far).unwrap_or(0);
-    let mut dir: Vec<f64> = centred[at * k..(at + 1) * k].to_vec();
+        .map_or(0, |(_, _, at)| at);
+    let mut dir: Vec<f64> = centred[far * k..(far + 1) * k].to_vec();
     let mut w = vec![0.0f64; k];
     for _ in 0..4 {
         w.iter_mut().for_each(|w| *w = 0.0);
         for c in rows() {
-            let s = dot4(c, &dir);
+            let s = dot(c, &dir);
             w.iter_mut().zip(c).for_each(|(w, &a)| *w += s * a);
         }
-        let norm = dot4(&w, &w).sqrt();
+        let norm = dot(&w, &w).sqrt();
         if norm == 0.0 {
             break;
         }
         dir.iter_mut().zip(&w).for_each(|(d, &w)| *d = w / norm);
     }
-    rows().map(|c| dot4(c, &dir)).collect()
+    rows().map(|c| dot(c, &dir)).collect()
 }
 
-/// a . b in four independent lanes (a single running sum waits out the add latency at
-/// every step), then their sum.
-#[inline(always)]
-fn dot4(a: &[f64], b: &[f64]) -> f64 {
-    let mut acc = [0.0f64; 4];
-    let (mut ca, mut cb) = (a.chunks_exact(4), b.chunks_exact(4));
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for l in 0..4 {
-            acc[l] += x[l] * y[l];
+/// sum_i a_i f(b_i) in f64 over 8 independent running sums (a single running sum cannot
+/// vectorize and waits out the add latency at every step; the order changes only f64
+/// rounding: far below the f32 the refiner's screen allows for, and the PCA tree's keys).
+pub(crate) fn dot_lanes<T: Copy>(a: &[f64], b: &[T], f: impl Fn(T) -> f64) -> f64 {
+    const LANES: usize = 8;
+    let mut acc = [0.0f64; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * f(y[l]);
         }
     }
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        acc[0] += x * y;
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, &y) in ra.iter().zip(rb) {
+        s += x * f(y);
     }
-    (acc[0] + acc[1]) + (acc[2] + acc[3])
+    s
 }
