@@ -34,53 +34,17 @@ fn bounds_pass_certificate_bounds_the_true_skipped_mass() {
 /// random, clustered and real data, whole dataset and one class.
 #[test]
 fn bounds_pass_equals_dense_and_reference() {
-    use oracleflow::oracle::cpu::{CpuBackend, CpuOptions};
-    use oracleflow::oracle::{reference, Backend, CentredBatch};
-    use oracleflow::Path;
     std::env::set_var("ORACLEFLOW_PRUNE_PROJ_MAX_COMPUTED", "0");
-    let mut bounds = 0;
-    for (name, ds) in [
+    let datasets = vec![
         ("random", common::gaussian_dataset(900, 100, 3, Dtype::F32)),
         ("clustered", common::clustered_dataset(1200, Dtype::F32)),
         (
             "fashion-mnist",
             dataset::load("embedded@1500", Dtype::F32).unwrap(),
         ),
-    ] {
-        let mut pruned = CpuBackend::with_options(&ds, CpuOptions { prune: true });
-        let mut dense = CpuBackend::with_options(&ds, CpuOptions { prune: false });
-        let dim = ds.dim();
-        for (i, t) in [0.6f32, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99, 0.999]
-            .into_iter()
-            .enumerate()
-        {
-            for class in [None, Some(1)] {
-                let x = common::path_queries(&ds, Path::RectifiedFlow, t, 12, 60 + i as u64);
-                let (xc, coefs) = common::centred(&ds, Path::RectifiedFlow, &x, t);
-                let batch = CentredBatch {
-                    x: &xc,
-                    logit_coefs: &coefs,
-                    rows: ds.rows_for(class).unwrap(),
-                };
-                let p = pruned.posterior(&batch).unwrap();
-                if pruned.last_pass() != Pass::Bounds {
-                    continue;
-                }
-                bounds += 1;
-                let d = dense.posterior(&batch).unwrap();
-                let rounding = common::logit_rounding_effect(&ds, &batch);
-                for (q, w) in reference::posterior_f64(&ds, &batch).iter().enumerate() {
-                    common::assert_as_close_as_dense(
-                        &p.mean[q * dim..(q + 1) * dim],
-                        &d.mean[q * dim..(q + 1) * dim],
-                        &w.mean,
-                        rounding[q],
-                        &format!("{name} t={t} class={class:?} query {q}"),
-                    );
-                }
-            }
-        }
-    }
+    ];
+    let times = [0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99, 0.999];
+    let bounds = common::pass_as_close_as_dense(&datasets, &times, Pass::Bounds, 60);
     eprintln!("{bounds} calls took the bounds pass");
     assert!(bounds >= 4, "only {bounds} calls took the bounds pass");
 }

@@ -453,3 +453,51 @@ pub fn check_certificates(
     }
     (checked, passes)
 }
+
+/// Per dataset, class (whole dataset, class 1) and t in `times`, 12 rectified-flow queries
+/// (seeds from `seed` on): wherever the pruned backend's call took `pass`, its posterior
+/// mean is as close to the f64 reference as the dense pass's (`assert_as_close_as_dense`).
+/// Returns how many calls took `pass`.
+pub fn pass_as_close_as_dense(
+    datasets: &[(&str, Dataset)],
+    times: &[f32],
+    pass: oracleflow::oracle::cpu::Pass,
+    seed: u64,
+) -> usize {
+    use oracleflow::oracle::cpu::{CpuBackend, CpuOptions};
+    use oracleflow::oracle::{reference, Backend, CentredBatch};
+    let mut calls = 0;
+    for (name, ds) in datasets {
+        let mut pruned = CpuBackend::with_options(ds, CpuOptions { prune: true });
+        let mut dense = CpuBackend::with_options(ds, CpuOptions { prune: false });
+        let dim = ds.dim();
+        for (i, &t) in times.iter().enumerate() {
+            for class in [None, Some(1)] {
+                let x = path_queries(ds, Path::RectifiedFlow, t, 12, seed + i as u64);
+                let (xc, coefs) = centred(ds, Path::RectifiedFlow, &x, t);
+                let batch = CentredBatch {
+                    x: &xc,
+                    logit_coefs: &coefs,
+                    rows: ds.rows_for(class).unwrap(),
+                };
+                let p = pruned.posterior(&batch).unwrap();
+                if pruned.last_pass() != pass {
+                    continue;
+                }
+                calls += 1;
+                let d = dense.posterior(&batch).unwrap();
+                let rounding = logit_rounding_effect(ds, &batch);
+                for (q, w) in reference::posterior_f64(ds, &batch).iter().enumerate() {
+                    assert_as_close_as_dense(
+                        &p.mean[q * dim..(q + 1) * dim],
+                        &d.mean[q * dim..(q + 1) * dim],
+                        &w.mean,
+                        rounding[q],
+                        &format!("{name} t={t} class={class:?} query {q}"),
+                    );
+                }
+            }
+        }
+    }
+    calls
+}
