@@ -309,7 +309,7 @@ impl Backend for CpuBackend<'_> {
                     // GEMMs (the bounds' probe runs only where this declines: a query that
                     // cannot be pruned, or bounds that let through too many pairs).
                     if screen != Screen::Carried
-                        && share <= prune::projected::MAX_SHARE
+                        && share <= prune::projected::max_share(screen == Screen::Bf16)
                         && prune::projected::enabled()
                     {
                         let kept = self.record_kept.then_some(&mut self.kept);

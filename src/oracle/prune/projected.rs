@@ -80,6 +80,27 @@ use crate::oracle::{CentredBatch, SoftmaxState};
 /// 2e-3: at t = 0.6 it ran as the bf16 pass.)
 pub const MAX_SHARE: f64 = 3e-3;
 
+/// [`MAX_SHARE`] against a sparse pass without the bf16 screening (a CPU without AVX-512
+/// BF16), whose logits then cost a whole f32 GEMM. On Fashion-MNIST (B = 256, 2-core AMD
+/// EPYC Zen 3, AVX2, best of 3 single evaluations in two interleaved rounds): at t = 0.54
+/// (estimate 7.3e-3) this pass ran in 0.19 s against 0.21 - 0.25 for the sparse pass, at
+/// t = 0.56 and 0.58 in 0.15 - 0.16 and 0.13 against 0.24 - 0.28 and 0.22 - 0.25; at t =
+/// 0.52 (about 1e-2) in 0.23 - 0.27 against 0.17 - 0.23.
+pub const MAX_SHARE_F32: f64 = 8e-3;
+
+/// The largest estimated kept share at which the caller runs this pass: [`MAX_SHARE`]
+/// where the sparse pass would screen in bf16, else [`MAX_SHARE_F32`];
+/// ORACLEFLOW_PRUNE_PROJ_MAX_SHARE overrides both (read per call).
+pub fn max_share(bf16_screening: bool) -> f64 {
+    let env = std::env::var("ORACLEFLOW_PRUNE_PROJ_MAX_SHARE").ok();
+    env.and_then(|v| v.parse().ok())
+        .unwrap_or(if bf16_screening {
+            MAX_SHARE
+        } else {
+            MAX_SHARE_F32
+        })
+}
+
 /// Tiles whose rows the seeding ranks per query (see [`seed_lower`]). With the nearest
 /// tile alone, 43% of the queries of a Fashion-MNIST call (B = 256, t = 0.7 - 0.9) were
 /// seeded below their maximum, by 150 - 2000 nats, and every pair before their maximum's
