@@ -263,7 +263,7 @@ impl Backend for CpuBackend<'_> {
             if prune::profiling() {
                 eprintln!("prune: est. kept share {share:.5}");
             }
-            if share > prune::sparse::SPARSE_MAX_SHARE {
+            if share > prune::sparse::sparse_max_share() {
                 return Ok(dense_pass(
                     self.dataset,
                     batch,

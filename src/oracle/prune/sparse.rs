@@ -95,6 +95,14 @@ const ESTIMATE_ROWS: usize = 4096;
 /// Fashion-MNIST (B = 256, 2 threads) the sparse pass ran 1.14, 1.02 and 0.88 times as
 /// fast as dense at estimates of 0.32, 0.43 and 0.54 (t = 0.3, 0.28, 0.26).
 pub const SPARSE_MAX_SHARE: f64 = 0.35;
+
+/// [`SPARSE_MAX_SHARE`], or ORACLEFLOW_PRUNE_SPARSE_MAX_SHARE (read per call).
+pub fn sparse_max_share() -> f64 {
+    std::env::var("ORACLEFLOW_PRUNE_SPARSE_MAX_SHARE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(SPARSE_MAX_SHARE)
+}
 /// Largest estimated kept share ([`kept_share`]) at which the bf16 screening runs: it
 /// computes in f32 several times the kept pairs, each by its own dot product. On
 /// Fashion-MNIST (B = 256): at t = 0.35 (estimate 0.16) 24% of the pairs for 9% kept, 1.4
