@@ -26,15 +26,7 @@ fn cpu(ds: &Dataset, path: Path, prune: bool) -> Oracle<'_> {
 }
 
 fn datasets() -> Vec<(&'static str, Dataset)> {
-    vec![
-        // D > the projection's 64 dimensions, so the residual bounds are exercised.
-        ("random", common::gaussian_dataset(900, 100, 3, Dtype::F32)),
-        ("clustered", common::clustered_dataset(1200, Dtype::F32)),
-        (
-            "fashion-mnist",
-            dataset::load("embedded@1500", Dtype::F32).unwrap(),
-        ),
-    ]
+    common::pruning_datasets()
 }
 
 const TIMES: [f32; 8] = [0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.99, 0.999];
@@ -120,16 +112,9 @@ fn pruned_equals_dense_and_reference() {
 
 #[test]
 fn certificate_bounds_the_true_skipped_mass() {
-    use oracleflow::oracle::cpu::Pass;
-    let (checked, passes) = common::check_certificates(&datasets(), &TIMES[2..]);
-    assert!(checked >= 20, "only {checked} queries had skipped samples");
     // The projected pass itself (not only the sparse pass's drops) is among those checked.
-    let projected = passes.iter().filter(|&&p| p == Pass::Projected).count();
-    eprintln!("{projected} calls took the projected pass");
-    assert!(
-        projected >= 4,
-        "only {projected} calls took the projected pass"
-    );
+    let pass = oracleflow::oracle::cpu::Pass::Projected;
+    common::certificates_checked_on(&datasets(), &TIMES[2..], pass, 4);
 }
 
 #[test]

@@ -389,6 +389,44 @@ fn announce_skip(reason: &'static str, text: &str) {
     let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
+/// The pruning tests' datasets: random (D = 100, above the projection's 64 dimensions,
+/// so the residual bounds are exercised), clustered, and embedded Fashion-MNIST.
+pub fn pruning_datasets() -> Vec<(&'static str, Dataset)> {
+    vec![
+        ("random", gaussian_dataset(900, 100, 3, Dtype::F32)),
+        ("clustered", clustered_dataset(1200, Dtype::F32)),
+        (
+            "fashion-mnist",
+            oracleflow::dataset::load("embedded@1500", Dtype::F32).unwrap(),
+        ),
+    ]
+}
+
+/// [`check_certificates`], asserting that at least 20 queries skipped samples and at least
+/// `at_least` calls took `pass` (so the pass itself was checked). Returns the passes.
+pub fn certificates_checked_on(
+    datasets: &[(&str, Dataset)],
+    times: &[f32],
+    pass: oracleflow::oracle::cpu::Pass,
+    at_least: usize,
+) -> Vec<oracleflow::oracle::cpu::Pass> {
+    let (checked, passes) = check_certificates(datasets, times);
+    assert!(checked >= 20, "only {checked} queries had skipped samples");
+    assert_took(&passes, pass, at_least);
+    passes
+}
+
+/// Asserts that at least `at_least` of `passes` are `pass` (and says how many).
+pub fn assert_took(
+    passes: &[oracleflow::oracle::cpu::Pass],
+    pass: oracleflow::oracle::cpu::Pass,
+    at_least: usize,
+) {
+    let n = passes.iter().filter(|&&p| p == pass).count();
+    eprintln!("{n} calls took the {pass:?} pass");
+    assert!(n >= at_least, "only {n} calls took the {pass:?} pass");
+}
+
 /// Per dataset, path (rectified flow, VP cosine) and t of `times`: one pruned call of 8
 /// queries on every row, and for each query the f64 mass its call truly left out, checked
 /// against the call's certificate (which must also stay within the 2^-30 budget), and the
@@ -456,17 +494,17 @@ pub fn check_certificates(
 
 /// Per dataset, class (whole dataset, class 1) and t in `times`, 12 rectified-flow queries
 /// (seeds from `seed` on): wherever the pruned backend's call took `pass`, its posterior
-/// mean is as close to the f64 reference as the dense pass's (`assert_as_close_as_dense`).
-/// Returns how many calls took `pass`.
+/// mean is as close to the f64 reference as the dense pass's (`assert_as_close_as_dense`);
+/// and at least 4 calls took `pass`.
 pub fn pass_as_close_as_dense(
     datasets: &[(&str, Dataset)],
     times: &[f32],
     pass: oracleflow::oracle::cpu::Pass,
     seed: u64,
-) -> usize {
+) {
     use oracleflow::oracle::cpu::{CpuBackend, CpuOptions};
     use oracleflow::oracle::{reference, Backend, CentredBatch};
-    let mut calls = 0;
+    let mut passes = Vec::new();
     for (name, ds) in datasets {
         let mut pruned = CpuBackend::with_options(ds, CpuOptions { prune: true });
         let mut dense = CpuBackend::with_options(ds, CpuOptions { prune: false });
@@ -481,10 +519,10 @@ pub fn pass_as_close_as_dense(
                     rows: ds.rows_for(class).unwrap(),
                 };
                 let p = pruned.posterior(&batch).unwrap();
+                passes.push(pruned.last_pass());
                 if pruned.last_pass() != pass {
                     continue;
                 }
-                calls += 1;
                 let d = dense.posterior(&batch).unwrap();
                 let rounding = logit_rounding_effect(ds, &batch);
                 for (q, w) in reference::posterior_f64(ds, &batch).iter().enumerate() {
@@ -499,5 +537,5 @@ pub fn pass_as_close_as_dense(
             }
         }
     }
-    calls
+    assert_took(&passes, pass, 4);
 }

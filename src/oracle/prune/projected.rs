@@ -240,15 +240,16 @@ impl Projection {
         })
     }
 
-    /// Bounds of queries `qs` (ascending) against the rows at positions `t0..t0 + nt` at
-    /// the pass's level into `out` (qs.len() x nt): the partial dot products, then each
-    /// pair's upper bound on its f32 logit. Within index tile `Some(ti)`, from the tile's
-    /// dimension-major block of head coordinates (vector FMAs over its `LEAF_ROWS`
-    /// columns, per query); else one GEMM (`qs` then a contiguous run).
+    /// Bounds of queries `q0 + l` for l in `need` (ascending) against the rows at
+    /// positions `t0..t0 + nt` at the pass's level into `out` (need.len() x nt): the
+    /// partial dot products, then each pair's upper bound on its f32 logit. Within index
+    /// tile `Some(ti)`, from the tile's dimension-major block of head coordinates (vector
+    /// FMAs over its `LEAF_ROWS` columns, per query); else one GEMM (`need` then a
+    /// contiguous run).
     fn tile_bounds(
         &self,
         index: &PruneIndex,
-        qs: &[usize],
+        (q0, need): (usize, &[usize]),
         (t0, nt, ti): (usize, usize, Option<usize>),
         lib: GemmLib,
         out: &mut [f32],
@@ -264,31 +265,32 @@ impl Projection {
                 let block = &index.proj0t[ti * hd * LEAF_ROWS..][..cut * LEAF_ROWS];
                 let off = t0 - index.tiles[ti].start;
                 let mut acc = [0.0f32; LEAF_ROWS];
-                for (row, &q) in out.chunks_exact_mut(nt).zip(qs) {
+                for (row, &l) in out.chunks_exact_mut(nt).zip(need) {
+                    let q = q0 + l;
                     head_dots(block, &self.px[q * k..q * k + cut], &mut acc);
                     row.copy_from_slice(&acc[off..off + nt]);
                 }
             }
             None => {
-                let q0 = qs.first().copied().unwrap_or(0);
-                debug_assert!(qs.iter().enumerate().all(|(i, &q)| q == q0 + i));
+                let first = q0 + need.first().copied().unwrap_or(0);
+                debug_assert!(need.windows(2).all(|w| w[1] == w[0] + 1));
                 // (m x cut) * (cut x nt): element (c, j) of the rhs is proj[(t0 + j) k + c].
                 sgemm_with(
                     lib,
                     Gemm {
-                        m: qs.len(),
+                        m: need.len(),
                         n: nt,
                         k: cut,
                     },
                     out,
                     false,
-                    (&self.px[q0 * k..(q0 + qs.len()) * k], k, 1),
+                    (&self.px[first * k..(first + need.len()) * k], k, 1),
                     (&index.proj[t0 * k..(t0 + nt) * k], 1, k),
                 );
             }
         }
-        for (row, &q) in out.chunks_exact_mut(nt).zip(qs) {
-            pass_bounds(&self.queries[q], row, ysq, yt);
+        for (row, &l) in out.chunks_exact_mut(nt).zip(need) {
+            pass_bounds(&self.queries[q0 + l], row, ysq, yt);
         }
     }
 
@@ -659,7 +661,7 @@ fn sweep(
     // Per query, the tiles ruled out whole: in units of exp(cuts[l]) (`TaskOut::tile_cert`).
     let mut tile_sum = vec![0.0f64; n_q];
     let mut bnd = vec![0.0f32; n_q * TILE];
-    let (mut need, mut need_q) = (Vec::with_capacity(n_q), Vec::with_capacity(n_q));
+    let mut need = Vec::with_capacity(n_q);
     let mut one = Vec::new();
     let most = (max_computed() * (n_q * block.len()) as f64) as usize;
     let mut computed = 0usize;
@@ -695,7 +697,6 @@ fn sweep(
             return None;
         }
         need.clear();
-        need_q.clear();
         match (tile_ubs, ti) {
             (Some((tiles, ubs)), Some(ti)) => {
                 // Per query the tile's bound: where it is below the cut, no row of the
@@ -707,20 +708,16 @@ fn sweep(
                     // (a NaN bound, which `skip_terms` leaves out, is needed)
                     if u >= c || u.is_nan() {
                         need.push(l);
-                        need_q.push(qs.start + l);
                     }
                 }
             }
-            _ => {
-                need.extend(0..n_q);
-                need_q.extend(qs.clone());
-            }
+            _ => need.extend(0..n_q),
         }
         if need.is_empty() {
             continue;
         }
         let bnd = &mut bnd[..need.len() * nt];
-        proj.tile_bounds(index, &need_q, (t0, nt, ti), lib, bnd);
+        proj.tile_bounds(index, (qs.start, &need), (t0, nt, ti), lib, bnd);
         for (&l, row) in need.iter().zip(bnd.chunks_exact_mut(nt)) {
             let q = qs.start + l;
             let mut cut = (lower[l] + thresholds[l]) as f32;
