@@ -21,7 +21,9 @@
 //! level (16, 64 or 128 coordinates, by
 //! the estimated kept share); the pairs that reach the cut get the bound of the last level
 //! (all k coordinates, one dot product with the row's projection), and those still
-//! reaching it their f32 logit, which raises the lower bound. Only those logits are kept,
+//! reaching it their f32 logit, which raises the lower bound. Where a quarter of a
+//! (query, tile) row's pairs reach the cut, the whole row gets the last level's bound
+//! from one GEMM with the tile's rows ([`dense_bounds`]). Only those logits are kept,
 //! per query, with their positions; a task that computes over `MAX_COMPUTED` of its
 //! pairs gives the call up.
 //!
@@ -85,8 +87,11 @@ pub const MAX_SHARE: f64 = 3e-3;
 /// EPYC Zen 3, AVX2, best of 3 single evaluations in two interleaved rounds): at t = 0.54
 /// (estimate 7.3e-3) this pass ran in 0.19 s against 0.21 - 0.25 for the sparse pass, at
 /// t = 0.56 and 0.58 in 0.15 - 0.16 and 0.13 against 0.24 - 0.28 and 0.22 - 0.25; at t =
-/// 0.52 (about 1e-2) in 0.23 - 0.27 against 0.17 - 0.23.
-pub const MAX_SHARE_F32: f64 = 8e-3;
+/// 0.52 (about 1e-2) in 0.23 - 0.27 against 0.17 - 0.23. With the GEMM of `dense_bounds`
+/// (stop 16, same CPU, three interleaved rounds): t = 0.52 (1.05e-2) in 0.13 - 0.16 s
+/// against 0.17 - 0.23; t = 0.5 (1.4e-2) 0.16 - 0.17 against 0.17 - 0.23; at t = 0.48
+/// (1.9e-2) it gave the call up (over `MAX_COMPUTED`) and the sparse pass ran after it.
+pub const MAX_SHARE_F32: f64 = 1.2e-2;
 
 /// The largest estimated kept share at which the caller runs this pass: [`MAX_SHARE`]
 /// where the sparse pass would screen in bf16, else [`MAX_SHARE_F32`];
@@ -108,6 +113,9 @@ pub fn max_share(bf16_screening: bool) -> f64 {
 /// (`ORACLEFLOW_PRUNE_AT`): t = 0.62, 0.7, 0.8, 0.9 in 0.057, 0.036, 0.023, 0.017 s
 /// against 0.066, 0.044, 0.027, 0.021 (16 tiles: no faster; 32: slower).
 const SEED_TILES: usize = 8;
+
+/// See [`dense_bounds`].
+const DENSE_REFINE: usize = 4;
 
 /// Largest share of a task's pairs whose f32 logits the pass computes before it gives the
 /// call up (its memory, 8 bytes a pair, and time then go to another pass). On
@@ -290,7 +298,7 @@ impl Projection {
             }
         }
         for (row, &l) in out.chunks_exact_mut(nt).zip(need) {
-            pass_bounds(&self.queries[q0 + l], row, ysq, yt);
+            row_bounds(&self.queries[q0 + l], At::Pass, row, ysq, yt);
         }
     }
 
@@ -424,13 +432,13 @@ fn head_dots_body(block: &[f32], x: &[f32], out: &mut [f32; LEAF_ROWS]) {
 }
 
 multiversion! {
-    /// [`bounds`] at the pass's level over one (query, tile) row, vectorized.
-    fn pass_bounds(qp: &QueryProj, d: &mut [f32], ysq: &[f32], yt: &[f32]) = pass_bounds_body;
+    /// [`bounds`] over one (query, tile) row, vectorized.
+    fn row_bounds(qp: &QueryProj, at: At, d: &mut [f32], ysq: &[f32], yt: &[f32]) = row_bounds_body;
 }
 
 #[inline(always)]
-fn pass_bounds_body(qp: &QueryProj, d: &mut [f32], ysq: &[f32], yt: &[f32]) {
-    bounds(qp, At::Pass, d, ysq, yt)
+fn row_bounds_body(qp: &QueryProj, at: At, d: &mut [f32], ysq: &[f32], yt: &[f32]) {
+    bounds(qp, at, d, ysq, yt)
 }
 
 /// Per pair of one query's row: the partial dot product over the level's coordinates in,
@@ -662,6 +670,8 @@ fn sweep(
     let mut tile_sum = vec![0.0f64; n_q];
     let mut bnd = vec![0.0f32; n_q * TILE];
     let mut need = Vec::with_capacity(n_q);
+    let mut counts = Vec::with_capacity(n_q);
+    let mut dense = DenseRows::default();
     let mut one = Vec::new();
     let most = (max_computed() * (n_q * block.len()) as f64) as usize;
     let mut computed = 0usize;
@@ -718,10 +728,35 @@ fn sweep(
         }
         let bnd = &mut bnd[..need.len() * nt];
         proj.tile_bounds(index, (qs.start, &need), (t0, nt, ti), lib, bnd);
-        for (&l, row) in need.iter().zip(bnd.chunks_exact_mut(nt)) {
+        // Per query, the pairs that reach its cut and the largest bound below it.
+        counts.clear();
+        let cuts_now = need.iter().map(|&l| (lower[l] + thresholds[l]) as f32);
+        counts.extend(
+            bnd.chunks_exact(nt)
+                .zip(cuts_now)
+                .map(|(row, c)| count_from(row, c)),
+        );
+        dense.rows.clear();
+        if refine {
+            dense_bounds(
+                proj,
+                index,
+                (qs.start, &need, &counts),
+                (t0, nt),
+                lib,
+                &mut dense,
+            );
+        }
+        let mut dense_ub = dense.out.chunks_exact(nt);
+        for (i, (&l, row)) in need.iter().zip(bnd.chunks_exact_mut(nt)).enumerate() {
             let q = qs.start + l;
+            let dense_ub = match dense.rows.get(i) {
+                Some(true) => dense_ub.next(),
+                _ => None,
+            };
+            // (lower[l] is as it was when `counts` were taken: only this row raises it)
             let mut cut = (lower[l] + thresholds[l]) as f32;
-            let (reach, below) = count_from(row, cut);
+            let (reach, below) = counts[i];
             if reach == 0 {
                 // The common case: the whole tile ruled out, by bounds below the cut.
                 out.cert[l] += nt as f64 * (below as f64 - lower[l]).exp();
@@ -736,10 +771,16 @@ fn sweep(
                 }
                 let p = t0 + j;
                 if refine {
-                    let mut d = [dot(pq, &index.proj[p * k..(p + 1) * k])];
-                    bounds(qp, At::Last, &mut d, &ysq[p..p + 1], &yt[p..p + 1]);
-                    if d[0] < cut {
-                        *v = v.min(d[0]);
+                    let d = match dense_ub {
+                        Some(ub) => ub[j],
+                        None => {
+                            let mut d = [dot(pq, &index.proj[p * k..(p + 1) * k])];
+                            bounds(qp, At::Last, &mut d, &ysq[p..p + 1], &yt[p..p + 1]);
+                            d[0]
+                        }
+                    };
+                    if d < cut {
+                        *v = d;
                         continue;
                     }
                 }
@@ -771,6 +812,66 @@ fn sweep(
     out.lower = lower;
     out.tile_cert = tile_sum.into_iter().zip(cuts).collect();
     Some(out)
+}
+
+/// The rows of one tile whose last-level bounds [`dense_bounds`] takes by GEMM: which
+/// (query, tile) rows, their queries' projections gathered, and the bounds.
+#[derive(Default)]
+struct DenseRows {
+    rows: Vec<bool>,
+    lhs: Vec<f32>,
+    out: Vec<f32>,
+}
+
+/// Where at least 1 / `DENSE_REFINE` of a (query, tile) row's pairs reach the cut at the
+/// pass's level (`counts`' first, per query l of `need`), the row's last-level bounds (all k
+/// coordinates) from one GEMM of the tile's projected rows (positions `t0..t0 + nt`) with
+/// those queries' projections, into `dense.out` row after row (the rows marked in
+/// `dense.rows`); the sweep refines the other rows' pairs one dot product each, as it
+/// reaches them. The pairs that reach the cut lie in the tiles near each query: at t =
+/// 0.54 on Fashion-MNIST, 20% of the pairs reach it, 18% of them in rows where a quarter
+/// do (rows holding 26% of the pairs), and one dot product per pair, its row's projection
+/// read from memory, ran at about a twentieth of a GEMM's rate.
+fn dense_bounds(
+    proj: &Projection,
+    index: &PruneIndex,
+    (q0, need, counts): (usize, &[usize], &[(usize, f32)]),
+    (t0, nt): (usize, usize),
+    lib: GemmLib,
+    dense: &mut DenseRows,
+) {
+    let (k, n_all) = (proj.k, index.perm.len());
+    dense.rows.clear();
+    let dense_row = |&(reach, _): &(usize, f32)| reach > 0 && reach * DENSE_REFINE >= nt;
+    dense.rows.extend(counts.iter().map(dense_row));
+    let marked: Vec<usize> = need
+        .iter()
+        .zip(&dense.rows)
+        .filter_map(|(&l, &d)| d.then_some(q0 + l))
+        .collect();
+    dense.out.clear();
+    if marked.is_empty() {
+        return;
+    }
+    dense.lhs.clear();
+    for &q in &marked {
+        dense.lhs.extend_from_slice(&proj.px[q * k..(q + 1) * k]);
+    }
+    dense.out.resize(marked.len() * nt, 0.0);
+    // (m x k) * (k x nt): element (c, j) of the rhs is proj[(t0 + j) k + c].
+    let gemm = Gemm {
+        m: marked.len(),
+        n: nt,
+        k,
+    };
+    let rhs = (&index.proj[t0 * k..(t0 + nt) * k], 1, k);
+    sgemm_with(lib, gemm, &mut dense.out, false, (&dense.lhs, k, 1), rhs);
+    let last = proj.levels[At::Last as usize];
+    let ysq = &index.lvl_sq[last * n_all + t0..][..nt];
+    let yt = &index.lvl_tail[last * n_all + t0..][..nt];
+    for (&q, ub) in marked.iter().zip(dense.out.chunks_exact_mut(nt)) {
+        row_bounds(&proj.queries[q], At::Last, ub, ysq, yt);
+    }
 }
 
 /// Per query, the largest f32 logit over the `SEED_ROWS` rows nearest to it in the first
@@ -944,56 +1045,154 @@ mod tests {
     use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};
 
-    /// Every tile bound is at least the exact logit (f64, from the stored rows) of every
-    /// row of its tile, on real data from mid to late t, and late the bounds rule out most
-    /// (query, tile) pairs.
-    #[test]
-    fn tile_bounds_hold_and_rule_out_most_tiles_late() {
+    /// Embedded Fashion-MNIST's first 1500 rows, their index, and the stored rows in f64.
+    fn fixture() -> (Dataset, PruneIndex, Vec<Vec<f64>>) {
         let ds = dataset::load("embedded@1500", Dtype::F32).unwrap();
         let index = PruneIndex::build(&ds).expect("Fashion-MNIST has structure");
-        let (n, dim) = (ds.n_samples(), ds.dim());
-        let rows: Vec<Vec<f64>> = (0..n)
+        let dim = ds.dim();
+        let rows = (0..ds.n_samples())
             .map(|r| {
                 let mut y = vec![0.0f32; dim];
                 ds.stored_row(r, &mut y);
                 y.iter().map(|&v| v as f64).collect()
             })
             .collect();
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        (ds, index, rows)
+    }
+
+    /// `n_q` rectified-flow queries at t, x_t = alpha y + sigma eps from rows (q 97) mod n,
+    /// centred like the stored rows (the mean is alpha's), and their logit coefficients.
+    fn queries_at(rows: &[Vec<f64>], t: f64, n_q: usize, seed: u64) -> (Vec<f32>, [f64; 2]) {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let c = Path::RectifiedFlow.coefs(t);
+        let mut xc = Vec::new();
+        for q in 0..n_q {
+            for &v in &rows[(q * 97) % rows.len()] {
+                let e: f64 = StandardNormal.sample(&mut rng);
+                xc.push((c.alpha * v + c.sigma * e) as f32);
+            }
+        }
+        let (a, b) = c.logit_coefs();
+        (xc, [a, b])
+    }
+
+    /// The setup and projection (GEMM at `level`) of the queries `xc` on every row.
+    fn projection(
+        index: &PruneIndex,
+        xc: &[f32],
+        [a, b]: [f64; 2],
+        level: usize,
+    ) -> (Setup, Projection) {
+        let coefs = vec![[a as f32, b as f32]; xc.len() / index.dim];
+        let batch = CentredBatch {
+            x: xc,
+            logit_coefs: &coefs,
+            rows: 0..index.perm.len(),
+        };
+        let setup = Setup::new(index, &batch).expect("all rows");
+        let proj = Projection::new(index, &batch, &setup, level).expect("prunable");
+        (setup, proj)
+    }
+
+    /// The exact logits (f64) of query x against every row, in tile order.
+    fn exact_logits(
+        index: &PruneIndex,
+        rows: &[Vec<f64>],
+        x: &[f32],
+        [a, b]: [f64; 2],
+    ) -> Vec<f64> {
+        index
+            .perm
+            .iter()
+            .map(|&r| {
+                let y = &rows[r as usize];
+                let dot: f64 = x.iter().zip(y).map(|(&u, v)| u as f64 * v).sum();
+                a * dot - b * y.iter().map(|v| v * v).sum::<f64>()
+            })
+            .collect()
+    }
+
+    /// The GEMM's last-level bounds of whole (query, tile) rows equal the sweep's per-pair
+    /// ones (a dot product each) up to the dot products' rounding, hold against every
+    /// exact f64 logit, and are taken exactly for the rows where a quarter of the pairs
+    /// reach the cut.
+    #[test]
+    fn dense_bounds_equal_the_pairs_bounds_and_hold() {
+        let (ds, index, rows) = fixture();
+        let (n, dim, k) = (ds.n_samples(), ds.dim(), index.k);
+        let n_q = 10;
+        for t in [0.55, 0.65, 0.8] {
+            let (xc, [a, b]) = queries_at(&rows, t, n_q, 9);
+            let (_, proj) = projection(&index, &xc, [a, b], 1);
+            let last = proj.levels[At::Last as usize];
+            let logits: Vec<Vec<f64>> = (0..n_q)
+                .map(|q| exact_logits(&index, &rows, &xc[q * dim..(q + 1) * dim], [a, b]))
+                .collect();
+            // Every other query's rows marked (all pairs reach), the others not (none do),
+            // and one of a quarter reaching: marked.
+            let need: Vec<usize> = (0..n_q).collect();
+            let mut dense = DenseRows::default();
+            for t0 in (0..n).step_by(TILE) {
+                let nt = TILE.min(n - t0);
+                let counts: Vec<(usize, f32)> = (0..n_q)
+                    .map(|l| match l % 3 {
+                        0 => (nt, 0.0),
+                        1 => (0, 0.0),
+                        _ => (nt.div_ceil(DENSE_REFINE), 0.0),
+                    })
+                    .collect();
+                dense_bounds(
+                    &proj,
+                    &index,
+                    (0, &need, &counts),
+                    (t0, nt),
+                    GemmLib::Gemm,
+                    &mut dense,
+                );
+                let marked: Vec<usize> = (0..n_q).filter(|l| l % 3 != 1).collect();
+                let want: Vec<bool> = (0..n_q).map(|l| marked.contains(&l)).collect();
+                assert_eq!(dense.rows, want, "t = {t}, tile at {t0}");
+                assert_eq!(dense.out.len(), marked.len() * nt);
+                for (&q, ub) in marked.iter().zip(dense.out.chunks_exact(nt)) {
+                    let pq = &proj.px[q * k..(q + 1) * k];
+                    for (j, &u) in ub.iter().enumerate() {
+                        let p = t0 + j;
+                        let mut d = [dot(pq, &index.proj[p * k..(p + 1) * k])];
+                        let (ysq, yt) = (
+                            &index.lvl_sq[last * n + p..][..1],
+                            &index.lvl_tail[last * n + p..][..1],
+                        );
+                        bounds(&proj.queries[q], At::Last, &mut d, ysq, yt);
+                        let s = logits[q][p];
+                        assert!(u as f64 >= s, "t = {t}, query {q}, position {p}: {u} < {s}");
+                        assert!(
+                            // (rounding of terms of the size of `top`, which cancel)
+                            (u - d[0]).abs() <= 1e-5 * (1.0 + proj.queries[q].top.abs()),
+                            "t = {t}, query {q}, position {p}: {u} against {}",
+                            d[0]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every tile bound is at least the exact logit (f64, from the stored rows) of every
+    /// row of its tile, on real data from mid to late t, and late the bounds rule out most
+    /// (query, tile) pairs.
+    #[test]
+    fn tile_bounds_hold_and_rule_out_most_tiles_late() {
+        let (ds, index, rows) = fixture();
+        let dim = ds.dim();
         let n_q = 12;
         let n_t = index.tiles.len();
         for t in [0.5f64, 0.7, 0.9, 0.99] {
-            let c = Path::RectifiedFlow.coefs(t);
-            // x_t = alpha y + sigma eps, centred like the stored rows (the mean is alpha's).
-            let mut xc = Vec::with_capacity(n_q * dim);
-            for q in 0..n_q {
-                let y = &rows[(q * 97) % n];
-                for &v in y {
-                    let e: f64 = StandardNormal.sample(&mut rng);
-                    xc.push((c.alpha * v + c.sigma * e) as f32);
-                }
-            }
-            let (a, b) = c.logit_coefs();
-            let coefs = vec![[a as f32, b as f32]; n_q];
-            let batch = CentredBatch {
-                x: &xc,
-                logit_coefs: &coefs,
-                rows: 0..n,
-            };
-            let setup = Setup::new(&index, &batch).expect("all rows");
-            let proj = Projection::new(&index, &batch, &setup, 0).expect("prunable");
+            let (xc, [a, b]) = queries_at(&rows, t, n_q, 5);
+            let (setup, proj) = projection(&index, &xc, [a, b], 0);
             let ubs = proj.tile_ubs(&index, 0..n_t);
             let mut ruled_out = 0;
             for q in 0..n_q {
-                let x = &xc[q * dim..(q + 1) * dim];
-                let logits: Vec<f64> = (0..n)
-                    .map(|p| {
-                        let y = &rows[index.perm[p] as usize];
-                        let dot: f64 = x.iter().zip(y).map(|(&u, v)| u as f64 * v).sum();
-                        let sq: f64 = y.iter().map(|v| v * v).sum();
-                        a * dot - b * sq
-                    })
-                    .collect();
+                let logits = exact_logits(&index, &rows, &xc[q * dim..(q + 1) * dim], [a, b]);
                 let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 for (ti, tile) in index.tiles.iter().enumerate() {
                     let ub = ubs[ti * n_q + q] as f64;
