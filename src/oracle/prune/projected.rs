@@ -736,7 +736,6 @@ fn sweep(
                 .zip(cuts_now)
                 .map(|(row, c)| count_from(row, c)),
         );
-        dense.rows.clear();
         if refine {
             dense_bounds(
                 proj,
@@ -815,10 +814,12 @@ fn sweep(
 }
 
 /// The rows of one tile whose last-level bounds [`dense_bounds`] takes by GEMM: which
-/// (query, tile) rows, their queries' projections gathered, and the bounds.
+/// (query, tile) rows, their queries, those queries' projections gathered, and the
+/// bounds.
 #[derive(Default)]
 struct DenseRows {
     rows: Vec<bool>,
+    queries: Vec<usize>,
     lhs: Vec<f32>,
     out: Vec<f32>,
 }
@@ -844,23 +845,23 @@ fn dense_bounds(
     dense.rows.clear();
     let dense_row = |&(reach, _): &(usize, f32)| reach > 0 && reach * DENSE_REFINE >= nt;
     dense.rows.extend(counts.iter().map(dense_row));
-    let marked: Vec<usize> = need
-        .iter()
-        .zip(&dense.rows)
-        .filter_map(|(&l, &d)| d.then_some(q0 + l))
-        .collect();
+    let marked = need.iter().zip(&dense.rows);
+    dense.queries.clear();
+    dense
+        .queries
+        .extend(marked.filter_map(|(&l, &d)| d.then_some(q0 + l)));
     dense.out.clear();
-    if marked.is_empty() {
+    if dense.queries.is_empty() {
         return;
     }
     dense.lhs.clear();
-    for &q in &marked {
+    for &q in &dense.queries {
         dense.lhs.extend_from_slice(&proj.px[q * k..(q + 1) * k]);
     }
-    dense.out.resize(marked.len() * nt, 0.0);
+    dense.out.resize(dense.queries.len() * nt, 0.0);
     // (m x k) * (k x nt): element (c, j) of the rhs is proj[(t0 + j) k + c].
     let gemm = Gemm {
-        m: marked.len(),
+        m: dense.queries.len(),
         n: nt,
         k,
     };
@@ -869,7 +870,7 @@ fn dense_bounds(
     let last = proj.levels[At::Last as usize];
     let ysq = &index.lvl_sq[last * n_all + t0..][..nt];
     let yt = &index.lvl_tail[last * n_all + t0..][..nt];
-    for (&q, ub) in marked.iter().zip(dense.out.chunks_exact_mut(nt)) {
+    for (&q, ub) in dense.queries.iter().zip(dense.out.chunks_exact_mut(nt)) {
         row_bounds(&proj.queries[q], At::Last, ub, ysq, yt);
     }
 }
