@@ -25,17 +25,13 @@ fn cpu(ds: &Dataset, path: Path, prune: bool) -> Oracle<'_> {
     .unwrap()
 }
 
-fn datasets() -> Vec<(&'static str, Dataset)> {
-    common::pruning_datasets()
-}
-
 const TIMES: [f32; 8] = [0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 0.99, 0.999];
 
 #[test]
 fn pruned_equals_dense_and_reference() {
     let mut pruned_evals = 0;
     let mut worst = 0.0f64;
-    for (name, ds) in datasets() {
+    for (name, ds) in common::pruning_datasets() {
         for path in [Path::RectifiedFlow, Path::VpCosine] {
             let mut pruned = cpu(&ds, path, true);
             let mut dense = cpu(&ds, path, false);
@@ -114,7 +110,7 @@ fn pruned_equals_dense_and_reference() {
 fn certificate_bounds_the_true_skipped_mass() {
     // The projected pass itself (not only the sparse pass's drops) is among those checked.
     let pass = oracleflow::oracle::cpu::Pass::Projected;
-    common::certificates_checked_on(&datasets(), &TIMES[2..], pass, 4);
+    common::certificates_checked_on(&common::pruning_datasets(), &TIMES[2..], pass, 4);
 }
 
 #[test]

@@ -1242,6 +1242,13 @@ impl<'a> Bounder<'a> {
     }
 }
 
+/// The number environment variable `name` holds, if it is set and parses: the passes'
+/// measurement and test overrides of their tuned constants (read per call, so that a
+/// test binary can set one before its calls).
+fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 /// Whether to print per-call phase timings (ORACLEFLOW_PRUNE_PROFILE=1), for tuning.
 pub(crate) fn profiling() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

@@ -64,8 +64,8 @@ use rayon::prelude::*;
 use super::screen::{dot, RowSum};
 use super::sparse::{count_from, exact_logit, row_blocks, PassInputs, Setup, TILE};
 use super::{
-    level_norms, logit_geometry, project, row_keys, smallest, PruneIndex, LB_MARGIN, LEAF_ROWS,
-    SEED_ROWS,
+    env_number, level_norms, logit_geometry, project, row_keys, smallest, PruneIndex, LB_MARGIN,
+    LEAF_ROWS, SEED_ROWS,
 };
 use crate::dataset::Dataset;
 use crate::oracle::cpu::{query_groups, sgemm_with, Gemm, GemmLib};
@@ -97,13 +97,12 @@ pub const MAX_SHARE_F32: f64 = 1.2e-2;
 /// where the sparse pass would screen in bf16, else [`MAX_SHARE_F32`];
 /// ORACLEFLOW_PRUNE_PROJ_MAX_SHARE overrides both (read per call).
 pub fn max_share(bf16_screening: bool) -> f64 {
-    let env = std::env::var("ORACLEFLOW_PRUNE_PROJ_MAX_SHARE").ok();
-    env.and_then(|v| v.parse().ok())
-        .unwrap_or(if bf16_screening {
-            MAX_SHARE
-        } else {
-            MAX_SHARE_F32
-        })
+    let tuned = if bf16_screening {
+        MAX_SHARE
+    } else {
+        MAX_SHARE_F32
+    };
+    env_number("ORACLEFLOW_PRUNE_PROJ_MAX_SHARE").unwrap_or(tuned)
 }
 
 /// Tiles whose rows the seeding ranks per query (see [`seed_lower`]). With the nearest
@@ -125,10 +124,7 @@ const MAX_COMPUTED: f64 = 0.1;
 /// [`MAX_COMPUTED`], or ORACLEFLOW_PRUNE_PROJ_MAX_COMPUTED (read per call; the tests set
 /// 0 to make the pass give up and its fallback run).
 fn max_computed() -> f64 {
-    std::env::var("ORACLEFLOW_PRUNE_PROJ_MAX_COMPUTED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(MAX_COMPUTED)
+    env_number("ORACLEFLOW_PRUNE_PROJ_MAX_COMPUTED").unwrap_or(MAX_COMPUTED)
 }
 
 /// Whether the pass may run (ORACLEFLOW_PRUNE_PROJECTED=0 turns it off, for comparisons:
@@ -145,15 +141,7 @@ pub fn enabled() -> bool {
 /// 0.028 / 0.029 / 0.036, t = 0.8 0.022 / 0.024 / 0.034 (estimates 2.7e-3, 2.0e-3, -,
 /// 7e-4, -, 2.9e-4). ORACLEFLOW_PRUNE_PROJ_LEVEL overrides it.
 fn level(share: f64) -> usize {
-    let env = std::env::var("ORACLEFLOW_PRUNE_PROJ_LEVEL").ok();
-    if let Some(l) = env.and_then(|v| v.parse().ok()) {
-        return l;
-    }
-    if share > 3.5e-4 {
-        1
-    } else {
-        0
-    }
+    env_number("ORACLEFLOW_PRUNE_PROJ_LEVEL").unwrap_or(if share > 3.5e-4 { 1 } else { 0 })
 }
 
 /// Per query, what its bounds need, in f32 (the bounds' rounding is far inside the

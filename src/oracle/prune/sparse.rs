@@ -60,7 +60,7 @@ use rayon::prelude::*;
 
 use super::accumulate::{accumulate, QUERY_BLOCK};
 use super::screen::{dot, dots_with_row, RowSum};
-use super::{bf16, budget, profiling, PruneIndex, SAMPLE_BUDGET};
+use super::{bf16, budget, env_number, profiling, PruneIndex, SAMPLE_BUDGET};
 use crate::dataset::{Dataset, Values};
 use crate::oracle::cpu::{query_groups, to_logits, GemmLib, Partial as CpuPartial, Queries};
 use crate::oracle::partial::Partial;
@@ -77,10 +77,7 @@ const LOGIT_BYTES: usize = 256 << 20;
 /// [`LOGIT_BYTES`], or ORACLEFLOW_PRUNE_CHUNK_KIB KiB (read per call; the tests use it to
 /// run many chunks on small data).
 fn logit_bytes() -> usize {
-    std::env::var("ORACLEFLOW_PRUNE_CHUNK_KIB")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .map_or(LOGIT_BYTES, |k| k.max(1) << 10)
+    env_number::<usize>("ORACLEFLOW_PRUNE_CHUNK_KIB").map_or(LOGIT_BYTES, |k| k.max(1) << 10)
 }
 /// Cost of one axpy multiply-add against one of the block kernel's (the axpy streams its
 /// row for one weight; calibrated at t = 0.3 - 0.45 on Fashion-MNIST against the GEMM the
@@ -98,10 +95,7 @@ pub const SPARSE_MAX_SHARE: f64 = 0.35;
 
 /// [`SPARSE_MAX_SHARE`], or ORACLEFLOW_PRUNE_SPARSE_MAX_SHARE (read per call).
 pub fn sparse_max_share() -> f64 {
-    std::env::var("ORACLEFLOW_PRUNE_SPARSE_MAX_SHARE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(SPARSE_MAX_SHARE)
+    env_number("ORACLEFLOW_PRUNE_SPARSE_MAX_SHARE").unwrap_or(SPARSE_MAX_SHARE)
 }
 /// Largest estimated kept share ([`kept_share`]) at which the bf16 screening runs: it
 /// computes in f32 several times the kept pairs, each by its own dot product. On
