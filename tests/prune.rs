@@ -183,7 +183,7 @@ fn unstructured_data_falls_back_to_dense() {
 #[test]
 fn sparse_and_projected_passes_equal_dense_and_reference() {
     use oracleflow::oracle::cpu::Pass;
-    let (mut sparse_calls, mut bf16_calls, mut projected_calls) = (0, 0, 0);
+    let (mut sparse_calls, mut screened_calls, mut projected_calls) = (0, 0, 0);
     let real = |dtype| dataset::load("embedded@1500", dtype).unwrap();
     for (name, ds) in [
         ("clustered", common::clustered_dataset(1200, Dtype::F32)),
@@ -209,7 +209,7 @@ fn sparse_and_projected_passes_equal_dense_and_reference() {
                 let p = pruned.posterior(&batch).unwrap();
                 match pruned.last_pass() {
                     Pass::Sparse => sparse_calls += 1,
-                    Pass::SparseBf16 => bf16_calls += 1,
+                    Pass::SparseScreened => screened_calls += 1,
                     Pass::Projected => projected_calls += 1,
                     _ => continue,
                 }
@@ -247,17 +247,21 @@ fn sparse_and_projected_passes_equal_dense_and_reference() {
         }
     }
     eprintln!(
-        "{sparse_calls} calls took the sparse pass, {bf16_calls} its bf16 screening, \
-         {projected_calls} the projected pass"
+        "{sparse_calls} calls took the sparse pass, {screened_calls} its screening in \
+         reduced precision, {projected_calls} the projected pass"
     );
     assert!(
         projected_calls >= 4,
         "only {projected_calls} calls took the projected pass"
     );
-    if oracleflow::oracle::prune::bf16::supported() {
-        assert!(bf16_calls >= 4, "only {bf16_calls} calls screened in bf16");
+    if let Some(kind) = oracleflow::oracle::prune::lowp::Kind::for_cpu() {
+        assert!(
+            screened_calls >= 4,
+            "only {screened_calls} calls screened in {}",
+            kind.name()
+        );
     } else {
-        eprintln!("SKIPPED: bf16 screening (this CPU has no AVX-512 BF16)");
+        eprintln!("SKIPPED: screening in reduced precision (this CPU has no kernel for it)");
     }
     assert!(
         sparse_calls >= 6,

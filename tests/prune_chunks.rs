@@ -39,7 +39,7 @@ fn many_chunks_equal_one_chunk_and_reference() {
         let (many, pass_many) = run(Some("12"));
         std::env::remove_var("ORACLEFLOW_PRUNE_CHUNK_KIB");
         assert_eq!(pass_one, pass_many, "t={t}");
-        if !matches!(pass_one, Pass::Sparse | Pass::SparseBf16) {
+        if !matches!(pass_one, Pass::Sparse | Pass::SparseScreened) {
             continue;
         }
         checked += 1;

@@ -176,8 +176,9 @@ pub enum Pass {
     Bounds,
     /// every logit, the weighted sum over the weights that can reach f32 (`prune::sparse`)
     Sparse,
-    /// the sparse pass with its logits screened in bf16 first (`prune::bf16`)
-    SparseBf16,
+    /// the sparse pass with its logits screened in reduced precision first (bf16 or
+    /// int16, `prune::lowp`)
+    SparseScreened,
     /// the sparse pass screened by the last sparse call's logits (`prune::sparse::Carry`)
     SparseCarried,
     /// per-sample bounds of every pair by projection GEMMs, f32 logits only where they
@@ -298,18 +299,26 @@ impl Backend for CpuBackend<'_> {
                         self.threads,
                     ) {
                         Screen::Carried
-                    } else if share <= prune::sparse::BF16_MAX_SHARE
-                        && prune::sparse::bf16_applies(&setup, batch)
-                    {
-                        Screen::Bf16
+                    } else if prune::sparse::screening_applies(
+                        self.dataset,
+                        index,
+                        &setup,
+                        batch,
+                        share,
+                    ) {
+                        Screen::Reduced
                     } else {
                         Screen::F32
                     };
                     // Few weights count: per-sample bounds of every pair from projection
                     // GEMMs (the bounds' probe runs only where this declines: a query that
                     // cannot be pruned, or bounds that let through too many pairs).
+                    // The screening kernel, where the sparse pass would screen.
+                    let kernel = (screen == Screen::Reduced)
+                        .then(prune::lowp::Kind::for_cpu)
+                        .flatten();
                     if screen != Screen::Carried
-                        && share <= prune::projected::max_share(screen == Screen::Bf16)
+                        && share <= prune::projected::max_share(kernel)
                         && prune::projected::enabled()
                     {
                         let kept = self.record_kept.then_some(&mut self.kept);
@@ -320,7 +329,7 @@ impl Backend for CpuBackend<'_> {
                     }
                     let kept = self.record_kept.then_some(&mut self.kept);
                     if screen != Screen::Carried && share <= prune::PROBE_MAX_SHARE {
-                        let switch = if screen == Screen::Bf16 {
+                        let switch = if kernel == Some(prune::lowp::Kind::Bf16) {
                             prune::DENSE_SWITCH_BF16
                         } else {
                             prune::DENSE_SWITCH
@@ -344,7 +353,7 @@ impl Backend for CpuBackend<'_> {
                     ) {
                         self.last_pass = match screen {
                             Screen::Carried => Pass::SparseCarried,
-                            Screen::Bf16 => Pass::SparseBf16,
+                            Screen::Reduced => Pass::SparseScreened,
                             Screen::F32 => Pass::Sparse,
                         };
                         return Ok(part);

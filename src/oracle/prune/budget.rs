@@ -148,12 +148,19 @@ pub(super) struct BlockView<'a> {
 /// The cuts for a chunk from its phase-1 logits (`views`), the queries' chunk maxima,
 /// per-sample ln thresholds and f32 logit error bounds `err`, the dropped mass within
 /// `budget` (the chunk's share of `SAMPLE_BUDGET`) of the normaliser.
+///
+/// With `screened`, the logits under the per-sample threshold may be screening bounds
+/// (at or above the exact logit; every value from the threshold up is exact, see
+/// `sparse::screened_exact`): they still bound the dropped mass from above, but the
+/// normaliser's lower bound then takes only the buckets from one above the threshold's
+/// (one more for the rounding of a value's bucket number).
 pub(super) fn cuts(
     views: &[BlockView<'_>],
     best: &[(f32, u32)],
     thresholds: &[f64],
     err: &[f64],
     budget: f64,
+    screened: bool,
 ) -> Cuts {
     let buckets: Vec<Buckets> = best
         .iter()
@@ -186,10 +193,15 @@ pub(super) fn cuts(
     let mut out = Cuts::none(thresholds);
     for (q, (b, hist)) in buckets.iter().zip(&merged).enumerate() {
         // The normaliser's lower bound: each logit at its bucket's lower edge.
+        let exact_from = if screened {
+            (DEPTH / BUCKET) as usize + 2
+        } else {
+            1
+        };
         let z_low: f64 = hist
             .iter()
             .enumerate()
-            .skip(1)
+            .skip(exact_from)
             .map(|(i, &c)| c as f64 * (b.floor + (i - 1) as f64 * BUCKET).exp())
             .sum();
         let allowed = budget * z_low * (-4.0 * err[q]).exp();
@@ -251,9 +263,17 @@ mod tests {
     }
 
     /// The cut's bound holds against the exact sum of the weights it drops, and the cut
-    /// drops weights the per-sample threshold keeps where many small weights count.
+    /// drops weights the per-sample threshold keeps where many small weights count; also
+    /// where the values under the threshold are only upper bounds (`screened`: each
+    /// raised by up to 30 nats, staying under the threshold).
     #[test]
     fn the_bound_covers_what_the_cut_drops() {
+        for screened in [false, true] {
+            bound_covers_what_the_cut_drops(screened);
+        }
+    }
+
+    fn bound_covers_what_the_cut_drops(screened: bool) {
         let mut state = 12345u64;
         // uniform in [0, 1)
         let mut next = || (crate::oracle::prune::tests::lcg(&mut state) + 1.0) / 2.0;
@@ -270,13 +290,31 @@ mod tests {
                 }
                 row[(next() * n as f64) as usize % n] = 0.0;
             }
+            let threshold = (2f64.powi(-31) / n as f64).ln();
+            // What the pass sees: with screening, bounds in place of the logits under the
+            // threshold.
+            let seen: Vec<Vec<f32>> = rows
+                .iter()
+                .map(|row| {
+                    row.iter()
+                        .map(|&v| {
+                            let lift = if screened { 30.0 * next() } else { 0.0 };
+                            let under = (threshold - 1e-3).min(v as f64 + lift) as f32;
+                            if (v as f64) < threshold {
+                                under.max(v)
+                            } else {
+                                v
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
             let mut logits = Vec::new();
             for t0 in (0..n).step_by(TILE) {
-                for row in &rows {
+                for row in &seen {
                     logits.extend_from_slice(&row[t0..(t0 + TILE).min(n)]);
                 }
             }
-            let threshold = (2f64.powi(-31) / n as f64).ln();
             let budget = 2f64.powi(-31);
             let views = [BlockView {
                 queries: 0..n_q,
@@ -290,6 +328,7 @@ mod tests {
                 &vec![threshold; n_q],
                 &vec![0.0; n_q],
                 budget,
+                screened,
             );
             for (q, row) in rows.iter().enumerate() {
                 let z: f64 = row.iter().map(|&v| (v as f64).exp()).sum();
@@ -301,17 +340,20 @@ mod tests {
                 assert!(cuts.cut[q] >= threshold);
                 assert!(
                     dropped <= budget * z,
-                    "case {case}: {dropped} > {budget} * {z}"
+                    "case {case} (screened {screened}): {dropped} > {budget} * {z}"
                 );
                 if let Some(bound) = cuts.bound[q] {
-                    assert!(dropped <= bound, "case {case}: bound {bound} < {dropped}");
+                    assert!(
+                        dropped <= bound,
+                        "case {case} (screened {screened}): bound {bound} < {dropped}"
+                    );
                     raised += 1;
                 }
             }
         }
         assert!(
             raised > 10,
-            "the cut rose above the threshold for {raised} queries"
+            "the cut rose above the threshold for {raised} queries (screened {screened})"
         );
     }
 }

@@ -117,6 +117,8 @@ mod accumulate;
 mod basis;
 pub mod bf16;
 mod budget;
+pub mod int16;
+pub mod lowp;
 pub mod projected;
 mod screen;
 pub mod sparse;
@@ -282,9 +284,10 @@ pub struct PruneIndex {
     centre_sq: Vec<f64>,
     /// (stored rows, tiles) of each class (or of the whole dataset without labels)
     segments: Vec<(Range<usize>, Range<usize>)>,
-    /// the rows in tile order as bf16 panels for the sparse pass's screening (built at its
-    /// first use; `None` where the CPU lacks AVX-512 BF16 or ORACLEFLOW_PRUNE_BF16=0)
-    panels: std::sync::OnceLock<Option<bf16::Panels>>,
+    /// the rows in tile order packed for the sparse pass's screening kernel (built at its
+    /// first use; `None` where the CPU has no such kernel or the env turns them off, see
+    /// `lowp::Kind::for_cpu`)
+    panels: std::sync::OnceLock<Option<lowp::Panels>>,
     /// the rows in tile order as f32 (built at the first pruned or sparse call; `None`
     /// where N x D x 4 bytes exceed a quarter of the available memory)
     tiled: std::sync::OnceLock<Option<Vec<f32>>>,
@@ -520,16 +523,17 @@ impl PruneIndex {
         tile.start..tile.start + tile.len
     }
 
-    /// The bf16 panels of the rows (see `panels`), packed at the first call.
+    /// The screening panels of the rows (see `panels`), packed at the first call.
     /// Not packed where they would take over a quarter of the available memory (the
     /// sparse pass then computes its logits in f32).
-    fn bf16_panels(&self, ds: &Dataset) -> Option<&bf16::Panels> {
+    fn screen_panels(&self, ds: &Dataset) -> Option<&lowp::Panels> {
         self.panels
             .get_or_init(|| {
-                let bytes = bf16::Panels::bytes_for(self.perm.len(), self.dim) as u64;
+                let kind = lowp::Kind::for_cpu()?;
+                let bytes = kind.bytes_for(self.perm.len(), self.dim) as u64;
                 let room =
                     crate::dataset::limits::available_memory().is_none_or(|a| bytes <= a / 4);
-                (bf16::supported() && room).then(|| bf16::Panels::pack(ds, &self.perm))
+                room.then(|| lowp::Panels::pack(kind, ds, &self.perm))
             })
             .as_ref()
     }

@@ -93,14 +93,22 @@ pub const MAX_SHARE: f64 = 3e-3;
 /// (1.9e-2) it gave the call up (over `MAX_COMPUTED`) and the sparse pass ran after it.
 pub const MAX_SHARE_F32: f64 = 1.2e-2;
 
-/// The largest estimated kept share at which the caller runs this pass: [`MAX_SHARE`]
-/// where the sparse pass would screen in bf16, else [`MAX_SHARE_F32`];
-/// ORACLEFLOW_PRUNE_PROJ_MAX_SHARE overrides both (read per call).
-pub fn max_share(bf16_screening: bool) -> f64 {
-    let tuned = if bf16_screening {
-        MAX_SHARE
-    } else {
-        MAX_SHARE_F32
+/// [`MAX_SHARE`] against a sparse pass screening in int16 (AVX2). Same machine and data
+/// as [`MAX_SHARE_F32`], two interleaved rounds: at t = 0.52 (estimate 1.05e-2) the
+/// screened sparse pass ran in 0.155 - 0.182 s against 0.179 - 0.231 for this pass, at
+/// t = 0.54 (7.3e-3) 0.156 - 0.162 against 0.149 - 0.179, at t = 0.56 (5.1e-3) 0.18
+/// against 0.128 - 0.155.
+pub const MAX_SHARE_INT16: f64 = 8e-3;
+
+/// The largest estimated kept share at which the caller runs this pass, by the kernel
+/// the sparse pass would screen with (`None`: its logits in f32): [`MAX_SHARE`] for bf16,
+/// [`MAX_SHARE_INT16`], else [`MAX_SHARE_F32`]; ORACLEFLOW_PRUNE_PROJ_MAX_SHARE overrides
+/// them (read per call).
+pub fn max_share(screening: Option<super::lowp::Kind>) -> f64 {
+    let tuned = match screening {
+        Some(super::lowp::Kind::Bf16) => MAX_SHARE,
+        Some(super::lowp::Kind::Int16) => MAX_SHARE_INT16,
+        None => MAX_SHARE_F32,
     };
     env_number("ORACLEFLOW_PRUNE_PROJ_MAX_SHARE").unwrap_or(tuned)
 }

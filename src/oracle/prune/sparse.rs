@@ -60,7 +60,7 @@ use rayon::prelude::*;
 
 use super::accumulate::{accumulate, QUERY_BLOCK};
 use super::screen::{dot, dots_with_row, RowSum};
-use super::{bf16, budget, env_number, profiling, PruneIndex, SAMPLE_BUDGET};
+use super::{budget, env_number, lowp, profiling, PruneIndex, SAMPLE_BUDGET};
 use crate::dataset::{Dataset, Values};
 use crate::oracle::cpu::{query_groups, to_logits, GemmLib, Partial as CpuPartial, Queries};
 use crate::oracle::partial::Partial;
@@ -97,14 +97,23 @@ pub const SPARSE_MAX_SHARE: f64 = 0.35;
 pub fn sparse_max_share() -> f64 {
     env_number("ORACLEFLOW_PRUNE_SPARSE_MAX_SHARE").unwrap_or(SPARSE_MAX_SHARE)
 }
-/// Largest estimated kept share ([`kept_share`]) at which the bf16 screening runs: it
+/// Largest estimated kept share ([`kept_share`]) at which the bf16 screening runs (see
+/// [`screening_applies`] for int16's): it
 /// computes in f32 several times the kept pairs, each by its own dot product. On
 /// Fashion-MNIST (B = 256): at t = 0.35 (estimate 0.16) 24% of the pairs for 9% kept, 1.4
 /// times the f32 screening's time; at t = 0.4 (estimate 0.072) equal; at t = 0.45
 /// (estimate 0.032) 0.77 of it. With the AVX-512 dot product for those pairs (stop 10):
 /// t = 0.38 (estimate 0.099) 0.186 s against 0.175, t = 0.42 (0.051) 0.141 against 0.155.
 pub const BF16_MAX_SHARE: f64 = 0.07;
-/// Largest screening slack (nats, at the largest row norm) at which the bf16 screening
+/// [`BF16_MAX_SHARE`] for the int16 screening (AVX2, no AVX-512 BF16). On Fashion-MNIST
+/// (B = 256, 2-core AMD EPYC Zen 3, single evaluations, forced with
+/// ORACLEFLOW_PRUNE_SCREEN_MAX_SHARE): t = 0.4 (estimate 0.072) ran in 0.24 - 0.25 s
+/// against 0.27 - 0.31 for the f32 logits, t = 0.44 in 0.23 against 0.25 - 0.33, t = 0.48
+/// in 0.19 - 0.20 against 0.21 - 0.25; t = 0.36 (0.134) in 0.35 against 0.31, t = 0.33
+/// (0.21) in 0.47 against 0.40 (the f32 logits of 7% and 14% of the pairs, one dot
+/// product each, then cost more than the screening saves).
+pub const INT16_MAX_SHARE: f64 = 0.08;
+/// Largest screening slack (nats, at the largest row norm) at which the screening
 /// runs: above it the bound could let through too many pairs to pay. The slack grows with
 /// c_dot, but so do the logits' gaps: on Fashion-MNIST the pairs computed in f32 fall
 /// from 0.5% at t = 0.6 (slack about 11) to 0.07% at t = 0.8 (about 16).
@@ -121,6 +130,9 @@ const MAX_ERR: f64 = 10.0;
 struct BlockLogits {
     s: Vec<f32>,
     best: Vec<(f32, u32)>,
+    /// with screening, per query the largest lower bound from the block's screening
+    /// values (before [`screened_exact`]; else -inf)
+    lower: Vec<f64>,
     /// pairs computed in f32 after the screening
     exact: u64,
 }
@@ -236,17 +248,15 @@ pub fn carry_applies(
     })
 }
 
-/// bf16 screening for one query group (see [`bf16`]).
+/// Reduced-precision screening for one query group (see [`lowp`]).
 struct Screening<'a> {
-    panels: &'a bf16::Panels,
+    panels: &'a lowp::Panels,
     /// the group's queries, packed
-    xq: &'a [u32],
+    xq: &'a lowp::Queries,
     /// per query (a, b, c): a screening logit is within a |y - y~| + b |y~| + c of the f32
     /// one (c_dot times the dot product's bound, plus 2 err: one for the f32 logit's
     /// rounding, one, far more than needed, for the f32 evaluation of the bound itself)
     slack: &'a [[f64; 3]],
-    /// per query: the ln drop threshold (as in phase 2)
-    thresholds: &'a [f64],
 }
 
 /// A query group as phase 2 sees it: its queries, their chunk maxima (logit, stored row)
@@ -290,7 +300,7 @@ pub struct Setup {
     positions: Range<usize>,
     y_max: f64,
     err: Vec<f64>,
-    /// per query, the bf16 screening's slack (see [`Setup::bf16_slack`]), computed the
+    /// per query, the screening's slack (see [`Setup::screen_slack`]), computed the
     /// first time the choice or the pass asks
     slack: std::sync::OnceLock<Vec<[f64; 3]>>,
 }
@@ -350,18 +360,19 @@ impl Setup {
         })
     }
 
-    /// Per query (a, b, c): a bf16 screening logit is within a |y - y~| + b |y~| + c of
-    /// the f32 one (c_dot times [`bf16::bound_coefs`], plus 2 err: one for the f32 logit's
-    /// rounding, one, far more than needed, for the f32 evaluation of the bound itself).
-    /// Computed once per call, for [`bf16_applies`] and the pass.
-    fn bf16_slack(&self, batch: &CentredBatch<'_>) -> &[[f64; 3]] {
+    /// Per query (a, b, c): a screening logit of `kind` is within a |y - y~| + b |y~| + c
+    /// of the f32 one (c_dot times [`lowp::Kind::bound_coefs`], plus 2 err: one for the
+    /// f32 logit's rounding, one, far more than needed, for the f32 evaluation of the
+    /// bound itself). Computed once per call (one kind per index), for
+    /// [`screening_applies`] and the pass.
+    fn screen_slack(&self, batch: &CentredBatch<'_>, kind: lowp::Kind) -> &[[f64; 3]] {
         self.slack.get_or_init(|| {
             let dim = batch.x.len() / batch.logit_coefs.len().max(1);
-            let xn = bf16::query_norms(batch.x, dim);
-            (0..batch.logit_coefs.len())
-                .map(|q| {
+            kind.bound_coefs(batch.x, dim)
+                .into_iter()
+                .enumerate()
+                .map(|(q, [a, b, c])| {
                     let c_dot = batch.logit_coefs[q][0].abs() as f64;
-                    let [a, b, c] = bf16::bound_coefs(xn[q], dim);
                     [c_dot * a, c_dot * b, c_dot * c + 2.0 * self.err[q]]
                 })
                 .collect()
@@ -370,13 +381,14 @@ impl Setup {
 }
 
 /// How the sparse pass gets its logits (the caller chooses: [`carry_applies`],
-/// [`bf16_applies`]).
+/// [`screening_applies`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Screen {
     /// one f32 GEMM per tile
     F32,
-    /// bf16 dot products first, f32 only where their bound cannot rule a pair out
-    Bf16,
+    /// reduced-precision dot products first ([`lowp`]: bf16 or int16), f32 only where
+    /// their bound cannot rule a pair out
+    Reduced,
     /// the last sparse call's values first (see [`Carry`])
     Carried,
 }
@@ -387,6 +399,12 @@ pub enum Screen {
 /// the previous call (a resumed run would differ from an uninterrupted one).
 fn carry_enabled() -> bool {
     std::env::var("ORACLEFLOW_PRUNE_CARRY").is_ok_and(|v| v == "1")
+}
+
+/// Whether the screened pass takes its drop cut from the budget (ORACLEFLOW_PRUNE_BUDGET=0
+/// turns it off, for comparisons).
+fn budget_cuts() -> bool {
+    !std::env::var("ORACLEFLOW_PRUNE_BUDGET").is_ok_and(|v| v == "0")
 }
 
 /// Rows per chunk of the sparse pass for `n_q` queries (a multiple of `TILE`).
@@ -412,23 +430,37 @@ fn moves(batch: &CentredBatch<'_>, carry: &Carry) -> Vec<f64> {
         .collect()
 }
 
-/// Whether the bf16 screening can run for `batch` and pays: the CPU has AVX-512 BF16
-/// (and ORACLEFLOW_PRUNE_BF16 is not 0), and the screening's typical slack stays within
-/// `BF16_MAX_SLACK` nats (late t, where c_dot grows, it would let too many pairs through).
-pub fn bf16_applies(setup: &Setup, batch: &CentredBatch<'_>) -> bool {
-    let off = std::env::var("ORACLEFLOW_PRUNE_BF16").is_ok_and(|v| v == "0");
-    if off || !bf16::supported() {
+/// Whether reduced-precision screening can run for `batch` and pays: the CPU has a
+/// kernel for it ([`lowp::Kind::for_cpu`]; the index packs its rows for it here, once),
+/// the estimated kept `share` is at most the kernel's largest (`BF16_MAX_SHARE`,
+/// `INT16_MAX_SHARE`, or ORACLEFLOW_PRUNE_SCREEN_MAX_SHARE, read per call), and the screening's typical slack stays within `BF16_MAX_SLACK`
+/// nats (late t, where c_dot grows, it would let too many pairs through).
+pub fn screening_applies(
+    ds: &Dataset,
+    index: &PruneIndex,
+    setup: &Setup,
+    batch: &CentredBatch<'_>,
+    share: f64,
+) -> bool {
+    let Some(kind) = lowp::Kind::for_cpu() else {
+        return false;
+    };
+    let max_share = env_number("ORACLEFLOW_PRUNE_SCREEN_MAX_SHARE").unwrap_or(match kind {
+        lowp::Kind::Bf16 => BF16_MAX_SHARE,
+        lowp::Kind::Int16 => INT16_MAX_SHARE,
+    });
+    if share > max_share || index.screen_panels(ds).map(|p| p.kind()) != Some(kind) {
         return false;
     }
-    // Typical: bf16's rounding leaves |y - y~| near u / 3 |y~| (u = 2^-8).
+    let typical = kind.typical_err(ds.dim());
     setup
-        .bf16_slack(batch)
+        .screen_slack(batch, kind)
         .iter()
-        .all(|s| (s[0] / 768.0 + s[1]) * setup.y_max + s[2] <= BF16_MAX_SLACK)
+        .all(|s| (s[0] * typical + s[1]) * setup.y_max + s[2] <= BF16_MAX_SLACK)
 }
 
-/// The sparse pass over `inputs.batch.rows` (see [`PassInputs`]), its logits obtained as `screen` says (the caller checks [`carry_applies`] and
-/// [`bf16_applies`]); `None` where every query has alpha = 0 (all weights equal, nothing to
+/// The sparse pass over `inputs.batch.rows` (see [`PassInputs`]), its logits obtained as
+/// `screen` says (the caller checks [`carry_applies`] and [`screening_applies`]); `None` where every query has alpha = 0 (all weights equal, nothing to
 /// drop) or the f32 rounding is too large to drop anything. `carry` is read for
 /// [`Screen::Carried`] and left holding this call's values. `kept`, if given, receives per
 /// query the stored rows accumulated.
@@ -473,14 +505,14 @@ pub fn partial(
         let coefs = carry_screen(ds, index, batch, err, &thresholds, &c);
         (c, coefs)
     });
-    let bf16_screen = (screen == Screen::Bf16)
-        .then(|| index.bf16_panels(ds))
+    let low_screen = (screen == Screen::Reduced)
+        .then(|| index.screen_panels(ds))
         .flatten()
         .map(|panels| {
-            let slack = setup.bf16_slack(batch);
-            let xq: Vec<Vec<u32>> = groups
+            let slack = setup.screen_slack(batch, panels.kind());
+            let xq: Vec<lowp::Queries> = groups
                 .iter()
-                .map(|qs| bf16::pack_queries(&batch.x[qs.start * dim..qs.end * dim], dim))
+                .map(|qs| panels.pack_queries(&batch.x[qs.start * dim..qs.end * dim], dim))
                 .collect();
             (panels, xq, slack)
         });
@@ -490,7 +522,7 @@ pub fn partial(
     let mut n_kept = vec![0u64; n_q];
     let mut kept_rows = vec![Vec::new(); if record { n_q } else { 0 }];
     let mut pairs = [0u64; 2];
-    let mut t_logits = 0.0;
+    let (mut t_logits, mut t_screen) = (0.0, 0.0);
     for c0 in positions.clone().step_by(chunk) {
         let cpos = c0..(c0 + chunk).min(positions.end);
         let blocks = row_blocks(cpos.clone(), threads);
@@ -506,11 +538,10 @@ pub fn partial(
             .zip(spare)
             .map(|(&(g, b), buf)| {
                 let qs = groups[g].clone();
-                let scr = bf16_screen.as_ref().map(|(panels, xq, slack)| Screening {
+                let scr = low_screen.as_ref().map(|(panels, xq, slack)| Screening {
                     panels,
                     xq: &xq[g],
                     slack: &slack[qs.clone()],
-                    thresholds: &thresholds[qs.clone()],
                 });
                 let prev = previous.as_ref().map(|(c, coefs)| Incremental {
                     prev: &c.s[g * blocks.len() + b],
@@ -519,6 +550,28 @@ pub fn partial(
                 block_logits(ds, index, batch, qs, &blocks[b], lib, scr, prev, buf)
             })
             .collect();
+        t_screen += c1.elapsed().as_secs_f64();
+        if low_screen.is_some() {
+            // Per query, the cut from the largest lower bound over the chunk's blocks:
+            // within 2 slack of the maximum, so the f32 logits go to hardly more pairs
+            // than are kept (a block's own lower bound, rising tile by tile from far
+            // rows, let through 13 times the kept pairs at t = 0.44 on Fashion-MNIST).
+            let mut lower = vec![f64::NEG_INFINITY; n_q];
+            for (&(g, _), l) in tasks.iter().zip(&logits) {
+                for (q, &lo) in groups[g].clone().zip(&l.lower) {
+                    lower[q] = lower[q].max(lo);
+                }
+            }
+            let cuts: Vec<f32> = lower
+                .iter()
+                .zip(&thresholds)
+                .map(|(lo, thr)| (lo + thr) as f32)
+                .collect();
+            tasks.par_iter().zip(&mut logits).for_each(|(&(g, b), l)| {
+                let qs = groups[g].clone();
+                screened_exact(ds, index, batch, qs.clone(), &blocks[b], &cuts[qs], l)
+            });
+        }
         t_logits += c1.elapsed().as_secs_f64();
         screened += logits.iter().map(|l| l.exact).sum::<u64>();
         // Each query's maximum over the chunk (ties to the lower stored row, as dense).
@@ -529,10 +582,9 @@ pub fn partial(
             }
         }
         // Per query, the drop cut from the chunk's share of the budget (see [`budget`]),
-        // where every logit is exact: the screened passes keep so few pairs (t >= 0.45 on
-        // Fashion-MNIST) that their histograms (7 ms per call at B = 256) cost more than
-        // the cut saves, and most of their values are bounds.
-        let cuts = if screen == Screen::F32 {
+        // where every logit is exact or the screening's bounds lie under the per-sample
+        // threshold (not the carried screening's).
+        let cuts = if screen != Screen::Carried && budget_cuts() {
             let views: Vec<budget::BlockView<'_>> = tasks
                 .iter()
                 .zip(&logits)
@@ -543,7 +595,15 @@ pub fn partial(
                 })
                 .collect();
             let share = cpos.len() as f64 / n_rows as f64;
-            budget::cuts(&views, &best, &thresholds, err, SAMPLE_BUDGET * share)
+            let screened = screen == Screen::Reduced;
+            budget::cuts(
+                &views,
+                &best,
+                &thresholds,
+                err,
+                SAMPLE_BUDGET * share,
+                screened,
+            )
         } else {
             budget::Cuts::none(&thresholds)
         };
@@ -635,8 +695,13 @@ pub fn partial(
             t_logits,
             if previous.is_some() {
                 format!(", from the last call's, {:.4} of pairs exact", screened as f64 / all)
-            } else if bf16_screen.is_some() {
-                format!(", bf16 screening, {:.4} of pairs exact", screened as f64 / all)
+            } else if let Some((panels, ..)) = &low_screen {
+                format!(
+                    ", {} screening {:.3}s, {:.4} of pairs exact",
+                    panels.kind().name(),
+                    t_screen,
+                    screened as f64 / all
+                )
 
             } else {
                 String::new()
@@ -767,7 +832,7 @@ pub fn kept_share(ds: &Dataset, batch: &CentredBatch<'_>, sample: &mut EstimateR
 }
 
 /// Phase 1 for queries `qs` over the positions `block`: the logits, tile by tile. With
-/// `screen`, the tile's bf16 dot products first; a pair is then computed in f32 only where
+/// `screen`, the tile's reduced-precision dot products first; a pair is then computed in f32 only where
 /// its upper bound reaches the drop cut under the running lower bound on the maximum.
 #[allow(clippy::too_many_arguments)]
 fn block_logits(
@@ -791,12 +856,8 @@ fn block_logits(
     let mut best = vec![(f32::NEG_INFINITY, u32::MAX); n_q];
     let mut lower = vec![f64::NEG_INFINITY; n_q];
     let mut exact = 0u64;
-    let (mut y, mut scratch, mut one) = (Vec::new(), Vec::new(), vec![0.0f32; dim]);
+    let (mut y, mut scratch, mut one) = (Vec::new(), lowp::Scratch::default(), vec![0.0f32; dim]);
     let mut nsq = [0.0f32; TILE];
-    // The screened pass's pairs left for f32: (row in tile, query), grouped by row, and
-    // the vectors and products of one row's queries.
-    let (mut pending, mut by_row) = (Vec::new(), Vec::new());
-    let (mut xs, mut d): (Vec<&[f32]>, Vec<f32>) = (Vec::new(), Vec::new());
     for (t0, out) in block.clone().step_by(TILE).zip(s.chunks_mut(n_q * TILE)) {
         let tile = t0..(t0 + TILE).min(block.end);
         let nt = tile.len();
@@ -841,37 +902,70 @@ fn block_logits(
             exact += (n_q * nt) as u64;
             continue;
         };
-        bf16::dots(scr.panels, scr.xq, tile.clone(), out, &mut scratch);
+        scr.panels.dots(scr.xq, tile.clone(), out, &mut scratch);
         let (nsq, yn, ye) = (
             &nsq[..nt],
             &scr.panels.norms()[tile.clone()],
             &scr.panels.errs()[tile.clone()],
         );
-        pending.clear();
         for (q, row) in out.chunks_exact_mut(nt).enumerate() {
             let [c_dot, c_norm] = batch.logit_coefs[qs.start + q];
             let [ca, cb, cc] = scr.slack[q].map(|v| v as f32);
-            // Every pair's upper bound in place, and the largest lower bound: the tile's
-            // best raises the cut for the whole tile. A bound below the cut stays (phase 2
-            // drops the pair whatever its exact value, and its certificate uses the
-            // bound), the few others are replaced by their f32 logits.
-            let lo = bf16_bounds(row, nsq, yn, ye, [c_dot, c_norm, ca, cb, cc]);
+            // Every pair's upper bound in place, and the largest lower bound. The pairs
+            // that may reach the cut get their f32 logits in [`screened_exact`], once the
+            // lower bounds of every block are known.
+            let lo = screen_bounds(row, nsq, yn, ye, [c_dot, c_norm, ca, cb, cc]);
             lower[q] = lower[q].max(lo as f64);
-            let cut = (lower[q] + scr.thresholds[q]) as f32;
-            if count_from(row, cut).0 == 0 {
+        }
+    }
+    BlockLogits {
+        s,
+        best,
+        lower,
+        exact,
+    }
+}
+
+/// The screened pass's second step for queries `qs` over `block` (after every block's
+/// [`block_logits`]): per tile, the pairs whose screening bound in `l.s` reaches the cut,
+/// lower[q] + thresholds[q] (`lower` the largest lower bound over all blocks), get their
+/// f32 logits in place of their bounds, computed row by row (each row read once for all
+/// its queries); the others stay (phase 2 drops them whatever their exact value, and the
+/// certificate uses the bound). The pair behind lower[q] reaches the cut, so each query
+/// gets an f32 logit at or above it in some block.
+fn screened_exact(
+    ds: &Dataset,
+    index: &PruneIndex,
+    batch: &CentredBatch<'_>,
+    qs: Range<usize>,
+    block: &Range<usize>,
+    cuts: &[f32],
+    l: &mut BlockLogits,
+) {
+    let dim = ds.dim();
+    let n_q = qs.len();
+    let norms = ds.sq_norms();
+    let x = &batch.x[qs.start * dim..qs.end * dim];
+    let one = &mut vec![0.0f32; dim];
+    let (mut pending, mut by_row) = (Vec::new(), Vec::new());
+    let (mut xs, mut d): (Vec<&[f32]>, Vec<f32>) = (Vec::new(), Vec::new());
+    for (t0, out) in block.clone().step_by(TILE).zip(l.s.chunks_mut(n_q * TILE)) {
+        let nt = TILE.min(block.end - t0);
+        let rows = &index.perm[t0..t0 + nt];
+        pending.clear();
+        for (q, row) in out.chunks_exact(nt).enumerate() {
+            if count_from(row, cuts[q]).0 == 0 {
                 continue;
             }
             for (j, &v) in row.iter().enumerate() {
-                if v >= cut {
+                if v >= cuts[q] {
                     pending.push((j as u32, q as u32));
                 }
             }
         }
-        // The pairs left, in f32, row by row (each row read once for all its queries),
-        // in place of their bounds.
-        exact += pending.len() as u64;
+        l.exact += pending.len() as u64;
         for_each_row(&pending, nt, &mut by_row, |j, queries| {
-            let yj = index.rows_at(ds, t0 + j..t0 + j + 1, &mut one);
+            let yj = index.rows_at(ds, t0 + j..t0 + j + 1, one);
             xs.clear();
             xs.extend(
                 queries
@@ -880,15 +974,15 @@ fn block_logits(
             );
             d.resize(queries.len(), 0.0);
             dots_with_row(yj, &xs, &mut d);
+            let nsq = norms[rows[j] as usize];
             for (&q, &dq) in queries.iter().zip(&d) {
                 let [c_dot, c_norm] = batch.logit_coefs[qs.start + q as usize];
-                let v = c_dot * dq - c_norm * nsq[j];
+                let v = c_dot * dq - c_norm * nsq;
                 out[q as usize * nt + j] = v;
-                raise(&mut best[q as usize], (v, rows[j]));
+                raise(&mut l.best[q as usize], (v, rows[j]));
             }
         });
     }
-    BlockLogits { s, best, exact }
 }
 
 /// Calls `f(j, queries)` for every row j (ascending) of a tile of `nt` rows that has
@@ -1174,16 +1268,16 @@ fn weigh_kept_body(s: &mut [f32], m: f32, cut: f32, norms: &[f32]) -> [f32; 4] {
 }
 
 multiversion! {
-    /// One (tile, query) row of bf16 screening products `v` turned in place into upper
+    /// One (tile, query) row of screening products (bf16 or int16) `v` turned in place into upper
     /// bounds on the f32 logits, c_dot v - c_norm |y|^2 + slack (slack = ca |y - y~| +
     /// cb |y~| + cc, `k` = [c_dot, c_norm, ca, cb, cc]); returns the largest lower bound,
     /// c_dot v - c_norm |y|^2 - slack (-inf for an empty row).
-    fn bf16_bounds(v: &mut [f32], nsq: &[f32], yn: &[f32], ye: &[f32], k: [f32; 5]) -> f32 = bf16_bounds_body;
+    fn screen_bounds(v: &mut [f32], nsq: &[f32], yn: &[f32], ye: &[f32], k: [f32; 5]) -> f32 = screen_bounds_body;
 }
 
-/// [`bf16_bounds`]: one pass in independent lanes.
+/// [`screen_bounds`]: one pass in independent lanes.
 #[inline(always)]
-fn bf16_bounds_body(v: &mut [f32], nsq: &[f32], yn: &[f32], ye: &[f32], k: [f32; 5]) -> f32 {
+fn screen_bounds_body(v: &mut [f32], nsq: &[f32], yn: &[f32], ye: &[f32], k: [f32; 5]) -> f32 {
     const L: usize = 16;
     let [c_dot, c_norm, ca, cb, cc] = k;
     let n = v.len().min(nsq.len()).min(yn.len()).min(ye.len());
@@ -1298,10 +1392,10 @@ mod tests {
         }
     }
 
-    /// The bf16 screening's bounds step (whichever version this CPU runs) gives bitwise
+    /// The screening bounds step (whichever version this CPU runs) gives bitwise
     /// the per-pair formulas it replaced, and its lower bound is their largest.
     #[test]
-    fn bf16_bounds_match_the_per_pair_formulas() {
+    fn screen_bounds_match_the_per_pair_formulas() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
         let k = [3.5f32, 1.25, 0.8, 0.003, 1e-3];
         let [c_dot, c_norm, ca, cb, cc] = k;
@@ -1316,8 +1410,8 @@ mod tests {
                 *w = c_dot * *w - c_norm * n + (ca * el + cb * yl + cc);
             }
             let (mut got, mut base) = (v.clone(), v.clone());
-            let lo = bf16_bounds(&mut got, &nsq, &yn, &ye, k);
-            let lo_base = bf16_bounds_body(&mut base, &nsq, &yn, &ye, k);
+            let lo = screen_bounds(&mut got, &nsq, &yn, &ye, k);
+            let lo_base = screen_bounds_body(&mut base, &nsq, &yn, &ye, k);
             assert_eq!(got, want);
             assert_eq!(base, want);
             assert_eq!(lo.to_bits(), want_lo.to_bits());
