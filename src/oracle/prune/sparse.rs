@@ -401,7 +401,7 @@ fn carry_enabled() -> bool {
     std::env::var("ORACLEFLOW_PRUNE_CARRY").is_ok_and(|v| v == "1")
 }
 
-/// Whether the screened pass takes its drop cut from the budget (ORACLEFLOW_PRUNE_BUDGET=0
+/// Whether the sparse pass takes its drop cut from the budget (ORACLEFLOW_PRUNE_BUDGET=0
 /// turns it off, for comparisons).
 fn budget_cuts() -> bool {
     !std::env::var("ORACLEFLOW_PRUNE_BUDGET").is_ok_and(|v| v == "0")
