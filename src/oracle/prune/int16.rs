@@ -30,6 +30,7 @@
 use rayon::prelude::*;
 
 use crate::dataset::Dataset;
+use crate::oracle::simd::multiversion;
 
 /// Rows per panel.
 pub const LANES: usize = 16;
@@ -51,12 +52,7 @@ fn norm_cap(dim: usize) -> f64 {
 /// The scale of a vector: the largest that keeps its coordinates within +-32767 and its
 /// norm within the cap (1 for a zero vector).
 fn scale(v: &[f32], cap: f64) -> f32 {
-    let (mut max, mut sq) = (0.0f64, 0.0f64);
-    for &a in v {
-        let a = a as f64;
-        max = max.max(a.abs());
-        sq += a * a;
-    }
+    let [max, sq] = max_and_sq(v);
     if max == 0.0 {
         return 1.0;
     }
@@ -65,21 +61,69 @@ fn scale(v: &[f32], cap: f64) -> f32 {
     s as f32
 }
 
-/// `v` scaled by `s` and rounded to integers into `q` (same length); returns the squared
-/// norms (|v~|^2, |v - v~|^2, |v|^2) in f64, where v~ = q / s with 1 / s taken in f32
-/// (`inv`): the values the kernel's result stands for.
-fn quantize(v: &[f32], s: f32, inv: f32, q: &mut [i16]) -> [f64; 3] {
-    let (mut nq, mut e, mut n) = (0.0f64, 0.0f64, 0.0f64);
-    for (o, &a) in q.iter_mut().zip(v) {
-        let r = (a * s).round().clamp(-32767.0, 32767.0);
+/// Lanes of the sums below (one f64 sum per value waited out the add's latency).
+const L: usize = 8;
+
+multiversion! {
+    /// (max |v_i|, |v|^2) in f64.
+    fn max_and_sq(v: &[f32]) -> [f64; 2] = max_and_sq_body;
+}
+
+#[inline(always)]
+fn max_and_sq_body(v: &[f32]) -> [f64; 2] {
+    let (mut max, mut sq) = ([0.0f32; L], [0.0f64; L]);
+    let mut chunks = v.chunks_exact(L);
+    for c in &mut chunks {
+        for l in 0..L {
+            max[l] = if c[l].abs() > max[l] {
+                c[l].abs()
+            } else {
+                max[l]
+            };
+            sq[l] += c[l] as f64 * c[l] as f64;
+        }
+    }
+    for (l, &a) in chunks.remainder().iter().enumerate() {
+        max[l] = if a.abs() > max[l] { a.abs() } else { max[l] };
+        sq[l] += a as f64 * a as f64;
+    }
+    let m = max.iter().fold(0.0f32, |a, &b| if b > a { b } else { a });
+    [m as f64, sq.iter().sum()]
+}
+
+multiversion! {
+    /// `v` scaled by `s` and rounded to integers into `q` (same length); returns the
+    /// squared norms (|v~|^2, |v - v~|^2, |v|^2) in f64, where v~ = q / s with 1 / s taken
+    /// in f32 (`inv`): the values the kernel's result stands for.
+    fn quantize(v: &[f32], s: f32, inv: f32, q: &mut [i16]) -> [f64; 3] = quantize_body;
+}
+
+#[inline(always)]
+fn quantize_body(v: &[f32], s: f32, inv: f32, q: &mut [i16]) -> [f64; 3] {
+    let (mut nq, mut e, mut n) = ([0.0f64; L], [0.0f64; L], [0.0f64; L]);
+    let step = |a: f32, o: &mut i16, nq: &mut f64, e: &mut f64, n: &mut f64| {
+        // (Ties to even: any rounding serves, the norms below are of what it gives.)
+        let r = (a * s).round_ties_even().clamp(-32767.0, 32767.0);
         *o = r as i16;
         let back = r as f64 * inv as f64;
         let a = a as f64;
-        nq += back * back;
-        e += (a - back) * (a - back);
-        n += a * a;
+        *nq += back * back;
+        *e += (a - back) * (a - back);
+        *n += a * a;
+    };
+    let n_all = v.len().min(q.len());
+    let (v, q) = (&v[..n_all], &mut q[..n_all]);
+    let mut vc = v.chunks_exact(L);
+    let mut qc = q.chunks_exact_mut(L);
+    for (c, o) in (&mut vc).zip(&mut qc) {
+        for l in 0..L {
+            step(c[l], &mut o[l], &mut nq[l], &mut e[l], &mut n[l]);
+        }
     }
-    [nq, e, n]
+    for (l, (&a, o)) in vc.remainder().iter().zip(qc.into_remainder()).enumerate() {
+        step(a, o, &mut nq[l], &mut e[l], &mut n[l]);
+    }
+    [nq, e, n].map(|s| s.iter().sum())
 }
 
 /// Square roots rounded up to f32.
@@ -435,7 +479,9 @@ mod speed {
         )
         .unwrap();
         let perm: Vec<u32> = (0..60000).collect();
+        let t = std::time::Instant::now();
         let panels = Panels::pack(&ds, &perm);
+        eprintln!("packing: {:.3}s", t.elapsed().as_secs_f64());
         let x: Vec<f32> = (0..256 * 784).map(|i| (i % 7) as f32 * 0.1).collect();
         let xq = Queries::pack(&x, 784);
         let starts: Vec<usize> = (0..60000).step_by(256).collect();
