@@ -433,8 +433,9 @@ fn moves(batch: &CentredBatch<'_>, carry: &Carry) -> Vec<f64> {
 /// Whether reduced-precision screening can run for `batch` and pays: the CPU has a
 /// kernel for it ([`lowp::Kind::for_cpu`]; the index packs its rows for it here, once),
 /// the estimated kept `share` is at most the kernel's largest (`BF16_MAX_SHARE`,
-/// `INT16_MAX_SHARE`, or ORACLEFLOW_PRUNE_SCREEN_MAX_SHARE, read per call), and the screening's typical slack stays within `BF16_MAX_SLACK`
-/// nats (late t, where c_dot grows, it would let too many pairs through).
+/// `INT16_MAX_SHARE`, or ORACLEFLOW_PRUNE_SCREEN_MAX_SHARE, read per call), and the
+/// screening's typical slack stays within `BF16_MAX_SLACK` nats (late t, where c_dot
+/// grows, it would let too many pairs through).
 pub fn screening_applies(
     ds: &Dataset,
     index: &PruneIndex,
@@ -460,8 +461,9 @@ pub fn screening_applies(
 }
 
 /// The sparse pass over `inputs.batch.rows` (see [`PassInputs`]), its logits obtained as
-/// `screen` says (the caller checks [`carry_applies`] and [`screening_applies`]); `None` where every query has alpha = 0 (all weights equal, nothing to
-/// drop) or the f32 rounding is too large to drop anything. `carry` is read for
+/// `screen` says (the caller checks [`carry_applies`] and [`screening_applies`]); `None`
+/// where every query has alpha = 0 (all weights equal, nothing to drop) or the f32
+/// rounding is too large to drop anything. `carry` is read for
 /// [`Screen::Carried`] and left holding this call's values. `kept`, if given, receives per
 /// query the stored rows accumulated.
 pub fn partial(
