@@ -117,7 +117,7 @@ pub const INT16_MAX_SHARE: f64 = 0.08;
 /// runs: above it the bound could let through too many pairs to pay. The slack grows with
 /// c_dot, but so do the logits' gaps: on Fashion-MNIST the pairs computed in f32 fall
 /// from 0.5% at t = 0.6 (slack about 11) to 0.07% at t = 0.8 (about 16).
-const BF16_MAX_SLACK: f64 = 48.0;
+const SCREEN_MAX_SLACK: f64 = 48.0;
 /// Largest slack (nats, at the largest row norm) at which the last call's values screen
 /// this one's (see [`Carry`]).
 const CARRY_MAX_SLACK: f64 = 8.0;
@@ -434,7 +434,7 @@ fn moves(batch: &CentredBatch<'_>, carry: &Carry) -> Vec<f64> {
 /// kernel for it ([`lowp::Kind::for_cpu`]; the index packs its rows for it here, once),
 /// the estimated kept `share` is at most the kernel's largest (`BF16_MAX_SHARE`,
 /// `INT16_MAX_SHARE`, or ORACLEFLOW_PRUNE_SCREEN_MAX_SHARE, read per call), and the
-/// screening's typical slack stays within `BF16_MAX_SLACK` nats (late t, where c_dot
+/// screening's typical slack stays within `SCREEN_MAX_SLACK` nats (late t, where c_dot
 /// grows, it would let too many pairs through).
 pub fn screening_applies(
     ds: &Dataset,
@@ -457,7 +457,7 @@ pub fn screening_applies(
     setup
         .screen_slack(batch, kind)
         .iter()
-        .all(|s| (s[0] * typical + s[1]) * setup.y_max + s[2] <= BF16_MAX_SLACK)
+        .all(|s| (s[0] * typical + s[1]) * setup.y_max + s[2] <= SCREEN_MAX_SLACK)
 }
 
 /// The sparse pass over `inputs.batch.rows` (see [`PassInputs`]), its logits obtained as
