@@ -290,33 +290,29 @@ impl Backend for CpuBackend<'_> {
                     // they bound this call's closely (the first evaluation of a Heun step,
                     // next to the last step's second), screen it without any dot product:
                     // then the sparse pass is the cheaper one and the bounds' probe is
-                    // skipped. Else bf16 screening where few weights are kept (it computes
-                    // in f32 every pair its slack cannot rule out) and the slack is small.
-                    let screen = if prune::sparse::carry_applies(
+                    // skipped. Else screening in bf16 or int16 where few weights are kept
+                    // (it computes in f32 every pair its slack cannot rule out) and the slack
+                    // is small.
+                    let carried = prune::sparse::carry_applies(
                         self.carry.as_ref(),
                         &setup,
                         batch,
                         self.threads,
-                    ) {
-                        Screen::Carried
-                    } else if prune::sparse::screening_applies(
-                        self.dataset,
-                        index,
-                        &setup,
-                        batch,
-                        share,
-                    ) {
-                        Screen::Reduced
-                    } else {
-                        Screen::F32
+                    );
+                    // The screening kernel, where the sparse pass screens.
+                    let kernel = (!carried)
+                        .then(|| {
+                            prune::sparse::screening(self.dataset, index, &setup, batch, share)
+                        })
+                        .flatten();
+                    let screen = match (carried, kernel) {
+                        (true, _) => Screen::Carried,
+                        (false, Some(_)) => Screen::Reduced,
+                        (false, None) => Screen::F32,
                     };
                     // Few weights count: per-sample bounds of every pair from projection
                     // GEMMs (the bounds' probe runs only where this declines: a query that
                     // cannot be pruned, or bounds that let through too many pairs).
-                    // The screening kernel, where the sparse pass would screen.
-                    let kernel = (screen == Screen::Reduced)
-                        .then(prune::lowp::Kind::for_cpu)
-                        .flatten();
                     if screen != Screen::Carried
                         && share <= prune::projected::max_share(kernel)
                         && prune::projected::enabled()

@@ -286,11 +286,11 @@ unsafe fn block_8x32(x: &[u32], pairs: usize, y: &[u32], out: &mut [f32], stride
 
 #[cfg(test)]
 mod tests {
+    use super::super::lowp::{tests as shared, Kind};
     use super::*;
-    use crate::dataset::{Dtype, RawRows, SampleShape};
 
-    /// Every bf16 dot product within DELTA |x| |y| of the f64 one, on random rows at odd
-    /// D, for position ranges that start and end inside panels.
+    /// Every bf16 dot product within its bound of the f64 one, on random rows at odd D,
+    /// for position ranges that start and end inside panels.
     #[test]
     fn dots_are_within_the_bound() {
         if !supported() {
@@ -301,107 +301,12 @@ mod tests {
         let mut seed = 7u64;
         let mut next = || (2.0 * crate::oracle::prune::tests::lcg(&mut seed)) as f32;
         let v: Vec<f32> = (0..n * dim).map(|_| next()).collect();
-        let ds = Dataset::from_raw(
-            "random",
-            SampleShape::array(vec![dim]),
-            RawRows::F32(&v),
-            None,
-            Dtype::F32,
-        )
-        .unwrap();
+        let ds = shared::dataset(&v, dim);
         let perm: Vec<u32> = (0..n as u32).rev().collect();
-        let panels = Panels::pack(&ds, &perm);
         let x: Vec<f32> = (0..n_q * dim).map(|_| next() * 3.0).collect();
-        let xq = pack_queries(&x, dim);
-        let xn = query_norms(&x, dim);
-        let mut row = vec![0.0f32; dim];
-        let mut scratch = Vec::new();
-        let mut worst = 0.0f64;
-        for positions in [0..n, 5..203, 17..18, 250..300] {
-            let mut out = vec![f32::NAN; xq.len() / dim.div_ceil(2) * positions.len()];
-            dots(&panels, &xq, positions.clone(), &mut out, &mut scratch);
-            for q in 0..n_q {
-                let xr = &x[q * dim..(q + 1) * dim];
-                let [a, b, c] = bound_coefs(xn[q], dim);
-                for (j, p) in positions.clone().enumerate() {
-                    ds.stored_row(perm[p] as usize, &mut row);
-                    let exact: f64 = xr
-                        .iter()
-                        .zip(&row)
-                        .map(|(&a, &b)| a as f64 * b as f64)
-                        .sum();
-                    let got = out[q * positions.len() + j] as f64;
-                    let bound = a * panels.errs()[p] as f64 + b * panels.norms()[p] as f64 + c;
-                    // The bound is meaningful: within 3 times the actual error or 2^-20.
-                    worst = worst.max((got - exact).abs() / bound);
-                    assert!(
-                        (got - exact).abs() <= bound,
-                        "q {q} position {p}: {got} vs {exact} (bound {bound})"
-                    );
-                }
-            }
-        }
+        let ranges = [0..n, 5..203, 17..18, 250..300];
+        let worst = shared::worst_error(Kind::Bf16, &ds, &perm, &x, &ranges);
         // Not vacuous: some error comes within a factor 4 of its bound.
         assert!(worst > 0.25, "largest error / bound {worst}");
-    }
-}
-
-#[cfg(test)]
-mod speed {
-    use super::*;
-
-    /// `cargo test --release --lib bf16_speed -- --ignored --nocapture`: the kernel's rate
-    /// against the f32 GEMM on the same shapes (256 queries, 256-row tiles).
-    #[test]
-    #[ignore]
-    fn bf16_speed() {
-        if !supported() {
-            return;
-        }
-        let v = crate::dataset::synthetic::gaussian(60000, 784, 1);
-        let ds = Dataset::from_raw(
-            "g",
-            crate::dataset::SampleShape::array(vec![784]),
-            crate::dataset::RawRows::F32(&v),
-            None,
-            crate::dataset::Dtype::F32,
-        )
-        .unwrap();
-        let perm: Vec<u32> = (0..60000).collect();
-        let panels = Panels::pack(&ds, &perm);
-        let x: Vec<f32> = (0..256 * 784).map(|i| (i % 7) as f32 * 0.1).collect();
-        let xq = pack_queries(&x, 784);
-        let mut out = vec![0.0f32; 256 * 256];
-        let mut scratch = Vec::new();
-        let t = std::time::Instant::now();
-        for t0 in (0..60000).step_by(256) {
-            dots(
-                &panels,
-                &xq,
-                t0..(t0 + 256).min(60000),
-                &mut out,
-                &mut scratch,
-            );
-        }
-        let bf = t.elapsed().as_secs_f64();
-        let mut y = Vec::new();
-        let t = std::time::Instant::now();
-        for t0 in (0..60000).step_by(256) {
-            let r = t0..(t0 + 256).min(60000);
-            let yy = crate::oracle::cpu::stored_rows_f32(&ds, r.clone(), &mut y);
-            crate::oracle::cpu::sgemm(
-                crate::oracle::cpu::Gemm {
-                    m: 256,
-                    n: r.len(),
-                    k: 784,
-                },
-                &mut out[..256 * r.len()],
-                false,
-                (&x, 784, 1),
-                (yy, 1, 784),
-            );
-        }
-        let f = t.elapsed().as_secs_f64();
-        eprintln!("one thread: bf16 {bf:.3}s, f32 GEMM {f:.3}s");
     }
 }

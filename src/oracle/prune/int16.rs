@@ -19,7 +19,7 @@
 //! norm near 20 reaches `NORM_CAP`), so e_y is near 2e-4 |y| where bf16 leaves 1.3e-3; a
 //! query near t = 0.5 keeps 12 - 13 bits of its largest coordinate.
 //!
-//! Throughput, measured on a 2-core Zen 3 (`int16_speed` below): about 16 multiply-adds
+//! Throughput, measured on a 2-core Zen 3 (`lowp`'s `screen_speed`): about 16 multiply-adds
 //! per cycle and core, as many as its f32 FMAs; the gain over the f32 GEMM (1.5 - 1.7
 //! times its rate at 2 threads) is the GEMM library's efficiency and the rows' half bytes.
 //!
@@ -353,8 +353,8 @@ unsafe fn block_6x16(x: &[u32], pairs: usize, y: &[u32], out: &mut [i32], stride
 
 #[cfg(test)]
 mod tests {
+    use super::super::lowp::{tests as shared, Kind};
     use super::*;
-    use crate::dataset::{Dtype, RawRows, SampleShape};
 
     /// Every screening dot product within the bound of the f64 one, on random rows at odd
     /// D (and a zero row), for position ranges that start and end inside panels.
@@ -369,45 +369,11 @@ mod tests {
         let mut next = || (2.0 * crate::oracle::prune::tests::lcg(&mut seed)) as f32;
         let mut v: Vec<f32> = (0..n * dim).map(|i| next() * (1 + i % 5) as f32).collect();
         v[40 * dim..41 * dim].fill(0.0);
-        let ds = Dataset::from_raw(
-            "random",
-            SampleShape::array(vec![dim]),
-            RawRows::F32(&v),
-            None,
-            Dtype::F32,
-        )
-        .unwrap();
+        let ds = shared::dataset(&v, dim);
         let perm: Vec<u32> = (0..n as u32).rev().collect();
-        let panels = Panels::pack(&ds, &perm);
         let x: Vec<f32> = (0..n_q * dim).map(|_| next() * 3.0).collect();
-        let xq = Queries::pack(&x, dim);
-        let mut row = vec![0.0f32; dim];
-        let mut scratch = Vec::new();
-        let mut worst = 0.0f64;
-        for positions in [0..n, 5..203, 17..18, 250..300] {
-            let n_qp = n_q.div_ceil(QUERY_BLOCK) * QUERY_BLOCK;
-            let mut out = vec![f32::NAN; n_qp * positions.len()];
-            dots(&panels, &xq, positions.clone(), &mut out, &mut scratch);
-            for q in 0..n_q {
-                let xr = &x[q * dim..(q + 1) * dim];
-                let [a, b, c] = bound_coefs(xq.norms()[q]);
-                for (j, p) in positions.clone().enumerate() {
-                    ds.stored_row(perm[p] as usize, &mut row);
-                    let exact: f64 = xr
-                        .iter()
-                        .zip(&row)
-                        .map(|(&a, &b)| a as f64 * b as f64)
-                        .sum();
-                    let got = out[q * positions.len() + j] as f64;
-                    let bound = a * panels.errs()[p] as f64 + b * panels.norms()[p] as f64 + c;
-                    worst = worst.max((got - exact).abs() / bound);
-                    assert!(
-                        (got - exact).abs() <= bound,
-                        "q {q} position {p}: {got} vs {exact} (bound {bound})"
-                    );
-                }
-            }
-        }
+        let ranges = [0..n, 5..203, 17..18, 250..300];
+        let worst = shared::worst_error(Kind::Int16, &ds, &perm, &x, &ranges);
         // Not vacuous: the errors are a sizeable share of their bound.
         assert!(worst > 0.05, "largest error / bound {worst}");
     }
@@ -430,100 +396,17 @@ mod tests {
         let neg: Vec<f32> = v.iter().map(|a| -a).collect();
         v.extend(neg);
         let n = 8;
-        let ds = Dataset::from_raw(
-            "extreme",
-            SampleShape::array(vec![dim]),
-            RawRows::F32(&v),
-            None,
-            Dtype::F32,
-        )
-        .unwrap();
+        let ds = shared::dataset(&v, dim);
         let perm: Vec<u32> = (0..n as u32).collect();
-        let panels = Panels::pack(&ds, &perm);
+        // Queries: the stored rows themselves (every pair of extremes).
         let mut x = vec![0.0f32; n * dim];
         for (r, row) in x.chunks_exact_mut(dim).enumerate() {
             ds.stored_row(r, row);
         }
-        let xq = Queries::pack(&x, dim);
-        let mut out = vec![0.0f32; n.div_ceil(QUERY_BLOCK) * QUERY_BLOCK * n];
-        dots(&panels, &xq, 0..n, &mut out, &mut Vec::new());
-        for q in 0..n {
-            let [a, b, c] = bound_coefs(xq.norms()[q]);
-            for p in 0..n {
-                let exact: f64 = (0..dim)
-                    .map(|i| x[q * dim + i] as f64 * x[p * dim + i] as f64)
-                    .sum();
-                let bound = a * panels.errs()[p] as f64 + b * panels.norms()[p] as f64 + c;
-                let got = out[q * n + p] as f64;
-                assert!(got.is_finite(), "{q} {p}: {got}");
-                assert!((got - exact).abs() <= bound, "{q} {p}: {got} vs {exact}");
-            }
-        }
+        shared::worst_error(Kind::Int16, &ds, &perm, &x, std::slice::from_ref(&(0..n)));
+        let panels = Panels::pack(&ds, &perm);
         // The flat row's integer square is within 0.2% of 2^31 (the cap binds there).
         let s = 1.0 / panels.inv[0] as f64;
         assert!(dim as f64 * (s.round() * s.round()) > 0.998 * 2f64.powi(31));
-    }
-}
-
-#[cfg(test)]
-mod speed {
-    use super::*;
-
-    /// `cargo test --release --lib int16_speed -- --ignored --nocapture`: the kernel's
-    /// rate against the f32 GEMM on the same shapes (256 queries, 256-row tiles).
-    #[test]
-    #[ignore]
-    fn int16_speed() {
-        if !supported() {
-            return;
-        }
-        let v = crate::dataset::synthetic::gaussian(60000, 784, 1);
-        let ds = Dataset::from_raw(
-            "g",
-            crate::dataset::SampleShape::array(vec![784]),
-            crate::dataset::RawRows::F32(&v),
-            None,
-            crate::dataset::Dtype::F32,
-        )
-        .unwrap();
-        let perm: Vec<u32> = (0..60000).collect();
-        let t = std::time::Instant::now();
-        let panels = Panels::pack(&ds, &perm);
-        eprintln!("packing: {:.3}s", t.elapsed().as_secs_f64());
-        let x: Vec<f32> = (0..256 * 784).map(|i| (i % 7) as f32 * 0.1).collect();
-        let xq = Queries::pack(&x, 784);
-        let starts: Vec<usize> = (0..60000).step_by(256).collect();
-        for _ in 0..3 {
-            let t = std::time::Instant::now();
-            starts.par_iter().for_each_init(
-                || (vec![0.0f32; 258 * 256], Vec::new()),
-                |(out, scratch), &t0| {
-                    let r = t0..(t0 + 256).min(60000);
-                    dots(&panels, &xq, r.clone(), &mut out[..258 * r.len()], scratch);
-                },
-            );
-            let i16t = t.elapsed().as_secs_f64();
-            let t = std::time::Instant::now();
-            starts.par_iter().for_each_init(
-                || (vec![0.0f32; 256 * 256], Vec::new()),
-                |(out, y), &t0| {
-                    let r = t0..(t0 + 256).min(60000);
-                    let yy = crate::oracle::cpu::stored_rows_f32(&ds, r.clone(), y);
-                    crate::oracle::cpu::sgemm(
-                        crate::oracle::cpu::Gemm {
-                            m: 256,
-                            n: r.len(),
-                            k: 784,
-                        },
-                        &mut out[..256 * r.len()],
-                        false,
-                        (&x, 784, 1),
-                        (yy, 1, 784),
-                    );
-                },
-            );
-            let f = t.elapsed().as_secs_f64();
-            eprintln!("all threads: int16 {i16t:.3}s, f32 GEMM {f:.3}s");
-        }
     }
 }

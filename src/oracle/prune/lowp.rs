@@ -19,13 +19,25 @@ impl Kind {
     /// The kernel this CPU runs, bf16 first (the faster); ORACLEFLOW_PRUNE_BF16=0 and
     /// ORACLEFLOW_PRUNE_INT16=0 turn each off (for comparisons; read per call).
     pub fn for_cpu() -> Option<Kind> {
-        let on = |name: &str| !std::env::var(name).is_ok_and(|v| v == "0");
-        if on("ORACLEFLOW_PRUNE_BF16") && bf16::supported() {
-            Some(Kind::Bf16)
-        } else if on("ORACLEFLOW_PRUNE_INT16") && int16::supported() {
-            Some(Kind::Int16)
-        } else {
-            None
+        [Kind::Bf16, Kind::Int16].into_iter().find(|k| {
+            let off = std::env::var(k.switch()).is_ok_and(|v| v == "0");
+            !off && k.runs_here()
+        })
+    }
+
+    /// The environment switch that turns this kernel off.
+    fn switch(self) -> &'static str {
+        match self {
+            Kind::Bf16 => "ORACLEFLOW_PRUNE_BF16",
+            Kind::Int16 => "ORACLEFLOW_PRUNE_INT16",
+        }
+    }
+
+    /// Whether this CPU has the kernel's instructions.
+    pub fn runs_here(self) -> bool {
+        match self {
+            Kind::Bf16 => bf16::supported(),
+            Kind::Int16 => int16::supported(),
         }
     }
 
@@ -150,6 +162,130 @@ impl Panels {
                 int16::dots(p, x, positions, out, &mut scratch.i)
             }
             _ => panic!("queries packed for another screening kernel"),
+        }
+    }
+}
+
+/// What the kernels' tests share: a dataset from raw f32 rows, and every screening
+/// product checked against its bound.
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::dataset::{Dtype, RawRows, SampleShape};
+
+    /// `v`'s rows of `dim` values as a dataset (stored centred).
+    pub(in crate::oracle::prune) fn dataset(v: &[f32], dim: usize) -> Dataset {
+        Dataset::from_raw(
+            "screening",
+            SampleShape::array(vec![dim]),
+            RawRows::F32(v),
+            None,
+            Dtype::F32,
+        )
+        .unwrap()
+    }
+
+    /// Asserts every screening product of the queries `x` with the rows at each range of
+    /// `positions` (of the tile order `perm`) within the kernel's bound of the f64 product
+    /// with the stored row; returns the largest error / bound.
+    pub(in crate::oracle::prune) fn worst_error(
+        kind: Kind,
+        ds: &Dataset,
+        perm: &[u32],
+        x: &[f32],
+        positions: &[std::ops::Range<usize>],
+    ) -> f64 {
+        let dim = ds.dim();
+        let n_q = x.len() / dim;
+        let panels = Panels::pack(kind, ds, perm);
+        let xq = panels.pack_queries(x, dim);
+        let coefs = kind.bound_coefs(x, dim);
+        let mut row = vec![0.0f32; dim];
+        let mut scratch = Scratch::default();
+        let mut worst = 0.0f64;
+        for positions in positions {
+            let mut out = vec![f32::NAN; n_q * positions.len()];
+            panels.dots(&xq, positions.clone(), &mut out, &mut scratch);
+            for (q, [a, b, c]) in coefs.iter().copied().enumerate() {
+                let xr = &x[q * dim..(q + 1) * dim];
+                for (j, p) in positions.clone().enumerate() {
+                    ds.stored_row(perm[p] as usize, &mut row);
+                    let exact: f64 = xr
+                        .iter()
+                        .zip(&row)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum();
+                    let got = out[q * positions.len() + j] as f64;
+                    let bound = a * panels.errs()[p] as f64 + b * panels.norms()[p] as f64 + c;
+                    worst = worst.max((got - exact).abs() / bound);
+                    assert!(
+                        (got - exact).abs() <= bound,
+                        "{kind:?} q {q} position {p}: {got} vs {exact} (bound {bound})"
+                    );
+                }
+            }
+        }
+        worst
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    use rayon::prelude::*;
+
+    /// `cargo test --release --lib screen_speed -- --ignored --nocapture`: each kernel
+    /// this CPU runs against the f32 GEMM on the same shapes (256 queries, 256-row tiles,
+    /// 60000 rows of 784), on every thread, with the packing's time.
+    #[test]
+    #[ignore]
+    fn screen_speed() {
+        let (n, dim) = (60000, 784);
+        let v = crate::dataset::synthetic::gaussian(n, dim, 1);
+        let ds = tests::dataset(&v, dim);
+        let perm: Vec<u32> = (0..n as u32).collect();
+        let x: Vec<f32> = (0..256 * dim).map(|i| (i % 7) as f32 * 0.1).collect();
+        let starts: Vec<usize> = (0..n).step_by(256).collect();
+        for kind in [Kind::Bf16, Kind::Int16]
+            .into_iter()
+            .filter(|k| k.runs_here())
+        {
+            let t = std::time::Instant::now();
+            let panels = Panels::pack(kind, &ds, &perm);
+            eprintln!("{}: packing {:.3}s", kind.name(), t.elapsed().as_secs_f64());
+            let xq = panels.pack_queries(&x, dim);
+            for _ in 0..3 {
+                let t = std::time::Instant::now();
+                starts.par_iter().for_each_init(
+                    || (vec![0.0f32; 256 * 256], Scratch::default()),
+                    |(out, scratch), &t0| {
+                        let r = t0..(t0 + 256).min(n);
+                        panels.dots(&xq, r.clone(), &mut out[..256 * r.len()], scratch);
+                    },
+                );
+                let screen = t.elapsed().as_secs_f64();
+                let t = std::time::Instant::now();
+                starts.par_iter().for_each_init(
+                    || (vec![0.0f32; 256 * 256], Vec::new()),
+                    |(out, y), &t0| {
+                        let r = t0..(t0 + 256).min(n);
+                        let yy = crate::oracle::cpu::stored_rows_f32(&ds, r.clone(), y);
+                        crate::oracle::cpu::sgemm(
+                            crate::oracle::cpu::Gemm {
+                                m: 256,
+                                n: r.len(),
+                                k: dim,
+                            },
+                            &mut out[..256 * r.len()],
+                            false,
+                            (&x, dim, 1),
+                            (yy, 1, dim),
+                        );
+                    },
+                );
+                let f = t.elapsed().as_secs_f64();
+                eprintln!("{}: {screen:.3}s, f32 GEMM {f:.3}s", kind.name());
+            }
         }
     }
 }

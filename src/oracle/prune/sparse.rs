@@ -98,7 +98,7 @@ pub fn sparse_max_share() -> f64 {
     env_number("ORACLEFLOW_PRUNE_SPARSE_MAX_SHARE").unwrap_or(SPARSE_MAX_SHARE)
 }
 /// Largest estimated kept share ([`kept_share`]) at which the bf16 screening runs (see
-/// [`screening_applies`] for int16's): it
+/// [`screening`] for int16's): it
 /// computes in f32 several times the kept pairs, each by its own dot product. On
 /// Fashion-MNIST (B = 256): at t = 0.35 (estimate 0.16) 24% of the pairs for 9% kept, 1.4
 /// times the f32 screening's time; at t = 0.4 (estimate 0.072) equal; at t = 0.45
@@ -364,7 +364,7 @@ impl Setup {
     /// of the f32 one (c_dot times [`lowp::Kind::bound_coefs`], plus 2 err: one for the
     /// f32 logit's rounding, one, far more than needed, for the f32 evaluation of the
     /// bound itself). Computed once per call (one kind per index), for
-    /// [`screening_applies`] and the pass.
+    /// [`screening`] and the pass.
     fn screen_slack(&self, batch: &CentredBatch<'_>, kind: lowp::Kind) -> &[[f64; 3]] {
         self.slack.get_or_init(|| {
             let dim = batch.x.len() / batch.logit_coefs.len().max(1);
@@ -381,7 +381,7 @@ impl Setup {
 }
 
 /// How the sparse pass gets its logits (the caller chooses: [`carry_applies`],
-/// [`screening_applies`]).
+/// [`screening`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Screen {
     /// one f32 GEMM per tile
@@ -430,38 +430,38 @@ fn moves(batch: &CentredBatch<'_>, carry: &Carry) -> Vec<f64> {
         .collect()
 }
 
-/// Whether reduced-precision screening can run for `batch` and pays: the CPU has a
-/// kernel for it ([`lowp::Kind::for_cpu`]; the index packs its rows for it here, once),
+/// The kernel that screens `batch` in reduced precision, where one can run and it pays
+/// (else `None`): the CPU has a kernel ([`lowp::Kind::for_cpu`]; the index packs its rows
+/// for it here, once),
 /// the estimated kept `share` is at most the kernel's largest (`BF16_MAX_SHARE`,
 /// `INT16_MAX_SHARE`, or ORACLEFLOW_PRUNE_SCREEN_MAX_SHARE, read per call), and the
 /// screening's typical slack stays within `SCREEN_MAX_SLACK` nats (late t, where c_dot
 /// grows, it would let too many pairs through).
-pub fn screening_applies(
+pub fn screening(
     ds: &Dataset,
     index: &PruneIndex,
     setup: &Setup,
     batch: &CentredBatch<'_>,
     share: f64,
-) -> bool {
-    let Some(kind) = lowp::Kind::for_cpu() else {
-        return false;
-    };
+) -> Option<lowp::Kind> {
+    let kind = lowp::Kind::for_cpu()?;
     let max_share = env_number("ORACLEFLOW_PRUNE_SCREEN_MAX_SHARE").unwrap_or(match kind {
         lowp::Kind::Bf16 => BF16_MAX_SHARE,
         lowp::Kind::Int16 => INT16_MAX_SHARE,
     });
     if share > max_share || index.screen_panels(ds).map(|p| p.kind()) != Some(kind) {
-        return false;
+        return None;
     }
     let typical = kind.typical_err(ds.dim());
     setup
         .screen_slack(batch, kind)
         .iter()
         .all(|s| (s[0] * typical + s[1]) * setup.y_max + s[2] <= SCREEN_MAX_SLACK)
+        .then_some(kind)
 }
 
 /// The sparse pass over `inputs.batch.rows` (see [`PassInputs`]), its logits obtained as
-/// `screen` says (the caller checks [`carry_applies`] and [`screening_applies`]); `None`
+/// `screen` says (the caller checks [`carry_applies`] and [`screening`]); `None`
 /// where every query has alpha = 0 (all weights equal, nothing to drop) or the f32
 /// rounding is too large to drop anything. `carry` is read for
 /// [`Screen::Carried`] and left holding this call's values. `kept`, if given, receives per
@@ -834,8 +834,9 @@ pub fn kept_share(ds: &Dataset, batch: &CentredBatch<'_>, sample: &mut EstimateR
 }
 
 /// Phase 1 for queries `qs` over the positions `block`: the logits, tile by tile. With
-/// `screen`, the tile's reduced-precision dot products first; a pair is then computed in f32 only where
-/// its upper bound reaches the drop cut under the running lower bound on the maximum.
+/// `screen`, upper bounds on them from the reduced-precision dot products instead, and
+/// per query the largest lower bound ([`screened_exact`] then computes in f32 the pairs
+/// that may count).
 #[allow(clippy::too_many_arguments)]
 fn block_logits(
     ds: &Dataset,
