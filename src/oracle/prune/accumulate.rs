@@ -6,9 +6,9 @@
 //! one (a tile's 256 rows of 3 KB each, per block of queries), and a GEMM's blocking pays
 //! only for many queries, whose union is wide: on Fashion-MNIST at t = 0.3 the unions of
 //! 32 queries held 45% of the pairs for 24% kept, those of 8 queries 36%. This kernel keeps
-//! the sums of a block of `QUERY_BLOCK` queries over 32 coordinates (AVX-512; 8 with
-//! AVX2) in registers and streams the union's rows through them (one load of a row's
-//! coordinates, one FMA per query), without any copy.
+//! the sums of a block of `QUERY_BLOCK` queries over 32 coordinates (AVX-512; 16 with
+//! AVX2) in registers and streams the union's rows through them (two loads of a row's
+//! coordinates, two FMAs per query), without any copy.
 //!
 //! Order: every sum starts at 0 and adds up to `CHUNK` columns in ascending order, then is
 //! added to acc; the result depends only on the weights and rows, never on threads.
@@ -19,43 +19,61 @@
 //! `CHUNK` columns, added to acc, carry about CHUNK / 2 + columns / CHUNK / 2 roundings
 //! rather than columns / 2.
 
-/// Queries per register block.
-pub(super) const QUERY_BLOCK: usize = 8;
+use std::ops::Range;
+
+/// Coordinates per strip (the `dims` of [`accumulate`]): at 128, a tile's 256 rows take
+/// 128 KB, which stays in L2 while every query block of the tile streams its union's rows
+/// through the registers. A whole tile of Fashion-MNIST's rows (800 KB) does not: at t =
+/// 0.3 the AVX2 kernel then waited on its row loads from L3 and memory.
+/// A multiple of the widest kernel's step (32), so that every coordinate takes the same
+/// kernel, and thus the same roundings (FMA or not), as without strips.
+pub(super) const STRIP: usize = 128;
+const _: () = assert!(STRIP % 32 == 0);
+/// Queries per register block: with two vectors of coordinates each, 12 independent sums
+/// in flight, as many as a GEMM micro-kernel keeps (6 x 2), and AVX2's 16 registers still
+/// hold the row's two vectors and a weight. With 8 queries and one vector (8 sums, just
+/// enough to cover the FMA's latency at two per cycle) the AVX2 kernel ran at 16 - 18
+/// GMAC/s against 20 - 25 for this shape (one thread of a Zen 3 EPYC, a tile's rows in L2,
+/// interleaved), and smaller blocks have narrower unions.
+pub(super) const QUERY_BLOCK: usize = 6;
 /// Columns ahead whose row segment the AVX-512 kernel prefetches.
 const PREFETCH: usize = 8;
 /// Columns per sum added to acc (see the module docs).
 const CHUNK: usize = 16;
 
-/// acc[q] += sum over the columns j of `cols` of w[q][j] rows[j], for the queries `qs`
-/// (at most `QUERY_BLOCK`). `w` holds each query's tile weights (`nt` per query, query q
-/// at q * nt), `rows` the tile's rows (`dim` each), `acc` each query's sum (q * dim).
+/// acc[q] += sum over the columns j of `cols` of w[q][j] rows[j] at the coordinates
+/// `dims`, for the queries `qs` (at most `QUERY_BLOCK`). `wt` holds the block's weights
+/// as [`pack`] lays them out, `rows` the tile's rows (`dim` each), `acc` each query's sum
+/// (q * dim). Every coordinate's sum is the same whatever range it is taken in: the caller
+/// cuts the coordinates into strips so that one strip of a tile's rows stays in cache for
+/// every query block (see `STRIP`).
 pub(super) fn accumulate(
-    w: &[f32],
-    nt: usize,
+    wt: &[f32],
     rows: &[f32],
     dim: usize,
+    dims: Range<usize>,
     qs: &[usize],
     cols: &[usize],
     acc: &mut [f32],
 ) {
-    let wt = pack(w, nt, qs, cols);
+    assert!(dims.end <= dim);
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU has the features the function is compiled for (checked above).
-            return unsafe { accumulate_avx512(&wt, rows, dim, qs, cols, acc) };
+            return unsafe { accumulate_avx512(wt, rows, dim, dims, qs, cols, acc) };
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: as above.
-            return unsafe { accumulate_avx2(&wt, rows, dim, qs, cols, acc) };
+            return unsafe { accumulate_avx2(wt, rows, dim, dims, qs, cols, acc) };
         }
     }
-    accumulate_tail(&wt, rows, dim, 0, qs, cols, acc);
+    accumulate_tail(wt, rows, dim, dims, qs, cols, acc);
 }
 
 /// The block's weights of the columns `cols`, column-major, QUERY_BLOCK per column (0
 /// past the block's end).
-fn pack(w: &[f32], nt: usize, qs: &[usize], cols: &[usize]) -> Vec<f32> {
+pub(super) fn pack(w: &[f32], nt: usize, qs: &[usize], cols: &[usize]) -> Vec<f32> {
     assert!(qs.len() <= QUERY_BLOCK);
     let mut wt = vec![0.0f32; cols.len() * QUERY_BLOCK];
     for (c, &j) in cols.iter().enumerate() {
@@ -76,8 +94,8 @@ fn check_bounds(wt: &[f32], rows: &[f32], dim: usize, qs: &[usize], cols: &[usiz
 
 /// One chunk's sums added to acc at the coordinates from `d0`, one vector register per
 /// query of the block: every column of the chunk's row piece streamed through (one load,
-/// a broadcast and an FMA per query), then each sum into acc. The AVX2 kernel's step and
-/// the AVX-512 kernel's 16-wide remainder, with their ISA's intrinsics (zero, load,
+/// a broadcast and an FMA per query), then each sum into acc. The AVX2 kernel's 8-wide
+/// remainder and the AVX-512 kernel's 16-wide one, with their ISA's intrinsics (zero, load,
 /// broadcast, FMA, add, store). The caller ran `check_bounds` and has the register's
 /// width of coordinates left at d0.
 #[cfg(target_arch = "x86_64")]
@@ -106,15 +124,16 @@ macro_rules! chunk_into_acc {
     }};
 }
 
-/// The kernel with AVX-512: per 32 coordinates, the block's sums in 16 zmm registers
-/// while every column's row streams through (two loads, 16 FMAs); then 16 coordinates
-/// in 8 registers where that many are left; the last few by [`accumulate_tail`].
+/// The kernel with AVX-512: per 32 coordinates, the block's sums in 12 zmm registers
+/// while every column's row streams through (two loads, 12 FMAs); then 16 coordinates
+/// in 6 registers where that many are left; the last few by [`accumulate_tail`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn accumulate_avx512(
     wt: &[f32],
     rows: &[f32],
     dim: usize,
+    dims: Range<usize>,
     qs: &[usize],
     cols: &[usize],
     acc: &mut [f32],
@@ -122,8 +141,8 @@ unsafe fn accumulate_avx512(
     use std::arch::x86_64::*;
     const L: usize = 32;
     check_bounds(wt, rows, dim, qs, cols, acc);
-    let mut d0 = 0;
-    while d0 + L <= dim {
+    let mut d0 = dims.start;
+    while d0 + L <= dims.end {
         let mut c0 = 0;
         while c0 < cols.len() {
             let c1 = (c0 + CHUNK).min(cols.len());
@@ -163,7 +182,7 @@ unsafe fn accumulate_avx512(
         }
         d0 += L;
     }
-    if d0 + 16 <= dim {
+    if d0 + 16 <= dims.end {
         // 16 coordinates left (784 = 24 x 32 + 16): one zmm of sums per query.
         let mut c0 = 0;
         while c0 < cols.len() {
@@ -177,16 +196,16 @@ unsafe fn accumulate_avx512(
         }
         d0 += 16;
     }
-    accumulate_tail(wt, rows, dim, d0, qs, cols, acc);
+    accumulate_tail(wt, rows, dim, d0..dims.end, qs, cols, acc);
 }
 
-/// The kernel with AVX2: per `CHUNK` columns, per 8 coordinates, the block's sums in 8
-/// ymm registers (one load, 8 FMAs per column); the last coordinates by
-/// [`accumulate_tail`].
+/// The kernel with AVX2: per `CHUNK` columns, per 16 coordinates, the block's sums in 12
+/// ymm registers (two loads, 12 FMAs per column); then 8 coordinates in 6 registers where
+/// that many are left; the last few by [`accumulate_tail`].
 ///
 /// Chunks outside, coordinates inside: a chunk's rows (16 of 3 KB on Fashion-MNIST) are
 /// then read front to back while they stay in cache, where coordinates outside read one
-/// 32-byte piece of every kept row per step, scattered over the whole tile (perf at t =
+/// 64-byte piece of every kept row per step, scattered over the whole tile (perf at t =
 /// 0.33: bound by those loads). Every sum adds the same products in the same order.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -194,44 +213,70 @@ unsafe fn accumulate_avx2(
     wt: &[f32],
     rows: &[f32],
     dim: usize,
+    dims: Range<usize>,
     qs: &[usize],
     cols: &[usize],
     acc: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    const L: usize = 8;
     check_bounds(wt, rows, dim, qs, cols, acc);
-    let d_end = dim - dim % L;
+    let d_end = dims.end - dims.len() % 8;
     let mut c0 = 0;
     while c0 < cols.len() {
         let c1 = (c0 + CHUNK).min(cols.len());
-        let mut d0 = 0;
-        while d0 < d_end {
+        let mut d0 = dims.start;
+        while d0 + 16 <= d_end {
+            let mut s = [_mm256_setzero_ps(); 2 * QUERY_BLOCK];
+            for c in c0..c1 {
+                // SAFETY: row cols[c]'s coordinates d0..d0 + 16 lie inside `rows`, the
+                // column's QUERY_BLOCK weights inside `wt` (`check_bounds`, d0 + 16 <= dim).
+                unsafe {
+                    let y = rows.as_ptr().add(cols[c] * dim + d0);
+                    let (y0, y1) = (_mm256_loadu_ps(y), _mm256_loadu_ps(y.add(8)));
+                    let w = wt.as_ptr().add(c * QUERY_BLOCK);
+                    for i in 0..QUERY_BLOCK {
+                        let wi = _mm256_set1_ps(*w.add(i));
+                        s[2 * i] = _mm256_fmadd_ps(wi, y0, s[2 * i]);
+                        s[2 * i + 1] = _mm256_fmadd_ps(wi, y1, s[2 * i + 1]);
+                    }
+                }
+            }
+            for (i, &q) in qs.iter().enumerate() {
+                // SAFETY: query q's coordinates d0..d0 + 16 lie inside `acc` (`check_bounds`).
+                unsafe {
+                    let a = acc.as_mut_ptr().add(q * dim + d0);
+                    _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), s[2 * i]));
+                    let a = a.add(8);
+                    _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), s[2 * i + 1]));
+                }
+            }
+            d0 += 16;
+        }
+        if d0 < d_end {
             chunk_into_acc!(
                 (_mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps),
                 (_mm256_fmadd_ps, _mm256_add_ps, _mm256_storeu_ps),
                 (wt, rows, dim, d0, qs, cols, c0..c1, acc)
             );
-            d0 += L;
         }
         c0 = c1;
     }
-    accumulate_tail(wt, rows, dim, d_end, qs, cols, acc);
+    accumulate_tail(wt, rows, dim, d_end..dims.end, qs, cols, acc);
 }
 
-/// The coordinates from `d0` on, one at a time (the whole kernel on CPUs without AVX2),
+/// The coordinates `dims`, one at a time (the whole kernel on CPUs without AVX2),
 /// in the same order: per coordinate, `CHUNK` columns at a time in ascending order from 0,
 /// each chunk's sum then into acc.
 fn accumulate_tail(
     wt: &[f32],
     rows: &[f32],
     dim: usize,
-    d0: usize,
+    dims: Range<usize>,
     qs: &[usize],
     cols: &[usize],
     acc: &mut [f32],
 ) {
-    for d in d0..dim {
+    for d in dims {
         for (k, chunk) in cols.chunks(CHUNK).enumerate() {
             let mut s = [0.0f32; QUERY_BLOCK];
             for (c, &j) in chunk.iter().enumerate() {
@@ -269,7 +314,15 @@ mod tests {
             let qs: Vec<usize> = (0..QUERY_BLOCK).collect();
             let cols: Vec<usize> = (0..nt).collect();
             let mut acc = vec![0.0f32; QUERY_BLOCK * dim];
-            accumulate(&w, nt, &rows, dim, &qs, &cols, &mut acc);
+            accumulate(
+                &pack(&w, nt, &qs, &cols),
+                &rows,
+                dim,
+                0..dim,
+                &qs,
+                &cols,
+                &mut acc,
+            );
             // At most CHUNK / 2 + nt / CHUNK / 2 roundings of the whole sum (16 for 256
             // columns), with room; one running sum carries up to nt / 2 (128).
             let bound = 2.0 * (nt as f64).sqrt() * f64::powi(2.0, -24);
@@ -292,13 +345,16 @@ mod tests {
     fn equals_the_f64_sum() {
         let mut seed = 7u64;
         let mut next = || crate::oracle::prune::tests::lcg(&mut seed);
+        // Dims with and without the 8-wide remainder (24, 40) and scalar tails.
         for (dim, nt, nq) in [
-            (784, 256, 8),
+            (784, 256, QUERY_BLOCK),
             (37, 50, 3),
-            (5, 9, 8),
+            (5, 9, QUERY_BLOCK),
             (64, 1, 1),
-            (52, 30, 6),
-            (100, 40, 7),
+            (52, 30, QUERY_BLOCK - 1),
+            (100, 40, QUERY_BLOCK),
+            (24, 33, 2),
+            (40, 17, QUERY_BLOCK),
         ] {
             let n_all = nq + 2;
             let w: Vec<f32> = (0..n_all * nt)
@@ -312,7 +368,7 @@ mod tests {
                 })
                 .collect();
             let rows: Vec<f32> = (0..nt * dim).map(|_| next() as f32).collect();
-            let qs: Vec<usize> = (0..nq).map(|i| (i * 7 + 1) % n_all).collect();
+            let qs: Vec<usize> = (0..nq).map(|i| n_all - 1 - i).collect();
             assert!(
                 (0..nq).all(|i| !qs[..i].contains(&qs[i])),
                 "a block's queries are distinct"
@@ -324,23 +380,32 @@ mod tests {
             let wt = pack(&w, nt, &qs, &cols);
             // The dispatched kernel and every variant this CPU can run.
             let mut variants = vec![("dispatched", start.clone()), ("plain", start.clone())];
-            accumulate(&w, nt, &rows, dim, &qs, &cols, &mut variants[0].1);
-            accumulate_tail(&wt, &rows, dim, 0, &qs, &cols, &mut variants[1].1);
+            accumulate(&wt, &rows, dim, 0..dim, &qs, &cols, &mut variants[0].1);
+            accumulate_tail(&wt, &rows, dim, 0..dim, &qs, &cols, &mut variants[1].1);
             #[cfg(target_arch = "x86_64")]
             {
                 if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma")
                 {
                     let mut acc = start.clone();
                     // SAFETY: the CPU has the features (checked above).
-                    unsafe { accumulate_avx512(&wt, &rows, dim, &qs, &cols, &mut acc) };
+                    unsafe { accumulate_avx512(&wt, &rows, dim, 0..dim, &qs, &cols, &mut acc) };
                     variants.push(("avx512", acc));
                 }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     let mut acc = start.clone();
                     // SAFETY: as above.
-                    unsafe { accumulate_avx2(&wt, &rows, dim, &qs, &cols, &mut acc) };
+                    unsafe { accumulate_avx2(&wt, &rows, dim, 0..dim, &qs, &cols, &mut acc) };
                     variants.push(("avx2", acc));
                 }
+            }
+            // Cut into strips of whole vectors, every sum is the same.
+            for width in [32, 96, STRIP] {
+                let mut strips = start.clone();
+                for d0 in (0..dim).step_by(width) {
+                    let dims = d0..(d0 + width).min(dim);
+                    accumulate(&wt, &rows, dim, dims, &qs, &cols, &mut strips);
+                }
+                assert_eq!(strips, variants[0].1, "strips of {width}, dim {dim}");
             }
             for (name, acc) in &variants {
                 for q in 0..n_all {
