@@ -28,7 +28,7 @@ use std::ops::Range;
 /// A multiple of the widest kernel's step (32), so that every coordinate takes the same
 /// kernel, and thus the same roundings (FMA or not), as without strips.
 pub(super) const STRIP: usize = 128;
-const _: () = assert!(STRIP % 32 == 0);
+const _: () = assert!(STRIP.is_multiple_of(32));
 /// Queries per register block: with two vectors of coordinates each, 12 independent sums
 /// in flight, as many as a GEMM micro-kernel keeps (6 x 2), and AVX2's 16 registers still
 /// hold the row's two vectors and a weight. With 8 queries and one vector (8 sums, just
@@ -227,11 +227,11 @@ unsafe fn accumulate_avx2(
         let mut d0 = dims.start;
         while d0 + 16 <= d_end {
             let mut s = [_mm256_setzero_ps(); 2 * QUERY_BLOCK];
-            for c in c0..c1 {
-                // SAFETY: row cols[c]'s coordinates d0..d0 + 16 lie inside `rows`, the
-                // column's QUERY_BLOCK weights inside `wt` (`check_bounds`, d0 + 16 <= dim).
+            for (c, &j) in (c0..c1).zip(&cols[c0..c1]) {
+                // SAFETY: row j's coordinates d0..d0 + 16 lie inside `rows`, the column's
+                // QUERY_BLOCK weights inside `wt` (`check_bounds`, d0 + 16 <= dim).
                 unsafe {
-                    let y = rows.as_ptr().add(cols[c] * dim + d0);
+                    let y = rows.as_ptr().add(j * dim + d0);
                     let (y0, y1) = (_mm256_loadu_ps(y), _mm256_loadu_ps(y.add(8)));
                     let w = wt.as_ptr().add(c * QUERY_BLOCK);
                     for i in 0..QUERY_BLOCK {
