@@ -108,13 +108,15 @@ pub fn sparse_max_share() -> f64 {
 /// t = 0.38 (estimate 0.099) 0.186 s against 0.175, t = 0.42 (0.051) 0.141 against 0.155.
 pub const BF16_MAX_SHARE: f64 = 0.07;
 /// [`BF16_MAX_SHARE`] for the int16 screening (AVX2, no AVX-512 BF16). On Fashion-MNIST
-/// (B = 256, 2-core AMD EPYC Zen 3, single evaluations, forced with
-/// ORACLEFLOW_PRUNE_SCREEN_MAX_SHARE): t = 0.4 (estimate 0.072) ran in 0.24 - 0.25 s
-/// against 0.27 - 0.31 for the f32 logits, t = 0.44 in 0.23 against 0.25 - 0.33, t = 0.48
-/// in 0.19 - 0.20 against 0.21 - 0.25; t = 0.36 (0.134) in 0.35 against 0.31, t = 0.33
-/// (0.21) in 0.47 against 0.40 (the f32 logits of 7% and 14% of the pairs, one dot
-/// product each, then cost more than the screening saves).
-pub const INT16_MAX_SHARE: f64 = 0.08;
+/// (B = 256, 2-core AMD EPYC Zen 3, best of 3 single evaluations in three interleaved
+/// rounds, forced with ORACLEFLOW_PRUNE_SCREEN_MAX_SHARE), since the f32 logits of the
+/// pairs it lets through take two rows' products at once with four sums each
+/// (`screen::dots_with_row`): t = 0.35 (estimate about 0.15) ran in 0.25 - 0.38 s against
+/// 0.35 - 0.43 for the f32 logits, t = 0.37 in 0.23 - 0.28 against 0.31 - 0.33, t = 0.39
+/// in 0.22 - 0.24 against 0.25 - 0.27; t = 0.33 (0.21) about equal (0.34 - 0.41 against
+/// 0.37 - 0.41, 14% of the pairs computed in f32). (With one product at a time and two
+/// sums, stop 17: t = 0.36 ran in 0.35 s against 0.31, so this was 0.08.)
+pub const INT16_MAX_SHARE: f64 = 0.16;
 /// Largest screening slack (nats, at the largest row norm) at which the screening
 /// runs: above it the bound could let through too many pairs to pay. The slack grows with
 /// c_dot, but so do the logits' gaps: on Fashion-MNIST the pairs computed in f32 fall
