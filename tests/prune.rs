@@ -263,9 +263,11 @@ fn sparse_and_projected_passes_equal_dense_and_reference() {
     } else {
         eprintln!("SKIPPED: screening in reduced precision (this CPU has no kernel for it)");
     }
+    // Where the CPU screens, from an estimated kept share of 0.16 (int16), few calls are
+    // left to the f32 logits: both kinds together, and a few of these.
     assert!(
-        sparse_calls >= 6,
-        "only {sparse_calls} calls took the sparse pass"
+        sparse_calls >= 4 && sparse_calls + screened_calls >= 10,
+        "only {sparse_calls} calls took the sparse pass, {screened_calls} screened"
     );
 }
 

@@ -93,11 +93,15 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Dot products of one row with `Q` vectors at once, the row's vectors loaded once for all
-/// of them: per product four accumulators of 8 lanes (with two, each FMA chain waited out
-/// its latency: on a Zen 3 EPYC a 784-long product ran at half the rate), the last
-/// partial vector by a masked load. The same steps and final sum for any `Q`, so that a
-/// product is bitwise the same whichever group it is computed in. `Q` <= 3 keeps the
-/// sums, the row's vector and a loaded one in AVX2's 16 registers.
+/// of them: per product two accumulators of 8 lanes, then the lanes' sum and the last
+/// coordinates one by one. The same steps for any `Q`, so that a product is bitwise the
+/// same whichever group it is computed in; with `Q` = 4, eight FMA chains are in flight
+/// where one product's two wait out the FMA's latency. On Fashion-MNIST (2-core Zen 3
+/// EPYC, best of 3 in three interleaved rounds) the int16-screened pass's f32 logits took
+/// 0.099 - 0.102 s at t = 0.33 against 0.11 - 0.16 one product at a time, 0.061 - 0.073
+/// at t = 0.36 against 0.068 - 0.084. (Four accumulators per product, two products at
+/// once, ran 0.11 s at t = 0.33 and moved the f32 logits' rounding enough to flip
+/// tests/prune.rs's comparison of the stats with dense, which holds with these sums.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -106,44 +110,39 @@ unsafe fn dots_avx2<const Q: usize>(row: &[f32], xs: [&[f32]; Q]) -> [f32; Q] {
     let n = xs.iter().fold(row.len(), |m, x| m.min(x.len()));
     let pr = row.as_ptr();
     let px = xs.map(|x| x.as_ptr());
-    let mut s = [[_mm256_setzero_ps(); 4]; Q];
+    let mut s = [[_mm256_setzero_ps(); 2]; Q];
     let mut i = 0;
-    // SAFETY: full loads at i..i + 8 <= n, the masked one only the n - i < 8 lanes left,
-    // inside the row and every vector (each at least n long).
+    // SAFETY: every load reads 8 floats at i..i + 8 <= n, inside the row and every vector
+    // (each at least n long).
     unsafe {
-        while i + 32 <= n {
-            for u in 0..4 {
-                let y = _mm256_loadu_ps(pr.add(i + 8 * u));
-                for (acc, p) in s.iter_mut().zip(&px) {
-                    acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i + 8 * u)), y, acc[u]);
-                }
+        while i + 16 <= n {
+            let (y0, y1) = (_mm256_loadu_ps(pr.add(i)), _mm256_loadu_ps(pr.add(i + 8)));
+            for (acc, p) in s.iter_mut().zip(&px) {
+                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i)), y0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i + 8)), y1, acc[1]);
             }
-            i += 32;
+            i += 16;
         }
-        let mut u = 0;
-        while i + 8 <= n {
+        if i + 8 <= n {
             let y = _mm256_loadu_ps(pr.add(i));
             for (acc, p) in s.iter_mut().zip(&px) {
-                acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i)), y, acc[u]);
+                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i)), y, acc[0]);
             }
-            u += 1;
             i += 8;
         }
-        if i < n {
-            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-            let m = _mm256_cmpgt_epi32(_mm256_set1_epi32((n - i) as i32), lanes);
-            let y = _mm256_maskload_ps(pr.add(i), m);
-            for (acc, p) in s.iter_mut().zip(&px) {
-                acc[3] = _mm256_fmadd_ps(_mm256_maskload_ps(p.add(i), m), y, acc[3]);
-            }
-        }
-        s.map(|a| {
-            let v = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
-            let mut l = [0.0f32; 8];
-            _mm256_storeu_ps(l.as_mut_ptr(), v);
-            ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
-        })
     }
+    let mut out = [0.0f32; Q];
+    for ((o, a), x) in out.iter_mut().zip(&s).zip(&xs) {
+        let mut l = [0.0f32; 8];
+        // SAFETY: l holds 8 floats.
+        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), _mm256_add_ps(a[0], a[1])) };
+        let mut v = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+        for j in i..n {
+            v += x[j] * row[j];
+        }
+        *o = v;
+    }
+    out
 }
 
 /// Dot product with AVX-512 FMAs: four accumulators of 16 lanes (one FMA chain would wait
@@ -210,7 +209,7 @@ unsafe fn dots_avx512<const Q: usize>(row: &[f32], xs: [&[f32]; Q]) -> [f32; Q] 
 }
 
 /// `out[i] = dot(xs[i], row)` for every i, bitwise as [`dot`] one at a time, with the
-/// row read once per four vectors (AVX-512) or two (AVX2). (For the bf16 screening's f32 logits, grouped
+/// row read once per four vectors (AVX-512 and AVX2). (For the bf16 screening's f32 logits, grouped
 /// by row, this measured no faster than a dot product per pair on Fashion-MNIST: reading
 /// the rows bounds both. Its callers get a stored row converted once for all its vectors.)
 pub(super) fn dots_with_row(row: &[f32], xs: &[&[f32]], out: &mut [f32]) {
@@ -230,11 +229,11 @@ pub(super) fn dots_with_row(row: &[f32], xs: &[&[f32]], out: &mut [f32]) {
     }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        let mut chunks = xs.chunks_exact(2);
-        let mut o = out.chunks_exact_mut(2);
+        let mut chunks = xs.chunks_exact(4);
+        let mut o = out.chunks_exact_mut(4);
         for (x, o) in (&mut chunks).zip(&mut o) {
             // SAFETY: the CPU has the features the function is compiled for (checked above).
-            o.copy_from_slice(&unsafe { dots_avx2(row, [x[0], x[1]]) });
+            o.copy_from_slice(&unsafe { dots_avx2(row, [x[0], x[1], x[2], x[3]]) });
         }
         for (x, o) in chunks.remainder().iter().zip(o.into_remainder()) {
             // SAFETY: as above.
@@ -536,7 +535,7 @@ mod tests {
 
     /// One row's products with several vectors are bitwise [`dot`]'s (and within f32's
     /// summation bound of f64), at lengths around the vector widths and steps and for
-    /// group sizes around the kernels' two and four.
+    /// group sizes around the kernels' four.
     #[test]
     fn dots_with_row_are_bitwise_dot() {
         let mut seed = 5u64;

@@ -110,8 +110,8 @@ pub const BF16_MAX_SHARE: f64 = 0.07;
 /// [`BF16_MAX_SHARE`] for the int16 screening (AVX2, no AVX-512 BF16). On Fashion-MNIST
 /// (B = 256, 2-core AMD EPYC Zen 3, best of 3 single evaluations in three interleaved
 /// rounds, forced with ORACLEFLOW_PRUNE_SCREEN_MAX_SHARE), since the f32 logits of the
-/// pairs it lets through take two rows' products at once with four sums each
-/// (`screen::dots_with_row`): t = 0.35 (estimate about 0.15) ran in 0.25 - 0.38 s against
+/// pairs it lets through take four products per row read (`screen::dots_with_row`, with
+/// AVX2 too; each product's own sums are as before): t = 0.35 (estimate about 0.15) ran in 0.25 - 0.38 s against
 /// 0.35 - 0.43 for the f32 logits, t = 0.37 in 0.23 - 0.28 against 0.31 - 0.33, t = 0.39
 /// in 0.22 - 0.24 against 0.25 - 0.27; t = 0.33 (0.21) about equal (0.34 - 0.41 against
 /// 0.37 - 0.41, 14% of the pairs computed in f32). (With one product at a time and two
