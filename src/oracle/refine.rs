@@ -34,7 +34,7 @@ use rayon::prelude::*;
 
 use crate::dataset::Dataset;
 use crate::error::Result;
-use crate::oracle::prune::{dot_lanes, orthonormalise};
+use crate::oracle::prune::{dot_f64, dot_lanes, orthonormalise};
 use crate::oracle::{Posterior, QueryStats};
 use crate::path::PathCoefs;
 
@@ -382,7 +382,7 @@ impl Basis {
                     let mut part = vec![0.0f64; K * d];
                     for y in chunk {
                         for k in 0..K {
-                            let c = dot_lanes(&dirs[k * d..(k + 1) * d], y, |v| v);
+                            let c = dot_f64(&dirs[k * d..(k + 1) * d], y);
                             for (o, v) in part[k * d..(k + 1) * d].iter_mut().zip(y) {
                                 *o += c * v;
                             }
@@ -443,8 +443,54 @@ fn project_row(dirs: &[f64], y: &[f32], out: &mut [f32]) {
         unsafe { project_row_avx512(dirs, y, out) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: as above.
+        unsafe { project_row_avx2(dirs, y, out) };
+        return;
+    }
     for (o, dir) in out.iter_mut().zip(dirs.chunks_exact(y.len())) {
         *o = dot_lanes(dir, y, |v| v as f64) as f32;
+    }
+}
+
+/// [`project_row`] with each direction's eight lanes in two AVX2 vectors (lanes 0 - 3 and
+/// 4 - 7; multiplies and adds apart, as `dot_lanes`). LLVM vectorized `dot_lanes` of an
+/// f32 row two lanes at a time, with shuffles: the projections of Fashion-MNIST's rows
+/// took about 0.4 s of CPU, at the first concentrated query.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn project_row_avx2(dirs: &[f64], y: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let d = y.len();
+    let full = d / 8 * 8;
+    for (o, dir) in out.iter_mut().zip(dirs.chunks_exact(d)) {
+        let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        let mut i = 0;
+        // SAFETY: the loads read 8 values at i..i + 8 <= full <= d, inside y and dir.
+        unsafe {
+            while i < full {
+                let yv = _mm256_loadu_ps(y.as_ptr().add(i));
+                let y_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(yv));
+                let y_hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(yv));
+                let d_lo = _mm256_loadu_pd(dir.as_ptr().add(i));
+                let d_hi = _mm256_loadu_pd(dir.as_ptr().add(i + 4));
+                lo = _mm256_add_pd(lo, _mm256_mul_pd(d_lo, y_lo));
+                hi = _mm256_add_pd(hi, _mm256_mul_pd(d_hi, y_hi));
+                i += 8;
+            }
+        }
+        let mut l = [0.0f64; 8];
+        // SAFETY: l holds 8 values, 4 per store.
+        unsafe {
+            _mm256_storeu_pd(l.as_mut_ptr(), lo);
+            _mm256_storeu_pd(l.as_mut_ptr().add(4), hi);
+        }
+        let mut s = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+        for j in full..d {
+            s += dir[j] * y[j] as f64;
+        }
+        *o = s as f32;
     }
 }
 

@@ -250,9 +250,20 @@ fn split_keys_body(centred: &[f64], k: usize, ids: &[u32]) -> Vec<f64> {
     rows().map(|c| dot(c, &dir)).collect()
 }
 
+multiversion! {
+    /// [`dot_lanes`] of two f64 vectors, compiled for the CPU's vectors (the same bits).
+    pub(crate) fn dot_f64(a: &[f64], b: &[f64]) -> f64 = dot_f64_body;
+}
+
+#[inline(always)]
+fn dot_f64_body(a: &[f64], b: &[f64]) -> f64 {
+    dot_lanes(a, b, |v| v)
+}
+
 /// sum_i a_i f(b_i) in f64 over 8 independent running sums (a single running sum cannot
 /// vectorize and waits out the add latency at every step; the order changes only f64
 /// rounding: far below the f32 the refiner's screen allows for, and the PCA tree's keys).
+#[inline(always)]
 pub(crate) fn dot_lanes<T: Copy>(a: &[f64], b: &[T], f: impl Fn(T) -> f64) -> f64 {
     const LANES: usize = 8;
     let mut acc = [0.0f64; LANES];

@@ -125,7 +125,7 @@ pub mod sparse;
 
 use basis::{pca_basis, split};
 
-pub(crate) use basis::{dot_lanes, orthonormalise};
+pub(crate) use basis::{dot_f64, dot_lanes, orthonormalise};
 use screen::{dot, screen, RowSum, ScreenCount, ScreenInputs};
 
 use crate::dataset::{Dataset, Values};
