@@ -486,12 +486,18 @@ unsafe fn project_row_avx2(dirs: &[f64], y: &[f32], out: &mut [f32]) {
             _mm256_storeu_pd(l.as_mut_ptr(), lo);
             _mm256_storeu_pd(l.as_mut_ptr().add(4), hi);
         }
-        let mut s = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
-        for j in full..d {
-            s += dir[j] * y[j] as f64;
-        }
-        *o = s as f32;
+        *o = lanes_then_tail(&l, dir, y, full);
     }
+}
+
+/// The vector kernels' end of one projection, as `dot_lanes` ends: the eight lanes summed
+/// in its order, then the coordinates from `full` one by one, rounded once to f32.
+fn lanes_then_tail(l: &[f64; 8], dir: &[f64], y: &[f32], full: usize) -> f32 {
+    let mut s = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+    for (&a, &b) in dir[full..].iter().zip(&y[full..]) {
+        s += a * b as f64;
+    }
+    s as f32
 }
 
 /// [`project_row`] with each direction's eight lanes in one AVX-512 vector.
@@ -516,12 +522,7 @@ unsafe fn project_row_avx512(dirs: &[f64], y: &[f32], out: &mut [f32]) {
         let mut lanes = [0.0f64; 8];
         // SAFETY: lanes holds 8 values.
         unsafe { _mm512_storeu_pd(lanes.as_mut_ptr(), acc) };
-        let l = lanes;
-        let mut s = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
-        for j in full..d {
-            s += dir[j] * y[j] as f64;
-        }
-        *o = s as f32;
+        *o = lanes_then_tail(&lanes, dir, y, full);
     }
 }
 

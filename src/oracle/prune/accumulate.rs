@@ -71,16 +71,25 @@ pub(super) fn accumulate(
     accumulate_tail(wt, rows, dim, dims, qs, cols, acc);
 }
 
-/// The block's weights of the columns `cols`, column-major, QUERY_BLOCK per column (0
-/// past the block's end).
-pub(super) fn pack(w: &[f32], nt: usize, qs: &[usize], cols: &[usize]) -> Vec<f32> {
+/// Appends to `wt` the block's weights of the columns `cols`, column-major, QUERY_BLOCK
+/// per column (0 past the block's end): what [`accumulate`] takes.
+pub(super) fn pack_into(w: &[f32], nt: usize, qs: &[usize], cols: &[usize], wt: &mut Vec<f32>) {
     assert!(qs.len() <= QUERY_BLOCK);
-    let mut wt = vec![0.0f32; cols.len() * QUERY_BLOCK];
+    let start = wt.len();
+    wt.resize(start + cols.len() * QUERY_BLOCK, 0.0);
+    let wt = &mut wt[start..];
     for (c, &j) in cols.iter().enumerate() {
         for (i, &q) in qs.iter().enumerate() {
             wt[c * QUERY_BLOCK + i] = w[q * nt + j];
         }
     }
+}
+
+/// [`pack_into`] a fresh vector.
+#[cfg(test)]
+fn pack(w: &[f32], nt: usize, qs: &[usize], cols: &[usize]) -> Vec<f32> {
+    let mut wt = Vec::new();
+    pack_into(w, nt, qs, cols, &mut wt);
     wt
 }
 

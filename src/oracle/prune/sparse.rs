@@ -60,7 +60,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::accumulate::{accumulate, pack, QUERY_BLOCK, STRIP};
+use super::accumulate::{accumulate, pack_into, QUERY_BLOCK, STRIP};
 use super::screen::{dot, dots_with_row, RowSum};
 use super::{budget, env_number, lowp, profiling, PruneIndex, SAMPLE_BUDGET};
 use crate::dataset::{Dataset, Values};
@@ -1122,7 +1122,9 @@ fn block_sums(
     };
     let mut y = Vec::new();
     let mut one = vec![0.0f32; dim];
-    let mut cols: Vec<usize> = Vec::with_capacity(TILE);
+    // The kernel's blocks of the current tile (see below), reused from tile to tile.
+    let mut plan: Vec<(Range<usize>, Range<usize>, Range<usize>)> = Vec::new();
+    let (mut plan_qs, mut plan_cols, mut plan_wt) = (Vec::new(), Vec::new(), Vec::new());
     let mut tile_norms = [0.0f32; TILE];
     let tiled = index.tiled_rows(ds);
     let mut kq = vec![0usize; n_q];
@@ -1171,11 +1173,14 @@ fn block_sums(
         }
         // Blocks of queries whose maxima lie close in the tile order keep close weights:
         // per block, the kernel over its union of kept columns where that union is dense
-        // for it, else one axpy per kept weight.
-        // The blocks the kernel takes, with their packed weights; their sums are then
-        // taken strip by strip of coordinates, so that the tile's rows stay in cache for
-        // every block (see `accumulate::STRIP`).
-        let mut kernel_blocks: Vec<(Vec<usize>, Vec<usize>, Vec<f32>)> = Vec::new();
+        // for it, else one axpy per kept weight. The kernel's blocks (queries, columns and
+        // packed weights, as ranges of the plan's buffers) are then summed strip by strip
+        // of coordinates, so that the tile's rows stay in cache for every block (see
+        // `accumulate::STRIP`).
+        plan.clear();
+        plan_qs.clear();
+        plan_cols.clear();
+        plan_wt.clear();
         for g in order.chunks(QUERY_BLOCK) {
             let k_g: usize = g.iter().map(|&q| kq[q]).sum();
             if k_g == 0 {
@@ -1187,16 +1192,19 @@ fn block_sums(
                     *u |= e != 0.0;
                 }
             }
-            cols.clear();
-            cols.extend((0..nt).filter(|&j| union[j]));
-            let nc = cols.len();
+            let c0 = plan_cols.len();
+            plan_cols.extend((0..nt).filter(|&j| union[j]));
+            let nc = plan_cols.len() - c0;
             if (g.len() * nc) as f64 <= AXPY_COST * k_g as f64 {
                 // The queries with none kept still hold logits in their rows: left out.
-                let block: Vec<usize> = g.iter().copied().filter(|&q| kq[q] > 0).collect();
-                let wt = pack(w, nt, &block, &cols);
-                out.pairs[0] += (block.len() * nc) as u64;
-                kernel_blocks.push((block, cols.clone(), wt));
+                let q0 = plan_qs.len();
+                plan_qs.extend(g.iter().copied().filter(|&q| kq[q] > 0));
+                let w0 = plan_wt.len();
+                pack_into(w, nt, &plan_qs[q0..], &plan_cols[c0..], &mut plan_wt);
+                out.pairs[0] += ((plan_qs.len() - q0) * nc) as u64;
+                plan.push((q0..plan_qs.len(), c0..plan_cols.len(), w0..plan_wt.len()));
             } else {
+                plan_cols.truncate(c0);
                 // One axpy per kept weight, each row read on its own (`RowSum`: in chunks,
                 // into the f64 sums).
                 for &q in g.iter().filter(|&&q| kq[q] > 0) {
@@ -1212,15 +1220,24 @@ fn block_sums(
                 out.pairs[1] += k_g as u64;
             }
         }
-        if !kernel_blocks.is_empty() {
+        if !plan.is_empty() {
             if tiled.is_none() {
                 index.rows_at(ds, tile.clone(), &mut y);
             }
             let y = tiled.map_or(&y[..], |rows| &rows[t0 * dim..(t0 + nt) * dim]);
             for d0 in (0..dim).step_by(STRIP) {
                 let dims = d0..(d0 + STRIP).min(dim);
-                for (block, cols, wt) in &kernel_blocks {
-                    accumulate(wt, y, dim, dims.clone(), block, cols, &mut tile_acc);
+                for (qs, cols, wt) in &plan {
+                    let (qs, cols) = (&plan_qs[qs.clone()], &plan_cols[cols.clone()]);
+                    accumulate(
+                        &plan_wt[wt.clone()],
+                        y,
+                        dim,
+                        dims.clone(),
+                        qs,
+                        cols,
+                        &mut tile_acc,
+                    );
                 }
             }
         }
