@@ -359,6 +359,16 @@ fn bench_peers_agree_with_ours() {
             assert!(r["ours_faster_by"].as_f64().unwrap() > 0.0);
         }
     }
+    // PyTorch on the CPU and on CUDA: where torch (or a CUDA device) is missing, a row that
+    // says why; where it runs (an H200 ran all four), an exact peer that agrees.
+    for name in ["torch_full", "torch_chunked", "torch_cuda_full", "torch_cuda_chunked"] {
+        let rows: Vec<_> = peers.iter().filter(|r| r["what"] == name).collect();
+        assert_eq!(rows.len(), 2, "{name} at both times");
+        for r in rows {
+            let skipped = r["note"].as_str().unwrap().starts_with("skipped: ");
+            assert!(skipped || r["agrees"] == true, "{r}");
+        }
+    }
     assert_eq!(peers.iter().filter(|r| r["what"] == "ours: cpu").count(), 2);
     // The sgemm ceiling, timed at each t next to ours.
     let sgemm: Vec<_> = peers.iter().filter(|r| r["what"] == "best sgemm").collect();

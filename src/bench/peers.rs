@@ -15,11 +15,14 @@ use crate::error::{Error, Result};
 use crate::oracle::{Oracle, Query, Times};
 
 /// The peer scripts: file stem and whether the method is exact.
-pub const PEERS: [(&str, bool); 6] = [
+pub const PEERS: [(&str, bool); 8] = [
     ("numpy_full", true),
     ("numpy_chunked", true),
     ("torch_full", true),
     ("torch_chunked", true),
+    // On a CUDA GPU, as the ad-hoc scripts peers run: skipped where torch sees none.
+    ("torch_cuda_full", true),
+    ("torch_cuda_chunked", true),
     ("faiss_flat", false),
     ("faiss_ivf", false),
 ];
@@ -256,7 +259,7 @@ pub fn compare(
 /// The comparison as a table, one block per t.
 pub fn table(rows: &[PeerRow]) -> String {
     let mut s = format!(
-        "{:>5}  {:<16} {:>10} {:>9} {:>11} {:>10}  {}\n",
+        "{:>5}  {:<18} {:>10} {:>9} {:>11} {:>10}  {}\n",
         "t", "what", "s/eval", "GFLOP/s", "ours faster", "rel. err", "note"
     );
     let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".to_string(), f);
@@ -266,7 +269,7 @@ pub fn table(rows: &[PeerRow]) -> String {
             _ => "",
         };
         s += &format!(
-            "{:>5}  {:<16} {:>10} {:>9} {:>11} {:>10}  {}{flag}\n",
+            "{:>5}  {:<18} {:>10} {:>9} {:>11} {:>10}  {}{flag}\n",
             r.t,
             r.what,
             opt(r.seconds, &|v| format!("{v:.4}")),

@@ -1,6 +1,7 @@
 //! Adapter choice and device creation: which GPU, which features, which limits.
 
 use std::fmt::Write as _;
+use std::sync::{Mutex, OnceLock};
 
 use crate::error::{Error, Result};
 
@@ -47,15 +48,32 @@ fn is_cpu_adapter(info: &wgpu::AdapterInfo) -> bool {
         .any(|s| name.contains(s))
 }
 
-fn instance() -> wgpu::Instance {
-    // lavapipe prints a harmless warning at start-up when XDG_RUNTIME_DIR is unset; it is
-    // not set here (changing the environment while other threads may read it is unsound).
-    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+/// Runs `f` with the process's one wgpu instance, one caller at a time.
+///
+/// Why one instance and a lock: creating wgpu instances from several threads at once
+/// races inside NVIDIA's Linux driver (wgpu issue 5930 reports crashes). On an H200, test
+/// binaries whose 16 threads each opened their own instance and device hung after the
+/// first few; the backends, the `--devices` workers and Python threads open devices
+/// concurrently in the same way. Enumerating adapters and opening devices are rare and
+/// cheap next to the work, so they are serialized too; the devices then run
+/// independently.
+fn with_instance<T>(f: impl FnOnce(&wgpu::Instance) -> T) -> T {
+    static INSTANCE: OnceLock<Mutex<wgpu::Instance>> = OnceLock::new();
+    let instance = INSTANCE.get_or_init(|| {
+        // lavapipe prints a harmless warning at start-up when XDG_RUNTIME_DIR is unset; it
+        // is not set here (changing the environment while other threads may read it is
+        // unsound).
+        Mutex::new(wgpu::Instance::new(
+            wgpu::InstanceDescriptor::new_without_display_handle_from_env(),
+        ))
+    });
+    // A panic while holding the lock leaves the instance as it was: keep using it.
+    f(&instance.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 /// Every adapter wgpu finds, in its order: the indices `--devices` and `info` use.
 fn all_adapters() -> Vec<wgpu::Adapter> {
-    pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()))
+    with_instance(|i| pollster::block_on(i.enumerate_adapters(wgpu::Backends::all())))
 }
 
 /// One line per adapter, `index: name (backend, device type)`, for `info` and errors.
@@ -99,10 +117,12 @@ fn adapter_at(index: usize) -> Result<wgpu::Adapter> {
 }
 
 fn adapter(hardware_only: bool) -> Result<wgpu::Adapter> {
-    let adapter = pollster::block_on(instance().request_adapter(&wgpu::RequestAdapterOptions {
-        power_preference: wgpu::PowerPreference::HighPerformance,
-        ..Default::default()
-    }))
+    let adapter = with_instance(|i| {
+        pollster::block_on(i.request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            ..Default::default()
+        }))
+    })
     .map_err(|e| Error::Gpu(format!("no adapter: {e}")))?;
     let info = adapter.get_info();
     if hardware_only && is_cpu_adapter(&info) {
@@ -177,15 +197,17 @@ pub(super) fn open(hardware_only: bool, want_f16: bool, index: Option<usize>) ->
         max_compute_workgroups_per_dimension: have.max_compute_workgroups_per_dimension,
         ..wgpu::Limits::downlevel_defaults()
     };
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+    let descriptor = wgpu::DeviceDescriptor {
         label: Some("oracleflow"),
         required_features: features,
         required_limits: limits.clone(),
         experimental_features: wgpu::ExperimentalFeatures::disabled(),
         memory_hints: wgpu::MemoryHints::Performance,
         trace: wgpu::Trace::Off,
-    }))
-    .map_err(|e| Error::Gpu(format!("opening {}: {e}", info.name)))?;
+    };
+    let (device, queue) =
+        with_instance(|_| pollster::block_on(adapter.request_device(&descriptor)))
+            .map_err(|e| Error::Gpu(format!("opening {}: {e}", info.name)))?;
     let health = Health::watch(&device);
     Ok(Gpu {
         info,
