@@ -13,6 +13,34 @@ use crate::dataset::Dataset;
 use crate::oracle::cpu::{sgemm, Gemm};
 use crate::oracle::simd::multiversion;
 
+/// C = S^T S (dim x dim) of the m x dim rows `s`, its rows computed in blocks side by side:
+/// one GEMM of 2 m dim^2 FLOPs was most of the structure test (about 50 ms at D = 784 on
+/// one thread, whatever the machine's threads; a 16-thread host spent 15% over dense on
+/// `gaussian:60000,784` mostly here). Each block runs the same GEMM on fewer output rows,
+/// which sums every element over the same k in the same order: the same bits (tested).
+fn covariance(s: &[f32], m: usize, dim: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut c = vec![0.0f32; dim * dim];
+    let block = dim.div_ceil(rayon::current_num_threads()).max(16);
+    c.par_chunks_mut(block * dim)
+        .enumerate()
+        .for_each(|(b, out)| {
+            let r0 = b * block;
+            sgemm(
+                Gemm {
+                    m: out.len() / dim,
+                    n: dim,
+                    k: m,
+                },
+                out,
+                false,
+                (&s[r0..], 1, dim),
+                (s, dim, 1),
+            );
+        });
+    c
+}
+
 /// k orthonormal directions of largest variance (approximately: any orthonormal basis
 /// keeps the bounds valid, a better one only makes them tighter). Empty when a quick test
 /// finds no low-dimensional structure.
@@ -33,18 +61,7 @@ pub(super) fn pca_basis(ds: &Dataset) -> (Vec<f32>, f64) {
         ds.stored_row(r, &mut s[i * dim..(i + 1) * dim]);
     }
     // C = S^T S (dim x dim); the stored rows are already centred.
-    let mut c = vec![0.0f32; dim * dim];
-    sgemm(
-        Gemm {
-            m: dim,
-            n: dim,
-            k: m,
-        },
-        &mut c,
-        false,
-        (&s, 1, dim),
-        (&s, dim, 1),
-    );
+    let c = covariance(&s, m, dim);
     let trace: f64 = (0..dim).map(|d| c[d * dim + d] as f64).sum();
     let share = |captured: f64| {
         if trace > 0.0 {
@@ -279,4 +296,65 @@ pub(crate) fn dot_lanes<T: Copy>(a: &[f64], b: &[T], f: impl Fn(T) -> f64) -> f6
         s += x * f(y);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The blocked covariance equals one GEMM over all rows bitwise, whatever the
+    /// threads, and an f64 S^T S within f32 rounding.
+    #[test]
+    fn covariance_blocks_equal_one_gemm_and_f64() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        // The last is the structure test's own shape (BASIS_SAMPLE rows of Fashion-MNIST's D).
+        for (m, dim) in [
+            (1usize, 1usize),
+            (300, 7),
+            (257, 100),
+            (2048, 196),
+            (2048, 784),
+        ] {
+            let s: Vec<f32> = (0..m * dim)
+                .map(|_| rng.sample::<f32, _>(StandardNormal))
+                .collect();
+            let mut one = vec![0.0f32; dim * dim];
+            sgemm(
+                Gemm {
+                    m: dim,
+                    n: dim,
+                    k: m,
+                },
+                &mut one,
+                false,
+                (&s, 1, dim),
+                (&s, dim, 1),
+            );
+            for threads in [1, 2, 3, 5] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let c = pool.install(|| covariance(&s, m, dim));
+                let same = c.iter().zip(&one).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "m {m}, dim {dim}, {threads} threads");
+            }
+            // (The f64 check on the small shapes: the last would take minutes unoptimised.)
+            if m * dim * dim > 100_000_000 {
+                continue;
+            }
+            for i in 0..dim {
+                for j in 0..dim {
+                    let exact: f64 = (0..m)
+                        .map(|r| s[r * dim + i] as f64 * s[r * dim + j] as f64)
+                        .sum();
+                    let scale: f64 = (0..m)
+                        .map(|r| (s[r * dim + i] as f64 * s[r * dim + j] as f64).abs())
+                        .sum();
+                    let err = (one[i * dim + j] as f64 - exact).abs();
+                    assert!(err <= 1e-5 * scale + 1e-30, "({i}, {j}): {err} of {scale}");
+                }
+            }
+        }
+    }
 }
