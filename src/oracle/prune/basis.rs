@@ -161,9 +161,18 @@ fn subspace(
     (v32, captured)
 }
 
-/// Modified Gram-Schmidt (twice, for f64 orthogonality) on the rows of `v` (k x dim);
-/// a row that collapses (rank-deficient data) is replaced by a fresh random one.
-pub(crate) fn orthonormalise(v: &mut [f64], dim: usize, rng: &mut ChaCha8Rng) {
+multiversion! {
+    /// Modified Gram-Schmidt (twice, for f64 orthogonality) on the rows of `v` (k x dim);
+    /// a row that collapses (rank-deficient data) is replaced by a fresh random one.
+    /// Compiled for the CPU's vectors, its dot products over 8 running sums
+    /// ([`dot_lanes`]): with one running sum it was most of the structure test's
+    /// subspace iteration.
+    pub(crate) fn orthonormalise(v: &mut [f64], dim: usize, rng: &mut ChaCha8Rng) =
+        orthonormalise_body;
+}
+
+#[inline(always)]
+fn orthonormalise_body(v: &mut [f64], dim: usize, rng: &mut ChaCha8Rng) {
     let k = v.len() / dim;
     for j in 0..k {
         for attempt in 0..4 {
@@ -171,12 +180,12 @@ pub(crate) fn orthonormalise(v: &mut [f64], dim: usize, rng: &mut ChaCha8Rng) {
                 for i in 0..j {
                     let (head, tail) = v.split_at_mut(j * dim);
                     let (vi, vj) = (&head[i * dim..(i + 1) * dim], &mut tail[..dim]);
-                    let dot: f64 = vi.iter().zip(vj.iter()).map(|(a, b)| a * b).sum();
+                    let dot = dot_lanes(vi, vj, |x| x);
                     vj.iter_mut().zip(vi).for_each(|(b, a)| *b -= dot * a);
                 }
             }
             let vj = &mut v[j * dim..(j + 1) * dim];
-            let norm = vj.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let norm = dot_lanes(vj, vj, |x| x).sqrt();
             if norm > 1e-8 || attempt == 3 {
                 vj.iter_mut().for_each(|x| *x /= norm.max(1e-300));
                 break;
