@@ -361,7 +361,12 @@ fn bench_peers_agree_with_ours() {
     }
     // PyTorch on the CPU and on CUDA: where torch (or a CUDA device) is missing, a row that
     // says why; where it runs (an H200 ran all four), an exact peer that agrees.
-    for name in ["torch_full", "torch_chunked", "torch_cuda_full", "torch_cuda_chunked"] {
+    for name in [
+        "torch_full",
+        "torch_chunked",
+        "torch_cuda_full",
+        "torch_cuda_chunked",
+    ] {
         let rows: Vec<_> = peers.iter().filter(|r| r["what"] == name).collect();
         assert_eq!(rows.len(), 2, "{name} at both times");
         for r in rows {

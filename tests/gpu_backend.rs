@@ -213,10 +213,18 @@ fn check_times(t: &KernelTimes, outer_ms: f64, what: &str) {
         ("accumulate", t.accumulate_ms),
         ("finalize", t.finalize_ms),
         ("wall", t.wall_ms),
+        ("submits", t.submit_ms),
+        ("waits", t.wait_ms),
     ] {
         assert!(ms.is_finite() && ms >= 0.0, "{what}: {name} {ms} ms");
     }
     let slack_ms = 1.0;
+    // The host's two phases are parts of the call, and one of them is where it spent it.
+    assert!(
+        t.submit_ms + t.wait_ms <= t.wall_ms + slack_ms
+            && t.submit_ms + t.wait_ms >= 0.5 * t.wall_ms - slack_ms,
+        "{what}: host phases {t:?}"
+    );
     assert!(
         t.kernels_ms() <= t.wall_ms + slack_ms,
         "{what}: kernels {} ms > wall {} ms",
@@ -316,6 +324,8 @@ fn bench_reports_per_kernel_times() {
             "accumulate_ms",
             "finalize_ms",
             "wall_ms",
+            "submit_ms",
+            "wait_ms",
         ] {
             let ms = k[key].as_f64().unwrap_or(-1.0);
             assert!(ms.is_finite() && ms >= 0.0, "{key}: {k}");

@@ -303,12 +303,14 @@ fn kernel_shares(k: &KernelTimes) -> String {
     let wall = k.wall_ms.max(f64::MIN_POSITIVE);
     let part = |name: &str, ms: f64| format!("{name} {ms:.3} ms ({:.0}%)", 100.0 * ms / wall);
     format!(
-        "per kernel: {}, {}, {}, {}; kernels {:.0}% of the {:.3} ms call",
+        "per kernel: {}, {}, {}, {}; kernels {:.0}% of the {:.3} ms call; host: {}, {}",
         part("logits", k.logits_ms),
         part("softmax", k.softmax_ms),
         part("accumulate", k.accumulate_ms),
         part("finalize", k.finalize_ms),
         100.0 * k.kernels_ms() / wall,
-        k.wall_ms
+        k.wall_ms,
+        part("submits", k.submit_ms),
+        part("waits and readbacks", k.wait_ms),
     )
 }

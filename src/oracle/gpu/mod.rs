@@ -601,8 +601,12 @@ impl GpuBackend<'_> {
         // Sub-batch i is submitted before sub-batch i - 1 is read back (see the module
         // docs); the last iteration submits nothing and reads the last sub-batch.
         let mut pending: Option<Submitted> = None;
+        // Host time in submits and in waits with readbacks (for the profile).
+        let (mut submit_ms, mut wait_ms) = (0.0, 0.0);
+        let ms_since = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
         for i in 0..=subs.len() {
             let done = scoped(&device, || {
+                let clock = std::time::Instant::now();
                 let submitted = match subs.get(i) {
                     Some(q) => Some(self.submit(
                         i % 2,
@@ -613,10 +617,13 @@ impl GpuBackend<'_> {
                     )?),
                     None => None,
                 };
+                submit_ms += ms_since(clock);
+                let clock = std::time::Instant::now();
                 let read = match pending.take() {
                     Some(p) => self.finish(p, &mut mean, &mut stats, states.as_deref_mut())?,
                     None => None,
                 };
+                wait_ms += ms_since(clock);
                 Ok((submitted, read))
             });
             match done {
@@ -640,7 +647,9 @@ impl GpuBackend<'_> {
             }
         }
         if let Some(mut t) = times {
-            t.wall_ms = start.elapsed().as_secs_f64() * 1e3;
+            t.wall_ms = ms_since(start);
+            t.submit_ms = submit_ms;
+            t.wait_ms = wait_ms;
             if self.print_profile {
                 eprintln!("gpu profile: B = {n_queries}, rows {rows:?}: {}", t.line());
             }

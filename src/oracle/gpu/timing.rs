@@ -50,6 +50,15 @@ pub struct KernelTimes {
     pub finalize_ms: f64,
     /// From the call's entry to its results on the host.
     pub wall_ms: f64,
+    /// Host time in the call's submits: the queries' and parameters' uploads, encoding
+    /// the passes and handing them to the queue. With one sub-batch (B up to the
+    /// sub-batch limit) the device idles meanwhile.
+    pub submit_ms: f64,
+    /// Host time from handing the last pass over to the results on the host: waiting for
+    /// the device (its kernels, and the gaps between and around them), the readback's
+    /// mapping and unpacking. Less any earlier sub-batch's overlap, wall is about submit +
+    /// wait.
+    pub wait_ms: f64,
 }
 
 impl KernelTimes {
@@ -92,6 +101,8 @@ impl KernelTimes {
             accumulate_ms: med(|t| t.accumulate_ms),
             finalize_ms: med(|t| t.finalize_ms),
             wall_ms: med(|t| t.wall_ms),
+            submit_ms: med(|t| t.submit_ms),
+            wait_ms: med(|t| t.wait_ms),
         })
     }
 
@@ -99,14 +110,17 @@ impl KernelTimes {
     pub fn line(&self) -> String {
         format!(
             "logits {:.3} ms, softmax {:.3} ms, accumulate {:.3} ms, finalize {:.3} ms; \
-             kernels {:.3} ms = {:.0}% of {:.3} ms wall",
+             kernels {:.3} ms = {:.0}% of {:.3} ms wall (host: submits {:.3} ms, waits and \
+             readbacks {:.3} ms)",
             self.logits_ms,
             self.softmax_ms,
             self.accumulate_ms,
             self.finalize_ms,
             self.kernels_ms(),
             100.0 * self.kernels_ms() / self.wall_ms.max(f64::MIN_POSITIVE),
-            self.wall_ms
+            self.wall_ms,
+            self.submit_ms,
+            self.wait_ms
         )
     }
 }
