@@ -124,6 +124,17 @@ const SEED_TILES: usize = 8;
 /// See [`dense_bounds`].
 const DENSE_REFINE: usize = 4;
 
+/// Queries per parallel block of the per-call GEMMs before the sweep (the queries'
+/// projections, their products with the tiles' centroids), and tiles per block of the
+/// tile bounds. These steps ran as two halves, written for two threads (and the seeds'
+/// GEMM whole): on a 16-thread Xeon a t = 0.9 call took 13.7 ms, where the sweep's tasks,
+/// list-scheduled on 16 workers from their one-thread times on Zen 3, need about 2 ms.
+/// Fixed sizes, not a share of the threads: a row's product is the same bits in any
+/// block (tested at these shapes), so the results do not depend on the machine's
+/// threads.
+const PAR_QUERIES: usize = 32;
+const PAR_TILES: usize = 128;
+
 /// Largest share of a task's pairs whose f32 logits the pass computes before it gives the
 /// call up (its memory, 8 bytes a pair, and time then go to another pass). On
 /// Fashion-MNIST it computes at most 1.8% (t = 0.64, estimated kept share 1.6e-3).
@@ -198,12 +209,11 @@ impl Projection {
         let n_q = batch.logit_coefs.len();
         let last = index.levels.len() - 1;
         let levels = [level.min(last), last];
-        // Two halves of the queries on two threads (the GEMMs run single-threaded: at
-        // B = 256 this step took 2 ms of a 17 ms evaluation at t = 0.9).
-        let half = n_q.div_ceil(2).max(1);
+        // Blocks of queries side by side (the GEMMs run single-threaded: at B = 256 this
+        // step took 2 ms of a 17 ms evaluation at t = 0.9; see [`PAR_QUERIES`]).
         let parts: Vec<(Vec<f32>, Vec<f32>)> = batch
             .x
-            .par_chunks(half * dim)
+            .par_chunks(PAR_QUERIES * dim)
             .map(|xs| project(xs, xs.len() / dim, dim, &index.basis, k))
             .collect();
         let (mut px, mut rx) = (Vec::with_capacity(n_q * k), Vec::with_capacity(n_q));
@@ -312,7 +322,7 @@ impl Projection {
         if n_q == 0 {
             return cp;
         }
-        let half = n_t.div_ceil(2).max(1);
+        let part = PAR_TILES;
         let centres = &index.centres[tiles.start * k..tiles.end * k];
         let tile = &index.tiles[tiles.clone()];
         let c_sq = &index.centre_sq[tiles];
@@ -326,9 +336,9 @@ impl Projection {
             top: self.queries.iter().map(|q| q.top).collect(),
             inv: self.queries.iter().map(|q| q.inv).collect(),
         };
-        cp.par_chunks_mut(half * n_q)
-            .zip(centres.par_chunks(half * k))
-            .zip(tile.par_chunks(half).zip(c_sq.par_chunks(half)))
+        cp.par_chunks_mut(part * n_q)
+            .zip(centres.par_chunks(part * k))
+            .zip(tile.par_chunks(part).zip(c_sq.par_chunks(part)))
             .for_each(|((out, cs), (tile, c_sq))| {
                 sgemm_with(
                     GemmLib::Gemm,
@@ -898,18 +908,22 @@ fn seed_lower(
         .collect();
     let n_t = tiles.len();
     let mut pc = vec![0.0f32; n_q * n_t];
-    sgemm_with(
-        GemmLib::Gemm,
-        Gemm {
-            m: n_q,
-            n: n_t,
-            k: hd,
-        },
-        &mut pc,
-        false,
-        (&proj.px, k, 1),
-        (centres, 1, k),
-    );
+    pc.par_chunks_mut(PAR_QUERIES * n_t)
+        .zip(proj.px.par_chunks(PAR_QUERIES * k))
+        .for_each(|(out, px)| {
+            sgemm_with(
+                GemmLib::Gemm,
+                Gemm {
+                    m: out.len() / n_t,
+                    n: n_t,
+                    k: hd,
+                },
+                out,
+                false,
+                (px, k, 1),
+                (centres, 1, k),
+            )
+        });
     let norms = ds.sq_norms();
     // level 0's coordinates, inside the head block
     let sd = index.levels[0].min(hd);
@@ -1037,6 +1051,53 @@ fn tiles_touched(index: &PruneIndex, positions: impl Iterator<Item = u32>) -> u6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The gemm crate's products, cut into row blocks as the parallel steps above cut
+    /// them, are bitwise the rows of one product, at the shapes those steps run
+    /// (Fashion-MNIST: D = 784, k = 256, 1280 tiles, B = 256; head dims 64).
+    #[test]
+    fn row_blocks_of_a_product_are_its_rows_bitwise() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+        let normal = StandardNormal;
+        // (rows, columns, depth, rows per block); lhs row-major, rhs as (rhs, 1, depth):
+        // the queries' projections, the tile bounds' products, the seeds' products.
+        for (m, n, depth, block) in [
+            (256usize, 256usize, 784usize, PAR_QUERIES),
+            (256, 784, 256, PAR_QUERIES),
+            (1280, 256, 256, PAR_TILES),
+            (256, 1280, 64, PAR_QUERIES),
+            (37, 100, 33, 16),
+        ] {
+            let lhs: Vec<f32> = (0..m * depth).map(|_| normal.sample(&mut rng)).collect();
+            let rhs: Vec<f32> = (0..n * depth).map(|_| normal.sample(&mut rng)).collect();
+            let product = |rows: &[f32], out: &mut [f32]| {
+                let g = Gemm {
+                    m: rows.len() / depth,
+                    n,
+                    k: depth,
+                };
+                sgemm_with(
+                    GemmLib::Gemm,
+                    g,
+                    out,
+                    false,
+                    (rows, depth, 1),
+                    (&rhs, 1, depth),
+                )
+            };
+            let mut whole = vec![0.0f32; m * n];
+            product(&lhs, &mut whole);
+            let mut blocks = vec![0.0f32; m * n];
+            for (rows, out) in lhs.chunks(block * depth).zip(blocks.chunks_mut(block * n)) {
+                product(rows, out);
+            }
+            let same = whole
+                .iter()
+                .zip(&blocks)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{m} x {n} x {depth} in blocks of {block}");
+        }
+    }
     use crate::dataset::{self, Dtype};
     use crate::Path;
     use rand::SeedableRng;
