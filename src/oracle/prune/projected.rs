@@ -322,7 +322,6 @@ impl Projection {
         if n_q == 0 {
             return cp;
         }
-        let part = PAR_TILES;
         let centres = &index.centres[tiles.start * k..tiles.end * k];
         let tile = &index.tiles[tiles.clone()];
         let c_sq = &index.centre_sq[tiles];
@@ -336,9 +335,9 @@ impl Projection {
             top: self.queries.iter().map(|q| q.top).collect(),
             inv: self.queries.iter().map(|q| q.inv).collect(),
         };
-        cp.par_chunks_mut(part * n_q)
-            .zip(centres.par_chunks(part * k))
-            .zip(tile.par_chunks(part).zip(c_sq.par_chunks(part)))
+        cp.par_chunks_mut(PAR_TILES * n_q)
+            .zip(centres.par_chunks(PAR_TILES * k))
+            .zip(tile.par_chunks(PAR_TILES).zip(c_sq.par_chunks(PAR_TILES)))
             .for_each(|((out, cs), (tile, c_sq))| {
                 sgemm_with(
                     GemmLib::Gemm,
