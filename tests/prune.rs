@@ -271,14 +271,16 @@ fn sparse_and_projected_passes_equal_dense_and_reference() {
     );
 }
 
-/// A query's result does not depend on the calls before it (a resumed run gives the same
-/// bytes as an uninterrupted one): the same states twice, around other calls, give the
-/// same bits, in every pass the backend picks across t.
+/// Without anchors (`CpuBackend::set_anchored`), a query's result does not depend on the
+/// calls before it: the same states twice, around other calls, give the same bits, in
+/// every pass the backend picks across t. (With anchors, a trajectory's bits depend on
+/// its own calls only: tests/prune_anchor.rs.)
 #[test]
 fn results_do_not_depend_on_earlier_calls() {
     let ds = dataset::load("embedded@1500", Dtype::F32).unwrap();
     let path = Path::RectifiedFlow;
     let mut backend = CpuBackend::with_options(&ds, CpuOptions { prune: true });
+    backend.set_anchored(false);
     let mut passes = std::collections::BTreeSet::new();
     for (i, t) in [0.1f32, 0.35, 0.45, 0.5, 0.6, 0.8, 0.95]
         .into_iter()

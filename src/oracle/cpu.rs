@@ -75,6 +75,12 @@ pub struct CpuBackend<'d> {
     carry: Option<prune::sparse::Carry>,
     /// the sparse pass's logit buffers, kept from call to call
     buffers: prune::sparse::Buffers,
+    /// earlier calls' products for anchored screening (`prune::anchor`), forgotten at
+    /// every dense or uniform call (a new trajectory, or its navigation stage)
+    anchors: prune::anchor::Anchors,
+    /// whether calls may use and record anchors (ORACLEFLOW_PRUNE_ANCHOR=0 or
+    /// [`Self::set_anchored`] turn them off)
+    anchored: bool,
     /// the kept-share estimate's sample rows, kept from call to call
     estimate: prune::sparse::EstimateRows,
     /// GEMM library and tile rows of the dense pass; None: this machine's tuned choice.
@@ -100,6 +106,8 @@ impl<'d> CpuBackend<'d> {
             last_pass: Pass::Dense,
             carry: None,
             buffers: Default::default(),
+            anchors: Default::default(),
+            anchored: prune::anchor::enabled(),
             estimate: Default::default(),
             plan: None,
             uniform: None,
@@ -161,6 +169,16 @@ impl<'d> CpuBackend<'d> {
         self.last_pass != Pass::Dense
     }
 
+    /// Whether calls may screen with anchors (`prune::anchor`; on by default, unless
+    /// ORACLEFLOW_PRUNE_ANCHOR=0). Anchored calls give the dense result to within
+    /// rounding, but which pairs they compute, hence the bits, can depend on the calls
+    /// since the trajectory's start (its t = 0 or first dense call, where every anchor is
+    /// forgotten); off, a call's bits depend on its own queries alone.
+    pub fn set_anchored(&mut self, on: bool) {
+        self.anchored = on;
+        self.anchors.clear();
+    }
+
     /// Which pass the last call ran.
     pub fn last_pass(&self) -> Pass {
         self.last_pass
@@ -184,6 +202,11 @@ pub enum Pass {
     /// per-sample bounds of every pair by projection GEMMs, f32 logits only where they
     /// cannot rule a pair out (`prune::projected`)
     Projected,
+    /// the sparse pass screened by an earlier call's products (`prune::anchor`)
+    SparseAnchored,
+    /// the projected pass's sweep with bounds from an earlier call's products
+    /// (`prune::anchor`)
+    ProjectedAnchored,
 }
 
 /// Partial result of one task: states and weighted sums (not yet normalised).
@@ -242,6 +265,7 @@ impl Backend for CpuBackend<'_> {
             .iter()
             .all(|&[c_dot, c_norm]| c_dot == 0.0 && c_norm == 0.0)
         {
+            self.anchors.clear();
             return Ok(uniform_pass(self.dataset, batch, &mut self.uniform));
         }
         let prunable = self.options.prune && batch.rows.len() >= prune::MIN_PRUNE_ROWS;
@@ -265,6 +289,7 @@ impl Backend for CpuBackend<'_> {
                 eprintln!("prune: est. kept share {share:.5}");
             }
             if share > prune::sparse::sparse_max_share() {
+                self.anchors.clear();
                 return Ok(dense_pass(
                     self.dataset,
                     batch,
@@ -286,6 +311,37 @@ impl Backend for CpuBackend<'_> {
                         threads: self.threads,
                         lib,
                     };
+                    // An earlier call of this trajectory left its products: they screen
+                    // this call with the noise taken out (`prune::anchor`).
+                    let n_q = batch.logit_coefs.len();
+                    let anchor = self
+                        .anchored
+                        .then(|| self.anchors.find(&setup.positions(), n_q))
+                        .flatten();
+                    if let Some(anchor) = anchor {
+                        // Few weights count: the projected pass's sweep with anchored
+                        // bounds (it gives the call up where they let too many through).
+                        if share <= prune::anchor::projected_max_share() {
+                            let kept = self.record_kept.then_some(&mut self.kept);
+                            let part = prune::projected::partial(inputs, share, kept, Some(anchor));
+                            if let Some(part) = part {
+                                self.last_pass = Pass::ProjectedAnchored;
+                                return Ok(part);
+                            }
+                        }
+                        let kept = self.record_kept.then_some(&mut self.kept);
+                        if let Some(part) = prune::sparse::partial(
+                            inputs,
+                            prune::sparse::Screen::Anchored,
+                            &mut self.carry,
+                            &mut self.buffers,
+                            kept,
+                            prune::sparse::AnchorUse::Read(anchor),
+                        ) {
+                            self.last_pass = Pass::SparseAnchored;
+                            return Ok(part);
+                        }
+                    }
                     // Opt-in (ORACLEFLOW_PRUNE_CARRY=1): the last sparse call's logits, where
                     // they bound this call's closely (the first evaluation of a Heun step,
                     // next to the last step's second), screen it without any dot product:
@@ -318,7 +374,7 @@ impl Backend for CpuBackend<'_> {
                         && prune::projected::enabled()
                     {
                         let kept = self.record_kept.then_some(&mut self.kept);
-                        if let Some(part) = prune::projected::partial(inputs, share, kept) {
+                        if let Some(part) = prune::projected::partial(inputs, share, kept, None) {
                             self.last_pass = Pass::Projected;
                             return Ok(part);
                         }
@@ -340,17 +396,29 @@ impl Backend for CpuBackend<'_> {
                     // The bounds are too loose to skip logits: all of them exact, the
                     // weighted sum over the weights that can reach an f32 result.
                     let kept = self.record_kept.then_some(&mut self.kept);
-                    if let Some(part) = prune::sparse::partial(
+                    let mut recorded = None;
+                    let anchors = if self.anchored {
+                        prune::sparse::AnchorUse::Record(&mut recorded)
+                    } else {
+                        prune::sparse::AnchorUse::None
+                    };
+                    let part = prune::sparse::partial(
                         inputs,
                         screen,
                         &mut self.carry,
                         &mut self.buffers,
                         kept,
-                    ) {
+                        anchors,
+                    );
+                    if let Some(a) = recorded {
+                        self.anchors.insert(a);
+                    }
+                    if let Some(part) = part {
                         self.last_pass = match screen {
                             Screen::Carried => Pass::SparseCarried,
                             Screen::Reduced => Pass::SparseScreened,
                             Screen::F32 => Pass::Sparse,
+                            Screen::Anchored => Pass::SparseAnchored,
                         };
                         return Ok(part);
                     }

@@ -61,6 +61,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::anchor::{self, Anchor, Residuals};
 use super::screen::{dot, RowSum};
 use super::sparse::{count_from, exact_logit, row_blocks, PassInputs, Setup, TILE};
 use super::{
@@ -181,13 +182,18 @@ struct QueryProj {
 }
 
 /// The queries' projections and bound terms for one call.
-struct Projection {
+struct Projection<'a> {
     k: usize,
     /// indices in the index's levels: the pass's (its GEMM) and the last
     levels: [usize; 2],
-    /// n_q x k
+    /// n_q x k: the projections the pairs' bounds take, the queries' own, or with an
+    /// anchor those of r = x - gamma c (see [`super::anchor`]); and their residual norms
     px: Vec<f32>,
+    rx: Vec<f32>,
     queries: Vec<QueryProj>,
+    /// the anchor and per query its gamma: each pair's partial product then gains
+    /// gamma c . y, the anchor's stored product
+    anchor: Option<(&'a Anchor, Vec<f32>)>,
 }
 
 /// Which of `Projection::levels` a bound is taken at.
@@ -197,16 +203,15 @@ enum At {
     Last = 1,
 }
 
-impl Projection {
+impl<'a> Projection<'a> {
     /// `None` where some query cannot be pruned (alpha = 0, coefficients not finite).
     fn new(
         index: &PruneIndex,
         batch: &CentredBatch<'_>,
         setup: &Setup,
         level: usize,
-    ) -> Option<Projection> {
+    ) -> Option<Projection<'a>> {
         let (dim, k) = (index.dim, index.k);
-        let n_q = batch.logit_coefs.len();
         let last = index.levels.len() - 1;
         let levels = [level.min(last), last];
         // Blocks of queries side by side (the GEMMs run single-threaded: at B = 256 this
@@ -216,11 +221,71 @@ impl Projection {
             .par_chunks(PAR_QUERIES * dim)
             .map(|xs| project(xs, xs.len() / dim, dim, &index.basis, k))
             .collect();
-        let (mut px, mut rx) = (Vec::with_capacity(n_q * k), Vec::with_capacity(n_q));
+        let (mut px, mut rx) = (Vec::new(), Vec::new());
         for (p, r) in parts {
             px.extend(p);
             rx.extend(r);
         }
+        let queries = Self::terms(index, batch, setup, levels, (&px, &rx), None)?;
+        Some(Projection {
+            k,
+            levels,
+            px,
+            rx,
+            queries,
+            anchor: None,
+        })
+    }
+
+    /// The same queries' projection for bounds from `anchor` (see [`super::anchor`]);
+    /// `None` (and the anchor marked stale) where it does not serve them:
+    /// x . y = gamma c . y + r . y with r = x - gamma c, and r . y <= P_l r . P_l y +
+    /// |r - P_l r| |y - P_l y|. In the distance form of [`bounds`] that is |P_l x|^2 :=
+    /// |x|^2 - |r - P_l r|^2 and |x - P_l x| := |r - P_l r|, with gamma c . y added to
+    /// each partial product ([`Self::add_anchor`]).
+    fn anchored(
+        &self,
+        index: &PruneIndex,
+        batch: &CentredBatch<'_>,
+        setup: &Setup,
+        anchor: &'a Anchor,
+    ) -> Option<Projection<'a>> {
+        let res = anchor.residuals(index, batch, Some((&self.px, &self.rx)));
+        if !res.useful {
+            anchor.mark_stale();
+            return None;
+        }
+        let queries = Self::terms(
+            index,
+            batch,
+            setup,
+            self.levels,
+            (&res.proj, &res.resid),
+            Some(&res),
+        )?;
+        Some(Projection {
+            k: self.k,
+            levels: self.levels,
+            px: res.proj,
+            rx: res.resid,
+            queries,
+            anchor: Some((anchor, res.gamma)),
+        })
+    }
+
+    /// Per query its bound terms from the projections `px` and residual norms `rx` the
+    /// bounds take (the queries' own, or r's with the anchor's `res`).
+    fn terms(
+        index: &PruneIndex,
+        batch: &CentredBatch<'_>,
+        setup: &Setup,
+        levels: [usize; 2],
+        (px, rx): (&[f32], &[f32]),
+        res: Option<&Residuals>,
+    ) -> Option<Vec<QueryProj>> {
+        let (dim, k) = (index.dim, index.k);
+        let n_q = batch.logit_coefs.len();
+        let y_max = setup.y_max();
         let (mut sq, mut tail) = (Vec::new(), Vec::new());
         let mut queries = Vec::with_capacity(n_q);
         for q in 0..n_q {
@@ -236,22 +301,35 @@ impl Projection {
                 &mut sq,
                 &mut tail,
             );
+            let margin = match res {
+                None => LB_MARGIN * (x_sq.sqrt() + a * y_max).powi(2),
+                Some(r) => {
+                    for (s, t) in sq.iter_mut().zip(&tail) {
+                        *s = x_sq - t * t;
+                    }
+                    LB_MARGIN * (x_sq.sqrt() + 2.0 * r.gamma_c(q) + a * y_max).powi(2)
+                        + 2.0 * a * r.rounding(q, y_max)
+                }
+            };
             queries.push(QueryProj {
                 a: a as f32,
                 a2: (a * a) as f32,
                 inv: inv as f32,
                 top: (inv * x_sq + setup.err()[q]) as f32,
-                margin: (LB_MARGIN * (x_sq.sqrt() + a * setup.y_max()).powi(2)) as f32,
+                margin: margin as f32,
                 sq: levels.map(|l| sq[l] as f32),
-                tail: levels.map(|l| tail[l] as f32),
+                tail: levels.map(|l| (tail[l] * (1.0 + 1e-6)) as f32),
             });
         }
-        Some(Projection {
-            k,
-            levels,
-            px,
-            queries,
-        })
+        Some(queries)
+    }
+
+    /// With an anchor, gamma c . y added to query q's partial products `row` with the
+    /// positions from `t0`.
+    fn add_anchor(&self, q: usize, t0: usize, row: &mut [f32]) {
+        if let Some((a, gamma)) = &self.anchor {
+            a.add_scaled(q, t0, gamma[q], row);
+        }
     }
 
     /// Bounds of queries `q0 + l` for l in `need` (ascending) against the rows at
@@ -304,6 +382,7 @@ impl Projection {
             }
         }
         for (row, &l) in out.chunks_exact_mut(nt).zip(need) {
+            self.add_anchor(q0 + l, t0, row);
             row_bounds(&self.queries[q0 + l], At::Pass, row, ysq, yt);
         }
     }
@@ -420,7 +499,7 @@ fn skip_terms_body(ub: &[f32], cuts: &[f32], rows: f32, sum: &mut [f64]) {
 multiversion! {
     /// Per column of a tile's dimension-major block (`LEAF_ROWS` columns, one per row of
     /// the tile), its dot product with `x` over the block's first x.len() coordinates.
-    fn head_dots(block: &[f32], x: &[f32], acc: &mut [f32; LEAF_ROWS]) = head_dots_body;
+    pub(super) fn head_dots(block: &[f32], x: &[f32], acc: &mut [f32; LEAF_ROWS]) = head_dots_body;
 }
 
 #[inline(always)]
@@ -455,7 +534,9 @@ fn bounds(qp: &QueryProj, at: At, d: &mut [f32], ysq: &[f32], yt: &[f32]) {
     // `if x > 0 { x } else { 0 }` rather than `max`: one vector max, no NaN handling.
     let pos = |x: f32| if x > 0.0 { x } else { 0.0 };
     for ((v, &ys), &yt) in d.iter_mut().zip(ysq).zip(yt) {
-        let dp2 = pos(xs - 2.0 * a * *v + a2 * ys);
+        // (Not clamped at 0: with an anchor this is no squared distance, see
+        // `Projection::new`; without, a negative value is rounding and only lowers L.)
+        let dp2 = xs - 2.0 * a * *v + a2 * ys;
         let g = xt - a * yt;
         *v = top - inv * pos(dp2 + g * g - margin);
     }
@@ -485,6 +566,7 @@ pub fn partial(
     inputs: PassInputs<'_>,
     share: f64,
     kept: Option<&mut Vec<Vec<u32>>>,
+    anchor: Option<&Anchor>,
 ) -> Option<Partial> {
     let PassInputs {
         ds,
@@ -503,7 +585,16 @@ pub fn partial(
     if n_q == 0 || err.iter().any(|e| !e.is_finite()) {
         return None;
     }
-    let proj = Projection::new(index, batch, setup, level(share))?;
+    // Anchored bounds are tight from the first level on (see [`super::anchor`]).
+    let level = if anchor.is_some() { 0 } else { level(share) };
+    let plain = Projection::new(index, batch, setup, level)?;
+    let anchored = match anchor {
+        Some(a) => Some(plain.anchored(index, batch, setup, a)?),
+        None => None,
+    };
+    // The pairs' bounds (anchored where an anchor is given); the seeds and the tiles'
+    // bounds in the queries' own coordinates.
+    let proj = anchored.as_ref().unwrap_or(&plain);
     let t_proj = clock.elapsed().as_secs_f64();
     let positions = setup.positions();
     let n_rows = positions.len();
@@ -516,14 +607,18 @@ pub fn partial(
 
     // (1) Per query, a lower bound on its f32 maximum: the largest f32 logit over a few
     // rows of the tile whose projected centroid is nearest (any computed logit is one).
-    let lower = seed_lower(ds, index, batch, &proj);
+    let lower = seed_lower(ds, index, batch, &plain);
     let tiles = index
         .tiles_for(&batch.rows)
         .expect("the rows are a union of tiles (Setup)");
     // Tile bounds first where the pass runs at the first level (the latest calls), so that
     // the pairs' bounds are taken only in the tiles some query may need (see the module
     // docs).
-    let ubs = (proj.levels[At::Pass as usize] == 0).then(|| proj.tile_ubs(index, tiles.clone()));
+    // (With an anchor only late, where they rule out most tiles: they are taken in the
+    // queries' own coordinates, whose noise is small by then.)
+    let first_level = proj.levels[At::Pass as usize] == 0;
+    let tile_bounds = anchor.is_none() || share <= anchor::tile_bounds_max_share();
+    let ubs = (first_level && tile_bounds).then(|| plain.tile_ubs(index, tiles.clone()));
     let t_seed = clock.elapsed().as_secs_f64();
 
     // (2) Every pair's bound at the pass's level; the last level and f32 for the few that
@@ -536,7 +631,7 @@ pub fn partial(
                 ds,
                 index,
                 batch,
-                &proj,
+                proj,
                 &qs,
                 &blocks[b],
                 lib,
@@ -685,10 +780,12 @@ fn sweep(
     let mut cuts: Vec<f32> = (0..n_q)
         .map(|l| (lower[l] + thresholds[l]) as f32)
         .collect();
-    // The sweep's steps: with tile bounds, each index tile's rows within the block (a
-    // tile may straddle two blocks); else runs of `TILE` rows.
-    let steps: Vec<(usize, usize, Option<usize>)> = match tile_ubs {
-        Some(_) => {
+    // The sweep's steps: at the first level (with or without tile bounds), each index
+    // tile's rows within the block (a tile may straddle two blocks), its head products
+    // from the tile's dimension-major block; else runs of `TILE` rows.
+    let leaf_steps = tile_ubs.is_some() || pass == 0;
+    let steps: Vec<(usize, usize, Option<usize>)> = match leaf_steps {
+        true => {
             let first = index
                 .tiles
                 .partition_point(|t| t.start + t.len <= block.start);
@@ -701,7 +798,7 @@ fn sweep(
                 })
                 .collect()
         }
-        None => block
+        false => block
             .clone()
             .step_by(TILE)
             .map(|t0| (t0, TILE.min(block.end - t0), None))
@@ -779,6 +876,7 @@ fn sweep(
                         Some(ub) => ub[j],
                         None => {
                             let mut d = [dot(pq, &index.proj[p * k..(p + 1) * k])];
+                            proj.add_anchor(q, p, &mut d);
                             bounds(qp, At::Last, &mut d, &ysq[p..p + 1], &yt[p..p + 1]);
                             d[0]
                         }
@@ -876,6 +974,7 @@ fn dense_bounds(
     let ysq = &index.lvl_sq[last * n_all + t0..][..nt];
     let yt = &index.lvl_tail[last * n_all + t0..][..nt];
     for (&q, ub) in dense.queries.iter().zip(dense.out.chunks_exact_mut(nt)) {
+        proj.add_anchor(q, t0, ub);
         row_bounds(&proj.queries[q], At::Last, ub, ysq, yt);
     }
 }
@@ -1139,7 +1238,7 @@ mod tests {
         xc: &[f32],
         [a, b]: [f64; 2],
         level: usize,
-    ) -> (Setup, Projection) {
+    ) -> (Setup, Projection<'static>) {
         let coefs = vec![[a as f32, b as f32]; xc.len() / index.dim];
         let batch = CentredBatch {
             x: xc,

@@ -61,6 +61,8 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::accumulate::{accumulate, pack_into, QUERY_BLOCK, STRIP};
+use super::anchor::{self, Anchor, PANEL};
+use super::projected::head_dots;
 use super::screen::{dot, dots_with_row, RowSum};
 use super::{budget, env_number, lowp, profiling, PruneIndex, SAMPLE_BUDGET};
 use crate::dataset::{Dataset, Values};
@@ -127,6 +129,10 @@ const SCREEN_MAX_SLACK: f64 = 48.0;
 const CARRY_MAX_SLACK: f64 = 8.0;
 /// Largest 2 err (nats) at which weights are still dropped.
 const MAX_ERR: f64 = 10.0;
+/// An anchored call that computes in f32 more than `STALE_FACTOR` times the pairs it
+/// keeps plus `STALE_SHARE` of all pairs marks its anchor stale.
+const STALE_FACTOR: f64 = 8.0;
+const STALE_SHARE: f64 = 0.02;
 
 /// One task's logits over its row block: per tile, n_q x tile rows, tile after tile; and
 /// per query the block's largest logit and its stored row. With screening, a logit that
@@ -139,6 +145,12 @@ struct BlockLogits {
     lower: Vec<f64>,
     /// pairs computed in f32 after the screening
     exact: u64,
+    /// where the call records an anchor: the products before they became logits, in
+    /// `s`'s layout
+    products: Vec<f32>,
+    /// anchored: per query the block's largest upper bound and its position (a candidate
+    /// for the query's maximum, whose f32 logit then raises the lower bound)
+    seeds: Vec<(f32, u32)>,
 }
 
 /// What a sparse call leaves for the next one: for every (query, row) pair a value at or
@@ -311,7 +323,7 @@ pub struct Setup {
 
 impl Setup {
     /// The index's positions of the rows.
-    pub(super) fn positions(&self) -> Range<usize> {
+    pub(crate) fn positions(&self) -> Range<usize> {
         self.positions.clone()
     }
 
@@ -395,6 +407,24 @@ pub enum Screen {
     Reduced,
     /// the last sparse call's values first (see [`Carry`])
     Carried,
+    /// an earlier call's products first ([`super::anchor`])
+    Anchored,
+}
+
+/// What the sparse pass does with anchors ([`super::anchor`]): screen with one
+/// ([`Screen::Anchored`]), or record this call's products as one (only the unscreened
+/// pass computes them all).
+pub enum AnchorUse<'a> {
+    None,
+    Read(&'a Anchor),
+    Record(&'a mut Option<Anchor>),
+}
+
+/// An anchor and its terms for one call, as phase 1 reads them.
+struct Anchored<'a> {
+    anchor: &'a Anchor,
+    terms: &'a anchor::Terms,
+    panel: &'a anchor::HeadPanel,
 }
 
 /// Whether the carried screening is on (ORACLEFLOW_PRUNE_CARRY=1). Opt-in: a carried call
@@ -476,6 +506,7 @@ pub fn partial(
     carry: &mut Option<Carry>,
     buffers: &mut Buffers,
     kept: Option<&mut Vec<Vec<u32>>>,
+    mut anchors: AnchorUse<'_>,
 ) -> Option<Partial> {
     let PassInputs {
         ds,
@@ -522,6 +553,28 @@ pub fn partial(
                 .collect();
             (panels, xq, slack)
         });
+    let anchor = match (&anchors, screen) {
+        (AnchorUse::Read(a), Screen::Anchored) => Some(*a),
+        _ => None,
+    };
+    let anchor_terms = match anchor {
+        Some(a) => Some(a.terms(index, batch, err, setup.y_max)?),
+        None => None,
+    };
+    let anchored = anchor
+        .zip(anchor_terms.as_ref())
+        .map(|(anchor, terms)| Anchored {
+            anchor,
+            terms,
+            panel: index.head_panel(),
+        });
+    // This call's products, query-major over its positions, where it records an anchor.
+    let mut anchor_products = match (&anchors, screen) {
+        (AnchorUse::Record(_), Screen::F32) if anchor::fits(n_q, n_rows) => {
+            Some(vec![0.0f32; anchor::Layout::new(&positions, n_q).len()])
+        }
+        _ => None,
+    };
     let mut screened = 0u64;
     let mut run = CpuPartial::empty(n_q, dim);
     let mut dropped = vec![0.0f64; n_q];
@@ -553,11 +606,31 @@ pub fn partial(
                     prev: &c.s[g * blocks.len() + b],
                     coefs: &coefs[qs.clone()],
                 });
-                block_logits(ds, index, batch, qs, &blocks[b], lib, scr, prev, buf)
+                let how = Phase1 {
+                    screen: scr,
+                    previous: prev,
+                    anchored: anchored.as_ref(),
+                    record: anchor_products.is_some(),
+                };
+                block_logits(ds, index, batch, qs, &blocks[b], lib, how, buf)
             })
             .collect();
+        if let Some(products) = anchor_products.as_mut() {
+            let layout = anchor::Layout::new(&positions, n_q);
+            for (&(g, b), l) in tasks.iter().zip(&mut logits) {
+                let qs = groups[g].clone();
+                let tiles = blocks[b].clone().step_by(TILE);
+                for (t0, tile) in tiles.zip(l.products.chunks(qs.len() * TILE)) {
+                    let nt = tile.len() / qs.len();
+                    for (q, row) in qs.clone().zip(tile.chunks_exact(nt)) {
+                        layout.store(q, t0, row, products);
+                    }
+                }
+                l.products = Vec::new();
+            }
+        }
         t_screen += c1.elapsed().as_secs_f64();
-        if low_screen.is_some() {
+        if low_screen.is_some() || anchored.is_some() {
             // Per query, the cut from the largest lower bound over the chunk's blocks:
             // within 2 slack of the maximum, so the f32 logits go to hardly more pairs
             // than are kept (a block's own lower bound, rising tile by tile from far
@@ -567,6 +640,35 @@ pub fn partial(
                 for (q, &lo) in groups[g].clone().zip(&l.lower) {
                     lower[q] = lower[q].max(lo);
                 }
+            }
+            // Anchored: each block's best candidate gets its f32 logit, a lower bound on
+            // the maximum far closer than the bounds' own (their slack is wider than the
+            // reduced precision's).
+            if anchored.is_some() {
+                let mut cands: Vec<Vec<u32>> = vec![Vec::new(); n_q];
+                for (&(g, _), l) in tasks.iter().zip(&logits) {
+                    for (q, &(_, p)) in groups[g].clone().zip(&l.seeds) {
+                        if p != u32::MAX {
+                            cands[q].push(p);
+                        }
+                    }
+                }
+                let norms = ds.sq_norms();
+                lower
+                    .par_iter_mut()
+                    .zip(&cands)
+                    .enumerate()
+                    .for_each(|(q, (lo, ps))| {
+                        let mut one = Vec::new();
+                        let x = &batch.x[q * dim..(q + 1) * dim];
+                        for &p in ps {
+                            let r = index.perm[p as usize] as usize;
+                            let coefs = batch.logit_coefs[q];
+                            let s =
+                                exact_logit(ds, index, x, coefs, p as usize, norms[r], &mut one);
+                            *lo = lo.max(s as f64);
+                        }
+                    });
             }
             let cuts: Vec<f32> = lower
                 .iter()
@@ -601,7 +703,7 @@ pub fn partial(
                 })
                 .collect();
             let share = cpos.len() as f64 / n_rows as f64;
-            let screened = screen == Screen::Reduced;
+            let screened = matches!(screen, Screen::Reduced | Screen::Anchored);
             budget::cuts(
                 &views,
                 &best,
@@ -701,6 +803,12 @@ pub fn partial(
             t_logits,
             if previous.is_some() {
                 format!(", from the last call's, {:.4} of pairs exact", screened as f64 / all)
+            } else if anchored.is_some() {
+                format!(
+                    ", anchored screening {:.3}s, {:.4} of pairs exact",
+                    t_screen,
+                    screened as f64 / all
+                )
             } else if let Some((panels, ..)) = &low_screen {
                 format!(
                     ", {} screening {:.3}s, {:.4} of pairs exact",
@@ -724,6 +832,17 @@ pub fn partial(
     } = run;
     if states.iter().any(|s| s.sum == 0.0 || !s.sum.is_finite()) {
         return None;
+    }
+    // An anchor whose bounds let through far more pairs than count (a trajectory that
+    // left it, e.g. another field took over) is not used again.
+    if let Some(a) = anchor {
+        let kept_all: u64 = n_kept.iter().sum();
+        if screened as f64 > STALE_FACTOR * kept_all as f64 + STALE_SHARE * (n_q * n_rows) as f64 {
+            a.mark_stale();
+        }
+    }
+    if let (Some(products), AnchorUse::Record(slot)) = (anchor_products, &mut anchors) {
+        **slot = Some(Anchor::new(index, batch, positions.clone(), products));
     }
     for (d, e) in dropped.iter_mut().zip(err) {
         *d *= (2.0 * e).exp();
@@ -849,16 +968,25 @@ fn block_logits(
     qs: Range<usize>,
     block: &Range<usize>,
     lib: GemmLib,
-    screen: Option<Screening<'_>>,
-    previous: Option<Incremental<'_>>,
+    how: Phase1<'_>,
     mut s: Vec<f32>,
 ) -> BlockLogits {
+    let Phase1 {
+        screen,
+        previous,
+        anchored,
+        record,
+    } = how;
     let dim = ds.dim();
     let n_q = qs.len();
     let norms = ds.sq_norms();
     let x = &batch.x[qs.start * dim..qs.end * dim];
     // Only the unscreened pass computes every logit by GEMM.
-    let queries = (screen.is_none() && previous.is_none()).then(|| Queries::new(lib, x, dim));
+    let queries = (screen.is_none() && previous.is_none() && anchored.is_none())
+        .then(|| Queries::new(lib, x, dim));
+    let mut products = Vec::new();
+    let n_all = index.perm.len();
+    let mut seeds = vec![(f32::NEG_INFINITY, u32::MAX); if anchored.is_some() { n_q } else { 0 }];
     sized(&mut s, n_q * block.len());
     let mut best = vec![(f32::NEG_INFINITY, u32::MAX); n_q];
     let mut lower = vec![f64::NEG_INFINITY; n_q];
@@ -897,11 +1025,31 @@ fn block_logits(
         for (n, &r) in nsq.iter_mut().zip(rows) {
             *n = norms[r as usize];
         }
+        if let Some(an) = anchored {
+            anchored_values(an, qs.clone(), tile.clone(), out);
+            let tails = &index.lvl_tail[tile.start..tile.end];
+            debug_assert!(tile.end <= n_all);
+            for (q, row) in out.chunks_exact_mut(nt).enumerate() {
+                let [c_dot, c_norm] = batch.logit_coefs[qs.start + q];
+                let (ca, cc) = (an.terms.ca[qs.start + q], an.terms.cc[qs.start + q]);
+                let k = [c_dot, c_norm, ca, 0.0, cc];
+                let lo = screen_bounds(row, &nsq[..nt], tails, tails, k);
+                lower[q] = lower[q].max(lo as f64);
+                let (m, i) = max_first(row);
+                if m > seeds[q].0 {
+                    seeds[q] = (m, (t0 + i) as u32);
+                }
+            }
+            continue;
+        }
         let Some(scr) = &screen else {
             let queries = queries
                 .as_ref()
                 .expect("the unscreened pass has its queries");
             queries.dots(index.rows_at(ds, tile.clone(), &mut y), out);
+            if record {
+                products.extend_from_slice(out);
+            }
             for (q, row) in out.chunks_exact_mut(nt).enumerate() {
                 to_logits(row, &nsq[..nt], batch.logit_coefs[qs.start + q]);
                 raise_to_row_max(&mut best[q], row, rows);
@@ -930,6 +1078,45 @@ fn block_logits(
         best,
         lower,
         exact,
+        products,
+        seeds,
+    }
+}
+
+/// How phase 1 gets a block's values: screened in reduced precision, from the last call's
+/// values, from an anchor, or every logit by GEMM (then `record` keeps the products).
+struct Phase1<'a> {
+    screen: Option<Screening<'a>>,
+    previous: Option<Incremental<'a>>,
+    anchored: Option<&'a Anchored<'a>>,
+    record: bool,
+}
+
+/// Per query of `qs` (n_q x tile.len() in `out`), gamma C + P r . P y over the positions
+/// `tile`: the anchor's products and the head products from the index's panel (see
+/// [`super::anchor`]).
+fn anchored_values(an: &Anchored<'_>, qs: Range<usize>, tile: Range<usize>, out: &mut [f32]) {
+    let nt = tile.len();
+    let l0 = an.terms.l0;
+    let mut acc = [0.0f32; PANEL];
+    // Block by block of the panel, every query (the anchor's products of a block are
+    // stored query after query).
+    let mut p = tile.start;
+    while p < tile.end {
+        let b = p / PANEL;
+        let end = ((b + 1) * PANEL).min(tile.end);
+        let (off, cols) = (p - b * PANEL, p - tile.start..end - tile.start);
+        for (row, q) in out.chunks_exact_mut(nt).zip(qs.clone()) {
+            head_dots(
+                an.panel.block(b),
+                &an.terms.rh[q * l0..(q + 1) * l0],
+                &mut acc,
+            );
+            let row = &mut row[cols.clone()];
+            row.copy_from_slice(&acc[off..off + row.len()]);
+            an.anchor.add_scaled(q, p, an.terms.gamma[q], row);
+        }
+        p = end;
     }
 }
 

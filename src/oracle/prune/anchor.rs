@@ -1,0 +1,467 @@
+//! Anchored screening: bounds on this call's dot products from an earlier call's, with the
+//! noise taken out.
+//!
+//! **Why the other bounds stop at t ~ 0.5.** A query along a trajectory is
+//! x = g eps + z: the initial noise eps, scaled, plus a combination z of posterior means
+//! (each sampler step is x' = u x + w x1_hat with scalars u and w, and x1_hat is a
+//! weighted mean of rows; the queries are centred, so z is data-like). Projection bounds
+//! take x . y <= P x . P y + |R x| |R y| (P the leading principal coordinates, R the rest):
+//! the noise puts most of |R x| where no row has any weight, and that product is looser
+//! than the logits' gaps until late in the trajectory (see the module docs of `prune`).
+//!
+//! **The anchor.** One f32 GEMM gives every product c . y of the queries c of some call
+//! (the sparse pass's logits GEMM computes them anyway; they are kept, B x N floats). For
+//! a later call's query x (same slot), with any scalar gamma and r = x - gamma c:
+//!
+//!   x . y = gamma (c . y) + P r . P y + R r . R y,   |R r . R y| <= |R r| |R y|,
+//!
+//! exactly, with P here the first `levels[0]` (16) principal coordinates. gamma is chosen
+//! to make |R r| least: both x and c carry the same noise eps, so r is data-like and
+//! |R r| is a few units where |R x| is tens. On Fashion-MNIST (numpy, 64 queries of a
+//! 50-step Euler trajectory, anchored at t = 0.28) these 16-coordinate bounds let through
+//! 0.050 of the pairs at t = 0.4 where 0.032 can reach an f32 result (projection bounds
+//! from all 256 coordinates: 0.25), 0.008 at t = 0.5 (0.002; 0.061), 1.0e-3 at t = 0.6
+//! (7e-5; 0.0097). The bound holds for any x whatever the anchor: an unrelated one only
+//! makes it loose (the pass then finds it stale, see `CpuBackend`).
+//!
+//! **Rounding.** The stored products are f32 GEMM results, within
+//! D 2^-24 / (1 - D 2^-24) |c| |y| of the exact ones (any summation order); the head's
+//! products, the projections and the f32 evaluation of the bound are covered, as in the
+//! other bounds, by `LB_MARGIN` times the size of the terms: the bound on x . y is widened
+//! by e = `LB_MARGIN` (|x| + 2 |gamma c|) |y|max plus the products' rounding, and the
+//! logit bounds by 2 err (the f32 logit's rounding, and again for the f32 evaluation).
+//!
+//! **Per call.** Per query O(D k) for gamma and r's projection; per pair one f32 product
+//! from memory, 16 multiply-adds and the bound; the pairs that reach the cut get their f32
+//! logit as in the other screened passes (`sparse::screened_exact`).
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+use rayon::prelude::*;
+
+use super::{env_number, project, PruneIndex, LB_MARGIN};
+use crate::oracle::simd::multiversion;
+use crate::oracle::CentredBatch;
+
+/// Most bytes of stored products, over all anchors, unless
+/// ORACLEFLOW_PRUNE_ANCHOR_MIB sets it: B = 256 queries of N = 1M rows take 1 GiB.
+const ANCHOR_BYTES: usize = 1 << 30;
+/// Anchors kept at once (a guided sampler alternates between two row ranges).
+const MAX_ANCHORS: usize = 2;
+/// Columns of one block of the head panel (see [`HeadPanel`]).
+pub(super) const PANEL: usize = 64;
+
+/// Largest estimated kept share (`sparse::kept_share`) at which an anchored call runs the
+/// projected pass's sweep (above it the sparse pass, screened by the anchor);
+/// ORACLEFLOW_PRUNE_ANCHOR_PROJ_MAX_SHARE overrides it (read per call).
+pub const PROJECTED_MAX_SHARE: f64 = 0.012;
+
+/// Largest estimated kept share at which an anchored projected pass first bounds whole
+/// tiles in the queries' own coordinates (as the plain pass does late, where the noise is
+/// small); ORACLEFLOW_PRUNE_ANCHOR_TILES_MAX_SHARE overrides it.
+pub const TILE_BOUNDS_MAX_SHARE: f64 = 1e-3;
+
+/// [`TILE_BOUNDS_MAX_SHARE`] or its override.
+pub fn tile_bounds_max_share() -> f64 {
+    env_number("ORACLEFLOW_PRUNE_ANCHOR_TILES_MAX_SHARE").unwrap_or(TILE_BOUNDS_MAX_SHARE)
+}
+
+/// [`PROJECTED_MAX_SHARE`] or its override.
+pub fn projected_max_share() -> f64 {
+    env_number("ORACLEFLOW_PRUNE_ANCHOR_PROJ_MAX_SHARE").unwrap_or(PROJECTED_MAX_SHARE)
+}
+
+/// Whether anchored screening is on (ORACLEFLOW_PRUNE_ANCHOR=0 turns it off, for
+/// comparisons).
+pub fn enabled() -> bool {
+    !std::env::var("ORACLEFLOW_PRUNE_ANCHOR").is_ok_and(|v| v == "0")
+}
+
+fn budget_bytes() -> usize {
+    env_number::<usize>("ORACLEFLOW_PRUNE_ANCHOR_MIB").map_or(ANCHOR_BYTES, |m| m << 20)
+}
+
+/// Whether an anchor of `n_q` queries over `n_pos` positions fits the memory budget.
+pub fn fits(n_q: usize, n_pos: usize) -> bool {
+    n_q.checked_mul(n_pos + 2 * PANEL)
+        .and_then(|v| v.checked_mul(4))
+        .is_some_and(|b| b <= budget_bytes())
+}
+
+/// The queries of one call and their products with every row of its positions.
+pub struct Anchor {
+    /// the index positions the products cover
+    positions: Range<usize>,
+    n_q: usize,
+    dim: usize,
+    /// n_q x D, the queries (centred, as the call got them)
+    x: Vec<f32>,
+    /// n_q x k, their projections, and per query its residual norm |R c|
+    proj: Vec<f32>,
+    resid: Vec<f32>,
+    /// per query |c|
+    norm: Vec<f64>,
+    /// c_q . y_p in f32 (the GEMM's own results), laid out by [`Layout`]
+    products: Vec<f32>,
+    /// set when a call's bounds let through far more pairs than it kept
+    stale: AtomicBool,
+}
+
+impl Anchor {
+    /// An anchor from `batch`'s queries and their f32 products with the rows at
+    /// `positions` (laid out by [`Layout`]).
+    pub(super) fn new(
+        index: &PruneIndex,
+        batch: &CentredBatch<'_>,
+        positions: Range<usize>,
+        products: Vec<f32>,
+    ) -> Anchor {
+        let dim = index.dim;
+        let n_q = batch.logit_coefs.len();
+        debug_assert_eq!(products.len(), Layout::new(&positions, n_q).len());
+        let (proj, resid) = project_queries(index, batch.x);
+        let norm = batch
+            .x
+            .chunks_exact(dim)
+            .map(|x| x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt())
+            .collect();
+        Anchor {
+            positions,
+            n_q,
+            dim,
+            x: batch.x.to_vec(),
+            proj,
+            resid,
+            norm,
+            products,
+            stale: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether this anchor serves a call of `n_q` queries over `positions`.
+    pub fn serves(&self, positions: &Range<usize>, n_q: usize) -> bool {
+        self.n_q == n_q
+            && self.positions.start <= positions.start
+            && positions.end <= self.positions.end
+    }
+
+    /// Marks this anchor stale: later calls find none (and the next sparse call of f32
+    /// logits records a fresh one).
+    pub(super) fn mark_stale(&self) {
+        self.stale.store(true, Relaxed);
+    }
+
+    /// out[i] += g c_q . y_(p0 + i): query q's stored products from position `p0`, scaled.
+    pub(super) fn add_scaled(&self, q: usize, p0: usize, g: f32, out: &mut [f32]) {
+        let layout = Layout::new(&self.positions, self.n_q);
+        let end = p0 + out.len();
+        let mut p = p0;
+        while p < end {
+            let stop = ((p / PANEL + 1) * PANEL).min(end);
+            let src = &self.products[layout.at(q, p)..][..stop - p];
+            scaled_add(&mut out[p - p0..stop - p0], src, g);
+            p = stop;
+        }
+    }
+
+    /// Per query of `batch`: gamma, r = x - gamma c and r's projections (see
+    /// [`Residuals`]).
+    /// `own`: the queries' own projections and residual norms, where the caller has them.
+    pub(super) fn residuals(
+        &self,
+        index: &PruneIndex,
+        batch: &CentredBatch<'_>,
+        own: Option<(&[f32], &[f32])>,
+    ) -> Residuals {
+        let (dim, k) = (self.dim, index.k);
+        let l0 = index.levels[0];
+        let n_q = self.n_q;
+        let projected;
+        let (px, rx) = match own {
+            Some(p) => p,
+            None => {
+                projected = project_queries(index, batch.x);
+                (&projected.0[..], &projected.1[..])
+            }
+        };
+        // gamma per query: the least |R (x - gamma c)|, from R x . R c = x . c - P x . P c.
+        let mut gamma = vec![0.0f32; n_q];
+        let mut gc = vec![0.0f64; n_q];
+        let mut x_norm = vec![0.0f64; n_q];
+        let mut r = vec![0.0f32; n_q * dim];
+        for q in 0..n_q {
+            let (x, c) = (
+                &batch.x[q * dim..(q + 1) * dim],
+                &self.x[q * dim..(q + 1) * dim],
+            );
+            let (pxq, pcq) = (&px[q * k..(q + 1) * k], &self.proj[q * k..(q + 1) * k]);
+            let xc: f64 = x.iter().zip(c).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let head: f64 = pxq[..l0]
+                .iter()
+                .zip(&pcq[..l0])
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum();
+            let cc = tail_sq(pcq, self.resid[q], l0);
+            let g = if cc > 0.0 { (xc - head) / cc } else { 0.0 };
+            gamma[q] = if g.is_finite() { g as f32 } else { 0.0 };
+            let gq = gamma[q] as f64;
+            gc[q] = gq.abs() * self.norm[q];
+            x_norm[q] = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+            for ((o, &a), &b) in r[q * dim..(q + 1) * dim].iter_mut().zip(x).zip(c) {
+                *o = (a as f64 - gq * b as f64) as f32;
+            }
+        }
+        let (proj, resid) = project_queries(index, &r);
+        let u = dim as f64 * f64::powi(2.0, -24);
+        // How much the anchor takes off: queries whose squared tail past the first level
+        // it at least halves (one from another trajectory takes off next to nothing).
+        let helped = (0..n_q)
+            .filter(|&q| {
+                let with = tail_sq(&proj[q * k..(q + 1) * k], resid[q], l0);
+                let without = tail_sq(&px[q * k..(q + 1) * k], rx[q], l0);
+                with <= 0.5 * without
+            })
+            .count();
+        Residuals {
+            useful: 2 * helped >= n_q,
+            gamma,
+            proj,
+            resid,
+            x_norm,
+            gc,
+            gamma_d: u / (1.0 - u),
+        }
+    }
+
+    /// Per query of `batch` the terms of its bounds (see [`Terms`]), with `err` the f32
+    /// logits' rounding bounds and `y_max` the rows' largest norm; `None` (and the anchor
+    /// marked stale) where it does not serve these queries (see `Residuals::useful`).
+    pub(super) fn terms(
+        &self,
+        index: &PruneIndex,
+        batch: &CentredBatch<'_>,
+        err: &[f64],
+        y_max: f64,
+    ) -> Option<Terms> {
+        let k = index.k;
+        let l0 = index.levels[0];
+        let n_q = self.n_q;
+        let res = self.residuals(index, batch, None);
+        if !res.useful {
+            self.mark_stale();
+            return None;
+        }
+        let mut rh = vec![0.0f32; n_q * l0];
+        let (mut ca, mut cc) = (vec![0.0f32; n_q], vec![0.0f32; n_q]);
+        for q in 0..n_q {
+            rh[q * l0..(q + 1) * l0].copy_from_slice(&res.proj[q * k..q * k + l0]);
+            let c_dot = (batch.logit_coefs[q][0] as f64).abs();
+            let rho = tail_sq(&res.proj[q * k..(q + 1) * k], res.resid[q], l0).sqrt();
+            ca[q] = (c_dot * rho * (1.0 + 1e-6)) as f32;
+            cc[q] = (c_dot * res.widening(q, y_max) + 2.0 * err[q]) as f32;
+        }
+        Some(Terms {
+            l0,
+            gamma: res.gamma,
+            rh,
+            ca,
+            cc,
+        })
+    }
+}
+
+multiversion! {
+    /// out[i] += g src[i], vectorized (a bound's term: its rounding is inside the margin).
+    fn scaled_add(out: &mut [f32], src: &[f32], g: f32) = scaled_add_body;
+}
+
+#[inline(always)]
+fn scaled_add_body(out: &mut [f32], src: &[f32], g: f32) {
+    for (o, &c) in out.iter_mut().zip(src) {
+        *o += g * c;
+    }
+}
+
+/// |v - P_l v|^2 from v's projection `p` (k coordinates) and residual norm `r`.
+fn tail_sq(p: &[f32], r: f32, l: usize) -> f64 {
+    p[l..].iter().map(|&v| (v as f64).powi(2)).sum::<f64>() + (r as f64).powi(2)
+}
+
+/// Per query of a call against an anchor: gamma, and r = x - gamma c's projections.
+pub(super) struct Residuals {
+    pub(super) gamma: Vec<f32>,
+    /// n_q x k: P r, and |R r| past all k coordinates
+    pub(super) proj: Vec<f32>,
+    pub(super) resid: Vec<f32>,
+    /// |x| and |gamma c|
+    x_norm: Vec<f64>,
+    gc: Vec<f64>,
+    /// D 2^-24 / (1 - D 2^-24): the stored products' relative rounding bound
+    gamma_d: f64,
+    /// whether the anchor at least halves the squared tail of most queries (else it
+    /// belongs to another trajectory, or the noise it takes out is small by now)
+    pub(super) useful: bool,
+}
+
+impl Residuals {
+    /// How far query q's bound on x . y is widened for rounding (module docs): e =
+    /// `LB_MARGIN` (|x| + 2 |gamma c|) |y|max, the stored products' rounding
+    /// D 2^-24 / (1 - D 2^-24) |gamma c| |y|max, and r's own rounding to f32 (within
+    /// 2^-24 (|x| + |gamma c|) in norm, twice that taken).
+    pub(super) fn widening(&self, q: usize, y_max: f64) -> f64 {
+        LB_MARGIN * (self.x_norm[q] + 2.0 * self.gc[q]) * y_max + self.rounding(q, y_max)
+    }
+
+    /// The stored products' and r's rounding alone (see [`Self::widening`]).
+    pub(super) fn rounding(&self, q: usize, y_max: f64) -> f64 {
+        let (x, gc) = (self.x_norm[q], self.gc[q]);
+        self.gamma_d * gc * y_max + f64::powi(2.0, -23) * (x + gc) * y_max
+    }
+
+    /// |gamma c| for query q.
+    pub(super) fn gamma_c(&self, q: usize) -> f64 {
+        self.gc[q]
+    }
+}
+
+/// Per query of a call, the terms of its anchored bounds on the f32 logits:
+/// c_dot (gamma C + P r . P y) - c_norm |y|^2 +- (ca |R y| + cc), with C the anchor's
+/// stored product and |R y| the row's tail past `l0` coordinates.
+pub(super) struct Terms {
+    pub(super) l0: usize,
+    pub(super) gamma: Vec<f32>,
+    /// n_q x l0: P r
+    pub(super) rh: Vec<f32>,
+    /// |c_dot| |R r|
+    pub(super) ca: Vec<f32>,
+    /// |c_dot| e + 2 err
+    pub(super) cc: Vec<f32>,
+}
+
+/// The projections (n x k) and residual norms of the queries `x` (n x D), in blocks of
+/// 32 queries side by side (each row's projection is the same bits in any block).
+fn project_queries(index: &PruneIndex, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let dim = index.dim;
+    let parts: Vec<(Vec<f32>, Vec<f32>)> = x
+        .par_chunks(32 * dim)
+        .map(|xs| project(xs, xs.len() / dim, dim, &index.basis, index.k))
+        .collect();
+    let (mut p, mut r) = (Vec::new(), Vec::new());
+    for (a, b) in parts {
+        p.extend(a);
+        r.extend(b);
+    }
+    (p, r)
+}
+
+/// The anchors a backend keeps from call to call (see the module docs).
+#[derive(Default)]
+pub struct Anchors {
+    list: Vec<Anchor>,
+}
+
+impl Anchors {
+    /// Forgets every anchor (a new trajectory: its queries share no noise with the old).
+    pub fn clear(&mut self) {
+        self.list.clear();
+    }
+
+    /// The anchor serving a call of `n_q` queries over `positions`, if any and not stale.
+    pub fn find(&self, positions: &Range<usize>, n_q: usize) -> Option<&Anchor> {
+        self.list
+            .iter()
+            .find(|a| a.serves(positions, n_q) && !a.stale.load(Relaxed))
+    }
+
+    /// Keeps `anchor`, replacing any for the same queries and positions and dropping the
+    /// oldest beyond `MAX_ANCHORS` or the memory budget.
+    pub fn insert(&mut self, anchor: Anchor) {
+        self.list
+            .retain(|a| !(a.n_q == anchor.n_q && a.positions == anchor.positions));
+        self.list.push(anchor);
+        let bytes = |l: &[Anchor]| l.iter().map(|a| a.products.len() * 4).sum::<usize>();
+        while self.list.len() > MAX_ANCHORS
+            || (self.list.len() > 1 && bytes(&self.list) > budget_bytes())
+        {
+            self.list.remove(0);
+        }
+    }
+}
+
+/// Where the products live: by blocks of `PANEL` index positions (aligned to multiples of
+/// it), each block all queries' `PANEL` products, query after query. A sweep over a few
+/// positions for every query then reads one contiguous run (query-major rows, 240 KB
+/// apart at N = 60000, cost a memory latency per query and tile).
+pub(super) struct Layout {
+    first_block: usize,
+    n_q: usize,
+    blocks: usize,
+}
+
+impl Layout {
+    pub(super) fn new(positions: &Range<usize>, n_q: usize) -> Layout {
+        let first_block = positions.start / PANEL;
+        let blocks = positions.end.div_ceil(PANEL) - first_block;
+        Layout {
+            first_block,
+            n_q,
+            blocks: if positions.is_empty() { 0 } else { blocks },
+        }
+    }
+
+    /// Floats the layout takes.
+    pub(super) fn len(&self) -> usize {
+        self.blocks * self.n_q * PANEL
+    }
+
+    /// Where query q's product with position p is.
+    pub(super) fn at(&self, q: usize, p: usize) -> usize {
+        (p / PANEL - self.first_block) * self.n_q * PANEL + q * PANEL + p % PANEL
+    }
+
+    /// Stores `row`, query q's products from position `p0`, into `out`.
+    pub(super) fn store(&self, q: usize, p0: usize, row: &[f32], out: &mut [f32]) {
+        let end = p0 + row.len();
+        let mut p = p0;
+        while p < end {
+            let stop = ((p / PANEL + 1) * PANEL).min(end);
+            let at = self.at(q, p);
+            out[at..at + stop - p].copy_from_slice(&row[p - p0..stop - p0]);
+            p = stop;
+        }
+    }
+}
+
+/// Per block of `PANEL` index positions, the rows' first `l0` projected coordinates,
+/// dimension-major (blocks x l0 x PANEL, the last padded with zeros): a query's head
+/// products with a block are then plain vector FMAs (`projected::head_dots`).
+pub(crate) struct HeadPanel {
+    pub(super) l0: usize,
+    pub(super) values: Vec<f32>,
+}
+
+impl HeadPanel {
+    pub(super) fn new(index: &PruneIndex) -> HeadPanel {
+        let (k, l0, n) = (index.k, index.levels[0], index.perm.len());
+        let blocks = n.div_ceil(PANEL);
+        let mut values = vec![0.0f32; blocks * l0 * PANEL];
+        values
+            .par_chunks_mut(l0 * PANEL)
+            .enumerate()
+            .for_each(|(b, out)| {
+                for j in 0..PANEL.min(n - b * PANEL) {
+                    let p = b * PANEL + j;
+                    for d in 0..l0 {
+                        out[d * PANEL + j] = index.proj[p * k + d];
+                    }
+                }
+            });
+        HeadPanel { l0, values }
+    }
+
+    /// Block b's panel (l0 x PANEL).
+    pub(super) fn block(&self, b: usize) -> &[f32] {
+        &self.values[b * self.l0 * PANEL..][..self.l0 * PANEL]
+    }
+}

@@ -1,0 +1,161 @@
+//! Anchored screening (`prune::anchor`): along sampler trajectories, where each call's
+//! queries share their noise with an earlier call's, the passes screened by that call's
+//! products give the dense result. Every call of the pruned backend is checked against
+//! the dense backend and the f64 reference on the same states (posterior mean as close to
+//! f64 as dense's), and its certificate against the mass it truly left out.
+
+mod common;
+
+use common::*;
+use oracleflow::dataset::Dataset;
+use oracleflow::oracle::cpu::{CpuBackend, CpuOptions, Pass};
+use oracleflow::oracle::{reference, Backend, CentredBatch, Posterior};
+use oracleflow::path::Path;
+
+/// An Euler trajectory of `b` queries in `steps` steps from t = 0 on `rows` (noise from
+/// `seed`), the velocity from `backend`'s mean as a sampler's: calls `each(t, x, batch,
+/// posterior, backend)` after every call.
+#[allow(clippy::too_many_arguments)]
+fn trajectory(
+    backend: &mut CpuBackend<'_>,
+    ds: &Dataset,
+    path: Path,
+    rows: std::ops::Range<usize>,
+    (b, steps, seed): (usize, usize, u64),
+    mut each: impl FnMut(f32, &[f32], &CentredBatch<'_>, &Posterior, &CpuBackend<'_>),
+) {
+    let dim = ds.dim();
+    let mut x = normal(&mut rng(seed), b * dim);
+    for k in 0..steps {
+        let t = k as f32 / steps as f32;
+        let (xc, coefs) = centred(ds, path, &x, t);
+        let batch = CentredBatch {
+            x: &xc,
+            logit_coefs: &coefs,
+            rows: rows.clone(),
+        };
+        let p = backend.posterior(&batch).unwrap();
+        each(t, &x, &batch, &p, backend);
+        // The Euler step: v = a x1_hat + b x.
+        let (va, vb) = path.coefs(t as f64).velocity_coefs();
+        let h = 1.0 / steps as f64;
+        for q in 0..b {
+            for (j, m) in ds.mean().iter().enumerate() {
+                let at = q * dim + j;
+                let hat = p.mean[at] as f64 + *m as f64;
+                let v = va * hat + vb * x[at] as f64;
+                x[at] = (x[at] as f64 + h * v) as f32;
+            }
+        }
+    }
+}
+
+/// Euler trajectories of 12 queries in 25 steps, for rectified flow and VP cosine, on
+/// every row and on class 1: every pruned call against dense and f64, and its
+/// certificates; both anchored passes must have run.
+#[test]
+fn anchored_passes_along_trajectories_equal_dense_reference_and_certificates() {
+    let mut passes = Vec::new();
+    let mut checked = 0usize;
+    for (name, ds) in pruning_datasets() {
+        let dim = ds.dim();
+        let samples: Vec<Vec<f64>> = (0..ds.n_samples()).map(|r| ds.sample_f64(r)).collect();
+        for (i, path) in [Path::RectifiedFlow, Path::VpCosine]
+            .into_iter()
+            .enumerate()
+        {
+            for class in [None, Some(1)] {
+                let rows = ds.rows_for(class).unwrap();
+                let mut pruned = CpuBackend::with_options(&ds, CpuOptions { prune: true });
+                pruned.record_kept_rows(true);
+                let mut dense = CpuBackend::with_options(&ds, CpuOptions { prune: false });
+                let shape = (12, 25, 40 + i as u64);
+                trajectory(
+                    &mut pruned,
+                    &ds,
+                    path,
+                    rows.clone(),
+                    shape,
+                    |t, x, batch, p, be| {
+                        let pass = be.last_pass();
+                        passes.push(pass);
+                        if pass == Pass::Dense {
+                            return;
+                        }
+                        let d = dense.posterior(batch).unwrap();
+                        let rounding = logit_rounding_effect(&ds, batch);
+                        let want = reference::posterior_f64(&ds, batch);
+                        for (q, w) in want.iter().enumerate() {
+                            let what = format!(
+                                "{name} {} class {class:?} t={t} query {q} ({pass:?})",
+                                path.name()
+                            );
+                            assert_as_close_as_dense(
+                                &p.mean[q * dim..(q + 1) * dim],
+                                &d.mean[q * dim..(q + 1) * dim],
+                                &w.mean,
+                                rounding[q],
+                                &what,
+                            );
+                            let xq = &x[q * dim..(q + 1) * dim];
+                            let kept = &be.kept_rows()[q];
+                            let skipped = left_out_mass(&samples, rows.clone(), kept, path, t, xq);
+                            let cert = p.stats[q].skipped_mass_bound as f64;
+                            assert!(
+                                skipped <= cert * (1.0 + 1e-3),
+                                "{what}: true skipped mass {skipped:e} > certificate {cert:e}"
+                            );
+                            assert!(
+                                cert <= 2f64.powi(-30) * 1.001,
+                                "{what}: certificate {cert:e}"
+                            );
+                            checked += (skipped > 0.0) as usize;
+                        }
+                    },
+                );
+            }
+        }
+    }
+    eprintln!("{checked} queries left mass out");
+    assert!(checked >= 20, "only {checked} queries left any mass out");
+    assert_took(&passes, Pass::SparseAnchored, 4);
+    assert_took(&passes, Pass::ProjectedAnchored, 4);
+}
+
+/// A trajectory's bits depend on its own calls only: after another trajectory (whose
+/// anchors the new one's t = 0 call forgets), every call gives the same bits as on a
+/// fresh backend. This is what makes a sampler's batches, and a resumed run, reproducible.
+#[test]
+fn a_trajectory_does_not_depend_on_the_one_before() {
+    let ds = oracleflow::dataset::load("embedded@1500", oracleflow::dataset::Dtype::F32).unwrap();
+    let path = Path::RectifiedFlow;
+    let rows = 0..ds.n_samples();
+    let run = |backend: &mut CpuBackend<'_>, seed: u64| {
+        let mut out = Vec::new();
+        trajectory(
+            backend,
+            &ds,
+            path,
+            rows.clone(),
+            (12, 25, seed),
+            |_, _, _, p, be| {
+                out.push((p.mean.clone(), p.stats.clone(), be.last_pass()));
+            },
+        );
+        out
+    };
+    let mut fresh = CpuBackend::with_options(&ds, CpuOptions { prune: true });
+    let want = run(&mut fresh, 5);
+    let mut used = CpuBackend::with_options(&ds, CpuOptions { prune: true });
+    run(&mut used, 6);
+    let got = run(&mut used, 5);
+    for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "call {k}");
+    }
+    let passes: Vec<Pass> = want.iter().map(|c| c.2).collect();
+    eprintln!("{passes:?}");
+    let anchored = passes
+        .iter()
+        .filter(|p| matches!(p, Pass::SparseAnchored | Pass::ProjectedAnchored));
+    assert!(anchored.count() >= 4, "too few anchored calls");
+}
