@@ -36,7 +36,7 @@
 //! logit as in the other screened passes (`sparse::screened_exact`).
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 
 use rayon::prelude::*;
 
@@ -106,6 +106,9 @@ pub struct Anchor {
     products: Vec<f32>,
     /// set when a call's bounds let through far more pairs than it kept
     stale: AtomicBool,
+    /// per query, the position of its largest f32 logit in the last call that used the
+    /// anchor (u32::MAX: none yet): that row's logit seeds the next call's lower bound
+    best: Vec<AtomicU32>,
 }
 
 impl Anchor {
@@ -136,6 +139,7 @@ impl Anchor {
             norm,
             products,
             stale: AtomicBool::new(false),
+            best: (0..n_q).map(|_| AtomicU32::new(u32::MAX)).collect(),
         }
     }
 
@@ -144,6 +148,19 @@ impl Anchor {
         self.n_q == n_q
             && self.positions.start <= positions.start
             && positions.end <= self.positions.end
+    }
+
+    /// Query q's best position in the last call that used the anchor, if any.
+    pub(super) fn best(&self, q: usize) -> Option<usize> {
+        let p = self.best.get(q)?.load(Relaxed);
+        (p != u32::MAX).then_some(p as usize)
+    }
+
+    /// Records query q's best position in this call.
+    pub(super) fn set_best(&self, q: usize, position: usize) {
+        if let Some(b) = self.best.get(q) {
+            b.store(position as u32, Relaxed);
+        }
     }
 
     /// Marks this anchor stale: later calls find none (and the next sparse call of f32

@@ -607,7 +607,14 @@ pub fn partial(
 
     // (1) Per query, a lower bound on its f32 maximum: the largest f32 logit over a few
     // rows of the tile whose projected centroid is nearest (any computed logit is one).
-    let lower = seed_lower(ds, index, batch, &plain);
+    // With an anchor, the rows that held each query's maximum in the last anchored call
+    // (late in a trajectory mostly the same row) instead of the nearest tiles'.
+    let remembered: Option<Vec<usize>> =
+        anchor.and_then(|a| (0..batch.logit_coefs.len()).map(|q| a.best(q)).collect());
+    let lower = match &remembered {
+        Some(best) => remembered_lower(ds, index, batch, best),
+        None => seed_lower(ds, index, batch, &plain),
+    };
     let tiles = index
         .tiles_for(&batch.rows)
         .expect("the rows are a union of tiles (Setup)");
@@ -705,6 +712,9 @@ pub fn partial(
         part_kept.push(w.kept);
         // A tile counts as visited where any of its pairs got an f32 logit.
         tiles_kept.push(tiles_touched(index, logits[q].iter().map(|l| l.0)));
+        if let Some(a) = anchor {
+            a.set_best(q, index.pos[w.state.argmax as usize] as usize);
+        }
         states.push(w.state);
         if record {
             kept_rows.push(w.kept_rows);
@@ -1049,6 +1059,27 @@ fn seed_lower(
                     exact_logit(ds, index, x, batch.logit_coefs[q], p, norms[r], &mut one) as f64
                 })
                 .fold(f64::NEG_INFINITY, f64::max)
+        })
+        .collect()
+}
+
+/// Per query, the f32 logit of its row at position `best[q]` (a lower bound on its f32
+/// maximum, as any computed logit).
+fn remembered_lower(
+    ds: &Dataset,
+    index: &PruneIndex,
+    batch: &CentredBatch<'_>,
+    best: &[usize],
+) -> Vec<f64> {
+    let dim = ds.dim();
+    let norms = ds.sq_norms();
+    best.par_iter()
+        .enumerate()
+        .map(|(q, &p)| {
+            let x = &batch.x[q * dim..(q + 1) * dim];
+            let r = index.perm[p] as usize;
+            let mut one = Vec::new();
+            exact_logit(ds, index, x, batch.logit_coefs[q], p, norms[r], &mut one) as f64
         })
         .collect()
 }

@@ -645,7 +645,16 @@ pub fn partial(
             // the maximum far closer than the bounds' own (their slack is wider than the
             // reduced precision's).
             if anchored.is_some() {
-                let mut cands: Vec<Vec<u32>> = vec![Vec::new(); n_q];
+                // (and the row that held the maximum in the last anchored call)
+                let mut cands: Vec<Vec<u32>> = (0..n_q)
+                    .map(|q| {
+                        anchor
+                            .and_then(|a| a.best(q))
+                            .map(|p| p as u32)
+                            .into_iter()
+                            .collect()
+                    })
+                    .collect();
                 for (&(g, _), l) in tasks.iter().zip(&logits) {
                     for (q, &(_, p)) in groups[g].clone().zip(&l.seeds) {
                         if p != u32::MAX {
@@ -843,6 +852,17 @@ pub fn partial(
     }
     if let (Some(products), AnchorUse::Record(slot)) = (anchor_products, &mut anchors) {
         **slot = Some(Anchor::new(index, batch, positions.clone(), products));
+    }
+    // Each query's maximum, for the next anchored call's seed.
+    let anchor_now = match &anchors {
+        AnchorUse::Read(a) => Some(*a),
+        AnchorUse::Record(Some(a)) => Some(a),
+        _ => None,
+    };
+    if let Some(a) = anchor_now {
+        for (q, s) in states.iter().enumerate() {
+            a.set_best(q, index.pos[s.argmax as usize] as usize);
+        }
     }
     for (d, e) in dropped.iter_mut().zip(err) {
         *d *= (2.0 * e).exp();
