@@ -159,3 +159,69 @@ fn a_trajectory_does_not_depend_on_the_one_before() {
         .filter(|p| matches!(p, Pass::SparseAnchored | Pass::ProjectedAnchored));
     assert!(anchored.count() >= 4, "too few anchored calls");
 }
+
+/// A guided sampler's calls: every step on all rows and on class 1, with one backend (its
+/// anchors serve row ranges inside theirs; a row remembered from one range must not seed
+/// the other). Each call against dense and f64, and its certificate.
+#[test]
+fn anchored_calls_on_alternating_row_ranges() {
+    let mut anchored = 0usize;
+    for (name, ds) in pruning_datasets().into_iter().skip(1) {
+        let dim = ds.dim();
+        let samples: Vec<Vec<f64>> = (0..ds.n_samples()).map(|r| ds.sample_f64(r)).collect();
+        let path = Path::RectifiedFlow;
+        let mut pruned = CpuBackend::with_options(&ds, CpuOptions { prune: true });
+        pruned.record_kept_rows(true);
+        let mut dense = CpuBackend::with_options(&ds, CpuOptions { prune: false });
+        let (b, steps) = (12usize, 25usize);
+        let mut x = normal(&mut rng(77), b * dim);
+        for k in 0..steps {
+            let t = k as f32 / steps as f32;
+            let (xc, coefs) = centred(&ds, path, &x, t);
+            let mut whole = Vec::new();
+            for class in [None, Some(1)] {
+                let rows = ds.rows_for(class).unwrap();
+                let batch = CentredBatch {
+                    x: &xc,
+                    logit_coefs: &coefs,
+                    rows: rows.clone(),
+                };
+                let p = pruned.posterior(&batch).unwrap();
+                let pass = pruned.last_pass();
+                anchored += matches!(pass, Pass::SparseAnchored | Pass::ProjectedAnchored) as usize;
+                if pass != Pass::Dense {
+                    let d = dense.posterior(&batch).unwrap();
+                    let rounding = logit_rounding_effect(&ds, &batch);
+                    for (q, w) in reference::posterior_f64(&ds, &batch).iter().enumerate() {
+                        let what = format!("{name} class {class:?} t={t} query {q} ({pass:?})");
+                        assert_as_close_as_dense(
+                            &p.mean[q * dim..(q + 1) * dim],
+                            &d.mean[q * dim..(q + 1) * dim],
+                            &w.mean,
+                            rounding[q],
+                            &what,
+                        );
+                        let xq = &x[q * dim..(q + 1) * dim];
+                        let kept = &pruned.kept_rows()[q];
+                        let skipped = left_out_mass(&samples, rows.clone(), kept, path, t, xq);
+                        let cert = p.stats[q].skipped_mass_bound as f64;
+                        assert!(
+                            skipped <= cert * (1.0 + 1e-3),
+                            "{what}: true skipped mass {skipped:e} > certificate {cert:e}"
+                        );
+                    }
+                }
+                if class.is_none() {
+                    whole = p.mean;
+                }
+            }
+            let (va, vb) = path.coefs(t as f64).velocity_coefs();
+            for (at, xv) in x.iter_mut().enumerate() {
+                let hat = whole[at] as f64 + ds.mean()[at % dim] as f64;
+                *xv = (*xv as f64 + (va * hat + vb * *xv as f64) / steps as f64) as f32;
+            }
+        }
+    }
+    eprintln!("{anchored} anchored calls");
+    assert!(anchored >= 8, "only {anchored} anchored calls");
+}

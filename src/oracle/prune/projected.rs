@@ -600,7 +600,7 @@ pub fn partial(
     let n_rows = positions.len();
     let thresholds = setup.thresholds();
     let groups = query_groups(n_q, threads);
-    let blocks = row_blocks(positions, threads);
+    let blocks = row_blocks(positions.clone(), threads);
     let tasks: Vec<(usize, usize)> = (0..groups.len())
         .flat_map(|g| (0..blocks.len()).map(move |b| (g, b)))
         .collect();
@@ -609,8 +609,12 @@ pub fn partial(
     // rows of the tile whose projected centroid is nearest (any computed logit is one).
     // With an anchor, the rows that held each query's maximum in the last anchored call
     // (late in a trajectory mostly the same row) instead of the nearest tiles'.
-    let remembered: Option<Vec<usize>> =
-        anchor.and_then(|a| (0..batch.logit_coefs.len()).map(|q| a.best(q)).collect());
+    // (Only rows of this call: a row remembered from a call on other rows bounds nothing.)
+    let remembered: Option<Vec<usize>> = anchor.and_then(|a| {
+        (0..batch.logit_coefs.len())
+            .map(|q| a.best(q).filter(|p| positions.contains(p)))
+            .collect()
+    });
     let lower = match &remembered {
         Some(best) => remembered_lower(ds, index, batch, best),
         None => seed_lower(ds, index, batch, &plain),

@@ -646,13 +646,13 @@ pub fn partial(
             // reduced precision's).
             if anchored.is_some() {
                 // (and the row that held the maximum in the last anchored call)
+                // (one of this call's rows: a row remembered from a call on other rows
+                // bounds nothing here)
                 let mut cands: Vec<Vec<u32>> = (0..n_q)
                     .map(|q| {
-                        anchor
-                            .and_then(|a| a.best(q))
-                            .map(|p| p as u32)
-                            .into_iter()
-                            .collect()
+                        let best = anchor.and_then(|a| a.best(q));
+                        let here = best.filter(|p| positions.contains(p));
+                        here.map(|p| p as u32).into_iter().collect()
                     })
                     .collect();
                 for (&(g, _), l) in tasks.iter().zip(&logits) {
