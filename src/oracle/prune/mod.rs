@@ -94,13 +94,22 @@
 //! pair; above `DENSE_SWITCH` of it [`posterior`] returns `None` and the caller runs the
 //! sparse pass ([`sparse`]: every logit, the weighted sum over the weights that count).
 //!
+//! **Anchors (first in that order).** The sparse pass's f32 logits GEMM leaves every
+//! product of its queries with the rows; kept as an anchor ([`anchor`]), they bound a
+//! later call's products with the queries' shared noise taken out, so that 16 coordinates
+//! screen nearly as well as the f32 logits themselves. Where the backend holds an anchor
+//! for the call's queries and rows, the projected pass's sweep (at most
+//! `anchor::PROJECTED_MAX_SHARE`) or else the sparse pass runs screened by it; the
+//! order above takes the calls it declines. Anchors are forgotten at every dense or
+//! t = 0 call (a trajectory's start, or its navigation stage).
+//!
 //! **Dropping computed weights.** In the exact pass, a computed logit whose weight bound
 //! exp(s + err - m0) is below the per-sample threshold is dropped like a sample skipped by
 //! bound (same budget: a sample is one or the other) and its bound joins the certificate;
 //! late in a trajectory most survivors of the bounds are such, and the weighted sum then
 //! takes only the few that count. `QueryStats::samples_skipped` counts both.
 //!
-//! **Limits (measured on Fashion-MNIST).** The tail term loses about
+//! **Limits (measured on Fashion-MNIST), without an anchor.** The tail term loses about
 //! `2 a |x - P_l x| |y - P_l y| / (2 sigma^2)` nats against the truth, since the noise in x
 //! is nearly orthogonal to every y's tail; for t <= 0.45 that still exceeds the logit gaps,
 //! the probe finds the bounds too loose and the sparse pass runs.
