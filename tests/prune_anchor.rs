@@ -50,6 +50,48 @@ fn trajectory(
     }
 }
 
+/// One pruned call's context: the data (and its rows in f64), the path, t and the
+/// (uncentred) queries.
+struct Call<'a> {
+    ds: &'a Dataset,
+    samples: &'a [Vec<f64>],
+    path: Path,
+    t: f32,
+    x: &'a [f32],
+}
+
+impl Call<'_> {
+    /// Checks the call `pruned` just made on `batch` (posterior `p`): per query, the mean
+    /// as close to the f64 reference as `dense`'s, and the certificate against the mass it
+    /// truly left out. Returns how many queries left any out.
+    fn check(
+        &self,
+        dense: &mut CpuBackend<'_>,
+        pruned: &CpuBackend<'_>,
+        batch: &CentredBatch<'_>,
+        p: &Posterior,
+        what: &str,
+    ) -> usize {
+        let (ds, dim) = (self.ds, self.ds.dim());
+        let d = dense.posterior(batch).unwrap();
+        let rounding = logit_rounding_effect(ds, batch);
+        let mut left_out = 0;
+        for (q, w) in reference::posterior_f64(ds, batch).iter().enumerate() {
+            let what = format!("{what} query {q} ({:?})", pruned.last_pass());
+            let span = q * dim..(q + 1) * dim;
+            let dense_q = &d.mean[span.clone()];
+            assert_as_close_as_dense(&p.mean[span.clone()], dense_q, &w.mean, rounding[q], &what);
+            let kept = &pruned.kept_rows()[q];
+            let rows = batch.rows.clone();
+            let xq = &self.x[span];
+            let skipped = left_out_mass(self.samples, rows, kept, self.path, self.t, xq);
+            assert_certifies(skipped, p.stats[q].skipped_mass_bound as f64, &what);
+            left_out += (skipped > 0.0) as usize;
+        }
+        left_out
+    }
+}
+
 /// Euler trajectories of 12 queries in 25 steps, for rectified flow and VP cosine, on
 /// every row and on class 1: every pruned call against dense and f64, and its
 /// certificates; both anchored passes must have run.
@@ -58,7 +100,6 @@ fn anchored_passes_along_trajectories_equal_dense_reference_and_certificates() {
     let mut passes = Vec::new();
     let mut checked = 0usize;
     for (name, ds) in pruning_datasets() {
-        let dim = ds.dim();
         let samples: Vec<Vec<f64>> = (0..ds.n_samples()).map(|r| ds.sample_f64(r)).collect();
         for (i, path) in [Path::RectifiedFlow, Path::VpCosine]
             .into_iter()
@@ -82,35 +123,15 @@ fn anchored_passes_along_trajectories_equal_dense_reference_and_certificates() {
                         if pass == Pass::Dense {
                             return;
                         }
-                        let d = dense.posterior(batch).unwrap();
-                        let rounding = logit_rounding_effect(&ds, batch);
-                        let want = reference::posterior_f64(&ds, batch);
-                        for (q, w) in want.iter().enumerate() {
-                            let what = format!(
-                                "{name} {} class {class:?} t={t} query {q} ({pass:?})",
-                                path.name()
-                            );
-                            assert_as_close_as_dense(
-                                &p.mean[q * dim..(q + 1) * dim],
-                                &d.mean[q * dim..(q + 1) * dim],
-                                &w.mean,
-                                rounding[q],
-                                &what,
-                            );
-                            let xq = &x[q * dim..(q + 1) * dim];
-                            let kept = &be.kept_rows()[q];
-                            let skipped = left_out_mass(&samples, rows.clone(), kept, path, t, xq);
-                            let cert = p.stats[q].skipped_mass_bound as f64;
-                            assert!(
-                                skipped <= cert * (1.0 + 1e-3),
-                                "{what}: true skipped mass {skipped:e} > certificate {cert:e}"
-                            );
-                            assert!(
-                                cert <= 2f64.powi(-30) * 1.001,
-                                "{what}: certificate {cert:e}"
-                            );
-                            checked += (skipped > 0.0) as usize;
-                        }
+                        let what = format!("{name} {} class {class:?} t={t}", path.name());
+                        let call = Call {
+                            ds: &ds,
+                            samples: &samples,
+                            path,
+                            t,
+                            x,
+                        };
+                        checked += call.check(&mut dense, be, batch, p, &what);
                     },
                 );
             }
@@ -190,26 +211,20 @@ fn anchored_calls_on_alternating_row_ranges() {
                 let pass = pruned.last_pass();
                 anchored += matches!(pass, Pass::SparseAnchored | Pass::ProjectedAnchored) as usize;
                 if pass != Pass::Dense {
-                    let d = dense.posterior(&batch).unwrap();
-                    let rounding = logit_rounding_effect(&ds, &batch);
-                    for (q, w) in reference::posterior_f64(&ds, &batch).iter().enumerate() {
-                        let what = format!("{name} class {class:?} t={t} query {q} ({pass:?})");
-                        assert_as_close_as_dense(
-                            &p.mean[q * dim..(q + 1) * dim],
-                            &d.mean[q * dim..(q + 1) * dim],
-                            &w.mean,
-                            rounding[q],
-                            &what,
-                        );
-                        let xq = &x[q * dim..(q + 1) * dim];
-                        let kept = &pruned.kept_rows()[q];
-                        let skipped = left_out_mass(&samples, rows.clone(), kept, path, t, xq);
-                        let cert = p.stats[q].skipped_mass_bound as f64;
-                        assert!(
-                            skipped <= cert * (1.0 + 1e-3),
-                            "{what}: true skipped mass {skipped:e} > certificate {cert:e}"
-                        );
-                    }
+                    let call = Call {
+                        ds: &ds,
+                        samples: &samples,
+                        path,
+                        t,
+                        x: &x,
+                    };
+                    call.check(
+                        &mut dense,
+                        &pruned,
+                        &batch,
+                        &p,
+                        &format!("{name} class {class:?} t={t}"),
+                    );
                 }
                 if class.is_none() {
                     whole = p.mean;

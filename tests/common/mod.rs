@@ -427,6 +427,19 @@ pub fn assert_took(
     assert!(n >= at_least, "only {n} calls took the {pass:?} pass");
 }
 
+/// Asserts that a call's certificate `cert` bounds the mass it truly left out, `skipped`
+/// (to f32's rounding of the certificate), and stays within the 2^-30 budget.
+pub fn assert_certifies(skipped: f64, cert: f64, what: &str) {
+    assert!(
+        skipped <= cert * (1.0 + 1e-3),
+        "{what}: true skipped mass {skipped:e} > certificate {cert:e}"
+    );
+    assert!(
+        cert <= 2f64.powi(-30) * 1.001,
+        "{what}: certificate {cert:e}"
+    );
+}
+
 /// Per dataset, path (rectified flow, VP cosine) and t of `times`: one pruned call of 8
 /// queries on every row, and for each query the f64 mass its call truly left out, checked
 /// against the call's certificate (which must also stay within the 2^-30 budget), and the
@@ -469,14 +482,7 @@ pub fn check_certificates(
                         path.name(),
                         backend.last_pass()
                     );
-                    assert!(
-                        skipped <= cert * (1.0 + 1e-3),
-                        "{what}: true skipped mass {skipped:e} > certificate {cert:e}"
-                    );
-                    assert!(
-                        cert <= 2f64.powi(-30) * 1.001,
-                        "{what}: certificate {cert:e}"
-                    );
+                    assert_certifies(skipped, cert, &what);
                     let n_skipped = is_kept.iter().filter(|&&k| !k).count();
                     let share = n_skipped as f32 / ds.n_samples() as f32;
                     assert!(

@@ -1004,7 +1004,8 @@ fn block_logits(
     // Only the unscreened pass computes every logit by GEMM.
     let queries = (screen.is_none() && previous.is_none() && anchored.is_none())
         .then(|| Queries::new(lib, x, dim));
-    let mut products = Vec::new();
+    // (sized once: grown tile by tile, it was copied and page-faulted again and again)
+    let mut products = Vec::with_capacity(if record { n_q * block.len() } else { 0 });
     let n_all = index.perm.len();
     let mut seeds = vec![(f32::NEG_INFINITY, u32::MAX); if anchored.is_some() { n_q } else { 0 }];
     sized(&mut s, n_q * block.len());
