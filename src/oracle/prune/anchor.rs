@@ -78,8 +78,14 @@ pub fn enabled() -> bool {
     !std::env::var("ORACLEFLOW_PRUNE_ANCHOR").is_ok_and(|v| v == "0")
 }
 
+/// `ANCHOR_BYTES` or ORACLEFLOW_PRUNE_ANCHOR_MIB, and at most a quarter of the available
+/// memory (as the index's tile-ordered copy of the rows).
 fn budget_bytes() -> usize {
-    env_number::<usize>("ORACLEFLOW_PRUNE_ANCHOR_MIB").map_or(ANCHOR_BYTES, |m| m << 20)
+    let set = env_number::<usize>("ORACLEFLOW_PRUNE_ANCHOR_MIB").map_or(ANCHOR_BYTES, |m| m << 20);
+    match crate::dataset::limits::available_memory() {
+        Some(a) => set.min((a / 4).try_into().unwrap_or(usize::MAX)),
+        None => set,
+    }
 }
 
 /// Whether an anchor of `n_q` queries over `n_pos` positions fits the memory budget.
