@@ -49,8 +49,8 @@ use crate::oracle::CentredBatch;
 const ANCHOR_BYTES: usize = 1 << 30;
 /// Anchors kept at once (a guided sampler alternates between two row ranges).
 const MAX_ANCHORS: usize = 2;
-/// Columns of one block of the head panel (see [`HeadPanel`]).
-pub(super) const PANEL: usize = 64;
+/// Positions per block of the stored products (see [`Layout`]).
+const PANEL: usize = 64;
 
 /// Largest estimated kept share (`sparse::kept_share`) at which an anchored call runs the
 /// projected pass's sweep (above it the sparse pass, screened by the anchor);
@@ -364,7 +364,7 @@ pub(super) struct Terms {
 
 /// The projections (n x k) and residual norms of the queries `x` (n x D), in blocks of
 /// 32 queries side by side (each row's projection is the same bits in any block).
-fn project_queries(index: &PruneIndex, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+pub(super) fn project_queries(index: &PruneIndex, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let dim = index.dim;
     let parts: Vec<(Vec<f32>, Vec<f32>)> = x
         .par_chunks(32 * dim)
@@ -453,38 +453,5 @@ impl Layout {
             out[at..at + stop - p].copy_from_slice(&row[p - p0..stop - p0]);
             p = stop;
         }
-    }
-}
-
-/// Per block of `PANEL` index positions, the rows' first `l0` projected coordinates,
-/// dimension-major (blocks x l0 x PANEL, the last padded with zeros): a query's head
-/// products with a block are then plain vector FMAs (`projected::head_dots`).
-pub(crate) struct HeadPanel {
-    pub(super) l0: usize,
-    pub(super) values: Vec<f32>,
-}
-
-impl HeadPanel {
-    pub(super) fn new(index: &PruneIndex) -> HeadPanel {
-        let (k, l0, n) = (index.k, index.levels[0], index.perm.len());
-        let blocks = n.div_ceil(PANEL);
-        let mut values = vec![0.0f32; blocks * l0 * PANEL];
-        values
-            .par_chunks_mut(l0 * PANEL)
-            .enumerate()
-            .for_each(|(b, out)| {
-                for j in 0..PANEL.min(n - b * PANEL) {
-                    let p = b * PANEL + j;
-                    for d in 0..l0 {
-                        out[d * PANEL + j] = index.proj[p * k + d];
-                    }
-                }
-            });
-        HeadPanel { l0, values }
-    }
-
-    /// Block b's panel (l0 x PANEL).
-    pub(super) fn block(&self, b: usize) -> &[f32] {
-        &self.values[b * self.l0 * PANEL..][..self.l0 * PANEL]
     }
 }

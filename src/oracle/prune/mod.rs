@@ -301,9 +301,6 @@ pub struct PruneIndex {
     /// the rows in tile order as f32 (built at the first pruned or sparse call; `None`
     /// where N x D x 4 bytes exceed a quarter of the available memory)
     tiled: std::sync::OnceLock<Option<Vec<f32>>>,
-    /// the rows' first level of coordinates in blocks for anchored screening (built at
-    /// its first use, see `anchor::HeadPanel`)
-    heads: std::sync::OnceLock<anchor::HeadPanel>,
 }
 
 impl PruneIndex {
@@ -514,7 +511,6 @@ impl PruneIndex {
             segments,
             panels: std::sync::OnceLock::new(),
             tiled: std::sync::OnceLock::new(),
-            heads: std::sync::OnceLock::new(),
         }
     }
 
@@ -550,12 +546,6 @@ impl PruneIndex {
                 room.then(|| lowp::Panels::pack(kind, ds, &self.perm))
             })
             .as_ref()
-    }
-
-    /// The rows' head coordinates for anchored screening, built at the first call (outside
-    /// the passes' parallel tasks, as [`Self::tiled_rows`]).
-    pub(super) fn head_panel(&self) -> &anchor::HeadPanel {
-        self.heads.get_or_init(|| anchor::HeadPanel::new(self))
     }
 
     /// The rows in tile order as f32, N x D, where they fit in a quarter of the available

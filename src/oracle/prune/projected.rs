@@ -61,12 +61,12 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::anchor::{self, Anchor, Residuals};
+use super::anchor::{self, project_queries, Anchor, Residuals};
 use super::screen::{dot, RowSum};
 use super::sparse::{count_from, exact_logit, row_blocks, PassInputs, Setup, TILE};
 use super::{
-    env_number, level_norms, logit_geometry, project, row_keys, smallest, PruneIndex, LB_MARGIN,
-    LEAF_ROWS, SEED_ROWS,
+    env_number, level_norms, logit_geometry, row_keys, smallest, PruneIndex, LB_MARGIN, LEAF_ROWS,
+    SEED_ROWS,
 };
 use crate::dataset::Dataset;
 use crate::oracle::cpu::{query_groups, sgemm_with, Gemm, GemmLib};
@@ -211,21 +211,12 @@ impl<'a> Projection<'a> {
         setup: &Setup,
         level: usize,
     ) -> Option<Projection<'a>> {
-        let (dim, k) = (index.dim, index.k);
+        let k = index.k;
         let last = index.levels.len() - 1;
         let levels = [level.min(last), last];
         // Blocks of queries side by side (the GEMMs run single-threaded: at B = 256 this
         // step took 2 ms of a 17 ms evaluation at t = 0.9; see [`PAR_QUERIES`]).
-        let parts: Vec<(Vec<f32>, Vec<f32>)> = batch
-            .x
-            .par_chunks(PAR_QUERIES * dim)
-            .map(|xs| project(xs, xs.len() / dim, dim, &index.basis, k))
-            .collect();
-        let (mut px, mut rx) = (Vec::new(), Vec::new());
-        for (p, r) in parts {
-            px.extend(p);
-            rx.extend(r);
-        }
+        let (px, rx) = project_queries(index, batch.x);
         let queries = Self::terms(index, batch, setup, levels, (&px, &rx), None)?;
         Some(Projection {
             k,
@@ -318,7 +309,7 @@ impl<'a> Projection<'a> {
                 top: (inv * x_sq + setup.err()[q]) as f32,
                 margin: margin as f32,
                 sq: levels.map(|l| sq[l] as f32),
-                tail: levels.map(|l| (tail[l] * (1.0 + 1e-6)) as f32),
+                tail: levels.map(|l| tail[l] as f32),
             });
         }
         Some(queries)

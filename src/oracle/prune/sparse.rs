@@ -61,10 +61,10 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::accumulate::{accumulate, pack_into, QUERY_BLOCK, STRIP};
-use super::anchor::{self, Anchor, PANEL};
+use super::anchor::{self, Anchor};
 use super::projected::head_dots;
 use super::screen::{dot, dots_with_row, RowSum};
-use super::{budget, env_number, lowp, profiling, PruneIndex, SAMPLE_BUDGET};
+use super::{budget, env_number, lowp, profiling, PruneIndex, LEAF_ROWS, SAMPLE_BUDGET};
 use crate::dataset::{Dataset, Values};
 use crate::oracle::cpu::{query_groups, to_logits, GemmLib, Partial as CpuPartial, Queries};
 use crate::oracle::partial::Partial;
@@ -424,7 +424,6 @@ pub enum AnchorUse<'a> {
 struct Anchored<'a> {
     anchor: &'a Anchor,
     terms: &'a anchor::Terms,
-    panel: &'a anchor::HeadPanel,
 }
 
 /// Whether the carried screening is on (ORACLEFLOW_PRUNE_CARRY=1). Opt-in: a carried call
@@ -563,11 +562,7 @@ pub fn partial(
     };
     let anchored = anchor
         .zip(anchor_terms.as_ref())
-        .map(|(anchor, terms)| Anchored {
-            anchor,
-            terms,
-            panel: index.head_panel(),
-        });
+        .map(|(anchor, terms)| Anchored { anchor, terms });
     // This call's products, query-major over its positions, where it records an anchor.
     let mut anchor_products = match (&anchors, screen) {
         (AnchorUse::Record(_), Screen::F32) if anchor::fits(n_q, n_rows) => {
@@ -1047,7 +1042,7 @@ fn block_logits(
             *n = norms[r as usize];
         }
         if let Some(an) = anchored {
-            anchored_values(an, qs.clone(), tile.clone(), out);
+            anchored_values(an, index, qs.clone(), tile.clone(), out);
             let tails = &index.lvl_tail[tile.start..tile.end];
             debug_assert!(tile.end <= n_all);
             for (q, row) in out.chunks_exact_mut(nt).enumerate() {
@@ -1114,30 +1109,36 @@ struct Phase1<'a> {
 }
 
 /// Per query of `qs` (n_q x tile.len() in `out`), gamma C + P r . P y over the positions
-/// `tile`: the anchor's products and the head products from the index's panel (see
-/// [`super::anchor`]).
-fn anchored_values(an: &Anchored<'_>, qs: Range<usize>, tile: Range<usize>, out: &mut [f32]) {
+/// `tile`: the head products from each index tile's dimension-major block of head
+/// coordinates (`PruneIndex::proj0t`, as the projected pass's), then the anchor's
+/// products (see [`super::anchor`]).
+fn anchored_values(
+    an: &Anchored<'_>,
+    index: &PruneIndex,
+    qs: Range<usize>,
+    tile: Range<usize>,
+    out: &mut [f32],
+) {
     let nt = tile.len();
-    let l0 = an.terms.l0;
-    let mut acc = [0.0f32; PANEL];
-    // Block by block of the panel, every query (the anchor's products of a block are
-    // stored query after query).
-    let mut p = tile.start;
-    while p < tile.end {
-        let b = p / PANEL;
-        let end = ((b + 1) * PANEL).min(tile.end);
-        let (off, cols) = (p - b * PANEL, p - tile.start..end - tile.start);
+    let (l0, hd) = (an.terms.l0, index.head_dims);
+    let mut acc = [0.0f32; LEAF_ROWS];
+    // Index tile by index tile, every query.
+    let first = index
+        .tiles
+        .partition_point(|t| t.start + t.len <= tile.start);
+    for (ti, t) in index.tiles.iter().enumerate().skip(first) {
+        if t.start >= tile.end {
+            break;
+        }
+        let (p, end) = (t.start.max(tile.start), (t.start + t.len).min(tile.end));
+        let block = &index.proj0t[ti * hd * LEAF_ROWS..][..l0 * LEAF_ROWS];
+        let (off, cols) = (p - t.start, p - tile.start..end - tile.start);
         for (row, q) in out.chunks_exact_mut(nt).zip(qs.clone()) {
-            head_dots(
-                an.panel.block(b),
-                &an.terms.rh[q * l0..(q + 1) * l0],
-                &mut acc,
-            );
+            head_dots(block, &an.terms.rh[q * l0..(q + 1) * l0], &mut acc);
             let row = &mut row[cols.clone()];
             row.copy_from_slice(&acc[off..off + row.len()]);
             an.anchor.add_scaled(q, p, an.terms.gamma[q], row);
         }
-        p = end;
     }
 }
 
