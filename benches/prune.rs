@@ -19,6 +19,8 @@
 //! ORACLEFLOW_PRUNE_AT=0.3,0.5,0.7,0.9 instead times single evaluations at those times
 //! (ORACLEFLOW_PRUNE_REPS each, best kept); with ORACLEFLOW_PRUNE_PROFILE=1 the pruned
 //! pass prints its phases per call.
+//! ORACLEFLOW_PRUNE_QUICK=1 integrates the pruned trajectory alone and prints its stage
+//! times (for development: no dense pass, peer or plot).
 //! Writes prune_steps.csv, prune_speedup.png and summary.txt in the output folder.
 
 use std::io::Write;
@@ -153,6 +155,75 @@ fn trajectory(ds: &Dataset, b: usize, times: &[f64]) -> Vec<Eval> {
     let classes = vec![None; x0.len() / field.dim()];
     integrate(&mut field, Solver::Heun, times, x0, &classes, |_, _, _| {}).expect("trajectory");
     log
+}
+
+/// The pruned field alone, each evaluation timed.
+struct Timed<'d> {
+    pruned: Oracle<'d>,
+    log: Vec<(f64, f64)>,
+}
+
+impl VelocityField for Timed<'_> {
+    fn dim(&self) -> usize {
+        self.pruned.dataset().dim()
+    }
+    fn describe(&self) -> String {
+        "pruned oracle, timed".into()
+    }
+    fn accepts_classes(&self) -> bool {
+        false
+    }
+    fn evaluations(&self) -> usize {
+        self.log.len()
+    }
+    fn evaluate(
+        &mut self,
+        x: &[f64],
+        t: &[f64],
+        _classes: &[Option<u32>],
+    ) -> oracleflow::Result<FieldEval> {
+        let xs: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+        let q = Query {
+            x: &xs,
+            t: Times::Scalar(t[0] as f32),
+            class: None,
+        };
+        let start = Instant::now();
+        let p = self.pruned.evaluate(&q)?;
+        self.log.push((t[0], start.elapsed().as_secs_f64()));
+        Ok(FieldEval {
+            velocity: p.velocity.iter().map(|&v| v as f64).collect(),
+            x1_hat: p.x1_hat.iter().map(|&v| v as f64).collect(),
+            stats: Some(p.stats),
+        })
+    }
+}
+
+/// ORACLEFLOW_PRUNE_QUICK: the pruned trajectory alone, its time per stage.
+fn quick(ds: &Dataset, b: usize, times: &[f64]) {
+    let x0: Vec<f64> = (0..b).flat_map(|i| initial_noise(7, i, ds.dim())).collect();
+    let mut field = Timed {
+        pruned: oracle(ds, true),
+        log: Vec::new(),
+    };
+    let classes = vec![None; b];
+    integrate(&mut field, Solver::Heun, times, x0, &classes, |_, _, _| {}).expect("trajectory");
+    let stage = |lo: f64, hi: f64| -> f64 {
+        field
+            .log
+            .iter()
+            .filter(|e| e.0 >= lo && e.0 < hi)
+            .map(|e| e.1)
+            .sum()
+    };
+    println!(
+        "pruned {:.2} s: t < 0.29 {:.2}, 0.29 - 0.43 {:.2}, 0.43 - 0.6 {:.2}, from 0.6 {:.2}",
+        stage(0.0, 2.0),
+        stage(0.0, 0.29),
+        stage(0.29, 0.43),
+        stage(0.43, 0.6),
+        stage(0.6, 2.0)
+    );
 }
 
 /// Fraction of samples an exact pruner must keep for query x at t: all but the largest
@@ -342,6 +413,10 @@ fn main() {
     }
 
     let times = Schedule::uniform(steps).times().expect("grid");
+    if std::env::var("ORACLEFLOW_PRUNE_QUICK").is_ok() {
+        quick(&ds, b, &times);
+        return;
+    }
     let evals = trajectory(&ds, b, &times);
     let dense_total: f64 = evals.iter().map(|e| e.dense_s).sum();
     let pruned_evals: f64 = evals.iter().map(|e| e.pruned_s).sum();
