@@ -191,6 +191,13 @@ impl VelocityField for Timed<'_> {
         let start = Instant::now();
         let p = self.pruned.evaluate(&q)?;
         self.log.push((t[0], start.elapsed().as_secs_f64()));
+        if std::env::var("ORACLEFLOW_PRUNE_PROFILE").is_ok() {
+            eprintln!(
+                "quick: t = {:.3}: {:.4} s",
+                t[0],
+                start.elapsed().as_secs_f64()
+            );
+        }
         Ok(FieldEval {
             velocity: p.velocity.iter().map(|&v| v as f64).collect(),
             x1_hat: p.x1_hat.iter().map(|&v| v as f64).collect(),

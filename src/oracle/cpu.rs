@@ -329,15 +329,21 @@ impl Backend for CpuBackend<'_> {
                                 return Ok(part);
                             }
                         }
+                        // (An anchor the projected pass found stale serves no pass.)
                         let kept = self.record_kept.then_some(&mut self.kept);
-                        if let Some(part) = prune::sparse::partial(
-                            inputs,
-                            prune::sparse::Screen::Anchored,
-                            &mut self.carry,
-                            &mut self.buffers,
-                            kept,
-                            prune::sparse::AnchorUse::Read(anchor),
-                        ) {
+                        let part = (!anchor.is_stale())
+                            .then(|| {
+                                prune::sparse::partial(
+                                    inputs,
+                                    prune::sparse::Screen::Anchored,
+                                    &mut self.carry,
+                                    &mut self.buffers,
+                                    kept,
+                                    prune::sparse::AnchorUse::Read(anchor),
+                                )
+                            })
+                            .flatten();
+                        if let Some(part) = part {
                             self.last_pass = Pass::SparseAnchored;
                             return Ok(part);
                         }

@@ -482,7 +482,7 @@ pub fn screening(
         lowp::Kind::Bf16 => BF16_MAX_SHARE,
         lowp::Kind::Int16 => INT16_MAX_SHARE,
     });
-    if share > max_share || index.screen_panels(ds).map(|p| p.kind()) != Some(kind) {
+    if share > max_share || index.screen_kind() != Some(kind) {
         return None;
     }
     let typical = kind.typical_err(ds.dim());
