@@ -34,6 +34,13 @@
 //! **Per call.** Per query O(D k) for gamma and r's projection; per pair one f32 product
 //! from memory, 16 multiply-adds and the bound; the pairs that reach the cut get their f32
 //! logit as in the other screened passes (`sparse::screened_exact`).
+//!
+//! **Whole tiles.** The same identity in distance form, |x - a y|^2 = |x|^2 - |r|^2 -
+//! 2 a gamma c . y + |r - a y|^2, bounds a whole index tile with gamma times its largest
+//! stored product ([`Anchor::tile_extremes`], once per anchor) and the ball bound on
+//! |r - a y|: the projected pass rules out most (query, tile) pairs before any pair's
+//! bound (`Projection::tile_ubs`), where the same bound in the queries' own coordinates
+//! is as loose as the noise.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};

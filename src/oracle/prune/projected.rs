@@ -463,7 +463,12 @@ impl<'a> Projection<'a> {
                         let ti = tiles.start + c * PAR_TILES + i;
                         let ext = &ext[ti * n_q..(ti + 1) * n_q];
                         for ((b, &(b0, g2)), e) in base.iter_mut().zip(per_q).zip(ext) {
-                            *b = b0 - g2 * if g2 >= 0.0 { e[1] } else { e[0] };
+                            *b = if e[0] <= e[1] {
+                                b0 - g2 * if g2 >= 0.0 { e[1] } else { e[0] }
+                            } else {
+                                // (a tile the anchor has no products of: no bound at all)
+                                f32::NEG_INFINITY
+                            };
                         }
                     }
                     let tile_terms = [
