@@ -63,14 +63,15 @@ struct Eval {
 /// A field that evaluates both oracles at every call (alternating which goes first, so
 /// that load changes on a shared machine hit both alike) and advances with the pruned one.
 struct Both<'a, 'd> {
-    dense: Oracle<'d>,
+    /// (`None`: the pruned oracle alone, ORACLEFLOW_PRUNE_QUICK)
+    dense: Option<Oracle<'d>>,
     pruned: Oracle<'d>,
     log: &'a mut Vec<Eval>,
 }
 
 impl VelocityField for Both<'_, '_> {
     fn dim(&self) -> usize {
-        self.dense.dataset().dim()
+        self.pruned.dataset().dim()
     }
     fn describe(&self) -> String {
         "dense and pruned oracles, side by side".into()
@@ -99,12 +100,34 @@ impl VelocityField for Both<'_, '_> {
             let out = o.evaluate(&q);
             (out, start.elapsed().as_secs_f64())
         };
+        let Some(dense) = self.dense.as_mut() else {
+            let (p, pruned_s) = timed(&mut self.pruned);
+            let p = p?;
+            if std::env::var("ORACLEFLOW_PRUNE_PROFILE").is_ok() {
+                eprintln!("quick: t = {t:.3}: {pruned_s:.4} s");
+            }
+            self.log.push(Eval {
+                t,
+                dense_s: f64::NAN,
+                pruned_s,
+                x: Vec::new(),
+                stats: Vec::new(),
+                rel_diff: f64::NAN,
+                x1_dense: Vec::new(),
+                x1_pruned: Vec::new(),
+            });
+            return Ok(FieldEval {
+                velocity: p.velocity.iter().map(|&v| v as f64).collect(),
+                x1_hat: p.x1_hat.iter().map(|&v| v as f64).collect(),
+                stats: Some(p.stats),
+            });
+        };
         let ((d, dense_s), (p, pruned_s)) = if self.log.len().is_multiple_of(2) {
-            let d = timed(&mut self.dense);
+            let d = timed(dense);
             (d, timed(&mut self.pruned))
         } else {
             let p = timed(&mut self.pruned);
-            (timed(&mut self.dense), p)
+            (timed(dense), p)
         };
         let (d, p) = (d?, p?);
         let dim = d.x1_hat.len() / d.stats.len().max(1);
@@ -144,11 +167,12 @@ fn oracle(ds: &Dataset, prune: bool) -> Oracle<'_> {
     .expect("cpu oracle")
 }
 
-fn trajectory(ds: &Dataset, b: usize, times: &[f64]) -> Vec<Eval> {
+/// The trajectory's evaluations, side by side with dense unless `pruned_only`.
+fn trajectory(ds: &Dataset, b: usize, times: &[f64], pruned_only: bool) -> Vec<Eval> {
     let mut log = Vec::new();
     let x0: Vec<f64> = (0..b).flat_map(|i| initial_noise(7, i, ds.dim())).collect();
     let mut field = Both {
-        dense: oracle(ds, false),
+        dense: (!pruned_only).then(|| oracle(ds, false)),
         pruned: oracle(ds, true),
         log: &mut log,
     };
@@ -157,70 +181,13 @@ fn trajectory(ds: &Dataset, b: usize, times: &[f64]) -> Vec<Eval> {
     log
 }
 
-/// The pruned field alone, each evaluation timed.
-struct Timed<'d> {
-    pruned: Oracle<'d>,
-    log: Vec<(f64, f64)>,
-}
-
-impl VelocityField for Timed<'_> {
-    fn dim(&self) -> usize {
-        self.pruned.dataset().dim()
-    }
-    fn describe(&self) -> String {
-        "pruned oracle, timed".into()
-    }
-    fn accepts_classes(&self) -> bool {
-        false
-    }
-    fn evaluations(&self) -> usize {
-        self.log.len()
-    }
-    fn evaluate(
-        &mut self,
-        x: &[f64],
-        t: &[f64],
-        _classes: &[Option<u32>],
-    ) -> oracleflow::Result<FieldEval> {
-        let xs: Vec<f32> = x.iter().map(|&v| v as f32).collect();
-        let q = Query {
-            x: &xs,
-            t: Times::Scalar(t[0] as f32),
-            class: None,
-        };
-        let start = Instant::now();
-        let p = self.pruned.evaluate(&q)?;
-        self.log.push((t[0], start.elapsed().as_secs_f64()));
-        if std::env::var("ORACLEFLOW_PRUNE_PROFILE").is_ok() {
-            eprintln!(
-                "quick: t = {:.3}: {:.4} s",
-                t[0],
-                start.elapsed().as_secs_f64()
-            );
-        }
-        Ok(FieldEval {
-            velocity: p.velocity.iter().map(|&v| v as f64).collect(),
-            x1_hat: p.x1_hat.iter().map(|&v| v as f64).collect(),
-            stats: Some(p.stats),
-        })
-    }
-}
-
 /// ORACLEFLOW_PRUNE_QUICK: the pruned trajectory alone, its time per stage.
 fn quick(ds: &Dataset, b: usize, times: &[f64]) {
-    let x0: Vec<f64> = (0..b).flat_map(|i| initial_noise(7, i, ds.dim())).collect();
-    let mut field = Timed {
-        pruned: oracle(ds, true),
-        log: Vec::new(),
-    };
-    let classes = vec![None; b];
-    integrate(&mut field, Solver::Heun, times, x0, &classes, |_, _, _| {}).expect("trajectory");
+    let log = trajectory(ds, b, times, true);
     let stage = |lo: f64, hi: f64| -> f64 {
-        field
-            .log
-            .iter()
-            .filter(|e| e.0 >= lo && e.0 < hi)
-            .map(|e| e.1)
+        log.iter()
+            .filter(|e| e.t >= lo && e.t < hi)
+            .map(|e| e.pruned_s)
             .sum()
     };
     println!(
@@ -424,7 +391,7 @@ fn main() {
         quick(&ds, b, &times);
         return;
     }
-    let evals = trajectory(&ds, b, &times);
+    let evals = trajectory(&ds, b, &times, false);
     let dense_total: f64 = evals.iter().map(|e| e.dense_s).sum();
     let pruned_evals: f64 = evals.iter().map(|e| e.pruned_s).sum();
     let pruned_total = pruned_evals;
@@ -604,7 +571,7 @@ fn main() {
         let g_steps = (steps / 5).max(2);
         let g_times = Schedule::uniform(g_steps).times().expect("grid");
         let gb = b.min(64);
-        let ge = trajectory(&g, gb, &g_times);
+        let ge = trajectory(&g, gb, &g_times, false);
         let td: f64 = ge.iter().map(|e| e.dense_s).sum();
         let tp: f64 = ge.iter().map(|e| e.pruned_s).sum();
         let pruned_evals = ge
