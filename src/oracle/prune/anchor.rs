@@ -247,25 +247,15 @@ impl Anchor {
     }
 
     /// Per query of `batch`: gamma, r = x - gamma c and r's projections (see
-    /// [`Residuals`]).
-    /// `own`: the queries' own projections and residual norms, where the caller has them.
-    pub(super) fn residuals(
-        &self,
-        index: &PruneIndex,
-        batch: &CentredBatch<'_>,
-        own: Option<(&[f32], &[f32])>,
-    ) -> Residuals {
+    /// [`Residuals`]). Of the queries' own projection only the first level's coordinates
+    /// are taken (gamma needs P x . P c there, the staleness test |R x| past them): a
+    /// GEMM 16 wide instead of `k`, where r's projection is the call's one full projection.
+    pub(super) fn residuals(&self, index: &PruneIndex, batch: &CentredBatch<'_>) -> Residuals {
         let (dim, k) = (self.dim, index.k);
         let l0 = index.levels[0];
         let n_q = self.n_q;
-        let projected;
-        let (px, rx) = match own {
-            Some(p) => p,
-            None => {
-                projected = project_queries(index, batch.x);
-                (&projected.0[..], &projected.1[..])
-            }
-        };
+        // n_q x l0, and |x - P_l0 x| per query.
+        let (px, rx) = project_queries_to(index, batch.x, l0);
         // gamma per query: the least |R (x - gamma c)|, from R x . R c = x . c - P x . P c.
         let mut gamma = vec![0.0f32; n_q];
         let mut gc = vec![0.0f64; n_q];
@@ -276,7 +266,7 @@ impl Anchor {
                 &batch.x[q * dim..(q + 1) * dim],
                 &self.x[q * dim..(q + 1) * dim],
             );
-            let (pxq, pcq) = (&px[q * k..(q + 1) * k], &self.proj[q * k..(q + 1) * k]);
+            let (pxq, pcq) = (&px[q * l0..(q + 1) * l0], &self.proj[q * k..(q + 1) * k]);
             let xc: f64 = x.iter().zip(c).map(|(&a, &b)| a as f64 * b as f64).sum();
             let head: f64 = pxq[..l0]
                 .iter()
@@ -300,7 +290,7 @@ impl Anchor {
         let helped = (0..n_q)
             .filter(|&q| {
                 let with = tail_sq(&proj[q * k..(q + 1) * k], resid[q], l0);
-                let without = tail_sq(&px[q * k..(q + 1) * k], rx[q], l0);
+                let without = (rx[q] as f64).powi(2);
                 with <= 0.5 * without
             })
             .count();
@@ -328,7 +318,7 @@ impl Anchor {
         let k = index.k;
         let l0 = index.levels[0];
         let n_q = self.n_q;
-        let res = self.residuals(index, batch, None);
+        let res = self.residuals(index, batch);
         if !res.useful {
             self.mark_stale();
             return None;
@@ -423,10 +413,17 @@ pub(super) struct Terms {
 /// The projections (n x k) and residual norms of the queries `x` (n x D), in blocks of
 /// 32 queries side by side (each row's projection is the same bits in any block).
 pub(super) fn project_queries(index: &PruneIndex, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    project_queries_to(index, x, index.k)
+}
+
+/// [`project_queries`] onto the first `l` basis directions only (n x l, and the norms of
+/// the rest).
+fn project_queries_to(index: &PruneIndex, x: &[f32], l: usize) -> (Vec<f32>, Vec<f32>) {
     let dim = index.dim;
+    let basis = &index.basis[..l * dim];
     let parts: Vec<(Vec<f32>, Vec<f32>)> = x
         .par_chunks(32 * dim)
-        .map(|xs| project(xs, xs.len() / dim, dim, &index.basis, index.k))
+        .map(|xs| project(xs, xs.len() / dim, dim, basis, l))
         .collect();
     let (mut p, mut r) = (Vec::new(), Vec::new());
     for (a, b) in parts {

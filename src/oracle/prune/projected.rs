@@ -234,29 +234,31 @@ impl<'a> Projection<'a> {
     /// |r - P_l r| |y - P_l y|. In the distance form of [`bounds`] that is |P_l x|^2 :=
     /// |x|^2 - |r - P_l r|^2 and |x - P_l x| := |r - P_l r|, with gamma c . y added to
     /// each partial product ([`Self::add_anchor`]).
+    /// At the first level (the pass's GEMM at `LEVELS[0]` coordinates), without the
+    /// queries' own full projection (only r's is taken, see `Anchor::residuals`).
     fn anchored(
-        &self,
         index: &PruneIndex,
         batch: &CentredBatch<'_>,
         setup: &Setup,
         anchor: &'a Anchor,
     ) -> Option<Projection<'a>> {
-        let res = anchor.residuals(index, batch, Some((&self.px, &self.rx)));
+        let res = anchor.residuals(index, batch);
         if !res.useful {
             anchor.mark_stale();
             return None;
         }
+        let levels = [0, index.levels.len() - 1];
         let queries = Self::terms(
             index,
             batch,
             setup,
-            self.levels,
+            levels,
             (&res.proj, &res.resid),
             Some(&res),
         )?;
         Some(Projection {
-            k: self.k,
-            levels: self.levels,
+            k: index.k,
+            levels,
             px: res.proj,
             rx: res.resid,
             queries,
@@ -628,15 +630,12 @@ pub fn partial(
         return None;
     }
     // Anchored bounds are tight from the first level on (see [`super::anchor`]).
-    let level = if anchor.is_some() { 0 } else { level(share) };
-    let plain = Projection::new(index, batch, setup, level)?;
-    let anchored = match anchor {
-        Some(a) => Some(plain.anchored(index, batch, setup, a)?),
-        None => None,
+    // (The queries' own projection is taken where no anchor is given, and for an
+    // anchored call's seeds only where it remembers none.)
+    let proj = match anchor {
+        Some(a) => Projection::anchored(index, batch, setup, a)?,
+        None => Projection::new(index, batch, setup, level(share))?,
     };
-    // The pairs' bounds (anchored where an anchor is given); the seeds and the tiles'
-    // bounds in the queries' own coordinates.
-    let proj = anchored.as_ref().unwrap_or(&plain);
     let t_proj = clock.elapsed().as_secs_f64();
     let positions = setup.positions();
     let n_rows = positions.len();
@@ -659,7 +658,8 @@ pub fn partial(
     });
     let lower = match &remembered {
         Some(best) => remembered_lower(ds, index, batch, best),
-        None => seed_lower(ds, index, batch, &plain),
+        None if anchor.is_none() => seed_lower(ds, index, batch, &proj),
+        None => seed_lower(ds, index, batch, &Projection::new(index, batch, setup, 0)?),
     };
     let tiles = index
         .tiles_for(&batch.rows)
@@ -683,7 +683,7 @@ pub fn partial(
                 ds,
                 index,
                 batch,
-                proj,
+                &proj,
                 &qs,
                 &blocks[b],
                 lib,
@@ -1491,8 +1491,7 @@ mod tests {
             };
             let setup = Setup::new(&index, &batch).expect("all rows");
             let plain = Projection::new(&index, &batch, &setup, 0).expect("prunable");
-            let anchored = plain
-                .anchored(&index, &batch, &setup, &anchor)
+            let anchored = Projection::anchored(&index, &batch, &setup, &anchor)
                 .expect("the anchor serves its own trajectory");
             let (ubs, plain_ubs) = (
                 anchored.tile_ubs(&index, &batch, 0..n_t),
