@@ -186,15 +186,11 @@ impl Anchor {
                         return;
                     }
                     for (q, e) in row.iter_mut().enumerate() {
-                        let mut p = start;
-                        while p < end {
-                            let stop = ((p / PANEL + 1) * PANEL).min(end);
-                            let src = &self.products[layout.at(q, p)..][..stop - p];
-                            for &v in src {
+                        for (at, run) in layout.runs(q, start..end) {
+                            for &v in &self.products[at..at + run.len()] {
                                 e[0] = e[0].min(v);
                                 e[1] = e[1].max(v);
                             }
-                            p = stop;
                         }
                     }
                 });
@@ -236,13 +232,9 @@ impl Anchor {
     /// out[i] += g c_q . y_(p0 + i): query q's stored products from position `p0`, scaled.
     pub(super) fn add_scaled(&self, q: usize, p0: usize, g: f32, out: &mut [f32]) {
         let layout = Layout::new(&self.positions, self.n_q);
-        let end = p0 + out.len();
-        let mut p = p0;
-        while p < end {
-            let stop = ((p / PANEL + 1) * PANEL).min(end);
-            let src = &self.products[layout.at(q, p)..][..stop - p];
-            scaled_add(&mut out[p - p0..stop - p0], src, g);
-            p = stop;
+        for (at, run) in layout.runs(q, p0..p0 + out.len()) {
+            let src = &self.products[at..at + run.len()];
+            scaled_add(&mut out[run], src, g);
         }
     }
 
@@ -500,13 +492,27 @@ impl Layout {
 
     /// Stores `row`, query q's products from position `p0`, into `out`.
     pub(super) fn store(&self, q: usize, p0: usize, row: &[f32], out: &mut [f32]) {
-        let end = p0 + row.len();
-        let mut p = p0;
-        while p < end {
-            let stop = ((p / PANEL + 1) * PANEL).min(end);
-            let at = self.at(q, p);
-            out[at..at + stop - p].copy_from_slice(&row[p - p0..stop - p0]);
-            p = stop;
+        for (at, run) in self.runs(q, p0..p0 + row.len()) {
+            out[at..at + run.len()].copy_from_slice(&row[run]);
         }
+    }
+
+    /// Query q's products over `positions` as runs within one block each: where the run
+    /// starts in the products, and its positions relative to positions.start.
+    fn runs(
+        &self,
+        q: usize,
+        positions: Range<usize>,
+    ) -> impl Iterator<Item = (usize, Range<usize>)> + '_ {
+        let (start, end) = (positions.start, positions.end);
+        let mut p = start;
+        std::iter::from_fn(move || {
+            (p < end).then(|| {
+                let stop = ((p / PANEL + 1) * PANEL).min(end);
+                let run = (self.at(q, p), p - start..stop - start);
+                p = stop;
+                run
+            })
+        })
     }
 }
