@@ -271,6 +271,95 @@ fn sparse_and_projected_passes_equal_dense_and_reference() {
     );
 }
 
+/// The late-t refinement (`oracle::refine`) from the rows a projected pass kept gives the
+/// same posterior as from its own screen over the norm band: the same queries refined, the
+/// same top-1, means within 1e-9 of each other and of f64 (the kept rows leave out at most
+/// 2^-31 of the weight, the screen e^-30).
+#[test]
+fn refinement_from_kept_rows_equals_the_screens() {
+    use oracleflow::oracle::refine::{refine_batch, Refiner};
+    let real = dataset::load("embedded@1500", Dtype::F32).unwrap();
+    let clustered = common::clustered_dataset(1200, Dtype::F32);
+    let (mut with_kept, mut refined) = (0, 0);
+    for (name, ds) in [("fashion-mnist", &real), ("clustered", &clustered)] {
+        let mut pruned = CpuBackend::with_options(ds, CpuOptions { prune: true });
+        let mut refiner = Refiner::new(ds);
+        let path = Path::RectifiedFlow;
+        let dim = ds.dim();
+        for (i, &t) in [0.7f32, 0.8, 0.9, 0.95, 0.99, 0.999, 0.9999]
+            .iter()
+            .enumerate()
+        {
+            for class in [None, Some(2)] {
+                let rows = ds.rows_for(class).unwrap();
+                let x = path_queries(ds, path, t, 12, 70 + i as u64);
+                let (xc, coefs) = centred(ds, path, &x, t);
+                let batch = CentredBatch {
+                    x: &xc,
+                    logit_coefs: &coefs,
+                    rows: rows.clone(),
+                };
+                let fast = pruned.posterior(&batch).unwrap();
+                let Some(kept) = pruned.kept_candidates() else {
+                    continue;
+                };
+                with_kept += 1;
+                let what = format!("{name} t={t} class={class:?}");
+                let path_coefs = vec![path.coefs(t as f64); x.len() / dim];
+                let (mut a, mut b) = (fast.clone(), fast);
+                let refine = |kept, post: &mut _, refiner: &mut Refiner| {
+                    refine_batch(refiner, ds, &x, &path_coefs, &rows, kept, post).unwrap()
+                };
+                let (from_kept, n_kept) = refine(Some(kept), &mut a, &mut refiner);
+                let (from_screen, n_screen) = refine(None, &mut b, &mut refiner);
+                assert!(n_kept >= n_screen, "{what}: {n_kept} < {n_screen} refined");
+                refined += n_screen;
+                // (f64 at the queries as given: the backends got their centred f32
+                // roundings, the refinement works from them in f64.)
+                let query = Query {
+                    x: &x,
+                    t: Times::Scalar(t),
+                    class,
+                };
+                let want = reference::evaluate_f64(ds, path, &query, rows.clone());
+                for (q, (k, s)) in from_kept.iter().zip(&from_screen).enumerate() {
+                    // (Where the screen let through too many rows, few kept rows may
+                    // still be refined: then against f64 alone.)
+                    let Some(k) = k else {
+                        assert!(s.is_none(), "{what} query {q}: refined by the screen only");
+                        continue;
+                    };
+                    let truth: Vec<f64> = want.x1_hat[q * dim..(q + 1) * dim]
+                        .iter()
+                        .zip(ds.mean())
+                        .map(|(h, &m)| h - m as f64)
+                        .collect();
+                    let scale = truth.iter().map(|v| v * v).sum::<f64>().sqrt().max(1.0);
+                    let others = [(s.as_ref(), "the screen's"), (Some(&truth), "f64")];
+                    for (other, vs) in others.into_iter().filter_map(|(o, v)| Some((o?, v))) {
+                        let diff = k
+                            .iter()
+                            .zip(other)
+                            .map(|(u, v)| (u - v).powi(2))
+                            .sum::<f64>()
+                            .sqrt();
+                        assert!(diff <= 1e-9 * scale, "{what} query {q}: {diff:e} from {vs}");
+                    }
+                    let (sa, sf) = (&a.stats[q], &want.stats[q]);
+                    assert_eq!(ds.original_index(sa.top1_index as usize), sf.top1_index);
+                    let (wa, wf) = (sa.top1_weight, sf.top1_weight);
+                    assert!((wa - wf).abs() <= 1e-6, "{what} query {q}: {wa} {wf}");
+                }
+            }
+        }
+    }
+    eprintln!("{with_kept} calls handed over their kept rows, {refined} queries refined");
+    assert!(
+        with_kept >= 8 && refined >= 40,
+        "{with_kept} calls, {refined} queries"
+    );
+}
+
 /// Without anchors (`CpuBackend::set_anchored`), a query's result does not depend on the
 /// calls before it: the same states twice, around other calls, give the same bits, in
 /// every pass the backend picks across t. (With anchors, a trajectory's bits depend on

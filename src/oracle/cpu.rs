@@ -154,7 +154,8 @@ impl<'d> CpuBackend<'d> {
             .map(|i| i.n_tiles())
     }
 
-    /// Keep, per query of each call, the stored rows whose logits were computed (tests).
+    /// Keep, per query of each call, the stored rows it accumulated (tests; the projected
+    /// passes keep them anyway, for the late-t refinement: `Backend::kept_candidates`).
     pub fn record_kept_rows(&mut self, on: bool) {
         self.record_kept = on;
     }
@@ -219,6 +220,13 @@ pub(crate) struct Partial {
 }
 
 impl Backend for CpuBackend<'_> {
+    fn kept_candidates(&self) -> Option<&[Vec<u32>]> {
+        // The projected passes record every call (few rows a query); the others only
+        // for tests.
+        matches!(self.last_pass, Pass::Projected | Pass::ProjectedAnchored)
+            .then_some(self.kept.as_slice())
+    }
+
     fn describe(&self) -> String {
         let mode = if let Some(disk) = self.dataset.disk() {
             crate::oracle::stream::describe(disk)
@@ -322,7 +330,8 @@ impl Backend for CpuBackend<'_> {
                         // Few weights count: the projected pass's sweep with anchored
                         // bounds (it gives the call up where they let too many through).
                         if share <= prune::anchor::projected_max_share() {
-                            let kept = self.record_kept.then_some(&mut self.kept);
+                            // (Always recorded: the late-t refinement's candidates.)
+                            let kept = Some(&mut self.kept);
                             let part = prune::projected::partial(inputs, share, kept, Some(anchor));
                             if let Some(part) = part {
                                 self.last_pass = Pass::ProjectedAnchored;
@@ -379,7 +388,7 @@ impl Backend for CpuBackend<'_> {
                         && share <= prune::projected::max_share(kernel)
                         && prune::projected::enabled()
                     {
-                        let kept = self.record_kept.then_some(&mut self.kept);
+                        let kept = Some(&mut self.kept);
                         if let Some(part) = prune::projected::partial(inputs, share, kept, None) {
                             self.last_pass = Pass::Projected;
                             return Ok(part);

@@ -108,6 +108,7 @@ pub struct CentredBatch<'a> {
 }
 
 /// Posterior mean of the stored rows (B x D) and per-query stats (row indices are stored rows).
+#[derive(Clone)]
 pub struct Posterior {
     pub mean: Vec<f32>,
     pub stats: Vec<QueryStats>,
@@ -134,6 +135,12 @@ pub trait Backend: Send {
     /// process holds no sample of is an empty row range rather than an error.
     fn distributed(&self) -> bool {
         false
+    }
+    /// Per query, the stored rows the last call's pruned pass kept, where it recorded them:
+    /// every row whose weight can reach an f32 result is among them (its certificate
+    /// bounds the rest), so the late-t refinement need look at no other ([`refine`]).
+    fn kept_candidates(&self) -> Option<&[Vec<u32>]> {
+        None
     }
 }
 
@@ -360,8 +367,9 @@ impl<'d> Oracle<'d> {
                     vec![None; n_queries]
                 } else {
                     let refiner = self.refiner.get_or_insert_with(|| refine::Refiner::new(ds));
+                    let kept = backend.kept_candidates();
                     let (exact, n) =
-                        refine::refine_batch(refiner, ds, query.x, &coefs, &rows, &mut post)?;
+                        refine::refine_batch(refiner, ds, query.x, &coefs, &rows, kept, &mut post)?;
                     self.refined += n;
                     exact
                 };
