@@ -332,7 +332,8 @@ impl Backend for CpuBackend<'_> {
                         if share <= prune::anchor::projected_max_share() {
                             // (Always recorded: the late-t refinement's candidates.)
                             let kept = Some(&mut self.kept);
-                            let part = prune::projected::partial(inputs, share, kept, Some(anchor));
+                            let part =
+                                prune::projected::partial(inputs, share, kept, Some(anchor), None);
                             if let Some(part) = part {
                                 self.last_pass = Pass::ProjectedAnchored;
                                 return Ok(part);
@@ -389,7 +390,14 @@ impl Backend for CpuBackend<'_> {
                         && prune::projected::enabled()
                     {
                         let kept = Some(&mut self.kept);
-                        if let Some(part) = prune::projected::partial(inputs, share, kept, None) {
+                        // (A stale anchor's remembered rows still seed the lower bounds.)
+                        let seeds = self
+                            .anchored
+                            .then(|| self.anchors.find_any(&setup.positions(), n_q))
+                            .flatten();
+                        if let Some(part) =
+                            prune::projected::partial(inputs, share, kept, None, seeds)
+                        {
                             self.last_pass = Pass::Projected;
                             return Ok(part);
                         }

@@ -439,9 +439,14 @@ impl Anchors {
 
     /// The anchor serving a call of `n_q` queries over `positions`, if any and not stale.
     pub fn find(&self, positions: &Range<usize>, n_q: usize) -> Option<&Anchor> {
-        self.list
-            .iter()
-            .find(|a| a.serves(positions, n_q) && !a.stale.load(Relaxed))
+        self.find_any(positions, n_q)
+            .filter(|a| !a.stale.load(Relaxed))
+    }
+
+    /// [`Anchors::find`], stale anchors included: their remembered rows still seed the
+    /// projected pass's lower bounds (`projected::partial`).
+    pub fn find_any(&self, positions: &Range<usize>, n_q: usize) -> Option<&Anchor> {
+        self.list.iter().find(|a| a.serves(positions, n_q))
     }
 
     /// Keeps `anchor`, replacing any for the same queries and positions and dropping the
