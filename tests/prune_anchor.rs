@@ -94,7 +94,8 @@ impl Call<'_> {
 
 /// Euler trajectories of 12 queries in 25 steps, for rectified flow and VP cosine, on
 /// every row and on class 1: every pruned call against dense and f64, and its
-/// certificates; both anchored passes must have run.
+/// certificates; both anchored passes must have run, and projected calls after the anchor
+/// went stale (seeded by its remembered rows).
 #[test]
 fn anchored_passes_along_trajectories_equal_dense_reference_and_certificates() {
     let mut passes = Vec::new();
@@ -138,7 +139,18 @@ fn anchored_passes_along_trajectories_equal_dense_reference_and_certificates() {
         }
     }
     eprintln!("{checked} queries left mass out");
+    // Unanchored projected calls after an anchored one: the anchor went stale, its
+    // remembered rows seeding their lower bounds.
+    let after_stale = passes
+        .windows(2)
+        .filter(|w| w[0] == Pass::ProjectedAnchored && w[1] == Pass::Projected)
+        .count();
+    eprintln!("{after_stale} trajectories went on from a stale anchor's seeds");
     assert!(checked >= 20, "only {checked} queries left any mass out");
+    assert!(
+        after_stale >= 2,
+        "only {after_stale} calls seeded by a stale anchor"
+    );
     assert_took(&passes, Pass::SparseAnchored, 4);
     assert_took(&passes, Pass::ProjectedAnchored, 4);
 }
