@@ -32,7 +32,7 @@ use oracleflow::field::{FieldEval, VelocityField};
 use oracleflow::oracle::cpu::CpuOptions;
 use oracleflow::oracle::gpu::GpuOptions;
 use oracleflow::oracle::prune::PruneIndex;
-use oracleflow::oracle::{BackendKind, Oracle, Query, QueryStats, Times};
+use oracleflow::oracle::{BackendKind, Oracle, OracleOutput, Query, QueryStats, Times};
 use oracleflow::plot::{line_chart, Chart, Series};
 use oracleflow::sample::{initial_noise, integrate, Solver};
 use oracleflow::schedule::Schedule;
@@ -116,11 +116,7 @@ impl VelocityField for Both<'_, '_> {
                 x1_dense: Vec::new(),
                 x1_pruned: Vec::new(),
             });
-            return Ok(FieldEval {
-                velocity: p.velocity.iter().map(|&v| v as f64).collect(),
-                x1_hat: p.x1_hat.iter().map(|&v| v as f64).collect(),
-                stats: Some(p.stats),
-            });
+            return Ok(advance(p));
         };
         let ((d, dense_s), (p, pruned_s)) = if self.log.len().is_multiple_of(2) {
             let d = timed(dense);
@@ -148,11 +144,16 @@ impl VelocityField for Both<'_, '_> {
             x1_dense: d.x1_hat[..d.x1_hat.len().min(IDEAL_KEEP_MAX * dim)].to_vec(),
             x1_pruned: p.x1_hat[..p.x1_hat.len().min(IDEAL_KEEP_MAX * dim)].to_vec(),
         });
-        Ok(FieldEval {
-            velocity: p.velocity.iter().map(|&v| v as f64).collect(),
-            x1_hat: p.x1_hat.iter().map(|&v| v as f64).collect(),
-            stats: Some(p.stats),
-        })
+        Ok(advance(p))
+    }
+}
+
+/// The field's answer from the pruned oracle's output (the trajectory advances with it).
+fn advance(p: OracleOutput) -> FieldEval {
+    FieldEval {
+        velocity: p.velocity.iter().map(|&v| v as f64).collect(),
+        x1_hat: p.x1_hat.iter().map(|&v| v as f64).collect(),
+        stats: Some(p.stats),
     }
 }
 

@@ -118,8 +118,9 @@ impl Refiner {
         }
     }
 
-    /// The screen's first cut for `q`: (rho^2, r, |x| / alpha, the norm band lo..hi), or
-    /// None where the query cannot be refined or its band holds over `BAND_CAP` rows.
+    /// The screen's first cut for `q`: (rho^2, r, |x| / alpha, the norm band lo..hi, the
+    /// survivors' cap), or None where the query cannot be refined or its band holds over
+    /// `BAND_CAP` rows.
     fn band(&self, ds: &Dataset, q: &RefineQuery<'_>) -> Result<Option<Band>> {
         if q.alpha.is_nan() || q.alpha <= 0.0 || q.rows.is_empty() {
             return Ok(None);
@@ -138,11 +139,27 @@ impl Refiner {
         let hi = self
             .by_norm
             .partition_point(|e| e.0 as f64 <= x_norm + r + slack);
+        // The fast logits c_dot x.y - c_norm |y|^2 (c_dot = alpha / sigma^2, c_norm =
+        // alpha^2 / (2 sigma^2), |x| = alpha x_norm, |y| at most the band's largest norm)
+        // carry about 2^-24 of their terms' magnitude.
+        let y_max = if hi > lo {
+            self.by_norm[hi - 1].0 as f64
+        } else {
+            0.0
+        };
+        let rounding = f64::powi(2.0, -24) * q.alpha * q.alpha / (q.sigma * q.sigma)
+            * (x_norm * y_max + 0.5 * y_max * y_max);
+        let cap = if rounding >= ROUNDING_NATS {
+            ROUNDING_SURVIVOR_CAP
+        } else {
+            SURVIVOR_CAP
+        };
         Ok((hi - lo <= BAND_CAP).then_some(Band {
             rho2,
             r,
             x_norm,
             rows: lo..hi,
+            cap,
         }))
     }
 
@@ -156,40 +173,20 @@ impl Refiner {
         ds: &Dataset,
         q: &RefineQuery<'_>,
     ) -> Result<Option<(Vec<f64>, QueryStats)>> {
-        let Some(Band {
-            rho2,
-            r,
-            x_norm,
-            rows: band,
-        }) = self.band(ds, q)?
-        else {
+        let Some(band) = self.band(ds, q)? else {
             return Ok(None);
         };
         let mut row = Vec::new();
         let two_s2 = 2.0 * q.sigma * q.sigma;
         let d = ds.dim();
-        // The fast logits c_dot x.y - c_norm |y|^2 (c_dot = alpha / sigma^2, c_norm =
-        // alpha^2 / (2 sigma^2), |x| = alpha x_norm, |y| at most the band's largest norm)
-        // carry about 2^-24 of their terms' magnitude.
-        let y_max = if band.is_empty() {
-            0.0
-        } else {
-            self.by_norm[band.end - 1].0 as f64
-        };
-        let rounding = f64::powi(2.0, -24) * q.alpha * q.alpha / (q.sigma * q.sigma)
-            * (x_norm * y_max + 0.5 * y_max * y_max);
-        let cap = if rounding >= ROUNDING_NATS {
-            ROUNDING_SURVIVOR_CAP
-        } else {
-            SURVIVOR_CAP
-        };
-        let survivors = match q.kept {
-            Some(kept) if kept.len() <= cap => kept
+        let rho2 = band.rho2;
+        let survivors = match band.kept(q) {
+            Some(kept) => kept
                 .iter()
                 .map(|&i| i as usize)
                 .filter(|i| q.rows.contains(i))
                 .collect(),
-            _ => match self.screen(q, r, x_norm, band, cap) {
+            None => match self.screen(q, band) {
                 Some(s) => s,
                 None => return Ok(None),
             },
@@ -262,16 +259,16 @@ impl Refiner {
         Ok(Some((mean, stats)))
     }
 
-    /// Step 2's screen: the rows of the norm `band` whose projections lie within `r` of
-    /// the query's (in units of y), or None where they are over `cap`.
-    fn screen(
-        &self,
-        q: &RefineQuery<'_>,
-        r: f64,
-        x_norm: f64,
-        band: Range<usize>,
-        cap: usize,
-    ) -> Option<Vec<usize>> {
+    /// Step 2's screen: the rows of the norm band whose projections lie within r of the
+    /// query's (in units of y), or None where they are over the band's cap.
+    fn screen(&self, q: &RefineQuery<'_>, band: Band) -> Option<Vec<usize>> {
+        let Band {
+            r,
+            x_norm,
+            rows: band,
+            cap,
+            ..
+        } = band;
         let basis = self.basis.as_ref().expect("built for every band");
         let d = q.x.len();
         let px: Vec<f64> = (0..K)
@@ -311,6 +308,17 @@ struct Band {
     r: f64,
     x_norm: f64,
     rows: Range<usize>,
+    /// most survivors worth their exact distances (`SURVIVOR_CAP`, or
+    /// `ROUNDING_SURVIVOR_CAP` where the fast logits' rounding reaches `ROUNDING_NATS`)
+    cap: usize,
+}
+
+impl Band {
+    /// The rows a pruned pass kept for `q`, where it recorded them and they are within
+    /// the cap: then they are the survivors, and no screen runs.
+    fn kept<'q>(&self, q: &RefineQuery<'q>) -> Option<&'q [u32]> {
+        q.kept.filter(|k| k.len() <= self.cap)
+    }
 }
 
 /// |x - alpha y_i|^2 in f64 for the query `q` and stored row i (read into `row`).
@@ -363,8 +371,7 @@ pub fn refine_batch(
     if refiner.basis.is_none() {
         for q in 0..coefs.len() {
             let q = query(q);
-            let screened = q.kept.is_none_or(|k| k.len() > SURVIVOR_CAP);
-            if screened && refiner.band(ds, &q)?.is_some() {
+            if refiner.band(ds, &q)?.is_some_and(|b| b.kept(&q).is_none()) {
                 refiner.basis = Some(Basis::new(ds)?);
                 break;
             }
