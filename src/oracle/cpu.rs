@@ -184,6 +184,18 @@ impl<'d> CpuBackend<'d> {
     pub fn last_pass(&self) -> Pass {
         self.last_pass
     }
+
+    /// The kept-share estimate remembered by the anchor that serves `batch`, where it
+    /// stands for this call's (`prune::anchor::Anchor::remembered_share`).
+    fn remembered_share(&self, batch: &CentredBatch<'_>) -> Option<f64> {
+        let index = self.index.as_ref()?.as_ref()?;
+        let positions = index.positions_for(&batch.rows)?;
+        let n_q = batch.logit_coefs.len();
+        let anchor = self
+            .anchored
+            .then(|| self.anchors.find(&positions, n_q))??;
+        anchor.remembered_share(batch)
+    }
 }
 
 /// The pass a pruning backend chose for a call.
@@ -292,9 +304,18 @@ impl Backend for CpuBackend<'_> {
             // bounds nor the sparse pass can save anything, and the plain pass runs having
             // spent only the estimate; the index is built at the first call that can use
             // it (a single early evaluation never pays for it).
-            let share = prune::sparse::kept_share(self.dataset, batch, &mut self.estimate);
+            // (Late in a trajectory the anchor remembers the estimate of its last call.)
+            let remembered = self.remembered_share(batch);
+            let mut share = remembered.unwrap_or_else(|| {
+                prune::sparse::kept_share(self.dataset, batch, &mut self.estimate)
+            });
             if prune::profiling() {
-                eprintln!("prune: est. kept share {share:.5}");
+                let how = if remembered.is_some() {
+                    " (remembered)"
+                } else {
+                    ""
+                };
+                eprintln!("prune: est. kept share {share:.5}{how}");
             }
             if share > prune::sparse::sparse_max_share() {
                 self.anchors.clear();
@@ -335,9 +356,16 @@ impl Backend for CpuBackend<'_> {
                             let part =
                                 prune::projected::partial(inputs, share, kept, Some(anchor), None);
                             if let Some(part) = part {
+                                anchor.remember_share(share, batch);
                                 self.last_pass = Pass::ProjectedAnchored;
                                 return Ok(part);
                             }
+                        }
+                        // Declined (the anchor went stale, say): the other passes choose
+                        // by this call's own estimate.
+                        if remembered.is_some() {
+                            share =
+                                prune::sparse::kept_share(self.dataset, batch, &mut self.estimate);
                         }
                         // (An anchor the projected pass found stale serves no pass.)
                         let kept = self.record_kept.then_some(&mut self.kept);
@@ -901,12 +929,15 @@ pub(crate) fn sgemm_with(
         // contiguous rows (the dataset's, for logits; the lhs is packed for this call, so
         // small calls on strided rows, like the projected pass's per-tile bounds, are left
         // to the gemm crate).
+        // (With k = 1 both strides of a column-rows rhs are 1: row-major only where its
+        // row stride spans the columns.)
         GemmLib::Native
             if native::available()
                 && lhs.2 == 1
-                && (rhs.2 == 1 || (rhs.1 == 1 && rhs.2 == g.k && lhs.1 == g.k)) =>
+                && ((rhs.2 == 1 && rhs.1 >= g.n)
+                    || (rhs.1 == 1 && rhs.2 == g.k && lhs.1 == g.k)) =>
         {
-            if rhs.2 == 1 {
+            if rhs.2 == 1 && rhs.1 >= g.n {
                 native::gemm_rows(
                     (g.m, g.n, g.k),
                     dst,

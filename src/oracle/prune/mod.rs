@@ -622,6 +622,13 @@ impl PruneIndex {
     }
 
     /// Tiles covering exactly `rows` (all rows, or one class), if any.
+    /// The index positions of `rows` where they are a non-empty union of tiles.
+    pub(crate) fn positions_for(&self, rows: &Range<usize>) -> Option<Range<usize>> {
+        let tiles = self.tiles_for(rows).filter(|t| !t.is_empty())?;
+        let (first, last) = (&self.tiles[tiles.start], &self.tiles[tiles.end - 1]);
+        Some(first.start..last.start + last.len)
+    }
+
     fn tiles_for(&self, rows: &Range<usize>) -> Option<Range<usize>> {
         let n = self.perm.len();
         if *rows == (0..n) {

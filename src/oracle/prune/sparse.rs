@@ -351,7 +351,7 @@ impl Setup {
     /// `None` where the rows are not a union of the index's tiles.
     pub fn new(index: &PruneIndex, batch: &CentredBatch<'_>) -> Option<Setup> {
         let tiles = index.tiles_for(&batch.rows).filter(|t| !t.is_empty())?;
-        let (first, last) = (&index.tiles[tiles.start], &index.tiles[tiles.end - 1]);
+        let positions = index.positions_for(&batch.rows)?;
         let dim = index.dim;
         let y_max = index.tiles[tiles.clone()]
             .iter()
@@ -369,7 +369,7 @@ impl Setup {
             })
             .collect();
         Some(Setup {
-            positions: first.start..last.start + last.len,
+            positions,
             y_max,
             err,
             slack: std::sync::OnceLock::new(),
