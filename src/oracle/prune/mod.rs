@@ -621,7 +621,6 @@ impl PruneIndex {
         self.tiles_for(rows)
     }
 
-    /// Tiles covering exactly `rows` (all rows, or one class), if any.
     /// The index positions of `rows` where they are a non-empty union of tiles.
     pub(crate) fn positions_for(&self, rows: &Range<usize>) -> Option<Range<usize>> {
         let tiles = self.tiles_for(rows).filter(|t| !t.is_empty())?;
@@ -629,6 +628,7 @@ impl PruneIndex {
         Some(first.start..last.start + last.len)
     }
 
+    /// Tiles covering exactly `rows` (all rows, or one class), if any.
     fn tiles_for(&self, rows: &Range<usize>) -> Option<Range<usize>> {
         let n = self.perm.len();
         if *rows == (0..n) {

@@ -1665,5 +1665,32 @@ mod tests {
                 assert!(share[0] > share[1], "t = {t}: {share:?}");
             }
         }
+        // The anchor hands a served call's kept-share estimate to later calls of its
+        // queries at no smaller alpha only (not to earlier ones, nor to another batch).
+        let at = |t: f64, n_q: usize| {
+            let (xc, [a, b]) = queries_at(&rows, t, n_q, 5);
+            (xc, vec![[a as f32, b as f32]; n_q])
+        };
+        let remembered = |(x, coefs): &(Vec<f32>, Vec<[f32; 2]>)| {
+            anchor.remembered_share(&CentredBatch {
+                x,
+                logit_coefs: coefs,
+                rows: 0..n,
+            })
+        };
+        let (at5, at6, at7) = (at(0.5, n_q), at(0.6, n_q), at(0.7, n_q));
+        assert_eq!(remembered(&at6), None, "nothing remembered yet");
+        anchor.remember_share(
+            0.01,
+            &CentredBatch {
+                x: &at6.0,
+                logit_coefs: &at6.1,
+                rows: 0..n,
+            },
+        );
+        assert_eq!(remembered(&at6), Some(0.01));
+        assert_eq!(remembered(&at7), Some(0.01));
+        assert_eq!(remembered(&at5), None, "an earlier t");
+        assert_eq!(remembered(&at(0.7, n_q - 1)), None, "another batch");
     }
 }
