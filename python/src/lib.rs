@@ -358,6 +358,10 @@ impl Oracle {
                 // A panic inside the engine surfaces as a Python exception and poisons the
                 // lock; the oracle holds no state between calls that a panic could break.
                 let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
+                // Each call as a fresh process would run it (the CLI's): no anchors from
+                // earlier calls, whose screening would change which pairs are computed,
+                // hence the bits (`Oracle::forget_history`).
+                engine.forget_history();
                 f(&mut engine)
             })
         })
@@ -375,6 +379,7 @@ impl Oracle {
         py.detach(|| {
             self.cell.with_dependent(|ds, engine| {
                 let mut engine = engine.lock().unwrap_or_else(|p| p.into_inner());
+                engine.forget_history();
                 let stand_in = Engine::new(ds, engine.path(), BackendKind::Reference)?;
                 let mut field = OracleField::new(std::mem::replace(&mut *engine, stand_in));
                 let result = f(&mut field);

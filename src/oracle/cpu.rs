@@ -265,6 +265,11 @@ impl Backend for CpuBackend<'_> {
         Ok(self.partial(batch)?.finish())
     }
 
+    fn forget_history(&mut self) {
+        self.anchors.clear();
+        self.carry = None;
+    }
+
     fn partial(&mut self, batch: &CentredBatch<'_>) -> Result<PartialState> {
         self.last_pass = Pass::Dense;
         self.kept.clear();

@@ -142,6 +142,11 @@ pub trait Backend: Send {
     fn kept_candidates(&self) -> Option<&[Vec<u32>]> {
         None
     }
+    /// Forgets what earlier calls left for later ones (the cpu backend's anchors, see
+    /// `prune::anchor`), so that the next call's bits depend on its own queries alone. A
+    /// trajectory's calls keep it (each screens the next); separate calls on one oracle,
+    /// like the Python binding's, start from nothing, as a fresh process would.
+    fn forget_history(&mut self) {}
 }
 
 enum Engine<'d> {
@@ -277,6 +282,14 @@ impl<'d> Oracle<'d> {
     /// The backend actually in use (`auto` resolved).
     pub fn kind(&self) -> BackendKind {
         self.kind
+    }
+
+    /// Forgets what earlier calls left for later ones ([`Backend::forget_history`]): the
+    /// next call gives the bits a fresh oracle would.
+    pub fn forget_history(&mut self) {
+        if let Engine::Fast(b) = &mut self.engine {
+            b.forget_history();
+        }
     }
 
     pub fn describe(&self) -> String {

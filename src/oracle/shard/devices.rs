@@ -189,6 +189,12 @@ impl Backend for ShardedBackend<'_> {
         Ok(self.partial(batch)?.finish())
     }
 
+    fn forget_history(&mut self) {
+        for w in &mut self.workers {
+            w.backend.forget_history();
+        }
+    }
+
     fn partial(&mut self, batch: &CentredBatch<'_>) -> Result<Partial> {
         let parts = self.parts(batch.rows.clone());
         let dim = batch.x.len() / batch.logit_coefs.len().max(1);

@@ -335,6 +335,10 @@ impl Backend for MpiBackend<'_> {
         Ok(part.finish())
     }
 
+    fn forget_history(&mut self) {
+        self.inner.forget_history();
+    }
+
     fn partial(&mut self, batch: &CentredBatch<'_>) -> Result<Partial> {
         let n_queries = batch.logit_coefs.len();
         // A rank may hold no row of a class: it adds nothing (but still takes part).
