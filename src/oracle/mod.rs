@@ -23,6 +23,8 @@ pub mod stream;
 
 use std::ops::Range;
 
+use rayon::prelude::*;
+
 use crate::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::path::Path;
@@ -357,12 +359,17 @@ impl<'d> Oracle<'d> {
                 let coefs: Vec<_> = (0..n_queries)
                     .map(|q| self.path.coefs(query.t.get(q) as f64))
                     .collect();
+                // (Per query on every thread, here and below: late in a trajectory a pruned
+                // call takes a few ms, and these loops over every query's D values were a
+                // tenth of it on one thread.)
                 let mut x = query.x.to_vec();
-                for (q, c) in coefs.iter().enumerate() {
-                    for (v, m) in x[q * dim..(q + 1) * dim].iter_mut().zip(ds.mean()) {
-                        *v -= (c.alpha * *m as f64) as f32;
-                    }
-                }
+                x.par_chunks_mut(dim)
+                    .zip(coefs.par_iter())
+                    .for_each(|(xq, c)| {
+                        for (v, m) in xq.iter_mut().zip(ds.mean()) {
+                            *v -= (c.alpha * *m as f64) as f32;
+                        }
+                    });
                 let logit_coefs: Vec<[f32; 2]> = coefs
                     .iter()
                     .map(|c| {
@@ -388,22 +395,26 @@ impl<'d> Oracle<'d> {
                 };
                 let mut x1_hat = post.mean;
                 let mut velocity = vec![0.0f32; x1_hat.len()];
-                for (q, c) in coefs.iter().enumerate() {
-                    let (a, b) = c.velocity_coefs();
-                    let r = q * dim..(q + 1) * dim;
-                    let exact = exact_means[q].as_deref();
-                    for (k, ((h, v), (&xq, &m))) in x1_hat[r.clone()]
-                        .iter_mut()
-                        .zip(&mut velocity[r.clone()])
-                        .zip(query.x[r].iter().zip(ds.mean()))
-                        .enumerate()
-                    {
-                        let centred = exact.map_or(*h as f64, |e| e[k]);
-                        let hat = centred + m as f64;
-                        *h = hat as f32;
-                        *v = (a * hat + b * xq as f64) as f32;
-                    }
-                }
+                x1_hat
+                    .par_chunks_mut(dim)
+                    .zip(velocity.par_chunks_mut(dim))
+                    .zip(query.x.par_chunks(dim))
+                    .zip(coefs.par_iter().zip(&exact_means))
+                    .for_each(|(((hq, vq), xq), (c, exact))| {
+                        let (a, b) = c.velocity_coefs();
+                        let exact = exact.as_deref();
+                        for (k, ((h, v), (&xv, &m))) in hq
+                            .iter_mut()
+                            .zip(vq)
+                            .zip(xq.iter().zip(ds.mean()))
+                            .enumerate()
+                        {
+                            let centred = exact.map_or(*h as f64, |e| e[k]);
+                            let hat = centred + m as f64;
+                            *h = hat as f32;
+                            *v = (a * hat + b * xv as f64) as f32;
+                        }
+                    });
                 let source_indices = backend.distributed();
                 let stats = post
                     .stats

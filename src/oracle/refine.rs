@@ -359,7 +359,7 @@ pub fn refine_batch(
     let dim = ds.dim();
     // The centred queries in f64 (the backends got them rounded to f32).
     let xc: Vec<Vec<f64>> = coefs
-        .iter()
+        .par_iter()
         .enumerate()
         .map(|(q, c)| {
             x[q * dim..(q + 1) * dim]

@@ -780,6 +780,27 @@ multiversion! {
     fn sum_sq(v: &[f32]) -> f64 = sum_sq_body;
 }
 
+multiversion! {
+    /// a . b of two f32 vectors in f64 (as [`sum_sq`], in independent lanes).
+    fn dot_wide(a: &[f32], b: &[f32]) -> f64 = dot_wide_body;
+}
+
+#[inline(always)]
+fn dot_wide_body(a: &[f32], b: &[f32]) -> f64 {
+    const LANES: usize = 8;
+    let mut acc = [0.0f64; LANES];
+    let (mut ca, mut cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for ((s, &u), &v) in acc.iter_mut().zip(x).zip(y) {
+            *s += u as f64 * v as f64;
+        }
+    }
+    for ((s, &u), &v) in acc.iter_mut().zip(ca.remainder()).zip(cb.remainder()) {
+        *s += u as f64 * v as f64;
+    }
+    acc.iter().sum::<f64>()
+}
+
 /// [`sum_sq`], summed in independent lanes of whole chunks (a single f64 running sum
 /// waits out its add latency at every coordinate).
 #[inline(always)]

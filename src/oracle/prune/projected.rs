@@ -66,8 +66,8 @@ use super::anchor::{self, project_queries, Anchor, Residuals};
 use super::screen::{dot, RowSum};
 use super::sparse::{count_from, exact_logit, row_blocks, PassInputs, Setup, TILE};
 use super::{
-    env_number, level_norms, logit_geometry, row_keys, smallest, PruneIndex, BOX_DIMS, LB_MARGIN,
-    LEAF_ROWS, SEED_ROWS,
+    env_number, level_norms, logit_geometry, row_keys, smallest, sum_sq, PruneIndex, BOX_DIMS,
+    LB_MARGIN, LEAF_ROWS, SEED_ROWS,
 };
 use crate::dataset::Dataset;
 use crate::oracle::cpu::{large_gemm_lib, query_groups, sgemm_with, Gemm, GemmLib};
@@ -285,7 +285,7 @@ impl<'a> Projection<'a> {
         for q in 0..n_q {
             let (a, inv) = logit_geometry(batch.logit_coefs[q].map(|v| v as f64))?;
             let x = &batch.x[q * dim..(q + 1) * dim];
-            let x_sq: f64 = x.iter().map(|&v| (v as f64).powi(2)).sum();
+            let x_sq = sum_sq(x);
             sq.clear();
             tail.clear();
             level_norms(
@@ -446,7 +446,7 @@ impl<'a> Projection<'a> {
                 let pr_sq: f64 = pr.iter().map(|&v| (v as f64).powi(2)).sum();
                 let r_sq = pr_sq + (self.rx[i] as f64).powi(2);
                 let x = &batch.x[i * dim..(i + 1) * dim];
-                let x_sq: f64 = x.iter().map(|&v| (v as f64).powi(2)).sum();
+                let x_sq = sum_sq(x);
                 terms.x_sq[i] = pr_sq as f32;
                 terms.rx[i] = self.rx[i];
                 per_q.push(((x_sq - r_sq) as f32, 2.0 * qp.a * gamma[i]));

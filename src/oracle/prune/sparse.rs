@@ -362,7 +362,7 @@ impl Setup {
             .zip(batch.x.chunks_exact(dim))
             .map(|(coefs, x)| {
                 let [c_dot, c_norm] = coefs.map(|c| c.abs() as f64);
-                let x_norm = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+                let x_norm = super::sum_sq(x).sqrt();
                 (dim + 4) as f64
                     * f64::powi(2.0, -24)
                     * (c_dot * x_norm * y_max + c_norm * y_max * y_max)
