@@ -43,7 +43,7 @@ use rayon::prelude::*;
 
 use crate::dataset::Dataset;
 use crate::error::Result;
-use crate::oracle::prune::{dot_f64, dot_lanes, orthonormalise};
+use crate::oracle::prune::{dot_f64, dot_lanes, orthonormalise, sum_lanes};
 use crate::oracle::{Posterior, QueryStats};
 use crate::path::PathCoefs;
 
@@ -130,7 +130,7 @@ impl Refiner {
         let rho2 = dist2(ds, q, &mut Vec::new(), q.anchor)? + two_s2 * (n.ln() + MARGIN);
         // In units of y: candidates satisfy |x / alpha - y| < r.
         let r = rho2.sqrt() / q.alpha;
-        let x_norm = lane_sum(q.x.iter(), |v| v * v).sqrt() / q.alpha;
+        let x_norm = dot_lanes(q.x, q.x, |v| v).sqrt() / q.alpha;
         // The stored norms are f32 roundings: widen the band by their relative error.
         let slack = 1e-6 * (x_norm + r);
         let lo = self
@@ -326,21 +326,9 @@ impl Band {
 /// |x - alpha y_i|^2 in f64 for the query `q` and stored row i (read into `row`).
 fn dist2(ds: &Dataset, q: &RefineQuery<'_>, row: &mut Vec<f32>, i: usize) -> Result<f64> {
     read_rows(ds, i..i + 1, row)?;
-    Ok(lane_sum(q.x.iter().zip(row.iter()), |(&x, &y)| {
-        (x - q.alpha * y as f64).powi(2)
-    }))
-}
-
-/// The sum of `f` over `items` in 8 interleaved partial sums, added in a fixed order at
-/// the end: one running f64 sum waits out the add's latency at every term (late in a
-/// trajectory the bands' two sums over D = 784 took most of the refinement's time).
-fn lane_sum<T>(items: impl Iterator<Item = T>, f: impl Fn(T) -> f64) -> f64 {
-    let mut lanes = [0.0f64; 8];
-    for (i, item) in items.enumerate() {
-        lanes[i % 8] += f(item);
-    }
-    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+    // (In lanes: one running f64 sum waits out the add's latency at every term; late in a
+    // trajectory the bands' sums over D took most of the refinement's time.)
+    Ok(sum_lanes(q.x, row, |x, y| (x - q.alpha * y as f64).powi(2)))
 }
 
 /// Refines every query of a fast result `post` (over `rows`, queries `x` in user

@@ -291,18 +291,25 @@ fn dot_f64_body(a: &[f64], b: &[f64]) -> f64 {
 /// rounding: far below the f32 the refiner's screen allows for, and the PCA tree's keys).
 #[inline(always)]
 pub(crate) fn dot_lanes<T: Copy>(a: &[f64], b: &[T], f: impl Fn(T) -> f64) -> f64 {
+    sum_lanes(a, b, |x, y| x * f(y))
+}
+
+/// sum_i g(a_i, b_i) in [`dot_lanes`]' order (8 running sums over whole chunks, added
+/// pairwise, then the rest one by one): the refinement's f64 distances and norms.
+#[inline(always)]
+pub(crate) fn sum_lanes<T: Copy>(a: &[f64], b: &[T], g: impl Fn(f64, T) -> f64) -> f64 {
     const LANES: usize = 8;
     let mut acc = [0.0f64; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for l in 0..LANES {
-            acc[l] += x[l] * f(y[l]);
+            acc[l] += g(x[l], y[l]);
         }
     }
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, &y) in ra.iter().zip(rb) {
-        s += x * f(y);
+    for (&x, &y) in ra.iter().zip(rb) {
+        s += g(x, y);
     }
     s
 }

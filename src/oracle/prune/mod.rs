@@ -135,7 +135,7 @@ pub mod sparse;
 
 use basis::{pca_basis, split};
 
-pub(crate) use basis::{dot_f64, dot_lanes, orthonormalise};
+pub(crate) use basis::{dot_f64, dot_lanes, orthonormalise, sum_lanes};
 use screen::{dot, screen, RowSum, ScreenCount, ScreenInputs};
 
 use crate::dataset::{Dataset, Values};
@@ -755,24 +755,11 @@ multiversion! {
     fn distance(a: &[f32], b: &[f32]) -> f64 = distance_body;
 }
 
-/// [`distance`], summed in independent lanes of whole chunks (a single f64 running sum
-/// waits out its add latency at every coordinate: a third of the index's projection step).
+/// [`distance`], summed in lanes ([`pair_lanes`]; a single running sum was a third of the
+/// index's projection step).
 #[inline(always)]
 fn distance_body(a: &[f32], b: &[f32]) -> f64 {
-    const LANES: usize = 8;
-    let mut acc = [0.0f64; LANES];
-    let (mut ca, mut cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for ((s, &u), &v) in acc.iter_mut().zip(x).zip(y) {
-            let d = u as f64 - v as f64;
-            *s += d * d;
-        }
-    }
-    for ((s, &u), &v) in acc.iter_mut().zip(ca.remainder()).zip(cb.remainder()) {
-        let d = u as f64 - v as f64;
-        *s += d * d;
-    }
-    acc.iter().sum::<f64>().sqrt()
+    pair_lanes(a, b, |u, v| (u - v) * (u - v)).sqrt()
 }
 
 multiversion! {
@@ -781,40 +768,36 @@ multiversion! {
 }
 
 multiversion! {
-    /// a . b of two f32 vectors in f64 (as [`sum_sq`], in independent lanes).
+    /// a . b of two f32 vectors in f64.
     fn dot_wide(a: &[f32], b: &[f32]) -> f64 = dot_wide_body;
 }
 
 #[inline(always)]
 fn dot_wide_body(a: &[f32], b: &[f32]) -> f64 {
+    pair_lanes(a, b, |u, v| u * v)
+}
+
+#[inline(always)]
+fn sum_sq_body(v: &[f32]) -> f64 {
+    pair_lanes(v, v, |u, _| u * u)
+}
+
+/// sum_i f(a_i, b_i) in f64 (the values widened from f32), in 8 independent running sums
+/// over whole chunks, the rest into the first lanes, the lanes added in order: a single
+/// f64 running sum waits out its add latency at every coordinate. The callers' versions
+/// (see `multiversion!`) run the same operations: the same bits.
+#[inline(always)]
+fn pair_lanes(a: &[f32], b: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
     const LANES: usize = 8;
     let mut acc = [0.0f64; LANES];
     let (mut ca, mut cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     for (x, y) in (&mut ca).zip(&mut cb) {
         for ((s, &u), &v) in acc.iter_mut().zip(x).zip(y) {
-            *s += u as f64 * v as f64;
+            *s += f(u as f64, v as f64);
         }
     }
     for ((s, &u), &v) in acc.iter_mut().zip(ca.remainder()).zip(cb.remainder()) {
-        *s += u as f64 * v as f64;
-    }
-    acc.iter().sum::<f64>()
-}
-
-/// [`sum_sq`], summed in independent lanes of whole chunks (a single f64 running sum
-/// waits out its add latency at every coordinate).
-#[inline(always)]
-fn sum_sq_body(v: &[f32]) -> f64 {
-    const LANES: usize = 8;
-    let mut acc = [0.0f64; LANES];
-    let mut c = v.chunks_exact(LANES);
-    for x in &mut c {
-        for (s, &u) in acc.iter_mut().zip(x) {
-            *s += u as f64 * u as f64;
-        }
-    }
-    for (s, &u) in acc.iter_mut().zip(c.remainder()) {
-        *s += u as f64 * u as f64;
+        *s += f(u as f64, v as f64);
     }
     acc.iter().sum::<f64>()
 }

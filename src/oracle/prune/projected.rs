@@ -493,21 +493,20 @@ impl<'a> Projection<'a> {
                         t.resid_lo as f32 * (1.0 - 1e-6),
                         t.resid_hi as f32 * (1.0 + 1e-6),
                     ];
-                    products.copy_from_slice(row);
+                    if cuts.is_some() {
+                        products.copy_from_slice(row);
+                    }
                     tile_row(row, &terms, tile_terms, &base);
                     let Some(cuts) = cuts else { continue };
                     let nb = index.box_dims;
-                    let tile_box = BoxTerms {
-                        c_head: &index.centres[ti * k..ti * k + nb],
-                        bx: &index.boxes[ti * 2 * nb..(ti + 1) * 2 * nb],
-                        c_sq: cs as f32,
-                        rest_radius: t.rest_radius as f32 * (1.0 + 1e-6),
-                    };
                     let tile = TileBox {
                         terms: &terms,
                         px: &self.px,
                         k,
-                        tile: &tile_box,
+                        c_head: &index.centres[ti * k..ti * k + nb],
+                        bx: &index.boxes[ti * 2 * nb..(ti + 1) * 2 * nb],
+                        c_sq: cs as f32,
+                        rest_radius: t.rest_radius as f32 * (1.0 + 1e-6),
                         resid: [tile_terms[2], tile_terms[3]],
                     };
                     box_row(row, &products, cuts, &tile, &base);
@@ -517,13 +516,18 @@ impl<'a> Projection<'a> {
     }
 }
 
-/// What [`box_row`] reads besides the row: the queries' terms and projections (k each),
-/// the tile's box terms and its residual norms' range [rlo, rhi] (rounded outwards).
+/// What [`box_row`] reads besides the row: the queries' terms and projections (k each);
+/// the tile's projected centroid's first `box_dims` coordinates, its bounding box there
+/// (lower corner, then upper), |c|^2, the radius of its rows over the other coordinates
+/// and its residual norms' range [rlo, rhi] (rounded outwards).
 struct TileBox<'a> {
     terms: &'a TileTerms,
     px: &'a [f32],
     k: usize,
-    tile: &'a BoxTerms<'a>,
+    c_head: &'a [f32],
+    bx: &'a [f32],
+    c_sq: f32,
+    rest_radius: f32,
     resid: [f32; 2],
 }
 
@@ -537,30 +541,20 @@ multiversion! {
 #[inline(always)]
 fn box_row_body(row: &mut [f32], products: &[f32], cuts: &[f32], t: &TileBox<'_>, base: &[f32]) {
     let (q, k) = (t.terms, t.k);
-    let nb = t.tile.c_head.len();
+    let nb = t.c_head.len();
     let [rlo, rhi] = t.resid;
     for (qi, ub) in row.iter_mut().enumerate() {
         if *ub < cuts[qi] || ub.is_nan() {
             continue;
         }
         let pr_head = &t.px[qi * k..qi * k + nb];
-        let lb2 = box_lb2(q, qi, products[qi], pr_head, t.tile);
+        let lb2 = box_lb2(q, qi, products[qi], pr_head, t);
         let gap = (q.a[qi] * rlo - q.rx[qi])
             .max(q.rx[qi] - q.a[qi] * rhi)
             .max(0.0);
         let d2 = (base[qi] + lb2 + gap * gap - q.margin[qi]).max(0.0);
         *ub = ub.min(q.top[qi] - q.inv[qi] * d2);
     }
-}
-
-/// A tile's terms of the box bound ([`box_lb2`]): its projected centroid's first
-/// `box_dims` coordinates, its bounding box there (lower corner, then upper), |c|^2 and
-/// the radius of its rows over the other coordinates (rounded outwards).
-struct BoxTerms<'a> {
-    c_head: &'a [f32],
-    bx: &'a [f32],
-    c_sq: f32,
-    rest_radius: f32,
 }
 
 /// The box bound on |P x - a P y|^2 over a tile's rows y, for query `qi` of `q` (x its
@@ -570,7 +564,7 @@ struct BoxTerms<'a> {
 /// less a times the rest radius) - as `prune::tile_bound`, in f32 like the ball bound
 /// beside it (the rounding is far inside the margin).
 #[inline(always)]
-fn box_lb2(q: &TileTerms, qi: usize, product: f32, pr_head: &[f32], t: &BoxTerms<'_>) -> f32 {
+fn box_lb2(q: &TileTerms, qi: usize, product: f32, pr_head: &[f32], t: &TileBox<'_>) -> f32 {
     let a = q.a[qi];
     let dp2 = (q.x_sq[qi] - 2.0 * a * product + a * a * t.c_sq).max(0.0);
     let nb = pr_head.len();
