@@ -250,10 +250,22 @@ multiversion! {
     pub fn max_first(s: &[f32]) -> (f32, usize) = max_first_body;
 }
 
+multiversion! {
+    /// The largest of `s` ([`max_first`]'s, without the position): NaNs are passed over,
+    /// -inf where there is nothing larger.
+    pub fn max_of(s: &[f32]) -> f32 = max_of_body;
+}
+
 #[inline(always)]
 fn max_first_body(s: &[f32]) -> (f32, usize) {
-    // The maximum in independent lanes with compares and selects (vectorizes), then the
-    // first position holding it (an early-exit scan).
+    // The maximum (vectorized), then the first position holding it (an early-exit scan).
+    let max = max_of_body(s);
+    (max, s.iter().position(|&v| v == max).unwrap_or(0))
+}
+
+#[inline(always)]
+fn max_of_body(s: &[f32]) -> f32 {
+    // In independent lanes with compares and selects (vectorizes).
     const LANES: usize = 16;
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = s.chunks_exact(LANES);
@@ -265,10 +277,9 @@ fn max_first_body(s: &[f32]) -> (f32, usize) {
     for (m, &v) in lanes.iter_mut().zip(chunks.remainder()) {
         *m = if v > *m { v } else { *m };
     }
-    let max = lanes
+    lanes
         .iter()
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-    (max, s.iter().position(|&v| v == max).unwrap_or(0))
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
 /// e^d for d <= 0 (a softmax weight), branch-free so that loops over it vectorize:

@@ -63,9 +63,14 @@ impl Buckets {
         }
     }
 
-    /// Counts `row` into `hist`.
-    fn count(&self, row: &[f32], hist: &mut Hist) {
+    /// Counts `row` (its largest value `max`) into `hist`: all into bucket 0 at once where
+    /// `max` goes there (bucket numbers rise with the value).
+    fn count(&self, row: &[f32], max: f32, hist: &mut Hist) {
         let top = (self.len - 1) as f32;
+        if bucket_of(max, self.origin, top) == 0 {
+            hist[0][0] += row.len() as u32;
+            return;
+        }
         count_into(row, self.origin, top, hist);
     }
 
@@ -90,17 +95,12 @@ multiversion! {
 #[inline(always)]
 fn count_into_body(row: &[f32], origin: f32, top: f32, hist: &mut Hist) {
     const BLOCK: usize = 16;
-    let inv = (1.0 / BUCKET) as f32;
     // i32 bucket numbers: the conversion from f32 vectorizes (to u8 it went lane by lane).
     let mut idx = [0i32; TILE];
     for chunk in row.chunks(TILE) {
         let idx = &mut idx[..chunk.len()];
         for (i, &v) in idx.iter_mut().zip(chunk) {
-            let b = (v - origin) * inv + 1.0;
-            let b = if b > top { top } else { b.max(0.0) };
-            // SAFETY: b is in [0, top], top <= 255 (max turns a NaN into 0): in i32's
-            // range, so the plain conversion (no saturation steps) is exact.
-            *i = unsafe { b.to_int_unchecked::<i32>() };
+            *i = bucket_of(v, origin, top);
         }
         let mut blocks = idx.chunks_exact(BLOCK);
         for b in &mut blocks {
@@ -118,6 +118,16 @@ fn count_into_body(row: &[f32], origin: f32, top: f32, hist: &mut Hist) {
             hist[0][i as usize] += 1;
         }
     }
+}
+
+/// Logit v's bucket: (v - origin) / BUCKET + 1, clamped to 0..=top (a NaN to 0).
+#[inline(always)]
+fn bucket_of(v: f32, origin: f32, top: f32) -> i32 {
+    let b = (v - origin) * (1.0 / BUCKET) as f32 + 1.0;
+    let b = if b > top { top } else { b.max(0.0) };
+    // SAFETY: b is in [0, top], top <= 255 (max turns a NaN into 0): in i32's range, so
+    // the plain conversion (no saturation steps) is exact.
+    unsafe { b.to_int_unchecked::<i32>() }
 }
 
 /// Per query: the ln cut relative to its chunk maximum, and where it was raised above the
@@ -143,6 +153,8 @@ pub(super) struct BlockView<'a> {
     pub queries: Range<usize>,
     pub block_len: usize,
     pub logits: &'a [f32],
+    /// per tile of `TILE` rows and query (tile-major), the largest value of the row
+    pub row_max: &'a [f32],
 }
 
 /// The cuts for a chunk from its phase-1 logits (`views`), the queries' chunk maxima,
@@ -173,10 +185,13 @@ pub(super) fn cuts(
             let n_q = v.queries.len();
             let mut hist = vec![[[0u32; 256]; 4]; n_q];
             let tiles = (0..v.block_len).step_by(TILE);
-            for (t0, w) in tiles.zip(v.logits.chunks(n_q * TILE)) {
+            for ((t0, w), tops) in tiles
+                .zip(v.logits.chunks(n_q * TILE))
+                .zip(v.row_max.chunks_exact(n_q))
+            {
                 let nt = TILE.min(v.block_len - t0);
-                for (local, row) in w.chunks_exact(nt).enumerate() {
-                    buckets[v.queries.start + local].count(row, &mut hist[local]);
+                for (local, (row, &top)) in w.chunks_exact(nt).zip(tops).enumerate() {
+                    buckets[v.queries.start + local].count(row, top, &mut hist[local]);
                 }
             }
             hist
@@ -252,12 +267,28 @@ mod tests {
             for &v in &row {
                 want[((v - origin) * (1.0 / BUCKET) as f32 + 1.0).clamp(0.0, top) as usize] += 1;
             }
+            // And through `Buckets::count` with the row's maximum, on the row and on its
+            // first run alone (all under the floor: counted without reading).
+            let buckets = Buckets {
+                floor: 0.0,
+                origin,
+                len: top as usize + 1,
+            };
+            let max = |r: &[f32]| r.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut by_max = [[0u32; 256]; 4];
+            buckets.count(&row, max(&row), &mut by_max);
+            let run = &row[..n.min(40)];
+            let mut run_hist = [[0u32; 256]; 4];
+            buckets.count(run, max(run), &mut run_hist);
+            assert_eq!(
+                run_hist[0][0] as usize,
+                run.len(),
+                "n {n}: the run under the floor"
+            );
             for (i, &w) in want.iter().enumerate() {
-                assert_eq!(
-                    hist.iter().map(|h| h[i]).sum::<u32>(),
-                    w,
-                    "n {n} bucket {i}"
-                );
+                let sum = |h: &Hist| h.iter().map(|h| h[i]).sum::<u32>();
+                assert_eq!(sum(&hist), w, "n {n} bucket {i}");
+                assert_eq!(sum(&by_max), w, "n {n} bucket {i} (count)");
             }
         }
     }
@@ -309,10 +340,12 @@ mod tests {
                         .collect()
                 })
                 .collect();
-            let mut logits = Vec::new();
+            let (mut logits, mut row_max) = (Vec::new(), Vec::new());
             for t0 in (0..n).step_by(TILE) {
                 for row in &seen {
-                    logits.extend_from_slice(&row[t0..(t0 + TILE).min(n)]);
+                    let part = &row[t0..(t0 + TILE).min(n)];
+                    logits.extend_from_slice(part);
+                    row_max.push(part.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)));
                 }
             }
             let budget = 2f64.powi(-31);
@@ -320,6 +353,7 @@ mod tests {
                 queries: 0..n_q,
                 block_len: n,
                 logits: &logits,
+                row_max: &row_max,
             }];
             let best = vec![(0.0f32, 0u32); n_q];
             let cuts = cuts(

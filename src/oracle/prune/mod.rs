@@ -127,6 +127,7 @@ pub mod anchor;
 mod basis;
 pub mod bf16;
 mod budget;
+mod dots;
 pub mod int16;
 pub mod lowp;
 pub mod projected;

@@ -64,7 +64,9 @@ use rayon::prelude::*;
 
 use super::anchor::{self, project_queries, Anchor, Residuals};
 use super::screen::{dot, RowSum};
-use super::sparse::{count_from, exact_logit, row_blocks, PassInputs, Setup, TILE};
+use super::sparse::{
+    count_from, exact_logit, exact_logits_at, row_blocks, PassInputs, Setup, EXACT_AT_ONCE, TILE,
+};
 use super::{
     env_number, level_norms, logit_geometry, row_keys, smallest, sum_sq, PruneIndex, BOX_DIMS,
     LB_MARGIN, LEAF_ROWS, SEED_ROWS,
@@ -1049,40 +1051,70 @@ fn sweep(
             let qp = &proj.queries[q];
             let x = &batch.x[q * dim..(q + 1) * dim];
             let pq = &proj.px[q * k..(q + 1) * k];
-            for (j, v) in row.iter_mut().enumerate() {
-                if *v < cut {
-                    continue;
-                }
-                let p = t0 + j;
-                if refine {
-                    let d = match dense_ub {
-                        Some(ub) => ub[j],
-                        None => {
-                            let mut d = [dot(pq, &index.proj[p * k..(p + 1) * k])];
-                            proj.add_anchor(q, p, &mut d);
-                            bounds(qp, At::Last, &mut d, &ysq[p..p + 1], &yt[p..p + 1]);
-                            d[0]
-                        }
-                    };
-                    if d < cut {
-                        *v = d;
+            // The candidates in batches of `EXACT_AT_ONCE`, their logits computed together
+            // (each bitwise as alone), then taken in order against the cut in force, which
+            // an earlier one may have raised: as one at a time, except that a candidate a
+            // raised cut rules out had its logit computed for nothing.
+            let mut j = 0;
+            while j < nt {
+                let (mut at, mut d_at) =
+                    ([0usize; EXACT_AT_ONCE], [f32::NEG_INFINITY; EXACT_AT_ONCE]);
+                let mut len = 0;
+                while j < nt && len < EXACT_AT_ONCE {
+                    let (jj, p) = (j, t0 + j);
+                    j += 1;
+                    if row[jj] < cut {
                         continue;
                     }
+                    if refine {
+                        let d = match dense_ub {
+                            Some(ub) => ub[jj],
+                            None => {
+                                let mut d = [dot(pq, &index.proj[p * k..(p + 1) * k])];
+                                proj.add_anchor(q, p, &mut d);
+                                bounds(qp, At::Last, &mut d, &ysq[p..p + 1], &yt[p..p + 1]);
+                                d[0]
+                            }
+                        };
+                        if d < cut {
+                            row[jj] = d;
+                            continue;
+                        }
+                        d_at[len] = d;
+                    }
+                    at[len] = jj;
+                    len += 1;
                 }
-                let r = index.perm[p] as usize;
-                let s = exact_logit(ds, index, x, batch.logit_coefs[q], p, norms[r], &mut one);
-                out.logits[l].push((p as u32, s));
-                computed += 1;
-                // Marked as computed: not counted as ruled out below.
-                *v = f32::INFINITY;
-                if s as f64 > lower[l] {
-                    // The certificate so far is in units of exp(lower): rescaled.
-                    out.cert[l] *= (lower[l] - s as f64).exp();
-                    lower[l] = s as f64;
-                    cut = (lower[l] + thresholds[l]) as f32;
-                    // The tiles' part is in units of exp(cut): rescaled.
-                    tile_sum[l] *= (cuts[l] as f64 - cut as f64).exp();
-                    cuts[l] = cut;
+                let ps: [usize; EXACT_AT_ONCE] = std::array::from_fn(|i| t0 + at[i]);
+                let ns: [f32; EXACT_AT_ONCE] =
+                    std::array::from_fn(|i| norms[index.perm[ps[i]] as usize]);
+                let mut got = [0.0f32; EXACT_AT_ONCE];
+                if len > 0 {
+                    let (ps, ns) = (&ps[..len], &ns[..len]);
+                    let coefs = batch.logit_coefs[q];
+                    exact_logits_at(ds, index, x, coefs, (ps, ns), &mut one, &mut got[..len]);
+                }
+                for ((&jj, &d), &s) in at.iter().zip(&d_at).zip(&got).take(len) {
+                    if row[jj] < cut {
+                        continue;
+                    }
+                    if refine && d < cut {
+                        row[jj] = d;
+                        continue;
+                    }
+                    out.logits[l].push(((t0 + jj) as u32, s));
+                    computed += 1;
+                    // Marked as computed: not counted as ruled out below.
+                    row[jj] = f32::INFINITY;
+                    if s as f64 > lower[l] {
+                        // The certificate so far is in units of exp(lower): rescaled.
+                        out.cert[l] *= (lower[l] - s as f64).exp();
+                        lower[l] = s as f64;
+                        cut = (lower[l] + thresholds[l]) as f32;
+                        // The tiles' part is in units of exp(cut): rescaled.
+                        tile_sum[l] *= (cuts[l] as f64 - cut as f64).exp();
+                        cuts[l] = cut;
+                    }
                 }
             }
             // The pairs ruled out, each by a bound below the cut then in force (which only

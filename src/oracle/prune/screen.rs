@@ -3,6 +3,9 @@
 
 use std::ops::Range;
 
+pub(super) use super::dots::{dot, dots_with_row};
+#[cfg(target_arch = "x86_64")]
+use super::dots::{dot_avx2, dot_avx512};
 use super::{PruneIndex, QueryBound, LB_MARGIN, LEAF_ROWS};
 
 /// What screening found and cost.
@@ -58,7 +61,7 @@ pub(super) fn screen(
         // SAFETY: the CPU has the features the function is compiled for (checked above).
         return unsafe { screen_avx2(inputs, masks, cert) };
     }
-    screen_impl(inputs, masks, cert, dot8)
+    screen_impl(inputs, masks, cert, dot)
 }
 
 /// [`screen_impl`] compiled for an ISA's features (the build targets baseline x86-64),
@@ -81,185 +84,6 @@ macro_rules! screen_for {
 }
 screen_for!(screen_avx2, "avx2,fma", dot_avx2);
 screen_for!(screen_avx512, "avx512f,avx2,fma", dot_avx512);
-
-/// Dot product with AVX2 FMAs ([`dots_avx2`] with one vector).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    // SAFETY: this function only runs where the features dots_avx2 needs are.
-    let [d] = unsafe { dots_avx2(b, [a]) };
-    d
-}
-
-/// Dot products of one row with `Q` vectors at once, the row's vectors loaded once for all
-/// of them: per product two accumulators of 8 lanes, then the lanes' sum and the last
-/// coordinates one by one. The same steps for any `Q`, so that a product is bitwise the
-/// same whichever group it is computed in; with `Q` = 4, eight FMA chains are in flight
-/// where one product's two wait out the FMA's latency. On Fashion-MNIST (2-core Zen 3
-/// EPYC, best of 3 in three interleaved rounds) the int16-screened pass's f32 logits took
-/// 0.099 - 0.102 s at t = 0.33 against 0.11 - 0.16 one product at a time, 0.061 - 0.073
-/// at t = 0.36 against 0.068 - 0.084. (Four accumulators per product, two products at
-/// once, ran 0.11 s at t = 0.33 and moved the f32 logits' rounding enough to flip
-/// tests/prune.rs's comparison of the stats with dense, which holds with these sums.)
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn dots_avx2<const Q: usize>(row: &[f32], xs: [&[f32]; Q]) -> [f32; Q] {
-    use std::arch::x86_64::*;
-    let n = xs.iter().fold(row.len(), |m, x| m.min(x.len()));
-    let pr = row.as_ptr();
-    let px = xs.map(|x| x.as_ptr());
-    let mut s = [[_mm256_setzero_ps(); 2]; Q];
-    let mut i = 0;
-    // SAFETY: every load reads 8 floats at i..i + 8 <= n, inside the row and every vector
-    // (each at least n long).
-    unsafe {
-        while i + 16 <= n {
-            let (y0, y1) = (_mm256_loadu_ps(pr.add(i)), _mm256_loadu_ps(pr.add(i + 8)));
-            for (acc, p) in s.iter_mut().zip(&px) {
-                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i)), y0, acc[0]);
-                acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i + 8)), y1, acc[1]);
-            }
-            i += 16;
-        }
-        if i + 8 <= n {
-            let y = _mm256_loadu_ps(pr.add(i));
-            for (acc, p) in s.iter_mut().zip(&px) {
-                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(p.add(i)), y, acc[0]);
-            }
-            i += 8;
-        }
-    }
-    let mut out = [0.0f32; Q];
-    for ((o, a), x) in out.iter_mut().zip(&s).zip(&xs) {
-        let mut l = [0.0f32; 8];
-        // SAFETY: l holds 8 floats.
-        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), _mm256_add_ps(a[0], a[1])) };
-        let mut v = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
-        for j in i..n {
-            v += x[j] * row[j];
-        }
-        *o = v;
-    }
-    out
-}
-
-/// Dot product with AVX-512 FMAs: four accumulators of 16 lanes (one FMA chain would wait
-/// out its latency at every step: a 784-long product took about 4 times as long), the last
-/// partial vector by a masked load ([`dots_avx512`] with one vector).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-    // SAFETY: this function only runs where the features dots_avx512 needs are.
-    let [d] = unsafe { dots_avx512(b, [a]) };
-    d
-}
-
-/// Dot products of one row with `Q` vectors at once, the row's vectors loaded once for all
-/// of them: per product four accumulators of 16 lanes (one FMA chain would wait out its
-/// latency at every step: a 784-long product took about 4 times as long), the last partial
-/// vector by a masked load. The same steps and final sum for any `Q`, so that a product
-/// is bitwise the same whichever group it is computed in.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-#[inline]
-unsafe fn dots_avx512<const Q: usize>(row: &[f32], xs: [&[f32]; Q]) -> [f32; Q] {
-    use std::arch::x86_64::*;
-    let n = xs.iter().fold(row.len(), |m, x| m.min(x.len()));
-    let pr = row.as_ptr();
-    let px = xs.map(|x| x.as_ptr());
-    let mut s = [[_mm512_setzero_ps(); 4]; Q];
-    let mut i = 0;
-    // SAFETY: full loads at i..i + 16 <= n, the masked one only the
-    // n - i < 16 lanes left, inside the row and every vector (each at least n long).
-    unsafe {
-        while i + 64 <= n {
-            for u in 0..4 {
-                let y = _mm512_loadu_ps(pr.add(i + 16 * u));
-                for (acc, p) in s.iter_mut().zip(&px) {
-                    acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(p.add(i + 16 * u)), y, acc[u]);
-                }
-            }
-            i += 64;
-        }
-        let mut u = 0;
-        while i + 16 <= n {
-            let y = _mm512_loadu_ps(pr.add(i));
-            for (acc, p) in s.iter_mut().zip(&px) {
-                acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(p.add(i)), y, acc[u]);
-            }
-            u += 1;
-            i += 16;
-        }
-        if i < n {
-            let m: __mmask16 = (1u16 << (n - i)) - 1;
-            let y = _mm512_maskz_loadu_ps(m, pr.add(i));
-            for (acc, p) in s.iter_mut().zip(&px) {
-                acc[3] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, p.add(i)), y, acc[3]);
-            }
-        }
-        s.map(|a| {
-            _mm512_reduce_add_ps(_mm512_add_ps(
-                _mm512_add_ps(a[0], a[1]),
-                _mm512_add_ps(a[2], a[3]),
-            ))
-        })
-    }
-}
-
-/// `out[i] = dot(xs[i], row)` for every i, bitwise as [`dot`] one at a time, with the
-/// row read once per four vectors (AVX-512 and AVX2). (For the bf16 screening's f32 logits, grouped
-/// by row, this measured no faster than a dot product per pair on Fashion-MNIST: reading
-/// the rows bounds both. Its callers get a stored row converted once for all its vectors.)
-pub(super) fn dots_with_row(row: &[f32], xs: &[&[f32]], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
-        let mut chunks = xs.chunks_exact(4);
-        let mut o = out.chunks_exact_mut(4);
-        for (x, o) in (&mut chunks).zip(&mut o) {
-            // SAFETY: the CPU has the features the function is compiled for (checked above).
-            o.copy_from_slice(&unsafe { dots_avx512(row, [x[0], x[1], x[2], x[3]]) });
-        }
-        for (x, o) in chunks.remainder().iter().zip(o.into_remainder()) {
-            // SAFETY: as above.
-            *o = unsafe { dots_avx512(row, [*x]) }[0];
-        }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        let mut chunks = xs.chunks_exact(4);
-        let mut o = out.chunks_exact_mut(4);
-        for (x, o) in (&mut chunks).zip(&mut o) {
-            // SAFETY: the CPU has the features the function is compiled for (checked above).
-            o.copy_from_slice(&unsafe { dots_avx2(row, [x[0], x[1], x[2], x[3]]) });
-        }
-        for (x, o) in chunks.remainder().iter().zip(o.into_remainder()) {
-            // SAFETY: as above.
-            *o = unsafe { dots_avx2(row, [*x]) }[0];
-        }
-        return;
-    }
-    for (x, o) in xs.iter().zip(out) {
-        *o = dot(x, row);
-    }
-}
-
-/// Dot product, with AVX-512 or AVX2 FMAs where the CPU has them (else [`dot8`]).
-pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for (checked above).
-        return unsafe { dot_avx512(a, b) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for (checked above).
-        return unsafe { dot_avx2(a, b) };
-    }
-    dot8(a, b)
-}
 
 /// A weighted sum of rows, sum_j w_j y_j, added row by row: `CHUNK` rows at a time into an
 /// f32 sum, each chunk then into the f64 total. The rows summed together (a tile's, a
@@ -319,24 +143,6 @@ unsafe fn axpy_avx2(w: f32, y: &[f32], acc: &mut [f32]) {
     acc.iter_mut()
         .zip(y)
         .for_each(|(a, &v)| *a = w.mul_add(v, *a));
-}
-
-/// Dot product with eight running sums (so that it vectorises).
-#[inline(always)]
-pub(super) fn dot8(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
 }
 
 #[inline(always)]
@@ -527,43 +333,4 @@ fn screen_impl(
         }
     }
     count
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// One row's products with several vectors are bitwise [`dot`]'s (and within f32's
-    /// summation bound of f64), at lengths around the vector widths and steps and for
-    /// group sizes around the kernels' four.
-    #[test]
-    fn dots_with_row_are_bitwise_dot() {
-        let mut seed = 5u64;
-        let mut next = || (2.0 * crate::oracle::prune::tests::lcg(&mut seed) - 1.0) as f32;
-        for n in [
-            1usize, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 784,
-        ] {
-            let row: Vec<f32> = (0..n).map(|_| next()).collect();
-            let vs: Vec<Vec<f32>> = (0..9)
-                .map(|_| (0..n).map(|_| 3.0 * next()).collect())
-                .collect();
-            for m in 0..=9 {
-                let xs: Vec<&[f32]> = vs[..m].iter().map(|v| v.as_slice()).collect();
-                let mut out = vec![f32::NAN; m];
-                dots_with_row(&row, &xs, &mut out);
-                for (x, o) in xs.iter().zip(&out) {
-                    assert_eq!(o.to_bits(), dot(x, &row).to_bits(), "n {n} m {m}");
-                    // And within f32 summation's bound of the f64 product.
-                    let want: f64 = x.iter().zip(&row).map(|(&a, &b)| a as f64 * b as f64).sum();
-                    let scale: f64 = x
-                        .iter()
-                        .zip(&row)
-                        .map(|(&a, &b)| (a as f64 * b as f64).abs())
-                        .sum();
-                    let bound = (n + 2) as f64 * f64::powi(2.0, -24) * scale;
-                    assert!((*o as f64 - want).abs() <= bound, "n {n}: {o} vs {want}");
-                }
-            }
-        }
-    }
 }

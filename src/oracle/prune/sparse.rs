@@ -62,6 +62,7 @@ use rayon::prelude::*;
 
 use super::accumulate::{accumulate, pack_into, QUERY_BLOCK, STRIP};
 use super::anchor::{self, Anchor};
+use super::dots::dots_grid;
 use super::projected::head_dots;
 use super::screen::{dot, dots_with_row, RowSum};
 use super::{budget, env_number, lowp, profiling, PruneIndex, LEAF_ROWS, SAMPLE_BUDGET};
@@ -70,9 +71,14 @@ use crate::oracle::cpu::{query_groups, to_logits, GemmLib, Partial as CpuPartial
 use crate::oracle::partial::Partial;
 use crate::oracle::simd::multiversion;
 use crate::oracle::state::exp_nonpositive;
-use crate::oracle::state::max_first;
+use crate::oracle::state::{max_first, max_of};
 use crate::oracle::{CentredBatch, SoftmaxState};
 
+/// Rows per group of the screened pairs' products ([`screened_exact`]).
+const GRID_ROWS: usize = 4;
+/// Most products a group computes as one grid, as a multiple of the pairs it needs (the
+/// grid's register blocks run at about three times the rate of a row's products alone).
+const GRID_WASTE: usize = 2;
 /// Rows per logits GEMM: four leaf tiles, S (B x 256) and the tile (256 x D) cache-sized.
 pub(super) const TILE: usize = 256;
 /// Bound on the memory of one chunk's logits, unless ORACLEFLOW_PRUNE_CHUNK_KIB sets it.
@@ -151,6 +157,10 @@ struct BlockLogits {
     /// anchored: per query the block's largest upper bound and its position (a candidate
     /// for the query's maximum, whose f32 logit then raises the lower bound)
     seeds: Vec<(f32, u32)>,
+    /// per tile of `TILE` rows and query (tile-major), the largest value of the query's
+    /// row in `s` (kept up to date as values change): the later steps pass over a row
+    /// with no value at or above their cut without reading it
+    row_max: Vec<f32>,
 }
 
 /// What a sparse call leaves for the next one: for every (query, row) pair a value at or
@@ -704,6 +714,7 @@ pub fn partial(
                     queries: groups[g].clone(),
                     block_len: blocks[b].len(),
                     logits: &l.s,
+                    row_max: &l.row_max,
                 })
                 .collect();
             let share = cpos.len() as f64 / n_rows as f64;
@@ -747,7 +758,7 @@ pub fn partial(
                         order: &orders[g],
                     },
                     &blocks[b],
-                    &mut l.s,
+                    (&mut l.s, &l.row_max),
                     record,
                 )
             })
@@ -1009,6 +1020,7 @@ fn block_logits(
     let mut exact = 0u64;
     let (mut y, mut scratch, mut one) = (Vec::new(), lowp::Scratch::default(), vec![0.0f32; dim]);
     let mut nsq = [0.0f32; TILE];
+    let mut row_max = Vec::with_capacity(n_q * block.len().div_ceil(TILE));
     for (t0, out) in block.clone().step_by(TILE).zip(s.chunks_mut(n_q * TILE)) {
         let tile = t0..(t0 + TILE).min(block.end);
         let nt = tile.len();
@@ -1035,6 +1047,7 @@ fn block_logits(
                     exact += 1;
                     raise(b, (*v, r));
                 }
+                row_max.push(max_of(row));
             }
             continue;
         }
@@ -1055,6 +1068,7 @@ fn block_logits(
                 if m > seeds[q].0 {
                     seeds[q] = (m, (t0 + i) as u32);
                 }
+                row_max.push(m);
             }
             continue;
         }
@@ -1068,7 +1082,7 @@ fn block_logits(
             }
             for (q, row) in out.chunks_exact_mut(nt).enumerate() {
                 to_logits(row, &nsq[..nt], batch.logit_coefs[qs.start + q]);
-                raise_to_row_max(&mut best[q], row, rows);
+                row_max.push(raise_to_row_max(&mut best[q], row, rows));
             }
             exact += (n_q * nt) as u64;
             continue;
@@ -1087,6 +1101,7 @@ fn block_logits(
             // lower bounds of every block are known.
             let lo = screen_bounds(row, nsq, yn, ye, [c_dot, c_norm, ca, cb, cc]);
             lower[q] = lower[q].max(lo as f64);
+            row_max.push(max_of(row));
         }
     }
     BlockLogits {
@@ -1096,6 +1111,7 @@ fn block_logits(
         exact,
         products,
         seeds,
+        row_max,
     }
 }
 
@@ -1162,15 +1178,19 @@ fn screened_exact(
     let n_q = qs.len();
     let norms = ds.sq_norms();
     let x = &batch.x[qs.start * dim..qs.end * dim];
-    let one = &mut vec![0.0f32; dim];
-    let (mut pending, mut by_row) = (Vec::new(), Vec::new());
+    let (mut pending, mut by_row, mut spans) = (Vec::new(), Vec::new(), Vec::new());
     let (mut xs, mut d): (Vec<&[f32]>, Vec<f32>) = (Vec::new(), Vec::new());
+    let (mut tile_rows, mut grid_queries) = (Vec::new(), Vec::new());
+    let mut union = vec![0u64; n_q.div_ceil(64)];
+    let mut slot = vec![0u32; n_q];
     for (t0, out) in block.clone().step_by(TILE).zip(l.s.chunks_mut(n_q * TILE)) {
         let nt = TILE.min(block.end - t0);
         let rows = &index.perm[t0..t0 + nt];
+        let ti = (t0 - block.start) / TILE;
+        let row_max = &mut l.row_max[ti * n_q..(ti + 1) * n_q];
         pending.clear();
         for (q, row) in out.chunks_exact(nt).enumerate() {
-            if count_from(row, cuts[q]).0 == 0 {
+            if row_max[q] < cuts[q] {
                 continue;
             }
             for (j, &v) in row.iter().enumerate() {
@@ -1180,24 +1200,89 @@ fn screened_exact(
             }
         }
         l.exact += pending.len() as u64;
+        if pending.is_empty() {
+            continue;
+        }
+        // The tile's rows with pairs, each with its queries (a range of `by_row`).
+        spans.clear();
+        let mut at = 0u32;
         for_each_row(&pending, nt, &mut by_row, |j, queries| {
-            let yj = index.rows_at(ds, t0 + j..t0 + j + 1, one);
-            xs.clear();
-            xs.extend(
-                queries
-                    .iter()
-                    .map(|&q| &x[q as usize * dim..(q as usize + 1) * dim]),
-            );
-            d.resize(queries.len(), 0.0);
-            dots_with_row(yj, &xs, &mut d);
-            let nsq = norms[rows[j] as usize];
-            for (&q, &dq) in queries.iter().zip(&d) {
+            let len = queries.len() as u32;
+            spans.push((j as u32, at..at + len));
+            at += len;
+        });
+        let ys = index.rows_at(ds, t0..t0 + nt, &mut tile_rows);
+        let row = |j: u32| &ys[j as usize * dim..(j as usize + 1) * dim];
+        // Rows in groups of `GRID_ROWS`: where the group's union of queries is not much
+        // wider than each row's own, one grid of products over the union (register
+        // blocks, see [`super::dots`]); else row by row. Bitwise the same either way.
+        for group in spans.chunks(GRID_ROWS) {
+            let wanted: usize = group.iter().map(|(_, r)| r.len()).sum();
+            union.iter_mut().for_each(|w| *w = 0);
+            for (_, r) in group {
+                for &q in &by_row[r.start as usize..r.end as usize] {
+                    union[q as usize / 64] |= 1 << (q % 64);
+                }
+            }
+            let width: usize = union.iter().map(|w| w.count_ones() as usize).sum();
+            let as_grid = group.len() > 1 && group.len() * width <= GRID_WASTE * wanted;
+            let mut put = |j: u32, q: u32, dq: f32| {
+                let nsq = norms[rows[j as usize] as usize];
                 let [c_dot, c_norm] = batch.logit_coefs[qs.start + q as usize];
                 let v = c_dot * dq - c_norm * nsq;
-                out[q as usize * nt + j] = v;
-                raise(&mut l.best[q as usize], (v, rows[j]));
+                out[q as usize * nt + j as usize] = v;
+                raise(&mut l.best[q as usize], (v, rows[j as usize]));
+            };
+            if as_grid {
+                grid_queries.clear();
+                for (w, &bits) in union.iter().enumerate() {
+                    let mut b = bits;
+                    while b != 0 {
+                        let q = 64 * w + b.trailing_zeros() as usize;
+                        b &= b - 1;
+                        slot[q] = grid_queries.len() as u32;
+                        grid_queries.push(q as u32);
+                    }
+                }
+                xs.clear();
+                xs.extend(
+                    grid_queries
+                        .iter()
+                        .map(|&q| &x[q as usize * dim..(q as usize + 1) * dim]),
+                );
+                let group_rows: Vec<&[f32]> = group.iter().map(|&(j, _)| row(j)).collect();
+                d.resize(group.len() * width, 0.0);
+                dots_grid(&group_rows, &xs, &mut d);
+                for (g, (j, r)) in group.iter().enumerate() {
+                    for &q in &by_row[r.start as usize..r.end as usize] {
+                        put(*j, q, d[g * width + slot[q as usize] as usize]);
+                    }
+                }
+                continue;
             }
-        });
+            for (j, r) in group {
+                let queries = &by_row[r.start as usize..r.end as usize];
+                xs.clear();
+                xs.extend(
+                    queries
+                        .iter()
+                        .map(|&q| &x[q as usize * dim..(q as usize + 1) * dim]),
+                );
+                d.resize(queries.len(), 0.0);
+                dots_with_row(row(*j), &xs, &mut d);
+                for (&q, &dq) in queries.iter().zip(&d) {
+                    put(*j, q, dq);
+                }
+            }
+        }
+        // The rows that changed (pending is in query order).
+        let mut last = u32::MAX;
+        for &(_, q) in &pending {
+            if q != last {
+                last = q;
+                row_max[q as usize] = max_of(&out[q as usize * nt..(q as usize + 1) * nt]);
+            }
+        }
     }
 }
 
@@ -1272,8 +1357,8 @@ pub(super) fn raise(best: &mut (f32, u32), cand: (f32, u32)) {
 
 /// `best` raised to the largest of a row of logits (`rows` their stored rows), as
 /// [`raise`] for each in turn: the row's maximum first (vectorized), then its ties.
-fn raise_to_row_max(best: &mut (f32, u32), row: &[f32], rows: &[u32]) {
-    let (m, _) = max_first(row);
+fn raise_to_row_max(best: &mut (f32, u32), row: &[f32], rows: &[u32]) -> f32 {
+    let m = max_of(row);
     if m >= best.0 {
         for (&v, &r) in row.iter().zip(rows) {
             if v == m {
@@ -1281,6 +1366,7 @@ fn raise_to_row_max(best: &mut (f32, u32), row: &[f32], rows: &[u32]) {
             }
         }
     }
+    m
 }
 
 /// The f32 logit of query `xq` (coefficients `c_dot`, `c_norm`) with the row at position
@@ -1298,6 +1384,44 @@ pub(super) fn exact_logit(
     c_dot * dot(xq, index.rows_at(ds, p..p + 1, scratch)) - c_norm * norm
 }
 
+/// [`exact_logit`] for the rows at positions `ps` (at most [`EXACT_AT_ONCE`], squared norms
+/// `norms`) at once, bitwise as one at a time: their products are independent sums, one
+/// row's alone waits out its lanes' FMA latency (see [`super::dots`]).
+pub(super) fn exact_logits_at(
+    ds: &Dataset,
+    index: &PruneIndex,
+    xq: &[f32],
+    [c_dot, c_norm]: [f32; 2],
+    (ps, norms): (&[usize], &[f32]),
+    scratch: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let dim = index.dim;
+    assert!(ps.len() <= EXACT_AT_ONCE && norms.len() == ps.len() && out.len() == ps.len());
+    let mut d = [0.0f32; EXACT_AT_ONCE];
+    let d = &mut d[..ps.len()];
+    if let Some(rows) = index.tiled_rows(ds) {
+        let ys: [&[f32]; EXACT_AT_ONCE] = std::array::from_fn(|i| {
+            let p = ps[i.min(ps.len() - 1)];
+            &rows[p * dim..(p + 1) * dim]
+        });
+        dots_grid(&ys[..ps.len()], &[xq], d);
+    } else {
+        scratch.resize(ps.len() * dim, 0.0);
+        for (&p, o) in ps.iter().zip(scratch.chunks_exact_mut(dim)) {
+            ds.stored_row(index.perm[p] as usize, o);
+        }
+        let ys: Vec<&[f32]> = scratch.chunks_exact(dim).collect();
+        dots_grid(&ys, &[xq], d);
+    }
+    for ((o, &dq), &n) in out.iter_mut().zip(d.iter()).zip(norms) {
+        *o = c_dot * dq - c_norm * n;
+    }
+}
+
+/// Most rows [`exact_logits_at`] takes at once.
+pub(super) const EXACT_AT_ONCE: usize = 4;
+
 /// Phase 2 for queries `qs` (with their chunk maxima `best` and drop thresholds) over the
 /// positions `block`, whose logits `s` phase 1 computed: weights, sums, and the kept
 /// weights' accumulation.
@@ -1306,7 +1430,7 @@ fn block_sums(
     index: &PruneIndex,
     group: GroupQueries<'_>,
     block: &Range<usize>,
-    s: &mut [f32],
+    (s, row_max): (&mut [f32], &[f32]),
     record: bool,
 ) -> BlockSums {
     let GroupQueries {
@@ -1357,7 +1481,13 @@ fn block_sums(
         for (q, row) in w.chunks_exact_mut(nt).enumerate() {
             let m = best[q].0;
             let cut = (m as f64 + thresholds[q]) as f32;
-            let (kept, below_max) = count_from(row, cut);
+            // (count_from's result, where nothing reaches the cut)
+            let top = row_max[(t0 - block.start) / TILE * n_q + q];
+            let (kept, below_max) = if top < cut {
+                (0, top)
+            } else {
+                count_from(row, cut)
+            };
             if kept < nt {
                 // Each dropped weight is at most exp(below_max - m) (times exp(2 err), at the end).
                 out.dropped[q] += (nt - kept) as f64 * (below_max as f64 - m as f64).exp();
