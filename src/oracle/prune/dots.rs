@@ -223,36 +223,44 @@ unsafe fn block_avx512<const R: usize, const Q: usize>(
 ) -> [[f32; Q]; R] {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); Q]; R];
-    let mut i = 0;
-    let step = |i: usize, m: __mmask16, acc: &mut [[__m512; Q]; R]| {
-        let mut y = [_mm512_setzero_ps(); R];
-        for r in 0..R {
-            // SAFETY: the lanes of m lie in i..n, inside every row.
-            y[r] = unsafe { _mm512_maskz_loadu_ps(m, pr[r].add(i)) };
-        }
-        for q in 0..Q {
-            // SAFETY: as above, inside every query.
-            let x = unsafe { _mm512_maskz_loadu_ps(m, px[q].add(i)) };
+    // One step over 16 coordinates from i, the lanes of mask m (a macro, not a closure:
+    // LLVM left a closure out of line in some shapes, its sums then in memory).
+    macro_rules! step {
+        ($i:expr, $m:expr) => {{
+            let (i, m): (usize, __mmask16) = ($i, $m);
+            let mut y = [_mm512_setzero_ps(); R];
             for r in 0..R {
-                acc[r][q] = _mm512_fmadd_ps(x, y[r], acc[r][q]);
+                // SAFETY: the lanes of m lie in i..n, inside every row.
+                y[r] = unsafe { _mm512_maskz_loadu_ps(m, pr[r].add(i)) };
             }
-        }
-    };
+            for q in 0..Q {
+                // SAFETY: as above, inside every query.
+                let x = unsafe { _mm512_maskz_loadu_ps(m, px[q].add(i)) };
+                for r in 0..R {
+                    acc[r][q] = _mm512_fmadd_ps(x, y[r], acc[r][q]);
+                }
+            }
+        }};
+    }
+    let mut i = 0;
     while i + LANES <= n {
-        step(i, 0xffff, &mut acc);
+        step!(i, 0xffff);
         i += LANES;
     }
     if i < n {
-        step(i, (1u16 << (n - i)) - 1, &mut acc);
+        step!(i, (1u16 << (n - i)) - 1);
     }
-    acc.map(|row| {
-        row.map(|a| {
+    let mut out = [[0.0f32; Q]; R];
+    for r in 0..R {
+        for q in 0..Q {
+            let a = acc[r][q];
             let lo = _mm512_castps512_ps256(a);
             let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
             // SAFETY: AVX2 is among this function's features.
-            unsafe { tree8(_mm256_add_ps(lo, hi)) }
-        })
-    })
+            out[r][q] = unsafe { tree8(_mm256_add_ps(lo, hi)) };
+        }
+    }
+    out
 }
 
 /// [`block_avx512`] with two AVX2 registers per pair (lanes 0 - 7 and 8 - 15).
@@ -275,33 +283,43 @@ unsafe fn block_avx2<const R: usize, const Q: usize>(
         // SAFETY: m holds 8 ints.
         unsafe { _mm256_loadu_si256(m.as_ptr().cast()) }
     };
-    let step = |i: usize, m: [__m256i; 2], acc: &mut [[[__m256; 2]; Q]; R]| {
-        for h in 0..2 {
-            let mut y = [_mm256_setzero_ps(); R];
-            for r in 0..R {
-                // SAFETY: the masked lanes lie in i..n, inside every row.
-                y[r] = unsafe { _mm256_maskload_ps(pr[r].add(i + 8 * h), m[h]) };
-            }
-            for q in 0..Q {
-                // SAFETY: as above, inside every query.
-                let x = unsafe { _mm256_maskload_ps(px[q].add(i + 8 * h), m[h]) };
+    macro_rules! step {
+        ($i:expr, $m:expr) => {{
+            let (i, m): (usize, [__m256i; 2]) = ($i, $m);
+            for h in 0..2 {
+                let mut y = [_mm256_setzero_ps(); R];
                 for r in 0..R {
-                    acc[r][q][h] = _mm256_fmadd_ps(x, y[r], acc[r][q][h]);
+                    // SAFETY: the masked lanes lie in i..n, inside every row.
+                    y[r] = unsafe { _mm256_maskload_ps(pr[r].add(i + 8 * h), m[h]) };
+                }
+                for q in 0..Q {
+                    // SAFETY: as above, inside every query.
+                    let x = unsafe { _mm256_maskload_ps(px[q].add(i + 8 * h), m[h]) };
+                    for r in 0..R {
+                        acc[r][q][h] = _mm256_fmadd_ps(x, y[r], acc[r][q][h]);
+                    }
                 }
             }
-        }
-    };
+        }};
+    }
     let full = [_mm256_set1_epi32(-1); 2];
     let mut i = 0;
     while i + LANES <= n {
-        step(i, full, &mut acc);
+        step!(i, full);
         i += LANES;
     }
     if i < n {
-        step(i, [mask(n - i, 0), mask(n - i, 8)], &mut acc);
+        step!(i, [mask(n - i, 0), mask(n - i, 8)]);
     }
-    // SAFETY: AVX2 is among this function's features.
-    acc.map(|row| row.map(|a| unsafe { tree8(_mm256_add_ps(a[0], a[1])) }))
+    let mut out = [[0.0f32; Q]; R];
+    for r in 0..R {
+        for q in 0..Q {
+            let a = acc[r][q];
+            // SAFETY: AVX2 is among this function's features.
+            out[r][q] = unsafe { tree8(_mm256_add_ps(a[0], a[1])) };
+        }
+    }
+    out
 }
 
 #[cfg(test)]

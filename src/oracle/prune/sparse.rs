@@ -57,6 +57,7 @@
 //! chunk; Fashion-MNIST's 60000 rows take one chunk of 61 MB).
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use rayon::prelude::*;
 
@@ -74,11 +75,11 @@ use crate::oracle::state::exp_nonpositive;
 use crate::oracle::state::{max_first, max_of};
 use crate::oracle::{CentredBatch, SoftmaxState};
 
+/// With `ORACLEFLOW_PRUNE_PROFILE`: the screened pairs computed in grids, and the products
+/// those grids took (the profile line's share of them).
+static GRID_PAIRS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 /// Rows per group of the screened pairs' products ([`screened_exact`]).
 const GRID_ROWS: usize = 4;
-/// Most products a group computes as one grid, as a multiple of the pairs it needs (the
-/// grid's register blocks run at about three times the rate of a row's products alone).
-const GRID_WASTE: usize = 2;
 /// Rows per logits GEMM: four leaf tiles, S (B x 256) and the tile (256 x D) cache-sized.
 pub(super) const TILE: usize = 256;
 /// Bound on the memory of one chunk's logits, unless ORACLEFLOW_PRUNE_CHUNK_KIB sets it.
@@ -819,10 +820,14 @@ pub fn partial(
             if previous.is_some() {
                 format!(", from the last call's, {:.4} of pairs exact", screened as f64 / all)
             } else if anchored.is_some() {
+                let [in_grids, products] = GRID_PAIRS.each_ref().map(|c| c.swap(0, Relaxed));
                 format!(
-                    ", anchored screening {:.3}s, {:.4} of pairs exact",
+                    ", anchored screening {:.3}s, {:.4} of pairs exact, {:.2} of them in grids \
+                     of {:.2}x the products",
                     t_screen,
-                    screened as f64 / all
+                    screened as f64 / all,
+                    in_grids as f64 / screened.max(1) as f64,
+                    products as f64 / in_grids.max(1) as f64,
                 )
             } else if let Some((panels, ..)) = &low_screen {
                 format!(
@@ -1181,8 +1186,7 @@ fn screened_exact(
     let (mut pending, mut by_row, mut spans) = (Vec::new(), Vec::new(), Vec::new());
     let (mut xs, mut d): (Vec<&[f32]>, Vec<f32>) = (Vec::new(), Vec::new());
     let (mut tile_rows, mut grid_queries) = (Vec::new(), Vec::new());
-    let mut union = vec![0u64; n_q.div_ceil(64)];
-    let mut slot = vec![0u32; n_q];
+    let (mut count, mut slot, mut own) = (vec![0u8; n_q], vec![0u32; n_q], Vec::new());
     for (t0, out) in block.clone().step_by(TILE).zip(l.s.chunks_mut(n_q * TILE)) {
         let nt = TILE.min(block.end - t0);
         let rows = &index.perm[t0..t0 + nt];
@@ -1213,19 +1217,30 @@ fn screened_exact(
         });
         let ys = index.rows_at(ds, t0..t0 + nt, &mut tile_rows);
         let row = |j: u32| &ys[j as usize * dim..(j as usize + 1) * dim];
-        // Rows in groups of `GRID_ROWS`: where the group's union of queries is not much
-        // wider than each row's own, one grid of products over the union (register
-        // blocks, see [`super::dots`]); else row by row. Bitwise the same either way.
+        // Rows in groups of `GRID_ROWS`. The queries pending in at least two rows of a
+        // group take one grid of products with all of its rows (register blocks, see
+        // [`super::dots`]: a few products more, at about three times the rate); each row's
+        // other queries then take the row's own products. Bitwise the same either way.
         for group in spans.chunks(GRID_ROWS) {
-            let wanted: usize = group.iter().map(|(_, r)| r.len()).sum();
-            union.iter_mut().for_each(|w| *w = 0);
+            count.iter_mut().for_each(|c| *c = 0);
             for (_, r) in group {
                 for &q in &by_row[r.start as usize..r.end as usize] {
-                    union[q as usize / 64] |= 1 << (q % 64);
+                    count[q as usize] += 1;
                 }
             }
-            let width: usize = union.iter().map(|w| w.count_ones() as usize).sum();
-            let as_grid = group.len() > 1 && group.len() * width <= GRID_WASTE * wanted;
+            grid_queries.clear();
+            if group.len() > 1 {
+                for (_, r) in group {
+                    for &q in &by_row[r.start as usize..r.end as usize] {
+                        if count[q as usize] >= 2 {
+                            // (once: marked taken)
+                            count[q as usize] = 0;
+                            slot[q as usize] = grid_queries.len() as u32;
+                            grid_queries.push(q);
+                        }
+                    }
+                }
+            }
             let mut put = |j: u32, q: u32, dq: f32| {
                 let nsq = norms[rows[j as usize] as usize];
                 let [c_dot, c_norm] = batch.logit_coefs[qs.start + q as usize];
@@ -1233,17 +1248,8 @@ fn screened_exact(
                 out[q as usize * nt + j as usize] = v;
                 raise(&mut l.best[q as usize], (v, rows[j as usize]));
             };
-            if as_grid {
-                grid_queries.clear();
-                for (w, &bits) in union.iter().enumerate() {
-                    let mut b = bits;
-                    while b != 0 {
-                        let q = 64 * w + b.trailing_zeros() as usize;
-                        b &= b - 1;
-                        slot[q] = grid_queries.len() as u32;
-                        grid_queries.push(q as u32);
-                    }
-                }
+            let width = grid_queries.len();
+            if width > 0 {
                 xs.clear();
                 xs.extend(
                     grid_queries
@@ -1253,24 +1259,31 @@ fn screened_exact(
                 let group_rows: Vec<&[f32]> = group.iter().map(|&(j, _)| row(j)).collect();
                 d.resize(group.len() * width, 0.0);
                 dots_grid(&group_rows, &xs, &mut d);
+                let mut used = 0;
                 for (g, (j, r)) in group.iter().enumerate() {
                     for &q in &by_row[r.start as usize..r.end as usize] {
-                        put(*j, q, d[g * width + slot[q as usize] as usize]);
+                        if count[q as usize] == 0 {
+                            put(*j, q, d[g * width + slot[q as usize] as usize]);
+                            used += 1;
+                        }
                     }
                 }
-                continue;
+                if profiling() {
+                    GRID_PAIRS[0].fetch_add(used, Relaxed);
+                    GRID_PAIRS[1].fetch_add((group.len() * width) as u64, Relaxed);
+                }
             }
             for (j, r) in group {
                 let queries = &by_row[r.start as usize..r.end as usize];
                 xs.clear();
-                xs.extend(
-                    queries
-                        .iter()
-                        .map(|&q| &x[q as usize * dim..(q as usize + 1) * dim]),
-                );
-                d.resize(queries.len(), 0.0);
+                own.clear();
+                for &q in queries.iter().filter(|&&q| count[q as usize] != 0) {
+                    own.push(q);
+                    xs.push(&x[q as usize * dim..(q as usize + 1) * dim]);
+                }
+                d.resize(own.len(), 0.0);
                 dots_with_row(row(*j), &xs, &mut d);
-                for (&q, &dq) in queries.iter().zip(&d) {
+                for (&q, &dq) in own.iter().zip(&d) {
                     put(*j, q, dq);
                 }
             }
