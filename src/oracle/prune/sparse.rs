@@ -80,6 +80,8 @@ use crate::oracle::{CentredBatch, SoftmaxState};
 static GRID_PAIRS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 /// Rows per group of the screened pairs' products ([`screened_exact`]).
 const GRID_ROWS: usize = 4;
+// (`screened_exact` finds the queries set in two of a group's four rows' bits)
+const _: () = assert!(GRID_ROWS == 4);
 /// Rows per logits GEMM: four leaf tiles, S (B x 256) and the tile (256 x D) cache-sized.
 pub(super) const TILE: usize = 256;
 /// Bound on the memory of one chunk's logits, unless ORACLEFLOW_PRUNE_CHUNK_KIB sets it.
@@ -1183,89 +1185,84 @@ fn screened_exact(
     let n_q = qs.len();
     let norms = ds.sq_norms();
     let x = &batch.x[qs.start * dim..qs.end * dim];
-    let (mut pending, mut by_row, mut spans) = (Vec::new(), Vec::new(), Vec::new());
+    // Per row of a tile, its pending queries as bits (`words` per row).
+    let words = n_q.div_ceil(64);
+    let mut bits = vec![0u64; TILE * words];
+    let (mut changed, mut with_pairs) = (Vec::new(), Vec::new());
     let (mut xs, mut d): (Vec<&[f32]>, Vec<f32>) = (Vec::new(), Vec::new());
-    let (mut tile_rows, mut grid_queries) = (Vec::new(), Vec::new());
-    let (mut count, mut slot, mut own) = (vec![0u8; n_q], vec![0u32; n_q], Vec::new());
+    let (mut tile_rows, mut grid_queries, mut own) = (Vec::new(), Vec::new(), Vec::new());
+    let mut slot = vec![0u32; n_q];
+    let mut grid_bits = vec![0u64; words];
     for (t0, out) in block.clone().step_by(TILE).zip(l.s.chunks_mut(n_q * TILE)) {
         let nt = TILE.min(block.end - t0);
         let rows = &index.perm[t0..t0 + nt];
         let ti = (t0 - block.start) / TILE;
         let row_max = &mut l.row_max[ti * n_q..(ti + 1) * n_q];
-        pending.clear();
+        let bits = &mut bits[..nt * words];
+        bits.fill(0);
+        changed.clear();
+        let mut n_pairs = 0u64;
         for (q, row) in out.chunks_exact(nt).enumerate() {
             if row_max[q] < cuts[q] {
                 continue;
             }
+            changed.push(q);
+            let (w, bit) = (q / 64, 1u64 << (q % 64));
             for (j, &v) in row.iter().enumerate() {
                 if v >= cuts[q] {
-                    pending.push((j as u32, q as u32));
+                    bits[j * words + w] |= bit;
+                    n_pairs += 1;
                 }
             }
         }
-        l.exact += pending.len() as u64;
-        if pending.is_empty() {
+        l.exact += n_pairs;
+        if n_pairs == 0 {
             continue;
         }
-        // The tile's rows with pairs, each with its queries (a range of `by_row`).
-        spans.clear();
-        let mut at = 0u32;
-        for_each_row(&pending, nt, &mut by_row, |j, queries| {
-            let len = queries.len() as u32;
-            spans.push((j as u32, at..at + len));
-            at += len;
-        });
+        with_pairs.clear();
+        with_pairs
+            .extend((0..nt).filter(|&j| bits[j * words..(j + 1) * words].iter().any(|&b| b != 0)));
         let ys = index.rows_at(ds, t0..t0 + nt, &mut tile_rows);
-        let row = |j: u32| &ys[j as usize * dim..(j as usize + 1) * dim];
+        let row = |j: usize| &ys[j * dim..(j + 1) * dim];
+        let mut put = |j: usize, q: usize, dq: f32| {
+            let nsq = norms[rows[j] as usize];
+            let [c_dot, c_norm] = batch.logit_coefs[qs.start + q];
+            let v = c_dot * dq - c_norm * nsq;
+            out[q * nt + j] = v;
+            raise(&mut l.best[q], (v, rows[j]));
+        };
         // Rows in groups of `GRID_ROWS`. The queries pending in at least two rows of a
         // group take one grid of products with all of its rows (register blocks, see
         // [`super::dots`]: a few products more, at about three times the rate); each row's
         // other queries then take the row's own products. Bitwise the same either way.
-        for group in spans.chunks(GRID_ROWS) {
-            count.iter_mut().for_each(|c| *c = 0);
-            for (_, r) in group {
-                for &q in &by_row[r.start as usize..r.end as usize] {
-                    count[q as usize] += 1;
-                }
-            }
+        for group in with_pairs.chunks(GRID_ROWS) {
+            let of = |g: usize, w: usize| group.get(g).map_or(0, |&j| bits[j * words + w]);
             grid_queries.clear();
-            if group.len() > 1 {
-                for (_, r) in group {
-                    for &q in &by_row[r.start as usize..r.end as usize] {
-                        if count[q as usize] >= 2 {
-                            // (once: marked taken)
-                            count[q as usize] = 0;
-                            slot[q as usize] = grid_queries.len() as u32;
-                            grid_queries.push(q);
-                        }
-                    }
-                }
+            for (w, gb) in grid_bits.iter_mut().enumerate() {
+                let [a, b, c, e] = [0, 1, 2, 3].map(|g| of(g, w));
+                // (set in at least two of the four)
+                *gb = (a & b) | (a & c) | (a & e) | (b & c) | (b & e) | (c & e);
+                for_bits(*gb, |i| {
+                    let q = 64 * w + i;
+                    slot[q] = grid_queries.len() as u32;
+                    grid_queries.push(q);
+                });
             }
-            let mut put = |j: u32, q: u32, dq: f32| {
-                let nsq = norms[rows[j as usize] as usize];
-                let [c_dot, c_norm] = batch.logit_coefs[qs.start + q as usize];
-                let v = c_dot * dq - c_norm * nsq;
-                out[q as usize * nt + j as usize] = v;
-                raise(&mut l.best[q as usize], (v, rows[j as usize]));
-            };
             let width = grid_queries.len();
             if width > 0 {
                 xs.clear();
-                xs.extend(
-                    grid_queries
-                        .iter()
-                        .map(|&q| &x[q as usize * dim..(q as usize + 1) * dim]),
-                );
-                let group_rows: Vec<&[f32]> = group.iter().map(|&(j, _)| row(j)).collect();
+                xs.extend(grid_queries.iter().map(|&q| &x[q * dim..(q + 1) * dim]));
+                let group_rows: Vec<&[f32]> = group.iter().map(|&j| row(j)).collect();
                 d.resize(group.len() * width, 0.0);
                 dots_grid(&group_rows, &xs, &mut d);
                 let mut used = 0;
-                for (g, (j, r)) in group.iter().enumerate() {
-                    for &q in &by_row[r.start as usize..r.end as usize] {
-                        if count[q as usize] == 0 {
-                            put(*j, q, d[g * width + slot[q as usize] as usize]);
+                for (g, &j) in group.iter().enumerate() {
+                    for (w, &gb) in grid_bits.iter().enumerate() {
+                        for_bits(bits[j * words + w] & gb, |i| {
+                            let q = 64 * w + i;
+                            put(j, q, d[g * width + slot[q] as usize]);
                             used += 1;
-                        }
+                        });
                     }
                 }
                 if profiling() {
@@ -1273,59 +1270,32 @@ fn screened_exact(
                     GRID_PAIRS[1].fetch_add((group.len() * width) as u64, Relaxed);
                 }
             }
-            for (j, r) in group {
-                let queries = &by_row[r.start as usize..r.end as usize];
-                xs.clear();
+            for &j in group {
                 own.clear();
-                for &q in queries.iter().filter(|&&q| count[q as usize] != 0) {
-                    own.push(q);
-                    xs.push(&x[q as usize * dim..(q as usize + 1) * dim]);
+                for (w, &gb) in grid_bits.iter().enumerate() {
+                    for_bits(bits[j * words + w] & !gb, |i| own.push(64 * w + i));
                 }
+                xs.clear();
+                xs.extend(own.iter().map(|&q| &x[q * dim..(q + 1) * dim]));
                 d.resize(own.len(), 0.0);
-                dots_with_row(row(*j), &xs, &mut d);
+                dots_with_row(row(j), &xs, &mut d);
                 for (&q, &dq) in own.iter().zip(&d) {
-                    put(*j, q, dq);
+                    put(j, q, dq);
                 }
             }
         }
-        // The rows that changed (pending is in query order).
-        let mut last = u32::MAX;
-        for &(_, q) in &pending {
-            if q != last {
-                last = q;
-                row_max[q as usize] = max_of(&out[q as usize * nt..(q as usize + 1) * nt]);
-            }
+        // The rows that changed.
+        for &q in &changed {
+            row_max[q] = max_of(&out[q * nt..(q + 1) * nt]);
         }
     }
 }
 
-/// Calls `f(j, queries)` for every row j (ascending) of a tile of `nt` rows that has
-/// pairs in `pairs` ((row, query), in query-major order), with that row's queries in
-/// ascending order: a counting sort by row into `by_row`.
-fn for_each_row(
-    pairs: &[(u32, u32)],
-    nt: usize,
-    by_row: &mut Vec<u32>,
-    mut f: impl FnMut(usize, &[u32]),
-) {
-    let mut start = [0u32; TILE + 1];
-    for &(j, _) in pairs.iter() {
-        start[j as usize + 1] += 1;
-    }
-    for j in 0..nt {
-        start[j + 1] += start[j];
-    }
-    by_row.resize(pairs.len(), 0);
-    let mut next = start;
-    for &(j, q) in pairs.iter() {
-        by_row[next[j as usize] as usize] = q;
-        next[j as usize] += 1;
-    }
-    for j in 0..nt {
-        let (a, b) = (start[j] as usize, start[j + 1] as usize);
-        if a < b {
-            f(j, &by_row[a..b]);
-        }
+/// Calls `f(i)` for every set bit i of `b`, ascending.
+fn for_bits(mut b: u64, mut f: impl FnMut(usize)) {
+    while b != 0 {
+        f(b.trailing_zeros() as usize);
+        b &= b - 1;
     }
 }
 
@@ -1804,20 +1774,5 @@ mod tests {
             assert_eq!(lo.to_bits(), want_lo.to_bits());
             assert_eq!(lo_base.to_bits(), want_lo.to_bits());
         }
-    }
-
-    /// Grouping by row hands every pair over once, rows ascending, each row's queries in
-    /// their order.
-    #[test]
-    fn pairs_grouped_by_row() {
-        let pairs = [(3u32, 0u32), (7, 0), (3, 1), (0, 2), (7, 2), (3, 2)];
-        let mut by_row = Vec::new();
-        let mut seen = Vec::new();
-        for_each_row(&pairs, 8, &mut by_row, |j, qs| seen.push((j, qs.to_vec())));
-        assert_eq!(
-            seen,
-            vec![(0, vec![2]), (3, vec![0, 1, 2]), (7, vec![0, 2])]
-        );
-        for_each_row(&[], 8, &mut by_row, |_, _| panic!("no pairs"));
     }
 }
