@@ -137,7 +137,8 @@ pub mod sparse;
 use basis::{pca_basis, split};
 
 pub(crate) use basis::{dot_f64, dot_lanes, orthonormalise, sum_lanes};
-use screen::{dot, screen, RowSum, ScreenCount, ScreenInputs};
+use dots::dot;
+use screen::{screen, RowSum, ScreenCount, ScreenInputs};
 
 use crate::dataset::{Dataset, Values};
 use crate::oracle::cpu::{large_gemm_lib, sgemm, sgemm_with, stored_rows_f32, Gemm};

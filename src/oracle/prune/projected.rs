@@ -63,7 +63,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use rayon::prelude::*;
 
 use super::anchor::{self, project_queries, Anchor, Residuals};
-use super::screen::{dot, RowSum};
+use super::dots::dot;
+use super::screen::RowSum;
 use super::sparse::{
     count_from, exact_logit, exact_logits_at, row_blocks, PassInputs, Setup, EXACT_AT_ONCE, TILE,
 };

@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-pub(super) use super::dots::{dot, dots_with_row};
+use super::dots::dot;
 #[cfg(target_arch = "x86_64")]
 use super::dots::{dot_avx2, dot_avx512};
 use super::{PruneIndex, QueryBound, LB_MARGIN, LEAF_ROWS};

@@ -63,9 +63,9 @@ use rayon::prelude::*;
 
 use super::accumulate::{accumulate, pack_into, QUERY_BLOCK, STRIP};
 use super::anchor::{self, Anchor};
-use super::dots::dots_grid;
+use super::dots::{dot, dots_grid, dots_with_row};
 use super::projected::head_dots;
-use super::screen::{dot, dots_with_row, RowSum};
+use super::screen::RowSum;
 use super::{budget, env_number, lowp, profiling, PruneIndex, LEAF_ROWS, SAMPLE_BUDGET};
 use crate::dataset::{Dataset, Values};
 use crate::oracle::cpu::{query_groups, to_logits, GemmLib, Partial as CpuPartial, Queries};
@@ -121,8 +121,8 @@ pub const BF16_MAX_SHARE: f64 = 0.07;
 /// [`BF16_MAX_SHARE`] for the int16 screening (AVX2, no AVX-512 BF16). On Fashion-MNIST
 /// (B = 256, 2-core AMD EPYC Zen 3, best of 3 single evaluations in three interleaved
 /// rounds, forced with ORACLEFLOW_PRUNE_SCREEN_MAX_SHARE), since the f32 logits of the
-/// pairs it lets through take four products per row read (`screen::dots_with_row`, with
-/// AVX2 too; each product's own sums are as before): t = 0.35 (estimate about 0.15) ran in 0.25 - 0.38 s against
+/// pairs it lets through took four products per row read (stop 18; since stop 24 they take
+/// register blocks of `dots::dots_grid`): t = 0.35 (estimate about 0.15) ran in 0.25 - 0.38 s against
 /// 0.35 - 0.43 for the f32 logits, t = 0.37 in 0.23 - 0.28 against 0.31 - 0.33, t = 0.39
 /// in 0.22 - 0.24 against 0.25 - 0.27; t = 0.33 (0.21) about equal (0.34 - 0.41 against
 /// 0.37 - 0.41, 14% of the pairs computed in f32). (With one product at a time and two
@@ -1168,8 +1168,8 @@ fn anchored_values(
 /// The screened pass's second step for queries `qs` over `block` (after every block's
 /// [`block_logits`]): per tile, the pairs whose screening bound in `l.s` reaches the cut,
 /// lower[q] + thresholds[q] (`lower` the largest lower bound over all blocks), get their
-/// f32 logits in place of their bounds, computed row by row (each row read once for all
-/// its queries); the others stay (phase 2 drops them whatever their exact value, and the
+/// f32 logits in place of their bounds, computed in groups of rows (see the body); the
+/// others stay (phase 2 drops them whatever their exact value, and the
 /// certificate uses the bound). The pair behind lower[q] reaches the cut, so each query
 /// gets an f32 logit at or above it in some block.
 fn screened_exact(
