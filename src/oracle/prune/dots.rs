@@ -92,10 +92,9 @@ enum Isa {
     Avx2,
 }
 
-/// [`dots_grid`] in blocks of at most `R` rows by `Q` queries. A short last block of
-/// queries repeats its last query (the copies' products are computed and not written), so
-/// that every block runs a kernel with `Q` sums per row; a short block of rows runs the
-/// kernel for its number of rows. A single pair runs the 1 x 1 kernel.
+/// [`dots_grid`] in blocks of at most `R` rows by `Q` queries (at most 4 each), each block
+/// by the kernel of its own shape (a short last block of rows or queries computes no
+/// padding).
 ///
 /// # Safety
 /// The CPU must have the features of `isa`.
@@ -106,40 +105,41 @@ unsafe fn grid_with<const R: usize, const Q: usize>(
     out: &mut [f32],
     isa: Isa,
 ) {
+    const { assert!(R <= 4 && Q <= 4) };
     let nq = xs.len();
     for (rb, rows_b) in rows.chunks(R).enumerate() {
-        if rows_b.len() == 1 && nq == 1 {
-            let v = unsafe { kernel::<1, 1>(isa, [rows_b[0]], [xs[0]]) };
-            out[rb * R * nq] = v[0][0];
-            continue;
-        }
         for (qb, xs_b) in xs.chunks(Q).enumerate() {
-            let xq: [&[f32]; Q] = std::array::from_fn(|i| xs_b[i.min(xs_b.len() - 1)]);
-            let mut put = |r: usize, v: &[f32; Q]| {
+            let mut put = |r: usize, v: &[f32]| {
                 let at = (rb * R + r) * nq + qb * Q;
-                out[at..at + xs_b.len()].copy_from_slice(&v[..xs_b.len()]);
+                out[at..at + v.len()].copy_from_slice(v);
             };
-            // SAFETY (every call): the caller guarantees the features of `isa`.
-            match rows_b.len() {
-                1 => unsafe { kernel::<1, Q>(isa, [rows_b[0]], xq) }
-                    .iter()
-                    .enumerate()
-                    .for_each(|(r, v)| put(r, v)),
-                2 => unsafe { kernel::<2, Q>(isa, [rows_b[0], rows_b[1]], xq) }
-                    .iter()
-                    .enumerate()
-                    .for_each(|(r, v)| put(r, v)),
-                3 => unsafe { kernel::<3, Q>(isa, [rows_b[0], rows_b[1], rows_b[2]], xq) }
-                    .iter()
-                    .enumerate()
-                    .for_each(|(r, v)| put(r, v)),
-                _ => {
-                    let rr: [&[f32]; R] = std::array::from_fn(|i| rows_b[i]);
-                    unsafe { kernel::<R, Q>(isa, rr, xq) }
-                        .iter()
-                        .enumerate()
-                        .for_each(|(r, v)| put(r, v))
-                }
+            // The kernel of shape (r, q) on this block.
+            macro_rules! shape {
+                ($r:literal, $q:literal) => {{
+                    let rr: [&[f32]; $r] = std::array::from_fn(|i| rows_b[i]);
+                    let xq: [&[f32]; $q] = std::array::from_fn(|i| xs_b[i]);
+                    // SAFETY: the caller guarantees the features of `isa`.
+                    let v = unsafe { kernel::<$r, $q>(isa, rr, xq) };
+                    v.iter().enumerate().for_each(|(r, v)| put(r, v));
+                }};
+            }
+            match (rows_b.len(), xs_b.len()) {
+                (1, 1) => shape!(1, 1),
+                (1, 2) => shape!(1, 2),
+                (1, 3) => shape!(1, 3),
+                (1, _) => shape!(1, 4),
+                (2, 1) => shape!(2, 1),
+                (2, 2) => shape!(2, 2),
+                (2, 3) => shape!(2, 3),
+                (2, _) => shape!(2, 4),
+                (3, 1) => shape!(3, 1),
+                (3, 2) => shape!(3, 2),
+                (3, 3) => shape!(3, 3),
+                (3, _) => shape!(3, 4),
+                (_, 1) => shape!(4, 1),
+                (_, 2) => shape!(4, 2),
+                (_, 3) => shape!(4, 3),
+                (_, _) => shape!(4, 4),
             }
         }
     }

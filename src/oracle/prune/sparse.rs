@@ -589,7 +589,7 @@ pub fn partial(
     let mut n_kept = vec![0u64; n_q];
     let mut kept_rows = vec![Vec::new(); if record { n_q } else { 0 }];
     let mut pairs = [0u64; 2];
-    let (mut t_logits, mut t_screen) = (0.0, 0.0);
+    let (mut t_logits, mut t_screen, mut t_cuts) = (0.0, 0.0, 0.0);
     for c0 in positions.clone().step_by(chunk) {
         let cpos = c0..(c0 + chunk).min(positions.end);
         let blocks = row_blocks(cpos.clone(), threads);
@@ -709,6 +709,7 @@ pub fn partial(
         // Per query, the drop cut from the chunk's share of the budget (see [`budget`]),
         // where every logit is exact or the screening's bounds lie under the per-sample
         // threshold (not the carried screening's).
+        let c2 = std::time::Instant::now();
         let cuts = if screen != Screen::Carried && budget_cuts() {
             let views: Vec<budget::BlockView<'_>> = tasks
                 .iter()
@@ -733,6 +734,7 @@ pub fn partial(
         } else {
             budget::Cuts::none(&thresholds)
         };
+        t_cuts += c2.elapsed().as_secs_f64();
         // Per query group, its queries (local numbers) in the tile order of their maxima.
         let orders: Vec<Vec<usize>> = groups
             .iter()
@@ -816,7 +818,7 @@ pub fn partial(
     if profiling() {
         let all = (n_q * n_rows) as f64;
         eprintln!(
-            "prune: sparse pass {:.3}s (logits {:.3}s{}): accumulated {:.4} of pairs ({:.4} by the block kernel, {:.4} by axpy)",
+            "prune: sparse pass {:.3}s (logits {:.3}s{}, cuts {:.3}s): accumulated {:.4} of pairs ({:.4} by the block kernel, {:.4} by axpy)",
             clock.elapsed().as_secs_f64(),
             t_logits,
             if previous.is_some() {
@@ -842,6 +844,7 @@ pub fn partial(
             } else {
                 String::new()
             },
+            t_cuts,
             n_kept.iter().sum::<u64>() as f64 / all,
             pairs[0] as f64 / all,
             pairs[1] as f64 / all,
