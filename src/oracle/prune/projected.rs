@@ -1143,11 +1143,11 @@ struct DenseRows {
 }
 
 /// Where at least 1 / `DENSE_REFINE` of a (query, tile) row's pairs reach the cut at the
-/// pass's level (`counts`' first, per query l of `need`), the row's last-level bounds (all k
-/// coordinates) from one grid of products (`dots::dots_grid`) of the tile's projected rows (positions `t0..t0 + nt`) with
-/// those queries' projections, into `dense.out` row after row (the rows marked in
-/// `dense.rows`); the sweep refines the other rows' pairs one dot product each, as it
-/// reaches them. The pairs that reach the cut lie in the tiles near each query: at t =
+/// pass's level (`counts`' first, per query l of `need`), the row's last-level bounds (all
+/// k coordinates) from one grid of products (`dots::dots_grid`) of the tile's projected
+/// rows (positions `t0..t0 + nt`) with those queries' projections, into `dense.out` row
+/// after row (the rows marked in `dense.rows`); the sweep refines the other rows' pairs
+/// one dot product each, as it reaches them. The pairs that reach the cut lie in the tiles near each query: at t =
 /// 0.54 on Fashion-MNIST, 20% of the pairs reach it, 18% of them in rows where a quarter
 /// do (rows holding 26% of the pairs), and one dot product per pair, its row's projection
 /// read from memory, ran at about a twentieth of a GEMM's rate.

@@ -1195,6 +1195,8 @@ fn screened_exact(
     let (mut xs, mut d): (Vec<&[f32]>, Vec<f32>) = (Vec::new(), Vec::new());
     let (mut tile_rows, mut grid_queries, mut own) = (Vec::new(), Vec::new(), Vec::new());
     let mut slot = vec![0u32; n_q];
+    // (without the tile-ordered rows: where row j of the tile lies in `tile_rows`)
+    let mut row_slot = [0usize; TILE];
     let mut grid_bits = vec![0u64; words];
     for (t0, out) in block.clone().step_by(TILE).zip(l.s.chunks_mut(n_q * TILE)) {
         let nt = TILE.min(block.end - t0);
@@ -1225,8 +1227,23 @@ fn screened_exact(
         with_pairs.clear();
         with_pairs
             .extend((0..nt).filter(|&j| bits[j * words..(j + 1) * words].iter().any(|&b| b != 0)));
-        let ys = index.rows_at(ds, t0..t0 + nt, &mut tile_rows);
-        let row = |j: usize| &ys[j * dim..(j + 1) * dim];
+        // The rows where they lie in tile order, else only those with pairs converted.
+        let tiled = index.tiled_rows(ds);
+        if tiled.is_none() {
+            tile_rows.resize(with_pairs.len() * dim, 0.0);
+            for (i, (&j, o)) in with_pairs
+                .iter()
+                .zip(tile_rows.chunks_exact_mut(dim))
+                .enumerate()
+            {
+                ds.stored_row(rows[j] as usize, o);
+                row_slot[j] = i;
+            }
+        }
+        let row = |j: usize| match tiled {
+            Some(all) => &all[(t0 + j) * dim..(t0 + j + 1) * dim],
+            None => &tile_rows[row_slot[j] * dim..(row_slot[j] + 1) * dim],
+        };
         let mut put = |j: usize, q: usize, dq: f32| {
             let nsq = norms[rows[j] as usize];
             let [c_dot, c_norm] = batch.logit_coefs[qs.start + q];
