@@ -63,7 +63,7 @@ use rayon::prelude::*;
 
 use super::accumulate::{accumulate, pack_into, QUERY_BLOCK, STRIP};
 use super::anchor::{self, Anchor};
-use super::dots::{dot, dots_grid, dots_with_row};
+use super::dots::{dots_grid, dots_with_row};
 use super::projected::head_dots;
 use super::screen::RowSum;
 use super::{budget, env_number, lowp, profiling, PruneIndex, LEAF_ROWS, SAMPLE_BUDGET};
@@ -1272,9 +1272,10 @@ fn screened_exact(
             if width > 0 {
                 xs.clear();
                 xs.extend(grid_queries.iter().map(|&q| &x[q * dim..(q + 1) * dim]));
-                let group_rows: Vec<&[f32]> = group.iter().map(|&j| row(j)).collect();
+                let group_rows: [&[f32]; GRID_ROWS] =
+                    std::array::from_fn(|g| row(group[g.min(group.len() - 1)]));
                 d.resize(group.len() * width, 0.0);
-                dots_grid(&group_rows, &xs, &mut d);
+                dots_grid(&group_rows[..group.len()], &xs, &mut d);
                 let mut used = 0;
                 for (g, &j) in group.iter().enumerate() {
                     for (w, &gb) in grid_bits.iter().enumerate() {
@@ -1373,23 +1374,26 @@ fn raise_to_row_max(best: &mut (f32, u32), row: &[f32], rows: &[u32]) -> f32 {
 }
 
 /// The f32 logit of query `xq` (coefficients `c_dot`, `c_norm`) with the row at position
-/// `p` of the tile order (squared norm `norm`) by one dot product: a screened pass's value for a pair its bound
-/// could not rule out.
+/// `p` of the tile order (squared norm `norm`) by one dot product: a screened pass's value
+/// for a pair its bound could not rule out ([`exact_logits_at`] with one row).
 pub(super) fn exact_logit(
     ds: &Dataset,
     index: &PruneIndex,
     xq: &[f32],
-    [c_dot, c_norm]: [f32; 2],
+    coefs: [f32; 2],
     p: usize,
     norm: f32,
     scratch: &mut Vec<f32>,
 ) -> f32 {
-    c_dot * dot(xq, index.rows_at(ds, p..p + 1, scratch)) - c_norm * norm
+    let mut s = [0.0f32];
+    exact_logits_at(ds, index, xq, coefs, (&[p], &[norm]), scratch, &mut s);
+    s[0]
 }
 
 /// [`exact_logit`] for the rows at positions `ps` (at most [`EXACT_AT_ONCE`], squared norms
 /// `norms`) at once, bitwise as one at a time: their products are independent sums, one
-/// row's alone waits out its lanes' FMA latency (see [`super::dots`]).
+/// row's alone waits out its lanes' FMA latency (see [`super::dots`]). The rows are read
+/// where the index keeps them in tile order, else converted into `scratch`.
 pub(super) fn exact_logits_at(
     ds: &Dataset,
     index: &PruneIndex,
@@ -1399,26 +1403,29 @@ pub(super) fn exact_logits_at(
     scratch: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let dim = index.dim;
-    assert!(ps.len() <= EXACT_AT_ONCE && norms.len() == ps.len() && out.len() == ps.len());
-    let mut d = [0.0f32; EXACT_AT_ONCE];
-    let d = &mut d[..ps.len()];
-    if let Some(rows) = index.tiled_rows(ds) {
-        let ys: [&[f32]; EXACT_AT_ONCE] = std::array::from_fn(|i| {
-            let p = ps[i.min(ps.len() - 1)];
-            &rows[p * dim..(p + 1) * dim]
-        });
-        dots_grid(&ys[..ps.len()], &[xq], d);
-    } else {
-        scratch.resize(ps.len() * dim, 0.0);
+    let (dim, n) = (index.dim, ps.len());
+    assert!(n <= EXACT_AT_ONCE && norms.len() == n && out.len() == n);
+    if n == 0 {
+        return;
+    }
+    let tiled = index.tiled_rows(ds);
+    if tiled.is_none() {
+        scratch.resize(n * dim, 0.0);
         for (&p, o) in ps.iter().zip(scratch.chunks_exact_mut(dim)) {
             ds.stored_row(index.perm[p] as usize, o);
         }
-        let ys: Vec<&[f32]> = scratch.chunks_exact(dim).collect();
-        dots_grid(&ys, &[xq], d);
     }
-    for ((o, &dq), &n) in out.iter_mut().zip(d.iter()).zip(norms) {
-        *o = c_dot * dq - c_norm * n;
+    let ys: [&[f32]; EXACT_AT_ONCE] = std::array::from_fn(|i| {
+        let i = i.min(n - 1);
+        match tiled {
+            Some(rows) => &rows[ps[i] * dim..(ps[i] + 1) * dim],
+            None => &scratch[i * dim..(i + 1) * dim],
+        }
+    });
+    let mut d = [0.0f32; EXACT_AT_ONCE];
+    dots_grid(&ys[..n], &[xq], &mut d[..n]);
+    for ((o, &dq), &nsq) in out.iter_mut().zip(&d).zip(norms) {
+        *o = c_dot * dq - c_norm * nsq;
     }
 }
 
