@@ -374,7 +374,19 @@ fn bench_peers_agree_with_ours() {
             assert!(skipped || r["agrees"] == true, "{r}");
         }
     }
-    assert_eq!(peers.iter().filter(|r| r["what"] == "ours: cpu").count(), 2);
+    let ours: Vec<_> = peers.iter().filter(|r| r["what"] == "ours: cpu").collect();
+    assert_eq!(ours.len(), 2);
+    // Each of ours reports the pruning's skipped fractions and its certificate (issue 8).
+    for r in ours {
+        let note = r["note"].as_str().unwrap();
+        for what in [
+            "tiles skipped ",
+            "samples skipped ",
+            "skipped-mass certificate <= ",
+        ] {
+            assert!(note.contains(what), "{what:?} in {note}");
+        }
+    }
     // The sgemm ceiling, timed at each t next to ours.
     let sgemm: Vec<_> = peers.iter().filter(|r| r["what"] == "best sgemm").collect();
     assert_eq!(sgemm.len(), 2);

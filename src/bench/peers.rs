@@ -164,13 +164,12 @@ pub fn compare(
                 })?;
                 Ok(())
             })?;
-            // Exact pruning's work saved and its certificate at this t.
-            let skipped = out
-                .stats
-                .iter()
-                .map(|s| s.samples_skipped as f64)
-                .sum::<f64>()
-                / out.stats.len().max(1) as f64;
+            // Exact pruning's work saved (mean fractions of tiles and of samples skipped)
+            // and its certificate at this t.
+            let mean = |f: fn(&crate::oracle::QueryStats) -> f32| {
+                out.stats.iter().map(|s| f(s) as f64).sum::<f64>() / out.stats.len().max(1) as f64
+            };
+            let (tiles, skipped) = (mean(|s| s.tiles_skipped), mean(|s| s.samples_skipped));
             let certificate = out
                 .stats
                 .iter()
@@ -187,8 +186,10 @@ pub fn compare(
                 rel_error: None,
                 agrees: None,
                 note: format!(
-                    "{}; samples skipped {:.1}%, skipped-mass certificate <= {certificate:.1e}",
+                    "{}; tiles skipped {:.1}%, samples skipped {:.1}%, skipped-mass \
+                     certificate <= {certificate:.1e}",
                     oracle.describe(),
+                    100.0 * tiles,
                     100.0 * skipped
                 ),
             });
