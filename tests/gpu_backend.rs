@@ -922,10 +922,10 @@ fn a_device_that_does_not_finish_ends_in_a_bounded_error() {
     // Large enough that lavapipe cannot finish before the first poll even with the
     // register-tiled kernels (4000 rows x 32 queries could) or a first poll that comes
     // late (8000 rows, tens of milliseconds of work, finished before it once in CI on an
-    // idle machine).
-    let ds = unit_gaussian_dataset(32000, 256, Dtype::F32, 21);
+    // idle machine; 32000 rows x 96 queries once on a 2-core Zen 5).
+    let ds = unit_gaussian_dataset(96000, 256, Dtype::F32, 21);
     let rows = 0..ds.n_samples();
-    let (x, coefs) = centred_queries(&ds, 96, rows.clone(), 22);
+    let (x, coefs) = centred_queries(&ds, 128, rows.clone(), 22);
     let batch = CentredBatch {
         x: &x,
         logit_coefs: &coefs,
