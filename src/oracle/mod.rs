@@ -356,6 +356,7 @@ impl<'d> Oracle<'d> {
         match &mut self.engine {
             Engine::Reference => Ok(reference::evaluate(ds, self.path, query, rows)),
             Engine::Fast(backend) => {
+                let clock = std::time::Instant::now();
                 let coefs: Vec<_> = (0..n_queries)
                     .map(|q| self.path.coefs(query.t.get(q) as f64))
                     .collect();
@@ -377,11 +378,13 @@ impl<'d> Oracle<'d> {
                         [a as f32, b as f32]
                     })
                     .collect();
+                let t_centred = clock.elapsed().as_secs_f64();
                 let mut post = backend.posterior(&CentredBatch {
                     x: &x,
                     logit_coefs: &logit_coefs,
                     rows: rows.clone(),
                 })?;
+                let t_post = clock.elapsed().as_secs_f64();
                 // Late-t f64 refinement, where the rows are all here (not an MPI rank's).
                 let exact_means = if backend.distributed() {
                     vec![None; n_queries]
@@ -393,6 +396,7 @@ impl<'d> Oracle<'d> {
                     self.refined += n;
                     exact
                 };
+                let t_refined = clock.elapsed().as_secs_f64();
                 let mut x1_hat = post.mean;
                 let mut velocity = vec![0.0f32; x1_hat.len()];
                 x1_hat
@@ -415,6 +419,16 @@ impl<'d> Oracle<'d> {
                             *v = (a * hat + b * xv as f64) as f32;
                         }
                     });
+                if prune::profiling() {
+                    eprintln!(
+                        "oracle: {:.2} ms (centring {:.2}, posterior {:.2}, refinement {:.2}, velocity {:.2})",
+                        clock.elapsed().as_secs_f64() * 1e3,
+                        t_centred * 1e3,
+                        (t_post - t_centred) * 1e3,
+                        (t_refined - t_post) * 1e3,
+                        (clock.elapsed().as_secs_f64() - t_refined) * 1e3
+                    );
+                }
                 let source_indices = backend.distributed();
                 let stats = post
                     .stats

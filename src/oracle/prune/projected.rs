@@ -64,7 +64,7 @@ use rayon::prelude::*;
 
 use super::anchor::{self, project_queries, Anchor, Residuals};
 use super::dots::{dot, dots_grid};
-use super::screen::RowSum;
+use super::screen::{prefetch, RowSum, ROWS_AHEAD};
 use super::sparse::{
     count_from, exact_logit, exact_logits_at, row_blocks, PassInputs, Setup, EXACT_AT_ONCE, TILE,
 };
@@ -780,6 +780,7 @@ pub fn partial(
         None if anchor.is_none() => seed_lower(ds, index, batch, &proj),
         None => seed_lower(ds, index, batch, &Projection::new(index, batch, setup, 0)?),
     };
+    let t_lower = clock.elapsed().as_secs_f64();
     let tiles = index
         .tiles_for(&batch.rows)
         .expect("the rows are a union of tiles (Setup)");
@@ -891,11 +892,13 @@ pub fn partial(
     if super::profiling() {
         let all = (n_q * n_rows) as f64;
         eprintln!(
-            "prune: projected pass {:.3}s (projection {:.3}s, seeds {:.3}s, sweep {:.3}s) from {} coordinates: {:.5} of pairs computed, {:.5} accumulated, {} (query, tile) pairs swept",
-            clock.elapsed().as_secs_f64(),
-            t_proj,
-            t_seed,
-            t_sweep - t_seed,
+            "prune: projected pass {:.2} ms (projection {:.2}, seeds {:.2}, tile bounds {:.2}, sweep {:.2}, weights {:.2}) from {} coordinates: {:.5} of pairs computed, {:.5} accumulated, {} (query, tile) pairs swept",
+            clock.elapsed().as_secs_f64() * 1e3,
+            t_proj * 1e3,
+            (t_lower - t_proj) * 1e3,
+            (t_seed - t_lower) * 1e3,
+            (t_sweep - t_seed) * 1e3,
+            (clock.elapsed().as_secs_f64() - t_sweep) * 1e3,
             index.levels[proj.levels[0]],
             computed as f64 / all,
             part_kept.iter().sum::<u64>() as f64 / all,
@@ -1332,11 +1335,22 @@ fn weigh(
     let mut one = Vec::new();
     let mut kept_rows = Vec::new();
     let mut kept = 0;
+    // The kept pairs' rows lie far apart: each is asked for `ROWS_AHEAD` rows before it is
+    // added (where the rows are kept in tile order).
+    let tiled = index.tiled_rows(ds);
+    let row_of = |p: u32| tiled.map(|t| &t[p as usize * dim..(p as usize + 1) * dim]);
+    let mut ahead = logits.iter().filter(|l| l.1 >= cut).map(|l| l.0);
+    for row in ahead.by_ref().take(ROWS_AHEAD).filter_map(row_of) {
+        prefetch(row);
+    }
     for &(p, s) in logits {
         let d = s - m;
         if s < cut {
             dropped += (d as f64).exp();
             continue;
+        }
+        if let Some(next) = ahead.next().and_then(row_of) {
+            prefetch(next);
         }
         let e = exp_nonpositive(d);
         let r = index.perm[p as usize];
