@@ -129,6 +129,19 @@ const SEED_TILES: usize = 8;
 /// See [`dense_bounds`].
 const DENSE_REFINE: usize = 4;
 
+/// Whether the sweep takes the f32 logits of the pairs that reach the cut at the pass's
+/// level at once, without the last level's bound: that bound costs k multiply-adds a pair
+/// against the logit's D, so where k is at least D / 2 it can save at most as much as it
+/// costs. Rows where a quarter of the pairs reach the cut take their logits from one grid
+/// (as their bounds otherwise, [`dense_bounds`]); a logit below the cut counts as a bound.
+/// On `mixture:200000,256,50` (k = D = 256; B = 64, 20 Euler steps, 2-core Zen 5) the
+/// late sweeps took 8 ms against 12.3 where each query keeps its component's 4000 rows.
+/// The weights are the same bits either way: every pair that reaches the cut gets its
+/// logit, by the same products. ORACLEFLOW_PRUNE_DIRECT=0 or 1 overrides it (per call).
+fn direct_logits(k: usize, dim: usize) -> bool {
+    2 * k >= dim
+}
+
 /// Queries per parallel block of the per-call GEMMs before the sweep (the queries'
 /// projections, their products with the tiles' centroids), and tiles per block of the
 /// tile bounds. These steps ran as two halves, written for two threads (and the seeds'
@@ -727,6 +740,22 @@ pub fn partial(
     anchor: Option<&Anchor>,
     seeds: Option<&Anchor>,
 ) -> Option<Partial> {
+    let direct = env_number::<u8>("ORACLEFLOW_PRUNE_DIRECT").map_or_else(
+        || direct_logits(inputs.index.k, inputs.ds.dim()),
+        |v| v != 0,
+    );
+    partial_with(inputs, share, kept, (anchor, seeds), direct)
+}
+
+/// [`partial`], the sweep's pairs that reach the cut taking their f32 logits at once where
+/// `direct` (see [`direct_logits`]).
+fn partial_with(
+    inputs: PassInputs<'_>,
+    share: f64,
+    kept: Option<&mut Vec<Vec<u32>>>,
+    (anchor, seeds): (Option<&Anchor>, Option<&Anchor>),
+    direct: bool,
+) -> Option<Partial> {
     let PassInputs {
         ds,
         index,
@@ -814,6 +843,7 @@ pub fn partial(
                 &lower[qs.clone()],
                 &thresholds[qs.clone()],
                 ubs.as_ref().map(|u| (&tiles, u.as_slice())),
+                direct,
             )
         })
         .collect();
@@ -935,10 +965,14 @@ fn sweep(
     lower: &[f64],
     thresholds: &[f64],
     tile_ubs: Option<(&Range<usize>, &[f32])>,
+    direct: bool,
 ) -> Option<TaskOut> {
     let (dim, k, n_all) = (ds.dim(), proj.k, index.perm.len());
     let [pass, last] = proj.levels;
-    let refine = pass < last;
+    // (direct: the pairs that reach the cut at the pass's level take their f32 logits
+    // without the last level's bound)
+    let direct = pass < last && direct;
+    let refine = pass < last && !direct;
     let (ysq, yt) = (
         &index.lvl_sq[last * n_all..(last + 1) * n_all],
         &index.lvl_tail[last * n_all..(last + 1) * n_all],
@@ -1027,12 +1061,14 @@ fn sweep(
                 .zip(cuts_now)
                 .map(|(row, c)| count_from(row, c)),
         );
-        if refine {
+        if refine || direct {
+            let exact = direct.then_some((ds, batch));
             dense_bounds(
                 proj,
                 index,
                 (qs.start, &need, &counts),
                 (t0, nt),
+                exact,
                 &mut dense,
             );
         }
@@ -1043,6 +1079,8 @@ fn sweep(
                 Some(true) => dense_ub.next(),
                 _ => None,
             };
+            // (direct: the row's f32 logits, where the grid took them)
+            let exact_row = dense_ub.filter(|_| direct);
             // (lower[l] is as it was when `counts` were taken: only this row raises it)
             let mut cut = (lower[l] + thresholds[l]) as f32;
             let (reach, below) = counts[i];
@@ -1069,6 +1107,13 @@ fn sweep(
                     if row[jj] < cut {
                         continue;
                     }
+                    // A logit below the cut is a bound like any other (not kept).
+                    if let Some(ex) = exact_row {
+                        if ex[jj] < cut {
+                            row[jj] = ex[jj];
+                            continue;
+                        }
+                    }
                     if refine {
                         let d = match dense_ub {
                             Some(ub) => ub[jj],
@@ -1092,7 +1137,11 @@ fn sweep(
                 let ns: [f32; EXACT_AT_ONCE] =
                     std::array::from_fn(|i| norms[index.perm[ps[i]] as usize]);
                 let mut got = [0.0f32; EXACT_AT_ONCE];
-                if len > 0 {
+                if let Some(ex) = exact_row {
+                    for (g, &jj) in got.iter_mut().zip(&at).take(len) {
+                        *g = ex[jj];
+                    }
+                } else if len > 0 {
                     let (ps, ns) = (&ps[..len], &ns[..len]);
                     let coefs = batch.logit_coefs[q];
                     exact_logits_at(ds, index, x, coefs, (ps, ns), &mut one, &mut got[..len]);
@@ -1143,6 +1192,8 @@ struct DenseRows {
     queries: Vec<usize>,
     products: Vec<f32>,
     out: Vec<f32>,
+    /// the tile's rows where the index keeps none in tile order (f32 logits)
+    scratch: Vec<f32>,
 }
 
 /// Where at least 1 / `DENSE_REFINE` of a (query, tile) row's pairs reach the cut at the
@@ -1159,6 +1210,7 @@ fn dense_bounds(
     index: &PruneIndex,
     (q0, need, counts): (usize, &[usize], &[(usize, f32)]),
     (t0, nt): (usize, usize),
+    exact: Option<(&Dataset, &CentredBatch<'_>)>,
     dense: &mut DenseRows,
 ) {
     let (k, n_all) = (proj.k, index.perm.len());
@@ -1178,12 +1230,24 @@ fn dense_bounds(
     // queries, then transposed: a GEMM call for so few queries spent most of its time in
     // the call (about 2 of the 10 ms of a call at t = 0.6 on Fashion-MNIST, 2-core Zen 5).
     let m = dense.queries.len();
-    let rows: Vec<&[f32]> = index.proj[t0 * k..(t0 + nt) * k].chunks_exact(k).collect();
-    let xs: Vec<&[f32]> = dense
-        .queries
-        .iter()
-        .map(|&q| &proj.px[q * k..(q + 1) * k])
-        .collect();
+    // (With `exact`, the rows' stored values and the queries', as `exact_logits_at`
+    // takes them: the same bits.)
+    let (rows, xs): (Vec<&[f32]>, Vec<&[f32]>) = match exact {
+        Some((ds, batch)) => {
+            let dim = ds.dim();
+            let y = index.rows_at(ds, t0..t0 + nt, &mut dense.scratch);
+            let xs = dense
+                .queries
+                .iter()
+                .map(|&q| &batch.x[q * dim..(q + 1) * dim]);
+            (y.chunks_exact(dim).collect(), xs.collect())
+        }
+        None => {
+            let rows = index.proj[t0 * k..(t0 + nt) * k].chunks_exact(k);
+            let xs = dense.queries.iter().map(|&q| &proj.px[q * k..(q + 1) * k]);
+            (rows.collect(), xs.collect())
+        }
+    };
     dense.products.resize(nt * m, 0.0);
     dots_grid(&rows, &xs, &mut dense.products);
     dense.out.resize(m * nt, 0.0);
@@ -1191,6 +1255,16 @@ fn dense_bounds(
         for (i, &v) in by_q.iter().enumerate() {
             dense.out[i * nt + j] = v;
         }
+    }
+    if let Some((ds, batch)) = exact {
+        let norms = ds.sq_norms();
+        for (&q, s) in dense.queries.iter().zip(dense.out.chunks_exact_mut(nt)) {
+            let [c_dot, c_norm] = batch.logit_coefs[q];
+            for (v, &p) in s.iter_mut().zip(&index.perm[t0..t0 + nt]) {
+                *v = c_dot * *v - c_norm * norms[p as usize];
+            }
+        }
+        return;
     }
     let last = proj.levels[At::Last as usize];
     let ysq = &index.lvl_sq[last * n_all + t0..][..nt];
@@ -1551,7 +1625,14 @@ mod tests {
                         _ => (nt.div_ceil(DENSE_REFINE), 0.0),
                     })
                     .collect();
-                dense_bounds(&proj, &index, (0, &need, &counts), (t0, nt), &mut dense);
+                dense_bounds(
+                    &proj,
+                    &index,
+                    (0, &need, &counts),
+                    (t0, nt),
+                    None,
+                    &mut dense,
+                );
                 let marked: Vec<usize> = (0..n_q).filter(|l| l % 3 != 1).collect();
                 let want: Vec<bool> = (0..n_q).map(|l| marked.contains(&l)).collect();
                 assert_eq!(dense.rows, want, "t = {t}, tile at {t0}");
@@ -1578,6 +1659,110 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// With `exact`, the grid gives every marked row's f32 logits, bitwise those of
+    /// `exact_logit` (the sweep's one pair at a time).
+    #[test]
+    fn dense_logits_are_the_pairs_logits_bitwise() {
+        let (ds, index, rows) = fixture();
+        let (n, dim) = (ds.n_samples(), ds.dim());
+        let n_q = 7;
+        for t in [0.55, 0.9] {
+            let (xc, [a, b]) = queries_at(&rows, t, n_q, 3);
+            let (_, proj) = projection(&index, &xc, [a, b], 1);
+            let coefs = vec![[a as f32, b as f32]; n_q];
+            let batch = CentredBatch {
+                x: &xc,
+                logit_coefs: &coefs,
+                rows: 0..n,
+            };
+            let need: Vec<usize> = (0..n_q).collect();
+            let mut dense = DenseRows::default();
+            let mut scratch = Vec::new();
+            for t0 in (0..n).step_by(TILE) {
+                let nt = TILE.min(n - t0);
+                // (queries 0, 2, 4, 6 marked)
+                let counts: Vec<(usize, f32)> = (0..n_q)
+                    .map(|l| if l % 2 == 0 { (nt, 0.0) } else { (0, 0.0) })
+                    .collect();
+                let exact = Some((&ds, &batch));
+                dense_bounds(
+                    &proj,
+                    &index,
+                    (0, &need, &counts),
+                    (t0, nt),
+                    exact,
+                    &mut dense,
+                );
+                let marked: Vec<usize> = (0..n_q).step_by(2).collect();
+                assert_eq!(dense.out.len(), marked.len() * nt);
+                for (&q, s) in marked.iter().zip(dense.out.chunks_exact(nt)) {
+                    for (j, &v) in s.iter().enumerate() {
+                        let p = t0 + j;
+                        let norm = ds.sq_norms()[index.perm[p] as usize];
+                        let x = &xc[q * dim..(q + 1) * dim];
+                        let want = exact_logit(&ds, &index, x, coefs[q], p, norm, &mut scratch);
+                        assert_eq!(v.to_bits(), want.to_bits(), "t = {t}, query {q}, at {p}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The sweep with the pairs' f32 logits taken at once (`direct`) and with the last
+    /// level's bounds first give the same weights, sums and maxima bit for bit (every pair
+    /// that reaches the cut gets its logit either way), with certificates within the
+    /// budget, from mid to late t.
+    #[test]
+    fn direct_and_refined_sweeps_weigh_the_same_bits() {
+        let (ds, index, rows) = fixture();
+        let n = ds.n_samples();
+        let n_q = 12;
+        let mut direct_rows = 0;
+        for t in [0.5, 0.6, 0.75, 0.9, 0.99] {
+            let (xc, [a, b]) = queries_at(&rows, t, n_q, 17);
+            let coefs = vec![[a as f32, b as f32]; n_q];
+            let batch = CentredBatch {
+                x: &xc,
+                logit_coefs: &coefs,
+                rows: 0..n,
+            };
+            let setup = Setup::new(&index, &batch).expect("all rows");
+            let run = |direct: bool| {
+                let inputs = PassInputs {
+                    ds: &ds,
+                    index: &index,
+                    batch: &batch,
+                    setup: &setup,
+                    threads: 2,
+                    lib: GemmLib::Gemm,
+                };
+                partial_with(inputs, 1e-3, None, (None, None), direct)
+            };
+            let (Some(refined), Some(direct)) = (run(false), run(true)) else {
+                panic!("t = {t}: the pass gave up");
+            };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&refined.acc), bits(&direct.acc), "t = {t}");
+            assert_eq!(bits(&refined.sum_norm), bits(&direct.sum_norm), "t = {t}");
+            assert_eq!(refined.samples_kept, direct.samples_kept, "t = {t}");
+            for (q, (r, d)) in refined.states.iter().zip(&direct.states).enumerate() {
+                let fields = |s: &SoftmaxState| {
+                    [s.max, s.sum, s.sum_shifted_logit, s.sum_sq].map(f32::to_bits)
+                };
+                assert_eq!(fields(r), fields(d), "t = {t}, query {q}");
+                assert_eq!(r.argmax, d.argmax, "t = {t}, query {q}");
+            }
+            for &c in refined.skipped_mass.iter().chain(&direct.skipped_mass) {
+                assert!(
+                    (0.0..=2f64.powi(-30)).contains(&c),
+                    "t = {t}: certificate {c}"
+                );
+            }
+            direct_rows += direct.samples_kept.iter().filter(|&&k| k > 0).count();
+        }
+        assert!(direct_rows > 0, "no query kept any row");
     }
 
     /// Every tile bound is at least the exact logit (f64, from the stored rows) of every
