@@ -1560,6 +1560,15 @@ mod tests {
         (xc, [a, b])
     }
 
+    /// The queries `xc` with their logit coefficients, on every row of the index.
+    fn every_row<'a>(index: &PruneIndex, xc: &'a [f32], coefs: &'a [[f32; 2]]) -> CentredBatch<'a> {
+        CentredBatch {
+            x: xc,
+            logit_coefs: coefs,
+            rows: 0..index.perm.len(),
+        }
+    }
+
     /// The setup and projection (GEMM at `level`) of the queries `xc` on every row.
     fn projection(
         index: &PruneIndex,
@@ -1568,11 +1577,7 @@ mod tests {
         level: usize,
     ) -> (Setup, Projection<'static>) {
         let coefs = vec![[a as f32, b as f32]; xc.len() / index.dim];
-        let batch = CentredBatch {
-            x: xc,
-            logit_coefs: &coefs,
-            rows: 0..index.perm.len(),
-        };
+        let batch = every_row(index, xc, &coefs);
         let setup = Setup::new(index, &batch).expect("all rows");
         let proj = Projection::new(index, &batch, &setup, level).expect("prunable");
         (setup, proj)
@@ -1672,11 +1677,7 @@ mod tests {
             let (xc, [a, b]) = queries_at(&rows, t, n_q, 3);
             let (_, proj) = projection(&index, &xc, [a, b], 1);
             let coefs = vec![[a as f32, b as f32]; n_q];
-            let batch = CentredBatch {
-                x: &xc,
-                logit_coefs: &coefs,
-                rows: 0..n,
-            };
+            let batch = every_row(&index, &xc, &coefs);
             let need: Vec<usize> = (0..n_q).collect();
             let mut dense = DenseRows::default();
             let mut scratch = Vec::new();
@@ -1717,17 +1718,12 @@ mod tests {
     #[test]
     fn direct_and_refined_sweeps_weigh_the_same_bits() {
         let (ds, index, rows) = fixture();
-        let n = ds.n_samples();
         let n_q = 12;
         let mut direct_rows = 0;
         for t in [0.5, 0.6, 0.75, 0.9, 0.99] {
             let (xc, [a, b]) = queries_at(&rows, t, n_q, 17);
             let coefs = vec![[a as f32, b as f32]; n_q];
-            let batch = CentredBatch {
-                x: &xc,
-                logit_coefs: &coefs,
-                rows: 0..n,
-            };
+            let batch = every_row(&index, &xc, &coefs);
             let setup = Setup::new(&index, &batch).expect("all rows");
             let run = |direct: bool| {
                 let inputs = PassInputs {
@@ -1778,11 +1774,7 @@ mod tests {
             let (xc, [a, b]) = queries_at(&rows, t, n_q, 5);
             let (setup, proj) = projection(&index, &xc, [a, b], 0);
             let coefs = vec![[a as f32, b as f32]; n_q];
-            let batch = CentredBatch {
-                x: &xc,
-                logit_coefs: &coefs,
-                rows: 0..index.perm.len(),
-            };
+            let batch = every_row(&index, &xc, &coefs);
             // (every pair's box bound too: no cut)
             let every = vec![f32::NEG_INFINITY; n_q];
             let ubs = proj.tile_ubs(&index, &batch, 0..n_t, Some(&every));
@@ -1849,11 +1841,7 @@ mod tests {
         for t in [0.4f64, 0.6, 0.7, 0.8] {
             let (xc, [a, b]) = queries_at(&rows, t, n_q, 5);
             let coefs = vec![[a as f32, b as f32]; n_q];
-            let batch = CentredBatch {
-                x: &xc,
-                logit_coefs: &coefs,
-                rows: 0..n,
-            };
+            let batch = every_row(&index, &xc, &coefs);
             let setup = Setup::new(&index, &batch).expect("all rows");
             // (every pair's box bound too: no cut)
             let every = vec![f32::NEG_INFINITY; n_q];
