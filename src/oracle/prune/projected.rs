@@ -1183,9 +1183,9 @@ fn sweep(
     Some(out)
 }
 
-/// The rows of one tile whose last-level bounds [`dense_bounds`] takes in one grid: which
-/// (query, tile) rows, their queries, the grid's products (rows by queries) and the
-/// bounds.
+/// The rows of one tile whose last-level bounds (or f32 logits) [`dense_bounds`] takes in
+/// one grid: which (query, tile) rows, their queries, the grid's products (rows by
+/// queries) and the bounds (or logits).
 #[derive(Default)]
 struct DenseRows {
     rows: Vec<bool>,
@@ -1201,10 +1201,13 @@ struct DenseRows {
 /// k coordinates) from one grid of products (`dots::dots_grid`) of the tile's projected
 /// rows (positions `t0..t0 + nt`) with those queries' projections, into `dense.out` row
 /// after row (the rows marked in `dense.rows`); the sweep refines the other rows' pairs
-/// one dot product each, as it reaches them. The pairs that reach the cut lie in the tiles near each query: at t =
-/// 0.54 on Fashion-MNIST, 20% of the pairs reach it, 18% of them in rows where a quarter
-/// do (rows holding 26% of the pairs), and one dot product per pair, its row's projection
-/// read from memory, ran at about a twentieth of a GEMM's rate.
+/// one dot product each, as it reaches them. The pairs that reach the cut lie in the
+/// tiles near each query: at t = 0.54 on Fashion-MNIST, 20% of the pairs reach it, 18% of
+/// them in rows where a quarter do (rows holding 26% of the pairs), and one dot product
+/// per pair, its row's projection read from memory, ran at about a twentieth of a GEMM's
+/// rate. With `exact` (the sweep's direct mode, [`direct_logits`]), the same rows' f32
+/// logits instead, from the tile's stored rows and the queries, bitwise as
+/// `exact_logits_at` gives them.
 fn dense_bounds(
     proj: &Projection,
     index: &PruneIndex,
