@@ -73,7 +73,7 @@ use super::{
     LB_MARGIN, LEAF_ROWS, SEED_ROWS,
 };
 use crate::dataset::Dataset;
-use crate::oracle::cpu::{large_gemm_lib, query_groups, sgemm_with, Gemm, GemmLib};
+use crate::oracle::cpu::{large_gemm_lib, query_groups, sgemm_with, to_logits, Gemm, GemmLib};
 use crate::oracle::partial::Partial;
 use crate::oracle::simd::multiversion;
 use crate::oracle::state::exp_nonpositive;
@@ -1260,12 +1260,14 @@ fn dense_bounds(
         }
     }
     if let Some((ds, batch)) = exact {
+        // (the rows' |y|^2 gathered once for all the queries)
         let norms = ds.sq_norms();
+        let mut nsq = [0.0f32; TILE];
+        for (n, &r) in nsq.iter_mut().zip(&index.perm[t0..t0 + nt]) {
+            *n = norms[r as usize];
+        }
         for (&q, s) in dense.queries.iter().zip(dense.out.chunks_exact_mut(nt)) {
-            let [c_dot, c_norm] = batch.logit_coefs[q];
-            for (v, &p) in s.iter_mut().zip(&index.perm[t0..t0 + nt]) {
-                *v = c_dot * *v - c_norm * norms[p as usize];
-            }
+            to_logits(s, &nsq[..nt], batch.logit_coefs[q]);
         }
         return;
     }
