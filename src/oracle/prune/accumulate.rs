@@ -6,9 +6,9 @@
 //! one (a tile's 256 rows of 3 KB each, per block of queries), and a GEMM's blocking pays
 //! only for many queries, whose union is wide: on Fashion-MNIST at t = 0.3 the unions of
 //! 32 queries held 45% of the pairs for 24% kept, those of 8 queries 36%. This kernel keeps
-//! the sums of a block of `QUERY_BLOCK` queries over 32 coordinates (AVX-512; 16 with
-//! AVX2) in registers and streams the union's rows through them (two loads of a row's
-//! coordinates, two FMAs per query), without any copy.
+//! the sums of a block of `QUERY_BLOCK` queries over 64 coordinates (AVX-512; 16 with
+//! AVX2) in registers and streams the union's rows through them (four loads of a row's
+//! coordinates, four FMAs per query; two and two with AVX2), without any copy.
 //!
 //! Order: every sum starts at 0 and adds up to `CHUNK` columns in ascending order, then is
 //! added to acc; the result depends only on the weights and rows, never on threads.
@@ -25,16 +25,17 @@ use std::ops::Range;
 /// 128 KB, which stays in L2 while every query block of the tile streams its union's rows
 /// through the registers. A whole tile of Fashion-MNIST's rows (800 KB) does not: at t =
 /// 0.3 the AVX2 kernel then waited on its row loads from L3 and memory.
-/// A multiple of the widest kernel's step (32), so that every coordinate takes the same
+/// A multiple of the widest kernel's step (64), so that every coordinate takes the same
 /// kernel, and thus the same roundings (FMA or not), as without strips.
 pub(super) const STRIP: usize = 128;
-const _: () = assert!(STRIP.is_multiple_of(32));
-/// Queries per register block: with two vectors of coordinates each, 12 independent sums
-/// in flight, as many as a GEMM micro-kernel keeps (6 x 2), and AVX2's 16 registers still
-/// hold the row's two vectors and a weight. With 8 queries and one vector (8 sums, just
-/// enough to cover the FMA's latency at two per cycle) the AVX2 kernel ran at 16 - 18
-/// GMAC/s against 20 - 25 for this shape (one thread of a Zen 3 EPYC, a tile's rows in L2,
-/// interleaved), and smaller blocks have narrower unions.
+const _: () = assert!(STRIP.is_multiple_of(64));
+/// Queries per register block: with two vectors of coordinates each (AVX2), 12 independent
+/// sums in flight, as many as a GEMM micro-kernel keeps (6 x 2), and AVX2's 16 registers
+/// still hold the row's two vectors and a weight (AVX-512's 32 hold four vectors each).
+/// With 8 queries and one vector (8 sums, just enough to cover the FMA's latency at two per
+/// cycle) the AVX2 kernel ran at 16 - 18 GMAC/s against 20 - 25 for this shape (one thread
+/// of a Zen 3 EPYC, a tile's rows in L2, interleaved), and smaller blocks have narrower
+/// unions.
 pub(super) const QUERY_BLOCK: usize = 6;
 /// Columns ahead whose row segment the AVX-512 kernel prefetches.
 const PREFETCH: usize = 8;
@@ -101,41 +102,15 @@ fn check_bounds(wt: &[f32], rows: &[f32], dim: usize, qs: &[usize], cols: &[usiz
     assert!(qs.iter().all(|&q| (q + 1) * dim <= acc.len()));
 }
 
-/// One chunk's sums added to acc at the coordinates from `d0`, one vector register per
-/// query of the block: every column of the chunk's row piece streamed through (one load,
-/// a broadcast and an FMA per query), then each sum into acc. The AVX2 kernel's 8-wide
-/// remainder and the AVX-512 kernel's 16-wide one, with their ISA's intrinsics (zero, load,
-/// broadcast, FMA, add, store). The caller ran `check_bounds` and has the register's
-/// width of coordinates left at d0.
-#[cfg(target_arch = "x86_64")]
-macro_rules! chunk_into_acc {
-    (($zero:ident, $load:ident, $set1:ident), ($fmadd:ident, $add:ident, $store:ident),
-     ($wt:expr, $rows:expr, $dim:expr, $d0:expr, $qs:expr, $cols:expr, $chunk:expr, $acc:expr)) => {{
-        let mut s = [$zero(); QUERY_BLOCK];
-        for c in $chunk {
-            // SAFETY: the row piece of column c at d0 and its QUERY_BLOCK weights lie inside
-            // their slices (`check_bounds`, the caller's loop).
-            unsafe {
-                let y = $load($rows.as_ptr().add($cols[c] * $dim + $d0));
-                let w = $wt.as_ptr().add(c * QUERY_BLOCK);
-                for (i, si) in s.iter_mut().enumerate() {
-                    *si = $fmadd($set1(*w.add(i)), y, *si);
-                }
-            }
-        }
-        for (i, &q) in $qs.iter().enumerate() {
-            // SAFETY: query q's coordinates from d0 lie inside `acc` (as above).
-            unsafe {
-                let a = $acc.as_mut_ptr().add(q * $dim + $d0);
-                $store(a, $add($load(a), s[i]));
-            }
-        }
-    }};
-}
-
-/// The kernel with AVX-512: per 32 coordinates, the block's sums in 12 zmm registers
-/// while every column's row streams through (two loads, 12 FMAs); then 16 coordinates
-/// in 6 registers where that many are left; the last few by [`accumulate_tail`].
+/// The kernel with AVX-512: per 64 coordinates, the block's sums in 24 zmm registers
+/// while every column's row streams through (four loads, 24 FMAs); then 32 and 16
+/// coordinates where that many are left; the last few by [`accumulate_tail`].
+///
+/// 64 rather than 32 coordinates a step: a column's six weight broadcasts then serve 24
+/// FMAs instead of 12. One thread of a 2-core Zen 5 EPYC, a tile of 256 Fashion-MNIST-sized
+/// rows (784 coordinates) in cache, strips of `STRIP`, blocks of 6 queries over 48 - 256
+/// union columns: 105 - 110 GMAC/s against 78 - 88 for 32 a step (the dense pass's GEMM:
+/// about 112 a thread).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn accumulate_avx512(
@@ -147,65 +122,87 @@ unsafe fn accumulate_avx512(
     cols: &[usize],
     acc: &mut [f32],
 ) {
-    use std::arch::x86_64::*;
-    const L: usize = 32;
     check_bounds(wt, rows, dim, qs, cols, acc);
     let mut d0 = dims.start;
-    while d0 + L <= dims.end {
-        let mut c0 = 0;
-        while c0 < cols.len() {
-            let c1 = (c0 + CHUNK).min(cols.len());
-            let mut s = [_mm512_setzero_ps(); 2 * QUERY_BLOCK];
-            for c in c0..c1 {
-                let j = cols[c];
-                // The rows' coordinates at d0 lie 4 D bytes apart: no hardware prefetcher
-                // follows that, so the column PREFETCH ahead is fetched by hand.
-                if let Some(&ahead) = cols.get(c + PREFETCH) {
-                    let p = rows.as_ptr().wrapping_add(ahead * dim + d0) as *const i8;
-                    _mm_prefetch::<_MM_HINT_T0>(p);
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+    while d0 + 64 <= dims.end {
+        // SAFETY: the CPU has AVX-512F and FMA (this function's features); d0 + 64 <= dim.
+        unsafe { step_avx512::<4>(wt, rows, dim, d0, qs, cols, acc) };
+        d0 += 64;
+    }
+    for v in [2, 1] {
+        if d0 + 16 * v <= dims.end {
+            // SAFETY: as above, with d0 + 16 v <= dim.
+            unsafe {
+                match v {
+                    2 => step_avx512::<2>(wt, rows, dim, d0, qs, cols, acc),
+                    _ => step_avx512::<1>(wt, rows, dim, d0, qs, cols, acc),
                 }
-                // SAFETY: row j's coordinates d0..d0 + 32 lie inside `rows`, the column's
-                // QUERY_BLOCK weights inside `wt` (`check_bounds`).
-                unsafe {
-                    let y = rows.as_ptr().add(j * dim + d0);
-                    let (y0, y1) = (_mm512_loadu_ps(y), _mm512_loadu_ps(y.add(16)));
-                    let w = wt.as_ptr().add(c * QUERY_BLOCK);
-                    for i in 0..QUERY_BLOCK {
-                        let wi = _mm512_set1_ps(*w.add(i));
-                        s[2 * i] = _mm512_fmadd_ps(wi, y0, s[2 * i]);
-                        s[2 * i + 1] = _mm512_fmadd_ps(wi, y1, s[2 * i + 1]);
+            }
+            d0 += 16 * v;
+        }
+    }
+    accumulate_tail(wt, rows, dim, d0..dims.end, qs, cols, acc);
+}
+
+/// The coordinates d0..d0 + 16 V of every query's sum: per `CHUNK` columns, the block's
+/// sums in QUERY_BLOCK x V zmm registers while each column's row piece streams through (V
+/// loads, QUERY_BLOCK broadcasts, V QUERY_BLOCK FMAs), then into acc. The caller ran
+/// `check_bounds` and has d0 + 16 V <= dim.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn step_avx512<const V: usize>(
+    wt: &[f32],
+    rows: &[f32],
+    dim: usize,
+    d0: usize,
+    qs: &[usize],
+    cols: &[usize],
+    acc: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let mut c0 = 0;
+    while c0 < cols.len() {
+        let c1 = (c0 + CHUNK).min(cols.len());
+        let mut s = [[_mm512_setzero_ps(); V]; QUERY_BLOCK];
+        for c in c0..c1 {
+            let j = cols[c];
+            // The rows' coordinates at d0 lie 4 D bytes apart: no hardware prefetcher
+            // follows that, so the column PREFETCH ahead is fetched by hand.
+            if let Some(&ahead) = cols.get(c + PREFETCH) {
+                let p = rows.as_ptr().wrapping_add(ahead * dim + d0) as *const i8;
+                for v in 0..V {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * v));
+                }
+            }
+            // SAFETY: row j's coordinates d0..d0 + 16 V lie inside `rows`, the column's
+            // QUERY_BLOCK weights inside `wt` (`check_bounds`, the caller's d0).
+            unsafe {
+                let y = rows.as_ptr().add(j * dim + d0);
+                let mut yv = [_mm512_setzero_ps(); V];
+                for (v, yv) in yv.iter_mut().enumerate() {
+                    *yv = _mm512_loadu_ps(y.add(16 * v));
+                }
+                let w = wt.as_ptr().add(c * QUERY_BLOCK);
+                for (i, si) in s.iter_mut().enumerate() {
+                    let wi = _mm512_set1_ps(*w.add(i));
+                    for (sv, &yv) in si.iter_mut().zip(&yv) {
+                        *sv = _mm512_fmadd_ps(wi, yv, *sv);
                     }
                 }
             }
-            for (i, &q) in qs.iter().enumerate() {
-                // SAFETY: query q's coordinates d0..d0 + 32 lie inside `acc` (`check_bounds`).
+        }
+        for (&q, si) in qs.iter().zip(&s) {
+            for (v, &sv) in si.iter().enumerate() {
+                // SAFETY: query q's coordinates d0..d0 + 16 V lie inside `acc`
+                // (`check_bounds`, the caller's d0).
                 unsafe {
-                    let a = acc.as_mut_ptr().add(q * dim + d0);
-                    _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), s[2 * i]));
-                    let a = a.add(16);
-                    _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), s[2 * i + 1]));
+                    let a = acc.as_mut_ptr().add(q * dim + d0 + 16 * v);
+                    _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), sv));
                 }
             }
-            c0 = c1;
         }
-        d0 += L;
+        c0 = c1;
     }
-    if d0 + 16 <= dims.end {
-        // 16 coordinates left (784 = 24 x 32 + 16): one zmm of sums per query.
-        let mut c0 = 0;
-        while c0 < cols.len() {
-            let c1 = (c0 + CHUNK).min(cols.len());
-            chunk_into_acc!(
-                (_mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps),
-                (_mm512_fmadd_ps, _mm512_add_ps, _mm512_storeu_ps),
-                (wt, rows, dim, d0, qs, cols, c0..c1, acc)
-            );
-            c0 = c1;
-        }
-        d0 += 16;
-    }
-    accumulate_tail(wt, rows, dim, d0..dims.end, qs, cols, acc);
 }
 
 /// The kernel with AVX2: per `CHUNK` columns, per 16 coordinates, the block's sums in 12
@@ -262,11 +259,26 @@ unsafe fn accumulate_avx2(
             d0 += 16;
         }
         if d0 < d_end {
-            chunk_into_acc!(
-                (_mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps),
-                (_mm256_fmadd_ps, _mm256_add_ps, _mm256_storeu_ps),
-                (wt, rows, dim, d0, qs, cols, c0..c1, acc)
-            );
+            // 8 coordinates left: one ymm of sums per query.
+            let mut s = [_mm256_setzero_ps(); QUERY_BLOCK];
+            for (c, &j) in (c0..c1).zip(&cols[c0..c1]) {
+                // SAFETY: row j's coordinates d0..d0 + 8 and the column's weights lie
+                // inside their slices (`check_bounds`, d0 + 8 <= d_end).
+                unsafe {
+                    let y = _mm256_loadu_ps(rows.as_ptr().add(j * dim + d0));
+                    let w = wt.as_ptr().add(c * QUERY_BLOCK);
+                    for (i, si) in s.iter_mut().enumerate() {
+                        *si = _mm256_fmadd_ps(_mm256_set1_ps(*w.add(i)), y, *si);
+                    }
+                }
+            }
+            for (&q, &si) in qs.iter().zip(&s) {
+                // SAFETY: query q's coordinates d0..d0 + 8 lie inside `acc` (as above).
+                unsafe {
+                    let a = acc.as_mut_ptr().add(q * dim + d0);
+                    _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), si));
+                }
+            }
         }
         c0 = c1;
     }
