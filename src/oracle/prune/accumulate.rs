@@ -129,17 +129,15 @@ unsafe fn accumulate_avx512(
         unsafe { step_avx512::<4>(wt, rows, dim, d0, qs, cols, acc) };
         d0 += 64;
     }
-    for v in [2, 1] {
-        if d0 + 16 * v <= dims.end {
-            // SAFETY: as above, with d0 + 16 v <= dim.
-            unsafe {
-                match v {
-                    2 => step_avx512::<2>(wt, rows, dim, d0, qs, cols, acc),
-                    _ => step_avx512::<1>(wt, rows, dim, d0, qs, cols, acc),
-                }
-            }
-            d0 += 16 * v;
-        }
+    if d0 + 32 <= dims.end {
+        // SAFETY: as above, with d0 + 32 <= dim.
+        unsafe { step_avx512::<2>(wt, rows, dim, d0, qs, cols, acc) };
+        d0 += 32;
+    }
+    if d0 + 16 <= dims.end {
+        // SAFETY: as above, with d0 + 16 <= dim (784 = 12 x 64 + 16).
+        unsafe { step_avx512::<1>(wt, rows, dim, d0, qs, cols, acc) };
+        d0 += 16;
     }
     accumulate_tail(wt, rows, dim, d0..dims.end, qs, cols, acc);
 }
