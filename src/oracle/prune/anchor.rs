@@ -286,21 +286,10 @@ impl Anchor {
     /// before their head products, the memory latencies overlap with that work instead
     /// of following one another.
     pub(super) fn prefetch(&self, q: usize, p0: usize, len: usize) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let layout = Layout::new(&self.positions, self.n_q);
-            for (at, run) in layout.runs(q, p0..p0 + len) {
-                let src = &self.products[at..at + run.len()];
-                for line in src.chunks(16) {
-                    // SAFETY: SSE is part of x86-64; a prefetch reads nothing and
-                    // cannot fault, and the address lies in the products anyway.
-                    unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8) };
-                }
-            }
+        let layout = Layout::new(&self.positions, self.n_q);
+        for (at, run) in layout.runs(q, p0..p0 + len) {
+            super::screen::prefetch(&self.products[at..at + run.len()]);
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = (q, p0, len);
     }
 
     /// Per query of `batch`: gamma, r = x - gamma c and r's projections (see

@@ -599,6 +599,15 @@ impl PruneIndex {
             .as_deref()
     }
 
+    /// The stored rows' |y|^2 at `positions` of the tile order, into the first
+    /// `positions.len()` values of `out`.
+    fn sq_norms_at(&self, ds: &Dataset, positions: Range<usize>, out: &mut [f32]) {
+        let norms = ds.sq_norms();
+        for (n, &r) in out.iter_mut().zip(&self.perm[positions]) {
+            *n = norms[r as usize];
+        }
+    }
+
     /// The rows at `positions` of the tile order as f32 (N x D): a slice of
     /// [`Self::tiled_rows`] where that exists, else gathered into `scratch`.
     fn rows_at<'a>(

@@ -1261,11 +1261,8 @@ fn dense_bounds(
     }
     if let Some((ds, batch)) = exact {
         // (the rows' |y|^2 gathered once for all the queries)
-        let norms = ds.sq_norms();
         let mut nsq = [0.0f32; TILE];
-        for (n, &r) in nsq.iter_mut().zip(&index.perm[t0..t0 + nt]) {
-            *n = norms[r as usize];
-        }
+        index.sq_norms_at(ds, t0..t0 + nt, &mut nsq);
         for (&q, s) in dense.queries.iter().zip(dense.out.chunks_exact_mut(nt)) {
             to_logits(s, &nsq[..nt], batch.logit_coefs[q]);
         }

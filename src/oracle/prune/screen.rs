@@ -132,9 +132,9 @@ impl RowSum {
 /// ahead were no faster.
 pub(super) const ROWS_AHEAD: usize = 2;
 
-/// Asks the CPU to bring `v` into cache, one prefetch per 64-byte line: issued for the
-/// next rows of a sum while the current one is added, their memory latencies overlap
-/// with that work.
+/// Asks the CPU to bring `v` into cache, one prefetch per 64-byte line: issued ahead of
+/// the work that reads `v` (the next rows of a sum, the anchor's products of a tile), its
+/// memory latencies overlap with the work before.
 pub(super) fn prefetch(v: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     for line in v.chunks(16) {

@@ -1061,9 +1061,7 @@ fn block_logits(
             }
             continue;
         }
-        for (n, &r) in nsq.iter_mut().zip(rows) {
-            *n = norms[r as usize];
-        }
+        index.sq_norms_at(ds, tile.clone(), &mut nsq);
         if let Some(an) = anchored {
             anchored_values(an, index, qs.clone(), tile.clone(), out);
             let tails = &index.lvl_tail[tile.start..tile.end];
@@ -1451,7 +1449,6 @@ fn block_sums(
     } = group;
     let dim = ds.dim();
     let n_q = qs.len();
-    let norms = ds.sq_norms();
     // Sums over up to n kept weights: per tile and query in f32 lanes (as the dense pass's
     // per-tile sums), then in f64 (a running f32 sum of that many terms would carry
     // rounding far above the dense pass's).
@@ -1483,9 +1480,7 @@ fn block_sums(
         let tile = t0..(t0 + TILE).min(block.end);
         let nt = tile.len();
         let rows = &index.perm[tile.clone()];
-        for (n, &r) in tile_norms.iter_mut().zip(rows) {
-            *n = norms[r as usize];
-        }
+        index.sq_norms_at(ds, tile.clone(), &mut tile_norms);
         kq.fill(0);
         let mut n_pairs = 0u64;
         for (q, row) in w.chunks_exact_mut(nt).enumerate() {
